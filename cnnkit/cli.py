@@ -1,0 +1,231 @@
+"""The ``cnnkit`` command: argument parsing and dispatch only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+from cnnkit.errors import UserError
+
+EXAMPLES = {
+    "train": "examples:\n  cnnkit train\n  cnnkit train --model simple_cnn --data cifar10 --download --epochs 15\n"
+             "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json",
+    "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
+    "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
+               "  cnnkit predict best.pt photos/ --topk 3 --json",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _model_options(pairs: list[str]) -> dict:
+    """``--model-opt key=value``: values parsed as JSON where they are JSON (numbers, lists, true), else text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-opt wants key=value, got '{pair}'")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+        if isinstance(options[key], list):
+            options[key] = tuple(options[key])
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cnnkit import __version__
+    from cnnkit.data.sources import BUILTIN
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
+    from cnnkit.train.precision import PRECISIONS
+
+    parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.")
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+    d = TrainConfig()
+
+    def data_options(p: argparse.ArgumentParser, default_data: str | None) -> None:
+        p.add_argument("--data", default=default_data,
+                       help=f"{', '.join(BUILTIN)}, or a folder with one sub-folder of images per class"
+                            + (f" (default: {default_data})" if default_data else ""))
+        p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
+        p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+        p.add_argument("--val-split", type=_fraction, metavar="F",
+                       help="hold out this fraction of each class for validation (default for folders: 0.1)")
+
+    t = sub.add_parser("train", help="train a model", epilog=EXAMPLES["train"], formatter_class=fmt)
+    t.add_argument("--model", default=d.model, help=f"a name from `cnnkit models` (default: {d.model})")
+    t.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the model's factory, e.g. --model-opt head=flatten (repeatable)")
+    data_options(t, d.data)
+    t.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+    t.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
+    t.add_argument("--num-samples", type=_positive_int, metavar="N",
+                   help="use N training images (for shapes: generate N; default 20000)")
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 0.05 for sgd, 0.002 for adamw)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    t.add_argument("--momentum", type=float, default=d.momentum)
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear warm-up length (onecycle: 30%% of the run when 0)")
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8)")
+    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on, off for mnist)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    t.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 on CPUs with bf16 matrix instructions and on recent GPUs, else fp32/fp16")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>-<model>)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+
+    e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
+    e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    data_options(e, None)
+    e.add_argument("--batch-size", type=_positive_int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("predict", help="classify images", epilog=EXAMPLES["predict"], formatter_class=fmt)
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("models", help="list the model names")
+    m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.loop import train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["model_options"] = _model_options(args.model_opt)
+    result = train(TrainConfig(**values), log=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+    else:
+        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}), "
+              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s; run folder {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cnnkit.evaluate import confusion_text, evaluate
+
+    r = evaluate(args.checkpoint, args.data, data_dir=args.data_dir, val_split=args.val_split,
+                 val_data=args.val_data, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+        return 0
+    print(f"{r.checkpoint} on {r.count:,} images of {r.data}: acc {r.acc:.4f}  top-5 {r.top5:.4f}  loss {r.loss:.4f}")
+    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'support':>9}")
+    for c in r.per_class:
+        print(f"{c['class'][:15]:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['support']:>9}")
+    print(confusion_text(r))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnkit.predict import predict
+
+    results = predict(args.checkpoint, args.paths, topk=args.topk)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"cnnkit: error: {r['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            if "top" in r:
+                print(r["path"] + ": " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    return 1 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cnnkit.models import list_models
+
+    for name in list_models(args.pattern):
+        print(name)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}[args.command]
+    try:
+        return command(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"cnnkit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not the user's fault: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        print(f"cnnkit {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Decode once: decoded datasets as uint8 tensors, kept in memory and on disk, keyed by the data's content.
+
+The key of a folder of images is a hash over every file's relative path, size and modification time
+(the way build tools detect changed inputs without reading every byte) plus the decode settings, so an
+edited, added or removed image makes a new entry. Entries are written to a temporary file in the cache
+folder and renamed into place, so an interrupted write never leaves a half entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CACHE_VERSION = 1
+_MEMORY: dict[str, dict[str, Any]] = {}
+_MEMORY_ENTRIES = 4
+
+
+def cache_dir() -> Path:
+    """``$CNNKIT_CACHE``, else ``$XDG_CACHE_HOME/cnnkit``, else ``~/.cache/cnnkit``."""
+    if os.environ.get("CNNKIT_CACHE"):
+        return Path(os.environ["CNNKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnkit"
+
+
+def files_fingerprint(root: str, files: list[str]) -> str:
+    """A hash of the relative path, size and modification time of each file."""
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The entry for ``key`` (a JSON-able dict): from memory, from disk, or made by ``build()`` and stored."""
+    digest = hashlib.sha256(json.dumps({**key, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
+    if digest in _MEMORY:
+        return _MEMORY[digest]
+    path = cache_dir() / f"{digest}.pt"
+    entry = None
+    if path.exists():
+        try:
+            entry = torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            entry = None
+    if entry is None:
+        entry = build()
+        _store(path, entry)
+    if len(_MEMORY) >= _MEMORY_ENTRIES:
+        _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY[digest] = entry
+    return entry
+
+
+def _store(path: Path, entry: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(entry, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:  # a read-only or full cache disk costs speed on the next run, not this run
+        print(f"cnnkit: note: could not write the data cache at {path.parent} ({e.strerror}); "
+              "the next run decodes again", file=sys.stderr)

@@ -1,0 +1,93 @@
+"""One image file -> a uint8 tensor of the model's channels and size.
+
+Every mode Pillow opens is brought to what the model takes: grayscale, palette (with or without
+transparency), RGBA and LA (composited on white, so transparent pixels do not turn into whatever colour
+happens to sit under the alpha), CMYK, 16- and 32-bit integer images (scaled, not clipped), and EXIF
+rotation is applied. Only an allow-list of formats is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from cnnkit.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "MPO"}
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if arr.dtype.kind == "f":
+        arr = np.clip(arr, 0.0, 1.0 if arr.max() <= 1.0 else 255.0)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        return Image.fromarray((arr * scale).round().astype(np.uint8), "L")
+    # 16-bit data (I;16 or a 16-bit PNG opened as mode I) spans 0..65535: scale, never clip to 255.
+    maximum = 65535 if arr.max() > 255 else 255
+    return Image.fromarray((arr.astype(np.float64) * (255.0 / maximum)).round().astype(np.uint8), "L")
+
+
+def convert_mode(img: Image.Image, channels: int) -> Image.Image:
+    """``img`` as mode ``L`` (channels=1) or ``RGB`` (channels=3)."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = _high_bit_depth_to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    if channels == 1:
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` pixels, then the centre ``size`` x ``size`` square (torchvision's eval transform)."""
+    if img.size == (size, size):
+        return img
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    img = img.resize(new, Image.BILINEAR, reducing_gap=None)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode ``path``, applying EXIF rotation; a DataError names the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            if img.format not in ALLOWED_FORMATS:
+                raise DataError(f"{path}: image format {img.format} is not decoded by cnnkit")
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot decode image {path}: {reason}") from None
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of ``path`` after EXIF rotation, read from the header where possible."""
+    return open_image(path).size
+
+
+def load_image(path: str, channels: int, size: int | None) -> torch.Tensor:
+    """``path`` as a uint8 tensor C x H x W; resized and centre-cropped to ``size`` unless it is None."""
+    img = convert_mode(open_image(path), channels)
+    if size is not None:
+        img = resize_and_crop(img, size)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

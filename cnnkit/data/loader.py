@@ -1,0 +1,124 @@
+"""Batches for the training loop: uint8 images -> shuffled, augmented, normalised float batches on the device.
+
+In-memory sets are shuffled by an index permutation drawn from ``seed`` and the epoch number, so every
+epoch's order is reproducible (and resumable) without storing it. Sets too large for memory are decoded
+per batch by DataLoader workers and then take the same device-side steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from cnnkit.data.augment import random_crop, random_flip
+from cnnkit.data.images import load_image
+from cnnkit.data.sources import ImageSet
+
+
+@dataclass
+class Augment:
+    crop_pad: int = 0  # pixels of random translation (RandomCrop padding)
+    flip: bool = False
+
+
+def channel_stats(data: ImageSet, max_images: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of ``data`` in [0, 1] units, from up to ``max_images`` images."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data), generator=g)[:max_images]
+    if data.images is not None:
+        x = data.images[idx].float() / 255
+    else:
+        x = torch.stack([load_image(data.files[i], data.channels, data.size) for i in idx[:500].tolist()]).float() / 255
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, data: ImageSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_image(self.data.files[i], self.data.channels, self.data.size), self.data.labels[i]
+
+
+class BatchLoader:
+    """Iterates over (images, labels) batches of ``data``: float, normalised, channels_last, on ``device``."""
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device,
+        shuffle: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = True,
+        workers: int = 2,
+    ) -> None:
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
+        self.channels_last, self.workers = channels_last, workers
+        self.epoch = 0
+        # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
+        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.scale = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+        # On a GPU the whole uint8 set lives in device memory: no host-to-device copy per step.
+        self.images = data.images
+        if data.images is not None and device.type != "cpu":
+            self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This epoch's order of sample indices."""
+        n = len(self.data)
+        if not self.shuffle:
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(n, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch + 1)
+        order = self.order()
+        if self.data.images is None:
+            yield from self._stream(order, g)
+            return
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx_dev = idx.to(self.device)
+            yield self.prepare(self.images[idx_dev], g), self.labels[idx_dev]
+
+    def _stream(self, order: torch.Tensor, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = order.tolist()
+        loader = torch.utils.data.DataLoader(
+            _FileDataset(self.data), batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+            num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield self.prepare(images.to(self.device, non_blocking=True), g), labels.to(self.device)
+
+    def prepare(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 batch -> augmented, normalised float batch."""
+        if self.augment is not None:
+            images = random_crop(images, self.augment.crop_pad, g)
+            if self.augment.flip:
+                images = random_flip(images, g)
+        x = images.float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x - self.shift) * self.scale

@@ -1,0 +1,273 @@
+"""Where images come from: ``shapes``, torchvision's datasets, or a folder of images -> uint8 tensors.
+
+Every source ends as an ``ImageSet``: labels, class names and either the decoded images as one uint8
+tensor N x C x H x W (small images: decoded once, cached) or the list of files (datasets too large for
+memory, decoded per batch by loader workers).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data import cache
+from cnnkit.data.images import image_size, is_image_file, load_image
+from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
+from cnnkit.errors import DataError, UserError
+
+TORCHVISION_DATASETS = {
+    # name: (torchvision class name, channels, image size, folder the files live in under --data-dir)
+    "cifar10": ("CIFAR10", 3, 32, "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", 3, 32, "cifar-100-python"),
+    "mnist": ("MNIST", 1, 28, "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
+}
+BUILTIN = ("shapes", *TORCHVISION_DATASETS)
+SHAPES_TRAIN, SHAPES_VAL = 20000, 2000
+SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+
+@dataclass
+class ImageSet:
+    """Images and labels of one split."""
+
+    labels: torch.Tensor
+    classes: list[str]
+    images: torch.Tensor | None = None  # uint8 N x C x H x W, in memory
+    files: list[str] | None = None  # decoded on the fly when the set is too large for memory
+    channels: int = 3
+    size: int = 32
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> "ImageSet":
+        return replace(
+            self,
+            labels=self.labels[idx],
+            images=None if self.images is None else self.images[idx],
+            files=None if self.files is None else [self.files[i] for i in idx.tolist()],
+        )
+
+
+@dataclass
+class DataSpec:
+    """What ``--data`` and its companions ask for."""
+
+    data: str = "shapes"
+    data_dir: str | None = None
+    download: bool = False
+    val_data: str | None = None
+    val_split: float | None = None
+    input_size: int | None = None
+    channels: int | None = None
+    num_samples: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def default_data_dir() -> str:
+    return os.environ.get("CNNKIT_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "cnnkit", "datasets")
+
+
+def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
+    """The training and validation sets that ``spec`` describes."""
+    _check_spec(spec)
+    name = spec.data
+    if name == "shapes":
+        n = spec.num_samples or SHAPES_TRAIN
+        train = _shapes(n, spec, seed=0)
+        val = _shapes(max(SHAPES_VAL, n // 10), spec, seed=1) if spec.val_split is None else None
+    elif name in TORCHVISION_DATASETS:
+        train = _torchvision(name, spec, train=True)
+        val = _torchvision(name, spec, train=False) if spec.val_split is None and spec.val_data is None else None
+    else:
+        train = _folder(name, spec)
+        val = None
+    if spec.val_data is not None:
+        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels))
+        if val.classes != train.classes:
+            raise UserError(
+                f"--val-data {spec.val_data} has classes {val.classes} but the training data has {train.classes}; "
+                "both folders need the same class sub-folders"
+            )
+    elif val is None:
+        train, val = split(train, spec.val_split if spec.val_split is not None else 0.1)
+    if spec.num_samples and name != "shapes" and spec.num_samples < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED))[: spec.num_samples]
+        train = train.subset(keep.sort().values)
+    return train, val
+
+
+def load_eval_set(spec: DataSpec) -> ImageSet:
+    """The set ``cnnkit eval`` measures: the validation part under the same rules as training
+    (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder."""
+    if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
+        return load_splits(spec)[1]
+    return _folder(spec.data, spec)
+
+
+def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
+    """A stratified split: ``fraction`` of each class (at least one image of classes with two or more) to validation."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    train_idx, val_idx = [], []
+    for c in range(len(data.classes)):
+        idx = (data.labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(len(idx) * fraction))
+        k = max(k, 1) if len(idx) >= 2 else 0
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    if len(va) == 0:
+        raise UserError("--val-split leaves no validation images; use a larger fraction or --val-data DIR")
+    return data.subset(tr), data.subset(va)
+
+
+def _check_spec(spec: DataSpec) -> None:
+    if spec.val_split is not None and not 0 < spec.val_split < 1:
+        raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
+    if spec.input_size is not None and spec.input_size < 1:
+        raise UserError(f"--input-size must be a positive number of pixels, got {spec.input_size}")
+    if spec.channels is not None and spec.channels not in (1, 3):
+        raise UserError(f"--channels must be 1 (grayscale) or 3 (RGB), got {spec.channels}")
+    if spec.num_samples is not None and spec.num_samples < 1:
+        raise UserError(f"--num-samples must be positive, got {spec.num_samples}")
+
+
+def _shapes(n: int, spec: DataSpec, seed: int) -> ImageSet:
+    size, channels = spec.input_size or 32, spec.channels or 3
+    entry = cache.cached(
+        {"source": "shapes", "n": n, "size": size, "channels": channels, "seed": seed},
+        lambda: dict(zip(("images", "labels"), make_shapes(n, size, channels, seed))),
+    )
+    return ImageSet(entry["labels"], list(SHAPE_CLASSES), entry["images"], None, channels, size, "shapes")
+
+
+def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
+    import torchvision
+
+    cls_name, native_channels, native_size, folder = TORCHVISION_DATASETS[name]
+    root = spec.data_dir or default_data_dir()
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=spec.download)
+    except (RuntimeError, OSError) as e:
+        where = os.path.join(root, folder)
+        if spec.download:
+            raise DataError(
+                f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
+                f"check the network, or copy the dataset files to {where} and pass --data-dir {root}"
+            ) from None
+        raise UserError(
+            f"{name} not found in {where}; run with --download to fetch it (needs internet), "
+            f"or pass --data-dir DIR where DIR/{folder} holds torchvision's {cls_name} files"
+        ) from None
+    images = torch.as_tensor(ds.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
+    return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)
+
+
+def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Bring a uint8 batch to ``channels`` and ``size`` (antialiased resize)."""
+    if images.shape[1] != channels:
+        if channels == 1:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * w).sum(1, keepdim=True).round().to(torch.uint8)
+        else:
+            images = images.expand(-1, channels, -1, -1).contiguous()
+    if images.shape[-1] != size or images.shape[-2] != size:
+        out = torch.empty(len(images), channels, size, size, dtype=torch.uint8)
+        for i in range(0, len(images), 4096):
+            chunk = F.interpolate(images[i : i + 4096].float(), size=(size, size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            out[i : i + 4096] = chunk.round().clamp(0, 255).to(torch.uint8)
+        images = out
+    return images
+
+
+def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Image files, labels and class names of an ImageFolder-layout directory (one sub-folder per class).
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored; files are sorted so the
+    order, and with it every split, is the same on every machine.
+    """
+    if not os.path.exists(root):
+        raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
+                        f"or one of: {', '.join(BUILTIN)}")
+    if not os.path.isdir(root):
+        raise UserError(f"data path {root} is not a folder; pass a folder with one sub-folder per class")
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if not classes:
+        loose = [e for e in entries if is_image_file(e)]
+        if loose:
+            raise UserError(f"{root} holds images but no class sub-folders; put each class's images in "
+                            f"{root}/<class name>/")
+        raise UserError(f"{root} is empty: expected one sub-folder per class with images in it")
+    files: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for c, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+        if not found:
+            empty.append(name)
+        files += found
+        labels += [c] * len(found)
+    if not files:
+        raise UserError(f"no images found under {root}'s class folders ({', '.join(classes[:5])}...); "
+                        f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
+    if empty:
+        raise UserError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
+                        "add images or remove the folder (class indices must not shift silently)")
+    return files, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _folder(root: str, spec: DataSpec) -> ImageSet:
+    files, labels, classes = scan_folder(root)
+    channels = spec.channels or 3
+    size = spec.input_size or min(min(image_size(files[0])), 224)
+    budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+    if len(files) * channels * size * size > budget:
+        return ImageSet(labels, classes, None, files, channels, size, root)
+    key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels}
+    entry = cache.cached(key, lambda: {"images": decode_files(files, channels, size)})
+    return ImageSet(labels, classes, entry["images"], None, channels, size, root)
+
+
+def _decode_chunk(args: tuple[list[str], int, int]) -> tuple[torch.Tensor | None, list[str]]:
+    files, channels, size = args
+    out = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+    errors = []
+    for i, f in enumerate(files):
+        try:
+            out[i] = load_image(f, channels, size)
+        except DataError as e:
+            errors.append(str(e))
+    return out, errors
+
+
+def decode_files(files: list[str], channels: int, size: int) -> torch.Tensor:
+    """Decode ``files`` into one uint8 tensor, in parallel over the CPU cores."""
+    chunk = 512
+    jobs = [(files[i : i + chunk], channels, size) for i in range(0, len(files), chunk)]
+    workers = min(os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_decode_chunk, jobs)
+    else:
+        results = [_decode_chunk(j) for j in jobs]
+    errors = [e for _, errs in results for e in errs]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad image(s))" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more}; remove or replace the file")
+    return torch.cat([r for r, _ in results])

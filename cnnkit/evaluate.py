@@ -1,0 +1,92 @@
+"""Evaluation of a checkpoint: top-1/top-5 accuracy, loss, per-class precision and recall, confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+
+from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import DataSpec, load_eval_set, load_splits
+from cnnkit.errors import UserError
+from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from cnnkit.train.loop import evaluate_model
+from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
+
+
+@dataclass
+class EvalResult:
+    acc: float
+    top5: float
+    loss: float
+    count: int
+    per_class: list[dict]  # {class, precision, recall, support}
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    classes: list[str]
+    checkpoint: str
+    data: str
+    precision: str
+
+
+def evaluate(
+    checkpoint: str | Checkpoint,
+    data: str | None = None,
+    *,
+    data_dir: str | None = None,
+    val_split: float | None = None,
+    val_data: str | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+) -> EvalResult:
+    """Evaluate ``checkpoint`` (a run folder, a .pt file or a loaded Checkpoint).
+
+    Without ``data``: the validation set the run was trained with. With ``data``: the same rules as
+    training pick the part to measure (shapes' validation set, a torchvision test split, the
+    ``val_split`` part of a folder), or the whole folder when no split is asked for.
+    """
+    dev = resolve_device(device)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev)
+    ckpt.model.to(dev)
+    cfg = ckpt.config
+    if data is None:
+        if not cfg:
+            raise UserError(f"{ckpt.path} does not record its training data; pass --data")
+        spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
+                        ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
+        eval_set = load_splits(spec)[1]
+    else:
+        spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
+        eval_set = load_eval_set(spec)
+    if eval_set.classes != ckpt.classes:
+        raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
+                        f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
+    amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
+    loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
+                         channels_last=cfg.get("channels_last", True))
+    stats = evaluate_model(ckpt.model, loader, len(ckpt.classes), dev, amp_dtype)
+    cm = stats.confusion
+    per_class = []
+    for c, name in enumerate(ckpt.classes):
+        predicted, support = int(cm[:, c].sum()), int(cm[c, :].sum())
+        per_class.append({
+            "class": name,
+            "precision": float(cm[c, c]) / predicted if predicted else 0.0,
+            "recall": float(cm[c, c]) / support if support else 0.0,
+            "support": support,
+        })
+    return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
+                      confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
+                      data=data or cfg["data"], precision=precision_name(amp_dtype))
+
+
+def confusion_text(result: EvalResult, width: int = 6) -> str:
+    """The confusion matrix as aligned text, rows = true class."""
+    names = [c[:width] for c in result.classes]
+    lines = ["true \\ pred".ljust(12) + "".join(n.rjust(width + 1) for n in names)]
+    for name, row in zip(result.classes, result.confusion_matrix):
+        lines.append(name[:11].ljust(12) + "".join(str(v).rjust(width + 1) for v in row))
+    return "\n".join(lines)
+
+
+

@@ -1,0 +1,80 @@
+"""The single door to every model: ``create_model(name, num_classes=..., in_channels=..., **options)``.
+
+Like timm's registry: model files define their ``nn.Module`` classes and register small factory functions
+by name. Every model that leaves ``create_model`` carries ``model.cnnkit_config`` (name, options,
+num_classes, in_channels, input_size), which is what a checkpoint stores to rebuild it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from cnnkit.errors import UserError
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a factory ``fn(num_classes, in_channels, input_size, **options)`` under its own name."""
+    _FACTORIES[fn.__name__] = fn
+    return fn
+
+
+def _ensure_loaded() -> None:
+    # Importing the model files registers their factories; torchvision's names are added lazily because
+    # listing them imports all of torchvision.models.
+    from cnnkit.models import simple, torchvision  # noqa: F401
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Names that ``create_model`` accepts, sorted; ``pattern`` is a shell-style filter like ``resnet*``."""
+    import fnmatch
+
+    _ensure_loaded()
+    names = sorted(_FACTORIES)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def check_model_name(name: str) -> None:
+    """Raise a UserError, with close matches, unless ``name`` is a registered model."""
+    _ensure_loaded()
+    if name not in _FACTORIES:
+        close = difflib.get_close_matches(name, list(_FACTORIES), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown model '{name}'{hint}; `cnnkit models` lists the {len(_FACTORIES)} available")
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int = 32,
+    **options: Any,
+) -> nn.Module:
+    """Build the registered model ``name`` with a head of ``num_classes`` outputs.
+
+    ``input_size`` (pixels, square) lets flatten heads size their first linear layer; models with a
+    global-average-pool head accept any size. ``options`` go to the model's factory.
+    """
+    check_model_name(name)
+    if num_classes < 1 or in_channels < 1 or input_size < 1:
+        raise UserError("num_classes, in_channels and input_size must be positive integers")
+    factory = _FACTORIES[name]
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [k for k in options if k not in accepted and not takes_any]
+    if unknown:
+        raise UserError(f"model '{name}' has no option {', '.join(unknown)}")
+    model = factory(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
+    model.cnnkit_config = {
+        "name": name,
+        "options": dict(options),
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": input_size,
+    }
+    return model

@@ -1,0 +1,67 @@
+"""TrainConfig: every option of a training run; TrainResult: what a run reports.
+
+``config.json`` in a run folder is ``dataclasses.asdict(TrainConfig)``, and ``--json`` prints
+``dataclasses.asdict(TrainResult)``: one source of truth for the CLI and the Python API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    model: str = "simple_cnn"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str = "shapes"
+    data_dir: str | None = None
+    download: bool = False
+    val_data: str | None = None
+    val_split: float | None = None
+    input_size: int | None = None  # pixels, square; None: the data's own size
+    channels: int | None = None  # 1 or 3; None: the data's own
+    num_samples: int | None = None  # training images to use (for shapes: to generate)
+    crop_pad: int | None = None  # random-translation padding in pixels; None: size // 8
+    flip: bool | None = None  # random horizontal flips; None: on, except for digits
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None  # peak learning rate; None: 0.05 for SGD, 2e-3 for AdamW
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # machinery
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    eval_batch_size: int = 500
+    workers: int = 2  # loader processes, only for sets too large for memory
+    out: str | None = None  # run folder; None: runs/<timestamp>-<model>
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    val_loss: float
+    best_val_acc: float
+    best_epoch: int
+    epochs: int
+    train_acc: float
+    train_loss: float
+    train_time_s: float
+    images_per_s: float
+    run_dir: str
+    model: str
+    data: str
+    precision: str
+    num_train: int
+    num_val: int
+    params: int

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.data.images import load_image
+from cnnkit.errors import DataError
+
+
+def save(tmp_path, img, name, **kw):
+    path = str(tmp_path / name)
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["RGB", "L", "1", "P", "RGBA", "LA", "I", "I;16", "CMYK"])
+def test_every_mode_becomes_the_models_channels(tmp_path, mode, channels):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    img = rgb.convert(mode) if mode not in ("I", "I;16") else rgb.convert("L").convert(mode)
+    ext = "jpg" if mode == "CMYK" else ("tiff" if mode in ("I", "LA") else "png")
+    path = save(tmp_path, img, f"img.{ext}")
+    x = load_image(path, channels, None)
+    assert x.dtype == torch.uint8 and x.shape == (channels, 12, 10)
+    assert x.float().std() > 0  # not blank
+
+
+def test_transparent_pixels_become_white_not_hidden_colour(tmp_path):
+    arr = np.zeros((4, 4, 4), dtype=np.uint8)
+    arr[..., 0] = 200  # red under the alpha
+    arr[:2, :, 3] = 255  # top half opaque, bottom half transparent
+    path = save(tmp_path, Image.fromarray(arr, "RGBA"), "a.png")
+    x = load_image(path, 3, None)
+    assert x[:, :2].tolist() == [[[200] * 4] * 2, [[0] * 4] * 2, [[0] * 4] * 2]
+    assert (x[:, 2:] == 255).all()
+
+
+def test_palette_with_transparency_is_composited(tmp_path):
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    path = save(tmp_path, img, "p.png", transparency=0)
+    assert (load_image(path, 3, None) == 255).all()
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    path = save(tmp_path, Image.fromarray(arr), "deep.png")
+    assert load_image(path, 1, None).flatten().tolist() == [0, 128, 255]
+
+
+def test_cmyk_jpeg_colours(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (8, 8), (255, 0, 0)).convert("CMYK"), "c.jpg", quality=95)
+    r, g, b = load_image(path, 3, None).float().mean(dim=(1, 2)).tolist()
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = save(tmp_path, img, "r.jpg", exif=exif)
+    assert load_image(path, 3, None).shape == (3, 20, 10)
+
+
+def test_resize_then_centre_crop(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (40, 20), (9, 9, 9)), "wide.png")
+    x = load_image(path, 3, 16)
+    assert x.shape == (3, 16, 16) and (x == 9).all()
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00"])
+def test_undecodable_files_raise_data_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_image(str(path), 3, None)
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    path = save(tmp_path, Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+                "t.jpg")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.jpg"):
+        load_image(path, 3, None)

@@ -1,0 +1,129 @@
+import gzip  # noqa: F401  (the idx files torchvision reads are written uncompressed below)
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cnnkit.data.sources import DataSpec, load_eval_set, load_splits, scan_folder
+from cnnkit.errors import DataError, UserError
+from tests.conftest import write_image_folder
+
+
+def test_folder_split_is_stratified_and_deterministic(image_folder):
+    train, val = load_splits(DataSpec(image_folder, val_split=0.25))
+    train2, val2 = load_splits(DataSpec(image_folder, val_split=0.25))
+    assert torch.equal(val.images, val2.images) and torch.equal(train.labels, train2.labels)
+    assert torch.bincount(val.labels).tolist() == [2, 2, 2, 2]
+    assert len(train) + len(val) == 32
+    assert train.images.shape[1:] == (3, 16, 16)
+    assert train.classes == ["circle", "square", "triangle", "star"] or train.classes == sorted(train.classes)
+
+
+def test_folder_default_val_split_and_val_data(tmp_path):
+    root = write_image_folder(str(tmp_path / "a"), n_per_class=10)
+    other = write_image_folder(str(tmp_path / "b"), n_per_class=3, seed=1)
+    train, val = load_splits(DataSpec(root))
+    assert len(val) == 4 and len(train) == 36
+    train, val = load_splits(DataSpec(root, val_data=other))
+    assert len(train) == 40 and len(val) == 12
+
+
+def test_hidden_folders_and_files_are_ignored(image_folder):
+    os.makedirs(os.path.join(image_folder, ".ipynb_checkpoints"))
+    open(os.path.join(image_folder, "circle", ".DS_Store"), "w").close()
+    files, labels, classes = scan_folder(image_folder)
+    assert ".ipynb_checkpoints" not in classes and len(files) == 32
+
+
+def test_input_size_and_channels_are_applied(image_folder):
+    train, _ = load_splits(DataSpec(image_folder, input_size=20, channels=1))
+    assert train.images.shape[1:] == (1, 20, 20)
+
+
+def test_second_load_uses_the_cache(image_folder):
+    load_splits(DataSpec(image_folder))
+    from cnnkit.data import cache
+
+    cache._MEMORY.clear()
+    before = len(os.listdir(cache.cache_dir()))
+    load_splits(DataSpec(image_folder))
+    assert len(os.listdir(cache.cache_dir())) == before
+    # Content changes make a new entry.
+    os.remove(os.path.join(image_folder, "circle", "001.png"))
+    cache._MEMORY.clear()
+    train, val = load_splits(DataSpec(image_folder))
+    assert len(train) + len(val) == 31
+
+
+def test_too_large_for_memory_streams_from_files(image_folder, monkeypatch):
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")
+    train, val = load_splits(DataSpec(image_folder))
+    assert train.images is None and len(train.files) == len(train)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "does not exist"),
+    (lambda root: os.makedirs(root), "is empty"),
+    (lambda root: (os.makedirs(root), open(os.path.join(root, "a.png"), "wb").close()), "no class sub-folders"),
+    (lambda root: (os.makedirs(os.path.join(root, "cat")), os.makedirs(os.path.join(root, "dog"))), "no images"),
+])
+def test_bad_folders_are_user_errors(tmp_path, make, message):
+    root = str(tmp_path / "data")
+    make(root)
+    with pytest.raises(UserError, match=message):
+        load_splits(DataSpec(root))
+
+
+def test_empty_class_folder_is_an_error(image_folder):
+    os.makedirs(os.path.join(image_folder, "zebra"))
+    with pytest.raises(UserError, match="zebra"):
+        load_splits(DataSpec(image_folder))
+
+
+def test_undecodable_image_names_the_file(image_folder):
+    bad = os.path.join(image_folder, "circle", "zzz.jpg")
+    open(bad, "w").write("not a jpeg")
+    with pytest.raises(DataError, match="zzz.jpg"):
+        load_splits(DataSpec(image_folder))
+
+
+def test_val_split_out_of_range():
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(UserError, match="val-split"):
+            load_splits(DataSpec("shapes", val_split=bad))
+
+
+def test_shapes_source_sizes():
+    train, val = load_splits(DataSpec("shapes", num_samples=300, input_size=28, channels=1))
+    assert train.images.shape == (300, 1, 28, 28) and len(val) == 2000
+    assert train.classes[0] == "circle"
+
+
+def _write_idx(folder, prefix, images, labels):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
+    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
+
+
+def test_mnist_is_read_through_torchvision_from_data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = str(tmp_path / "MNIST" / "raw")
+    _write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
+    _write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    train, val = load_splits(DataSpec("mnist", data_dir=str(tmp_path)))
+    assert train.images.shape == (50, 1, 28, 28) and len(val) == 20  # val is the official test split
+    assert train.classes[0].startswith("0")
+    train, val = load_splits(DataSpec("mnist", data_dir=str(tmp_path), val_split=0.2, channels=3, input_size=32))
+    assert train.images.shape == (40, 3, 32, 32) and len(val) == 10
+    assert len(load_eval_set(DataSpec("mnist", data_dir=str(tmp_path)))) == 20
+
+
+def test_missing_torchvision_dataset_says_where_it_looked(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("cifar10", data_dir=str(tmp_path)))
+    text = str(e.value)
+    assert str(tmp_path / "cifar-10-batches-py") in text and "--download" in text and "--data-dir" in text

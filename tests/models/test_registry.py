@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import UserError
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_simple_cnn_has_620362_parameters_at_32x32():
+    assert n_params(cnnkit.create_model("simple_cnn", num_classes=10)) == 620_362
+
+
+def test_cnn_bn_head_is_64x8x8_to_classes():
+    model = cnnkit.create_model("cnn_bn")
+    linear = model.classifier[-1]
+    assert (linear.in_features, linear.out_features) == (64 * 8 * 8, 10)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "cnn_bn", "convnet", "linear", "mlp"])
+@pytest.mark.parametrize("size", [28, 32, 48, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_own_models_output_shape(name, size, channels):
+    model = cnnkit.create_model(name, num_classes=7, in_channels=channels, input_size=size).eval()
+    assert model(torch.randn(3, channels, size, size)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("downsample", ["max", "avg", "stride"])
+@pytest.mark.parametrize("head", ["flatten", "gap"])
+@pytest.mark.parametrize("conv1x1", [False, True])
+def test_convnet_builder_variants(downsample, head, conv1x1):
+    model = cnnkit.create_model("convnet", num_classes=5, input_size=40, downsample=downsample, head=head,
+                                conv1x1=conv1x1, widths=(8, 16), depth=2, batchnorm=downsample != "avg")
+    assert model(torch.randn(2, 3, 40, 40)).shape == (2, 5)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 * 2 + (2 if conv1x1 else 0)
+    assert sum(c.kernel_size == (1, 1) for c in convs) == (2 if conv1x1 else 0)
+    assert any(c.stride == (2, 2) for c in convs) == (downsample == "stride")
+
+
+def test_gap_head_takes_any_size_but_flatten_head_is_sized_to_input():
+    gap = cnnkit.create_model("convnet", head="gap", input_size=32).eval()
+    assert gap(torch.randn(1, 3, 80, 80)).shape == (1, 10)
+    flat = cnnkit.create_model("convnet", head="flatten", input_size=64)
+    assert flat.classifier[-1].in_features == 128 * 8 * 8
+
+
+def test_flatten_head_works_on_channels_last():
+    model = cnnkit.create_model("simple_cnn").to(memory_format=torch.channels_last).eval()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert model(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "alexnet", "efficientnet_b0", "mobilenet_v3_small",
+                                  "densenet121", "squeezenet1_1", "regnet_y_400mf"])
+@pytest.mark.parametrize("size", [64, 96])
+def test_torchvision_models_output_shape(name, size):
+    model = cnnkit.create_model(name, num_classes=6, input_size=size).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 6)
+
+
+def test_torchvision_model_takes_one_channel():
+    model = cnnkit.create_model("resnet18", num_classes=10, in_channels=1, input_size=28).eval()
+    assert model.conv1.in_channels == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_list_models_has_own_and_torchvision_models():
+    names = cnnkit.list_models()
+    for name in ["simple_cnn", "cnn_bn", "convnet", "resnet18", "resnet50", "vgg16", "efficientnet_b0"]:
+        assert name in names
+    assert cnnkit.list_models("resnet1*") == ["resnet101", "resnet152", "resnet18"]
+
+
+def test_unknown_model_and_option_are_user_errors():
+    with pytest.raises(UserError, match="did you mean resnet18"):
+        cnnkit.create_model("resnet81")
+    with pytest.raises(UserError, match="no option"):
+        cnnkit.create_model("simple_cnn", widths=(1, 2))
+    with pytest.raises(UserError, match="too small"):
+        cnnkit.create_model("simple_cnn", input_size=4)
+
+
+def test_model_carries_its_config():
+    model = cnnkit.create_model("convnet", num_classes=3, in_channels=1, input_size=28, head="flatten")
+    assert model.cnnkit_config == {"name": "convnet", "options": {"head": "flatten"}, "num_classes": 3,
+                                   "in_channels": 1, "input_size": 28}

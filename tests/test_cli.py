@@ -1,0 +1,124 @@
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+
+FAST = ["--num-samples", "128", "--epochs", "1", "--batch-size", "32"]
+
+
+def assert_one_line_error(proc, code, *words):
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_train_json_eval_predict_round_trip(tmp_path, image_folder):
+    out = tmp_path / "run"
+    train = run_cli("train", "--model", "cnn_bn", "--data", image_folder, "--val-split", "0.25", "--epochs", "2",
+                    "--batch-size", "8", "--out", out, "--json")
+    assert train.returncode == 0, train.stderr
+    result = json.loads(train.stdout.strip().splitlines()[-1])
+    for key in ("val_acc", "val_loss", "best_val_acc", "epochs", "train_time_s", "images_per_s", "run_dir"):
+        assert key in result
+    assert result["run_dir"] == str(out) and result["epochs"] == 2
+
+    ev = run_cli("eval", out / "last.pt", "--json")
+    assert ev.returncode == 0, ev.stderr
+    ev = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert ev["acc"] == result["val_acc"]
+    assert set(ev) >= {"acc", "top5", "loss", "per_class", "confusion_matrix"}
+    assert [c["class"] for c in ev["per_class"]] == sorted(os.listdir(image_folder))
+
+    text = run_cli("eval", out, "--data", image_folder)
+    assert text.returncode == 0 and "precision" in text.stdout and "true \\ pred" in text.stdout
+
+    pred = run_cli("predict", out, image_folder, "--topk", "2", "--json")
+    assert pred.returncode == 0, pred.stderr
+    items = json.loads(pred.stdout)
+    assert len(items) == 32 and all(len(i["top"]) == 2 for i in items)
+    assert {"class", "prob"} == set(items[0]["top"][0])
+
+
+def test_predict_reports_a_bad_image_and_predicts_the_rest(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", image_folder, "--epochs", "1", "--out", out).returncode == 0
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    good = os.path.join(image_folder, "circle", "001.png")
+    proc = run_cli("predict", out, good, bad)
+    assert proc.returncode == 1 and "bad.png" in proc.stderr and "Traceback" not in proc.stderr
+    assert good in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs", "0"], ["--epochs", "positive"]),
+    (["--epochs", "-3"], ["--epochs"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--lr", "-0.1"], ["--lr"]),
+    (["--val-split", "0"], ["--val-split"]),
+    (["--val-split", "1"], ["--val-split"]),
+    (["--val-split", "1.5"], ["--val-split"]),
+    (["--model", "resnet81"], ["unknown model", "resnet18"]),
+    (["--data", "no/such/folder"], ["no/such/folder", "does not exist"]),
+])
+def test_usage_errors_exit_2_with_one_line_and_no_run_folder(tmp_path, args, words):
+    out = tmp_path / "run"
+    proc = run_cli("train", *args, "--out", out)
+    assert_one_line_error(proc, 2, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("layout, words", [
+    ("empty", ["is empty"]),
+    ("flat", ["no class sub-folders"]),
+    ("no_images", ["no images"]),
+])
+def test_bad_folders_exit_2(tmp_path, layout, words):
+    root = tmp_path / "data"
+    root.mkdir()
+    if layout == "flat":
+        (root / "x.png").write_bytes(b"")
+    if layout == "no_images":
+        (root / "cat").mkdir()
+    out = tmp_path / "run"
+    assert_one_line_error(run_cli("train", "--data", root, "--out", out), 2, *words)
+    assert not out.exists()
+
+
+def test_undecodable_image_exits_1_naming_it(tmp_path, image_folder):
+    with open(os.path.join(image_folder, "square", "broken.jpg"), "w") as f:
+        f.write("not a jpeg")
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", image_folder, "--out", out)
+    assert_one_line_error(proc, 1, "broken.jpg")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli("--debug", "train", "--model", "nope", "--out", tmp_path / "r")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_eval_of_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("eval", tmp_path / "nothing"), 2, "does not exist")
+
+
+@pytest.mark.parametrize("channels, size", [(3, 64), (1, 28)])
+def test_resnet18_trains_on_64px_rgb_and_28px_grayscale(tmp_path, channels, size):
+    proc = run_cli("train", "--model", "resnet18", "--data", "shapes", "--input-size", size, "--channels", channels,
+                   *FAST, "--out", tmp_path / "r", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == 1
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.startswith("cnnkit ")
+    help_text = run_cli("train", "--help").stdout
+    assert "examples:" in help_text and "--val-split" in help_text

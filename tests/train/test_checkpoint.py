@@ -1,0 +1,86 @@
+import os
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import CheckpointError, UserError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    result = cnnkit.train(data="shapes", num_samples=512, epochs=3, batch_size=32, model="cnn_bn",
+                          progress=False, out=str(out))
+    return result, str(out)
+
+
+def test_reloaded_checkpoint_gives_the_accuracy_training_reported(run):
+    result, out = run
+    last = cnnkit.evaluate(os.path.join(out, "last.pt"))
+    best = cnnkit.evaluate(out)
+    assert last.acc == result.val_acc and last.loss == pytest.approx(result.val_loss, rel=1e-9)
+    assert best.acc == result.best_val_acc
+    assert last.count == result.num_val
+
+
+def test_checkpoint_alone_rebuilds_model_and_preprocessing(run):
+    _, out = run
+    ckpt = cnnkit.load_checkpoint(os.path.join(out, "best.pt"))
+    assert ckpt.classes[:3] == ["circle", "square", "triangle"]
+    assert (ckpt.input_size, ckpt.channels) == (32, 3) and len(ckpt.mean) == len(ckpt.std) == 3
+    assert not ckpt.model.training
+    assert ckpt.model.cnnkit_config["name"] == "cnn_bn"
+    payload = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert payload["model"]["num_classes"] == 10 and payload["config"]["epochs"] == 3
+
+
+def test_evaluate_result_fields(run):
+    _, out = run
+    r = cnnkit.evaluate(out, "shapes")
+    assert 0 <= r.acc <= r.top5 <= 1
+    assert len(r.per_class) == 10 and set(r.per_class[0]) == {"class", "precision", "recall", "support"}
+    assert sum(c["support"] for c in r.per_class) == r.count == sum(map(sum, r.confusion_matrix))
+    assert r.acc == pytest.approx(sum(r.confusion_matrix[i][i] for i in range(10)) / r.count)
+
+
+def test_predict_gives_sorted_probabilities(run, image_folder):
+    _, out = run
+    results = cnnkit.predict(out, [image_folder], topk=3)
+    assert len(results) == 32
+    for r in results:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_bad_checkpoints_are_refused_with_their_path(tmp_path, run):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt"):
+        cnnkit.load_checkpoint(str(empty))
+    data = open(os.path.join(run[1], "last.pt"), "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        cnnkit.load_checkpoint(str(truncated))
+    with pytest.raises(UserError, match="does not exist"):
+        cnnkit.load_checkpoint(str(tmp_path / "missing.pt"))
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="not a cnnkit checkpoint"):
+        cnnkit.load_checkpoint(str(plain))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"cnnkit_checkpoint": 1, "x": Evil()}, path)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="could run code"):
+        cnnkit.load_checkpoint(str(path))
+    assert not marker.exists()

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import DataSpec, load_splits
+from cnnkit.errors import UserError
+from cnnkit.train.loop import evaluate_model, train_one_epoch
+from cnnkit.train.optim import make_optimizer, make_scheduler
+
+TINY = dict(data="shapes", num_samples=256, epochs=2, batch_size=32, progress=False)
+
+
+def test_same_seed_same_result_on_cpu(tmp_path):
+    a = cnnkit.train(**TINY, model="cnn_bn", seed=3, device="cpu", out=str(tmp_path / "a"))
+    b = cnnkit.train(**TINY, model="cnn_bn", seed=3, device="cpu", out=str(tmp_path / "b"))
+    c = cnnkit.train(**TINY, model="cnn_bn", seed=4, device="cpu", out=str(tmp_path / "c"))
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
+    wc = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a.train_loss, a.val_loss, a.val_acc) == (b.train_loss, b.val_loss, b.val_acc)
+
+
+def test_run_folder_contents_and_result(tmp_path):
+    r = cnnkit.train(**TINY, out=str(tmp_path / "run"))
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["best.pt", "config.json", "last.pt", "metrics.csv", "result.json"]
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,lr,train_loss") and len(lines) == 3
+    assert r.epochs == 2 and 0 <= r.val_acc <= 1 and r.images_per_s > 0 and r.params == 620_362
+
+
+def test_cnn_beats_linear_on_shapes(tmp_path):
+    # Shapes sit anywhere in the image: a pooled CNN learns them, a linear model on pixels cannot.
+    common = dict(data="shapes", num_samples=6000, epochs=6, batch_size=64, progress=False)
+    cnn = cnnkit.train(**common, model="convnet", lr=0.05, out=str(tmp_path / "cnn"))
+    lin = cnnkit.train(**common, model="linear", optimizer="adamw", lr=1e-3, out=str(tmp_path / "lin"))
+    assert cnn.val_acc > 0.7 and cnn.val_acc > lin.val_acc + 0.4, (cnn.val_acc, lin.val_acc)
+
+
+def _bn_setup():
+    train_set, val_set = load_splits(DataSpec("shapes", num_samples=128))
+    model = cnnkit.create_model("cnn_bn")
+    loader = BatchLoader(train_set, 32, [0.5] * 3, [0.25] * 3, torch.device("cpu"), shuffle=True)
+    val_loader = BatchLoader(val_set, 100, [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    return model, loader, val_loader
+
+
+def test_batchnorm_updates_running_stats_in_training_only():
+    model, loader, val_loader = _bn_setup()
+    bn = model.features[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    evaluate_model(model, val_loader, 10, torch.device("cpu"), None)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert model.training  # evaluate_model restores the mode it found
+
+    opt = make_optimizer(model, "sgd", 0.01, 0.0)
+    train_one_epoch(model, loader, opt, make_scheduler(opt, "constant", 4, 0), torch.nn.CrossEntropyLoss(),
+                    torch.device("cpu"), None, progress=False)
+    assert not torch.equal(bn.running_mean, before[0])
+    assert int(bn.num_batches_tracked) == before[2] + len(loader)
+
+
+def test_batchnorm_uses_batch_statistics_in_train_mode_and_running_in_eval():
+    model, _, _ = _bn_setup()
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    alone, together = model(x[:1]), model(x)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)  # eval: each image on its own
+    model.train()
+    alone, together = model(x[:2]), model(x)[:2]
+    assert not torch.allclose(alone, together, atol=1e-3)  # train: depends on the rest of the batch
+
+
+def test_dropout_is_off_in_eval_and_on_in_train():
+    model = cnnkit.create_model("simple_cnn")
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
+    dropout = model.classifier[3]
+    assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.5
+
+
+def test_evaluate_model_restores_train_mode_and_is_repeatable():
+    model, _, val_loader = _bn_setup()
+    state = copy.deepcopy(model.state_dict())
+    a = evaluate_model(model, val_loader, 10, torch.device("cpu"), None)
+    b = evaluate_model(model, val_loader, 10, torch.device("cpu"), None)
+    assert a.acc == b.acc and a.loss == b.loss and model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert a.count == 2000 and int(a.confusion.sum()) == 2000
+
+
+def test_schedules_reach_peak_and_end_low():
+    from cnnkit.train.optim import lr_factor
+
+    for schedule in ("onecycle", "cosine", "step", "constant"):
+        factors = [lr_factor(schedule, s, 100, 10) for s in range(100)]
+        assert max(factors) == pytest.approx(1.0) and factors[0] == pytest.approx(0.1)
+        if schedule != "constant":
+            assert factors[-1] < 0.02
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(lr=-1.0),
+                                 dict(label_smoothing=1.0), dict(nonsense=1)])
+def test_bad_options_are_refused_before_a_run_folder_exists(tmp_path, bad):
+    with pytest.raises(UserError):
+        cnnkit.train(**{**TINY, **bad}, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
