@@ -125,13 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 on CPUs with bf16 matrix instructions and on recent GPUs, else fp32/fp16")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    t.add_argument("--clip-grad", type=_positive_float, metavar="NORM",
+                   help="clip the gradient norm (the norm before clipping goes to metrics.csv)")
+    t.add_argument("--nan", choices=("stop", "skip"), default=d.nan,
+                   help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
+    t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
+                   help="broken images in a folder: leave them out and list them, or stop at the first")
     t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>-<model>)")
+    t.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
+                   help="also write last.pt every STEPS steps (default: once per epoch)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run exactly where it stopped (its own settings are used)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
     e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     data_options(e, None)
     e.add_argument("--batch-size", type=_positive_int)
+    e.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true")
 
@@ -139,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     p.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="list the model names")
@@ -153,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["model_options"] = _model_options(args.model_opt)
-    result = train(TrainConfig(**values), log=sys.stderr if args.json else sys.stdout)
+    result = train(TrainConfig(**values), log=sys.stderr if args.json else sys.stdout, resume=args.resume)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
@@ -164,8 +178,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnnkit.evaluate import confusion_text, evaluate
+    from cnnkit.train.checkpoint import load_checkpoint
 
-    r = evaluate(args.checkpoint, args.data, data_dir=args.data_dir, val_split=args.val_split,
+    r = evaluate(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
@@ -180,8 +195,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.predict import predict
+    from cnnkit.train.checkpoint import load_checkpoint
 
-    results = predict(args.checkpoint, args.paths, topk=args.topk)
+    results = predict(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.paths, topk=args.topk)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)
@@ -214,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"cnnkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"cnnkit {args.command}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)

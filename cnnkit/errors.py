@@ -9,6 +9,7 @@ class UserError(Exception):
     """Bad input: a wrong option, a missing path, an unknown name. Exit code 2."""
 
     exit_code = 2
+    label = "error"
 
 
 class DataError(UserError):
@@ -19,5 +20,18 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit. Exit code 1."""
+
+    exit_code = 1
+
+
+class TrainingStopped(UserError):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    exit_code = 130
+    label = "stopped"
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept. Exit code 1."""
 
     exit_code = 1

@@ -95,7 +95,7 @@ def test_undecodable_image_exits_1_naming_it(tmp_path, image_folder):
     with open(os.path.join(image_folder, "square", "broken.jpg"), "w") as f:
         f.write("not a jpeg")
     out = tmp_path / "run"
-    proc = run_cli("train", "--data", image_folder, "--out", out)
+    proc = run_cli("train", "--data", image_folder, "--bad-images", "error", "--out", out)
     assert_one_line_error(proc, 1, "broken.jpg")
     assert not out.exists()
 

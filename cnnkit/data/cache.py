@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from cnnkit.atomic import atomic_torch_save
 
 CACHE_VERSION = 1
 _MEMORY: dict[str, dict[str, Any]] = {}
@@ -35,8 +36,12 @@ def files_fingerprint(root: str, files: list[str]) -> str:
     """A hash of the relative path, size and modification time of each file."""
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError as e:  # a dangling link or a link loop: part of the key, reported when decoding
+            stamp = f"error {e.errno}"
+        h.update(f"{os.path.relpath(f, root)}\0{stamp}\n".encode())
     return h.hexdigest()
 
 
@@ -63,15 +68,7 @@ def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str
 
 def _store(path: Path, entry: dict[str, Any]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(entry, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(entry, str(path), durable=False)  # a lost cache entry is only decoded again
     except OSError as e:  # a read-only or full cache disk costs speed on the next run, not this run
-        print(f"cnnkit: note: could not write the data cache at {path.parent} ({e.strerror}); "
+        print(f"cnnkit: note: could not write the data cache at {path.parent} ({e.strerror or e}); "
               "the next run decodes again", file=sys.stderr)

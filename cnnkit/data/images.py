@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "MPO"}
+ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera MPO files open through JPEG
 
 
 def is_image_file(name: str) -> bool:
@@ -62,17 +62,28 @@ def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def max_pixels() -> int:
+    """The largest image (width x height) cnnkit decodes: ``$CNNKIT_MAX_PIXELS``, else Pillow's own limit.
+
+    Pillow's decompression-bomb check stays on regardless; this limit can only be stricter or equal.
+    """
+    default = Image.MAX_IMAGE_PIXELS or 89_478_485
+    return int(os.environ.get("CNNKIT_MAX_PIXELS", default))
+
+
 def open_image(path: str) -> Image.Image:
     """Open and fully decode ``path``, applying EXIF rotation; a DataError names the file if it cannot be read."""
     try:
-        with Image.open(path) as img:
-            if img.format not in ALLOWED_FORMATS:
-                raise DataError(f"{path}: image format {img.format} is not decoded by cnnkit")
+        with Image.open(path, formats=sorted(ALLOWED_FORMATS)) as img:
+            w, h = img.size
+            if w * h > max_pixels():
+                raise DataError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels():,} "
+                                "(set CNNKIT_MAX_PIXELS to allow larger images)")
             img.load()
             return ImageOps.exif_transpose(img)
     except DataError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # any decoder failure on hostile bytes is the file's fault, reported with its path
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot decode image {path}: {reason}") from None
 

@@ -15,6 +15,7 @@ import torch
 from cnnkit.data.augment import random_crop, random_flip
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
+from cnnkit.errors import DataError
 
 
 @dataclass
@@ -44,7 +45,12 @@ class _FileDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image(self.data.files[i], self.data.channels, self.data.size), self.data.labels[i]
+        # Files are checked before training; one that breaks later (changed on disk) is dropped from its
+        # batch instead of killing the worker with a traceback nobody can read.
+        try:
+            return load_image(self.data.files[i], self.data.channels, self.data.size), self.data.labels[i]
+        except DataError:
+            return torch.zeros(self.data.channels, self.data.size, self.data.size, dtype=torch.uint8), torch.tensor(-1)
 
 
 class BatchLoader:
@@ -68,6 +74,7 @@ class BatchLoader:
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.channels_last, self.workers = channels_last, workers
         self.epoch = 0
+        self.skipped = 0  # images dropped at run time by the streaming path
         # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
         self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.scale = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
@@ -93,24 +100,36 @@ class BatchLoader:
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch + 1)
-        order = self.order()
-        if self.data.images is None:
-            yield from self._stream(order, g)
-            return
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            idx_dev = idx.to(self.device)
-            yield self.prepare(self.images[idx_dev], g), self.labels[idx_dev]
+        return self.batches()
 
-    def _stream(self, order: torch.Tensor, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = order.tolist()
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch number ``start`` on (a resumed epoch starts mid-way)."""
+        order = self.order()[start * self.batch_size :]
+        if self.data.images is None:
+            yield from self._stream(order, start)
+            return
+        for i in range(start, len(self)):
+            idx = order[(i - start) * self.batch_size : (i - start + 1) * self.batch_size].to(self.device)
+            yield self.prepare(self.images[idx], self._generator(i)), self.labels[idx]
+
+    def _generator(self, batch: int) -> torch.Generator:
+        # One seed per (run seed, epoch, batch): the augmentation of any batch is known without replaying the
+        # batches before it, which is what makes a resumed epoch identical to an uninterrupted one.
+        return torch.Generator(device=self.device).manual_seed((self.seed * 100003 + self.epoch) * 1000003 + batch)
+
+    def _stream(self, order: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
-            _FileDataset(self.data), batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+            _FileDataset(self.data), batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.drop_last,
             num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
         )
-        for images, labels in loader:
-            yield self.prepare(images.to(self.device, non_blocking=True), g), labels.to(self.device)
+        for i, (images, labels) in enumerate(loader, start):
+            if i >= len(self):
+                break
+            good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
+            if not good.all():
+                self.skipped += int((~good).sum())
+                images, labels = images[good], labels[good]
+            yield self.prepare(images.to(self.device, non_blocking=True), self._generator(i)), labels.to(self.device)
 
     def prepare(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """uint8 batch -> augmented, normalised float batch."""

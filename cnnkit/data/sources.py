@@ -30,6 +30,7 @@ BUILTIN = ("shapes", *TORCHVISION_DATASETS)
 SHAPES_TRAIN, SHAPES_VAL = 20000, 2000
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+BAD_IMAGE_POLICIES = ("skip", "error")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ImageSet:
     channels: int = 3
     size: int = 32
     source: str = ""
+    skipped: list[str] = field(default_factory=list)  # one message per image left out because it is broken
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,7 +70,7 @@ class DataSpec:
     input_size: int | None = None
     channels: int | None = None
     num_samples: int | None = None
-    extra: dict = field(default_factory=dict)
+    bad_images: str = "skip"  # skip: leave broken images out and list them; error: stop at the first
 
 
 def default_data_dir() -> str:
@@ -126,7 +128,7 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
     tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
     if len(va) == 0:
         raise UserError("--val-split leaves no validation images; use a larger fraction or --val-data DIR")
-    return data.subset(tr), data.subset(va)
+    return data.subset(tr), replace(data.subset(va), skipped=[])  # broken files are reported once, with train
 
 
 def _check_spec(spec: DataSpec) -> None:
@@ -136,6 +138,8 @@ def _check_spec(spec: DataSpec) -> None:
         raise UserError(f"--input-size must be a positive number of pixels, got {spec.input_size}")
     if spec.channels is not None and spec.channels not in (1, 3):
         raise UserError(f"--channels must be 1 (grayscale) or 3 (RGB), got {spec.channels}")
+    if spec.bad_images not in BAD_IMAGE_POLICIES:
+        raise UserError(f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, not '{spec.bad_images}'")
     if spec.num_samples is not None and spec.num_samples < 1:
         raise UserError(f"--num-samples must be positive, got {spec.num_samples}")
 
@@ -235,39 +239,82 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
 def _folder(root: str, spec: DataSpec) -> ImageSet:
     files, labels, classes = scan_folder(root)
     channels = spec.channels or 3
-    size = spec.input_size or min(min(image_size(files[0])), 224)
+    size = spec.input_size or _default_size(files)
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
-    if len(files) * channels * size * size > budget:
-        return ImageSet(labels, classes, None, files, channels, size, root)
-    key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels}
-    entry = cache.cached(key, lambda: {"images": decode_files(files, channels, size)})
-    return ImageSet(labels, classes, entry["images"], None, channels, size, root)
+    in_memory = len(files) * channels * size * size <= budget
+    if in_memory:
+        key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels}
+        entry = cache.cached(key, lambda: dict(zip(("images", "ok", "errors"), decode_files(files, channels, size))))
+        images, ok, errors = entry["images"], entry["ok"], entry["errors"]
+    else:  # too large for memory: only check that every file opens; loader workers decode per batch
+        images, ok, errors = None, *check_files(files)
+    if errors:
+        _apply_policy(errors, spec.bad_images, root)
+        keep = ok.nonzero().flatten()
+        labels, files, images = labels[keep], [files[i] for i in keep.tolist()], images
+        missing = sorted(set(range(len(classes))) - set(labels.unique().tolist()))
+        if missing:
+            raise DataError(f"every image of class {classes[missing[0]]} in {root} is broken; fix them or remove the folder")
+    return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors))
 
 
-def _decode_chunk(args: tuple[list[str], int, int]) -> tuple[torch.Tensor | None, list[str]]:
-    files, channels, size = args
-    out = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+def _default_size(files: list[str]) -> int:
+    for f in files[:20]:  # the first image that opens decides; broken ones are reported later
+        try:
+            return min(min(image_size(f)), 224)
+        except DataError:
+            continue
+    return 224
+
+
+def _apply_policy(errors: list[str], policy: str, root: str) -> None:
+    if policy == "error":
+        more = f" (and {len(errors) - 1} more broken image(s))" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more}; fix or remove it, or pass --bad-images skip to leave broken images out")
+
+
+def _decode_chunk(args: tuple[list[str], int, int, bool]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    files, channels, size, decode = args
+    out = torch.empty(len(files) if decode else 0, channels, size, size, dtype=torch.uint8)
+    ok = torch.ones(len(files), dtype=torch.bool)
     errors = []
     for i, f in enumerate(files):
         try:
-            out[i] = load_image(f, channels, size)
+            if decode:
+                out[i] = load_image(f, channels, size)
+            else:
+                image_size(f)
         except DataError as e:
+            ok[i] = False
             errors.append(str(e))
-    return out, errors
+    return out, ok, errors
 
 
-def decode_files(files: list[str], channels: int, size: int) -> torch.Tensor:
-    """Decode ``files`` into one uint8 tensor, in parallel over the CPU cores."""
+def _run_chunks(files: list[str], channels: int, size: int, decode: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     chunk = 512
-    jobs = [(files[i : i + chunk], channels, size) for i in range(0, len(files), chunk)]
+    jobs = [(files[i : i + chunk], channels, size, decode) for i in range(0, len(files), chunk)]
     workers = min(os.cpu_count() or 1, len(jobs))
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map(_decode_chunk, jobs)
     else:
         results = [_decode_chunk(j) for j in jobs]
-    errors = [e for _, errs in results for e in errs]
-    if errors:
-        more = f" (and {len(errors) - 1} more bad image(s))" if len(errors) > 1 else ""
-        raise DataError(f"{errors[0]}{more}; remove or replace the file")
-    return torch.cat([r for r, _ in results])
+    images = torch.cat([r[0] for r in results])
+    ok = torch.cat([r[1] for r in results])
+    return images, ok, [e for r in results for e in r[2]]
+
+
+def decode_files(files: list[str], channels: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode ``files`` into one uint8 tensor, in parallel over the CPU cores.
+
+    Returns the images (broken ones left as zeros), a mask of the files that decoded, and one message per
+    broken file naming it and the reason.
+    """
+    images, ok, errors = _run_chunks(files, channels, size, decode=True)
+    return images[ok], ok, errors
+
+
+def check_files(files: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Open every file's header (no full decode): the mask of good files and the messages for broken ones."""
+    _, ok, errors = _run_chunks(files, 1, 1, decode=False)
+    return ok, errors

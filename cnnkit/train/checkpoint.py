@@ -6,20 +6,26 @@ reads it: loading never runs code from the file.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
-import tempfile
+import random
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.atomic import atomic_torch_save
+from cnnkit.errors import CheckpointError, NonFiniteLoss, UserError
 from cnnkit.models.registry import create_model
 
 FORMAT_VERSION = 1
+# torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
+MIN_SAFE_TORCH = (2, 10)
 
 
 @dataclass
@@ -56,25 +62,21 @@ def make_payload(
     }
 
 
-def save_checkpoint(payload: dict[str, Any], path: str) -> None:
+def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None = None) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, flushed and fsynced,
-    then renamed over the old file, so a crash at any moment leaves either the old or the new checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    then renamed over the old file, so a crash at any moment leaves either the old or the new checkpoint.
+
+    With ``model``, weights that are no longer finite are refused: a good checkpoint is never replaced by NaNs.
+    A failed write (no space, no permission) raises a CheckpointError; the previous file stays intact.
+    """
+    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"the weights are no longer finite (NaN or inf); {path} was not overwritten. "
+                            "Lower --lr or add --clip-grad 1.0")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_torch_save(payload, path, durable=True)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); the previous one is intact. "
+                              "Free disk space or pass a writable --out") from None
 
 
 def resolve_checkpoint_path(path: str) -> str:
@@ -89,17 +91,44 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
-def read_payload(path: str) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, read with ``weights_only=True``; a CheckpointError names the file otherwise."""
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete temporary checkpoint files a killed process left in ``folder``; returns their paths."""
+    stale = glob.glob(os.path.join(folder, ".*.pt.*.tmp"))
+    for f in stale:
+        os.unlink(f)
+    return stale
+
+
+def _check_torch_version() -> None:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_SAFE_TORCH:
+        raise CheckpointError(f"torch {torch.__version__} has known weights_only bypasses; cnnkit loads checkpoints "
+                              f"only with torch >= {'.'.join(map(str, MIN_SAFE_TORCH))} (pip install -U torch)")
+
+
+def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, read with ``weights_only=True``; a CheckpointError names the file otherwise.
+
+    ``trust=True`` (the CLI's ``--trust-checkpoint``) unpickles arbitrary objects — which can run any code the
+    file's author wrote — and is never used as a fallback.
+    """
+    _check_torch_version()
     path = resolve_checkpoint_path(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely — use another")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if trust:
+            print(f"cnnkit: warning: loading {path} with full unpickling (--trust-checkpoint): "
+                  "this runs any code stored in the file", file=sys.stderr)
+        if trust:
+            payload = torch.load(path, map_location="cpu", weights_only=False)  # only behind --trust-checkpoint
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain data and was not loaded, "
-            f"since that could run code ({str(e).splitlines()[0][:160]})"
+            f"since that could run code ({str(e).splitlines()[0][:160]}); if you trust its author, "
+            "pass --trust-checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
@@ -108,9 +137,9 @@ def read_payload(path: str) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str, device: str | torch.device = "cpu", trust: bool = False) -> Checkpoint:
     """Rebuild the model stored at ``path`` (a checkpoint file or a run folder), in eval mode."""
-    payload = read_payload(path)
+    payload = read_payload(path, trust)
     spec = payload["model"]
     model = create_model(
         spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
@@ -132,3 +161,27 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Checkpoint
         mean=payload["mean"], std=payload["std"], path=resolve_checkpoint_path(path),
         epoch=payload.get("epoch", 0), metrics=payload.get("metrics", {}), config=payload.get("config", {}),
     )
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator the training loop draws from, as plain data (no numpy objects, so
+    ``weights_only`` loading reads it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

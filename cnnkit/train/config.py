@@ -36,6 +36,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    clip_grad: float | None = None  # clip the gradient norm to this value (the norm before clipping is logged)
     # machinery
     seed: int = 0
     device: str = "auto"
@@ -44,6 +45,9 @@ class TrainConfig:
     eval_batch_size: int = 500
     workers: int = 2  # loader processes, only for sets too large for memory
     out: str | None = None  # run folder; None: runs/<timestamp>-<model>
+    save_every: int = 0  # also write last.pt every N steps (0: at the end of each epoch only)
+    nan: str = "stop"  # a non-finite loss: stop (keeping the last good checkpoint) or skip the batch
+    bad_images: str = "skip"  # broken images in a folder: skip (listed in bad_images.txt) or error
     progress: bool = True
 
 
@@ -65,3 +69,5 @@ class TrainResult:
     num_train: int
     num_val: int
     params: int
+    skipped_images: int = 0
+    skipped_batches: int = 0  # batches with a non-finite loss, with nan="skip"

@@ -1,5 +1,9 @@
 """The training loop: ``train`` reads top to bottom — data, model, optimizer, run folder, then epochs of
 ``train_one_epoch`` and ``evaluate_model``, checkpointing after each.
+
+A run can stop at any moment (Ctrl-C, SIGTERM, a killed process) and ``train(resume=RUN_DIR)`` continues it
+exactly: the checkpoint holds the optimizer, schedule, every random generator and the position in the
+epoch, and each epoch's data order and each batch's augmentation are drawn from seeds, not from history.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -22,15 +28,19 @@ from tqdm import tqdm
 
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
-from cnnkit.errors import UserError
+from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
-from cnnkit.train.checkpoint import make_payload, save_checkpoint
+from cnnkit.train.checkpoint import (
+    make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
+)
 from cnnkit.train.config import TrainConfig, TrainResult
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s", "images_per_s"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
+                  "images_per_s", "grad_norm", "skipped_batches"]
 NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -44,12 +54,45 @@ class EvalStats:
     count: int
 
 
-def train(config: TrainConfig | None = None, log: IO[str] | None = None, **overrides) -> TrainResult:
+@dataclass
+class EpochState:
+    """Where an epoch stands: the next batch and the running sums (kept on the device until read)."""
+
+    batch: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seen: int = 0
+    grad_norm_sum: torch.Tensor | float = 0.0
+    clipped_steps: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def plain(self) -> dict[str, Any]:
+        return {k: (v.item() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class RunState:
+    """Everything about a run's progress that a resumed run needs besides model and optimizer."""
+
+    epoch: int = 1
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    skipped_batches: int = 0
+
+
+def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume: str | None = None,
+          **overrides) -> TrainResult:
     """Train a model as ``config`` (or keyword overrides of the defaults) says; returns the run's results.
 
+    ``resume=RUN_DIR`` continues an interrupted run from its ``last.pt`` with the run's own configuration.
     Example: ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
     """
-    cfg = _make_config(config, overrides)
+    saved = _resume_payload(resume) if resume else None
+    cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
     check_model_name(cfg.model)  # before minutes of data loading
     log = log or sys.stdout
     seed_everything(cfg.seed)
@@ -58,10 +101,13 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, **overr
 
     # Data: decoded once into uint8 tensors; augmentation happens per batch on the device.
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
-                    cfg.channels, cfg.num_samples)
+                    cfg.channels, cfg.num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
     classes = train_set.classes
-    mean, std = channel_stats(train_set)
+    if saved and saved["classes"] != classes:
+        raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
+                              f"{saved['classes'][:10]}; resume with the data the run was started on")
+    mean, std = (saved["mean"], saved["std"]) if saved else channel_stats(train_set)
     augment = Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
         flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
@@ -82,57 +128,104 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, **overr
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
                                int(cfg.warmup_epochs * steps_per_epoch))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # The run folder is made only now, after every input has been checked.
-    run_dir = make_run_dir(cfg)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "out": run_dir, "lr": lr}, f, indent=2)
+    run = RunState()
+    epoch_state = EpochState()
+    if saved:
+        run_dir = resume
+        for stale in remove_stale_temp_files(run_dir):
+            print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=log)
+        model.load_state_dict(saved["state_dict"])
+        state = saved["resume"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        run = RunState(**state["run"])
+        epoch_state = EpochState(**state["epoch_state"])
+        set_rng_state(state["rng"])
+        print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
+    else:
+        run_dir = make_run_dir(cfg)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "out": run_dir, "lr": lr}, f, indent=2)
+    skipped_images = train_set.skipped + val_set.skipped
+    if skipped_images:
+        with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
+            f.write("\n".join(skipped_images) + "\n")
+        print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
+              f"{os.path.join(run_dir, 'bad_images.txt')}", file=log)
     params = sum(p.numel() for p in model.parameters())
     print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(train_set):,} training and {len(val_set):,} "
           f"validation images of {train_set.channels}x{train_set.size}x{train_set.size} from {cfg.data}; "
           f"{device.type}, {precision_name(amp_dtype)}; run folder {run_dir}", file=log)
 
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(metrics_file, fieldnames=METRIC_COLUMNS)
-    writer.writeheader()
-    best_acc, best_epoch, train_seconds, images_seen = -1.0, 0, 0.0, 0
+    def checkpoint(epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
+        """The resumable state, as it stands after the last finished step."""
+        run.epoch = next_epoch
+        return make_payload(
+            model, classes, train_set.size, train_set.channels, mean, std, epoch=next_epoch - 1,
+            metrics=run.history[-1] if run.history else {}, config=dataclasses.asdict(cfg),
+            resume={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state(),
+                    "run": dataclasses.asdict(run), "epoch_state": epoch_state.plain()},
+        )
+
+    last_path = os.path.join(run_dir, "last.pt")
+    _write_metrics(run_dir, run.history)
     start = time.perf_counter()
-    try:
-        for epoch in range(1, cfg.epochs + 1):
+    with StopSignals() as stop:
+        for epoch in range(run.epoch, cfg.epochs + 1):
             train_loader.set_epoch(epoch)
             current_lr = optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            train_loss, train_acc, seen = train_one_epoch(
-                model, train_loader, optimizer, scheduler, criterion, device, amp_dtype,
-                desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+            epoch_state = train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
+                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+                stop=stop, save_every=cfg.save_every,
+                save=lambda state: save_checkpoint(checkpoint(state, epoch), last_path, model),
             )
-            epoch_seconds = time.perf_counter() - t0
-            train_seconds += epoch_seconds
-            images_seen += seen
+            if stop.signal is not None:
+                save_checkpoint(checkpoint(epoch_state, epoch), last_path, model)
+                stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {epoch_state.batch}; saved "
+                                          f"{last_path}. Continue with: cnnkit train --resume {run_dir}")
+                stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
+                raise stopped
+            train_loss = epoch_state.loss_sum / max(epoch_state.seen, 1)
+            train_acc = epoch_state.correct / max(epoch_state.seen, 1)
+            run.train_seconds += epoch_state.seconds
+            run.images_seen += epoch_state.seen
+            run.skipped_batches += epoch_state.skipped
             val = evaluate_model(model, val_loader, len(classes), device, amp_dtype)
 
             row = {"epoch": epoch, "lr": current_lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val.loss, "val_acc": val.acc, "val_top5": val.top5,
-                   "epoch_time_s": epoch_seconds, "images_per_s": seen / epoch_seconds}
-            writer.writerow(row)
-            metrics_file.flush()
+                   "epoch_time_s": epoch_state.seconds, "images_per_s": epoch_state.seen / epoch_state.seconds,
+                   "grad_norm": epoch_state.grad_norm_sum / epoch_state.clipped_steps if epoch_state.clipped_steps else "",
+                   "skipped_batches": epoch_state.skipped}
+            run.history.append(row)
+            _write_metrics(run_dir, run.history)
             print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                  f"val loss {val.loss:.4f} acc {val.acc:.4f}  {seen / epoch_seconds:,.0f} images/s", file=log)
+                  f"val loss {val.loss:.4f} acc {val.acc:.4f}  {row['images_per_s']:,.0f} images/s", file=log)
 
-            payload = make_payload(model, classes, train_set.size, train_set.channels, mean, std,
-                                   epoch=epoch, metrics=row, config=dataclasses.asdict(cfg))
-            save_checkpoint(payload, os.path.join(run_dir, "last.pt"))
-            if val.acc > best_acc:
-                best_acc, best_epoch = val.acc, epoch
-                save_checkpoint(payload, os.path.join(run_dir, "best.pt"))
-    finally:
-        metrics_file.close()
+            improved = val.acc > run.best_acc
+            if improved:
+                run.best_acc, run.best_epoch = val.acc, epoch
+            payload = checkpoint(EpochState(), epoch + 1)
+            save_checkpoint(payload, last_path, model)
+            if improved:
+                save_checkpoint({k: v for k, v in payload.items() if k != "resume"},
+                                os.path.join(run_dir, "best.pt"), model)
+            epoch_state = EpochState()
 
     result = TrainResult(
-        val_acc=val.acc, val_loss=val.loss, best_val_acc=best_acc, best_epoch=best_epoch, epochs=cfg.epochs,
-        train_acc=train_acc, train_loss=train_loss, train_time_s=time.perf_counter() - start,
-        images_per_s=images_seen / train_seconds, run_dir=run_dir, model=cfg.model, data=cfg.data,
-        precision=precision_name(amp_dtype), num_train=len(train_set), num_val=len(val_set), params=params,
+        val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
+        epochs=cfg.epochs, train_acc=train_acc, train_loss=train_loss,
+        train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
+        run_dir=run_dir, model=cfg.model, data=cfg.data, precision=precision_name(amp_dtype),
+        num_train=len(train_set), num_val=len(val_set), params=params, skipped_images=len(skipped_images),
+        skipped_batches=run.skipped_batches,
     )
     with open(os.path.join(run_dir, "result.json"), "w") as f:
         json.dump(dataclasses.asdict(result), f, indent=2)
@@ -144,39 +237,82 @@ def train_one_epoch(
     loader: BatchLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
     criterion: nn.Module,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    state: EpochState | None = None,
+    clip_grad: float | None = None,
+    nan: str = "stop",
     desc: str = "",
     progress: bool = True,
-) -> tuple[float, float, int]:
-    """One pass over ``loader``; returns mean training loss, training accuracy and the images seen."""
+    stop: "StopSignals | None" = None,
+    save_every: int = 0,
+    save: Callable[[EpochState], None] | None = None,
+) -> EpochState:
+    """One pass over ``loader`` (from ``state.batch`` on, for a resumed epoch); returns the epoch's sums.
+
+    Stops early, between two steps, when ``stop`` has caught a signal.
+    """
+    state = state or EpochState()
     model.train()  # BatchNorm: batch statistics, running averages updated; Dropout: on
     # Running sums stay on the device: reading them every step would make a GPU wait for each batch.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    bar = tqdm(total=len(loader), desc=desc, leave=False, unit="batch", dynamic_ncols=True,
+    loss_sum = torch.as_tensor(state.loss_sum, device=device, dtype=torch.float32)
+    correct = torch.as_tensor(state.correct, device=device, dtype=torch.long)
+    grad_norm_sum = torch.as_tensor(state.grad_norm_sum, device=device, dtype=torch.float32)
+    bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for b in (m.running_mean, m.running_var) if b is not None] if nan == "skip" else []
+    bar = tqdm(total=len(loader), initial=state.batch, desc=desc, leave=False, unit="batch", dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()))
     t0 = time.perf_counter()
-    for step, (images, labels) in enumerate(loader, 1):
+    seen_before = state.seen
+    for images, labels in loader.batches(state.batch):
+        bn_before = [b.clone() for b in bn_buffers]  # only with nan="skip": a skipped batch must not touch them
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        if not torch.isfinite(loss):
+            if nan == "stop":
+                raise NonFiniteLoss(
+                    f"the loss became {loss.item()} at batch {state.batch + 1} of this epoch (global step "
+                    f"{scheduler.last_epoch + 1}, lr {optimizer.param_groups[0]['lr']:.3g}); likely causes: a "
+                    "learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
+                    "--clip-grad 1.0, or pass --nan skip; the last good checkpoint was kept"
+                )
+            for b, saved in zip(bn_buffers, bn_before):
+                b.copy_(saved)
+            state.skipped += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # scaling is a no-op unless fp16
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                # The norm before clipping is what tells whether the clipping threshold fits the run.
+                grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                state.clipped_steps += 1
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().float() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            state.seen += len(labels)
+        scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
 
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += len(labels)
-        if not bar.disable and (step % 20 == 0 or step == len(loader)):
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-            bar.update(step - bar.n)
+        state.batch += 1
+        if not bar.disable and (state.batch % 20 == 0 or state.batch == len(loader)):
+            bar.set_postfix(loss=f"{loss_sum.item() / max(state.seen, 1):.3f}",
+                            acc=f"{correct.item() / max(state.seen, 1):.3f}",
+                            img_s=f"{(state.seen - seen_before) / (time.perf_counter() - t0):,.0f}")
+            bar.update(state.batch - bar.n)
+        if stop is not None and stop.signal is not None:
+            break
+        if save_every and save and state.batch % save_every == 0 and state.batch < len(loader):
+            save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
+                                     grad_norm_sum=grad_norm_sum.item(),
+                                     seconds=state.seconds + time.perf_counter() - t0))
     bar.close()
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen
+    state.seconds += time.perf_counter() - t0
+    state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
+    return state
 
 
 @torch.no_grad()
@@ -207,6 +343,50 @@ def evaluate_model(
                      top5=top5.item() / max(n, 1), confusion=confusion, count=n)
 
 
+class StopSignals:
+    """Within the block, SIGINT and SIGTERM ask the loop to stop after the current step (a second SIGINT
+    stops at once). Outside the main thread, where handlers cannot be installed, it does nothing."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _write_metrics(run_dir: str, history: list[dict]) -> None:
+    """metrics.csv, rewritten whole from the run's history (so a resumed run never holds a duplicated row)."""
+    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _resume_payload(run_dir: str) -> dict[str, Any]:
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {run_dir}: no last.pt in it, so there is nothing to resume")
+    payload = read_payload(path)
+    if "resume" not in payload:
+        raise CheckpointError(f"{path} holds no training state to resume from")
+    return payload
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -218,7 +398,8 @@ def make_run_dir(cfg: TrainConfig) -> str:
     if cfg.out:
         path = cfg.out
         if os.path.isdir(path) and os.listdir(path):
-            raise UserError(f"run folder {path} already holds files; pass a new --out folder")
+            raise UserError(f"run folder {path} already holds files; pass a new --out folder "
+                            "(or --resume it to continue that run)")
     else:
         base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model}")
         path, i = base, 2
@@ -247,6 +428,10 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError(f"learning rate must be positive, got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"label smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.momentum < 0:
-        raise UserError("weight decay, warm-up and momentum cannot be negative")
+    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.momentum < 0 or cfg.save_every < 0:
+        raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+    if cfg.nan not in NAN_POLICIES:
+        raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     return cfg

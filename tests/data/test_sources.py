@@ -82,11 +82,14 @@ def test_empty_class_folder_is_an_error(image_folder):
         load_splits(DataSpec(image_folder))
 
 
-def test_undecodable_image_names_the_file(image_folder):
+def test_undecodable_image_is_skipped_and_listed_or_named_as_error(image_folder):
     bad = os.path.join(image_folder, "circle", "zzz.jpg")
     open(bad, "w").write("not a jpeg")
+    train, val = load_splits(DataSpec(image_folder))
+    assert len(train) + len(val) == 32
+    assert len(train.skipped + val.skipped) == 1 and "zzz.jpg" in (train.skipped + val.skipped)[0]
     with pytest.raises(DataError, match="zzz.jpg"):
-        load_splits(DataSpec(image_folder))
+        load_splits(DataSpec(image_folder, bad_images="error"))
 
 
 def test_val_split_out_of_range():

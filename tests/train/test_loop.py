@@ -59,8 +59,8 @@ def test_batchnorm_updates_running_stats_in_training_only():
     assert model.training  # evaluate_model restores the mode it found
 
     opt = make_optimizer(model, "sgd", 0.01, 0.0)
-    train_one_epoch(model, loader, opt, make_scheduler(opt, "constant", 4, 0), torch.nn.CrossEntropyLoss(),
-                    torch.device("cpu"), None, progress=False)
+    train_one_epoch(model, loader, opt, make_scheduler(opt, "constant", 4, 0), torch.amp.GradScaler("cpu", enabled=False),
+                    torch.nn.CrossEntropyLoss(), torch.device("cpu"), None, progress=False)
     assert not torch.equal(bn.running_mean, before[0])
     assert int(bn.num_batches_tracked) == before[2] + len(loader)
 
@@ -114,3 +114,10 @@ def test_bad_options_are_refused_before_a_run_folder_exists(tmp_path, bad):
     with pytest.raises(UserError):
         cnnkit.train(**{**TINY, **bad}, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_folder_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write the run folder"):
+        cnnkit.train(**TINY, out=str(blocker / "run"))

@@ -1,0 +1,122 @@
+"""Broken and hostile image files: every kind is either decoded correctly or reported with its path."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnkit.data.images import load_image
+from cnnkit.data.sources import DataSpec, load_splits
+from cnnkit.errors import DataError
+from tests.conftest import run_cli, write_image_folder
+
+
+def _png_bytes(size=16, mode="RGB"):
+    arr = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes(size=16):
+    arr = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_hostile_folder(root):
+    """A real ImageFolder tree holding every broken-file kind next to good images of odd modes.
+    Returns the names of the files that must be reported as broken."""
+    write_image_folder(root, n_per_class=6)
+    c = os.path.join(root, "circle")
+    broken = {
+        "zero.jpg": b"",
+        "truncated.jpg": _jpeg_bytes(64)[:300],
+        "truncated.png": _png_bytes(64)[:200],
+        "text.jpg": b"just some text, not an image\n",
+        "huge.png": _png_bytes(200),  # over the pixel limit the test sets
+    }
+    for name, data in broken.items():
+        with open(os.path.join(c, name), "wb") as f:
+            f.write(data)
+    os.symlink("loop_b.png", os.path.join(c, "loop_a.png"))
+    os.symlink("loop_a.png", os.path.join(c, "loop_b.png"))
+    # Odd but valid images: these must train.
+    s = os.path.join(root, "square")
+    rgba = Image.new("RGBA", (16, 16), (255, 0, 0, 128))
+    rgba.save(os.path.join(s, "alpha.png"))
+    Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 256).save(os.path.join(s, "deep16.png"))
+    Image.new("RGB", (16, 16), (0, 128, 255)).convert("CMYK").save(os.path.join(s, "cmyk.jpg"))
+    Image.new("RGB", (16, 16), (0, 128, 255)).convert("P").save(os.path.join(s, "palette.gif"))
+    exif_img = Image.new("RGB", (24, 16), (9, 9, 9))
+    exif = exif_img.getexif()
+    exif[0x0112] = 6
+    exif_img.save(os.path.join(s, "rotated.jpg"), exif=exif)
+    # Hidden files and folders are not data.
+    os.makedirs(os.path.join(root, ".ipynb_checkpoints"))
+    Image.new("RGB", (16, 16)).save(os.path.join(root, ".ipynb_checkpoints", "x.png"))
+    with open(os.path.join(s, ".DS_Store"), "wb") as f:
+        f.write(b"\0\1\2")
+    return sorted(list(broken) + ["loop_a.png", "loop_b.png"])
+
+
+def test_every_broken_kind_is_skipped_and_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKIT_MAX_PIXELS", str(100 * 100))
+    root = str(tmp_path / "hostile")
+    expected = make_hostile_folder(root)
+    train, val = load_splits(DataSpec(root, input_size=16, val_split=0.2))
+    assert len(train.skipped) == len(expected), train.skipped
+    for name in expected:
+        assert sum(f"circle/{name}" in m for m in train.skipped) >= 1, (name, train.skipped)
+    assert len(train) + len(val) == 4 * 6 + 5  # the good shapes and the five odd-but-valid images
+    assert train.classes == ["circle", "square", "star", "triangle"]
+
+
+def test_cli_trains_with_skip_and_names_the_first_with_error(tmp_path):
+    root = str(tmp_path / "hostile")
+    expected = make_hostile_folder(root)
+    env = {"CNNKIT_MAX_PIXELS": str(100 * 100)}
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", root, "--input-size", "16", "--epochs", "1", "--out", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped {len(expected)} broken image(s)" in proc.stdout
+    listed = (out / "bad_images.txt").read_text().splitlines()
+    assert len(listed) == len(expected) and all(any(name in line for line in listed) for name in expected)
+
+    proc = run_cli("train", "--data", root, "--input-size", "16", "--bad-images", "error", "--out", tmp_path / "r2",
+                   env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "circle/" in proc.stderr and "more broken" in proc.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_pixel_limit_is_enforced(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_bytes(120))
+    monkeypatch.setenv("CNNKIT_MAX_PIXELS", "10000")
+    with pytest.raises(DataError, match="over the limit"):
+        load_image(str(path), 3, 16)
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_image_bytes_decode_or_raise_data_error(tmp_path, data):
+    """Mutated PNG/JPEG bytes: the decoder returns an image or a DataError, never another exception or a hang."""
+    original = bytearray(data.draw(st.sampled_from([_png_bytes(), _jpeg_bytes(), _png_bytes(mode="P")])))
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(original) - 1))
+        original[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        original = original[: data.draw(st.integers(0, len(original)))]
+    path = tmp_path / "fuzz.png"
+    path.write_bytes(bytes(original))
+    try:
+        x = load_image(str(path), 3, 16)
+        assert x.shape == (3, 16, 16)
+    except DataError as e:
+        assert "fuzz.png" in str(e)

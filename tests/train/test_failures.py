@@ -1,0 +1,111 @@
+"""Numerical failures, failed writes and hostile checkpoints."""
+
+import os
+import resource
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cnnkit
+from cnnkit.errors import CheckpointError, NonFiniteLoss
+from cnnkit.models.registry import _FACTORIES, register_model
+from tests.conftest import run_cli
+
+TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
+
+
+def test_nan_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="batch") as e:
+        cnnkit.train(**TINY, model="simple_cnn", lr=1e4, schedule="constant", epochs=3, save_every=1,
+                     out=str(out))
+    assert "--clip-grad" in str(e.value)
+    if (out / "last.pt").exists():
+        state = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+class _SometimesNaN(nn.Module):
+    """Feeds NaN into its BatchNorm on every third training batch."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.calls = 0
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls % 3 == 0:
+                x = x * float("nan")
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def test_nan_skip_skips_batches_and_keeps_batchnorm_statistics_finite(tmp_path):
+    @register_model
+    def sometimes_nan(num_classes=10, in_channels=3, input_size=32):
+        return _SometimesNaN(num_classes, in_channels)
+
+    try:
+        r = cnnkit.train(**TINY, model="sometimes_nan", epochs=2, nan="skip", out=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("sometimes_nan")
+    assert r.skipped_batches == 2 * (6 // 3)  # 6 batches an epoch, every third one poisoned
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert torch.isfinite(state["bn.running_mean"]).all() and torch.isfinite(state["bn.running_var"]).all()
+    assert int(state["bn.num_batches_tracked"]) == 2 * 6  # PyTorch counts the call; the statistics were restored
+
+
+def test_clip_grad_logs_the_norm_before_clipping(tmp_path):
+    cnnkit.train(**TINY, model="cnn_bn", epochs=1, clip_grad=0.01, out=str(tmp_path / "run"))
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header, row = rows[0].split(","), rows[1].split(",")
+    assert float(row[header.index("grad_norm")]) > 0.01  # the logged norm is the unclipped one
+
+
+def test_failed_checkpoint_write_stops_with_a_message(tmp_path):
+    def limit_file_size():  # writes past 200 kB fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--num-samples", "128", "--epochs", "1",
+                           "--out", str(out)], capture_output=True, text=True, preexec_fn=limit_file_size,
+                          env={**os.environ, "CNNKIT_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "could not write checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _evil_checkpoint(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"cnnkit_checkpoint": 1, "model": Evil()}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("command", [["eval"], ["predict"]])
+def test_malicious_checkpoint_is_refused_by_the_cli(tmp_path, image_folder, command):
+    path, marker = _evil_checkpoint(tmp_path)
+    args = [*command, path] + ([image_folder] if command == ["predict"] else [])
+    proc = run_cli(*args)
+    assert proc.returncode == 1 and "could run code" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_malicious_checkpoint_is_refused_by_resume(tmp_path):
+    path, marker = _evil_checkpoint(tmp_path)
+    os.replace(path, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        cnnkit.train(resume=str(tmp_path))
+    assert not marker.exists()

@@ -1,0 +1,115 @@
+"""Killed, stopped and resumed runs end with exactly the weights of an uninterrupted run (CPU, fp32)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cnnkit.train.checkpoint import read_payload
+
+ARGS = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "1024", "--val-split", "0.25", "--epochs", "2",
+        "--batch-size", "32",
+        "--precision", "fp32", "--seed", "7"]
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def weights(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = start(*ARGS, "--out", out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return str(out)
+
+
+def resume(run_dir):
+    proc = start("--resume", run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() - t0 < timeout
+        time.sleep(0.001)
+
+
+def test_sigkill_during_an_epoch_then_resume(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(*ARGS, "--out", out, "--save-every", "5")
+    last = out / "last.pt"
+    # Kill once a mid-epoch checkpoint of the second epoch exists: batches after it are lost and replayed.
+    wait_for(lambda: last.exists() and read_payload(str(last))["resume"]["run"]["epoch"] == 2
+             and read_payload(str(last))["resume"]["epoch_state"]["batch"] >= 5, proc)
+    proc.kill()
+    proc.wait()
+    state = read_payload(str(last))["resume"]
+    assert state["run"]["epoch"] == 2 and 0 < state["epoch_state"]["batch"] < 24
+    text = resume(str(out))
+    assert "resuming" in text
+    assert_same_weights(weights(reference), weights(out))
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + one row per epoch, no duplicates
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
+    for attempt in range(5):
+        out = tmp_path / f"run{attempt}"
+        proc = start(*ARGS, "--out", out, "--save-every", "1")
+        tmp_files = lambda: [f for f in (os.listdir(out) if out.exists() else []) if f.endswith(".tmp")]  # noqa: E731
+        wait_for(lambda: (out / "last.pt").exists() and tmp_files(), proc)
+        proc.kill()
+        proc.wait()
+        if tmp_files():  # the kill landed inside a write: a half-written temporary file is there
+            break
+    else:
+        pytest.fail("never caught the process inside a checkpoint write")
+    read_payload(str(out / "last.pt"))  # the previous checkpoint is whole
+    text = resume(str(out))
+    assert "removed" in text and not tmp_files()
+    assert_same_weights(weights(reference), weights(out))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, reference, sig, code):
+    out = tmp_path / "run"
+    proc = start(*ARGS, "--out", out, "--save-every", "3")
+    wait_for(lambda: (out / "last.pt").exists(), proc)  # a first of ~16 saves: more than an epoch is left
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"--resume {out}" in err and "Traceback" not in err
+    resume(str(out))
+    assert_same_weights(weights(reference), weights(out))
+
+
+def test_resume_refuses_data_with_other_classes(tmp_path, image_folder):
+    out = tmp_path / "run"
+    proc = start("--data", image_folder, "--epochs", "1", "--out", out)
+    assert proc.wait(timeout=120) == 0
+    for name in os.listdir(image_folder):
+        if name == "circle":
+            os.rename(os.path.join(image_folder, name), os.path.join(image_folder, "disk"))
+    proc = start("--resume", out)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "classes" in err and "Traceback" not in err
