@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the model's factory, e.g. --model-opt head=flatten (repeatable)")
     data_options(t, d.data)
+    tl = t.add_argument_group("transfer learning")
+    tl.add_argument("--pretrained", action="store_true",
+                    help="start from torchvision's default weights (downloaded, or from $TORCH_HOME's cache)")
+    tl.add_argument("--weights", metavar="PATH", help="start from a state dict, .safetensors file or cnnkit run")
+    tl.add_argument("--freeze", choices=("backbone",), help="train only the classifier head")
+    tl.add_argument("--unfreeze", metavar="NAMES", help="train only these modules, e.g. layer4,fc")
+    tl.add_argument("--lr-backbone", type=_positive_float, metavar="LR",
+                    help="learning rate for everything but the head (discriminative learning rates)")
+    tl.add_argument("--stages", metavar="PLAN",
+                    help="staged fine-tuning, e.g. 'fc:3@1e-3,layer4+fc:5@1e-4' (modules:epochs@lr; overrides --epochs/--lr)")
     t.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
     t.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
     t.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")

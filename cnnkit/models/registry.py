@@ -53,12 +53,14 @@ def create_model(
     num_classes: int = 10,
     in_channels: int = 3,
     input_size: int = 32,
+    pretrained: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Build the registered model ``name`` with a head of ``num_classes`` outputs.
 
     ``input_size`` (pixels, square) lets flatten heads size their first linear layer; models with a
-    global-average-pool head accept any size. ``options`` go to the model's factory.
+    global-average-pool head accept any size. ``pretrained`` loads torchvision's default weights (then
+    replaces the head if ``num_classes`` differs). ``options`` go to the model's factory.
     """
     check_model_name(name)
     if num_classes < 1 or in_channels < 1 or input_size < 1:
@@ -69,12 +71,19 @@ def create_model(
     unknown = [k for k in options if k not in accepted and not takes_any]
     if unknown:
         raise UserError(f"model '{name}' has no option {', '.join(unknown)}")
+    if pretrained:
+        if "pretrained" not in accepted:
+            raise UserError(f"there are no pretrained weights for '{name}'; pretrained weights exist for "
+                            "torchvision's models (resnet18, efficientnet_b0, ...)")
+        options = {**options, "pretrained": True}
     model = factory(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
+    options.pop("pretrained", None)
     model.cnnkit_config = {
         "name": name,
         "options": dict(options),
         "num_classes": num_classes,
         "in_channels": in_channels,
         "input_size": input_size,
+        "pretrained": pretrained,  # informational: a checkpoint's own weights replace these when it is loaded
     }
     return model

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from cnnkit.errors import UserError
+from cnnkit.models.heads import find_head, replace_head
 from cnnkit.models.registry import _FACTORIES
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
@@ -56,12 +57,27 @@ def adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def _factory(tv_name: str):
-    def build(num_classes: int = 10, in_channels: int = 3, input_size: int = 224, **options: Any) -> nn.Module:
+    def build(num_classes: int = 10, in_channels: int = 3, input_size: int = 224, pretrained: bool = False,
+              **options: Any) -> nn.Module:
         kwargs = {**_DEFAULT_OPTIONS.get(tv_name, {}), **options}
         if tv_name.startswith(("vit_",)):
             kwargs.setdefault("image_size", input_size)
         try:
-            model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+            if pretrained:
+                # Built with the weights' own head, loaded strictly, then given the new head.
+                from cnnkit.transfer import pretrained_state
+
+                kwargs.pop("init_weights", None)
+                model = torchvision.models.get_model(tv_name, weights=None, **kwargs)
+                state = pretrained_state(tv_name)
+                own = model.state_dict()
+                # Auxiliary classifiers (Inception, GoogLeNet) are not built for fine-tuning: their weights go.
+                state = {k: v for k, v in state.items() if k in own or not k.lower().startswith("aux")}
+                model.load_state_dict(state)
+                if find_head(model)[1].weight.shape[0] != num_classes:
+                    replace_head(model, num_classes)
+            else:
+                model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
         except TypeError as e:
             raise UserError(f"torchvision model '{tv_name}' does not take these options: {e}") from None
         except ValueError as e:

@@ -14,6 +14,13 @@ from typing import Any
 class TrainConfig:
     model: str = "simple_cnn"
     model_options: dict[str, Any] = field(default_factory=dict)
+    # transfer learning
+    pretrained: bool = False  # torchvision's default weights for the model
+    weights: str | None = None  # a state dict, torchvision file, .safetensors file or cnnkit run to start from
+    freeze: str | None = None  # "backbone": train only the classifier head
+    unfreeze: str | None = None  # comma-separated module names: train only these
+    lr_backbone: float | None = None  # a lower learning rate for everything but the head
+    stages: str | None = None  # staged fine-tuning, e.g. "fc:3@1e-3,layer4+fc:5@1e-4" (overrides epochs/lr)
     # data
     data: str = "shapes"
     data_dir: str | None = None

@@ -35,6 +35,7 @@ from cnnkit.train.checkpoint import (
 )
 from cnnkit.train.config import TrainConfig, TrainResult
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
+from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -107,7 +108,21 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     if saved and saved["classes"] != classes:
         raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
                               f"{saved['classes'][:10]}; resume with the data the run was started on")
-    mean, std = (saved["mean"], saved["std"]) if saved else channel_stats(train_set)
+
+    # Model and the weights it starts from; the input normalisation follows the weights.
+    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
+                         input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    start_payload = load_weights(model, cfg.weights, log) if cfg.weights and not saved else None
+    if saved:
+        mean, std = saved["mean"], saved["std"]
+    elif cfg.pretrained:
+        mean, std, _ = normalization(cfg.model)  # ImageNet statistics, which the pretrained filters expect
+    elif start_payload is not None:
+        mean, std = start_payload["mean"], start_payload["std"]
+    else:
+        mean, std = channel_stats(train_set)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
     augment = Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
         flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
@@ -118,15 +133,29 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
                              workers=cfg.workers)
 
-    # Model, optimizer and the per-step learning-rate schedule.
-    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                         input_size=train_set.size, **cfg.model_options)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
-    optimizer = make_optimizer(model, cfg.optimizer, lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
+    total_epochs = sum(stage.epochs for stage in stages)
+    first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
     steps_per_epoch = len(train_loader)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
-                               int(cfg.warmup_epochs * steps_per_epoch))
+    stage_log: list[dict] = []
+
+    def start_stage(index: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        stage = stages[index]
+        trainable = set_trainable(model, stage.modules)
+        optimizer = make_optimizer(model, cfg.optimizer, stage.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                                   backbone_lr=cfg.lr_backbone)
+        scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * steps_per_epoch,
+                                   int(cfg.warmup_epochs * steps_per_epoch))
+        stage_log.append({"stage": index + 1, "first_epoch": first_epochs[index], "modules": stage.modules or ["all"],
+                          "epochs": stage.epochs, "lr": stage.lr, "lr_backbone": cfg.lr_backbone,
+                          "trainable_params": trainable})
+        return optimizer, scheduler
+
+    next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
+    stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
+    optimizer, scheduler = start_stage(stage_index)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -140,8 +169,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
             print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=log)
         model.load_state_dict(saved["state_dict"])
         state = saved["resume"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state["stage"] == stage_index:  # else the run stopped at a stage boundary: the new stage starts fresh
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         run = RunState(**state["run"])
         epoch_state = EpochState(**state["epoch_state"])
@@ -149,8 +179,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = make_run_dir(cfg)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "out": run_dir, "lr": lr}, f, indent=2)
+        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
     skipped_images = train_set.skipped + val_set.skipped
     if skipped_images:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
@@ -168,21 +197,26 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         return make_payload(
             model, classes, train_set.size, train_set.channels, mean, std, epoch=next_epoch - 1,
             metrics=run.history[-1] if run.history else {}, config=dataclasses.asdict(cfg),
-            resume={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            resume={"stage": stage_index, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state(),
                     "run": dataclasses.asdict(run), "epoch_state": epoch_state.plain()},
         )
 
     last_path = os.path.join(run_dir, "last.pt")
     _write_metrics(run_dir, run.history)
+    _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
     start = time.perf_counter()
     with StopSignals() as stop:
-        for epoch in range(run.epoch, cfg.epochs + 1):
+        for epoch in range(run.epoch, total_epochs + 1):
+            if stage_index + 1 < len(stages) and epoch == first_epochs[stage_index + 1]:
+                stage_index += 1
+                optimizer, scheduler = start_stage(stage_index)
+                _write_json(run_dir, "stages.json", stage_log)
             train_loader.set_epoch(epoch)
             current_lr = optimizer.param_groups[0]["lr"]
             epoch_state = train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
-                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}", progress=cfg.progress,
                 stop=stop, save_every=cfg.save_every,
                 save=lambda state: save_checkpoint(checkpoint(state, epoch), last_path, model),
             )
@@ -206,7 +240,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
                    "skipped_batches": epoch_state.skipped}
             run.history.append(row)
             _write_metrics(run_dir, run.history)
-            print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            print(f"epoch {epoch}/{total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                   f"val loss {val.loss:.4f} acc {val.acc:.4f}  {row['images_per_s']:,.0f} images/s", file=log)
 
             improved = val.acc > run.best_acc
@@ -221,14 +255,13 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
 
     result = TrainResult(
         val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
-        epochs=cfg.epochs, train_acc=train_acc, train_loss=train_loss,
+        epochs=total_epochs, train_acc=train_acc, train_loss=train_loss,
         train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
         run_dir=run_dir, model=cfg.model, data=cfg.data, precision=precision_name(amp_dtype),
         num_train=len(train_set), num_val=len(val_set), params=params, skipped_images=len(skipped_images),
         skipped_batches=run.skipped_batches,
     )
-    with open(os.path.join(run_dir, "result.json"), "w") as f:
-        json.dump(dataclasses.asdict(result), f, indent=2)
+    _write_json(run_dir, "result.json", dataclasses.asdict(result))
     return result
 
 
@@ -256,6 +289,7 @@ def train_one_epoch(
     """
     state = state or EpochState()
     model.train()  # BatchNorm: batch statistics, running averages updated; Dropout: on
+    freeze_batchnorm_stats(model)  # ...except BatchNorm layers whose parameters are frozen
     # Running sums stay on the device: reading them every step would make a GPU wait for each batch.
     loss_sum = torch.as_tensor(state.loss_sum, device=device, dtype=torch.float32)
     correct = torch.as_tensor(state.correct, device=device, dtype=torch.long)
@@ -373,6 +407,11 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
+
+
+def _write_json(run_dir: str, name: str, data: Any) -> None:
+    with open(os.path.join(run_dir, name), "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.errors import UserError
+from cnnkit.models.heads import find_head
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -15,13 +16,23 @@ DEFAULT_LR = {"sgd": 0.05, "adamw": 2e-3}
 
 
 def make_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9, nesterov: bool = True
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9, nesterov: bool = True,
+    backbone_lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD or AdamW. Weight decay applies to weights of conv and linear layers only: decaying biases and
-    BatchNorm scales pulls them towards zero for no gain in generalisation."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD or AdamW over the trainable parameters. Weight decay applies to weights of conv and linear layers
+    only: decaying biases and BatchNorm scales pulls them towards zero for no gain in generalisation.
+    ``backbone_lr``: everything but the classifier head learns at this rate (discriminative learning rates)."""
+    head = find_head(model)[0] + "."
+    groups = []
+    for is_head in (True, False):
+        for decays in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if p.requires_grad and (p.ndim > 1) == decays and n.startswith(head) == is_head]
+            if params:
+                group_lr = lr if is_head or backbone_lr is None else backbone_lr
+                groups.append({"params": params, "lr": group_lr, "weight_decay": weight_decay if decays else 0.0})
+    if not groups:
+        raise UserError("no parameter is left trainable; check --freeze/--unfreeze/--stages")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adamw":

@@ -89,4 +89,4 @@ def test_unknown_model_and_option_are_user_errors():
 def test_model_carries_its_config():
     model = cnnkit.create_model("convnet", num_classes=3, in_channels=1, input_size=28, head="flatten")
     assert model.cnnkit_config == {"name": "convnet", "options": {"head": "flatten"}, "num_classes": 3,
-                                   "in_channels": 1, "input_size": 28}
+                                   "in_channels": 1, "input_size": 28, "pretrained": False}

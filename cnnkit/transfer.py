@@ -1,0 +1,196 @@
+"""Transfer learning: pretrained and saved weights, freezing, and staged fine-tuning.
+
+Most people with their own images should not train from scratch: they start from a pretrained network,
+train its new head, then unfreeze the last stage at a lower learning rate. The pieces:
+``pretrained_state`` (torchvision's weights, through torch's own download-and-cache code),
+``load_weights`` (a state dict, a torchvision file, a .safetensors file or a cnnkit run),
+``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+import torch.nn as nn
+
+from cnnkit.errors import CheckpointError, UserError
+from cnnkit.models.heads import find_head, replace_head
+
+
+def pretrained_weights(name: str):
+    """torchvision's default weights enum member for model ``name``."""
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no pretrained weights for '{name}'; train it from scratch "
+                        "(drop --pretrained) or pass --weights FILE") from None
+
+
+def pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's default weights for ``name``: downloaded when online (checked against
+    the hash prefix in the file name; a failed check leaves no file behind), else read from the cache under
+    ``$TORCH_HOME/hub/checkpoints``. Loaded with ``weights_only=True``."""
+    weights = pretrained_weights(name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
+                                                  map_location="cpu", weights_only=True)
+    except Exception as e:  # offline, refused, or a bad download: say where the file has to go
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(
+            f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason}); "
+            f"run once with internet access, or download {weights.url} and put it at that path"
+        ) from None
+
+
+def normalization(name: str) -> tuple[list[float], list[float], int]:
+    """Mean, std and the smallest input size (pixels) of torchvision's pretrained ``name``."""
+    weights = pretrained_weights(name)
+    t = weights.transforms()
+    return list(t.mean), list(t.std), max(weights.meta.get("min_size", (1, 1)))
+
+
+def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path), None
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
+    from cnnkit.train.checkpoint import read_payload
+
+    if os.path.isdir(path) or _is_cnnkit_checkpoint(path):
+        payload = read_payload(path)
+        return payload["state_dict"], payload
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
+                              "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # a Lightning-style or training checkpoint wrapping the weights
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state, None
+
+
+def _is_cnnkit_checkpoint(path: str) -> bool:
+    from cnnkit.train.checkpoint import read_payload
+
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        read_payload(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_weights(model: nn.Module, path: str, log: IO[str] | None = None) -> dict[str, Any] | None:
+    """Load ``path`` into ``model``: strictly, except the classifier head, which is left freshly initialised
+    when its shape does not fit the new number of classes. Prints what was loaded and skipped; returns the
+    cnnkit checkpoint payload when ``path`` was one (its normalisation then applies)."""
+    state, payload = _read_weights(path)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    head_name = find_head(model)[0]
+    own = model.state_dict()
+    skipped = [k for k in state if k.startswith(head_name + ".") and k in own and state[k].shape != own[k].shape]
+    for k in skipped:
+        del state[k]
+    missing = [k for k in own if k not in state and not (k in skipped)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"weights in {path} do not fit the model: "
+            + "; ".join(part for part in (
+                f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
+                f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "",
+                f"shape mismatch {'; '.join(mismatched[:3])}" if mismatched else "") if part)
+        )
+    model.load_state_dict(state, strict=False)
+    print(f"cnnkit: loaded {len(state)} tensors from {path}"
+          + (f"; skipped the head {head_name} ({', '.join(skipped)}): its shape does not fit the "
+             f"new number of classes, so it starts fresh" if skipped else ""), file=log or sys.stdout)
+    return payload
+
+
+def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Train only the modules named in ``names`` (qualified names such as ``layer4`` or ``classifier.6``;
+    ``head`` means the classifier head, ``all`` everything); ``None`` trains everything.
+    Returns the names of the parameters left trainable."""
+    if names is None or "all" in names:
+        wanted = [""]
+    else:
+        modules = dict(model.named_modules())
+        head = find_head(model)[0]
+        wanted = [head if n == "head" else n for n in names]
+        unknown = [n for n in wanted if n not in modules]
+        if unknown:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise UserError(f"no module named {', '.join(unknown)} in this model; its top-level modules are {top}")
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad = any(w == "" or name == w or name.startswith(w + ".") for w in wanted)
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode, so that their running statistics
+    stay those of the pretrained network instead of drifting towards the new data's (a common silent bug)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = [p for p in (m.weight, m.bias) if p is not None]
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+@dataclass
+class Stage:
+    """One phase of a staged schedule: which modules train, for how many epochs, at which peak learning rate."""
+
+    modules: list[str] | None  # None: everything
+    epochs: int
+    lr: float
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """``"fc:3@1e-3,layer4+fc:5@1e-4"``: stages separated by commas, each ``MODULES:EPOCHS@LR`` with
+    module names joined by ``+`` (``head`` and ``all`` allowed)."""
+    stages = []
+    for part in text.split(","):
+        try:
+            modules, rest = part.strip().split(":")
+            epochs, lr = rest.split("@")
+            stage = Stage(modules=modules.split("+"), epochs=int(epochs), lr=float(lr))
+        except ValueError:
+            raise UserError(f"--stages: cannot read '{part}'; write MODULES:EPOCHS@LR, e.g. "
+                            "'fc:3@1e-3,layer4+fc:5@1e-4'") from None
+        if stage.epochs < 1 or not stage.lr > 0:
+            raise UserError(f"--stages: '{part}' needs at least one epoch and a positive learning rate")
+        stages.append(stage)
+    return stages
+
+
+def plan_stages(stages: str | None, freeze: str | None, unfreeze: str | None, epochs: int, lr: float) -> list[Stage]:
+    """The run's stages: ``--stages`` as written, or one stage from ``--freeze``/``--unfreeze`` and ``--epochs``."""
+    if stages:
+        return parse_stages(stages)
+    if freeze not in (None, "backbone"):
+        raise UserError(f"--freeze takes 'backbone' (train only the head), not '{freeze}'; "
+                        "use --unfreeze NAMES to choose what trains")
+    modules = ["head"] if freeze == "backbone" else None
+    if unfreeze:
+        modules = [n.strip() for n in unfreeze.split(",") if n.strip()]
+    return [Stage(modules=modules, epochs=epochs, lr=lr)]

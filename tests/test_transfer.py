@@ -1,0 +1,156 @@
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import cnnkit
+from cnnkit.errors import CheckpointError, UserError
+from cnnkit.models.heads import find_head, replace_head
+from cnnkit.train.optim import make_optimizer
+from cnnkit.transfer import load_weights, parse_stages, set_trainable
+from tests.conftest import run_cli
+
+TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """A $TORCH_HOME holding resnet18 weights under the exact name torchvision's weights enum downloads to."""
+    home = tmp_path / "torch_home"
+    folder = home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    torch.save(state, folder / os.path.basename(url))
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home, state
+
+
+def test_pretrained_loads_through_torchvisions_cache_path(tmp_path, torch_home):
+    home, state = torch_home
+    out = tmp_path / "run"
+    proc = run_cli("train", "--model", "resnet18", "--pretrained", "--freeze", "backbone", "--data", "shapes",
+                   "--num-samples", "64", "--val-split", "0.25", "--input-size", "32", "--epochs", "1",
+                   "--precision", "fp32", "--out", out, env={"TORCH_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    trained = torch.load(out / "last.pt", weights_only=True)
+    # Frozen backbone: every weight is the file's; BatchNorm statistics did not drift; only fc changed shape.
+    for k, v in state.items():
+        if not k.startswith("fc."):
+            assert torch.equal(trained["state_dict"][k], v), k
+    assert trained["state_dict"]["fc.weight"].shape == (10, 512)
+    # Preprocessing follows the weights: ImageNet statistics, not the dataset's.
+    assert trained["mean"] == pytest.approx([0.485, 0.456, 0.406]) and trained["std"] == pytest.approx([0.229, 0.224, 0.225])
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages[0]["trainable_params"] == ["fc.weight", "fc.bias"]
+
+
+def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model("resnet18", pretrained=True)
+    expected = str(tmp_path / "empty" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert expected in str(e.value) and "download" in str(e.value)
+    assert not os.listdir(tmp_path / "empty" / "hub" / "checkpoints")  # nothing half-downloaded left behind
+
+
+def test_no_pretrained_weights_for_own_models():
+    with pytest.raises(UserError, match="no pretrained weights"):
+        cnnkit.create_model("simple_cnn", pretrained=True)
+
+
+@pytest.mark.parametrize("name, head", [
+    ("resnet18", "fc"), ("vgg11", "classifier.6"), ("alexnet", "classifier.6"), ("efficientnet_b0", "classifier.1"),
+    ("mobilenet_v2", "classifier.1"), ("mobilenet_v3_small", "classifier.3"), ("densenet121", "classifier"),
+    ("squeezenet1_0", "classifier.1"), ("convnext_tiny", "classifier.2"), ("regnet_y_400mf", "fc"),
+    ("shufflenet_v2_x0_5", "fc"), ("mnasnet0_5", "classifier.1"), ("googlenet", "fc"), ("inception_v3", "fc"),
+    ("vit_b_16", "heads.head"), ("swin_t", "head"), ("maxvit_t", "classifier.5"), ("wide_resnet50_2", "fc"),
+    ("simple_cnn", "classifier.4"), ("cnn_bn", "classifier.1"), ("convnet", "classifier.2"),
+])
+def test_head_is_found_and_replaced_in_every_family(name, head):
+    try:
+        with torch.device("meta"):  # shapes only: no memory or time spent on weights
+            model = cnnkit.create_model(name, num_classes=1000, input_size=224)
+    except NotImplementedError:  # RegNet computes its widths from tensor values: build it for real
+        model = cnnkit.create_model(name, num_classes=1000, input_size=224)
+    assert find_head(model)[0] == head
+    assert replace_head(model, 7) == head
+    new = model.get_submodule(head)
+    assert (new.out_features if hasattr(new, "out_features") else new.out_channels) == 7
+
+
+def test_head_replacement_runs_forward():
+    model = cnnkit.create_model("squeezenet1_1", num_classes=1000, input_size=64).eval()
+    replace_head(model, 3)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_frozen_parameters_and_batchnorm_statistics_do_not_change(tmp_path):
+    base = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "base"))
+    start = torch.load(os.path.join(base.run_dir, "last.pt"), weights_only=True)["state_dict"]
+    cnnkit.train(**TINY, model="cnn_bn", epochs=2, weights=base.run_dir, freeze="backbone", lr=0.05,
+                 out=str(tmp_path / "frozen"))
+    end = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["state_dict"]
+    for k in start:
+        if k.startswith("classifier."):
+            assert not torch.equal(start[k], end[k]), k
+        else:  # conv weights, BN affine parameters and BN running statistics alike
+            assert torch.equal(start[k], end[k]), k
+
+
+def test_staged_schedule_switches_parameters_and_learning_rate(tmp_path):
+    base = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "base"))
+    start = torch.load(os.path.join(base.run_dir, "last.pt"), weights_only=True)["state_dict"]
+    r = cnnkit.train(**TINY, model="cnn_bn", weights=base.run_dir, stages="head:1@0.01,features.4+head:2@0.001",
+                     schedule="constant", out=str(tmp_path / "staged"))
+    assert r.epochs == 3
+    end = torch.load(tmp_path / "staged" / "last.pt", weights_only=True)["state_dict"]
+    assert torch.equal(start["features.0.weight"], end["features.0.weight"])  # never trained
+    assert not torch.equal(start["features.4.weight"], end["features.4.weight"])  # trained in stage 2
+    stages = json.loads((tmp_path / "staged" / "stages.json").read_text())
+    assert [s["first_epoch"] for s in stages] == [1, 2]
+    assert stages[0]["trainable_params"] == ["classifier.1.weight", "classifier.1.bias"]
+    assert "features.4.weight" in stages[1]["trainable_params"]
+    lrs = [float(line.split(",")[1]) for line in (tmp_path / "staged" / "metrics.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([0.01, 0.001, 0.001])
+
+
+def test_discriminative_learning_rates():
+    model = cnnkit.create_model("resnet18")
+    opt = make_optimizer(model, "adamw", 1e-3, 0.01, backbone_lr=1e-4)
+    head_ids = {id(model.fc.weight), id(model.fc.bias)}
+    for group in opt.param_groups:
+        is_head = all(id(p) in head_ids for p in group["params"])
+        assert group["lr"] == (1e-3 if is_head else 1e-4)
+
+
+def test_weights_from_plain_state_dict_and_safetensors_with_new_head(tmp_path, capsys):
+    source = cnnkit.create_model("resnet18", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for path in ("w.pth", "w.safetensors"):
+        target = cnnkit.create_model("resnet18", num_classes=5)
+        load_weights(target, str(tmp_path / path))
+        assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+        assert target.fc.weight.shape == (5, 512)
+        assert "skipped the head fc" in capsys.readouterr().out
+
+
+def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
+    torch.save(cnnkit.create_model("resnet34").state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(CheckpointError, match="unexpected layer"):
+        load_weights(cnnkit.create_model("resnet18"), str(tmp_path / "r34.pth"))
+    torch.save(cnnkit.create_model("simple_cnn", input_size=64).state_dict(), tmp_path / "s64.pth")
+    with pytest.raises(CheckpointError, match=r"classifier.1.weight: file \(256, 8192\) vs model \(256, 2048\)"):
+        load_weights(cnnkit.create_model("simple_cnn"), str(tmp_path / "s64.pth"))
+
+
+def test_bad_transfer_options():
+    with pytest.raises(UserError, match="MODULES:EPOCHS@LR"):
+        parse_stages("fc3@1e-3")
+    with pytest.raises(UserError, match="top-level modules are conv1"):
+        set_trainable(cnnkit.create_model("resnet18"), ["layer9"])
