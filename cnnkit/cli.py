@@ -165,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     p.add_argument("--json", action="store_true")
 
+    em = sub.add_parser("embed", help="penultimate-layer features of a folder of images",
+                        epilog="examples:\n  cnnkit embed runs/<run> photos/ --out feats.npy\n"
+                               "  cnnkit embed resnet18 --pretrained photos/ --out feats.npy", formatter_class=fmt)
+    em.add_argument("model", metavar="MODEL_OR_RUN")
+    em.add_argument("data", metavar="DATA")
+    em.add_argument("--out", required=True, metavar="FILE.npy")
+    em.add_argument("--pretrained", action="store_true")
+    em.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+
+    pr = sub.add_parser("probe", help="linear probe: how good a backbone's features are for a dataset",
+                        epilog="examples:\n  cnnkit probe resnet18 --pretrained photos/ --val-split 0.2",
+                        formatter_class=fmt)
+    pr.add_argument("model", metavar="MODEL_OR_RUN")
+    pr.add_argument("data", metavar="DATA")
+    pr.add_argument("--pretrained", action="store_true")
+    pr.add_argument("--val-split", type=_fraction, metavar="F")
+    pr.add_argument("--val-data", metavar="DIR")
+    pr.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    pr.add_argument("--json", action="store_true")
+
     m = sub.add_parser("models", help="list the model names")
     m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
     return parser
@@ -220,6 +240,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from cnnkit.embed import embed
+
+    r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size)
+    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']} (labels beside it)")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from cnnkit.embed import probe
+
+    r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
+              input_size=args.input_size)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+    else:
+        print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
+              f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models
 
@@ -234,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+               "embed": cmd_embed, "probe": cmd_probe}[args.command]
     try:
         return command(args)
     except UserError as e:

@@ -154,3 +154,19 @@ def test_bad_transfer_options():
         parse_stages("fc3@1e-3")
     with pytest.raises(UserError, match="top-level modules are conv1"):
         set_trainable(cnnkit.create_model("resnet18"), ["layer9"])
+
+
+def test_embed_and_probe(tmp_path, image_folder):
+    run = cnnkit.train(model="cnn_bn", data=image_folder, epochs=2, batch_size=8, progress=False,
+                       out=str(tmp_path / "run"))
+    proc = run_cli("embed", run.run_dir, image_folder, "--out", tmp_path / "f.npy")
+    assert proc.returncode == 0, proc.stderr
+    import numpy as np
+
+    feats, labels = np.load(tmp_path / "f.npy"), np.load(tmp_path / "f.labels.npy")
+    assert feats.shape == (32, 64 * 4 * 4)  # cnn_bn at 16x16: 64 channels of 4x4 into the head
+    assert labels.tolist() == sorted(labels.tolist()) and feats.std() > 0
+    proc = run_cli("probe", run.run_dir, image_folder, "--val-split", "0.25", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["train_acc"] == 1.0 and result["num_val"] == 8  # 24 points in 1024 dimensions: separable

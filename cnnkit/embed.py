@@ -1,0 +1,109 @@
+"""Penultimate-layer features (``embed``) and a linear probe on them (``probe``): the fastest way to see how
+good a backbone is for a new dataset, without fine-tuning anything."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.errors import UserError
+from cnnkit.models.heads import find_head
+from cnnkit.models.registry import create_model
+from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.transfer import normalization
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    mean: list[float]
+    std: list[float]
+    input_size: int | None
+    channels: int
+
+
+def load_backbone(model_or_run: str, pretrained: bool = False) -> Backbone:
+    """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
+    weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25)."""
+    if os.path.exists(model_or_run):
+        ckpt = load_checkpoint(model_or_run)
+        return Backbone(ckpt.model, ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
+    model = create_model(model_or_run, pretrained=pretrained)
+    if pretrained:
+        mean, std, _ = normalization(model_or_run)
+    else:
+        mean, std = [0.5] * 3, [0.25] * 3
+    return Backbone(model.eval(), mean, std, None, 3)
+
+
+@torch.no_grad()
+def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.ndarray:
+    """The inputs of the classifier head for every image of ``data`` (N x D, float32), in eval mode."""
+    model = backbone.model
+    head_name, head = find_head(model)
+    parent = model.get_submodule(head_name.rpartition(".")[0]) if "." in head_name else model
+    was_training = model.training
+    setattr(parent, head_name.rpartition(".")[2], nn.Identity())
+    model.eval()
+    try:
+        loader = BatchLoader(data, batch_size, backbone.mean, backbone.std, torch.device("cpu"))
+        out = [model(x).flatten(1).float() for x, _ in loader]
+    finally:
+        setattr(parent, head_name.rpartition(".")[2], head)
+        model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, input_size: int | None = None) -> dict:
+    """Write the penultimate features of every image in ``data`` to ``out`` (.npy) and the labels beside it
+    (``<out>.labels.npy``); returns a summary."""
+    if not out.endswith(".npy"):
+        raise UserError(f"--out must end in .npy, got {out}")
+    backbone = load_backbone(model_or_run, pretrained)
+    images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
+    feats = features(backbone, images)
+    np.save(out, feats)
+    np.save(out[:-4] + ".labels.npy", images.labels.numpy())
+    return {"out": out, "images": len(images), "dim": int(feats.shape[1]), "classes": images.classes}
+
+
+@dataclass
+class ProbeResult:
+    train_acc: float
+    val_acc: float
+    feature_dim: int
+    num_train: int
+    num_val: int
+
+
+def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: float | None = None,
+          val_data: str | None = None, input_size: int | None = None, weight_decay: float = 1e-3) -> ProbeResult:
+    """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features."""
+    backbone = load_backbone(model_or_run, pretrained)
+    spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
+                    channels=backbone.channels)
+    train_set, val_set = load_splits(spec)
+    x_train, x_val = torch.from_numpy(features(backbone, train_set)), torch.from_numpy(features(backbone, val_set))
+    mu, sigma = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised features condition L-BFGS well
+    x_train, x_val = (x_train - mu) / sigma, (x_val - mu) / sigma
+    y_train, y_val = train_set.labels, val_set.labels
+    linear = nn.Linear(x_train.shape[1], len(train_set.classes))
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(linear(x_train), y_train) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        train_acc = (linear(x_train).argmax(1) == y_train).float().mean().item()
+        val_acc = (linear(x_val).argmax(1) == y_val).float().mean().item()
+    return ProbeResult(train_acc, val_acc, x_train.shape[1], len(y_train), len(y_val))
