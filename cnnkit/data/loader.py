@@ -69,7 +69,17 @@ class BatchLoader:
         drop_last: bool = False,
         channels_last: bool = True,
         workers: int = 2,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
+        every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
+        seen exactly once, with no padding)."""
+        if shuffle and batch_size % world:
+            from cnnkit.errors import UserError
+
+            raise UserError(f"--batch-size {batch_size} does not split evenly over {world} processes")
+        self.rank, self.world = rank, world
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.channels_last, self.workers = channels_last, workers
@@ -88,14 +98,14 @@ class BatchLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.data)
+        n = len(self.data) if self.shuffle else len(range(self.rank, len(self.data), self.world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self) -> torch.Tensor:
-        """This epoch's order of sample indices."""
+        """This epoch's order of sample indices (for evaluation: this process's share)."""
         n = len(self.data)
         if not self.shuffle:
-            return torch.arange(n)
+            return torch.arange(self.rank, n, self.world)
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return torch.randperm(n, generator=g)
 
@@ -108,9 +118,16 @@ class BatchLoader:
         if self.data.images is None:
             yield from self._stream(order, start)
             return
+        share = self.batch_size // self.world if self.shuffle else self.batch_size
         for i in range(start, len(self)):
             idx = order[(i - start) * self.batch_size : (i - start + 1) * self.batch_size].to(self.device)
-            yield self.prepare(self.images[idx], self._generator(i)), self.labels[idx]
+            images = self._augment(self.images[idx], self._generator(i))
+            if self.shuffle and self.world > 1:
+                # Every process draws the augmentation of the whole global batch and keeps its share, so
+                # N processes see exactly the images one process would.
+                part = slice(self.rank * share, (self.rank + 1) * share)
+                images, idx = images[part], idx[part]
+            yield self._to_float(images), self.labels[idx]
 
     def _generator(self, batch: int) -> torch.Generator:
         # One seed per (run seed, epoch, batch): the augmentation of any batch is known without replaying the
@@ -118,8 +135,13 @@ class BatchLoader:
         return torch.Generator(device=self.device).manual_seed((self.seed * 100003 + self.epoch) * 1000003 + batch)
 
     def _stream(self, order: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batch = self.batch_size
+        if self.shuffle and self.world > 1:
+            batch = self.batch_size // self.world
+            order = order.view(-1, self.world, batch)[:, self.rank].flatten() if len(order) % self.batch_size == 0 \
+                else order[: len(order) // self.batch_size * self.batch_size].view(-1, self.world, batch)[:, self.rank].flatten()
         loader = torch.utils.data.DataLoader(
-            _FileDataset(self.data), batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.drop_last,
+            _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
             num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
         )
         for i, (images, labels) in enumerate(loader, start):
@@ -129,14 +151,18 @@ class BatchLoader:
             if not good.all():
                 self.skipped += int((~good).sum())
                 images, labels = images[good], labels[good]
-            yield self.prepare(images.to(self.device, non_blocking=True), self._generator(i)), labels.to(self.device)
+            images = self._augment(images.to(self.device, non_blocking=True), self._generator(i))
+            yield self._to_float(images), labels.to(self.device)
 
-    def prepare(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """uint8 batch -> augmented, normalised float batch."""
+    def _augment(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.augment is not None:
             images = random_crop(images, self.augment.crop_pad, g)
             if self.augment.flip:
                 images = random_flip(images, g)
+        return images
+
+    def _to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> normalised float batch."""
         x = images.float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
