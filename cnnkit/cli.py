@@ -16,6 +16,11 @@ EXAMPLES = {
     "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
     "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
                "  cnnkit predict best.pt photos/ --topk 3 --json",
+    "export": "examples:\n  cnnkit export runs/20260101-120000-simple_cnn --format onnx --out model.onnx --verify\n"
+              "  cnnkit export best.pt --format torchscript --out model.ts --verify-images photos/\n"
+              "  cnnkit export best.pt --format safetensors --out model.safetensors --json\n\n"
+              "Exports take what the PyTorch model takes: a float batch N x C x H x W, resized, centre-cropped and\n"
+              "normalised, (pixel/255 - mean) / std; classes, input size, channels, mean and std are in the metadata.",
 }
 
 
@@ -76,6 +81,7 @@ def _model_options(pairs: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from cnnkit import __version__
     from cnnkit.data.sources import BUILTIN
+    from cnnkit.export import FORMATS
     from cnnkit.train.config import TrainConfig
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
@@ -141,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=_positive_int, default=5)
     p.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export", help="export a model for deployment: ONNX, TorchScript or safetensors",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    x.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--out", required=True, metavar="PATH",
+                   help=f"the file to write, ending in {', '.join(e for ends in FORMATS.values() for e in ends)}")
+    x.add_argument("--verify", action="store_true",
+                   help="run the export on random inputs at batch sizes 1 and 7 and report its largest difference "
+                        "from PyTorch (fails above 1e-4)")
+    x.add_argument("--verify-images", nargs="+", metavar="PATH",
+                   help="also compare on these image files or folders (the first 64 images; implies --verify)")
+    x.add_argument("--json", action="store_true")
+
     m = sub.add_parser("models", help="list the model names")
     m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
     return parser
@@ -194,6 +213,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnkit.export import export
+
+    r = export(args.checkpoint, args.format, args.out, verify=args.verify, images=args.verify_images)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+    else:
+        print(f"exported {r.checkpoint} ({r.model}) as {r.format} to {r.path}: "
+              f"{r.size_bytes / 1e6:.1f} MB in {r.export_time_s:.1f} s")
+        if r.checks:
+            diffs = ", ".join(f"{c.inputs} x{c.batch_size} {c.max_abs_diff:.1e}" for c in r.checks)
+            print(f"largest difference from PyTorch: {diffs}; {'ok' if r.verified else 'FAILED'} "
+                  f"(tolerance {r.tolerance:g})")
+    if r.verified is False:
+        print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {r.max_abs_diff:.2e} "
+              f"(tolerance {r.tolerance:g}); do not deploy it, and please report it", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models
 
@@ -208,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+               "models": cmd_models}[args.command]
     try:
         return command(args)
     except UserError as e:
