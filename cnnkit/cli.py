@@ -15,7 +15,8 @@ EXAMPLES = {
              "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json",
     "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
     "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
-               "  cnnkit predict best.pt photos/ --topk 3 --json",
+               "  cnnkit predict best.pt photos/ --topk 3 --json\n"
+               "  cnnkit predict model.onnx photos/     # onnxruntime on the CPU, preprocessing from the file",
     "export": "examples:\n  cnnkit export runs/20260101-120000-simple_cnn --format onnx --out model.onnx --verify\n"
               "  cnnkit export best.pt --format torchscript --out model.ts --verify-images photos/\n"
               "  cnnkit export best.pt --format safetensors --out model.safetensors --json\n\n"
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="classify images", epilog=EXAMPLES["predict"], formatter_class=fmt)
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder, a .pt, .safetensors or .onnx file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
     p.add_argument("--json", action="store_true")

@@ -1,4 +1,4 @@
-"""Prediction: class probabilities for image files and folders, from a checkpoint."""
+"""Prediction: class probabilities for image files and folders, from a checkpoint or an exported ONNX file."""
 
 from __future__ import annotations
 
@@ -8,28 +8,34 @@ import torch
 
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import UserError
+from cnnkit.export import OnnxModel, eval_mode
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 
 
 @torch.no_grad()
-def predict(checkpoint: str | Checkpoint, paths: list[str] | str, topk: int = 5, batch_size: int = 64) -> list[dict]:
+def predict(
+    checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
+) -> list[dict]:
     """For each image: ``{"path", "top": [{"class", "prob"}, ...]}``, most probable first; an image that
-    cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted."""
+    cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted.
+
+    ``checkpoint``: a run folder, a checkpoint (.pt or .safetensors), or an exported ``.onnx`` file, which
+    onnxruntime runs on the CPU with the preprocessing its metadata records."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    if isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx"):
+        checkpoint = OnnxModel(checkpoint)
+    if isinstance(checkpoint, OnnxModel):
+        return _classify(checkpoint, checkpoint, paths, topk, batch_size)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     model = ckpt.model
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _classify(ckpt, lambda x: model(x.to(device)), paths, topk, batch_size)
-    finally:
-        model.train(was_training)
 
 
 def _classify(
-    prep: Checkpoint, forward: Callable[[torch.Tensor], torch.Tensor], paths: list[str] | str,
+    prep: Checkpoint | OnnxModel, forward: Callable[[torch.Tensor], torch.Tensor], paths: list[str] | str,
     topk: int, batch_size: int,
 ) -> list[dict]:
     """The one preprocessing and top-k path for every kind of model: ``forward`` maps a normalised float
