@@ -226,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if r.checks:
             diffs = ", ".join(f"{c.inputs} x{c.batch_size} {c.max_abs_diff:.1e}" for c in r.checks)
             print(f"largest difference from PyTorch: {diffs}; {'ok' if r.verified else 'FAILED'} "
-                  f"(tolerance {r.tolerance:g})")
+                  f"(tolerance {r.tolerance:g}; logits up to {max(c.max_abs_logit for c in r.checks):.3g})")
     if r.verified is False:
         print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {r.max_abs_diff:.2e} "
               f"(tolerance {r.tolerance:g}); do not deploy it, and please report it", file=sys.stderr)

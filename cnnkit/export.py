@@ -50,6 +50,7 @@ class VerifyCheck:
     inputs: str  # "random" (standard normal) or "images" (the files given, prepared as predict prepares them)
     batch_size: int
     max_abs_diff: float  # the largest |exported - PyTorch| over every logit of the batch
+    max_abs_logit: float  # the largest |PyTorch logit|: fp32 rounding grows with it (about 1e-7 of it)
 
 
 @dataclass
@@ -203,8 +204,12 @@ def _compare(
             raise DataError(next(iter(errors.values())))
         inputs.append(("images", x))
     device = next(model.parameters()).device
-    return [VerifyCheck(kind, len(x), float((model(x.to(device)).float().cpu() - exported(x).float()).abs().max()))
-            for kind, x in inputs]
+    checks = []
+    for kind, x in inputs:
+        want = model(x.to(device)).float().cpu()
+        diff = (exported(x).float() - want).abs().max()
+        checks.append(VerifyCheck(kind, len(x), float(diff), float(want.abs().max())))
+    return checks
 
 
 def export(
