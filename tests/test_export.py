@@ -14,6 +14,9 @@ from cnnkit.train.checkpoint import make_payload, save_checkpoint
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 
+# The tests read TorchScript files back themselves; its deprecation in favour of torch.export is known.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")
+
 CLASSES = list(SHAPE_CLASSES[:4])
 MEAN, STD = [0.48, 0.46, 0.41], [0.23, 0.22, 0.24]
 
