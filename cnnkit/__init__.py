@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from cnnkit.errors import UserError  # noqa: E402
 from cnnkit.evaluate import EvalResult, evaluate  # noqa: E402
+from cnnkit.export import ExportResult, OnnxModel, export  # noqa: E402
 from cnnkit.models import create_model, list_models, register_model  # noqa: E402
 from cnnkit.predict import predict  # noqa: E402
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
@@ -11,6 +12,6 @@ from cnnkit.train.config import TrainConfig, TrainResult  # noqa: E402
 from cnnkit.train.loop import train  # noqa: E402
 
 __all__ = [
-    "Checkpoint", "EvalResult", "TrainConfig", "TrainResult", "UserError", "create_model", "evaluate",
-    "list_models", "load_checkpoint", "predict", "register_model", "train",
+    "Checkpoint", "EvalResult", "ExportResult", "OnnxModel", "TrainConfig", "TrainResult", "UserError", "create_model",
+    "evaluate", "export", "list_models", "load_checkpoint", "predict", "register_model", "train",
 ]

@@ -15,7 +15,13 @@ EXAMPLES = {
              "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json",
     "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
     "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
-               "  cnnkit predict best.pt photos/ --topk 3 --json",
+               "  cnnkit predict best.pt photos/ --topk 3 --json\n"
+               "  cnnkit predict model.onnx photos/     # onnxruntime on the CPU, preprocessing from the file",
+    "export": "examples:\n  cnnkit export runs/20260101-120000-simple_cnn --format onnx --out model.onnx --verify\n"
+              "  cnnkit export best.pt --format torchscript --out model.ts --verify-images photos/\n"
+              "  cnnkit export best.pt --format safetensors --out model.safetensors --json\n\n"
+              "Exports take what the PyTorch model takes: a float batch N x C x H x W, resized, centre-cropped and\n"
+              "normalised, (pixel/255 - mean) / std; classes, input size, channels, mean and std are in the metadata.",
 }
 
 
@@ -76,6 +82,7 @@ def _model_options(pairs: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from cnnkit import __version__
     from cnnkit.data.sources import BUILTIN
+    from cnnkit.export import FORMATS
     from cnnkit.train.config import TrainConfig
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="classify images", epilog=EXAMPLES["predict"], formatter_class=fmt)
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder, a .pt, .safetensors or .onnx file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -184,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-data", metavar="DIR")
     pr.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
     pr.add_argument("--json", action="store_true")
+    x = sub.add_parser("export", help="export a model for deployment: ONNX, TorchScript or safetensors",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    x.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--out", required=True, metavar="PATH",
+                   help=f"the file to write, ending in {', '.join(e for ends in FORMATS.values() for e in ends)}")
+    x.add_argument("--verify", action="store_true",
+                   help="run the export on random inputs at batch sizes 1 and 7 and report its largest difference "
+                        "from PyTorch (fails above 1e-4)")
+    x.add_argument("--verify-images", nargs="+", metavar="PATH",
+                   help="also compare on these image files or folders (the first 64 images; implies --verify)")
+    x.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="list the model names")
     m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
@@ -227,7 +246,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.predict import predict
     from cnnkit.train.checkpoint import load_checkpoint
 
-    results = predict(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.paths, topk=args.topk)
+    model = load_checkpoint(args.checkpoint, trust=True) if args.trust_checkpoint else args.checkpoint
+    results = predict(model, args.paths, topk=args.topk)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)
@@ -258,6 +278,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
               f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnkit.export import export
+
+    r = export(args.checkpoint, args.format, args.out, verify=args.verify, images=args.verify_images)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+    else:
+        print(f"exported {r.checkpoint} ({r.model}) as {r.format} to {r.path}: "
+              f"{r.size_bytes / 1e6:.1f} MB in {r.export_time_s:.1f} s")
+        if r.checks:
+            diffs = ", ".join(f"{c.inputs} x{c.batch_size} {c.max_abs_diff:.1e}" for c in r.checks)
+            print(f"largest difference from PyTorch: {diffs}; {'ok' if r.verified else 'FAILED'} "
+                  f"(tolerance {r.tolerance:g}; logits up to {max(c.max_abs_logit for c in r.checks):.3g})")
+    if r.verified is False:
+        print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {r.max_abs_diff:.2e} "
+              f"(tolerance {r.tolerance:g}); do not deploy it, and please report it", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -275,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
-               "embed": cmd_embed, "probe": cmd_probe}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+               "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe}[args.command]
     try:
         return command(args)
     except UserError as e:

@@ -1,69 +1,56 @@
-"""Prediction: class probabilities for image files and folders, from a checkpoint."""
+"""Prediction: class probabilities for image files and folders, from a checkpoint or an exported ONNX file."""
 
 from __future__ import annotations
 
-import os
+from typing import Callable
 
 import torch
 
-from cnnkit.data.images import is_image_file, load_image
-from cnnkit.errors import DataError, UserError
+from cnnkit.data.images import image_paths, load_batch
+from cnnkit.errors import UserError
+from cnnkit.export import OnnxModel, eval_mode
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 
 
-def image_paths(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped)."""
-    out: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
-            if not found:
-                raise UserError(f"folder {p} holds no images")
-            out += found
-        elif os.path.exists(p):
-            out.append(p)
-        else:
-            raise UserError(f"image path {p} does not exist")
-    return out
-
-
 @torch.no_grad()
-def predict(checkpoint: str | Checkpoint, paths: list[str] | str, topk: int = 5, batch_size: int = 64) -> list[dict]:
+def predict(
+    checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
+) -> list[dict]:
     """For each image: ``{"path", "top": [{"class", "prob"}, ...]}``, most probable first; an image that
-    cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted."""
+    cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted.
+
+    ``checkpoint``: a run folder, a checkpoint (.pt or .safetensors), or an exported ``.onnx`` file, which
+    onnxruntime runs on the CPU with the preprocessing its metadata records."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    if isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx"):
+        checkpoint = OnnxModel(checkpoint)
+    if isinstance(checkpoint, OnnxModel):
+        return _classify(checkpoint, checkpoint, paths, topk, batch_size)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    files = image_paths([paths] if isinstance(paths, str) else list(paths))
     model = ckpt.model
-    was_training = model.training
-    model.eval()
-    mean = torch.tensor(ckpt.mean).view(1, -1, 1, 1) * 255
-    std = torch.tensor(ckpt.std).view(1, -1, 1, 1) * 255
-    k = min(topk, len(ckpt.classes))
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        return _classify(ckpt, lambda x: model(x.to(device)), paths, topk, batch_size)
+
+
+def _classify(
+    prep: Checkpoint | OnnxModel, forward: Callable[[torch.Tensor], torch.Tensor], paths: list[str] | str,
+    topk: int, batch_size: int,
+) -> list[dict]:
+    """The one preprocessing and top-k path for every kind of model: ``forward`` maps a normalised float
+    batch to logits, ``prep`` says how to prepare images for it (channels, input size, mean, std, classes)."""
+    files = image_paths([paths] if isinstance(paths, str) else list(paths))
+    k = min(topk, len(prep.classes))
     results: list[dict] = []
-    try:
-        for i in range(0, len(files), batch_size):
-            batch, good = [], []
-            for f in files[i : i + batch_size]:
-                try:
-                    batch.append(load_image(f, ckpt.channels, ckpt.input_size))
-                    good.append(f)
-                except DataError as e:
-                    results.append({"path": f, "error": str(e)})
-            if not batch:
-                continue
-            device = next(model.parameters()).device
-            x = ((torch.stack(batch).float() - mean) / std).to(device)
-            probs = model(x).float().softmax(1).cpu()
-            top = probs.topk(k, dim=1)
-            for f, p, idx in zip(good, top.values, top.indices):
-                results.append({"path": f, "top": [{"class": ckpt.classes[j], "prob": float(v)}
-                                                    for v, j in zip(p.tolist(), idx.tolist())]})
-    finally:
-        model.train(was_training)
+    for i in range(0, len(files), batch_size):
+        x, good, errors = load_batch(files[i : i + batch_size], prep.channels, prep.input_size, prep.mean, prep.std)
+        results += [{"path": f, "error": e} for f, e in errors.items()]
+        if x is None:
+            continue
+        top = forward(x).float().softmax(1).cpu().topk(k, dim=1)
+        for f, p, idx in zip(good, top.values, top.indices):
+            results.append({"path": f, "top": [{"class": prep.classes[j], "prob": float(v)}
+                                                for v, j in zip(p.tolist(), idx.tolist())]})
     order = {f: n for n, f in enumerate(files)}
     return sorted(results, key=lambda r: order[r["path"]])

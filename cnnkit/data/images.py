@@ -1,4 +1,5 @@
-"""One image file -> a uint8 tensor of the model's channels and size.
+"""Image files -> model input: one file -> a uint8 tensor of the model's channels and size; a list of files ->
+one normalised float batch (what predict, and the checks of an export, feed a model); folders -> their image files.
 
 Every mode Pillow opens is brought to what the model takes: grayscale, palette (with or without
 transparency), RGBA and LA (composited on white, so transparent pixels do not turn into whatever colour
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cnnkit.errors import DataError
+from cnnkit.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera MPO files open through JPEG
@@ -22,6 +23,25 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera
 
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def image_paths(paths: list[str]) -> list[str]:
+    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped)."""
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+            if not found:
+                raise UserError(f"folder {p} holds no images")
+            out += found
+        elif os.path.exists(p):
+            out.append(p)
+        else:
+            raise UserError(f"image path {p} does not exist")
+    return out
 
 
 def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
@@ -102,3 +122,23 @@ def load_image(path: str, channels: int, size: int | None) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_batch(
+    paths: list[str], channels: int, size: int, mean: list[float], std: list[float],
+) -> tuple[torch.Tensor | None, list[str], dict[str, str]]:
+    """``paths`` as one model input: float N x C x H x W normalised with ``mean`` and ``std`` (per channel,
+    in [0, 1] units, as checkpoints store them). Returns (batch or None if nothing decoded, the paths in it,
+    {path: error} for the files that did not decode)."""
+    images, good, errors = [], [], {}
+    for path in paths:
+        try:
+            images.append(load_image(path, channels, size))
+            good.append(path)
+        except DataError as e:
+            errors[path] = str(e)
+    if not images:
+        return None, good, errors
+    shift = torch.tensor(mean).view(1, -1, 1, 1) * 255
+    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
+    return (torch.stack(images).float() - shift) / scale, good, errors

@@ -17,6 +17,8 @@ from cnnkit.models.registry import register_model
 
 def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> int:
     """Number of values ``features`` produces per image of ``in_channels`` x ``input_size`` x ``input_size``."""
+    was_training = features.training
+    features.eval()  # a probe pass must not move BatchNorm running statistics
     with torch.no_grad():
         try:
             out = features(torch.zeros(1, in_channels, input_size, input_size))
@@ -25,6 +27,8 @@ def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> in
                 f"input size {input_size} is too small for this network ({str(e).splitlines()[0]}); "
                 "use a larger --input-size or fewer downsampling stages"
             ) from None
+        finally:
+            features.train(was_training)
     return out[0].numel()
 
 

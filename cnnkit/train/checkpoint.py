@@ -1,12 +1,14 @@
 """Checkpoints: atomic save, safe load, and everything needed to rebuild the model and its preprocessing.
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so ``torch.load(weights_only=True)``
-reads it: loading never runs code from the file.
+reads it: loading never runs code from the file. The same dict can also live in a ``.safetensors`` file
+(``cnnkit export --format safetensors``): the weights as tensors, everything else as JSON text in its metadata.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pickle
 import random
@@ -26,6 +28,8 @@ from cnnkit.models.registry import create_model
 FORMAT_VERSION = 1
 # torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
 MIN_SAFE_TORCH = (2, 10)
+# What rebuilds the model and its preprocessing; exports carry these as metadata.
+_PAYLOAD_KEYS = ("cnnkit_checkpoint", "model", "classes", "input_size", "channels", "mean", "std")
 
 
 @dataclass
@@ -62,6 +66,23 @@ def make_payload(
     }
 
 
+def payload_metadata(payload: dict[str, Any]) -> dict[str, str]:
+    """What rebuilds the model and its preprocessing (no weights, no training state), each value as JSON text:
+    the string-to-string metadata that safetensors and ONNX files carry."""
+    return {key: json.dumps(payload[key]) for key in _PAYLOAD_KEYS}
+
+
+def payload_from_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
+    """The inverse of ``payload_metadata``; a CheckpointError if ``metadata`` was not written by cnnkit."""
+    if "cnnkit_checkpoint" not in metadata:
+        raise CheckpointError(f"{path} was not exported by cnnkit (no model description in its metadata); "
+                              "export it with `cnnkit export`")
+    try:
+        return {key: json.loads(value) for key, value in metadata.items() if key in _PAYLOAD_KEYS}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has damaged cnnkit metadata ({e})") from None
+
+
 def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None = None) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, flushed and fsynced,
     then renamed over the old file, so a crash at any moment leaves either the old or the new checkpoint.
@@ -87,7 +108,7 @@ def resolve_checkpoint_path(path: str) -> str:
                 return os.path.join(path, name)
         raise UserError(f"{path} is a folder without best.pt or last.pt; pass a run folder or a checkpoint file")
     if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; pass a run folder (runs/...) or a .pt file")
+        raise UserError(f"checkpoint {path} does not exist; pass a run folder (runs/...), a .pt or a .safetensors file")
     return path
 
 
@@ -106,8 +127,21 @@ def _check_torch_version() -> None:
                               f"only with torch >= {'.'.join(map(str, MIN_SAFE_TORCH))} (pip install -U torch)")
 
 
+def _read_safetensors(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
+    return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
+
+
 def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, read with ``weights_only=True``; a CheckpointError names the file otherwise.
+    """The checkpoint dict at ``path``, read with ``weights_only=True`` (or from a .safetensors export); a
+    CheckpointError names the file otherwise.
 
     ``trust=True`` (the CLI's ``--trust-checkpoint``) unpickles arbitrary objects — which can run any code the
     file's author wrote — and is never used as a fallback.
@@ -116,11 +150,15 @@ def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
     path = resolve_checkpoint_path(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely — use another")
+    if path.lower().endswith(".safetensors"):
+        return _read_safetensors(path)
+    if path.lower().endswith(".onnx"):
+        raise CheckpointError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
+                              "checkpoint (.pt or .safetensors) it was exported from")
     try:
         if trust:
             print(f"cnnkit: warning: loading {path} with full unpickling (--trust-checkpoint): "
                   "this runs any code stored in the file", file=sys.stderr)
-        if trust:
             payload = torch.load(path, map_location="cpu", weights_only=False)  # only behind --trust-checkpoint
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -90,3 +90,10 @@ def test_model_carries_its_config():
     model = cnnkit.create_model("convnet", num_classes=3, in_channels=1, input_size=28, head="flatten")
     assert model.cnnkit_config == {"name": "convnet", "options": {"head": "flatten"}, "num_classes": 3,
                                    "in_channels": 1, "input_size": 28, "pretrained": False}
+
+
+def test_building_a_model_leaves_batchnorm_statistics_untouched():
+    model = cnnkit.create_model("cnn_bn")
+    bn = model.features[1]
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_var, torch.ones(32))
+    assert model.training

@@ -1,0 +1,252 @@
+"""Export a checkpoint for deployment (ONNX, TorchScript, safetensors) and check that the copy computes what
+the PyTorch model computes.
+
+Every export takes the same input as the PyTorch model: a float batch N x C x H x W of images resized and
+centre-cropped to the input size, then normalised per channel, ``(pixel / 255 - mean) / std``. Normalisation
+is deliberately not baked into the graph: the export stays a faithful copy of the checkpoint's model, verify
+compares like with like, and the class names, input size, channels, mean and std travel in the file's metadata
+(ONNX ``metadata_props``, safetensors metadata, TorchScript extra files), each as JSON text under its name.
+``cnnkit predict model.onnx`` prepares images from that metadata through the same code as for a checkpoint.
+
+The model is exported in eval mode whatever mode it was left in (BatchNorm uses its running statistics,
+dropout is off), and afterwards every module is back in the mode it was in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from cnnkit.data.images import image_paths, load_batch
+from cnnkit.errors import CheckpointError, DataError, UserError
+from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, make_payload, payload_from_metadata, payload_metadata
+
+# The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
+FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}
+TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, in fp32
+# Tracing happens at batch 2 (torch.export specialises a batch of 1); checking 1 and an odd 7 catches a batch
+# size frozen into the graph.
+EXAMPLE_BATCH = 2
+VERIFY_BATCH_SIZES = (1, 7)
+VERIFY_MAX_IMAGES = 64
+INSTALL_HINT = "pip install 'cnnkit[export]'"
+# torch.jit is deprecated in favour of torch.export, but TorchScript is still what libtorch (C++) deployments load.
+_JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+
+
+@dataclass
+class VerifyCheck:
+    """One comparison of the exported model with the PyTorch model (in eval mode) on the same input."""
+
+    inputs: str  # "random" (standard normal) or "images" (the files given, prepared as predict prepares them)
+    batch_size: int
+    max_abs_diff: float  # the largest |exported - PyTorch| over every logit of the batch
+    max_abs_logit: float  # the largest |PyTorch logit|: fp32 rounding grows with it (about 1e-7 of it)
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    checkpoint: str
+    model: str  # the registered model name
+    size_bytes: int
+    export_time_s: float
+    checks: list[VerifyCheck] = field(default_factory=list)  # empty unless verified
+    max_abs_diff: float | None = None  # the largest over ``checks``
+    tolerance: float = TOLERANCE
+    verified: bool | None = None  # None when not verified, else max_abs_diff < tolerance
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every module has the mode it had before (a model may
+    mix them, such as BatchNorm layers frozen in eval inside a model that trains)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _require(*packages: str, purpose: str) -> None:
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UserError(f"{purpose} needs the optional package {name}, which is not installed: "
+                            f"{INSTALL_HINT}") from None
+
+
+class OnnxModel:
+    """An exported ``.onnx`` file run by onnxruntime on the CPU. Called like the PyTorch model (a normalised
+    float batch in, logits out); ``classes``, ``input_size``, ``channels``, ``mean``, ``std`` come from its metadata.
+    ``threads``: onnxruntime's intra-op threads (default: one per physical core)."""
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        _require("onnxruntime", purpose="running an ONNX model")
+        import onnxruntime
+
+        if not os.path.isfile(path):
+            raise UserError(f"ONNX file {path} does not exist; "
+                            f"make one with `cnnkit export RUN --format onnx --out {path}`")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        try:
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
+            raise CheckpointError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        payload = payload_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        self.path = path
+        self.model_name: str = payload["model"]["name"]
+        self.classes: list[str] = payload["classes"]
+        self.input_size: int = payload["input_size"]
+        self.channels: int = payload["channels"]
+        self.mean: list[float] = payload["mean"]
+        self.std: list[float] = payload["std"]
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self._input: x.detach().cpu().float().numpy()})[0])
+
+
+def _write_onnx(model: nn.Module, metadata: dict[str, str], example: torch.Tensor, path: str) -> None:
+    # The dynamo exporter (torch.export + onnxscript) is torch 2.14's default; the TorchScript-based one still
+    # runs with dynamo=False but warns that it will be removed.
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, input_names=["input"], output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+    )
+    program.model.metadata_props.update(metadata)
+    program.save(path, external_data=False)
+
+
+def _write_torchscript(model: nn.Module, metadata: dict[str, str], example: torch.Tensor, path: str) -> None:
+    # Tracing, not scripting: every registered model is a plain feed-forward graph, and tracing works for all.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATED)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, path, _extra_files=metadata)
+
+
+def _write_safetensors(model: nn.Module, metadata: dict[str, str], example: torch.Tensor, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path, metadata=metadata)
+
+
+def _load_torchscript(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATED)
+        return torch.jit.load(path, map_location="cpu")
+
+
+_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
+# Each reads an export back as a function of a CPU batch, to compare with the PyTorch model.
+_READERS: dict[str, Callable[[str], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "onnx": OnnxModel, "torchscript": _load_torchscript, "safetensors": lambda path: load_checkpoint(path).model,
+}
+
+
+@contextlib.contextmanager
+def _output_file(out: str) -> Iterator[str]:
+    """A temporary path next to ``out`` that replaces ``out`` when the block succeeds, so a failed export
+    leaves no half-written file; a UserError when the folder cannot be written."""
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out} ({e.strerror}: {e.filename}); "
+                        "choose a path in a writable folder") from None
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_out(out: str, format: str, source: str) -> None:
+    endings = FORMATS[format]
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; give a file path such as {os.path.join(out, 'model' + endings[0])}")
+    if not out.lower().endswith(endings):
+        raise UserError(f"--out {out}: {format} exports must end in {' or '.join(endings)}, "
+                        "which is how cnnkit recognises them")
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        raise UserError(f"--out {out} is the checkpoint being exported; choose another path")
+
+
+@torch.no_grad()
+def _compare(
+    model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], ckpt: Checkpoint, images: list[str] | None,
+) -> list[VerifyCheck]:
+    generator = torch.Generator().manual_seed(0)
+    size = (ckpt.channels, ckpt.input_size, ckpt.input_size)
+    inputs = [("random", torch.randn(n, *size, generator=generator)) for n in VERIFY_BATCH_SIZES]
+    if images:
+        files = image_paths(images)[:VERIFY_MAX_IMAGES]
+        x, _, errors = load_batch(files, ckpt.channels, ckpt.input_size, ckpt.mean, ckpt.std)
+        if errors:
+            raise DataError(next(iter(errors.values())))
+        inputs.append(("images", x))
+    device = next(model.parameters()).device
+    checks = []
+    for kind, x in inputs:
+        want = model(x.to(device)).float().cpu()
+        diff = (exported(x).float() - want).abs().max()
+        checks.append(VerifyCheck(kind, len(x), float(diff), float(want.abs().max())))
+    return checks
+
+
+def export(
+    checkpoint: str | Checkpoint,
+    format: str,
+    out: str,
+    verify: bool = False,
+    images: list[str] | None = None,
+    tolerance: float = TOLERANCE,
+) -> ExportResult:
+    """Write the model of ``checkpoint`` (a run folder, a checkpoint file or a loaded Checkpoint) to ``out`` as
+    ``format`` (``onnx``, ``torchscript`` or ``safetensors``), exported in eval mode with a dynamic batch axis.
+
+    ``verify`` reads the file back (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript, ``load_checkpoint``
+    for safetensors) and compares its logits with the PyTorch model's in eval mode on random inputs at batch
+    sizes 1 and 7 and, when ``images`` (files or folders) are given, on the first 64 of them.
+    """
+    if format not in FORMATS:
+        raise UserError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    _check_out(out, format, ckpt.path)
+    verify = verify or bool(images)
+    if format == "onnx":
+        _require("onnx", "onnxscript", *(["onnxruntime"] if verify else []), purpose="ONNX export")
+    model = ckpt.model
+    metadata = payload_metadata(make_payload(model, ckpt.classes, ckpt.input_size, ckpt.channels, ckpt.mean, ckpt.std))
+    example = torch.randn(EXAMPLE_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size,
+                          device=next(model.parameters()).device)
+    with eval_mode(model):
+        start = time.perf_counter()
+        with _output_file(out) as tmp:
+            _WRITERS[format](model, metadata, example, tmp)
+        export_time = time.perf_counter() - start
+        checks = _compare(model, _READERS[format](out), ckpt, images) if verify else []
+    worst = max((c.max_abs_diff for c in checks), default=None)
+    return ExportResult(
+        path=out, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],
+        size_bytes=os.path.getsize(out), export_time_s=round(export_time, 3), checks=checks, max_abs_diff=worst,
+        tolerance=tolerance, verified=None if worst is None else worst < tolerance,
+    )
