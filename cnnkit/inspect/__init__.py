@@ -5,10 +5,14 @@ exactly as it found it (each module's train/eval mode and BatchNorm statistics a
 """
 
 from cnnkit.inspect.hooks import capture, inspecting, layer_names
+from cnnkit.inspect.receptive_field import (
+    EffectiveField, FieldCheck, ReceptiveField, effective_receptive_field, receptive_field, verify_receptive_field,
+)
 from cnnkit.inspect.shapes import ConvArithmetic, Field, conv_arithmetic, conv_output_size
 from cnnkit.inspect.summary import LayerInfo, Summary, summary
 
 __all__ = [
-    "ConvArithmetic", "Field", "LayerInfo", "Summary", "capture", "conv_arithmetic", "conv_output_size",
-    "inspecting", "layer_names", "summary",
+    "ConvArithmetic", "EffectiveField", "Field", "FieldCheck", "LayerInfo", "ReceptiveField", "Summary", "capture",
+    "conv_arithmetic", "conv_output_size", "effective_receptive_field", "inspecting", "layer_names",
+    "receptive_field", "summary", "verify_receptive_field",
 ]
