@@ -319,13 +319,17 @@ def draw_effective_field(result: EffectiveField, heat: torch.Tensor, out: str) -
     image[[top, bottom], left:right + 1] = 255
     image[top:bottom + 1, [left, right]] = 255
     title = (f"effective field: {result.layer}, unit {tuple(result.unit)}\n"
-             f"95% within {result.erf} px, theoretical rf {result.rf} px (box)")
+             + (f"95% within {result.erf} px, theoretical rf {result.rf} px (box)" if result.erf else
+                "no gradient reaches the input: the unit is off (ReLU) for every image"))
     drawing.save_png(image, title, out)
     return out
 
 
 def _mass_square(heat: torch.Tensor, centre: tuple, share: float) -> int:
-    """Side of the smallest square centred on ``centre`` (input pixels) holding ``share`` of ``heat``."""
+    """Side of the smallest square centred on ``centre`` (input pixels) holding ``share`` of ``heat``; 0 when
+    no gradient reaches the input at all (a unit whose ReLUs are all off for every image)."""
+    if float(heat.sum()) == 0:
+        return 0
     h, w = heat.shape
     cy, cx = float(centre[0]), float(centre[1])
     ys = torch.arange(h).view(-1, 1).float()

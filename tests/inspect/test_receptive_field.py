@@ -105,3 +105,11 @@ def test_verify_takes_a_loaded_target_and_leaves_weights_alone():
     before = {k: v.clone() for k, v in target.model.state_dict().items()}
     assert all(c.agrees for c in cnnkit.verify_receptive_field(target))
     assert all(torch.equal(before[k], v) for k, v in target.model.state_dict().items())
+
+
+def test_effective_field_of_a_dead_unit_is_zero_not_the_whole_image(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU is off: no gradient reaches the input
+    e = cnnkit.effective_receptive_field(model, "1", input_size=(3, 16, 16), count=2, out=str(tmp_path / "erf.png"))
+    assert e.erf == 0 and e.rf == 3
