@@ -1,10 +1,11 @@
 """Receptive fields, analytic and measured.
 
-Published values, checked by hand with rf_out = rf_in + (k - 1) * jump_in, jump_out = jump_in * stride:
+Published values, each also checked by hand with rf_out = rf_in + (k - 1) * jump_in, jump_out = jump_in * s:
 - ResNet-18 (torchvision) layer4: 435 (conv1 7, maxpool 11, layer1 43, layer2 99, layer3 211, layer4 435).
-- VGG-16: conv5_3 196, pool5 212 (Araujo et al., "Computing Receptive Fields of Convolutional Neural
-  Networks", Distill 2019, list 212 for VGG-16's last layer).
-- AlexNet (torchvision's variant, the one-GPU version): conv5 163, pool5 195 (same source lists 195).
+- VGG-16: conv5_3 196, pool5 212; AlexNet: conv5 163, pool5 195; Inception-v3: 1311. The table of
+  google-research/receptive_field (the library of Araujo et al., "Computing Receptive Fields of
+  Convolutional Neural Networks", Distill 2019) lists vgg_16 212, alexnet_v2 195 and inception_v3 1311 for
+  the last feature layers.
 """
 
 import pytest
