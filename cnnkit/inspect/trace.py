@@ -25,7 +25,6 @@ field of windowed attention (Swin, MaxViT) is overstated as global.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,10 +88,6 @@ class Trace:
     unknown_ops: list[str] = field(default_factory=list)
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass early (what comes after the layers asked for is not needed)."""
-
-
 def _to_meta(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_meta else t.to("meta")
 
@@ -120,9 +115,9 @@ def _sizes_for(tags: tuple[frozenset[str], ...], shape: torch.Size, inherited: d
     dimension split into windows does not change how many positions there are)."""
     sizes = dict(inherited)
     for a in AXES:
-        holders = [n for tag, n in zip(tags, shape) if a in tag]
-        if len(holders) == 1 and _axis(tags[[a in t for t in tags].index(True)]) == a:
-            sizes[a] = holders[0]
+        holders = [(tag, n) for tag, n in zip(tags, shape) if a in tag]
+        if len(holders) == 1 and _axis(holders[0][0]) == a:
+            sizes[a] = holders[0][1]
     return sizes
 
 
@@ -294,7 +289,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
 
 
 def _propagate(name: str, args: tuple, kwargs: dict, out: torch.Tensor,
-               info_of: Callable[[Any], TensorInfo | None]) -> TensorInfo | list | None:
+               info_of: Callable[[Any], TensorInfo | None]) -> TensorInfo | object | None:
     """The TensorInfo of ``out``, the first output of aten op ``name``; CONSTANT for a result that does not
     depend on the input's values; None where the op is unknown and its output does not line up with its
     inputs (the caller records it)."""
@@ -337,21 +332,14 @@ def _propagate(name: str, args: tuple, kwargs: dict, out: torch.Tensor,
             merged.fields[ax] = keys.fields[ax].spanning(keys.sizes[ax])
             merged.sizes[ax] = 1
         return merged
+    if name in ("cat", "stack"):  # DenseNet's and Inception's concatenations
+        inputs = _traced_inputs(args, kwargs, info_of)
+        tags = list(inputs[0][1].tags)
+        if name == "stack":
+            tags.insert(_arg(args, kwargs, 1, "dim", 0) % out.dim(), NO_TAGS)
+        return _merge(inputs, out, tuple(tags) if len(tags) == out.dim() else (NO_TAGS,) * out.dim())
     if xi is None or not isinstance(x, torch.Tensor):
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and info_of(t)]
-        if name in ("cat", "stack") and tensors:
-            dim = _arg(args, kwargs, 1, "dim", 0)
-            first = info_of(tensors[0])
-            tags = list(first.tags)
-            if name == "stack":
-                tags.insert(dim % out.dim(), NO_TAGS)
-            tags = tuple(tags) if len(tags) == out.dim() else (NO_TAGS,) * out.dim()
-            return _merge([(t, info_of(t)) for t in tensors], out, tags)
-        if tensors:
-            inputs = [(t, info_of(t)) for t in tensors]
-            tags = _broadcast_tags(inputs, out)
-            return _merge(inputs, out, tags) if tags is not None else None
-        return None
+        return _elementwise(args, kwargs, out, info_of)
     if name in _PASS_THROUGH:
         return _same(xi, out) if out.shape == x.shape else _with_tags(xi, out, (NO_TAGS,) * out.dim())
     if name in _VIEWS or name in ("flatten", "unflatten"):
@@ -389,9 +377,18 @@ def _propagate(name: str, args: tuple, kwargs: dict, out: torch.Tensor,
         return _same(xi, out)
     if name == "constant_pad_nd":
         return _pad(xi, out, list(args[1]))
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and info_of(t)]
-    inputs = [(t, info_of(t)) for t in tensors]
-    tags = _broadcast_tags(inputs, out)
+    return _elementwise(args, kwargs, out, info_of)
+
+
+def _traced_inputs(args, kwargs, info_of) -> list[tuple[torch.Tensor, TensorInfo]]:
+    return [(t, info_of(t)) for t in tree_flatten((args, kwargs))[0] if info_of(t) is not None]
+
+
+def _elementwise(args, kwargs, out: torch.Tensor, info_of) -> TensorInfo | None:
+    """Add, multiply, ReLU, ... and any op without a rule whose output lines up with its inputs (broadcast
+    from the right): the merge of the inputs' fields. None when the shapes do not line up."""
+    inputs = _traced_inputs(args, kwargs, info_of)
+    tags = _broadcast_tags(inputs, out) if inputs else None
     return _merge(inputs, out, tags) if tags is not None else None
 
 
@@ -436,8 +433,7 @@ class _Tracer(TorchDispatchMode):
 
 def _fallback(args, kwargs, out: torch.Tensor, info_of) -> TensorInfo:
     """An operation without a rule: the largest field of its inputs, layout unknown from here on."""
-    inputs = [(t, info_of(t)) for t in tree_flatten((args, kwargs))[0] if info_of(t) is not None]
-    return _merge(inputs, out, (NO_TAGS,) * out.dim())
+    return _merge(_traced_inputs(args, kwargs, info_of), out, (NO_TAGS,) * out.dim())
 
 
 def input_info(shape: tuple[int, ...]) -> TensorInfo:
@@ -529,7 +525,3 @@ def parse_input_shape(value: int | tuple | list | None, default: tuple[int, int,
     if any(not isinstance(v, int) or v < 1 for v in value):
         raise UserError(f"--input-size values must be positive whole numbers, got {' '.join(map(str, value))}")
     return tuple(value)  # type: ignore[return-value]
-
-
-def sizes_product(shape: list[int] | None) -> int:
-    return math.prod(shape) if shape else 0

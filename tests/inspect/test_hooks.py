@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn as nn
 
 import cnnkit
 from cnnkit.errors import UserError

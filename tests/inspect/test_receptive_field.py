@@ -57,6 +57,9 @@ def test_concatenating_and_gated_architectures():
     assert inception.final_layer == "Mixed_7c" and inception.final_rf == 1311
     efficient = cnnkit.receptive_field("efficientnet_b0")  # squeeze-and-excitation gates see everything
     assert rf_of(efficient, "features.1").whole and efficient.covers_input
+    vit = cnnkit.receptive_field("vit_b_16")  # 16x16 patches, then attention across all of them
+    assert (rf_of(vit, "conv_proj").rf, rf_of(vit, "conv_proj").jump) == (16, 16)
+    assert vit.final_layer == "encoder" and rf_of(vit, "encoder.layers.encoder_layer_0").whole
 
 
 def test_small_network_does_not_see_the_whole_input():
@@ -114,3 +117,25 @@ def test_effective_field_of_a_dead_unit_is_zero_not_the_whole_image(tmp_path):
         model[0].bias.fill_(-100.0)  # every ReLU is off: no gradient reaches the input
     e = cnnkit.effective_receptive_field(model, "1", input_size=(3, 16, 16), count=2, out=str(tmp_path / "erf.png"))
     assert e.erf == 0 and e.rf == 3
+
+
+def test_functional_graph_concat_pad_slice_and_gate():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.large = torch.nn.Conv2d(3, 4, 5)
+            self.after = torch.nn.Identity()
+
+        def forward(self, x):
+            a = self.small(x)  # rf 3
+            b = self.large(torch.nn.functional.pad(x, (2, 2, 2, 2)))  # rf 5, centred like a
+            y = torch.cat([a, b], dim=1)[:, :, ::2, ::2]  # every second unit: jump 2
+            gate = y.mean(dim=(2, 3), keepdim=True).sigmoid()  # squeeze-and-excitation style
+            return self.after(y * gate)
+
+    r = cnnkit.receptive_field(Net(), input_size=(3, 16, 16))
+    assert (rf_of(r, "small").rf, rf_of(r, "large").rf, rf_of(r, "large").start) == (3, 5, 0)
+    after = rf_of(r, "after")
+    assert (after.rf, after.jump, after.start, after.whole) == (5, 2, 0, True)
+    assert r.covers_input  # through the gate
