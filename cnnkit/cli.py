@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import json
 import sys
@@ -22,6 +23,22 @@ EXAMPLES = {
               "  cnnkit export best.pt --format safetensors --out model.safetensors --json\n\n"
               "Exports take what the PyTorch model takes: a float batch N x C x H x W, resized, centre-cropped and\n"
               "normalised, (pixel/255 - mean) / std; classes, input size, channels, mean and std are in the metadata.",
+    "shape": "examples:\n  cnnkit shape --size 5 --kernel 3 --stride 2 --padding 1\n"
+             "  cnnkit shape --size 224 --kernel 3 --stride 2 --padding 1 --pool max\n"
+             "  cnnkit shape --size 7 --kernel 3 --dilation 2 --json",
+    "summary": "examples:\n  cnnkit summary resnet18\n  cnnkit summary resnet18 --input-size 3 224 224 --json\n"
+               "  cnnkit summary runs/20260101-120000-simple_cnn --depth 1\n"
+               "  cnnkit summary convnet --model-opt widths=[16,32] --input-size 1 28 28",
+    "rf": "examples:\n  cnnkit rf resnet18 --depth 1\n  cnnkit rf vgg16 --json\n"
+          "  cnnkit rf simple_cnn --verify\n  cnnkit rf resnet18 --input-size 448 --verify --verify-layer layer4\n"
+          "  cnnkit rf runs/20260101-120000-simple_cnn --effective erf.png",
+    "features": "examples:\n  cnnkit features resnet18 --list-layers\n"
+                "  cnnkit features runs/20260101-120000-simple_cnn --layer features.0 --layer features.3 "
+                "--image cat.png --out maps/",
+    "filters": "examples:\n  cnnkit filters runs/20260101-120000-simple_cnn --out filters.png\n"
+               "  cnnkit filters best.pt --layer features.3 --mode channels --out conv2.png",
+    "cam": "examples:\n  cnnkit cam runs/20260101-120000-simple_cnn --image star.png --out cam.png\n"
+           "  cnnkit cam best.pt --image star.png --class circle --method all --out cam.png",
 }
 
 
@@ -61,6 +78,19 @@ def _fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def _model_options(pairs: list[str]) -> dict:
@@ -153,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write last.pt every STEPS steps (default: once per epoch)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run exactly where it stopped (its own settings are used)")
+    t.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine (DistributedDataParallel through torchrun; "
+                        "for several machines run torchrun yourself: see cnnkit/train/distributed.py)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
@@ -206,6 +241,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the model names")
     m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
+
+    sh = sub.add_parser("shape", help="convolution arithmetic: the output size of a conv or pooling layer",
+                        epilog=EXAMPLES["shape"], formatter_class=fmt)
+    sh.add_argument("--size", type=int, required=True, help="input size along one axis (pixels or units)")
+    sh.add_argument("--kernel", type=int, required=True)
+    sh.add_argument("--stride", type=int, default=1)
+    sh.add_argument("--padding", type=int, default=0)
+    sh.add_argument("--dilation", type=int, default=1)
+    sh.add_argument("--pool", choices=("max", "avg"), help="a pooling layer instead of a convolution")
+    sh.add_argument("--ceil-mode", action="store_true", help="pooling: round up instead of down")
+    sh.add_argument("--json", action="store_true")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
+        p.add_argument("--input-size", type=_positive_int, nargs="+", metavar="N",
+                       help="C H W, or one size for a square (default: the checkpoint's, or the model's usual)")
+
+    def build_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--num-classes", type=_positive_int,
+                       help="head size for a model name (default: 1000 for torchvision models, else 10)")
+        p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the model's factory (repeatable)")
+
+    su = sub.add_parser("summary", help="layers, output shapes, parameters, MACs and receptive fields",
+                        epilog=EXAMPLES["summary"], formatter_class=fmt)
+    model_options(su)
+    build_options(su)
+    su.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
+    su.add_argument("--json", action="store_true")
+
+    rf = sub.add_parser("rf", help="receptive field, jump and start of every layer",
+                        epilog=EXAMPLES["rf"], formatter_class=fmt)
+    model_options(rf)
+    build_options(rf)
+    rf.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
+    rf.add_argument("--verify", action="store_true",
+                    help="measure the fields as input-gradient footprints and compare with the analytic values")
+    rf.add_argument("--verify-layer", action="append", default=[], metavar="NAME",
+                    help="measure these layers (repeatable; implies --verify; default: one per distinct field, "
+                         "up to the final layer)")
+    rf.add_argument("--effective", metavar="PNG",
+                    help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
+    rf.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
+    rf.add_argument("--images", type=_positive_int, default=16, metavar="N",
+                    help="--effective: how many generated shapes images to average over (default: 16)")
+    rf.add_argument("--json", action="store_true")
+
+    fe = sub.add_parser("features", help="feature maps of chosen layers for one image, one PNG per layer",
+                        epilog=EXAMPLES["features"], formatter_class=fmt)
+    model_options(fe)
+    fe.add_argument("--layer", action="append", default=[], metavar="NAME", help="a layer name (repeatable)")
+    fe.add_argument("--image", metavar="IMG")
+    fe.add_argument("--out", metavar="DIR", help="folder for the PNG files (created if missing)")
+    fe.add_argument("--max-channels", type=_positive_int, default=64)
+    fe.add_argument("--list-layers", action="store_true", help="list the layer names, types and output shapes")
+    fe.add_argument("--json", action="store_true")
+
+    fi = sub.add_parser("filters", help="a convolution's kernels as a picture",
+                        epilog=EXAMPLES["filters"], formatter_class=fmt)
+    model_options(fi)
+    fi.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
+    fi.add_argument("--out", metavar="PNG", required=True)
+    fi.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
+                    help="rgb: colour patches (3-channel kernels); channels: one patch per input channel; "
+                         "mean: averaged over input channels (default auto: rgb where possible, else mean)")
+    fi.add_argument("--max-filters", type=_positive_int, default=64)
+    fi.add_argument("--json", action="store_true")
+
+    ca = sub.add_parser("cam", help="class activation map (Grad-CAM, Grad-CAM++, Score-CAM) over an image",
+                        epilog=EXAMPLES["cam"], formatter_class=fmt)
+    model_options(ca)
+    ca.add_argument("--image", metavar="IMG", required=True)
+    ca.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
+    ca.add_argument("--layer", metavar="NAME", help="a convolutional layer (default: the last Conv2d)")
+    ca.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
+    ca.add_argument("--out", metavar="PNG", required=True)
+    ca.add_argument("--json", action="store_true")
     return parser
 
 
@@ -213,10 +325,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnkit.train.config import TrainConfig
     from cnnkit.train.loop import train
 
+    if args.nproc > 1:
+        from cnnkit.train import distributed
+
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["model_options"] = _model_options(args.model_opt)
     result = train(TrainConfig(**values), log=sys.stderr if args.json else sys.stdout, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
@@ -306,14 +425,127 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(result) -> None:
+    print(json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
+
+
+def cmd_shape(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.shapes import conv_arithmetic
+
+    kind = {"max": "maxpool", "avg": "avgpool", None: "conv"}[args.pool]
+    r = conv_arithmetic(args.size, args.kernel, args.stride, args.padding, args.dilation, kind, args.ceil_mode)
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"{r.kind} output size: {r.output_size}")
+        print(f"  {r.formula}")
+        print(f"  = {r.steps}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.summary import summary
+
+    s = summary(args.model, args.input_size, args.num_classes, **_model_options(args.model_opt))
+    if args.json:
+        _print_json(s)
+    else:
+        print(s.table(args.depth))
+    return 0
+
+
+def cmd_rf(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.loading import load_model
+    from cnnkit.inspect.receptive_field import (
+        effective_receptive_field, format_receptive_field, receptive_field, verify_receptive_field,
+    )
+
+    options = _model_options(args.model_opt)
+    r = receptive_field(args.model, args.input_size, args.num_classes, **options)
+    effective = None
+    if args.verify or args.verify_layer or args.effective:
+        target = load_model(args.model, args.input_size, args.num_classes, **options)
+        if args.verify or args.verify_layer:
+            r.checks = verify_receptive_field(target, args.verify_layer or None)
+        if args.effective:
+            effective = effective_receptive_field(target, args.layer, count=args.images, out=args.effective)
+    if args.json:
+        out = dataclasses.asdict(r)
+        if effective:
+            out["effective"] = dataclasses.asdict(effective)
+        _print_json(out)
+        return 0
+    if args.depth:
+        r = dataclasses.replace(r, layers=[x for x in r.layers if x.name.count(".") < args.depth])
+    print(format_receptive_field(r))
+    if effective:
+        print(f"effective field of {effective.layer}: 95% of the gradient within {effective.erf} px "
+              f"(theoretical rf {effective.rf} px, {effective.images} images); heat map in {effective.path}")
+    return 0 if all(c.agrees for c in r.checks) else 1
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.feature_maps import feature_maps
+    from cnnkit.inspect.summary import summary
+
+    if args.list_layers:
+        rows = [{"name": x.name, "type": x.type, "output_shape": x.output_shape}
+                for x in summary(args.model, args.input_size).layers]
+        if args.json:
+            _print_json(rows)
+        for x in rows if not args.json else []:
+            print(f"{x['name']:<40} {x['type']:<24} {'x'.join(map(str, x['output_shape'] or [])) or '-'}")
+        return 0
+    for option, value in (("--image IMG", args.image), ("--out DIR", args.out)):
+        if not value:
+            raise UserError(f"features needs {option} (or --list-layers to see the layer names)")
+    maps = feature_maps(args.model, args.layer, args.image, args.out, args.input_size, args.max_channels)
+    if args.json:
+        _print_json([dataclasses.asdict(m) for m in maps])
+    for m in maps if not args.json else []:
+        print(f"{m.layer}: {'x'.join(map(str, m.shape))}, {m.channels_shown} channels shown -> {m.path} "
+              f"({m.width}x{m.height} px)")
+    return 0
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.filters import filters
+
+    f = filters(args.model, args.layer, args.out, args.mode, args.max_filters, args.input_size)
+    if args.json:
+        _print_json(f)
+    else:
+        print(f"{f.layer}: {'x'.join(map(str, f.weight_shape))} kernels, {f.filters_shown} shown ({f.mode}) "
+              f"-> {f.path} ({f.width}x{f.height} px)")
+    return 0
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from cnnkit.inspect.cam import class_activation_map
+
+    c = class_activation_map(args.model, args.image, args.target_class, args.layer, args.method, args.out,
+                             args.input_size)
+    if args.json:
+        _print_json(c)
+    else:
+        name = f" '{c.class_name}'" if c.class_name else ""
+        print(f"{', '.join(c.methods)} on {c.layer} for class {c.class_index}{name} (p={c.probability:.3f}; "
+              f"predicted {c.predicted}) -> {c.path} ({c.width}x{c.height} px)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
-               "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe}[args.command]
+               "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe, "shape": cmd_shape,
+               "summary": cmd_summary, "rf": cmd_rf, "features": cmd_features, "filters": cmd_filters,
+               "cam": cmd_cam}[args.command]
     try:
         return command(args)
     except UserError as e:

@@ -56,6 +56,7 @@ class TrainConfig:
     nan: str = "stop"  # a non-finite loss: stop (keeping the last good checkpoint) or skip the batch
     bad_images: str = "skip"  # broken images in a folder: skip (listed in bad_images.txt) or error
     progress: bool = True
+    sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
 
 
 @dataclass

@@ -30,6 +30,7 @@ from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
@@ -99,6 +100,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
+    ctx = distributed.setup(device)  # one process, or one of torchrun's: only rank 0 prints and writes
+    if not ctx.main:
+        log = open(os.devnull, "w")
 
     # Data: decoded once into uint8 tensors; augmentation happens per batch on the device.
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
@@ -121,6 +125,11 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         mean, std = start_payload["mean"], start_payload["std"]
     else:
         mean, std = channel_stats(train_set)
+    if cfg.sync_bn and ctx.world > 1:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
+                            "normalises its own share of the batch")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
     augment = Augment(
@@ -129,9 +138,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     )
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
-                               channels_last=cfg.channels_last, workers=cfg.workers)
+                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world)
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
-                             workers=cfg.workers)
+                             workers=cfg.workers, rank=ctx.rank, world=ctx.world)
 
     # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
@@ -141,9 +150,12 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     steps_per_epoch = len(train_loader)
     stage_log: list[dict] = []
 
-    def start_stage(index: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         stage = stages[index]
         trainable = set_trainable(model, stage.modules)
+        # Across processes, DistributedDataParallel averages the gradients; it is rebuilt per stage because it
+        # registers the parameters that require gradients when it is made.
+        net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
         optimizer = make_optimizer(model, cfg.optimizer, stage.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                    backbone_lr=cfg.lr_backbone)
         scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * steps_per_epoch,
@@ -151,11 +163,11 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         stage_log.append({"stage": index + 1, "first_epoch": first_epochs[index], "modules": stage.modules or ["all"],
                           "epochs": stage.epochs, "lr": stage.lr, "lr_backbone": cfg.lr_backbone,
                           "trainable_params": trainable})
-        return optimizer, scheduler
+        return net, optimizer, scheduler
 
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
     stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
-    optimizer, scheduler = start_stage(stage_index)
+    net, optimizer, scheduler = start_stage(stage_index)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -176,12 +188,14 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         run = RunState(**state["run"])
         epoch_state = EpochState(**state["epoch_state"])
         set_rng_state(state["rng"])
+        if run.epoch > total_epochs:
+            raise UserError(f"{run_dir} finished all {total_epochs} epochs already; there is nothing to resume")
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
-        run_dir = make_run_dir(cfg)
+        run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
         _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
     skipped_images = train_set.skipped + val_set.skipped
-    if skipped_images:
+    if skipped_images and ctx.main:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
             f.write("\n".join(skipped_images) + "\n")
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
@@ -203,6 +217,12 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         )
 
     last_path = os.path.join(run_dir, "last.pt")
+
+    def save(payload: dict[str, Any], path: str) -> None:
+        if ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
+            save_checkpoint(payload, path, model)
+        distributed.barrier(ctx)
+
     _write_metrics(run_dir, run.history)
     _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
     start = time.perf_counter()
@@ -210,22 +230,28 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         for epoch in range(run.epoch, total_epochs + 1):
             if stage_index + 1 < len(stages) and epoch == first_epochs[stage_index + 1]:
                 stage_index += 1
-                optimizer, scheduler = start_stage(stage_index)
+                net, optimizer, scheduler = start_stage(stage_index)
                 _write_json(run_dir, "stages.json", stage_log)
             train_loader.set_epoch(epoch)
             current_lr = optimizer.param_groups[0]["lr"]
+            first_step, step_losses = epoch_state.batch + 1, []
             epoch_state = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
-                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}", progress=cfg.progress,
-                stop=stop, save_every=cfg.save_every,
-                save=lambda state: save_checkpoint(checkpoint(state, epoch), last_path, model),
+                net, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
+                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}",
+                progress=cfg.progress and ctx.main, stop=stop, save_every=cfg.save_every,
+                save=lambda state: save(checkpoint(state, epoch), last_path), step_losses=step_losses,
             )
+            _write_step_losses(run_dir, epoch, first_step, step_losses)
             if stop.signal is not None:
-                save_checkpoint(checkpoint(epoch_state, epoch), last_path, model)
+                save(checkpoint(epoch_state, epoch), last_path)
                 stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {epoch_state.batch}; saved "
                                           f"{last_path}. Continue with: cnnkit train --resume {run_dir}")
                 stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
                 raise stopped
+            if ctx.world > 1:  # every process saw its share: the epoch's figures are the sums over processes
+                sums = distributed.all_reduce_sum(torch.tensor(
+                    [epoch_state.loss_sum, epoch_state.correct, epoch_state.seen], dtype=torch.float64))
+                epoch_state.loss_sum, epoch_state.correct, epoch_state.seen = sums[0].item(), sums[1].item(), int(sums[2])
             train_loss = epoch_state.loss_sum / max(epoch_state.seen, 1)
             train_acc = epoch_state.correct / max(epoch_state.seen, 1)
             run.train_seconds += epoch_state.seconds
@@ -247,10 +273,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
             if improved:
                 run.best_acc, run.best_epoch = val.acc, epoch
             payload = checkpoint(EpochState(), epoch + 1)
-            save_checkpoint(payload, last_path, model)
+            save(payload, last_path)
             if improved:
-                save_checkpoint({k: v for k, v in payload.items() if k != "resume"},
-                                os.path.join(run_dir, "best.pt"), model)
+                save({k: v for k, v in payload.items() if k != "resume"}, os.path.join(run_dir, "best.pt"))
             epoch_state = EpochState()
 
     result = TrainResult(
@@ -262,6 +287,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         skipped_batches=run.skipped_batches,
     )
     _write_json(run_dir, "result.json", dataclasses.asdict(result))
+    distributed.cleanup(ctx)
     return result
 
 
@@ -282,6 +308,7 @@ def train_one_epoch(
     stop: "StopSignals | None" = None,
     save_every: int = 0,
     save: Callable[[EpochState], None] | None = None,
+    step_losses: list[torch.Tensor] | None = None,
 ) -> EpochState:
     """One pass over ``loader`` (from ``state.batch`` on, for a resumed epoch); returns the epoch's sums.
 
@@ -305,7 +332,9 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
-        if not torch.isfinite(loss):
+        if step_losses is not None:
+            step_losses.append(loss.detach())
+        if not _all_finite(loss):
             if nan == "stop":
                 raise NonFiniteLoss(
                     f"the loss became {loss.item()} at batch {state.batch + 1} of this epoch (global step "
@@ -337,7 +366,7 @@ def train_one_epoch(
                             acc=f"{correct.item() / max(state.seen, 1):.3f}",
                             img_s=f"{(state.seen - seen_before) / (time.perf_counter() - t0):,.0f}")
             bar.update(state.batch - bar.n)
-        if stop is not None and stop.signal is not None:
+        if stop is not None and _any_process_stopping(stop):
             break
         if save_every and save and state.batch % save_every == 0 and state.batch < len(loader):
             save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
@@ -347,6 +376,22 @@ def train_one_epoch(
     state.seconds += time.perf_counter() - t0
     state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
     return state
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (they must all skip or stop together)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    return not bool(distributed.all_reduce_sum(bad).item())
+
+
+def _any_process_stopping(stop: "StopSignals") -> bool:
+    """Whether a signal reached any process: all stop after the same step, or the others would hang."""
+    flag = torch.tensor([int(stop.signal is not None)], dtype=torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        distributed.all_reduce_sum(flag)
+        if flag.item() and stop.signal is None:
+            stop.signal = "SIGTERM"
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -371,6 +416,9 @@ def evaluate_model(
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
     finally:
         model.train(was_training)
+    # Each process evaluated its own share of the images, each image exactly once: the sums are the whole set's.
+    for t in (loss_sum, top5, confusion):
+        distributed.all_reduce_sum(t)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = int(confusion.sum())
     return EvalStats(loss=loss_sum.item() / max(n, 1), acc=confusion.diag().sum().item() / max(n, 1),
@@ -403,6 +451,8 @@ class StopSignals:
 
 def _write_metrics(run_dir: str, history: list[dict]) -> None:
     """metrics.csv, rewritten whole from the run's history (so a resumed run never holds a duplicated row)."""
+    if not _is_main_process():
+        return
     with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
@@ -410,8 +460,31 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
 
 
 def _write_json(run_dir: str, name: str, data: Any) -> None:
+    if not _is_main_process():
+        return
     with open(os.path.join(run_dir, name), "w") as f:
         json.dump(data, f, indent=2)
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[torch.Tensor]) -> None:
+    """steps.csv: the loss of every step (averaged over processes), appended once per epoch, so that no step
+    waits for its loss to be read."""
+    if not losses:
+        return
+    values = distributed.all_reduce_sum(torch.stack(losses).float().detach().clone())
+    values /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if not _is_main_process():
+        return
+    path = os.path.join(run_dir, "steps.csv")
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("epoch,step,loss\n")
+        f.writelines(f"{epoch},{first_step + i},{v:.8g}\n" for i, v in enumerate(values.tolist()))
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:

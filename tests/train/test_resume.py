@@ -113,3 +113,9 @@ def test_resume_refuses_data_with_other_classes(tmp_path, image_folder):
     proc = start("--resume", out)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "classes" in err and "Traceback" not in err
+
+
+def test_resuming_a_finished_run_says_so(reference):
+    proc = start("--resume", reference)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "nothing to resume" in err

@@ -1,0 +1,156 @@
+"""Class activation maps: where in the image the evidence for a class is, overlaid on the image.
+
+- Grad-CAM (Selvaraju et al., 2017): weight each channel of a convolutional layer's output by the mean
+  gradient of the class score over that channel's positions; sum, keep the positive part.
+- Grad-CAM++ (Chattopadhay et al., 2018): weight positions inside each channel by second- and third-order
+  gradient terms, which separates several instances of a class better than a plain mean.
+- Score-CAM (Wang et al., 2020): no gradients; each channel, upsampled and scaled to 0..1, masks the image,
+  and the class probability the masked image gets is that channel's weight.
+
+The last convolutional layer is used by default: the feature maps of the last ``Conv2d`` the forward pass
+runs, taken after what follows it at the same resolution (BatchNorm, the activation, a residual addition),
+since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
+part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. The map is upsampled to the input size (bilinear) and scaled to 0..1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cnnkit.errors import UserError
+from cnnkit.inspect import drawing
+from cnnkit.inspect.hooks import capture, find_layer, inspecting
+from cnnkit.inspect.loading import load_model, prepare_image
+from cnnkit.inspect.trace import trace
+
+METHODS = ("gradcam", "gradcam++", "scorecam")
+NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
+
+
+@dataclass
+class CamResult:
+    methods: list[str]
+    layer: str
+    class_index: int
+    class_name: str | None  # None for a model without class names (built from its name)
+    probability: float  # softmax probability of that class for this image
+    predicted: int  # the class the model predicts
+    path: str
+    width: int
+    height: int
+
+
+def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """The default layer (see the module doc): of the layers that end after the last ``Conv2d`` and before
+    the resolution changes, the last; where several return that same tensor, the outermost."""
+    with inspecting(model):
+        t = trace(model, input_shape)
+    convs = [x for x in t.layers if isinstance(x.module, nn.Conv2d) and x.output_shape and len(x.output_shape) == 3]
+    if not convs:
+        raise UserError("the model has no Conv2d layer; name a layer with a C x H x W output with --layer")
+    conv = max(convs, key=lambda x: x.done)
+    run = []
+    for x in sorted((x for x in t.layers if x.done >= conv.done), key=lambda x: x.done):
+        if not x.output_shape or len(x.output_shape) != 3 or x.output_shape[1:] != conv.output_shape[1:]:
+            break
+        run.append(x)
+    last = run[-1]
+    same = [x for x in run if x.info is last.info]  # the same tensor (a block, its last ReLU, the stage)
+    return min(same, key=lambda x: (x.depth, x.done)).name
+
+
+def _weighted(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return F.relu((weights[:, :, None, None] * acts).sum(dim=1))[0]
+
+
+def grad_cam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of a 1 x C x h x w activation and the class score's gradient with respect to it (h x w)."""
+    return _weighted(acts, grads.mean(dim=(2, 3)))
+
+
+def grad_cam_plus_plus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (h x w), with the exponential of the score folded in as in the usual implementation."""
+    g2, g3 = grads**2, grads**3
+    denominator = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
+    alpha = g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return _weighted(acts, (alpha * F.relu(grads)).sum(dim=(2, 3)))
+
+
+def score_cam(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, target: int, batch: int = 32) -> torch.Tensor:
+    """Score-CAM (h x w): forward passes of the image masked by each channel, weighted by the class probability."""
+    masks = drawing.normalise(F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=False))[0]
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(masks), batch):
+            masked = x * masks[i:i + batch].unsqueeze(1).to(x.device, x.dtype)
+            scores.append(model(masked).float().softmax(dim=1)[:, target].cpu())
+    weights = torch.cat(scores).softmax(dim=0).to(acts.dtype)
+    return _weighted(acts.cpu(), weights.unsqueeze(0))
+
+
+def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None,
+                 methods: tuple[str, ...] = ("gradcam",)) -> tuple[dict[str, torch.Tensor], int, float, int]:
+    """Heat maps (input size, 0..1) of ``methods`` for class ``target`` (default: the predicted one) at
+    ``layer``; returns them with the class, its probability and the predicted class. Leaves the model as it was
+    and its parameters' ``.grad`` untouched."""
+    with inspecting(model, grad=True), capture(model, [layer], detach=False) as captured:
+        logits = model(x.requires_grad_(True))
+        if layer not in captured:
+            raise UserError(f"layer '{layer}' was not used by the forward pass; pick another --layer")
+        acts = captured[layer]
+        if acts.dim() != 4:
+            raise UserError(f"layer '{layer}' outputs {'x'.join(map(str, acts.shape[1:]))}, not a C x H x W map; "
+                            "class activation maps need a convolutional layer")
+        probs = logits.detach().float().softmax(dim=1)[0]
+        predicted = int(probs.argmax())
+        k = predicted if target is None else target
+        if not 0 <= k < len(probs):
+            raise UserError(f"--class {k} is out of range: the model has {len(probs)} classes (0-{len(probs) - 1})")
+        (grads,) = torch.autograd.grad(logits[0, k], acts)
+        maps = {}
+        for method in methods:
+            if method == "gradcam":
+                small = grad_cam(acts.detach(), grads)
+            elif method == "gradcam++":
+                small = grad_cam_plus_plus(acts.detach(), grads)
+            else:
+                small = score_cam(model, x.detach(), acts.detach(), k)
+            big = F.interpolate(small[None, None].float().cpu(), size=x.shape[-2:], mode="bilinear",
+                                align_corners=False)[0, 0]
+            maps[method] = drawing.normalise(big)
+    return maps, k, float(probs[k]), predicted
+
+
+def class_activation_map(model_or_run: str | nn.Module, image: str, target_class: int | str | None = None,
+                         layer: str | None = None, method: str = "gradcam", out: str = "cam.png",
+                         input_size: Any = None) -> CamResult:
+    """Write ``out``: the image, then each method's map overlaid on it. ``method``: gradcam, gradcam++,
+    scorecam or all; ``target_class``: an index or a class name (default: the predicted class); ``layer``:
+    default the last convolutional layer (see the module doc)."""
+    methods = METHODS if method == "all" else (method,)
+    if any(m not in METHODS for m in methods):
+        raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
+    target = load_model(model_or_run, input_size)
+    name = layer or last_conv_layer(target.model, target.input_shape)
+    find_layer(target.model, name)
+    if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
+        if not target.classes or target_class not in target.classes:
+            known = f"; classes are {', '.join(target.classes)}" if target.classes else ""
+            raise UserError(f"unknown class '{target_class}'{known}")
+        target_class = target.classes.index(target_class)
+    x, shown = prepare_image(target, image)
+    maps, k, prob, predicted = cam_heatmaps(target.model, x, name,
+                                            None if target_class is None else int(target_class), methods)
+    factor = drawing.tile_factor(shown.shape[0], 224)
+    panels = [shown] + [drawing.overlay(shown, maps[m].numpy()) for m in methods]
+    class_name = target.classes[k] if target.classes and k < len(target.classes) else None
+    label = f"class {k}" + (f" '{class_name}'" if class_name else "")
+    title = f"{' | '.join(NAMES[m] for m in methods)} on {name} for {label} (p={prob:.2f})"
+    width, height = drawing.save_png(drawing.grid([drawing.upscale(p, factor) for p in panels], len(panels)),
+                                     title, out)
+    return CamResult(list(methods), name, k, class_name, prob, predicted, out, width, height)

@@ -1,0 +1,88 @@
+"""The pictures of cnnkit.inspect: tiles in a grid, colour maps, overlays and a title band, as PNG files.
+
+Pillow composes the image and matplotlib supplies the colour maps (no figures, so sizes are exact: a grid of
+n tiles of t pixels with 2-pixel gaps is predictable, and the tests check it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from cnnkit.errors import UserError
+
+GAP = 2  # pixels between tiles
+TITLE_HEIGHT = 18  # pixels of the title band
+BACKGROUND = (255, 255, 255)
+
+
+def normalise(t: torch.Tensor) -> torch.Tensor:
+    """Scale to 0..1 over the last two dimensions (each map on its own); a constant map becomes 0."""
+    t = t.detach().float().cpu()
+    lo = t.amin(dim=(-2, -1), keepdim=True)
+    hi = t.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(hi > lo, (t - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(t))
+
+
+def colour(values: torch.Tensor | np.ndarray, cmap: str = "viridis") -> np.ndarray:
+    """An H x W array in 0..1 as H x W x 3 uint8 through a matplotlib colour map."""
+    from matplotlib import colormaps
+
+    arr = values.numpy() if isinstance(values, torch.Tensor) else values
+    return (colormaps[cmap](np.clip(arr, 0, 1))[..., :3] * 255).round().astype(np.uint8)
+
+
+def upscale(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement, so small maps and 3x3 kernels stay crisp."""
+    return arr if factor <= 1 else arr.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def grid(tiles: list[np.ndarray], columns: int | None = None) -> np.ndarray:
+    """H x W x 3 uint8 tiles of one size, row by row with GAP pixels between them, as one image."""
+    n = len(tiles)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    h, w = tiles[0].shape[:2]
+    out = np.full((rows * h + (rows - 1) * GAP, columns * w + (columns - 1) * GAP, 3), BACKGROUND, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        out[r * (h + GAP): r * (h + GAP) + h, c * (w + GAP): c * (w + GAP) + w] = tile
+    return out
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """``heat`` (H x W in 0..1) in colour, blended over ``image`` (H x W x 3 uint8)."""
+    coloured = colour(heat, cmap).astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + coloured * alpha).round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
+    """Write ``image`` (H x W x 3 uint8) under ``title`` (one band of TITLE_HEIGHT pixels per line) to
+    ``path``; returns (width, height). The picture widens only if a title line is wider than the image."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    font = ImageFont.load_default()
+    lines = title.split("\n")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([image.shape[1]] + [int(measure.textlength(line, font=font)) + 8 for line in lines])
+    band = TITLE_HEIGHT * len(lines)
+    canvas = Image.new("RGB", (width, image.shape[0] + band), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + i * TITLE_HEIGHT), line, fill=(0, 0, 0), font=font)
+    canvas.paste(Image.fromarray(image), (0, band))
+    try:
+        canvas.save(path, format="PNG")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e}") from None
+    return canvas.size
+
+
+def tile_factor(side: int, least: int = 32) -> int:
+    """How much to enlarge a map of ``side`` pixels so that it is at least ``least`` pixels wide."""
+    return max(1, math.ceil(least / max(1, side)))

@@ -1,0 +1,76 @@
+"""Feature maps: what chosen layers output for one image, one grid PNG per layer.
+
+Each channel is a tile, scaled to its own minimum and maximum (so a weak channel is as visible as a strong
+one; compare channels by pattern, not brightness) and enlarged to at least 32 pixels. The title names the
+layer and the activation's shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from cnnkit.errors import UserError
+from cnnkit.inspect import drawing
+from cnnkit.inspect.hooks import capture, find_layer, inspecting
+from cnnkit.inspect.loading import load_model, prepare_image
+
+
+@dataclass
+class FeatureMapImage:
+    layer: str
+    shape: list[int]  # of the activation, without the batch dimension
+    channels_shown: int
+    path: str
+    width: int  # pixels of the PNG
+    height: int
+
+
+def _tiles(act: torch.Tensor, max_channels: int) -> tuple[list, int]:
+    """One activation (no batch dimension) as coloured tiles: a tile per channel of a C x H x W map, one tile
+    for anything else (a token x feature matrix, a feature vector laid out as a square)."""
+    if act.dim() == 3:
+        maps = act[:max_channels]
+    elif act.dim() == 2:
+        maps = act.unsqueeze(0)
+    else:
+        flat = act.flatten()
+        side = math.ceil(math.sqrt(flat.numel()))
+        maps = torch.cat([flat, flat.new_full((side * side - flat.numel(),), float(flat.min()))]).view(1, side, side)
+    scaled = drawing.normalise(maps)
+    factor = drawing.tile_factor(max(scaled.shape[-2:]))
+    return [drawing.upscale(drawing.colour(m), factor) for m in scaled], len(maps)
+
+
+def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: str, out_dir: str,
+                 input_size: Any = None, max_channels: int = 64) -> list[FeatureMapImage]:
+    """Run ``image`` through the model, capture ``layers`` with forward hooks and write ``<out_dir>/<layer>.png``
+    for each. A model name gets random weights, so its maps show the architecture, not learned features."""
+    if not layers:
+        raise UserError("name at least one --layer (--list-layers shows them)")
+    if max_channels < 1:
+        raise UserError(f"--max-channels must be at least 1, got {max_channels}")
+    target = load_model(model_or_run, input_size)
+    for name in layers:
+        find_layer(target.model, name)
+    x, _ = prepare_image(target, image)
+    os.makedirs(out_dir, exist_ok=True)
+    with inspecting(target.model), capture(target.model, layers) as acts:
+        target.model(x)
+    results = []
+    for name in layers:
+        if name not in acts:
+            raise UserError(f"layer '{name}' was not used by the forward pass, so it has no output to show")
+        act = acts[name][0]
+        tiles, shown = _tiles(act, max_channels)
+        shape = list(act.shape)
+        of = f" (channels 1-{shown} of {shape[0]})" if act.dim() == 3 and shown < shape[0] else ""
+        path = os.path.join(out_dir, f"{name}.png")
+        width, height = drawing.save_png(drawing.grid(tiles), f"{name}  {'x'.join(map(str, shape))}{of}", path)
+        results.append(FeatureMapImage(name, shape, shown, path, width, height))
+    return results

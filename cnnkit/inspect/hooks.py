@@ -1,0 +1,86 @@
+"""Looking inside a model without changing it: ``capture`` (forward hooks that are always removed) and
+``inspecting`` (eval mode for the look, then every module's mode and BatchNorm statistics put back).
+
+    with cnnkit.capture(model, ["layer1.0", "layer2"]) as acts:
+        model(x)
+    acts["layer2"].shape        # torch.Size([1, 128, 28, 28])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten
+
+from cnnkit.errors import UserError
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Every sub-module's name, in definition order (the names ``capture`` and ``--layer`` accept)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module called ``name``; a UserError with the closest names when there is none."""
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UserError(f"the model has no layer '{name}'{hint}; `cnnkit features MODEL --list-layers` shows the "
+                    f"{len(modules) - 1} names")
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: Sequence[str] | str, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``layers`` (module names) during the forward passes run inside the block.
+
+    Yields a dict that fills in as the model runs: layer name -> output (the first tensor of a tuple output;
+    a layer called several times keeps its last call). ``detach=True`` stores copies cut from the graph, so a
+    later in-place ReLU does not change what was captured; ``detach=False`` keeps the live tensors for
+    gradients (Grad-CAM). The hooks are removed when the block ends, also when it raises.
+    """
+    names = [layers] if isinstance(layers, str) else list(layers)
+    modules = {name: find_layer(model, name) for name in names}
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, inputs, output):
+            t = next((o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)), None)
+            if t is not None:
+                captured[name] = t.detach().clone() if detach else t
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def inspecting(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
+    """Eval mode and (unless ``grad``) no autograd for the block; afterwards every module's ``training`` flag
+    and every BatchNorm's running statistics are exactly what they were, also when the block raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    stats = [(m, {k: v.detach().clone() for k, v in m.named_buffers(recurse=False)})
+             for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        model.eval()
+        with torch.set_grad_enabled(grad):
+            yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for m, buffers in stats:
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)

@@ -1,0 +1,152 @@
+"""MODEL_OR_RUN -> the model to inspect, the input shape it takes, and how to prepare an image for it.
+
+A path that exists is a run folder or checkpoint (the trained model, its classes, size and normalisation);
+anything else is a registered model name, built with random weights (pretrained weights are not downloaded).
+Torchvision models get ImageNet's 1000-class head by default, so their parameter counts are the published
+ones, and the input size their default weights were measured at (224, 299 for inception_v3, ...).
+
+``meta=True`` builds the model on the meta device — shapes without data — which is all a summary or a
+receptive field needs: ``vit_h_14`` (632 M parameters) is then built in a second and uses no memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cnnkit.data.images import load_image
+from cnnkit.errors import UserError
+from cnnkit.inspect.trace import parse_input_shape
+from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.train.checkpoint import load_checkpoint
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class InspectedModel:
+    model: nn.Module
+    label: str  # the model name, or the checkpoint path
+    input_shape: tuple[int, int, int]  # C, H, W
+    mean: list[float]
+    std: list[float]
+    classes: list[str] | None = None  # None for an untrained model built from its name
+    config: dict[str, Any] | None = None  # the training configuration of a checkpoint
+
+
+def _is_torchvision(name: str) -> bool:
+    from cnnkit.models.torchvision import torchvision_model_names
+
+    return name in torchvision_model_names()
+
+
+def default_input_size(name: str) -> int:
+    """Square input size for a model name: what torchvision's default weights were measured at, else 32."""
+    if not _is_torchvision(name):
+        return 32
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return int(weights.transforms.keywords.get("crop_size", 224))
+    except (ValueError, AttributeError, KeyError):
+        return 224
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move each parameter and buffer to the meta device as it is registered (the idea of accelerate's
+    ``init_empty_weights``), for builders that compute with real tensors and so fail under
+    ``torch.device("meta")`` (RegNet works out its stage widths with torch ops)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta_parameter(module, name, param):
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    def on_meta_buffer(module, name, tensor, persistent=True):
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int | None = None, meta: bool = False,
+                **options: Any) -> nn.Module:
+    """``create_model(name, ...)`` sized for ``input_shape``; on the meta device when ``meta``."""
+    check_model_name(name)
+    if num_classes is None:
+        num_classes = 1000 if _is_torchvision(name) else 10
+    c, h, _ = input_shape
+
+    def build() -> nn.Module:
+        return create_model(name, num_classes=num_classes, in_channels=c, input_size=h, **options)
+
+    if not meta:
+        return build()
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:
+        with _parameters_on_meta():
+            return build()
+
+
+def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classes: int | None = None,
+               meta: bool = False, **options: Any) -> InspectedModel:
+    """What to inspect: a module as given, a run folder or checkpoint, or a model name (see the module doc).
+
+    ``input_size``: C H W, one number (a square), or None for the model's own size.
+    """
+    if isinstance(model_or_run, nn.Module):
+        cfg = getattr(model_or_run, "cnnkit_config", None) or {}
+        default = (cfg.get("in_channels", 3), cfg.get("input_size", 224), cfg.get("input_size", 224))
+        return InspectedModel(model_or_run, cfg.get("name", type(model_or_run).__name__),
+                              parse_input_shape(input_size, default), IMAGENET_MEAN, IMAGENET_STD)
+    if os.path.exists(model_or_run):
+        if num_classes is not None or options:
+            raise UserError("--num-classes and model options apply to model names, not to a checkpoint")
+        ckpt = load_checkpoint(model_or_run)
+        shape = parse_input_shape(input_size, (ckpt.channels, ckpt.input_size, ckpt.input_size))
+        if shape[0] != ckpt.channels:
+            raise UserError(f"{model_or_run} takes {ckpt.channels}-channel images, not {shape[0]}; "
+                            f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
+        return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
+                              ckpt.config)
+    if os.sep in model_or_run or model_or_run.endswith((".pt", ".pth")):
+        raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
+    check_model_name(model_or_run)
+    size = default_input_size(model_or_run)
+    shape = parse_input_shape(input_size, (3, size, size))
+    model = build_model(model_or_run, shape, num_classes, meta, **options)
+    return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def prepare_image(target: InspectedModel, path: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``path`` as the model's input (1 x C x H x W, normalised, on the model's device) and as the picture
+    it shows (H x W x 3 uint8: resized and centre-cropped the way the model sees it)."""
+    c, h, w = target.input_shape
+    if h != w:
+        raise UserError(f"images are resized to a square; use --input-size {c} {h} {h}")
+    if not os.path.isfile(path):
+        raise UserError(f"image {path} does not exist; pass an image file (png, jpg, ...)")
+    pixels = load_image(path, c, h)
+    mean = torch.tensor(target.mean).view(-1, 1, 1) * 255
+    std = torch.tensor(target.std).view(-1, 1, 1) * 255
+    x = ((pixels.float() - mean) / std).unsqueeze(0)
+    params = next(target.model.parameters(), None)
+    if params is not None:
+        x = x.to(device=params.device, dtype=params.dtype)
+    shown = pixels.permute(1, 2, 0).numpy()
+    return x, np.repeat(shown, 3, axis=2) if c == 1 else shown

@@ -1,0 +1,75 @@
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.inspect.conftest import assert_picture
+from tests.test_cli import assert_one_line_error
+
+
+def test_shape_prints_the_formula_with_the_numbers():
+    proc = run_cli("shape", "--size", 5, "--kernel", 3, "--stride", 2, "--padding", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "conv output size: 3",
+        "  floor((H + 2p - d(k-1) - 1) / s) + 1",
+        "  = floor((5 + 2*1 - (3-1) - 1) / 2) + 1 = floor(4 / 2) + 1 = 3",
+    ]
+    pool = json.loads(run_cli("shape", "--size", 7, "--kernel", 2, "--stride", 2, "--pool", "max", "--ceil-mode",
+                              "--json").stdout)
+    assert pool["output_size"] == 4 and pool["kind"] == "maxpool"
+
+
+def test_summary_json_for_resnet18():
+    proc = run_cli("summary", "resnet18", "--input-size", 3, 224, 224, "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["total_params"] == 11_689_512 and abs(s["total_macs"] / 1.814e9 - 1) < 0.01
+    layer = next(x for x in s["layers"] if x["name"] == "layer1.0")
+    assert layer["output_shape"] == [64, 56, 56]
+    assert {"name", "type", "output_shape", "params", "macs", "rf", "jump"} <= set(layer)
+    assert {"layers", "total_params", "trainable_params", "total_macs"} <= set(s)
+
+
+def test_rf_json_and_verify():
+    r = json.loads(run_cli("rf", "resnet18", "--json").stdout)
+    assert next(x for x in r["layers"] if x["name"] == "layer4")["rf"] == 435
+    assert r["input_size"] == [3, 224, 224] and r["covers_input"] is True
+    assert {"name", "rf", "jump", "start"} <= set(r["layers"][0])
+    proc = run_cli("rf", "simple_cnn", "--verify", "--depth", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "features: rf 22 px on a 32x32 input" in proc.stdout and "DIFFERS" not in proc.stdout
+    assert proc.stdout.count("agrees") == 6
+
+
+def test_features_filters_cam_and_effective_field_of_a_run(trained_run, shape_image, tmp_path):
+    layers = run_cli("features", trained_run, "--list-layers")
+    assert layers.returncode == 0 and "features.3" in layers.stdout and "64x16x16" in layers.stdout
+    proc = run_cli("features", trained_run, "--layer", "features.0", "--layer", "features.5", "--image", shape_image,
+                   "--out", tmp_path / "maps")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "maps")) == ["features.0.png", "features.5.png"]
+    assert_picture(tmp_path / "maps" / "features.5.png")
+    proc = run_cli("filters", trained_run, "--out", tmp_path / "filters.png", "--json")
+    assert json.loads(proc.stdout)["mode"] == "rgb"
+    assert_picture(tmp_path / "filters.png")
+    proc = run_cli("cam", trained_run, "--image", shape_image, "--method", "gradcam++", "--out", tmp_path / "cam.png",
+                   "--json")
+    cam = json.loads(proc.stdout)
+    assert cam["methods"] == ["gradcam++"] and cam["layer"] == "features.7"
+    assert_picture(tmp_path / "cam.png", (2 * 224 + 2, 224 + 18))
+    proc = run_cli("rf", trained_run, "--effective", tmp_path / "erf.png", "--images", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert "effective field of features" in proc.stdout
+    assert_picture(tmp_path / "erf.png")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["summary", "resnet18", "--input-size", "3", "224"], ["--input-size takes C H W", "2 numbers"]),
+    (["shape", "--size", "5", "--kernel", "7"], ["impossible conv", "larger than the padded input"]),
+    (["features", "resnet18", "--layer", "layer9", "--image", "x.png", "--out", "maps"], ["no layer 'layer9'"]),
+    (["cam", "simple_cnn", "--image", "no/such.png", "--out", "c.png"], ["no/such.png does not exist"]),
+])
+def test_bad_input_is_one_line(args, words, tmp_path):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), 2, *words)

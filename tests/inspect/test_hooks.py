@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import UserError
+from cnnkit.inspect.hooks import inspecting
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_capture_records_the_named_layers_and_removes_its_hooks():
+    model = cnnkit.create_model("resnet18", input_size=64).eval()
+    with torch.no_grad(), cnnkit.capture(model, ["layer1.0", "layer2"]) as acts:
+        model(torch.randn(2, 3, 64, 64))
+    assert acts["layer1.0"].shape == (2, 64, 16, 16) and acts["layer2"].shape == (2, 128, 8, 8)
+    assert hook_count(model) == 0
+
+
+def test_hooks_are_removed_when_the_block_raises():
+    model = cnnkit.create_model("simple_cnn").eval()
+    with pytest.raises(RuntimeError):
+        with cnnkit.capture(model, "features.0"):
+            model(torch.randn(1, 5, 32, 32))  # wrong channel count
+    assert hook_count(model) == 0
+
+
+def test_captured_copies_are_not_changed_by_a_later_inplace_relu():
+    model = cnnkit.create_model("simple_cnn").eval()  # features.1 is ReLU(inplace=True) on features.0's output
+    with torch.no_grad(), cnnkit.capture(model, ["features.0", "features.1"]) as acts:
+        model(torch.randn(1, 3, 32, 32))
+    assert (acts["features.0"] < 0).any() and (acts["features.1"] >= 0).all()
+    with cnnkit.capture(model, ["features.0"], detach=False) as live:
+        model(torch.randn(1, 3, 32, 32))
+    assert live["features.0"].requires_grad
+
+
+def test_unknown_layer_names_suggest_the_close_ones():
+    model = cnnkit.create_model("resnet18")
+    with pytest.raises(UserError, match=r"no layer 'layer5'.*did you mean layer.*--list-layers"):
+        with cnnkit.capture(model, ["layer5"]):
+            pass
+    assert hook_count(model) == 0
+
+
+def test_inspecting_restores_modes_and_batchnorm_statistics_even_after_an_error():
+    model = cnnkit.create_model("cnn_bn").train()
+    model.features[1].eval()  # a mix of modes must come back as it was
+    bn = model.features[1]
+    before = {k: v.clone() for k, v in bn.named_buffers()}
+    with pytest.raises(ValueError):
+        with inspecting(model):
+            assert not any(m.training for m in model.modules())
+            model.train()
+            model(torch.randn(4, 3, 32, 32))  # updates the running statistics
+            assert not torch.equal(bn.running_mean, before["running_mean"])
+            raise ValueError
+    assert model.training and not model.features[1].training
+    assert all(torch.equal(v, before[k]) for k, v in bn.named_buffers())

@@ -1,0 +1,105 @@
+"""Feature maps, filters and class activation maps: real PNG files of the expected size, not blank."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnnkit
+from cnnkit.errors import UserError
+from cnnkit.inspect.cam import cam_heatmaps, last_conv_layer
+from cnnkit.inspect.loading import load_model, prepare_image
+
+from tests.inspect.conftest import assert_picture
+
+
+def test_feature_maps_one_grid_per_layer(trained_run, shape_image, tmp_path):
+    maps = cnnkit.feature_maps(trained_run, ["features.0", "features.3", "classifier.1"], shape_image,
+                               str(tmp_path / "maps"))
+    first, second, linear = maps
+    assert (first.shape, first.channels_shown) == ([32, 32, 32], 32)
+    assert_picture(first.path, (6 * 32 + 5 * 2, 6 * 32 + 5 * 2 + 18))  # 6x6 grid of 32-pixel tiles
+    assert (second.shape, second.channels_shown) == ([64, 16, 16], 64)
+    assert_picture(second.path, (8 * 32 + 7 * 2, 8 * 32 + 7 * 2 + 18))  # 16-pixel maps enlarged twice
+    assert linear.shape == [256] and linear.path.endswith("classifier.1.png")
+    assert_picture(linear.path, body=(32, 32))  # 256 features as one 16x16 map, enlarged twice
+
+
+def test_feature_maps_show_at_most_max_channels(trained_run, shape_image, tmp_path):
+    (m,) = cnnkit.feature_maps(trained_run, ["features.6"], shape_image, str(tmp_path), max_channels=9)
+    assert m.channels_shown == 9 and m.shape == [128, 8, 8]
+    assert_picture(m.path, body=(3 * 32 + 2 * 2, 3 * 32 + 2 * 2))
+
+
+def test_feature_map_errors(trained_run, shape_image, tmp_path):
+    with pytest.raises(UserError, match="no layer 'features.66'"):
+        cnnkit.feature_maps(trained_run, ["features.66"], shape_image, str(tmp_path))
+    with pytest.raises(UserError, match="nope.png does not exist"):
+        cnnkit.feature_maps(trained_run, ["features.0"], str(tmp_path / "nope.png"), str(tmp_path))
+    with pytest.raises(UserError, match="at least one --layer"):
+        cnnkit.feature_maps(trained_run, [], shape_image, str(tmp_path))
+
+
+def test_first_layer_filters_as_colour_patches(trained_run, tmp_path):
+    f = cnnkit.filters(trained_run, out=str(tmp_path / "f.png"))
+    assert (f.layer, f.weight_shape, f.mode, f.filters_shown) == ("features.0", [32, 3, 3, 3], "rgb", 32)
+    assert_picture(f.path, body=(6 * 24 + 5 * 2, 6 * 24 + 5 * 2))  # 3x3 kernels enlarged 8 times
+
+
+@pytest.mark.parametrize("mode, body", [("channels", (16 * 24 + 15 * 2, 16 * 24 + 15 * 2)),
+                                        ("mean", (8 * 24 + 7 * 2, 8 * 24 + 7 * 2))])
+def test_deeper_filters_per_input_channel_or_averaged(trained_run, tmp_path, mode, body):
+    f = cnnkit.filters(trained_run, "features.3", str(tmp_path / f"{mode}.png"), mode=mode)
+    assert f.weight_shape == [64, 32, 3, 3] and f.mode == mode
+    assert_picture(f.path, body=body)
+
+
+def test_filter_errors(trained_run, tmp_path):
+    with pytest.raises(UserError, match="ReLU, not a Conv2d.*features.0, features.3"):
+        cnnkit.filters(trained_run, "features.1", str(tmp_path / "f.png"))
+    with pytest.raises(UserError, match="rgb needs kernels with 3 input channels"):
+        cnnkit.filters(trained_run, "features.3", str(tmp_path / "f.png"), mode="rgb")
+
+
+def test_default_cam_layer_is_the_last_convolution_after_its_activation():
+    for name, expected in [("simple_cnn", "features.7"), ("resnet18", "layer4"), ("vgg16", "features.29"),
+                           ("cnn_bn", "features.6"), ("densenet121", "features")]:
+        target = load_model(name, meta=True)
+        assert last_conv_layer(target.model, target.input_shape) == expected, name
+
+
+def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
+    target = load_model(trained_run)
+    x, shown = prepare_image(target, shape_image)
+    assert x.shape == (1, 3, 32, 32) and shown.shape == (32, 32, 3)
+    maps, k, p, predicted = cam_heatmaps(target.model, x, "features.7", None, ("gradcam", "gradcam++", "scorecam"))
+    assert k == predicted and 0 < p <= 1
+    for method, heat in maps.items():
+        assert heat.shape == (32, 32) and float(heat.min()) == 0 and float(heat.max()) == 1, method
+    _, k, _, _ = cam_heatmaps(target.model, x, "features.7", 3)
+    assert k == 3
+
+
+def test_cam_picture_image_and_one_overlay_per_method(trained_run, shape_image, tmp_path):
+    c = cnnkit.class_activation_map(trained_run, shape_image, target_class="star", method="all",
+                                    out=str(tmp_path / "cam.png"))
+    assert c.methods == ["gradcam", "gradcam++", "scorecam"] and c.layer == "features.7"
+    assert (c.class_index, c.class_name) == (3, "star")
+    assert_picture(c.path, (4 * 224 + 3 * 2, 224 + 18))  # the 32-pixel image enlarged 7 times, 4 panels
+    pixels = np.asarray(Image.open(c.path).convert("RGB"), dtype=np.float32)[18:]
+    image, overlay = pixels[:, :224], pixels[:, 226:450]
+    assert np.abs(image - overlay).mean() > 20  # the heat map is drawn over the image
+    assert overlay.std(axis=(0, 1)).mean() > 10
+
+
+def test_cam_errors(trained_run, shape_image, tmp_path):
+    out = str(tmp_path / "c.png")
+    with pytest.raises(UserError, match="out of range"):
+        cnnkit.class_activation_map(trained_run, shape_image, 10, out=out)
+    with pytest.raises(UserError, match="unknown class 'hexagon'; classes are circle"):
+        cnnkit.class_activation_map(trained_run, shape_image, "hexagon", out=out)
+    with pytest.raises(UserError, match="not a C x H x W map"):
+        cnnkit.class_activation_map(trained_run, shape_image, layer="classifier.1", out=out)
+    with pytest.raises(UserError, match="--method must be one of"):
+        cnnkit.class_activation_map(trained_run, shape_image, method="lime", out=out)
+    with pytest.raises(UserError, match="folder .* does not exist"):
+        cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / "no" / "c.png"))

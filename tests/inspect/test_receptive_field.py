@@ -1,0 +1,141 @@
+"""Receptive fields, analytic and measured.
+
+Published values, each also checked by hand with rf_out = rf_in + (k - 1) * jump_in, jump_out = jump_in * s:
+- ResNet-18 (torchvision) layer4: 435 (conv1 7, maxpool 11, layer1 43, layer2 99, layer3 211, layer4 435).
+- VGG-16: conv5_3 196, pool5 212; AlexNet: conv5 163, pool5 195; Inception-v3: 1311. The table of
+  google-research/receptive_field (the library of Araujo et al., "Computing Receptive Fields of
+  Convolutional Neural Networks", Distill 2019) lists vgg_16 212, alexnet_v2 195 and inception_v3 1311 for
+  the last feature layers.
+"""
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import UserError
+from cnnkit.inspect.loading import load_model
+
+from tests.inspect.conftest import assert_picture
+
+
+def rf_of(result, name):
+    return next(x for x in result.layers if x.name == name)
+
+
+def test_resnet18_layer4_is_435_and_its_centre_unit_sees_the_whole_image():
+    r = cnnkit.receptive_field("resnet18")
+    assert r.input_size == [3, 224, 224]
+    assert [rf_of(r, n).rf for n in ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4")] == \
+        [7, 11, 43, 99, 211, 435]
+    assert rf_of(r, "layer4").jump == 32 and rf_of(r, "layer4").start == 0
+    assert r.final_layer == "layer4" and r.final_rf == 435
+    assert r.covers_input and not r.every_unit_covers  # a corner unit at 0 sees [-217, 217]
+    fc = rf_of(r, "fc")
+    assert fc.whole and fc.jump == 0  # after global pooling every unit sees everything
+
+
+def test_residual_branches_take_the_larger_field():
+    r = cnnkit.receptive_field("resnet18")
+    assert rf_of(r, "layer2.0.downsample").rf == 43  # the 1x1 stride-2 skip path: 43 + 0 * 4 = 43, jump 8
+    assert rf_of(r, "layer2.0").rf == 67  # max(skip, main path 43 + 2*4 + 2*8)
+
+
+@pytest.mark.parametrize("model, expected, final", [
+    ("vgg16", {"features.28": 196, "features.30": 212}, "features"),
+    ("alexnet", {"features.10": 163, "features.12": 195}, "features"),
+])
+def test_published_fields(model, expected, final):
+    r = cnnkit.receptive_field(model)
+    assert {name: rf_of(r, name).rf for name in expected} == expected
+    assert r.final_layer == final
+
+
+def test_concatenating_and_gated_architectures():
+    dense = cnnkit.receptive_field("densenet121")  # torch.cat of every layer's output
+    assert dense.final_layer == "features" and dense.final_rf == 2071
+    inception = cnnkit.receptive_field("inception_v3")  # branches of different kernels, functional pooling
+    assert inception.final_layer == "Mixed_7c" and inception.final_rf == 1311
+    efficient = cnnkit.receptive_field("efficientnet_b0")  # squeeze-and-excitation gates see everything
+    assert rf_of(efficient, "features.1").whole and efficient.covers_input
+    vit = cnnkit.receptive_field("vit_b_16")  # 16x16 patches, then attention across all of them
+    assert (rf_of(vit, "conv_proj").rf, rf_of(vit, "conv_proj").jump) == (16, 16)
+    assert vit.final_layer == "encoder" and rf_of(vit, "encoder.layers.encoder_layer_0").whole
+
+
+def test_small_network_does_not_see_the_whole_input():
+    r = cnnkit.receptive_field("simple_cnn")
+    assert r.final_layer == "features" and r.final_rf == 22 and not r.covers_input
+    assert (rf_of(r, "features").jump, rf_of(r, "features").start) == (8, 3.5)
+    assert "does not see the whole input" in r.table()
+
+
+def test_verify_simple_cnn_every_distinct_field():
+    checks = cnnkit.verify_receptive_field("simple_cnn")
+    assert [c.layer for c in checks] == ["features.0", "features.2", "features.3", "features.5", "features.6",
+                                         "features"]
+    assert all(c.agrees for c in checks), checks
+    assert checks[-1].measured == [[9, 30], [9, 30]]  # 22 pixels around unit (2, 2), centred at 19.5
+
+
+def test_verify_vgg11():
+    checks = cnnkit.verify_receptive_field("vgg11")
+    assert all(c.agrees for c in checks), checks
+    assert checks[-1].layer == "features" and checks[-1].rf == 150 and checks[-1].measured == [[37, 186]] * 2
+
+
+def test_verify_resnet18_unclipped_at_448():
+    checks = cnnkit.verify_receptive_field("resnet18", ["layer3", "layer4"], input_size=448)
+    assert all(c.agrees for c in checks), checks
+    assert checks[-1].measured == [[7, 441], [7, 441]]  # 435 pixels: the field fits inside 448
+
+
+def test_verify_refuses_layers_without_positions():
+    with pytest.raises(UserError, match="no spatial output"):
+        cnnkit.verify_receptive_field("simple_cnn", ["classifier.1"])
+    with pytest.raises(UserError, match="no layer 'features.99'"):
+        cnnkit.verify_receptive_field("simple_cnn", ["features.99"])
+
+
+def test_effective_field_of_a_trained_network_is_smaller_than_the_theoretical(trained_run, tmp_path):
+    out = tmp_path / "erf.png"
+    e = cnnkit.effective_receptive_field(trained_run, count=8, out=str(out))
+    assert e.layer == "features" and e.rf == 22 and e.images == 8
+    assert 1 <= e.erf <= 22
+    assert_picture(out, (320, 320 + 2 * 18))
+
+
+def test_verify_takes_a_loaded_target_and_leaves_weights_alone():
+    target = load_model("cnn_bn", input_size=32)
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    assert all(c.agrees for c in cnnkit.verify_receptive_field(target))
+    assert all(torch.equal(before[k], v) for k, v in target.model.state_dict().items())
+
+
+def test_effective_field_of_a_dead_unit_is_zero_not_the_whole_image(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU is off: no gradient reaches the input
+    e = cnnkit.effective_receptive_field(model, "1", input_size=(3, 16, 16), count=2, out=str(tmp_path / "erf.png"))
+    assert e.erf == 0 and e.rf == 3
+
+
+def test_functional_graph_concat_pad_slice_and_gate():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.large = torch.nn.Conv2d(3, 4, 5)
+            self.after = torch.nn.Identity()
+
+        def forward(self, x):
+            a = self.small(x)  # rf 3
+            b = self.large(torch.nn.functional.pad(x, (2, 2, 2, 2)))  # rf 5, centred like a
+            y = torch.cat([a, b], dim=1)[:, :, ::2, ::2]  # every second unit: jump 2
+            gate = y.mean(dim=(2, 3), keepdim=True).sigmoid()  # squeeze-and-excitation style
+            return self.after(y * gate)
+
+    r = cnnkit.receptive_field(Net(), input_size=(3, 16, 16))
+    assert (rf_of(r, "small").rf, rf_of(r, "large").rf, rf_of(r, "large").start) == (3, 5, 0)
+    after = rf_of(r, "after")
+    assert (after.rf, after.jump, after.start, after.whole) == (5, 2, 0, True)
+    assert r.covers_input  # through the gate

@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import cnnkit
+from cnnkit.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return cnnkit.summary("resnet18", input_size=(3, 224, 224))
+
+
+def row(s, name):
+    return next(r for r in s.layers if r.name == name)
+
+
+def test_resnet18_matches_torchvision_and_the_real_shapes(resnet18):
+    s = resnet18
+    assert s.total_params == 11_689_512 == s.trainable_params and s.frozen_params == 0
+    assert abs(s.total_macs / 1.814e9 - 1) < 0.01
+    assert row(s, "layer1.0").output_shape == [64, 56, 56]  # not 112x112: conv1 and maxpool both stride 2
+    assert row(s, "conv1").output_shape == [64, 112, 112]
+    assert row(s, "fc").output_shape == [1000] and s.output_shape == [1000]
+    assert row(s, "conv1").macs == 64 * 3 * 7 * 7 * 112 * 112
+    assert row(s, "layer4").rf == 435 and row(s, "layer4").jump == 32
+
+
+def test_container_rows_hold_what_is_inside_them(resnet18):
+    block = row(resnet18, "layer2.0")  # conv1, conv2 and the 1x1 downsample convolution of the skip path
+    parts = ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert block.macs == sum(row(resnet18, p).macs for p in parts)
+    assert block.params == sum(row(resnet18, p).params for p in parts + ["layer2.0.bn1", "layer2.0.bn2",
+                                                                         "layer2.0.downsample.1"])
+    assert row(resnet18, "layer1.0.relu").calls == 2  # a BasicBlock uses its ReLU twice
+    assert sum(r.macs for r in resnet18.layers if r.depth == 1) == resnet18.total_macs
+
+
+def test_simple_cnn_rows_and_table():
+    s = cnnkit.summary("simple_cnn")
+    assert s.input_size == [3, 32, 32] and s.total_params == 620_362
+    assert [r.name for r in s.layers if r.depth == 2][:3] == ["features.0", "features.1", "features.2"]
+    assert row(s, "features.0").macs == 32 * 27 * 32 * 32
+    assert s.activation_bytes > 0 and s.param_bytes == 4 * 620_362
+    text = s.table()
+    assert "features.0" in text and "Parameters: 620,362" in text and "MACs: 10.85 M" in text
+    assert "features.0" not in s.table(depth=1)
+
+
+def test_frozen_parameters_and_checkpoints(trained_run):
+    model = cnnkit.load_checkpoint(trained_run).model
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    s = cnnkit.summary(model)
+    assert s.frozen_params == 93_248 and s.trainable_params == 620_362 - 93_248
+    assert row(s, "features").trainable_params == 0 and row(s, "classifier").trainable_params == 527_114
+    assert cnnkit.summary(trained_run).total_params == 620_362
+
+
+def test_parameters_of_layers_the_forward_pass_skips_are_counted_apart():
+    s = cnnkit.summary("inception_v3", aux_logits=True)  # the auxiliary head only runs in training
+    assert s.total_params == 27_161_264 and s.unused_params > 3_000_000
+    assert not any(r.name.startswith("AuxLogits") for r in s.layers)
+
+
+def test_functional_operations_in_forward_are_counted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.weight = nn.Parameter(torch.randn(10, 8 * 16 * 16))
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(self.conv(x), 2)
+            return torch.flatten(x, 1) @ self.weight.t()  # a matmul outside any module
+
+    s = cnnkit.summary(Net(), input_size=(3, 32, 32))
+    assert s.total_macs == 8 * 27 * 32 * 32 + 10 * 8 * 16 * 16
+    assert s.output_shape == [10] and s.total_params == 8 * 27 + 8 + 10 * 2048
+
+
+def test_non_square_input_and_other_sizes():
+    s = cnnkit.summary("resnet18", input_size=(3, 96, 64))
+    assert row(s, "layer4").output_shape == [512, 3, 2]
+    assert cnnkit.summary("simple_cnn", input_size=(1, 28, 28)).layers[0].output_shape == [128, 3, 3]
+
+
+@pytest.mark.parametrize("size, words", [
+    ((3, 224), ["C H W", "2 numbers"]),
+    ((3, 0, 5), ["positive"]),
+    ((3, 32, 32), ["cannot take a 3x32x32 input", "larger --input-size"]),
+])
+def test_bad_input_sizes(size, words):
+    with pytest.raises(UserError) as e:
+        cnnkit.summary("alexnet", input_size=size)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_model_and_missing_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="unknown model 'resnet81'.*resnet18"):
+        cnnkit.summary("resnet81")
+    with pytest.raises(UserError, match="does not exist"):
+        cnnkit.summary(str(tmp_path / "nothing" / "best.pt"))

@@ -1,0 +1,122 @@
+"""Multi-process training with torchrun (gloo on CPU): same losses as one process, exact evaluation counts."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+import cnnkit
+from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import DataSpec, load_splits
+from cnnkit.train.checkpoint import read_payload
+
+# No dropout and no BatchNorm: then N processes with a global batch B compute what one process does.
+ARGS = ["--model", "simple_cnn", "--model-opt", "dropout=0", "--data", "shapes", "--num-samples", "503",
+        "--val-split", "0.21", "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--seed", "3"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *extra]
+    if not extra:
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return subprocess.run([*cmd, "-m", "cnnkit", "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def step_losses(run_dir):
+    lines = open(os.path.join(run_dir, "steps.csv")).read().split()[1:]
+    return [float(line.split(",")[2]) for line in lines]
+
+
+def test_two_processes_match_one_step_for_step_and_count_each_image_once(tmp_path):
+    one = subprocess.run([sys.executable, "-m", "cnnkit", "train", *ARGS, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*ARGS, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a[:8], b[:8])) < 1e-5, list(zip(a, b))
+    # Only rank 0 wrote: one run folder, one line per step.
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]
+    # Distributed evaluation of the 103 validation images (odd: no even split) equals a single process's.
+    import json
+
+    reported = json.load(open(tmp_path / "two" / "result.json"))
+    assert reported["num_val"] == 103
+    single = cnnkit.evaluate(str(tmp_path / "two" / "last.pt"), precision="fp32")
+    assert single.count == 103 and single.acc == reported["val_acc"]
+    assert abs(single.loss - reported["val_loss"]) < 1e-5
+
+
+def test_eval_shards_cover_every_image_once_and_training_order_is_per_epoch():
+    train, val = load_splits(DataSpec("shapes", num_samples=503, val_split=0.21))
+    cpu = torch.device("cpu")
+    shards = [BatchLoader(val, 10, [0.5] * 3, [0.25] * 3, cpu, rank=r, world=2).order() for r in range(2)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(len(val))) and len(val) % 2 == 1
+    loader = BatchLoader(train, 32, [0.5] * 3, [0.25] * 3, cpu, shuffle=True, seed=1, rank=1, world=2)
+    loader.set_epoch(1)
+    first = loader.order()
+    loader.set_epoch(2)
+    assert not torch.equal(first, loader.order())
+    again = BatchLoader(train, 32, [0.5] * 3, [0.25] * 3, cpu, shuffle=True, seed=1, rank=1, world=2)
+    again.set_epoch(1)
+    assert torch.equal(first, again.order())
+    # The two ranks' shares of a global batch are disjoint and make up the whole batch.
+    loader.set_epoch(1)
+    other = BatchLoader(train, 32, [0.5] * 3, [0.25] * 3, cpu, shuffle=True, seed=1, rank=0, world=2)
+    other.set_epoch(1)
+    (_, y1), (_, y0) = next(iter(loader)), next(iter(other))
+    assert len(y0) == len(y1) == 16
+
+
+def test_two_node_run_on_one_machine_loads_in_a_single_process(tmp_path):
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        rdzv = ["--nnodes", "2", "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *rdzv, "-m", "cnnkit",
+               "train", *ARGS, "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    ckpt = cnnkit.load_checkpoint(str(tmp_path / "run"))
+    assert ckpt.model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_distributed_run_resumes_after_a_kill(tmp_path):
+    args = [*ARGS[:-6], "--epochs", "2", "--num-samples", "2500", "--batch-size", "32", "--precision", "fp32",
+            "--seed", "3"]  # ~60 steps an epoch: time to kill it inside epoch 2
+    ref = torchrun(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "cnnkit", "train", *args, "--save-every", "2", "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = tmp_path / "run" / "last.pt"
+    t0 = time.time()
+    while not (last.exists() and read_payload(str(last))["resume"]["run"]["epoch"] == 2):  # kill inside epoch 2
+        assert proc.poll() is None and time.time() - t0 < 200
+        time.sleep(0.005)
+    # torchrun starts its workers in sessions of their own: kill every process of this run, as a crash would.
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "run")])
+    proc.wait()
+    assert read_payload(str(last))["resume"]["run"]["epoch"] == 2
+    resumed = torchrun("--resume", tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
