@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32",
                     help="fp32: on this CPU, bf16 autocast runs resnet18 at 32x32 several times slower (small maps)")
     ap.add_argument("--finetune-epochs", type=int, default=15)
+    ap.add_argument("--pretrained-run", help="reuse this finished pretraining run instead of training one")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--val-per-class", type=int, default=300)
     args = ap.parse_args()
@@ -66,10 +67,13 @@ def main() -> None:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    pre = cnnkit.train(model="resnet18", data=pre_dir, val_split=0.1, epochs=args.pretrain_epochs, batch_size=128,
-                       precision=args.precision,
-                       out=os.path.join(args.work, f"{stamp}-pretrain"))
-    pretrain_s = time.perf_counter() - t0
+    if args.pretrained_run:
+        pre = cnnkit.TrainResult(**json.load(open(os.path.join(args.pretrained_run, "result.json"))))
+        pretrain_s = pre.train_time_s
+    else:
+        pre = cnnkit.train(model="resnet18", data=pre_dir, val_split=0.1, epochs=args.pretrain_epochs,
+                           batch_size=128, precision=args.precision, out=os.path.join(args.work, f"{stamp}-pretrain"))
+        pretrain_s = time.perf_counter() - t0
     common = dict(model="resnet18", data=ft_train, val_data=ft_val, batch_size=32, optimizer="adamw",
                   schedule="constant", progress=False, precision=args.precision)
     e = args.finetune_epochs
