@@ -19,7 +19,7 @@ import torch
 
 from cnnkit.atomic import atomic_torch_save
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump whenever the layout of an entry changes
 _MEMORY: dict[str, dict[str, Any]] = {}
 _MEMORY_ENTRIES = 4
 
@@ -45,8 +45,9 @@ def files_fingerprint(root: str, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The entry for ``key`` (a JSON-able dict): from memory, from disk, or made by ``build()`` and stored."""
+def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]], fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entry for ``key`` (a JSON-able dict): from memory, from disk, or made by ``build()`` and stored.
+    An entry on disk without all of ``fields`` (written by another cnnkit version) is rebuilt."""
     digest = hashlib.sha256(json.dumps({**key, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
     if digest in _MEMORY:
         return _MEMORY[digest]
@@ -55,6 +56,8 @@ def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str
     if path.exists():
         try:
             entry = torch.load(path, weights_only=True)
+            if not isinstance(entry, dict) or not all(f in entry for f in fields):
+                entry = None
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             entry = None
     if entry is None:

@@ -149,6 +149,7 @@ def _shapes(n: int, spec: DataSpec, seed: int) -> ImageSet:
     entry = cache.cached(
         {"source": "shapes", "n": n, "size": size, "channels": channels, "seed": seed},
         lambda: dict(zip(("images", "labels"), make_shapes(n, size, channels, seed))),
+        ("images", "labels"),
     )
     return ImageSet(entry["labels"], list(SHAPE_CLASSES), entry["images"], None, channels, size, "shapes")
 
@@ -244,7 +245,8 @@ def _folder(root: str, spec: DataSpec) -> ImageSet:
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
         key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels}
-        entry = cache.cached(key, lambda: dict(zip(("images", "ok", "errors"), decode_files(files, channels, size))))
+        fields = ("images", "ok", "errors")
+        entry = cache.cached(key, lambda: dict(zip(fields, decode_files(files, channels, size))), fields)
         images, ok, errors = entry["images"], entry["ok"], entry["errors"]
     else:  # too large for memory: only check that every file opens; loader workers decode per batch
         images, ok, errors = None, *check_files(files)

@@ -130,3 +130,14 @@ def test_missing_torchvision_dataset_says_where_it_looked(tmp_path):
         load_splits(DataSpec("cifar10", data_dir=str(tmp_path)))
     text = str(e.value)
     assert str(tmp_path / "cifar-10-batches-py") in text and "--download" in text and "--data-dir" in text
+
+
+def test_cache_entry_of_another_layout_is_rebuilt(image_folder):
+    from cnnkit.data import cache
+
+    load_splits(DataSpec(image_folder))
+    cache._MEMORY.clear()
+    for name in os.listdir(cache.cache_dir()):  # as an older cnnkit would have written them
+        torch.save({"images": torch.zeros(1)}, os.path.join(cache.cache_dir(), name))
+    train, val = load_splits(DataSpec(image_folder))
+    assert len(train) + len(val) == 32 and train.images.shape[1:] == (3, 16, 16)
