@@ -40,3 +40,19 @@ def run_cli(*args, cwd=None, env=None):
     """The real `cnnkit` command in a subprocess."""
     return subprocess.run([sys.executable, "-m", "cnnkit", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def write_malicious_checkpoint(folder, name="evil.pt"):
+    """A checkpoint whose unpickling would create the file ``folder/pwned``; returns (path, marker)."""
+    marker = folder / "pwned"
+    path = folder / name
+    torch.save({"cnnkit_checkpoint": 1, "model": _CreatesFileWhenUnpickled(marker)}, path)
+    return path, marker

@@ -5,6 +5,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import CheckpointError, UserError
+from tests.conftest import write_malicious_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +73,7 @@ def test_bad_checkpoints_are_refused_with_their_path(tmp_path, run):
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"cnnkit_checkpoint": 1, "x": Evil()}, path)
-    marker.unlink(missing_ok=True)
+    path, marker = write_malicious_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="could run code"):
         cnnkit.load_checkpoint(str(path))
     assert not marker.exists()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import cnnkit
 from cnnkit.errors import CheckpointError, NonFiniteLoss
 from cnnkit.models.registry import _FACTORIES, register_model
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_malicious_checkpoint
 
 TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
 
@@ -82,21 +82,9 @@ def test_failed_checkpoint_write_stops_with_a_message(tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def _evil_checkpoint(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"cnnkit_checkpoint": 1, "model": Evil()}, path)
-    return path, marker
-
-
 @pytest.mark.parametrize("command", [["eval"], ["predict"]])
 def test_malicious_checkpoint_is_refused_by_the_cli(tmp_path, image_folder, command):
-    path, marker = _evil_checkpoint(tmp_path)
+    path, marker = write_malicious_checkpoint(tmp_path)
     args = [*command, path] + ([image_folder] if command == ["predict"] else [])
     proc = run_cli(*args)
     assert proc.returncode == 1 and "could run code" in proc.stderr and "Traceback" not in proc.stderr
@@ -104,7 +92,7 @@ def test_malicious_checkpoint_is_refused_by_the_cli(tmp_path, image_folder, comm
 
 
 def test_malicious_checkpoint_is_refused_by_resume(tmp_path):
-    path, marker = _evil_checkpoint(tmp_path)
+    path, marker = write_malicious_checkpoint(tmp_path)
     os.replace(path, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="could run code"):
         cnnkit.train(resume=str(tmp_path))
