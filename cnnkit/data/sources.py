@@ -7,7 +7,7 @@ memory, decoded per batch by loader workers).
 
 from __future__ import annotations
 
-import multiprocessing
+import concurrent.futures
 import os
 from dataclasses import dataclass, field, replace
 
@@ -296,11 +296,10 @@ def _run_chunks(files: list[str], channels: int, size: int, decode: bool) -> tup
     chunk = 512
     jobs = [(files[i : i + chunk], channels, size, decode) for i in range(0, len(files), chunk)]
     workers = min(os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_decode_chunk, jobs)
-    else:
-        results = [_decode_chunk(j) for j in jobs]
+    # Threads, not forked processes: Pillow releases the GIL while it decodes, and forking a process whose
+    # torch thread pools are running can deadlock the children (seen here: a pool hung after training).
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(_decode_chunk, jobs))
     images = torch.cat([r[0] for r in results])
     ok = torch.cat([r[1] for r in results])
     return images, ok, [e for r in results for e in r[2]]
