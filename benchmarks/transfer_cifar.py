@@ -91,7 +91,7 @@ def main() -> None:
         print(name, results[name], flush=True)
 
     report = {
-        "pretrain": {"classes": PRETRAIN_CLASSES, "val_acc": pre.val_acc, "epochs": args.pretrain_epochs,
+        "pretrain": {"classes": PRETRAIN_CLASSES, "val_acc": pre.val_acc, "epochs": pre.epochs,
                      "images": pre.num_train, "time_s": round(pretrain_s, 1), "stem": "torchvision (7x7/2 + max-pool)"},
         "finetune": {"classes": TARGET_CLASSES, "train_per_class": args.per_class, "val_per_class": args.val_per_class},
         "results": results,
@@ -100,7 +100,7 @@ def main() -> None:
     with open("benchmarks/results/transfer_cifar.json", "w") as f:
         json.dump(report, f, indent=2)
     lines = [f"# Transfer on CIFAR-10 JPEG: resnet18 pretrained on {', '.join(PRETRAIN_CLASSES)} "
-             f"({args.pretrain_epochs} epochs, val acc {pre.val_acc:.3f}), fine-tuned on {', '.join(TARGET_CLASSES)} "
+             f"({pre.epochs} epochs, val acc {pre.val_acc:.3f}), fine-tuned on {', '.join(TARGET_CLASSES)} "
              f"with {args.per_class} images per class", "",
              "| run | val acc (last) | best val acc | epochs | time (s) |", "|---|---|---|---|---|"]
     for name, r in results.items():
