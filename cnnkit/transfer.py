@@ -67,31 +67,23 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
     from cnnkit.train.checkpoint import read_payload
 
-    if os.path.isdir(path) or _is_cnnkit_checkpoint(path):
+    if os.path.isdir(path):
         payload = read_payload(path)
         return payload["state_dict"], payload
-    try:
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} does not exist")
+    try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
                               "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None
+    if isinstance(state, dict) and "cnnkit_checkpoint" in state:
+        return state["state_dict"], state
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a Lightning-style or training checkpoint wrapping the weights
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
     return state, None
-
-
-def _is_cnnkit_checkpoint(path: str) -> bool:
-    from cnnkit.train.checkpoint import read_payload
-
-    if not os.path.isfile(path):
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        read_payload(path)
-        return True
-    except CheckpointError:
-        return False
 
 
 def load_weights(model: nn.Module, path: str, log: IO[str] | None = None) -> dict[str, Any] | None:

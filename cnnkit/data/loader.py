@@ -138,8 +138,8 @@ class BatchLoader:
         batch = self.batch_size
         if self.shuffle and self.world > 1:
             batch = self.batch_size // self.world
-            order = order.view(-1, self.world, batch)[:, self.rank].flatten() if len(order) % self.batch_size == 0 \
-                else order[: len(order) // self.batch_size * self.batch_size].view(-1, self.world, batch)[:, self.rank].flatten()
+            whole = order[: len(order) // self.batch_size * self.batch_size]  # whole global batches only
+            order = whole.view(-1, self.world, batch)[:, self.rank].flatten()
         loader = torch.utils.data.DataLoader(
             _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
             num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",

@@ -386,11 +386,11 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 def _any_process_stopping(stop: "StopSignals") -> bool:
     """Whether a signal reached any process: all stop after the same step, or the others would hang."""
-    flag = torch.tensor([int(stop.signal is not None)], dtype=torch.int32)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        distributed.all_reduce_sum(flag)
-        if flag.item() and stop.signal is None:
-            stop.signal = "SIGTERM"
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return stop.signal is not None  # one process: no tensor, no communication in the hot loop
+    flag = distributed.all_reduce_sum(torch.tensor([int(stop.signal is not None)], dtype=torch.int32))
+    if flag.item() and stop.signal is None:
+        stop.signal = "SIGTERM"
     return bool(flag.item())
 
 
