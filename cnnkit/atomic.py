@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -32,6 +32,21 @@ def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a temporary file in ``path``'s folder, then rename it over ``path``: a reader (a
+    browser refreshing a report) never sees half a file, and a failure leaves the previous file and no temp."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report or plot is meant to be read like any file
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

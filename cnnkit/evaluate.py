@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DataSpec, load_eval_set, load_splits
+from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.loop import evaluate_model
@@ -50,11 +50,7 @@ def evaluate(
     ckpt.model.to(dev)
     cfg = ckpt.config
     if data is None:
-        if not cfg:
-            raise UserError(f"{ckpt.path} does not record its training data; pass --data")
-        spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
-                        ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
-        eval_set = load_splits(spec)[1]
+        eval_set = training_validation_set(ckpt)
     else:
         spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
         eval_set = load_eval_set(spec)
@@ -78,6 +74,16 @@ def evaluate(
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=data or cfg["data"], precision=precision_name(amp_dtype))
+
+
+def training_validation_set(ckpt: Checkpoint) -> ImageSet:
+    """The validation set ``ckpt`` was trained with, rebuilt from the configuration it records."""
+    cfg = ckpt.config
+    if not cfg:
+        raise UserError(f"{ckpt.path} does not record its training data; pass --data")
+    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
+                    ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
+    return load_splits(spec)[1]
 
 
 def confusion_text(result: EvalResult, width: int = 6) -> str:
