@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.progress import progress_bar
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
@@ -323,8 +323,7 @@ def train_one_epoch(
     grad_norm_sum = torch.as_tensor(state.grad_norm_sum, device=device, dtype=torch.float32)
     bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   for b in (m.running_mean, m.running_var) if b is not None] if nan == "skip" else []
-    bar = tqdm(total=len(loader), initial=state.batch, desc=desc, leave=False, unit="batch", dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(len(loader), state.batch, desc, "batch", enabled=progress)  # plain lines when not a terminal
     t0 = time.perf_counter()
     seen_before = state.seen
     for images, labels in loader.batches(state.batch):
