@@ -11,13 +11,19 @@ from cnnkit.inspect import (  # noqa: E402
 )
 from cnnkit.models import create_model, list_models, register_model  # noqa: E402
 from cnnkit.predict import predict  # noqa: E402
+from cnnkit.report.html import ReportResult, write_report  # noqa: E402
+from cnnkit.report.plots import write_plots  # noqa: E402
+from cnnkit.runs import RunInfo, list_runs  # noqa: E402
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from cnnkit.train.config import TrainConfig, TrainResult  # noqa: E402
 from cnnkit.train.loop import train  # noqa: E402
+from cnnkit.train.lr_find import LrFindResult, lr_find  # noqa: E402
 
 __all__ = [
-    "Checkpoint", "EvalResult", "ExportResult", "OnnxModel", "TrainConfig", "TrainResult", "UserError", "capture",
+    "Checkpoint", "EvalResult", "ExportResult", "LrFindResult", "OnnxModel", "ReportResult", "RunInfo", "TrainConfig",
+    "TrainResult", "UserError", "capture",
     "class_activation_map", "conv_arithmetic", "conv_output_size", "create_model", "effective_receptive_field",
-    "evaluate", "export", "feature_maps", "filters", "list_models", "load_checkpoint", "predict",
-    "receptive_field", "register_model", "summary", "train", "verify_receptive_field",
+    "evaluate", "export", "feature_maps", "filters", "list_models", "list_runs", "load_checkpoint", "lr_find",
+    "predict", "receptive_field", "register_model", "summary", "train", "verify_receptive_field", "write_plots",
+    "write_report",
 ]

@@ -35,7 +35,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 64
-    lr: float | None = None  # peak learning rate; None: 0.05 for SGD, 2e-3 for AdamW
+    lr: float | str | None = None  # peak learning rate; None: 0.05 for SGD, 2e-3 for AdamW; "auto": lr_find's
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
@@ -57,6 +57,10 @@ class TrainConfig:
     bad_images: str = "skip"  # broken images in a folder: skip (listed in bad_images.txt) or error
     progress: bool = True
     sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
+    # showing the run (cnnkit/report/); opt-in, since drawing costs a few seconds that short runs notice
+    plots: bool = False  # plots/ at the end: curves, learning rate, confusion matrix, top losses
+    report: bool = False  # report.html at the end (with the plots)
+    tensorboard: bool = False  # TensorBoard events in <run>/tensorboard (needs the tensorboard extra)
 
 
 @dataclass

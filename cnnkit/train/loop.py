@@ -30,11 +30,13 @@ from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.progress import progress_bar
+from cnnkit.report.tensorboard import open_tensorboard, require_tensorboard
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
 from cnnkit.train.config import TrainConfig, TrainResult
+from cnnkit.train.lr_find import lr_find_record, resolve_auto_lr
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
@@ -103,6 +105,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     ctx = distributed.setup(device)  # one process, or one of torchrun's: only rank 0 prints and writes
     if not ctx.main:
         log = open(os.devnull, "w")
+    cfg, lr_search = resolve_auto_lr(cfg, log, ctx)  # --lr auto: the range test's suggestion, before anything else
 
     # Data: decoded once into uint8 tensors; augmentation happens per batch on the device.
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
@@ -193,7 +196,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        found = {"lr_find": lr_find_record(lr_search, run_dir)} if lr_search else {}
+        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, **found})
     skipped_images = train_set.skipped + val_set.skipped
     if skipped_images and ctx.main:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
@@ -225,6 +229,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
 
     _write_metrics(run_dir, run.history)
     _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
+    board = open_tensorboard(run_dir, classes, model, train_loader, mean, std, log) if cfg.tensorboard and ctx.main else None
     start = time.perf_counter()
     with StopSignals() as stop:
         for epoch in range(run.epoch, total_epochs + 1):
@@ -266,6 +271,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
                    "skipped_batches": epoch_state.skipped}
             run.history.append(row)
             _write_metrics(run_dir, run.history)
+            if board:
+                board.log_epoch(row, val.confusion)
             print(f"epoch {epoch}/{total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                   f"val loss {val.loss:.4f} acc {val.acc:.4f}  {row['images_per_s']:,.0f} images/s", file=log)
 
@@ -288,6 +295,12 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     )
     _write_json(run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(ctx)
+    if board:
+        board.close()
+    if ctx.main and (cfg.plots or cfg.report):
+        from cnnkit.report.html import show_run
+
+        show_run(run_dir, report=cfg.report, device=cfg.device, log=log)
     return result
 
 
@@ -535,8 +548,8 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise UserError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.lr is not None and cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise UserError(f"learning rate must be positive or 'auto', got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"label smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.momentum < 0 or cfg.save_every < 0:
@@ -545,4 +558,6 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
+    if cfg.tensorboard:
+        require_tensorboard()  # before any data is loaded or a run folder made
     return cfg

@@ -1,0 +1,132 @@
+"""What a run's checkpoint predicts for each validation image: probabilities and losses per image, and from
+them the confusion matrix and per-class precision, recall and F1.
+
+The figures match ``cnnkit.evaluate`` on the same checkpoint (the same validation set, batches, precision and
+eval mode); this pass also keeps each image's probabilities, which the top-losses grid and the choice of
+images for Grad-CAM need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data.images import load_image
+from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import ImageSet
+from cnnkit.evaluate import training_validation_set
+from cnnkit.train.checkpoint import Checkpoint
+from cnnkit.train.precision import autocast, resolve_device, resolve_precision
+
+
+@dataclass
+class ClassMetrics:
+    name: str
+    precision: float  # of the images predicted as this class, the share that are this class
+    recall: float  # of the images of this class, the share predicted as it
+    f1: float  # harmonic mean of precision and recall; 0 when both are 0
+    support: int  # validation images of this class
+
+
+@dataclass
+class Predictions:
+    """Per-image results of one checkpoint on its validation set (rows in the set's order)."""
+
+    data: ImageSet
+    classes: list[str]
+    probs: torch.Tensor  # N x K, softmax, float32
+    losses: torch.Tensor  # N, cross-entropy of the true class
+    labels: torch.Tensor  # N, true class
+    checkpoint: str
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.probs.argmax(dim=1)
+
+    @property
+    def acc(self) -> float:
+        return float((self.predicted == self.labels).float().mean()) if len(self.labels) else 0.0
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.double().mean()) if len(self.losses) else 0.0
+
+    def confusion(self) -> torch.Tensor:
+        """K x K counts, rows: true class, columns: predicted class."""
+        k = len(self.classes)
+        return torch.bincount(self.labels * k + self.predicted, minlength=k * k).view(k, k)
+
+    def per_class(self) -> list[ClassMetrics]:
+        cm = self.confusion().double()
+        out = []
+        for c, name in enumerate(self.classes):
+            predicted, support = float(cm[:, c].sum()), float(cm[c, :].sum())
+            precision = float(cm[c, c]) / predicted if predicted else 0.0
+            recall = float(cm[c, c]) / support if support else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            out.append(ClassMetrics(name, precision, recall, f1, int(support)))
+        return out
+
+    @property
+    def has_images(self) -> bool:
+        """False when rows no longer line up with the set's files (one broke after training)."""
+        return self.data.images is not None or self.data.files is not None
+
+    def images(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images (n x C x H x W) of the rows ``index``, as the model saw them (no augmentation)."""
+        if self.data.images is not None:
+            return self.data.images[index]
+        return torch.stack([load_image(self.data.files[i], self.data.channels, self.data.size)
+                            for i in index.tolist()])
+
+    def top_losses(self, n: int) -> torch.Tensor:
+        """Row indices of the ``n`` images with the highest loss, highest first."""
+        return self.losses.argsort(descending=True)[:n]
+
+    def confident_correct(self, n: int) -> torch.Tensor:
+        """Row indices of up to ``n`` correctly classified images, most confident first, one per class before
+        any class repeats (so a few pictures cover several classes)."""
+        correct = (self.predicted == self.labels).nonzero().flatten()
+        confidence = self.probs[correct, self.labels[correct]]
+        ranked = correct[confidence.argsort(descending=True)].tolist()
+        chosen, seen = [], set()
+        for i in ranked:
+            if int(self.labels[i]) not in seen:
+                chosen.append(i)
+                seen.add(int(self.labels[i]))
+        chosen += [i for i in ranked if i not in chosen]
+        return torch.tensor(chosen[:n], dtype=torch.long)
+
+
+@torch.no_grad()
+def predict_validation(ckpt: Checkpoint, device: str = "auto", batch_size: int | None = None) -> Predictions:
+    """Run ``ckpt``'s model (in eval mode) over the validation set it was trained with."""
+    dev = resolve_device(device)
+    cfg = ckpt.config
+    data = training_validation_set(ckpt)
+    amp_dtype = resolve_precision(cfg.get("precision", "auto"), dev)
+    loader = BatchLoader(data, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
+                         channels_last=cfg.get("channels_last", True))
+    model = ckpt.model.to(dev)
+    was_training = model.training
+    model.eval()
+    probs, losses, labels = [], [], []
+    try:
+        for images, y in loader:
+            with autocast(dev, amp_dtype):
+                logits = model(images)
+            logits = logits.float()
+            probs.append(logits.softmax(dim=1).cpu())
+            losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if loader.skipped:
+        # A file that broke since training was dropped from its batch: rows no longer line up with the files.
+        data = ImageSet(torch.cat(labels), data.classes, channels=data.channels, size=data.size, source=data.source)
+    k = len(ckpt.classes)
+    return Predictions(data, list(ckpt.classes), torch.cat(probs) if probs else torch.zeros(0, k),
+                       torch.cat(losses) if losses else torch.zeros(0), torch.cat(labels) if labels else
+                       torch.zeros(0, dtype=torch.long), ckpt.path)

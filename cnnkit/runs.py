@@ -1,0 +1,102 @@
+"""``cnnkit runs``: the run folders under a directory (``runs/`` by default), one line each — model, data,
+epochs, best validation accuracy, when it started and whether it finished — read from each folder's
+``config.json``, ``result.json`` and ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+from dataclasses import dataclass
+
+from cnnkit.errors import UserError
+
+DEFAULT_ROOT = "runs"
+
+
+@dataclass
+class RunInfo:
+    path: str
+    model: str
+    data: str
+    epochs_done: int  # rows in metrics.csv
+    epochs: int  # planned
+    best_val_acc: float | None  # None before the first epoch ends
+    best_epoch: int | None
+    started: str  # local time, YYYY-MM-DD HH:MM (config.json is written when the run starts)
+    status: str  # "finished", or "stopped" (also while it is still running)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _history(run_dir: str) -> list[dict]:
+    try:
+        with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error):
+        return []
+
+
+def run_info(run_dir: str) -> RunInfo | None:
+    """What ``run_dir`` holds, or None when it is not a run folder (no readable config.json)."""
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    if config is None:
+        return None
+    result = _read_json(os.path.join(run_dir, "result.json"))
+    history = _history(run_dir)
+    scored = []
+    for row in history:
+        try:
+            scored.append((float(row["val_acc"]), int(row["epoch"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    # the first epoch with the highest accuracy, as the training loop counts "best"
+    best = max(scored, key=lambda s: (s[0], -s[1]), default=(None, None))
+    if result:
+        best = (result.get("best_val_acc", best[0]), result.get("best_epoch", best[1]))
+    planned = (result or {}).get("epochs") or config.get("epochs") or 0
+    started = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json")))
+    return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
+                   best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), "finished" if result else "stopped")
+
+
+def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:
+    """The run folders directly under ``root`` (or ``root`` itself, if it is one), oldest first."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; pass the folder that holds your runs "
+                        f"(`cnnkit train` writes them under ./{DEFAULT_ROOT}/)")
+    single = run_info(root)
+    if single is not None:
+        return [single]
+    runs = [info for name in sorted(os.listdir(root)) if not name.startswith(".")
+            for info in [run_info(os.path.join(root, name))] if info is not None]
+    return sorted(runs, key=lambda r: (r.started, r.path))
+
+
+def latest_run(root: str = DEFAULT_ROOT) -> str:
+    """The most recently started run folder under ``root``."""
+    if not os.path.isdir(root):
+        raise UserError(f"no {root}/ folder here, so there is no latest run; pass a run folder")
+    runs = list_runs(root)
+    if not runs:
+        raise UserError(f"no run folders in {root}/; pass a run folder")
+    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r.path, "config.json"))).path
+
+
+def format_runs(runs: list[RunInfo]) -> str:
+    """An aligned table, one run a line."""
+    header = ("RUN", "MODEL", "DATA", "EPOCHS", "BEST ACC", "STARTED", "STATUS")
+    rows = [(r.path, r.model, r.data if len(r.data) <= 30 else "..." + r.data[-27:], f"{r.epochs_done}/{r.epochs}",
+             "-" if r.best_val_acc is None else f"{r.best_val_acc:.4f} (ep {r.best_epoch})", r.started, r.status)
+            for r in runs]
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])
