@@ -13,7 +13,9 @@ from cnnkit.errors import UserError
 
 EXAMPLES = {
     "train": "examples:\n  cnnkit train\n  cnnkit train --model simple_cnn --data cifar10 --download --epochs 15\n"
-             "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json",
+             "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json\n"
+             "  cnnkit train --lr auto --report                # learning rate from the range test; report.html at the end\n"
+             "  cnnkit train --tensorboard --quiet             # then: tensorboard --logdir runs",
     "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
     "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
                "  cnnkit predict best.pt photos/ --topk 3 --json\n"
@@ -39,7 +41,28 @@ EXAMPLES = {
                "  cnnkit filters best.pt --layer features.3 --mode channels --out conv2.png",
     "cam": "examples:\n  cnnkit cam runs/20260101-120000-simple_cnn --image star.png --out cam.png\n"
            "  cnnkit cam best.pt --image star.png --class circle --method all --out cam.png",
+    "models": "examples:\n  cnnkit models\n  cnnkit models 'resnet*'\n  cnnkit models '*mobilenet*'",
+    "report": "examples:\n  cnnkit report                                  # the newest run under ./runs\n"
+              "  cnnkit report runs/20260101-120000-simple_cnn\n"
+              "  cnnkit report runs/20260101-120000-simple_cnn --out ~/simple_cnn.html --json\n\n"
+              "The page is one file: pictures embedded, no scripts, no network requests. The plots also go to\n"
+              "RUN_DIR/plots/: curves.png, lr.png, confusion.png, top_losses.png.",
+    "runs": "examples:\n  cnnkit runs\n  cnnkit runs experiments/ --json",
+    "lr-find": "examples:\n  cnnkit lr-find\n  cnnkit lr-find --model resnet18 --data photos/ --batch-size 32 --out lr.png\n"
+               "  cnnkit lr-find --optimizer adamw --steps 300 --json\n"
+               "  cnnkit train --lr auto                         # runs the test first and trains with its suggestion\n\n"
+               "Takes the training options that shape the data, model and optimizer. The suggestion is a tenth of\n"
+               "the learning rate with the lowest smoothed loss (see cnnkit/train/lr_find.py for why).",
 }
+OVERVIEW = """examples:
+  cnnkit train                                   # simple_cnn on the generated shapes data
+  cnnkit train --data photos/ --report           # your images; report.html in the run folder at the end
+  cnnkit runs                                    # the runs so far: model, data, epochs, best accuracy
+  cnnkit report                                  # report.html for the newest run
+  cnnkit lr-find --data photos/                  # a learning rate for your data, or: train --lr auto
+  cnnkit eval runs/<run>   cnnkit predict runs/<run> cat.jpg   cnnkit export runs/<run> --format onnx --out m.onnx
+
+`cnnkit COMMAND --help` shows each command's options and examples."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +91,11 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def _learning_rate(text: str) -> float | str:
+    """A positive number, or 'auto' (the range test's suggestion)."""
+    return "auto" if text == "auto" else _positive_float(text)
 
 
 def _fraction(text: str) -> float:
@@ -117,8 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
 
-    parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.")
-    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    import platform
+
+    import torch
+    import torchvision
+
+    parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.",
+                     epilog=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__} (torch {torch.__version__}, "
+                        f"torchvision {torchvision.__version__}, Python {platform.python_version()})")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -155,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N training images (for shapes: generate N; default 20000)")
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 0.05 for sgd, 0.002 for adamw)")
+    t.add_argument("--lr", type=_learning_rate, help="peak learning rate, or auto: the suggestion of `cnnkit lr-find` "
+                   "(default: 0.05 for sgd, 0.002 for adamw)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     t.add_argument("--momentum", type=float, default=d.momentum)
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
@@ -189,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sync-bn", action="store_true",
                    help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    t.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines: only the result")
+    show = t.add_argument_group("showing the run")
+    show.add_argument("--plots", action="store_true",
+                      help="at the end, write plots/ in the run folder: curves, learning rate, confusion matrix, top losses")
+    show.add_argument("--report", action="store_true",
+                      help="at the end, write report.html in the run folder (and the plots); see `cnnkit report`")
+    show.add_argument("--tensorboard", action="store_true",
+                      help="write TensorBoard events to RUN/tensorboard (needs pip install 'cnnkit[tensorboard]')")
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test: loss against a growing learning rate",
+                        epilog=EXAMPLES["lr-find"], formatter_class=fmt)
+    # The training options are defined once, above; the range test takes those that shape data, model and optimizer.
+    for action in t._actions:
+        if action.dest not in LR_FIND_SKIPS:
+            lf._add_action(action)
+    lf.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
+    lf.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
+    lf.add_argument("--steps", type=_positive_int, default=200,
+                    help="steps of the test; it stops earlier when the loss blows up (default: 200)")
+    lf.add_argument("--out", default="lr_find.png", metavar="PNG", help="the plot (default: lr_find.png)")
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
     e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -239,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare on these image files or folders (the first 64 images; implies --verify)")
     x.add_argument("--json", action="store_true")
 
-    m = sub.add_parser("models", help="list the model names")
+    m = sub.add_parser("models", help="list the model names", epilog=EXAMPLES["models"], formatter_class=fmt)
     m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
 
     sh = sub.add_parser("shape", help="convolution arithmetic: the output size of a conv or pooling layer",
@@ -318,7 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
     ca.add_argument("--out", metavar="PNG", required=True)
     ca.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("report", help="one self-contained HTML page about a run: curves, errors, CAMs, model",
+                        epilog=EXAMPLES["report"], formatter_class=fmt)
+    rp.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (default: the newest under ./runs)")
+    rp.add_argument("--out", metavar="HTML", help="where to write it (default: RUN_DIR/report.html)")
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--json", action="store_true")
+
+    rn = sub.add_parser("runs", help="list runs: model, data, epochs, best accuracy, date",
+                        epilog=EXAMPLES["runs"], formatter_class=fmt)
+    rn.add_argument("root", nargs="?", default="runs", metavar="DIR", help="the folder holding the runs (default: runs)")
+    rn.add_argument("--json", action="store_true")
     return parser
+
+
+# Training options `lr-find` leaves out: how long and where a run goes, and what happens after it.
+LR_FIND_SKIPS = {"help", "lr", "epochs", "out", "resume", "save_every", "nproc", "sync_bn", "plots", "report",
+                 "tensorboard", "stages", "lr_backbone", "schedule", "warmup_epochs", "clip_grad", "nan"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -330,10 +403,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["model_options"] = _model_options(args.model_opt)
-    result = train(TrainConfig(**values), log=sys.stderr if args.json else sys.stdout, resume=args.resume)
+    values = _train_config_values(args)
+    log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    result = train(TrainConfig(**values), log=log, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if args.json:
@@ -341,6 +413,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}), "
               f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s; run folder {result.run_dir}")
+        if not (args.report or args.quiet):
+            print(f"see it: cnnkit report {result.run_dir}")
+    return 0
+
+
+def _train_config_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields among the parsed options (`out` only where it is the run folder)."""
+    from cnnkit.train.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - ({"out"} if args.command == "lr-find" else set())
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["model_options"] = _model_options(args.model_opt)
+    values["progress"] = not args.quiet
+    return values
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.lr_find import lr_find
+
+    log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    r = lr_find(TrainConfig(**_train_config_values(args)), start_lr=args.start_lr, end_lr=args.end_lr,
+                steps=args.steps, out=args.out, log=log)
+    if args.json:
+        print(json.dumps(r.summary()))
+    else:
+        print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}: the smoothed loss is lowest at "
+              f"{r.min_loss_lr:.3g}; it falls fastest at {r.steepest_lr:.3g}); {r.steps} steps"
+              f"{', stopped when the loss blew up' if r.diverged else ''}; curve in {r.plot}")
+        print(f"train with it: cnnkit train --lr {r.suggestion:.3g} ...  (or --lr auto)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnkit.report.html import write_report
+    from cnnkit.runs import latest_run
+
+    r = write_report(args.run_dir or latest_run(), out=args.out, device=args.device)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+    else:
+        print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f} s); plots in "
+              f"{os.path.join(r.run_dir, 'plots')}")
+        for note in r.notes:
+            print(f"left out: {note}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from cnnkit.runs import format_runs, list_runs
+
+    runs = list_runs(args.root)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in runs]))
+    elif not runs:
+        print(f"no runs in {args.root}/ yet; start one with: cnnkit train")
+    else:
+        print(format_runs(runs))
     return 0
 
 
@@ -545,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
                "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe, "shape": cmd_shape,
                "summary": cmd_summary, "rf": cmd_rf, "features": cmd_features, "filters": cmd_filters,
-               "cam": cmd_cam}[args.command]
+               "cam": cmd_cam, "lr-find": cmd_lr_find, "report": cmd_report, "runs": cmd_runs}[args.command]
     try:
         return command(args)
     except UserError as e:

@@ -1,0 +1,183 @@
+"""The pictures of a run: plots, report.html (opened in a real browser), TensorBoard events, `cnnkit runs`.
+
+One tiny run, trained once through the real CLI with --report --tensorboard --quiet, serves every test here.
+"""
+
+import base64
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnnkit
+from cnnkit.errors import UserError
+from cnnkit.report.html import write_report
+from cnnkit.report.predictions import predict_validation
+from cnnkit.runs import latest_run, list_runs
+from cnnkit.train.checkpoint import load_checkpoint
+from tests.conftest import run_cli
+from tests.report.browser import find_chromium, visit
+from tests.test_cli import assert_one_line_error
+
+EPOCHS = 2
+SCALAR_TAGS = {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "accuracy/val_top5", "learning_rate",
+               "speed/images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "runs" / "tiny"
+    proc = run_cli("train", "--num-samples", 256, "--epochs", EPOCHS, "--batch-size", 32, "--report", "--tensorboard",
+                   "--quiet", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return str(out), proc
+
+
+def assert_picture(data: bytes, least=(100, 100)):
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG"
+        assert img.width >= least[0] and img.height >= least[1], img.size
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10, "(nearly) constant picture"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16, "almost no distinct colours"
+
+
+def test_quiet_train_prints_only_the_result(run):
+    _, proc = run
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("done: val acc"), proc.stdout
+    assert "epoch 1/" not in proc.stdout + proc.stderr
+
+
+def test_run_folder_holds_the_plots_and_the_report(run):
+    folder, _ = run
+    assert sorted(os.listdir(os.path.join(folder, "plots"))) == ["confusion.png", "curves.png", "lr.png",
+                                                                 "top_losses.png"]
+    for name in os.listdir(os.path.join(folder, "plots")):
+        with open(os.path.join(folder, "plots", name), "rb") as f:
+            assert_picture(f.read(), least=(400, 250))
+    assert os.path.isfile(os.path.join(folder, "report.html"))
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # written atomically, nothing left over
+
+
+def test_report_is_one_self_contained_file(run):
+    folder, _ = run
+    with open(os.path.join(folder, "report.html"), encoding="utf-8") as f:
+        page = f.read()
+    assert "Content-Security-Policy" in page and "<script" not in page
+    # every resource is inline: no src/href that leaves the page
+    links = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert links and all(link.startswith(("data:image/png;base64,", "#")) for link in links), \
+        [link[:60] for link in links if not link.startswith(("data:", "#"))]
+    images = [link for link in links if link.startswith("data:")]
+    assert len(images) >= 10  # curves, lr, confusion, top losses, CAMs, feature maps
+    for uri in images:
+        assert_picture(base64.b64decode(uri.split(",", 1)[1]), least=(32, 32))
+    for section in ("metrics", "curves", "classes", "top-losses", "cam", "features", "model", "config"):
+        assert f'id="{section}"' in page
+    for text in ("Grad-CAM", "receptive field", "precision", "macro average", "simple_cnn", "star"):
+        assert text in page
+
+
+def test_report_opens_in_chromium_without_errors(run, tmp_path):
+    if find_chromium() is None:
+        message = "Chromium is not installed (apt-get install chromium; `make test` installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    folder, _ = run
+    url = "file://" + os.path.abspath(os.path.join(folder, "report.html"))
+    page = visit(url)
+    assert page.errors() == [], page.errors()
+    assert page.requests == [url]  # the page itself, nothing else
+    with open(tmp_path / "report.png", "wb") as f:  # kept for a person to look at (pytest's tmp folder)
+        f.write(page.screenshot)
+    with Image.open(io.BytesIO(page.screenshot)) as shot:
+        pixels = np.asarray(shot.convert("RGB"), dtype=np.float32)
+    assert shot.width == 1280 and shot.height > 3000, shot.size  # the whole page, every section laid out
+    assert pixels.std() > 20  # not blank
+    colourful = np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 40
+    assert colourful.mean() > 0.03  # the plots and pictures were decoded and painted, not just the text
+
+
+def test_report_figures_agree_with_cnnkit_evaluate(run):
+    folder, _ = run
+    best = os.path.join(folder, "best.pt")
+    pred = predict_validation(load_checkpoint(best), "cpu")
+    ev = cnnkit.evaluate(best, device="cpu")
+    assert pred.confusion().tolist() == ev.confusion_matrix
+    assert pred.acc == pytest.approx(ev.acc) and pred.loss == pytest.approx(ev.loss, rel=1e-4)
+    for mine, theirs in zip(pred.per_class(), ev.per_class):
+        assert mine.name == theirs["class"] and mine.support == theirs["support"]
+        assert mine.precision == pytest.approx(theirs["precision"]) and mine.recall == pytest.approx(theirs["recall"])
+        expected = 2 * mine.precision * mine.recall / (mine.precision + mine.recall) if mine.precision + mine.recall else 0
+        assert mine.f1 == pytest.approx(expected)
+    losses = pred.losses[pred.top_losses(5)]
+    assert (losses[:-1] >= losses[1:]).all() and losses[0] == pred.losses.max()
+
+
+def test_tensorboard_events_read_back(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, _ = run
+    events = EventAccumulator(os.path.join(folder, "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == SCALAR_TAGS
+    for tag in SCALAR_TAGS:
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, EPOCHS + 1)), tag
+    metrics = [line.split(",") for line in open(os.path.join(folder, "metrics.csv")).read().splitlines()]
+    val_acc = [float(row[metrics[0].index("val_acc")]) for row in metrics[1:]]
+    assert [e.value for e in events.Scalars("accuracy/val")] == pytest.approx(val_acc)
+    assert set(tags["images"]) == {"data/train_batch", "validation/confusion_matrix"}
+    assert [e.step for e in events.Images("validation/confusion_matrix")] == list(range(1, EPOCHS + 1))
+    assert tags["graph"]
+
+
+def test_report_command_and_its_errors(run, tmp_path):
+    folder, _ = run
+    out = tmp_path / "again.html"
+    proc = run_cli("report", folder, "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["path"] == str(out) and out.stat().st_size == result["size_bytes"]
+    assert_one_line_error(run_cli("report", tmp_path / "missing"), 2, "not a folder")
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        write_report(str(empty))
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no best.pt"):
+        write_report(str(empty))
+    with pytest.raises(UserError, match="folder does not exist"):
+        write_report(folder, out=str(tmp_path / "no" / "report.html"))
+    assert os.listdir(empty) == ["config.json"]  # nothing half-written
+
+
+def test_runs_lists_the_run(run):
+    folder, _ = run
+    root = os.path.dirname(folder)
+    proc = run_cli("runs", root)
+    assert proc.returncode == 0, proc.stderr
+    header, line = proc.stdout.strip().splitlines()
+    assert header.split() == ["RUN", "MODEL", "DATA", "EPOCHS", "BEST", "ACC", "STARTED", "STATUS"]
+    assert line.split()[:4] == [folder, "simple_cnn", "shapes", f"{EPOCHS}/{EPOCHS}"] and "finished" in line
+    (listed,) = list_runs(root)
+    result = json.load(open(os.path.join(folder, "result.json")))
+    assert listed.best_val_acc == result["best_val_acc"] and listed.status == "finished"
+    assert list_runs(folder) == [listed] and latest_run(root) == folder
+
+
+def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path):
+    # a tensorboard package that cannot be imported stands in for one that is not installed
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    proc = run_cli("train", "--tensorboard", "--out", tmp_path / "run",
+                   env={"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pip install 'cnnkit[tensorboard]'" in proc.stderr
+    assert not (tmp_path / "run").exists()
