@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install chromium clean
 
 $(BIN)/cnnkit: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,15 @@ install: $(BIN)/cnnkit
 demo: install
 	$(BIN)/cnnkit train
 
-test: install
+# The report test opens report.html in headless Chromium (Debian's package), installed here where it is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the report test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no chromium and no root to install it: the browser test will be skipped"; fi; }
+
+test: install chromium
 	$(BIN)/python -m pytest
 
 clean:
