@@ -21,10 +21,10 @@ class PlainProgress:
     the end: the caller prints its own summary)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "it", file: IO[str] | None = None,
-                 every: float = PLAIN_EVERY_S) -> None:
+                 every: float | None = None) -> None:
         self.total, self.n, self.desc, self.unit = total, initial, desc, unit
         self.file = file or sys.stderr
-        self.every = every
+        self.every = PLAIN_EVERY_S if every is None else every
         self.disable = False
         self.postfix: dict[str, Any] = {}
         self._last = time.monotonic()
@@ -37,7 +37,7 @@ class PlainProgress:
         now = time.monotonic()
         if now - self._last >= self.every and self.n < self.total:
             self._last = now
-            values = "  ".join(f"{k} {v}" for k, v in self.postfix.items())
+            values = "  ".join(f"{k.replace('_s', '/s')} {v}" for k, v in self.postfix.items())  # img_s: img/s
             print(f"{self.desc}  {self.n}/{self.total} {self.unit}  {values}".rstrip(), file=self.file, flush=True)
 
     def close(self) -> None:

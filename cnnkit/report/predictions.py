@@ -91,12 +91,14 @@ class Predictions:
         correct = (self.predicted == self.labels).nonzero().flatten()
         confidence = self.probs[correct, self.labels[correct]]
         ranked = correct[confidence.argsort(descending=True)].tolist()
+        labels = self.labels.tolist()
         chosen, seen = [], set()
         for i in ranked:
-            if int(self.labels[i]) not in seen:
+            if labels[i] not in seen:
                 chosen.append(i)
-                seen.add(int(self.labels[i]))
-        chosen += [i for i in ranked if i not in chosen]
+                seen.add(labels[i])
+        picked = set(chosen)
+        chosen += [i for i in ranked if i not in picked]
         return torch.tensor(chosen[:n], dtype=torch.long)
 
 
