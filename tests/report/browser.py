@@ -46,17 +46,16 @@ def visit(url: str, width: int = 1280, timeout: float = 60.0, browser: str | Non
     browser = browser or find_chromium()
     profile = tempfile.mkdtemp(prefix="cnnkit-chromium-")
     proc = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--hide-scrollbars",
          "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        port_file = os.path.join(profile, "DevToolsActivePort")
         deadline = time.monotonic() + timeout
-        while not (os.path.exists(port_file) and open(port_file).read().count("\n") >= 1):
+        while not (port := _debugging_port(profile)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{browser} did not start (exit code {proc.poll()})")
             time.sleep(0.05)
-        port = int(open(port_file).read().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
         ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout)
@@ -68,6 +67,17 @@ def visit(url: str, width: int = 1280, timeout: float = 60.0, browser: str | Non
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def _debugging_port(profile: str) -> int | None:
+    """The DevTools port Chromium writes into its profile once it listens (first line; the file is complete
+    when its second line, the browser's websocket path, is there)."""
+    try:
+        with open(os.path.join(profile, "DevToolsActivePort")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return int(lines[0]) if len(lines) >= 2 else None
 
 
 def _drive(ws, url: str, width: int, deadline: float) -> PageVisit:

@@ -82,12 +82,25 @@ def test_report_is_one_self_contained_file(run):
         assert text in page
 
 
-def test_report_opens_in_chromium_without_errors(run, tmp_path):
+def need_chromium():
     if find_chromium() is None:
         message = "Chromium is not installed (apt-get install chromium; `make test` installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_the_browser_check_sees_a_broken_page(tmp_path):
+    # the check below must be able to fail: a missing image and a script error are both caught
+    need_chromium()
+    page = tmp_path / "broken.html"
+    page.write_text('<!doctype html><body><p>x</p><img src="missing.png"><script>console.error("boom")</script>')
+    errors = [e["text"] for e in visit("file://" + str(page)).errors()]
+    assert any("ERR_FILE_NOT_FOUND" in e for e in errors) and "boom" in errors, errors
+
+
+def test_report_opens_in_chromium_without_errors(run, tmp_path):
+    need_chromium()
     folder, _ = run
     url = "file://" + os.path.abspath(os.path.join(folder, "report.html"))
     page = visit(url)
