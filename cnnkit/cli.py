@@ -51,8 +51,8 @@ EXAMPLES = {
     "lr-find": "examples:\n  cnnkit lr-find\n  cnnkit lr-find --model resnet18 --data photos/ --batch-size 32 --out lr.png\n"
                "  cnnkit lr-find --optimizer adamw --steps 300 --json\n"
                "  cnnkit train --lr auto                         # runs the test first and trains with its suggestion\n\n"
-               "Takes the training options that shape the data, model and optimizer. The suggestion is a tenth of\n"
-               "the learning rate with the lowest smoothed loss (see cnnkit/train/lr_find.py for why).",
+               "Takes the training options that shape the data, model and optimizer. For one-cycle, the suggestion is\n"
+               "the end of the valley around the lowest smoothed loss (see cnnkit/train/lr_find.py for why).",
 }
 OVERVIEW = """examples:
   cnnkit train                                   # simple_cnn on the generated shapes data
@@ -439,8 +439,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r.summary()))
     else:
-        print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}: the smoothed loss is lowest at "
-              f"{r.min_loss_lr:.3g}; it falls fastest at {r.steepest_lr:.3g}); {r.steps} steps"
+        print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}; the smoothed loss is lowest at "
+              f"{r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}); {r.steps} steps"
               f"{', stopped when the loss blew up' if r.diverged else ''}; curve in {r.plot}")
         print(f"train with it: cnnkit train --lr {r.suggestion:.3g} ...  (or --lr auto)")
     return 0

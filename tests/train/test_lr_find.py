@@ -6,7 +6,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
-from cnnkit.train.lr_find import FLAT_METHOD, MIN_METHOD, TENTH_METHOD, lr_find
+from cnnkit.train.lr_find import EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, TENTH_METHOD, lr_find
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 
@@ -23,14 +23,18 @@ def test_range_test_sweeps_exponentially_and_stops_when_the_loss_blows_up(tmp_pa
     assert r.lrs[0] == pytest.approx(1e-3) and max(ratios) == pytest.approx(min(ratios))  # geometric
     assert ratios[0] == pytest.approx((1e3 / 1e-3) ** (1 / 79))
     assert r.smoothed[-1] > 4 * min(r.smoothed)
-    # one-cycle, the default schedule, takes the rate of the lowest smoothed loss (after the settling tenth)
-    low = min(range(r.steps // 10, r.steps), key=r.smoothed.__getitem__)
-    assert r.method == MIN_METHOD and r.suggestion == r.min_loss_lr == r.lrs[low]
+    # one-cycle, the default schedule, takes the end of the valley around the lowest smoothed loss
+    settled = r.steps // 10
+    low = min(range(settled, r.steps), key=r.smoothed.__getitem__)
+    edge = r.lrs.index(r.edge_lr)
+    limit = r.smoothed[low] + EDGE_SHARE * (r.smoothed[settled] - r.smoothed[low])
+    assert r.min_loss_lr == r.lrs[low] and low <= edge and max(r.smoothed[low:edge + 1]) <= limit < r.smoothed[edge + 1]
+    assert r.method == EDGE_METHOD and r.suggestion == r.edge_lr
     assert r.lrs[0] < r.steepest_lr <= r.min_loss_lr
     assert (tmp_path / "lr.png").stat().st_size > 10_000 and r.plot == str(tmp_path / "lr.png")
     # without a warm-up, a tenth of it
     constant = lr_find(**sweep, schedule="constant")
-    assert constant.method == TENTH_METHOD and constant.suggestion == pytest.approx(r.min_loss_lr / 10)
+    assert constant.method == TENTH_METHOD and constant.suggestion == pytest.approx(r.edge_lr / 10)
 
 
 def test_flat_curve_keeps_the_default_learning_rate():
@@ -44,7 +48,7 @@ def test_auto_lr_trains_exactly_as_with_the_suggested_rate(tmp_path):
     auto = cnnkit.train(**common, lr="auto", out=str(tmp_path / "auto"))
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     found = config["lr_find"]
-    assert config["lr"] == found["suggestion"] and found["method"] in (MIN_METHOD, FLAT_METHOD)
+    assert config["lr"] == found["suggestion"] and found["method"] in (EDGE_METHOD, FLAT_METHOD)
     assert (tmp_path / "auto" / "lr_find.png").exists() and found["plot"] == str(tmp_path / "auto" / "lr_find.png")
     fixed = cnnkit.train(**common, lr=found["suggestion"], out=str(tmp_path / "fixed"))
     # the range test ran on its own model and the generators were re-seeded: the same run, bit for bit

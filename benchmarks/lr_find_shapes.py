@@ -1,0 +1,92 @@
+"""Does `cnnkit train --lr auto` (the learning-rate range test's suggestion) train as well as the default rate?
+
+    python -m benchmarks.lr_find_shapes [--models simple_cnn cnn_bn convnet] [--epochs 3] [--num-samples 6000] [--seeds 0]
+
+For each model and seed, on the generated ``shapes`` data: a short run with ``lr="auto"`` (the range test runs
+first, with the run's own settings, and its suggestion becomes the peak of the one-cycle schedule) and the same
+run with the default rate (0.05, SGD with Nesterov momentum, one-cycle). Everything else is equal, including the
+seed, so when the test falls back to the default the two runs are the same run. One torch thread, so that other
+processes on a shared machine slow the runs down without changing their results.
+Writes benchmarks/results/lr_find_shapes.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import cnnkit
+from cnnkit.train.optim import DEFAULT_LR
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def run(model: str, lr: float | str | None, seed: int, epochs: int, num_samples: int, folder: str) -> dict:
+    name = f"{model}-{'auto' if lr == 'auto' else 'default'}-{seed}"
+    with open(os.devnull, "w") as quiet:
+        r = cnnkit.train(model=model, data="shapes", num_samples=num_samples, epochs=epochs, lr=lr, seed=seed,
+                         progress=False, out=os.path.join(folder, name), log=quiet)
+    with open(os.path.join(r.run_dir, "config.json")) as f:
+        config = json.load(f)
+    return {"model": model, "seed": seed, "lr_setting": "auto" if lr == "auto" else "default", "lr": config["lr"],
+            "lr_find": config.get("lr_find"), "val_acc": r.val_acc, "best_val_acc": r.best_val_acc,
+            "val_loss": r.val_loss, "train_time_s": r.train_time_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["simple_cnn", "cnn_bn", "convnet"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num-samples", type=int, default=6000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for model in args.models:
+            for seed in args.seeds:
+                for lr in ("auto", None):
+                    rows.append(run(model, lr, seed, args.epochs, args.num_samples, folder))
+                    print(json.dumps(rows[-1]), flush=True)
+    meta = {"epochs": args.epochs, "num_samples": args.num_samples, "data": "shapes", "default_lr": DEFAULT_LR["sgd"],
+            "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__, "torch_threads": 1,
+            "load_before": load_before, "load_after": os.getloadavg()[0], "seconds": time.perf_counter() - start}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "lr_find_shapes.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    lines = [
+        "# `--lr auto` (learning-rate range test) against the default learning rate on `shapes`",
+        "",
+        f"{args.epochs} epochs on {args.num_samples:,} generated training images (2,000 validation images), batch 64, "
+        f"SGD with Nesterov momentum, one-cycle schedule; the default peak rate is {DEFAULT_LR['sgd']}. The range "
+        "test: 200 steps, lr 1e-6 to 10; for one-cycle it suggests the end of the valley around the lowest smoothed "
+        "loss, or the optimizer's default when the loss does not fall by 5% (a flat curve; see "
+        "cnnkit/train/lr_find.py). "
+        f"{meta['cpus']} CPUs, torch {meta['torch']} on 1 thread; load average {load_before:.1f} at the start, "
+        f"{meta['load_after']:.1f} at the end (other processes share these cores; times are not comparable).",
+        "",
+        "| model | seed | lr | range test | val acc (last) | best val acc | val loss | train s |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        found = r["lr_find"]
+        test = (f"{found['method']}; lowest loss at {found['min_loss_lr']:.3g}, valley ends at "
+                f"{found['edge_lr']:.3g}; {found['steps']} steps"
+                if found else "-")
+        lines.append(f"| {r['model']} | {r['seed']} | {r['lr_setting']} = {r['lr']:.3g} | {test} | {r['val_acc']:.4f} | "
+                     f"{r['best_val_acc']:.4f} | {r['val_loss']:.4f} | {r['train_time_s']:.0f} |")
+    with open(os.path.join(RESULTS, "lr_find_shapes.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
