@@ -174,21 +174,11 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     if len(lrs) < 10:
         raise UserError(f"the loss blew up within {len(lrs)} steps of the range test: lower the start "
                         f"learning rate (now {start_lr:g})")
-    # The first tenth of the test is left out: the moving average has not settled there.
-    settled = max(1, len(lrs) // 10)
-    low = min(range(settled, len(smoothed)), key=smoothed.__getitem__)
-    flat = smoothed[settled] - smoothed[low] < FLAT_DROP * smoothed[settled]
-    edge = _valley_edge(smoothed, low, smoothed[settled])
-    if flat:
-        suggestion, method = DEFAULT_LR.get(cfg.optimizer, 0.01), FLAT_METHOD
-    elif cfg.schedule == "onecycle":
-        suggestion, method = lrs[edge], EDGE_METHOD
-    else:
-        suggestion, method = lrs[edge] / 10, TENTH_METHOD
+    suggestion, method, edge, low = suggest(lrs, smoothed, cfg.schedule, DEFAULT_LR.get(cfg.optimizer, 0.01))
     result = LrFindResult(cfg.model, cfg.data, suggestion, method, lrs[edge], lrs[low],
-                          _steepest(lrs, smoothed, settled, low), diverged, len(lrs), time.perf_counter() - start,
-                          lrs, losses, smoothed)
-    if flat:
+                          _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
+                          time.perf_counter() - start, lrs, losses, smoothed)
+    if method == FLAT_METHOD:
         print(f"cnnkit: the loss did not fall during the range test (a plateau longer than {len(lrs)} steps); "
               f"keeping the {cfg.optimizer} default {suggestion:g}. A slower sweep may find the descent: more "
               "--steps, a higher --start-lr", file=log)
@@ -209,6 +199,19 @@ def _endless(loader: BatchLoader):
         loader.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: float) -> tuple[float, str, int, int]:
+    """(suggested rate, method, index of the valley's end, index of the minimum) of a range test's curve, by the
+    rules of the module doc. The first tenth of the steps is left out: the moving average has not settled there."""
+    settled = max(1, len(lrs) // 10)
+    low = min(range(settled, len(smoothed)), key=smoothed.__getitem__)
+    edge = _valley_edge(smoothed, low, smoothed[settled])
+    if smoothed[settled] - smoothed[low] < FLAT_DROP * smoothed[settled]:
+        return default, FLAT_METHOD, edge, low
+    if schedule == "onecycle":
+        return lrs[edge], EDGE_METHOD, edge, low
+    return lrs[edge] / 10, TENTH_METHOD, edge, low
 
 
 def _valley_edge(smoothed: list[float], low: int, settled_level: float) -> int:
