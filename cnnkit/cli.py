@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnkit.train.config import TrainConfig
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
+    from cnnkit.train.recipes import RECIPES
 
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.")
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
@@ -186,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                    help="train with N processes on this machine (DistributedDataParallel through torchrun; "
                         "for several machines run torchrun yourself: see cnnkit/train/distributed.py)")
+    sp = t.add_argument_group("speed")
+    sp.add_argument("--recipe", choices=tuple(RECIPES),
+                    help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
+                         "32x32 images such as CIFAR-10 (options you pass explicitly win)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
+                    "measure before relying on it: see benchmarks/train_speed.py)")
+    sp.add_argument("--cutout", type=int, default=d.cutout, metavar="PIXELS",
+                    help="zero one random square of this side in every training image")
+    sp.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=d.alternate_flip,
+                    help="flip each image every other epoch instead of at random")
+    sp.add_argument("--tta", action="store_true",
+                    help="also report the final validation accuracy with test-time augmentation")
     t.add_argument("--sync-bn", action="store_true",
                    help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
@@ -339,8 +352,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
-        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}), "
-              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s; run folder {result.run_dir}")
+        tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
+        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}){tta}, "
+              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training, {result.wall_time_s:.1f} s "
+              f"in all; run folder {result.run_dir}")
     return 0
 
 
@@ -538,6 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.recipe:
+        # A recipe's options become the defaults, so that every option given on the command line still wins.
+        from cnnkit.train.recipes import recipe_options
+
+        parser._subparsers._group_actions[0].choices["train"].set_defaults(**recipe_options(args.recipe))
+        args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:
         parser.print_help()

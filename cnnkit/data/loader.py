@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from cnnkit.data.augment import random_crop, random_flip
+from cnnkit.data.augment import alternating_flip, cutout, flip_bits, random_crop, random_flip
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
 from cnnkit.errors import DataError
@@ -22,6 +22,8 @@ from cnnkit.errors import DataError
 class Augment:
     crop_pad: int = 0  # pixels of random translation (RandomCrop padding)
     flip: bool = False
+    alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
+    cutout: int = 0  # side in pixels of a zeroed square per image (0: none)
 
 
 def channel_stats(data: ImageSet, max_images: int = 10000) -> tuple[list[float], list[float]]:
@@ -93,6 +95,7 @@ class BatchLoader:
         if data.images is not None and device.type != "cpu":
             self.images = data.images.to(device)
         self.labels = data.labels.to(device)
+        self.flip_bits = flip_bits(len(data), seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -121,7 +124,7 @@ class BatchLoader:
         share = self.batch_size // self.world if self.shuffle else self.batch_size
         for i in range(start, len(self)):
             idx = order[(i - start) * self.batch_size : (i - start + 1) * self.batch_size].to(self.device)
-            images = self._augment(self.images[idx], self._generator(i))
+            images = self._augment(self.images[idx], self._generator(i), idx)
             if self.shuffle and self.world > 1:
                 # Every process draws the augmentation of the whole global batch and keeps its share, so
                 # N processes see exactly the images one process would.
@@ -145,21 +148,25 @@ class BatchLoader:
             num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
         )
         for i, (images, labels) in enumerate(loader, start):
+            index = order[(i - start) * batch : (i - start + 1) * batch][: len(labels)]
             if i >= len(self):
                 break
             good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
             if not good.all():
                 self.skipped += int((~good).sum())
                 images, labels = images[good], labels[good]
-            images = self._augment(images.to(self.device, non_blocking=True), self._generator(i))
+            images = self._augment(images.to(self.device, non_blocking=True), self._generator(i), index[good])
             yield self._to_float(images), labels.to(self.device)
 
-    def _augment(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.augment is not None:
-            images = random_crop(images, self.augment.crop_pad, g)
-            if self.augment.flip:
-                images = random_flip(images, g)
-        return images
+    def _augment(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
+        if self.augment is None:
+            return images
+        images = random_crop(images, self.augment.crop_pad, g)
+        if self.augment.flip and self.augment.alternate_flip:
+            images = alternating_flip(images, self.flip_bits[index.cpu()], self.epoch)
+        elif self.augment.flip:
+            images = random_flip(images, g)
+        return cutout(images, self.augment.cutout, g)
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""
