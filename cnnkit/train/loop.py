@@ -30,6 +30,7 @@ from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.modes import eval_mode
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
@@ -399,14 +400,13 @@ def evaluate_model(
     model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None
 ) -> EvalStats:
     """Loss, accuracy, top-5 accuracy and confusion matrix of ``model`` on ``loader`` in eval mode
-    (BatchNorm uses its running statistics, Dropout is off). The model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
+    (BatchNorm uses its running statistics, Dropout is off). Every module's mode is restored afterwards."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     k = min(5, num_classes)
-    try:
+    # Not model.train() afterwards: that would also switch on BatchNorm layers that were frozen in eval mode.
+    with eval_mode(model):
         for images, labels in loader:
             with autocast(device, amp_dtype):
                 logits = model(images)
@@ -414,8 +414,6 @@ def evaluate_model(
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-    finally:
-        model.train(was_training)
     # Each process evaluated its own share of the images, each image exactly once: the sums are the whole set's.
     for t in (loss_sum, top5, confusion):
         distributed.all_reduce_sum(t)
