@@ -39,6 +39,9 @@ EXAMPLES = {
                "  cnnkit filters best.pt --layer features.3 --mode channels --out conv2.png",
     "cam": "examples:\n  cnnkit cam runs/20260101-120000-simple_cnn --image star.png --out cam.png\n"
            "  cnnkit cam best.pt --image star.png --class circle --method all --out cam.png",
+    "audit": "examples:\n  cnnkit audit runs/20260101-120000-resnet18\n  cnnkit audit resnet18 --freeze backbone\n"
+             "  cnnkit audit resnet18 --freeze backbone --plain-train     # the silent bug cnnkit train avoids\n"
+             "  cnnkit audit cnn_bn --stages 'classifier:2@1e-3,all:3@1e-4' --json",
 }
 
 
@@ -318,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
     ca.add_argument("--out", metavar="PNG", required=True)
     ca.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="which modules train, and which BatchNorm layers update their statistics",
+                        epilog=EXAMPLES["audit"], formatter_class=fmt)
+    au.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
+    au.add_argument("--freeze", choices=("backbone",), help="audit training with only the head trainable")
+    au.add_argument("--unfreeze", metavar="NAMES", help="audit training with only these modules trainable")
+    au.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
+    au.add_argument("--plain-train", action="store_true",
+                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
+    au.add_argument("--json", action="store_true")
     return parser
 
 
@@ -534,6 +546,17 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cnnkit.audit import audit, format_audit
+
+    a = audit(args.model, freeze=args.freeze, unfreeze=args.unfreeze, stages=args.stages, plain_train=args.plain_train)
+    if args.json:
+        _print_json(a)
+    else:
+        print(format_audit(a))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -545,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
                "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe, "shape": cmd_shape,
                "summary": cmd_summary, "rf": cmd_rf, "features": cmd_features, "filters": cmd_filters,
-               "cam": cmd_cam}[args.command]
+               "cam": cmd_cam, "audit": cmd_audit}[args.command]
     try:
         return command(args)
     except UserError as e:
