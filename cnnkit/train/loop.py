@@ -121,7 +121,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     if saved:
         mean, std = saved["mean"], saved["std"]
     elif cfg.pretrained:
-        mean, std, _ = normalization(cfg.model)  # ImageNet statistics, which the pretrained filters expect
+        mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
     elif start_payload is not None:
         mean, std = start_payload["mean"], start_payload["std"]
     else:
