@@ -57,6 +57,8 @@ class TrainConfig:
     bad_images: str = "skip"  # broken images in a folder: skip (listed in bad_images.txt) or error
     progress: bool = True
     sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
+    # class balance and data checks
+    check_data: bool = True  # before training: class counts, train/val duplicates, model mismatches (warnings)
 
 
 @dataclass

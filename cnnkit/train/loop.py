@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cnnkit.data.checks import check_splits
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
@@ -132,6 +133,15 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
                             "normalises its own share of the batch")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
+    if cfg.check_data and ctx.main and not saved:
+        data_check = check_splits(
+            train_set, val_set, cfg.model, cfg.pretrained,
+            weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
+            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
+            hash_files=False)
+        for warning in data_check.warnings:
+            print(f"cnnkit: warning: {warning}", file=log)
 
     augment = Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
