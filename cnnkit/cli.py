@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
                    help="broken images in a folder: leave them out and list them, or stop at the first")
     cb = t.add_argument_group("class balance and data checks")
+    cb.add_argument("--class-weights", choices=("auto",),
+                    help="auto: loss weights inversely proportional to class frequency, n / (k * count)")
+    cb.add_argument("--balanced-sampler", action="store_true",
+                    help="draw training batches with every class equally likely (with replacement)")
     cb.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=d.check_data,
                     help="check class balance, train/val duplicates and the data against the model before "
                          "training; warnings only (default: on)")

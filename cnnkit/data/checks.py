@@ -179,6 +179,13 @@ def check_splits(
                      train.size, mean, std, duplicates, checked, threshold, model, warnings, notes)
 
 
+def class_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Loss weights inversely proportional to class frequency, ``n / (k * count)``: 1 for every class of a
+    balanced set, and a class with a tenth of its share weighs ten times as much (scikit-learn's "balanced")."""
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp_min(1)
+    return (len(labels) / (num_classes * counts)).tolist()
+
+
 # --- duplicates ----------------------------------------------------------------------------------------------
 
 def _dct_matrix(n: int, k: int) -> torch.Tensor:

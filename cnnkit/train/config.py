@@ -58,6 +58,8 @@ class TrainConfig:
     progress: bool = True
     sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
     # class balance and data checks
+    class_weights: str | None = None  # "auto": loss weights n / (k * class count), recorded in class_weights.json
+    balanced_sampler: bool = False  # training batches drawn with every class equally likely (with replacement)
     check_data: bool = True  # before training: class counts, train/val duplicates, model mismatches (warnings)
 
 

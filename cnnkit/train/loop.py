@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cnnkit.data.checks import check_splits
+from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
@@ -139,7 +139,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
             train_set, val_set, cfg.model, cfg.pretrained,
             weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
             weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
-            hash_files=False)
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False)
         for warning in data_check.warnings:
             print(f"cnnkit: warning: {warning}", file=log)
 
@@ -149,7 +149,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     )
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
-                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world)
+                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
+                               balanced=cfg.balanced_sampler)
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
                              workers=cfg.workers, rank=ctx.rank, world=ctx.world)
 
@@ -179,7 +180,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
     stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
     net, optimizer, scheduler = start_stage(stage_index)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_weights = class_weights(train_set.labels, len(classes)) if cfg.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=None if loss_weights is None else torch.tensor(loss_weights, device=device),
+                                    label_smoothing=cfg.label_smoothing)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -205,6 +208,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
         _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        if loss_weights is not None:
+            _write_json(run_dir, "class_weights.json", {"classes": classes, "weights": loss_weights, "counts":
+                                                        torch.bincount(train_set.labels, minlength=len(classes)).tolist()})
     skipped_images = train_set.skipped + val_set.skipped
     if skipped_images and ctx.main:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
@@ -552,6 +558,9 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+    if cfg.class_weights not in (None, "auto"):
+        raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
+                        f"not '{cfg.class_weights}'")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     return cfg

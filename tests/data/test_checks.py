@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from cnnkit.data.checks import check_data, check_splits, format_check, perceptual_hashes
+from cnnkit.data.checks import check_data, check_splits, class_weights, format_check, perceptual_hashes
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from tests.conftest import run_cli, write_image_folder
 
@@ -76,6 +76,8 @@ def test_imbalance_warning_suggests_class_weights(tmp_path):
     assert result.train_counts[0] * 3 <= max(result.train_counts) and result.imbalance >= 3
     (warning,) = [w for w in result.warnings if "imbalanced" in w]
     assert "--class-weights auto" in warning and "--balanced-sampler" in warning and "circle" in warning
+    weights = class_weights(torch.tensor([0] * 2 + [1] * 8), 2)
+    assert weights == pytest.approx([10 / (2 * 2), 10 / (2 * 8)])
 
 
 def grey_set(n=40, level=30, channels=3, size=32):
