@@ -228,7 +228,15 @@ def _fingerprints(data: ImageSet) -> tuple[np.ndarray, list[bytes]]:
             thumbs = full
         hashes.append(perceptual_hashes(thumbs))
         digests += _digests(thumbs)
-    return np.concatenate(hashes), digests
+    return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), digests
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (numpy 2's bitwise_count, or a byte table on older numpy)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
 
 
 def _name(data: ImageSet, index: int, split: str) -> str:
@@ -243,7 +251,7 @@ def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THR
     same_pixels = {d: i for i, d in enumerate(train_digest)}
     found = []
     for start in range(0, len(val_hash), _COMPARE_ROWS):
-        distances = np.bitwise_count(val_hash[start : start + _COMPARE_ROWS, None] ^ train_hash[None, :])
+        distances = _popcount(val_hash[start : start + _COMPARE_ROWS, None] ^ train_hash[None, :])
         nearest = distances.argmin(1)
         matches = (distances <= threshold).sum(1)
         for row in np.nonzero(matches)[0].tolist():  # identical pixels hash identically: always among these
