@@ -60,7 +60,7 @@ class DataCheck:
     mean: list[float]  # per-channel statistics of the training images, [0, 1] units
     std: list[float]
     duplicates: list[Duplicate]  # validation images with a (near-)duplicate in training, closest first
-    duplicates_checked: bool  # False when skipped (a set too large for memory, at the start of `train`)
+    duplicates_checked: bool  # False when skipped: generated shapes data, or a set too large for memory in `train`
     threshold: int
     model: str | None = None
     warnings: list[str] = field(default_factory=list)  # worth acting on before training
