@@ -73,10 +73,11 @@ class BatchLoader:
         workers: int = 2,
         rank: int = 0,
         world: int = 1,
+        balanced: bool = False,
     ) -> None:
         """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
         every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
-        seen exactly once, with no padding)."""
+        seen exactly once, with no padding). ``balanced`` (with ``shuffle``) draws every class equally often."""
         if shuffle and batch_size % world:
             from cnnkit.errors import UserError
 
@@ -84,7 +85,7 @@ class BatchLoader:
         self.rank, self.world = rank, world
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.channels_last, self.workers = channels_last, workers
+        self.channels_last, self.workers, self.balanced = channels_last, workers, balanced
         self.epoch = 0
         self.skipped = 0  # images dropped at run time by the streaming path
         # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
@@ -110,6 +111,12 @@ class BatchLoader:
         if not self.shuffle:
             return torch.arange(self.rank, n, self.world)
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if self.balanced:
+            # Each draw picks a class uniformly, then an image of it: sampling weights 1 / class count, with
+            # replacement (rare images repeat within an epoch), like torch's WeightedRandomSampler, but drawn
+            # from the same per-epoch seed as the shuffled order, so a resumed epoch draws the same batches.
+            per_image = 1.0 / torch.bincount(self.data.labels).double()[self.data.labels]
+            return torch.multinomial(per_image, n, replacement=True, generator=g)
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

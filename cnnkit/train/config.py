@@ -63,6 +63,10 @@ class TrainConfig:
     alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
     cutout: int = 0  # side in pixels of a zeroed square per training image (0: none)
     tta: bool = False  # the final validation also averages mirrored and shifted views (tta_val_acc)
+    # class balance and data checks
+    class_weights: str | None = None  # "auto": loss weights n / (k * class count), recorded in class_weights.json
+    balanced_sampler: bool = False  # training batches drawn with every class equally likely (with replacement)
+    check_data: bool = True  # before training: class counts, train/val duplicates, model mismatches (warnings)
 
 
 @dataclass

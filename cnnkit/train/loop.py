@@ -26,10 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.modes import eval_mode
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
@@ -124,7 +126,7 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     if saved:
         mean, std = saved["mean"], saved["std"]
     elif cfg.pretrained:
-        mean, std, _ = normalization(cfg.model)  # ImageNet statistics, which the pretrained filters expect
+        mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
     elif start_payload is not None:
         mean, std = start_payload["mean"], start_payload["std"]
     else:
@@ -135,6 +137,15 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
                             "normalises its own share of the batch")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
+    if cfg.check_data and ctx.main and not saved:
+        data_check = check_splits(
+            train_set, val_set, cfg.model, cfg.pretrained,
+            weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
+            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False)
+        for warning in data_check.warnings:
+            print(f"cnnkit: warning: {warning}", file=log)
 
     augment = Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
@@ -143,7 +154,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     )
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
-                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world)
+                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
+                               balanced=cfg.balanced_sampler)
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
                              workers=cfg.workers, rank=ctx.rank, world=ctx.world)
     if hasattr(model, "init_from_data") and not saved and not start_payload:
@@ -181,7 +193,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
     stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
     net, optimizer, scheduler = start_stage(stage_index)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_weights = class_weights(train_set.labels, len(classes)) if cfg.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=None if loss_weights is None else torch.tensor(loss_weights, device=device),
+                                    label_smoothing=cfg.label_smoothing)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -207,6 +221,9 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
         _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        if loss_weights is not None:
+            _write_json(run_dir, "class_weights.json", {"classes": classes, "weights": loss_weights, "counts":
+                                                        torch.bincount(train_set.labels, minlength=len(classes)).tolist()})
     skipped_images = train_set.skipped + val_set.skipped
     if skipped_images and ctx.main:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
@@ -433,15 +450,14 @@ def evaluate_model(
     tta: bool = False,
 ) -> EvalStats:
     """Loss, accuracy, top-5 accuracy and confusion matrix of ``model`` on ``loader`` in eval mode
-    (BatchNorm uses its running statistics, Dropout is off). The model's mode is restored afterwards.
+    (BatchNorm uses its running statistics, Dropout is off). Every module's mode is restored afterwards.
     ``tta``: logits averaged over mirrored and shifted views (cnnkit.tta)."""
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     k = min(5, num_classes)
-    try:
+    # Not model.train() afterwards: that would also switch on BatchNorm layers that were frozen in eval mode.
+    with eval_mode(model):
         for images, labels in loader:
             with autocast(device, amp_dtype):
                 logits = tta_logits(model, images) if tta else model(images)
@@ -449,8 +465,6 @@ def evaluate_model(
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-    finally:
-        model.train(was_training)
     # Each process evaluated its own share of the images, each image exactly once: the sums are the whole set's.
     for t in (loss_sum, top5, confusion):
         distributed.all_reduce_sum(t)
@@ -583,6 +597,9 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
     if cfg.cutout < 0:
         raise UserError(f"--cutout must be 0 (off) or a side in pixels, got {cfg.cutout}")
+    if cfg.class_weights not in (None, "auto"):
+        raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
+                        f"not '{cfg.class_weights}'")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     return cfg

@@ -92,3 +92,21 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert not any("_orig_mod" in k for k in ckpt.model.state_dict())
     assert result.val_acc == cnnkit.evaluate(str(tmp_path / "run" / "last.pt")).acc
+
+
+def test_batchnorm_under_bf16_autocast_keeps_fp32_statistics_close_to_fp32_training():
+    from cnnkit.train.precision import autocast
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16) * 50 + 100  # large mean, where a bf16 variance would lose digits
+    stats = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).train()
+        with autocast(torch.device("cpu"), dtype):
+            model(x)
+        bn = model[1]
+        assert bn.running_mean.dtype == torch.float32 and bn.running_var.dtype == torch.float32
+        stats[dtype] = (bn.running_mean.clone(), bn.running_var.clone())
+    assert torch.allclose(stats[None][0], stats[torch.bfloat16][0], rtol=2e-2, atol=0.1)
+    assert torch.allclose(stats[None][1], stats[torch.bfloat16][1], rtol=2e-2)
