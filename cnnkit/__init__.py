@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from cnnkit.audit import Audit, audit  # noqa: E402
+from cnnkit.data.checks import DataCheck, check_data  # noqa: E402
 from cnnkit.errors import UserError  # noqa: E402
 from cnnkit.evaluate import EvalResult, evaluate  # noqa: E402
 from cnnkit.export import ExportResult, OnnxModel, export  # noqa: E402
@@ -20,10 +22,9 @@ from cnnkit.train.loop import train  # noqa: E402
 from cnnkit.train.lr_find import LrFindResult, lr_find  # noqa: E402
 
 __all__ = [
-    "Checkpoint", "EvalResult", "ExportResult", "LrFindResult", "OnnxModel", "ReportResult", "RunInfo", "TrainConfig",
-    "TrainResult", "UserError", "capture",
-    "class_activation_map", "conv_arithmetic", "conv_output_size", "create_model", "effective_receptive_field",
-    "evaluate", "export", "feature_maps", "filters", "list_models", "list_runs", "load_checkpoint", "lr_find",
-    "predict", "receptive_field", "register_model", "summary", "train", "verify_receptive_field", "write_plots",
-    "write_report",
+    "Audit", "Checkpoint", "DataCheck", "EvalResult", "ExportResult", "LrFindResult", "OnnxModel", "ReportResult",
+    "RunInfo", "TrainConfig", "TrainResult", "UserError", "capture", "audit", "check_data", "class_activation_map",
+    "conv_arithmetic", "conv_output_size", "create_model", "effective_receptive_field", "evaluate", "export",
+    "feature_maps", "filters", "list_models", "list_runs", "load_checkpoint", "lr_find", "predict", "receptive_field",
+    "register_model", "summary", "train", "verify_receptive_field", "write_plots", "write_report",
 ]

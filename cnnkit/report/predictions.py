@@ -17,6 +17,7 @@ from cnnkit.data.images import load_image
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import ImageSet
 from cnnkit.evaluate import training_validation_set
+from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import Checkpoint
 from cnnkit.train.precision import autocast, resolve_device, resolve_precision
 
@@ -112,10 +113,8 @@ def predict_validation(ckpt: Checkpoint, device: str = "auto", batch_size: int |
     loader = BatchLoader(data, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
                          channels_last=cfg.get("channels_last", True))
     model = ckpt.model.to(dev)
-    was_training = model.training
-    model.eval()
     probs, losses, labels = [], [], []
-    try:
+    with eval_mode(model):
         for images, y in loader:
             with autocast(dev, amp_dtype):
                 logits = model(images)
@@ -123,8 +122,6 @@ def predict_validation(ckpt: Checkpoint, device: str = "auto", batch_size: int |
             probs.append(logits.softmax(dim=1).cpu())
             losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
             labels.append(y.cpu())
-    finally:
-        model.train(was_training)
     if loader.skipped:
         # A file that broke since training was dropped from its batch: rows no longer line up with the files.
         data = ImageSet(torch.cat(labels), data.classes, channels=data.channels, size=data.size, source=data.source)

@@ -44,6 +44,7 @@ from typing import IO
 import torch
 import torch.nn as nn
 
+from cnnkit.data.checks import class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
@@ -118,7 +119,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
                          input_size=train_set.size, pretrained=cfg.pretrained, **cfg.model_options)
     payload = load_weights(model, cfg.weights, log) if cfg.weights else None
     if cfg.pretrained:
-        mean, std, _ = normalization(cfg.model)
+        mean, std, _ = normalization(cfg.model, train_set.channels)
     elif payload is not None:
         mean, std = payload["mean"], payload["std"]
     else:
@@ -126,12 +127,22 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     set_trainable(model, plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0].modules)
     augment = Augment(crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
-                      flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip)
+                      flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
+                      alternate_flip=cfg.alternate_flip, cutout=cfg.cutout)
     loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment, seed=cfg.seed,
                          drop_last=len(train_set) >= cfg.batch_size, channels_last=cfg.channels_last,
-                         workers=cfg.workers)
-    optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+                         workers=cfg.workers, balanced=cfg.balanced_sampler)
+    if hasattr(model, "init_from_data") and payload is None:  # the fast net's whitening filters, as train does it
+        sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
+                             channels_last=cfg.channels_last, workers=cfg.workers)
+        model.init_from_data(next(iter(sample))[0])
+    optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                               batch_size=cfg.batch_size)
+    # Groups may run at their own multiple of the rate (Muon's biases and head): the sweep keeps those ratios.
+    ratios = [group["lr"] / start_lr for group in optimizer.param_groups]
+    weights = class_weights(train_set.labels, len(train_set.classes)) if cfg.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
+                                    label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     print(f"cnnkit: learning-rate range test for {cfg.model} on {cfg.data}: up to {steps} steps of "
@@ -146,8 +157,8 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     batches = _endless(loader)
     for i in range(steps):
         lr = start_lr * factor**i
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
         images, labels = next(batches)
         with autocast(device, amp_dtype):
             loss = criterion(model(images), labels)
