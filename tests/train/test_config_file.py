@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import cnnkit
 from cnnkit.errors import UserError
 from cnnkit.train.config import read_config_file
 from tests.conftest import run_cli
@@ -30,15 +31,14 @@ def metrics(run):
             for row in csv.DictReader(open(run / "metrics.csv"))]
 
 
-def test_yaml_options_flags_override_them_and_config_json_replays_the_run(tmp_path):
+def test_yaml_options_overrides_win_and_config_json_replays_the_run_on_the_command_line(tmp_path):
     (tmp_path / "run.yaml").write_text(YAML)
-    first = run_cli("train", "--config", tmp_path / "run.yaml", "--epochs", "1", "--out", tmp_path / "a", "--json")
-    assert first.returncode == 0, first.stderr
-    result = json.loads(first.stdout.strip().splitlines()[-1])
+    result = cnnkit.train(config=str(tmp_path / "run.yaml"), epochs=1, out=str(tmp_path / "a"), progress=False)
     saved = json.load(open(tmp_path / "a" / "config.json"))
-    assert result["epochs"] == 1 and result["model"] == "cnn_bn"  # the flag beat the file's 3 epochs
+    assert result.epochs == 1 and result.model == "cnn_bn"  # the keyword beat the file's 3 epochs
     assert (saved["optimizer"], saved["lr"], saved["mixup"], saved["seed"]) == ("adamw", 0.003, 0.2, 4)
 
+    # config.json names its own run folder as "out": the flag given on the command line wins over the file.
     replay = run_cli("train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b")
     assert replay.returncode == 0, replay.stderr
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
@@ -70,5 +70,5 @@ def test_config_errors_on_the_command_line_exit_2_with_one_line(tmp_path):
     proc = run_cli("train", "--config", tmp_path / "run.json", "--out", tmp_path / "run")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "nonsense" in proc.stderr and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
-    proc = run_cli("train", "--config", tmp_path / "missing.yaml")
-    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    with pytest.raises(UserError, match="cannot read"):
+        read_config_file(str(tmp_path / "missing.yaml"))
