@@ -220,7 +220,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                     help="stop after PATIENCE epochs without improvement of --monitor")
     rc.add_argument("--monitor", choices=("val_acc", "val_loss"), default=d.monitor,
                     help="what picks best.pt and --keep-best and drives --early-stop (default: val_acc)")
-    rc.add_argument("--min-delta", type=float, default=d.min_delta,
+    rc.add_argument("--min-delta", type=float, default=d.min_delta, metavar="DELTA",
                     help="--early-stop: the least change of --monitor that counts as an improvement (default: 0)")
     rc.add_argument("--keep-best", type=int, default=d.keep_best, metavar="N",
                     help="also keep the N best epochs as best-epochNNN.pt")
