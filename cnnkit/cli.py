@@ -42,6 +42,11 @@ EXAMPLES = {
                "  cnnkit filters best.pt --layer features.3 --mode channels --out conv2.png",
     "cam": "examples:\n  cnnkit cam runs/20260101-120000-simple_cnn --image star.png --out cam.png\n"
            "  cnnkit cam best.pt --image star.png --class circle --method all --out cam.png",
+    "check-data": "examples:\n  cnnkit check-data photos/\n  cnnkit check-data photos/train --val-data photos/val --json\n"
+                  "  cnnkit check-data photos/ --val-split 0.2 --model resnet18 --pretrained --input-size 224",
+    "audit": "examples:\n  cnnkit audit runs/20260101-120000-resnet18\n  cnnkit audit resnet18 --freeze backbone\n"
+             "  cnnkit audit resnet18 --freeze backbone --plain-train     # the silent bug cnnkit train avoids\n"
+             "  cnnkit audit cnn_bn --stages 'classifier:2@1e-3,all:3@1e-4' --json",
 }
 
 
@@ -116,11 +121,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The parser of every command; ``train_defaults`` (from ``train --config FILE``) replace the defaults of
     ``train``'s options, so that flags given on the command line still win."""
     from cnnkit import __version__
+    from cnnkit.data.checks import DEFAULT_THRESHOLD
     from cnnkit.data.sources import BUILTIN
     from cnnkit.export import FORMATS
     from cnnkit.train.config import TrainConfig
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
+    from cnnkit.train.recipes import RECIPES
 
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.")
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
@@ -190,6 +197,14 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
     t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
                    help="broken images in a folder: leave them out and list them, or stop at the first")
+    cb = t.add_argument_group("class balance and data checks")
+    cb.add_argument("--class-weights", choices=("auto",),
+                    help="auto: loss weights inversely proportional to class frequency, n / (k * count)")
+    cb.add_argument("--balanced-sampler", action="store_true",
+                    help="draw training batches with every class equally likely (with replacement)")
+    cb.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=d.check_data,
+                    help="check class balance, train/val duplicates and the data against the model before "
+                         "training; warnings only (default: on)")
     t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>-<model>)")
     t.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
                    help="also write last.pt every STEPS steps (default: once per epoch)")
@@ -198,6 +213,18 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                    help="train with N processes on this machine (DistributedDataParallel through torchrun; "
                         "for several machines run torchrun yourself: see cnnkit/train/distributed.py)")
+    sp = t.add_argument_group("speed")
+    sp.add_argument("--recipe", choices=tuple(RECIPES),
+                    help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
+                         "32x32 images such as CIFAR-10 (options you pass explicitly win)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
+                    "measure before relying on it: see benchmarks/train_speed.py)")
+    sp.add_argument("--cutout", type=int, default=d.cutout, metavar="PIXELS",
+                    help="zero one random square of this side in every training image")
+    sp.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=d.alternate_flip,
+                    help="flip each image every other epoch instead of at random")
+    sp.add_argument("--tta", action="store_true",
+                    help="also report the final validation accuracy with test-time augmentation")
     t.add_argument("--sync-bn", action="store_true",
                    help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
@@ -361,6 +388,31 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     ca.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
     ca.add_argument("--out", metavar="PNG", required=True)
     ca.add_argument("--json", action="store_true")
+    cd = sub.add_parser("check-data", help="class counts, train/val duplicates, the data against a model",
+                        epilog=EXAMPLES["check-data"], formatter_class=fmt)
+    cd.add_argument("data", metavar="DATA", help=f"a folder with one sub-folder per class, or {', '.join(BUILTIN)}")
+    cd.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
+    cd.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+    cd.add_argument("--val-split", type=_fraction, metavar="F",
+                    help="the validation fraction training would hold out (default for folders: 0.1)")
+    cd.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square size to decode at (default: the data's)")
+    cd.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
+    cd.add_argument("--model", metavar="MODEL_OR_RUN", help="check channels, sizes and normalisation against this "
+                                                            "model name, run folder or checkpoint")
+    cd.add_argument("--pretrained", action="store_true", help="against torchvision's pretrained weights for --model")
+    cd.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
+                    help=f"near-duplicates: perceptual hashes differing in at most BITS of 64 (default: {DEFAULT_THRESHOLD})")
+    cd.add_argument("--json", action="store_true")
+
+    au = sub.add_parser("audit", help="which modules train, and which BatchNorm layers update their statistics",
+                        epilog=EXAMPLES["audit"], formatter_class=fmt)
+    au.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
+    au.add_argument("--freeze", choices=("backbone",), help="audit training with only the head trainable")
+    au.add_argument("--unfreeze", metavar="NAMES", help="audit training with only these modules trainable")
+    au.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
+    au.add_argument("--plain-train", action="store_true",
+                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
+    au.add_argument("--json", action="store_true")
     return parser
 
 
@@ -373,13 +425,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
 
-    if args.config:  # the file's values become the defaults, so the flags given on the command line win
+    if args.config:  # defaults in layers: a recipe's options, the file's values, then the flags given here win
         from cnnkit.train.config import read_config_file
+        from cnnkit.train.recipes import recipe_options
 
         if args.resume:
             raise UserError("--resume continues a run with its own settings; drop --config")
+        values = read_config_file(args.config)
         argv = args.argv
-        args = build_parser(train_defaults=read_config_file(args.config)).parse_args(argv)
+        defaults = {**recipe_options(args.recipe or values.get("recipe")), **values}
+        args = build_parser(train_defaults=defaults).parse_args(argv)
         args.argv = argv
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
@@ -390,8 +445,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
-        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}), "
-              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s; run folder {result.run_dir}")
+        tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
+        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}){tta}, "
+              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training, {result.wall_time_s:.1f} s "
+              f"in all; run folder {result.run_dir}")
     return 0
 
 
@@ -590,10 +647,40 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from cnnkit.data.checks import check_data, format_check
+
+    c = check_data(args.data, val_data=args.val_data, val_split=args.val_split, data_dir=args.data_dir,
+                   input_size=args.input_size, channels=args.channels, model=args.model, pretrained=args.pretrained,
+                   threshold=args.threshold)
+    if args.json:
+        _print_json(c)
+    else:
+        print(format_check(c))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cnnkit.audit import audit, format_audit
+
+    a = audit(args.model, freeze=args.freeze, unfreeze=args.unfreeze, stages=args.stages, plain_train=args.plain_train)
+    if args.json:
+        _print_json(a)
+    else:
+        print(format_audit(a))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.recipe:
+        # A recipe's options become the defaults, so that every option given on the command line still wins.
+        from cnnkit.train.recipes import recipe_options
+
+        parser._subparsers._group_actions[0].choices["train"].set_defaults(**recipe_options(args.recipe))
+        args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:
         parser.print_help()
@@ -601,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
                "models": cmd_models, "embed": cmd_embed, "probe": cmd_probe, "shape": cmd_shape,
                "summary": cmd_summary, "rf": cmd_rf, "features": cmd_features, "filters": cmd_filters,
-               "cam": cmd_cam}[args.command]
+               "cam": cmd_cam, "check-data": cmd_check_data, "audit": cmd_audit}[args.command]
     try:
         return command(args)
     except UserError as e:

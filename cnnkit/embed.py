@@ -15,6 +15,7 @@ from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
+from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import load_checkpoint
 from cnnkit.transfer import normalization
 
@@ -48,15 +49,13 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
     model = backbone.model
     head_name, head = find_head(model)
     parent = model.get_submodule(head_name.rpartition(".")[0]) if "." in head_name else model
-    was_training = model.training
     setattr(parent, head_name.rpartition(".")[2], nn.Identity())
-    model.eval()
     try:
-        loader = BatchLoader(data, batch_size, backbone.mean, backbone.std, torch.device("cpu"))
-        out = [model(x).flatten(1).float() for x, _ in loader]
+        with eval_mode(model):
+            loader = BatchLoader(data, batch_size, backbone.mean, backbone.std, torch.device("cpu"))
+            out = [model(x).flatten(1).float() for x, _ in loader]
     finally:
         setattr(parent, head_name.rpartition(".")[2], head)
-        model.train(was_training)
     return torch.cat(out).numpy()
 
 

@@ -9,7 +9,7 @@ compares like with like, and the class names, input size, channels, mean and std
 ``cnnkit predict model.onnx`` prepares images from that metadata through the same code as for a checkpoint.
 
 The model is exported in eval mode whatever mode it was left in (BatchNorm uses its running statistics,
-dropout is off), and afterwards every module is back in the mode it was in.
+dropout is off), and afterwards every module is back in the mode it was in, with its BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import CheckpointError, DataError, UserError
+from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, make_payload, payload_from_metadata, payload_metadata
 
 # The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
@@ -65,19 +66,6 @@ class ExportResult:
     max_abs_diff: float | None = None  # the largest over ``checks``
     tolerance: float = TOLERANCE
     verified: bool | None = None  # None when not verified, else max_abs_diff < tolerance
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; afterwards every module has the mode it had before (a model may
-    mix them, such as BatchNorm layers frozen in eval inside a model that trains)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _require(*packages: str, purpose: str) -> None:

@@ -8,7 +8,8 @@ import torch
 
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import UserError
-from cnnkit.export import OnnxModel, eval_mode
+from cnnkit.export import OnnxModel
+from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.tta import with_tta
 

@@ -49,11 +49,17 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def normalization(name: str) -> tuple[list[float], list[float], int]:
-    """Mean, std and the smallest input size (pixels) of torchvision's pretrained ``name``."""
+def normalization(name: str, channels: int = 3) -> tuple[list[float], list[float], int]:
+    """Mean, std and the smallest input size (pixels) of torchvision's pretrained ``name``, for ``channels``
+    input channels."""
     weights = pretrained_weights(name)
     t = weights.transforms()
-    return list(t.mean), list(t.std), max(weights.meta.get("min_size", (1, 1)))
+    mean, std = list(t.mean), list(t.std)
+    if channels == 1 and len(mean) == 3:
+        # The adapted first conv sums the RGB filters (timm's adapt_input_conv), so a grey image normalised with
+        # the channel-averaged statistics gives it about what the RGB filters gave a grey RGB image.
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std, max(weights.meta.get("min_size", (1, 1)))
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -170,3 +170,11 @@ def test_embed_and_probe(tmp_path, image_folder):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["train_acc"] == 1.0 and result["num_val"] == 8  # 24 points in 1024 dimensions: separable
+
+
+def test_pretrained_normalisation_for_one_channel_matches_the_adapted_first_conv():
+    from cnnkit.transfer import normalization
+
+    mean, std, _ = normalization("resnet18", channels=1)
+    assert mean == pytest.approx([(0.485 + 0.456 + 0.406) / 3]) and std == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
+    assert len(normalization("resnet18")[0]) == 3

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from cnnkit.data.augment import random_crop, random_flip
+from cnnkit.data.augment import alternating_flip, cutout, flip_bits, random_crop, random_flip
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
 from cnnkit.errors import DataError
@@ -22,6 +22,8 @@ from cnnkit.errors import DataError
 class Augment:
     crop_pad: int = 0  # pixels of random translation (RandomCrop padding)
     flip: bool = False
+    alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
+    cutout: int = 0  # side in pixels of a zeroed square per image (0: none)
 
 
 def channel_stats(data: ImageSet, max_images: int = 10000) -> tuple[list[float], list[float]]:
@@ -71,10 +73,11 @@ class BatchLoader:
         workers: int = 2,
         rank: int = 0,
         world: int = 1,
+        balanced: bool = False,
     ) -> None:
         """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
         every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
-        seen exactly once, with no padding)."""
+        seen exactly once, with no padding). ``balanced`` (with ``shuffle``) draws every class equally often."""
         if shuffle and batch_size % world:
             from cnnkit.errors import UserError
 
@@ -82,7 +85,7 @@ class BatchLoader:
         self.rank, self.world = rank, world
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.channels_last, self.workers = channels_last, workers
+        self.channels_last, self.workers, self.balanced = channels_last, workers, balanced
         self.epoch = 0
         self.skipped = 0  # images dropped at run time by the streaming path
         # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
@@ -93,6 +96,7 @@ class BatchLoader:
         if data.images is not None and device.type != "cpu":
             self.images = data.images.to(device)
         self.labels = data.labels.to(device)
+        self.flip_bits = flip_bits(len(data), seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,6 +111,12 @@ class BatchLoader:
         if not self.shuffle:
             return torch.arange(self.rank, n, self.world)
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if self.balanced:
+            # Each draw picks a class uniformly, then an image of it: sampling weights 1 / class count, with
+            # replacement (rare images repeat within an epoch), like torch's WeightedRandomSampler, but drawn
+            # from the same per-epoch seed as the shuffled order, so a resumed epoch draws the same batches.
+            per_image = 1.0 / torch.bincount(self.data.labels).double()[self.data.labels]
+            return torch.multinomial(per_image, n, replacement=True, generator=g)
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,7 +131,7 @@ class BatchLoader:
         share = self.batch_size // self.world if self.shuffle else self.batch_size
         for i in range(start, len(self)):
             idx = order[(i - start) * self.batch_size : (i - start + 1) * self.batch_size].to(self.device)
-            images = self._augment(self.images[idx], self._generator(i))
+            images = self._augment(self.images[idx], self._generator(i), idx)
             if self.shuffle and self.world > 1:
                 # Every process draws the augmentation of the whole global batch and keeps its share, so
                 # N processes see exactly the images one process would.
@@ -149,21 +159,25 @@ class BatchLoader:
             num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
         )
         for i, (images, labels) in enumerate(loader, start):
+            index = order[(i - start) * batch : (i - start + 1) * batch][: len(labels)]
             if i >= len(self):
                 break
             good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
             if not good.all():
                 self.skipped += int((~good).sum())
                 images, labels = images[good], labels[good]
-            images = self._augment(images.to(self.device, non_blocking=True), self._generator(i))
+            images = self._augment(images.to(self.device, non_blocking=True), self._generator(i), index[good])
             yield self._to_float(images), labels.to(self.device)
 
-    def _augment(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.augment is not None:
-            images = random_crop(images, self.augment.crop_pad, g)
-            if self.augment.flip:
-                images = random_flip(images, g)
-        return images
+    def _augment(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
+        if self.augment is None:
+            return images
+        images = random_crop(images, self.augment.crop_pad, g)
+        if self.augment.flip and self.augment.alternate_flip:
+            images = alternating_flip(images, self.flip_bits[index.cpu()], self.epoch)
+        elif self.augment.flip:
+            images = random_flip(images, g)
+        return cutout(images, self.augment.cutout, g)
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""

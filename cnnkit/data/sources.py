@@ -45,6 +45,7 @@ class ImageSet:
     size: int = 32
     source: str = ""
     skipped: list[str] = field(default_factory=list)  # one message per image left out because it is broken
+    paths: list[str] | None = None  # each image's file, for a folder (also when decoded in memory), to name it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,6 +56,7 @@ class ImageSet:
             labels=self.labels[idx],
             images=None if self.images is None else self.images[idx],
             files=None if self.files is None else [self.files[i] for i in idx.tolist()],
+            paths=None if self.paths is None else [self.paths[i] for i in idx.tolist()],
         )
 
 
@@ -257,7 +259,8 @@ def _folder(root: str, spec: DataSpec) -> ImageSet:
         missing = sorted(set(range(len(classes))) - set(labels.unique().tolist()))
         if missing:
             raise DataError(f"every image of class {classes[missing[0]]} in {root} is broken; fix them or remove the folder")
-    return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors))
+    return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors),
+                    paths=files)
 
 
 def _default_size(files: list[str]) -> int:

@@ -14,10 +14,10 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
 from cnnkit.errors import UserError
+from cnnkit.modes import eval_mode
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -70,17 +70,5 @@ def capture(model: nn.Module, layers: Sequence[str] | str, detach: bool = True) 
 def inspecting(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
     """Eval mode and (unless ``grad``) no autograd for the block; afterwards every module's ``training`` flag
     and every BatchNorm's running statistics are exactly what they were, also when the block raises."""
-    modes = [(m, m.training) for m in model.modules()]
-    stats = [(m, {k: v.detach().clone() for k, v in m.named_buffers(recurse=False)})
-             for m in model.modules() if isinstance(m, _BatchNorm)]
-    try:
-        model.eval()
-        with torch.set_grad_enabled(grad):
-            yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-        with torch.no_grad():
-            for m, buffers in stats:
-                for k, v in buffers.items():
-                    getattr(m, k).copy_(v)
+    with eval_mode(model), torch.set_grad_enabled(grad):
+        yield model

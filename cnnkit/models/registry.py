@@ -27,7 +27,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def _ensure_loaded() -> None:
     # Importing the model files registers their factories; torchvision's names are added lazily because
     # listing them imports all of torchvision.models.
-    from cnnkit.models import simple, torchvision  # noqa: F401
+    from cnnkit.models import fast, simple, torchvision  # noqa: F401
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -63,6 +63,16 @@ class TrainConfig:
     bad_images: str = "skip"  # broken images in a folder: skip (listed in bad_images.txt) or error
     progress: bool = True
     sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
+    # speed
+    recipe: str | None = None  # a named set of options (cnnkit.train.recipes), e.g. "fast"; explicit options win
+    compile: bool = False  # torch.compile the training step's model (pays off on some machines and models only)
+    alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
+    cutout: int = 0  # side in pixels of a zeroed square per training image (0: none)
+    tta: bool = False  # the final validation also averages mirrored and shifted views (tta_val_acc)
+    # class balance and data checks
+    class_weights: str | None = None  # "auto": loss weights n / (k * class count), recorded in class_weights.json
+    balanced_sampler: bool = False  # training batches drawn with every class equally likely (with replacement)
+    check_data: bool = True  # before training: class counts, train/val duplicates, model mismatches (warnings)
     # regularisation and run control (cnnkit/train/mix.py, cnnkit/train/ema.py)
     mixup: float = 0.0  # mixup's Beta(alpha, alpha) parameter, e.g. 0.2; 0: off
     cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) parameter, e.g. 1.0; 0: off (both on: one or the other per batch)
@@ -97,11 +107,14 @@ class TrainResult:
     params: int
     skipped_images: int = 0
     skipped_batches: int = 0  # batches with a non-finite loss, with nan="skip"
+    tta_val_acc: float | None = None  # the last epoch's validation accuracy with test-time augmentation
+    wall_time_s: float = 0.0  # from the call to train() to its return: data loading, set-up and evaluation included
     epochs_run: int = 0  # fewer than `epochs` when early stopping ended the run
     stop_reason: str = ""  # why the run ended: "completed", or the early-stopping rule that fired
     monitor: str = "val_acc"  # the metric that picked best.pt (best_epoch; best_val_acc is that epoch's val acc)
     best_score: float = 0.0  # the monitored metric at best_epoch
     ema_val_acc: float | None = None  # the weight EMA's validation accuracy after the last epoch
+
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -26,10 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.modes import eval_mode
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
@@ -41,6 +43,8 @@ from cnnkit.train.mix import Mix
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
+from cnnkit.train.recipes import recipe_options
+from cnnkit.tta import tta_logits
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
                   "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
@@ -49,6 +53,7 @@ NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols
 NAN_POLICIES = ("stop", "skip")
 MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
 SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
+NAN_CHECK_EVERY = 50  # steps between two reads of the finite-loss flag with nan="stop"
 
 
 @dataclass
@@ -106,8 +111,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     ``resume=RUN_DIR`` continues an interrupted run from its ``last.pt`` with the run's own configuration.
     Example: ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
     """
-    if isinstance(config, (str, os.PathLike)):
-        config = TrainConfig(**read_config_file(os.fspath(config)))
+    wall_start = time.perf_counter()
+    if isinstance(config, (str, os.PathLike)):  # a file's values, over its recipe's if it names one
+        values = read_config_file(os.fspath(config))
+        config = TrainConfig(**{**recipe_options(values.get("recipe")), **values})
     saved = _resume_payload(resume) if resume else None
     cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
     check_model_name(cfg.model)  # before minutes of data loading
@@ -143,7 +150,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     if saved:
         mean, std = saved["mean"], saved["std"]
     elif cfg.pretrained:
-        mean, std, _ = normalization(cfg.model)  # ImageNet statistics, which the pretrained filters expect
+        mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
     elif start_payload is not None:
         mean, std = start_payload["mean"], start_payload["std"]
     else:
@@ -154,18 +161,37 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                             "normalises its own share of the batch")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
+    # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
+    if cfg.check_data and ctx.main and not saved:
+        data_check = check_splits(
+            train_set, val_set, cfg.model, cfg.pretrained,
+            weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
+            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False)
+        for warning in data_check.warnings:
+            print(f"cnnkit: warning: {warning}", file=log)
 
     augment = None if cfg.overfit_batches else Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
         flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
+        alternate_flip=cfg.alternate_flip, cutout=cfg.cutout,
     )
     mix = Mix(len(classes), cfg.mixup, cfg.cutmix) if (cfg.mixup or cfg.cutmix) and not cfg.overfit_batches else None
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
-                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world)
+                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
+                               balanced=cfg.balanced_sampler)
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
                              workers=cfg.workers, rank=ctx.rank, world=ctx.world)
+    if hasattr(model, "init_from_data") and not saved and not start_payload:
+        # Layers computed from the data (the fast net's whitening filters) see the first training batches,
+        # normalised as training will normalise them.
+        sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
+                             channels_last=cfg.channels_last, workers=cfg.workers)
+        model.init_from_data(next(iter(sample))[0])
+    # The compiled model shares the parameters: checkpoints and evaluation use ``model`` itself.
+    step_model = torch.compile(model) if cfg.compile else model
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
 
     # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
@@ -182,9 +208,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         trainable = set_trainable(model, stage.modules)
         # Across processes, DistributedDataParallel averages the gradients; it is rebuilt per stage because it
         # registers the parameters that require gradients when it is made.
-        net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
+        net = torch.nn.parallel.DistributedDataParallel(step_model) if ctx.world > 1 else step_model
         optimizer = make_optimizer(model, cfg.optimizer, stage.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
-                                   backbone_lr=cfg.lr_backbone)
+                                   backbone_lr=cfg.lr_backbone, batch_size=cfg.batch_size)
         scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * steps_per_epoch,
                                    int(cfg.warmup_epochs * steps_per_epoch))
         stage_log.append({"stage": index + 1, "first_epoch": first_epochs[index], "modules": stage.modules or ["all"],
@@ -195,7 +221,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
     stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
     net, optimizer, scheduler = start_stage(stage_index)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_weights = class_weights(train_set.labels, len(classes)) if cfg.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=None if loss_weights is None else torch.tensor(loss_weights, device=device),
+                                    label_smoothing=cfg.label_smoothing)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -229,6 +257,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
         _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        if loss_weights is not None:
+            _write_json(run_dir, "class_weights.json", {"classes": classes, "weights": loss_weights, "counts":
+                                                        torch.bincount(train_set.labels, minlength=len(classes)).tolist()})
     skipped_images = train_set.skipped + val_set.skipped
     if skipped_images and ctx.main:
         with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
@@ -358,14 +389,19 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                       file=log)
                 break
 
+    tta_acc = None
+    if cfg.tta:
+        tta_acc = evaluate_model(model, val_loader, len(classes), device, amp_dtype, tta=True).acc
+        print(f"test-time augmentation (mirror and 1-pixel shifts): val acc {tta_acc:.4f}", file=log)
     result = TrainResult(
         val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
         epochs=total_epochs, train_acc=train_acc, train_loss=train_loss,
         train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
         run_dir=run_dir, model=cfg.model, data=cfg.data, precision=precision_name(amp_dtype),
         num_train=len(train_set), num_val=len(val_set), params=params, skipped_images=len(skipped_images),
-        skipped_batches=run.skipped_batches, epochs_run=len(run.history), stop_reason=run.stop_reason or "completed",
-        monitor=cfg.monitor, best_score=run.best_score, ema_val_acc=ema_val.acc if ema_val else None,
+        skipped_batches=run.skipped_batches, tta_val_acc=tta_acc, wall_time_s=time.perf_counter() - wall_start,
+        epochs_run=len(run.history), stop_reason=run.stop_reason or "completed", monitor=cfg.monitor,
+        best_score=run.best_score, ema_val_acc=ema_val.acc if ema_val else None,
     )
     _write_json(run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(ctx)
@@ -417,6 +453,10 @@ def train_one_epoch(
     seen_before = state.seen
     optimizer.zero_grad(set_to_none=True)
     pending = 0  # batches whose gradients wait for the next optimizer step
+    # With nan="stop" the finite-loss check is read only every NAN_CHECK_EVERY steps (and before any save):
+    # reading it each step would make a GPU wait for every batch. A non-finite step between two checks
+    # only spoils weights that are then never saved. nan="skip" must decide per step, so it reads each one.
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
@@ -428,14 +468,7 @@ def train_one_epoch(
             loss = criterion(logits, targets)
         if step_losses is not None:
             step_losses.append(loss.detach())
-        if not _all_finite(loss):
-            if nan == "stop":
-                raise NonFiniteLoss(
-                    f"the loss became {loss.item()} at batch {state.batch + 1} of this epoch (global step "
-                    f"{scheduler.last_epoch + 1}, lr {optimizer.param_groups[0]['lr']:.3g}); likely causes: a "
-                    "learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
-                    "--clip-grad 1.0, or pass --nan skip; the last good checkpoint was kept"
-                )
+        if nan == "skip" and not _all_finite(loss):
             for b, saved in zip(bn_buffers, bn_before):
                 b.copy_(saved)
             state.skipped += 1
@@ -448,8 +481,13 @@ def train_one_epoch(
             loss_sum += loss.detach().float() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             state.seen += len(labels)
+            if nan == "stop":
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.batch, first_bad)
 
         state.batch += 1
+        if nan == "stop" and (state.batch % NAN_CHECK_EVERY == 0 or state.batch == len(loader)
+                              or (save_every and state.batch % (save_every * accum_steps) == 0)):
+            _check_finite(first_bad, state, optimizer)
         if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
             if pending:
                 if clip_grad:
@@ -466,6 +504,8 @@ def train_one_epoch(
             scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
             if stop is not None and _any_process_stopping(stop):
+                if nan == "stop":
+                    _check_finite(first_bad, state, optimizer)  # the caller saves what it has: it must be good
                 break
             if save_every and save and state.batch % (save_every * accum_steps) == 0 and state.batch < len(loader):
                 save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
@@ -480,6 +520,18 @@ def train_one_epoch(
     state.seconds += time.perf_counter() - t0
     state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
     return state
+
+
+def _check_finite(first_bad: torch.Tensor, state: EpochState, optimizer: torch.optim.Optimizer) -> None:
+    """Raise NonFiniteLoss if any process has seen a non-finite loss since the epoch began."""
+    bad = distributed.all_reduce_sum((first_bad >= 0).to(torch.int32).reshape(1))
+    if bad.item():
+        where = f"at batch {first_bad.item() + 1}" if first_bad.item() >= 0 else f"by batch {state.batch}"
+        raise NonFiniteLoss(
+            f"the loss became non-finite {where} of this epoch (lr {optimizer.param_groups[0]['lr']:.3g}); likely "
+            "causes: a learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
+            "--clip-grad 1.0, or pass --nan skip; the last good checkpoint was kept"
+        )
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -500,26 +552,25 @@ def _any_process_stopping(stop: "StopSignals") -> bool:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None
+    model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None,
+    tta: bool = False,
 ) -> EvalStats:
     """Loss, accuracy, top-5 accuracy and confusion matrix of ``model`` on ``loader`` in eval mode
-    (BatchNorm uses its running statistics, Dropout is off). The model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
+    (BatchNorm uses its running statistics, Dropout is off). Every module's mode is restored afterwards.
+    ``tta``: logits averaged over mirrored and shifted views (cnnkit.tta)."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     k = min(5, num_classes)
-    try:
+    # Not model.train() afterwards: that would also switch on BatchNorm layers that were frozen in eval mode.
+    with eval_mode(model):
         for images, labels in loader:
             with autocast(device, amp_dtype):
-                logits = model(images)
+                logits = tta_logits(model, images) if tta else model(images)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-    finally:
-        model.train(was_training)
     # Each process evaluated its own share of the images, each image exactly once: the sums are the whole set's.
     for t in (loss_sum, top5, confusion):
         distributed.all_reduce_sum(t)
@@ -666,7 +717,9 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(unknown)}")
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    # A recipe sets its options first; whatever else the caller passes wins over it.
+    base = config or TrainConfig(**recipe_options(overrides.get("recipe")))
+    cfg = dataclasses.replace(base, **overrides)
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")
@@ -678,6 +731,11 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+    if cfg.cutout < 0:
+        raise UserError(f"--cutout must be 0 (off) or a side in pixels, got {cfg.cutout}")
+    if cfg.class_weights not in (None, "auto"):
+        raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
+                        f"not '{cfg.class_weights}'")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     for name in ("mixup", "cutmix", "min_delta"):

@@ -1,0 +1,61 @@
+"""Batched augmentation does what the per-image transforms it replaces do."""
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data.augment import alternating_flip, cutout, flip_bits, random_crop, random_flip
+from cnnkit.data.loader import Augment, BatchLoader
+from cnnkit.data.sources import ImageSet
+
+
+def _images(n=16, c=3, h=12, w=10):
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8)
+
+
+def test_random_crop_is_each_image_shifted_by_its_own_offset_with_zero_fill():
+    images, pad = _images(), 3
+    out = random_crop(images, pad, torch.Generator().manual_seed(5))
+    shifts = torch.randint(0, 2 * pad + 1, (2, len(images)), generator=torch.Generator().manual_seed(5))
+    padded = F.pad(images, (pad,) * 4)
+    h, w = images.shape[-2:]
+    for i in range(len(images)):
+        dy, dx = shifts[:, i].tolist()
+        assert torch.equal(out[i], padded[i, :, dy : dy + h, dx : dx + w])
+    assert len({tuple(s) for s in shifts.T.tolist()}) > 1  # the offsets really differ between images
+
+
+def test_random_flip_mirrors_some_images_and_keeps_the_others():
+    images = _images(64)
+    out = random_flip(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_alternating_flip_shows_every_image_both_ways_over_two_epochs():
+    images = _images(32)
+    bits = flip_bits(32, seed=0)
+    index = torch.arange(32)
+    even, odd = alternating_flip(images, bits[index], 0), alternating_flip(images, bits[index], 1)
+    for i in range(32):
+        assert torch.equal(even[i], images[i]) != torch.equal(odd[i], images[i])  # exactly one epoch mirrors it
+        assert torch.equal(even[i], odd[i].flip(-1))
+    assert torch.equal(alternating_flip(images, bits, 2), even)  # the pattern repeats every two epochs
+
+
+def test_cutout_zeroes_one_square_per_image():
+    images = torch.full((50, 3, 16, 16), 7, dtype=torch.uint8)
+    out = cutout(images, 4, torch.Generator().manual_seed(1))
+    zeros = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert (zeros <= 16).all() and (zeros == 16).sum() > 20  # squares clipped at the border hold fewer
+    assert ((out == 0) | (out == 7)).all() and (out[:, 0] == out[:, 1]).all()  # the same square in every channel
+
+
+def test_loader_with_alternating_flip_is_reproducible_per_epoch():
+    data = ImageSet(labels=torch.arange(40) % 4, classes=list("abcd"), images=_images(40, h=8, w=8), size=8)
+    loader = BatchLoader(data, 8, [0.5] * 3, [0.25] * 3, torch.device("cpu"), shuffle=True, seed=3,
+                         augment=Augment(crop_pad=1, flip=True, alternate_flip=True, cutout=2))
+    loader.set_epoch(4)
+    first = [x for x, _ in loader]
+    second = [x for x, _ in loader.batches(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], second))  # a resumed epoch sees the same batches

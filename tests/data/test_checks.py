@@ -1,0 +1,106 @@
+"""check-data: class balance, duplicates planted between training and validation, the data against a model."""
+
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from cnnkit.data.checks import check_data, check_splits, class_weights, format_check, perceptual_hashes
+from cnnkit.data.sources import DataSpec, ImageSet, load_splits
+from tests.conftest import run_cli, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A training and a validation folder of different generated images, and three training images planted in
+    validation: a copy, a re-encoded JPEG and a brighter version. Returns (train, val, {val path: train path})."""
+    root = tmp_path_factory.mktemp("planted")
+    train = write_image_folder(str(root / "train"), n_per_class=10, size=32, seed=0)
+    val = write_image_folder(str(root / "val"), n_per_class=4, size=32, seed=5)
+    sources = {c: os.path.join(train, c, name) for c, name in
+               (("circle", "002.png"), ("square", "005.png"), ("star", "007.png"))}
+    copy = os.path.join(val, "circle", "copy.png")
+    shutil.copy(sources["circle"], copy)
+    jpeg = os.path.join(val, "square", "reencoded.jpg")
+    Image.open(sources["square"]).convert("RGB").save(jpeg, quality=70)
+    brighter = os.path.join(val, "star", "brighter.png")
+    ImageEnhance.Brightness(Image.open(sources["star"]).convert("RGB")).enhance(1.15).save(brighter)
+    return train, val, {copy: sources["circle"], jpeg: sources["square"], brighter: sources["star"]}
+
+
+def test_check_data_names_planted_duplicates(planted):
+    train, val, pairs = planted
+    proc = run_cli("check-data", train, "--val-data", val, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    found = {d["val"]: d for d in result["duplicates"]}
+    assert {v: d["train"] for v, d in found.items()} == pairs  # all three, and nothing else
+    assert [found[v]["exact"] for v in pairs] == [True, False, False]
+    assert all(d["distance"] <= result["threshold"] for d in found.values())
+    assert result["train_counts"] == [10, 10, 10, 10] and result["val_counts"] == [5, 5, 5, 4]
+    assert any("3 validation image(s) (1 exact)" in w for w in result["warnings"])
+
+    text = format_check(check_data(train, val_data=val))
+    assert all(v in text and t in text for v, t in pairs.items())
+
+
+def test_duplicates_in_a_set_too_large_for_memory(planted, monkeypatch):
+    train, val, pairs = planted
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")  # decoded per batch: the check decodes thumbnails itself
+    assert load_splits(DataSpec(train, val_data=val))[0].images is None
+    result = check_data(train, val_data=val)
+    assert {d.val: d.train for d in result.duplicates} == pairs and result.duplicates_checked
+
+
+def test_a_near_duplicate_hashes_close_and_a_different_image_far():
+    torch.manual_seed(0)
+    a = (torch.rand(1, 3, 8, 8) * 255).to(torch.uint8).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(a[0].permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=60)
+    jpeg = torch.from_numpy(__import__("numpy").array(Image.open(buffer))).permute(2, 0, 1)[None]
+    other = torch.flip(a, dims=[3])
+    h = perceptual_hashes(torch.cat([a, jpeg, other]))
+    distance = [bin(int(h[0]) ^ int(x)).count("1") for x in h]
+    assert distance[1] <= 4 < 16 <= distance[2]
+
+
+def test_imbalance_warning_suggests_class_weights(tmp_path):
+    folder = write_image_folder(str(tmp_path / "imbalanced"), n_per_class=12, size=16)
+    for name in sorted(os.listdir(os.path.join(folder, "circle")))[:9]:
+        os.unlink(os.path.join(folder, "circle", name))
+    result = check_data(folder, val_split=0.25)
+    assert result.train_counts[0] * 3 <= max(result.train_counts) and result.imbalance >= 3
+    (warning,) = [w for w in result.warnings if "imbalanced" in w]
+    assert "--class-weights auto" in warning and "--balanced-sampler" in warning and "circle" in warning
+    weights = class_weights(torch.tensor([0] * 2 + [1] * 8), 2)
+    assert weights == pytest.approx([10 / (2 * 2), 10 / (2 * 8)])
+
+
+def grey_set(n=40, level=30, channels=3, size=32):
+    torch.manual_seed(n)  # the 10-image validation sets differ from the 40-image training sets
+    grey = (torch.rand(n, 1, size, size) * 2 * level).to(torch.uint8)  # dark, like MNIST or X-rays
+    return ImageSet(torch.arange(n) % 2, ["a", "b"], grey.expand(-1, channels, -1, -1).contiguous(), None, channels,
+                    size, "generated")
+
+
+def test_data_against_the_model():
+    train, val = grey_set(), grey_set(10)
+    result = check_splits(train, val, "resnet18", pretrained=True)
+    assert any("ImageNet" not in w and "normalised as torchvision's pretrained resnet18" in w for w in result.warnings)
+    assert any("grey (R = G = B)" in n for n in result.notes)
+    one = check_splits(grey_set(channels=1), grey_set(10, channels=1), "resnet18", pretrained=True)
+    assert any("adapt_input_conv" in n for n in one.notes)
+    small = check_splits(grey_set(size=32), grey_set(10, size=32), "inception_v3")
+    assert any("at least 75x75" in w for w in small.warnings)
+    unknown = check_splits(train, val, "simple_cnn", weights_label="weights.pth")
+    assert any("records no input normalisation" in w for w in unknown.warnings)
+    assert not check_splits(train, val, "simple_cnn").warnings  # own statistics, balanced, no leaks
+
+
+def test_check_data_bad_input_is_one_line(tmp_path):
+    proc = run_cli("check-data", tmp_path / "missing")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing" in proc.stderr
