@@ -34,8 +34,12 @@ def run(model: str, lr: float | str | None, seed: int, epochs: int, num_samples:
                          progress=False, out=os.path.join(folder, name), log=quiet)
     with open(os.path.join(r.run_dir, "config.json")) as f:
         config = json.load(f)
+    lr_find = None
+    if os.path.exists(os.path.join(r.run_dir, "lr_find.json")):
+        with open(os.path.join(r.run_dir, "lr_find.json")) as f:
+            lr_find = json.load(f)
     return {"model": model, "seed": seed, "lr_setting": "auto" if lr == "auto" else "default", "lr": config["lr"],
-            "lr_find": config.get("lr_find"), "val_acc": r.val_acc, "best_val_acc": r.best_val_acc,
+            "lr_find": lr_find, "val_acc": r.val_acc, "best_val_acc": r.best_val_acc,
             "val_loss": r.val_loss, "train_time_s": r.train_time_s}
 
 

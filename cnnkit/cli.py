@@ -15,7 +15,10 @@ EXAMPLES = {
     "train": "examples:\n  cnnkit train\n  cnnkit train --model simple_cnn --data cifar10 --download --epochs 15\n"
              "  cnnkit train --model resnet18 --data photos/ --val-split 0.1 --input-size 64 --json\n"
              "  cnnkit train --lr auto --report                # learning rate from the range test; report.html at the end\n"
-             "  cnnkit train --tensorboard --quiet             # then: tensorboard --logdir runs",
+             "  cnnkit train --tensorboard --quiet             # then: tensorboard --logdir runs\n"
+             "  cnnkit train --config run.yaml --epochs 5          # the file's options, then the flags given here\n"
+             "  cnnkit train --config runs/<run>/config.json --out again   # replay a run\n"
+             "  cnnkit train --cutmix 1.0 --mix-off-epochs 2 --ema 0.999 --early-stop 5 --keep-best 3",
     "eval": "examples:\n  cnnkit eval runs/20260101-120000-simple_cnn\n  cnnkit eval best.pt --data test_images/ --json",
     "predict": "examples:\n  cnnkit predict runs/20260101-120000-simple_cnn cat.jpg dog.png\n"
                "  cnnkit predict best.pt photos/ --topk 3 --json\n"
@@ -142,7 +145,9 @@ def _model_options(pairs: list[str]) -> dict:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; ``train_defaults`` (from ``train --config FILE``) replace the defaults of
+    ``train``'s options, so that flags given on the command line still win."""
     from cnnkit import __version__
     from cnnkit.data.checks import DEFAULT_THRESHOLD
     from cnnkit.data.sources import BUILTIN
@@ -174,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
         p.add_argument("--val-split", type=_fraction, metavar="F",
                        help="hold out this fraction of each class for validation (default for folders: 0.1)")
+
+    def tta_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ema", action="store_true", help="a run folder's weight EMA (best_ema.pt) instead of best.pt")
+        p.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: average the probabilities of each image and its mirror image")
+        p.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
+                       help="test-time augmentation: also average over the image shifted by PIXELS up, down, left, right")
 
     t = sub.add_parser("train", help="train a model", epilog=EXAMPLES["train"], formatter_class=fmt)
     t.add_argument("--model", default=d.model, help=f"a name from `cnnkit models` (default: {d.model})")
@@ -252,6 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sync-bn", action="store_true",
                    help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    t.add_argument("--config", metavar="FILE",
+                   help="a YAML or JSON file of training options (keys: TrainConfig's fields, e.g. batch_size); "
+                        "flags given on the command line override it; a run folder's config.json replays that run")
+    rc = t.add_argument_group("regularisation and run control")
+    rc.add_argument("--mixup", type=float, default=d.mixup, metavar="ALPHA",
+                    help="mixup: blend image pairs, lam ~ Beta(ALPHA, ALPHA), e.g. 0.2 (default: off)")
+    rc.add_argument("--cutmix", type=float, default=d.cutmix, metavar="ALPHA",
+                    help="CutMix: paste a box of another image, e.g. 1.0 (with --mixup: one or the other per batch)")
+    rc.add_argument("--mix-off-epochs", type=int, default=d.mix_off_epochs, metavar="N",
+                    help="no mixup/CutMix in the last N epochs")
+    rc.add_argument("--ema", type=float, metavar="DECAY",
+                    help="keep an exponential moving average of the weights, e.g. 0.999; evaluated every epoch "
+                         "(ema_val_acc) and saved as best_ema.pt / last_ema.pt")
+    rc.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps, metavar="N",
+                    help="gradient accumulation: one optimizer step every N batches (an N times larger batch)")
+    rc.add_argument("--early-stop", type=_positive_int, metavar="PATIENCE",
+                    help="stop after PATIENCE epochs without improvement of --monitor")
+    rc.add_argument("--monitor", choices=("val_acc", "val_loss"), default=d.monitor,
+                    help="what picks best.pt and --keep-best and drives --early-stop (default: val_acc)")
+    rc.add_argument("--min-delta", type=float, default=d.min_delta, metavar="DELTA",
+                    help="--early-stop: the least change of --monitor that counts as an improvement (default: 0)")
+    rc.add_argument("--keep-best", type=int, default=d.keep_best, metavar="N",
+                    help="also keep the N best epochs as best-epochNNN.pt")
+    rc.add_argument("--overfit-batches", type=_positive_int, default=d.overfit_batches, metavar="N",
+                    help="sanity check: train and validate on the same N batches, without augmentation")
+    rc.add_argument("--smoke", action="store_true",
+                    help="a quick sanity run of this command line: at most 2 epochs of 5 batches, small validation")
+    if train_defaults:
+        t.set_defaults(**train_defaults)
     t.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines: only the result")
     show = t.add_argument_group("showing the run")
     show.add_argument("--plots", action="store_true",
@@ -280,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     e.add_argument("--device", default="auto")
+    tta_options(e)
     e.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="classify images", epilog=EXAMPLES["predict"], formatter_class=fmt)
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder, a .pt, .safetensors or .onnx file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
+    tta_options(p)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     p.add_argument("--json", action="store_true")
@@ -444,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Training options `lr-find` leaves out: how long and where a run goes, and what happens after it.
 LR_FIND_SKIPS = {"help", "lr", "epochs", "out", "resume", "save_every", "nproc", "sync_bn", "plots", "report",
                  "tensorboard", "stages", "lr_backbone", "schedule", "warmup_epochs", "clip_grad", "nan", "compile",
-                 "tta", "check_data"}
+                 "tta", "check_data", "config", "mixup", "cutmix", "mix_off_epochs", "ema", "accum_steps", "early_stop",
+                 "monitor", "min_delta", "keep_best", "overfit_batches", "smoke"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -456,6 +500,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
 
+    if args.config:  # defaults in layers: a recipe's options, the file's values, then the flags given here win
+        from cnnkit.train.config import read_config_file
+        from cnnkit.train.recipes import recipe_options
+
+        if args.resume:
+            raise UserError("--resume continues a run with its own settings; drop --config")
+        values = read_config_file(args.config)
+        argv = args.argv
+        defaults = {**recipe_options(args.recipe or values.get("recipe")), **values}
+        args = build_parser(train_defaults=defaults).parse_args(argv)
+        args.argv = argv
     values = _train_config_values(args)
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
     result = train(TrainConfig(**values), log=log, resume=args.resume)
@@ -479,7 +534,7 @@ def _train_config_values(args: argparse.Namespace) -> dict:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - ({"out"} if args.command == "lr-find" else set())
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["model_options"] = _model_options(args.model_opt)
+    values["model_options"] = {**values.get("model_options", {}), **_model_options(args.model_opt)}
     values["progress"] = not args.quiet
     return values
 
@@ -533,15 +588,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cnnkit.evaluate import confusion_text, evaluate
     from cnnkit.train.checkpoint import load_checkpoint
 
-    r = evaluate(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.data, data_dir=args.data_dir, val_split=args.val_split,
-                 val_data=args.val_data, batch_size=args.batch_size, device=args.device)
+    r = evaluate(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
+                 val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
+                 tta_shift=args.tta_shift)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return 0
-    print(f"{r.checkpoint} on {r.count:,} images of {r.data}: acc {r.acc:.4f}  top-5 {r.top5:.4f}  loss {r.loss:.4f}")
-    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'support':>9}")
+    views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
+    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  top-5 {r.top5:.4f}  "
+          f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
+    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c in r.per_class:
-        print(f"{c['class'][:15]:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['support']:>9}")
+        print(f"{c['class'][:15]:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
     print(confusion_text(r))
     return 0
 
@@ -550,8 +608,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.predict import predict
     from cnnkit.train.checkpoint import load_checkpoint
 
-    model = load_checkpoint(args.checkpoint, trust=True) if args.trust_checkpoint else args.checkpoint
-    results = predict(model, args.paths, topk=args.topk)
+    model = args.checkpoint
+    if args.trust_checkpoint or args.ema:
+        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, ema=args.ema)
+    results = predict(model, args.paths, topk=args.topk, tta=args.tta, tta_shift=args.tta_shift)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)

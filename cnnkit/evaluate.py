@@ -11,6 +11,8 @@ from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.loop import evaluate_model
+from cnnkit.train.metrics import macro_averages, per_class_metrics
+from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
 
 
@@ -20,12 +22,15 @@ class EvalResult:
     top5: float
     loss: float
     count: int
-    per_class: list[dict]  # {class, precision, recall, support}
+    per_class: list[dict]  # {class, precision, recall, f1, support}
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     classes: list[str]
     checkpoint: str
     data: str
     precision: str
+    macro_recall: float = 0.0  # unweighted means over the classes (every class counts the same)
+    macro_f1: float = 0.0
+    tta_views: int = 1  # views averaged per image (test-time augmentation; 1: none)
 
 
 def evaluate(
@@ -38,15 +43,19 @@ def evaluate(
     batch_size: int | None = None,
     device: str = "auto",
     precision: str | None = None,
+    ema: bool = False,
+    tta: bool = False,
+    tta_shift: int = 0,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` (a run folder, a .pt file or a loaded Checkpoint).
 
     Without ``data``: the validation set the run was trained with. With ``data``: the same rules as
     training pick the part to measure (shapes' validation set, a torchvision test split, the
     ``val_split`` part of a folder), or the whole folder when no split is asked for.
+    ``ema``: a run folder's weight EMA. ``tta``/``tta_shift``: test-time augmentation (see cnnkit/tta.py).
     """
     dev = resolve_device(device)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev, ema=ema)
     ckpt.model.to(dev)
     cfg = ckpt.config
     if data is None:
@@ -60,20 +69,15 @@ def evaluate(
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
     loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
                          channels_last=cfg.get("channels_last", True))
-    stats = evaluate_model(ckpt.model, loader, len(ckpt.classes), dev, amp_dtype)
+    model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg, tta, tta_shift)
+    stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
     cm = stats.confusion
-    per_class = []
-    for c, name in enumerate(ckpt.classes):
-        predicted, support = int(cm[:, c].sum()), int(cm[c, :].sum())
-        per_class.append({
-            "class": name,
-            "precision": float(cm[c, c]) / predicted if predicted else 0.0,
-            "recall": float(cm[c, c]) / support if support else 0.0,
-            "support": support,
-        })
+    per_class = per_class_metrics(cm, ckpt.classes)
+    macro = macro_averages(cm, per_class)
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
-                      data=data or cfg["data"], precision=precision_name(amp_dtype))
+                      data=data or cfg["data"], precision=precision_name(amp_dtype), **macro,
+                      tta_views=getattr(model, "num_views", 1))
 
 
 def training_validation_set(ckpt: Checkpoint) -> ImageSet:

@@ -139,10 +139,14 @@ class BatchLoader:
                 images, idx = images[part], idx[part]
             yield self._to_float(images), self.labels[idx]
 
-    def _generator(self, batch: int) -> torch.Generator:
+    def batch_seed(self, batch: int) -> int:
+        """The seed of batch number ``batch`` of this epoch, from which its augmentation (and mixing) is drawn."""
         # One seed per (run seed, epoch, batch): the augmentation of any batch is known without replaying the
         # batches before it, which is what makes a resumed epoch identical to an uninterrupted one.
-        return torch.Generator(device=self.device).manual_seed((self.seed * 100003 + self.epoch) * 1000003 + batch)
+        return (self.seed * 100003 + self.epoch) * 1000003 + batch
+
+    def _generator(self, batch: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.batch_seed(batch))
 
     def _stream(self, order: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batch = self.batch_size

@@ -64,7 +64,7 @@ class FastNet(nn.Module):
         # airbench's unpadded 2x2 whitening turns 32x32 into 31x31, then 15, 7, 3. On a CPU, oneDNN's
         # convolutions (backward above all) run up to twice as fast on even sizes, so by default the
         # whitening conv pads one pixel right and bottom: 32, 16, 8, 4, for ~7% more multiply-adds.
-        self.padding = "same" if even_sizes else 0
+        self.even_sizes = even_sizes
         whiten_width = 2 * in_channels * whiten_kernel**2
         # The whitening filters are fixed, so they are a buffer: no optimizer or unfreeze call can train them.
         self.register_buffer("whiten_weight", torch.zeros(whiten_width, in_channels, whiten_kernel, whiten_kernel))
@@ -84,7 +84,9 @@ class FastNet(nn.Module):
         nn.init.kaiming_normal_(self.whiten_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.whiten_weight.to(x.dtype), self.whiten_bias.to(x.dtype), padding=self.padding)
+        if self.even_sizes:
+            x = F.pad(x, (0, 1, 0, 1))
+        x = F.conv2d(x, self.whiten_weight.to(x.dtype), self.whiten_bias.to(x.dtype))
         x = self.layers(x)
         return self.head(x) / x.size(-1)
 

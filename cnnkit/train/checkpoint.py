@@ -100,12 +100,19 @@ def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None 
                               "Free disk space or pass a writable --out") from None
 
 
-def resolve_checkpoint_path(path: str) -> str:
-    """A run folder means its ``best.pt`` (else ``last.pt``); a file means itself."""
+def resolve_checkpoint_path(path: str, ema: bool = False) -> str:
+    """A run folder means its ``best.pt`` (else ``last.pt``); with ``ema``, the weight EMA's ``best_ema.pt``
+    (else ``last_ema.pt``); a file means itself."""
+    if ema and not os.path.isdir(path):
+        raise UserError(f"--ema picks the EMA weights of a run folder; {path} is not one (pass best_ema.pt or "
+                        "last_ema.pt itself, without --ema)")
     if os.path.isdir(path):
-        for name in ("best.pt", "last.pt"):
+        names = ("best_ema.pt", "last_ema.pt") if ema else ("best.pt", "last.pt")
+        for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
+        if ema:
+            raise UserError(f"{path} holds no EMA weights (best_ema.pt); they exist for runs trained with --ema DECAY")
         raise UserError(f"{path} is a folder without best.pt or last.pt; pass a run folder or a checkpoint file")
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; pass a run folder (runs/...), a .pt or a .safetensors file")
@@ -175,8 +182,11 @@ def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str, device: str | torch.device = "cpu", trust: bool = False) -> Checkpoint:
-    """Rebuild the model stored at ``path`` (a checkpoint file or a run folder), in eval mode."""
+def load_checkpoint(path: str, device: str | torch.device = "cpu", trust: bool = False, ema: bool = False) -> Checkpoint:
+    """Rebuild the model stored at ``path`` (a checkpoint file or a run folder), in eval mode.
+
+    ``ema``: a run folder's weight EMA (``best_ema.pt``) instead of its raw weights."""
+    path = resolve_checkpoint_path(path, ema)
     payload = read_payload(path, trust)
     spec = payload["model"]
     model = create_model(

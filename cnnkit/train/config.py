@@ -6,8 +6,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from cnnkit.errors import UserError
 
 
 @dataclass
@@ -35,7 +41,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 64
-    lr: float | str | None = None  # peak learning rate; None: 0.05 for SGD, 2e-3 for AdamW; "auto": lr_find's
+    lr: float | Literal["auto"] | None = None  # peak rate; None: 0.05 for SGD, 2e-3 for AdamW; "auto": lr_find's
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
@@ -67,6 +73,18 @@ class TrainConfig:
     class_weights: str | None = None  # "auto": loss weights n / (k * class count), recorded in class_weights.json
     balanced_sampler: bool = False  # training batches drawn with every class equally likely (with replacement)
     check_data: bool = True  # before training: class counts, train/val duplicates, model mismatches (warnings)
+    # regularisation and run control (cnnkit/train/mix.py, cnnkit/train/ema.py)
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha) parameter, e.g. 0.2; 0: off
+    cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) parameter, e.g. 1.0; 0: off (both on: one or the other per batch)
+    mix_off_epochs: int = 0  # no mixing in the last N epochs
+    ema: float | None = None  # weight EMA decay, e.g. 0.999 (an average over ~1/(1-decay) steps); None: off
+    accum_steps: int = 1  # an optimizer step every N batches, on their mean gradient
+    early_stop: int | None = None  # patience: stop after this many epochs without improvement of `monitor`
+    monitor: str = "val_acc"  # val_acc (higher is better) or val_loss (lower): best.pt, keep_best, early_stop
+    min_delta: float = 0.0  # the least change of `monitor` that counts as an improvement
+    keep_best: int = 0  # also keep the N best epochs by `monitor` as best-epochE.pt
+    overfit_batches: int = 0  # train and validate on the same first N batches, no augmentation (a sanity check)
+    smoke: bool = False  # a quick sanity run: at most 2 epochs of a few batches, a small validation set
     # showing the run (cnnkit/report/); opt-in, since drawing costs a few seconds that short runs notice
     plots: bool = False  # plots/ at the end: curves, learning rate, confusion matrix, top losses
     report: bool = False  # report.html at the end (with the plots)
@@ -95,3 +113,80 @@ class TrainResult:
     skipped_batches: int = 0  # batches with a non-finite loss, with nan="skip"
     tta_val_acc: float | None = None  # the last epoch's validation accuracy with test-time augmentation
     wall_time_s: float = 0.0  # from the call to train() to its return: data loading, set-up and evaluation included
+    epochs_run: int = 0  # fewer than `epochs` when early stopping ended the run
+    stop_reason: str = ""  # why the run ended: "completed", or the early-stopping rule that fired
+    monitor: str = "val_acc"  # the metric that picked best.pt (best_epoch; best_val_acc is that epoch's val acc)
+    best_score: float = 0.0  # the monitored metric at best_epoch
+    ema_val_acc: float | None = None  # the weight EMA's validation accuracy after the last epoch
+
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The TrainConfig fields that a YAML or JSON file sets (a run folder's ``config.json`` is one), checked:
+    an unknown key or a value of the wrong type is a UserError naming it."""
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".yaml", ".yml", ".json"):
+        raise UserError(f"--config {path}: expected a .yaml, .yml or .json file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if kind == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"--config {path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], hints, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(f.name for f in fields(TrainConfig))}"
+        raise UserError(f"--config {path}: unknown key(s) {', '.join(unknown)}{hint}")
+    checked = {name: _checked(name, value, hints[name], path) for name, value in values.items()}
+    if "model_options" in checked:  # as --model-opt reads them: lists become tuples
+        checked["model_options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in checked["model_options"].items()}
+    return checked
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+
+
+def _checked(name: str, value: Any, hint: Any, path: str) -> Any:
+    """``value`` if it has the type ``hint`` allows (an int where a float is expected becomes a float)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None or option is bool and isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str) or typing.get_origin(option) is dict and isinstance(value, dict):
+            return value
+        if typing.get_origin(option) is Literal and value in typing.get_args(option):  # lr: auto
+            return value
+        if isinstance(value, bool):
+            continue
+        if option is int and isinstance(value, int):
+            return value
+        if option is float and isinstance(value, (int, float)):
+            return float(value)
+        if option is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as text
+                return float(value)
+            except ValueError:
+                pass
+    wanted = " or ".join(" or ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is Literal
+                         else _TYPE_NAMES.get(o, "a mapping") for o in options)
+    raise UserError(f"--config {path}: {name} must be {wanted}, got {value!r}")

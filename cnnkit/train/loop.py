@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
-from cnnkit.data.sources import DataSpec, load_splits
+from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.modes import eval_mode
@@ -37,7 +37,10 @@ from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
-from cnnkit.train.config import TrainConfig, TrainResult
+from cnnkit.train.config import TrainConfig, TrainResult, read_config_file
+from cnnkit.train.ema import WeightEMA
+from cnnkit.train.metrics import macro_averages, per_class_metrics, write_epoch_files
+from cnnkit.train.mix import Mix
 from cnnkit.train.lr_find import lr_find_record, resolve_auto_lr
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
@@ -46,9 +49,12 @@ from cnnkit.train.recipes import recipe_options
 from cnnkit.tta import tta_logits
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
-                  "images_per_s", "grad_norm", "skipped_batches"]
+                  "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
+                  "ema_val_loss", "ema_val_acc"]
 NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols
 NAN_POLICIES = ("stop", "skip")
+MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
+SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
 NAN_CHECK_EVERY = 50  # steps between two reads of the finite-loss flag with nan="stop"
 
 
@@ -91,16 +97,26 @@ class RunState:
     train_seconds: float = 0.0
     images_seen: int = 0
     skipped_batches: int = 0
+    best_score: float | None = None  # the monitored metric at best_epoch (best_acc: the val acc there)
+    best_ema_score: float | None = None  # the same for the weight EMA (best_ema.pt)
+    kept_best: list = field(default_factory=list)  # [score, epoch] of the best-epochNNN.pt files, best first
+    stop_best: float | None = None  # early stopping: the monitored metric at its last real improvement
+    bad_epochs: int = 0  # early stopping: epochs since then
+    stop_reason: str = ""  # set when early stopping ends the run
 
 
-def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume: str | None = None,
+def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, resume: str | None = None,
           **overrides) -> TrainResult:
     """Train a model as ``config`` (or keyword overrides of the defaults) says; returns the run's results.
 
+    ``config`` may be a YAML or JSON file of TrainConfig fields (a run folder's ``config.json`` replays that run).
     ``resume=RUN_DIR`` continues an interrupted run from its ``last.pt`` with the run's own configuration.
     Example: ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
     """
     wall_start = time.perf_counter()
+    if isinstance(config, (str, os.PathLike)):  # a file's values, over its recipe's if it names one
+        values = read_config_file(os.fspath(config))
+        config = TrainConfig(**{**recipe_options(values.get("recipe")), **values})
     saved = _resume_payload(resume) if resume else None
     cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
     check_model_name(cfg.model)  # before minutes of data loading
@@ -114,9 +130,17 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     cfg, lr_search = resolve_auto_lr(cfg, log, ctx)  # --lr auto: the range test's suggestion, before anything else
 
     # Data: decoded once into uint8 tensors; augmentation happens per batch on the device.
+    num_samples = cfg.num_samples
+    if cfg.smoke:  # a few batches' worth of training images
+        num_samples = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
-                    cfg.channels, cfg.num_samples, cfg.bad_images)
+                    cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
+    if cfg.smoke:
+        val_set = _sample(val_set, SMOKE_VAL_IMAGES, cfg.seed)
+    if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
+        train_set = _sample(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
+        val_set = dataclasses.replace(train_set, skipped=[])
     classes = train_set.classes
     if saved and saved["classes"] != classes:
         raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
@@ -150,11 +174,12 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         for warning in data_check.warnings:
             print(f"cnnkit: warning: {warning}", file=log)
 
-    augment = Augment(
+    augment = None if cfg.overfit_batches else Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
         flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
         alternate_flip=cfg.alternate_flip, cutout=cfg.cutout,
     )
+    mix = Mix(len(classes), cfg.mixup, cfg.cutmix) if (cfg.mixup or cfg.cutmix) and not cfg.overfit_batches else None
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
                                channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
@@ -169,13 +194,16 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         model.init_from_data(next(iter(sample))[0])
     # The compiled model shares the parameters: checkpoints and evaluation use ``model`` itself.
     step_model = torch.compile(model) if cfg.compile else model
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
 
     # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
+    if cfg.smoke:
+        stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
     total_epochs = sum(stage.epochs for stage in stages)
     first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)  # optimizer steps: the schedule counts these
     stage_log: list[dict] = []
 
     def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -218,13 +246,22 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         run = RunState(**state["run"])
         epoch_state = EpochState(**state["epoch_state"])
         set_rng_state(state["rng"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if run.stop_reason:
+            raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
         if run.epoch > total_epochs:
             raise UserError(f"{run_dir} finished all {total_epochs} epochs already; there is nothing to resume")
+        if run.best_score is None and run.best_epoch and cfg.monitor == "val_acc":  # a run saved before --monitor
+            run.best_score = run.stop_best = run.best_acc
+        if ctx.main:
+            _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        found = {"lr_find": lr_find_record(lr_search, run_dir)} if lr_search else {}
-        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, **found})
+        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        if lr_search:  # beside config.json, which stays a replayable --config file
+            _write_json(run_dir, "lr_find.json", lr_find_record(lr_search, run_dir))
         if loss_weights is not None:
             _write_json(run_dir, "class_weights.json", {"classes": classes, "weights": loss_weights, "counts":
                                                         torch.bincount(train_set.labels, minlength=len(classes)).tolist()})
@@ -238,17 +275,28 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
     print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(train_set):,} training and {len(val_set):,} "
           f"validation images of {train_set.channels}x{train_set.size}x{train_set.size} from {cfg.data}; "
           f"{device.type}, {precision_name(amp_dtype)}; run folder {run_dir}", file=log)
+    if cfg.smoke:
+        print(f"cnnkit: smoke run: {total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on at most "
+              f"{SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model learns",
+              file=log)
+    if ema is not None and total_epochs * steps_per_epoch * (1 - cfg.ema) < 1:
+        print(f"cnnkit: note: --ema {cfg.ema} averages over about {1 / (1 - cfg.ema):,.0f} steps but the run has "
+              f"{total_epochs * steps_per_epoch}; the average stays close to the first weights (try a lower decay)",
+              file=log)
+
+    def weights(net: nn.Module, epoch: int) -> dict[str, Any]:
+        """A checkpoint of ``net`` that rebuilds the model and its preprocessing (no training state)."""
+        return make_payload(net, classes, train_set.size, train_set.channels, mean, std, epoch=epoch,
+                            metrics=run.history[-1] if run.history else {}, config=dataclasses.asdict(cfg))
 
     def checkpoint(epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
         """The resumable state, as it stands after the last finished step."""
         run.epoch = next_epoch
-        return make_payload(
-            model, classes, train_set.size, train_set.channels, mean, std, epoch=next_epoch - 1,
-            metrics=run.history[-1] if run.history else {}, config=dataclasses.asdict(cfg),
-            resume={"stage": stage_index, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(),
-                    "run": dataclasses.asdict(run), "epoch_state": epoch_state.plain()},
-        )
+        return {**weights(model, next_epoch - 1),
+                "resume": {"stage": stage_index, "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                           "run": dataclasses.asdict(run), "epoch_state": epoch_state.plain(),
+                           "ema": ema.state_dict() if ema is not None else None}}
 
     last_path = os.path.join(run_dir, "last.pt")
 
@@ -275,6 +323,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
                 clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}",
                 progress=cfg.progress and ctx.main, stop=stop, save_every=cfg.save_every,
                 save=lambda state: save(checkpoint(state, epoch), last_path), step_losses=step_losses,
+                mix=mix if epoch <= total_epochs - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps,
+                ema=ema,
             )
             _write_step_losses(run_dir, epoch, first_step, step_losses)
             if stop.signal is not None:
@@ -293,27 +343,59 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
             run.images_seen += epoch_state.seen
             run.skipped_batches += epoch_state.skipped
             val = evaluate_model(model, val_loader, len(classes), device, amp_dtype)
+            ema_val = evaluate_model(ema.module, val_loader, len(classes), device, amp_dtype) if ema else None
+            per_class = per_class_metrics(val.confusion, classes)
+            macro = macro_averages(val.confusion, per_class)
 
             row = {"epoch": epoch, "lr": current_lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val.loss, "val_acc": val.acc, "val_top5": val.top5,
                    "epoch_time_s": epoch_state.seconds, "images_per_s": epoch_state.seen / epoch_state.seconds,
                    "grad_norm": epoch_state.grad_norm_sum / epoch_state.clipped_steps if epoch_state.clipped_steps else "",
-                   "skipped_batches": epoch_state.skipped}
+                   "skipped_batches": epoch_state.skipped,
+                   "val_macro_recall": macro["macro_recall"], "val_macro_f1": macro["macro_f1"],
+                   "ema_val_loss": ema_val.loss if ema_val else "", "ema_val_acc": ema_val.acc if ema_val else ""}
             run.history.append(row)
             _write_metrics(run_dir, run.history)
             if board:
                 board.log_epoch(row, val.confusion)
+            if ctx.main:
+                write_epoch_files(run_dir, epoch, val.confusion, classes, per_class)
             print(f"epoch {epoch}/{total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                  f"val loss {val.loss:.4f} acc {val.acc:.4f}  {row['images_per_s']:,.0f} images/s", file=log)
+                  f"val loss {val.loss:.4f} acc {val.acc:.4f}" + (f"  ema acc {ema_val.acc:.4f}" if ema_val else "")
+                  + f"  {row['images_per_s']:,.0f} images/s", file=log)
 
-            improved = val.acc > run.best_acc
-            if improved:
-                run.best_acc, run.best_epoch = val.acc, epoch
-            payload = checkpoint(EpochState(), epoch + 1)
-            save(payload, last_path)
-            if improved:
-                save({k: v for k, v in payload.items() if k != "resume"}, os.path.join(run_dir, "best.pt"))
+            # best.pt, best-epochNNN.pt and best_ema.pt are written before last.pt: a crash in between replays
+            # this epoch on resume, which writes them again.
+            score = row[cfg.monitor]
+            if run.best_score is None or _better(score, run.best_score, cfg.monitor):
+                run.best_score, run.best_acc, run.best_epoch = score, val.acc, epoch
+                save(weights(model, epoch), os.path.join(run_dir, "best.pt"))
+            if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
+                save(weights(model, epoch), os.path.join(run_dir, _best_file(epoch)))
+                run.kept_best = sorted(run.kept_best + [[score, epoch]],
+                                       key=lambda k: (-MONITORS[cfg.monitor] * k[0], k[1]))[: cfg.keep_best]
+            if ema is not None:
+                save(weights(ema.module, epoch), os.path.join(run_dir, "last_ema.pt"))
+                ema_score = row["ema_" + cfg.monitor]
+                if run.best_ema_score is None or _better(ema_score, run.best_ema_score, cfg.monitor):
+                    run.best_ema_score = ema_score
+                    save(weights(ema.module, epoch), os.path.join(run_dir, "best_ema.pt"))
+            # Early stopping: patience counts epochs since the monitored metric last improved by more than min_delta.
+            if run.stop_best is None or _better(score, run.stop_best, cfg.monitor, cfg.min_delta):
+                run.stop_best, run.bad_epochs = score, 0
+            else:
+                run.bad_epochs += 1
+            if cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < total_epochs:
+                run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
+                                   f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
+            save(checkpoint(EpochState(), epoch + 1), last_path)
+            if ctx.main:
+                _prune_best_files(run_dir, run.kept_best)
             epoch_state = EpochState()
+            if run.stop_reason:
+                print(f"cnnkit: {run.stop_reason}; best {cfg.monitor} {run.best_score:.4g} at epoch {run.best_epoch}",
+                      file=log)
+                break
 
     tta_acc = None
     if cfg.tta:
@@ -326,6 +408,8 @@ def train(config: TrainConfig | None = None, log: IO[str] | None = None, resume:
         run_dir=run_dir, model=cfg.model, data=cfg.data, precision=precision_name(amp_dtype),
         num_train=len(train_set), num_val=len(val_set), params=params, skipped_images=len(skipped_images),
         skipped_batches=run.skipped_batches, tta_val_acc=tta_acc, wall_time_s=time.perf_counter() - wall_start,
+        epochs_run=len(run.history), stop_reason=run.stop_reason or "completed", monitor=cfg.monitor,
+        best_score=run.best_score, ema_val_acc=ema_val.acc if ema_val else None,
     )
     _write_json(run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(ctx)
@@ -356,10 +440,17 @@ def train_one_epoch(
     save_every: int = 0,
     save: Callable[[EpochState], None] | None = None,
     step_losses: list[torch.Tensor] | None = None,
+    mix: Mix | None = None,
+    accum_steps: int = 1,
+    ema: WeightEMA | None = None,
 ) -> EpochState:
     """One pass over ``loader`` (from ``state.batch`` on, for a resumed epoch); returns the epoch's sums.
 
-    Stops early, between two steps, when ``stop`` has caught a signal.
+    The optimizer steps once every ``accum_steps`` batches (and after the epoch's last batch) on the mean
+    gradient of those batches; the schedule counts optimizer steps. ``mix`` (mixup/CutMix) blends each batch and
+    trains on soft targets: train accuracy then counts a prediction as right when it names the class with the
+    larger share of the blended image. ``ema`` follows the weights after every optimizer step.
+    Stops early, between two optimizer steps, when ``stop`` has caught a signal.
     """
     state = state or EpochState()
     model.train()  # BatchNorm: batch statistics, running averages updated; Dropout: on
@@ -373,15 +464,21 @@ def train_one_epoch(
     bar = progress_bar(len(loader), state.batch, desc, "batch", enabled=progress)  # plain lines when not a terminal
     t0 = time.perf_counter()
     seen_before = state.seen
+    optimizer.zero_grad(set_to_none=True)
+    pending = 0  # batches whose gradients wait for the next optimizer step
     # With nan="stop" the finite-loss check is read only every NAN_CHECK_EVERY steps (and before any save):
     # reading it each step would make a GPU wait for every batch. A non-finite step between two checks
     # only spoils weights that are then never saved. nan="skip" must decide per step, so it reads each one.
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     for images, labels in loader.batches(state.batch):
+        targets = labels
+        if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
+            images, targets = mix(images, labels, loader.batch_seed(state.batch))
+            labels = targets.argmax(1)  # for the accuracy: the class with the larger share
         bn_before = [b.clone() for b in bn_buffers]  # only with nan="skip": a skipped batch must not touch them
         with autocast(device, amp_dtype):
             logits = model(images)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
         if step_losses is not None:
             step_losses.append(loss.detach())
         if nan == "skip" and not _all_finite(loss):
@@ -389,39 +486,49 @@ def train_one_epoch(
                 b.copy_(saved)
             state.skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # scaling is a no-op unless fp16
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                # The norm before clipping is what tells whether the clipping threshold fits the run.
-                grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                state.clipped_steps += 1
-            scaler.step(optimizer)
-            scaler.update()
+            # Accumulation: each batch adds its share of the mean gradient over the batches of this optimizer
+            # step (accum_steps of them; fewer for the epoch's last, short group).
+            group = min(accum_steps, len(loader) - state.batch // accum_steps * accum_steps)
+            scaler.scale(loss / group).backward()  # scaling is a no-op unless fp16
+            pending += 1
             loss_sum += loss.detach().float() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             state.seen += len(labels)
             if nan == "stop":
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.batch, first_bad)
-        scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
 
         state.batch += 1
         if nan == "stop" and (state.batch % NAN_CHECK_EVERY == 0 or state.batch == len(loader)
-                              or (save_every and state.batch % save_every == 0)):
+                              or (save_every and state.batch % (save_every * accum_steps) == 0)):
             _check_finite(first_bad, state, optimizer)
+        if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
+            if pending:
+                if clip_grad:
+                    scaler.unscale_(optimizer)
+                    # The norm before clipping is what tells whether the clipping threshold fits the run.
+                    grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    state.clipped_steps += 1
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                pending = 0
+            scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
+            # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
+            if stop is not None and _any_process_stopping(stop):
+                if nan == "stop":
+                    _check_finite(first_bad, state, optimizer)  # the caller saves what it has: it must be good
+                break
+            if save_every and save and state.batch % (save_every * accum_steps) == 0 and state.batch < len(loader):
+                save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
+                                         grad_norm_sum=grad_norm_sum.item(),
+                                         seconds=state.seconds + time.perf_counter() - t0))
         if not bar.disable and (state.batch % 20 == 0 or state.batch == len(loader)):
             bar.set_postfix(loss=f"{loss_sum.item() / max(state.seen, 1):.3f}",
                             acc=f"{correct.item() / max(state.seen, 1):.3f}",
                             img_s=f"{(state.seen - seen_before) / (time.perf_counter() - t0):,.0f}")
             bar.update(state.batch - bar.n)
-        if stop is not None and _any_process_stopping(stop):
-            if nan == "stop":
-                _check_finite(first_bad, state, optimizer)  # the caller saves what it has: it must be good
-            break
-        if save_every and save and state.batch % save_every == 0 and state.batch < len(loader):
-            save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
-                                     grad_norm_sum=grad_norm_sum.item(),
-                                     seconds=state.seconds + time.perf_counter() - t0))
     bar.close()
     state.seconds += time.perf_counter() - t0
     state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
@@ -548,6 +655,36 @@ def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[t
         f.writelines(f"{epoch},{first_step + i},{v:.8g}\n" for i, v in enumerate(values.tolist()))
 
 
+def _better(score: float, best: float, monitor: str, min_delta: float = 0.0) -> bool:
+    """Whether ``score`` improves on ``best`` by more than ``min_delta`` (up for accuracy, down for loss)."""
+    return MONITORS[monitor] * (score - best) > min_delta
+
+
+def _ranks_in(score: float, kept: list, n: int, monitor: str) -> bool:
+    """Whether an epoch with ``score`` belongs among the ``n`` best (ties: the earlier epoch stays)."""
+    return len(kept) < n or _better(score, kept[-1][0], monitor)
+
+
+def _best_file(epoch: int) -> str:
+    return f"best-epoch{epoch:03d}.pt"
+
+
+def _prune_best_files(run_dir: str, kept: list) -> None:
+    """Delete the best-epochNNN.pt files of epochs no longer among the kept best."""
+    keep = {_best_file(epoch) for _, epoch in kept}
+    for name in os.listdir(run_dir):
+        if name.startswith("best-epoch") and name.endswith(".pt") and name not in keep:
+            os.unlink(os.path.join(run_dir, name))
+
+
+def _sample(data: ImageSet, count: int, seed: int) -> ImageSet:
+    """``count`` images of ``data`` drawn at random with ``seed`` (all of them if it has fewer), in their order."""
+    if len(data) <= count:
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    return data.subset(idx.sort().values)
+
+
 def _resume_payload(run_dir: str) -> dict[str, Any]:
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
@@ -616,4 +753,22 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     if cfg.tensorboard:
         require_tensorboard()  # before any data is loaded or a run folder made
+    for name in ("mixup", "cutmix", "min_delta"):
+        if not isinstance(getattr(cfg, name), (int, float)) or not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a number, 0 or more, got {getattr(cfg, name)}")
+    for name in ("accum_steps", "mix_off_epochs", "keep_best", "overfit_batches"):
+        least = 1 if name == "accum_steps" else 0
+        if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number, {least} or more, got {getattr(cfg, name)}")
+    if cfg.mix_off_epochs and not (cfg.mixup or cfg.cutmix):
+        raise UserError("--mix-off-epochs switches mixing off for the last epochs; it needs --mixup or --cutmix")
+    if cfg.mix_off_epochs and not cfg.stages and cfg.mix_off_epochs >= cfg.epochs:
+        raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
+                        "make it smaller than --epochs")
+    if cfg.ema is not None and not (isinstance(cfg.ema, (int, float)) and 0 < cfg.ema < 1):
+        raise UserError(f"--ema takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
+    if cfg.early_stop is not None and (not isinstance(cfg.early_stop, int) or cfg.early_stop < 1):
+        raise UserError(f"--early-stop takes the patience in epochs, a whole number of 1 or more, got {cfg.early_stop}")
+    if cfg.monitor not in MONITORS:
+        raise UserError(f"--monitor must be one of {', '.join(MONITORS)}, not '{cfg.monitor}'")
     return cfg

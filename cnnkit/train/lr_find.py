@@ -27,8 +27,9 @@ of the test, the suggestion is the optimizer's default rate instead ("default: f
 says so; a slower sweep (more ``steps``, a higher ``start_lr``) may then find the descent.
 
 The test runs on its own freshly built model and optimizer, so nothing it does reaches a later training run;
-``train(lr="auto")`` runs it first with the same configuration and trains with the suggestion (recorded in
-``config.json`` with the test's figures, the curve in ``lr_find.png``).
+``train(lr="auto")`` runs it first with the same configuration and trains with the suggestion (``config.json``
+records the rate, so replaying the run with ``--config`` uses it again; ``lr_find.json`` the test's figures,
+``lr_find.png`` its curve).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class LrFindResult:
     plot: str | None = None  # the PNG, once written
 
     def summary(self) -> dict:
-        """The figures without the curves (what config.json records)."""
+        """The figures without the curves (what a run's lr_find.json holds)."""
         return {k: getattr(self, k) for k in ("suggestion", "method", "edge_lr", "min_loss_lr", "steepest_lr", "diverged",
                                               "steps", "plot")}
 
@@ -262,7 +263,7 @@ def resolve_auto_lr(cfg: TrainConfig, log: IO[str], ctx: "distributed.Dist") -> 
 
 
 def lr_find_record(result: LrFindResult, run_dir: str) -> dict:
-    """Draw the test's curve into ``run_dir/lr_find.png``; the figures config.json records."""
+    """Draw the test's curve into ``run_dir/lr_find.png``; the figures for ``lr_find.json``."""
     from cnnkit.report.plots import plot_lr_find
 
     result.plot = plot_lr_find(result, os.path.join(run_dir, "lr_find.png"))

@@ -40,7 +40,7 @@ def test_evaluate_result_fields(run):
     _, out = run
     r = cnnkit.evaluate(out, "shapes")
     assert 0 <= r.acc <= r.top5 <= 1
-    assert len(r.per_class) == 10 and set(r.per_class[0]) == {"class", "precision", "recall", "support"}
+    assert len(r.per_class) == 10 and set(r.per_class[0]) == {"class", "precision", "recall", "f1", "support"}
     assert sum(c["support"] for c in r.per_class) == r.count == sum(map(sum, r.confusion_matrix))
     assert r.acc == pytest.approx(sum(r.confusion_matrix[i][i] for i in range(10)) / r.count)
 

@@ -51,8 +51,9 @@ def test_auto_lr_trains_exactly_as_with_the_suggested_rate(tmp_path):
     common = dict(TINY, model="linear", epochs=1, device="cpu")  # the cheapest model: the test is about plumbing
     auto = cnnkit.train(**common, lr="auto", out=str(tmp_path / "auto"))
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
-    found = config["lr_find"]
+    found = json.loads((tmp_path / "auto" / "lr_find.json").read_text())
     assert config["lr"] == found["suggestion"] and found["method"] in (EDGE_METHOD, FLAT_METHOD)
+    assert "lr_find" not in config  # config.json stays a file that --config replays
     assert (tmp_path / "auto" / "lr_find.png").exists() and found["plot"] == str(tmp_path / "auto" / "lr_find.png")
     fixed = cnnkit.train(**common, lr=found["suggestion"], out=str(tmp_path / "fixed"))
     # the range test ran on its own model and the generators were re-seeded: the same run, bit for bit

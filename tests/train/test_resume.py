@@ -119,3 +119,53 @@ def test_resuming_a_finished_run_says_so(reference):
     proc = start("--resume", reference)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "nothing to resume" in err
+
+
+class _StopsOnce(torch.nn.Module):
+    """cnn_bn that sends its own process SIGTERM during one training batch, once per test: an interruption at
+    an exactly known step, mid-epoch and mid-accumulation, without a subprocess."""
+
+    armed_at = None  # the training forward call that signals
+    calls = 0
+
+    def __init__(self, num_classes, in_channels, input_size):
+        super().__init__()
+        from cnnkit.models.simple import cnn_bn
+
+        self.net = cnn_bn(num_classes, in_channels, input_size)
+
+    def forward(self, x):
+        if self.training:
+            _StopsOnce.calls += 1
+            if _StopsOnce.calls == _StopsOnce.armed_at:
+                signal.raise_signal(signal.SIGTERM)
+        return self.net(x)
+
+
+def test_resume_is_exact_with_mixing_ema_and_accumulation(tmp_path):
+    import cnnkit
+    from cnnkit.errors import TrainingStopped
+    from cnnkit.models.registry import _FACTORIES, register_model
+
+    @register_model
+    def stops_once(num_classes=10, in_channels=3, input_size=32):
+        return _StopsOnce(num_classes, in_channels, input_size)
+
+    options = dict(model="stops_once", data="shapes", num_samples=128, val_split=0.25, epochs=2, batch_size=16,
+                   precision="fp32", seed=2, mixup=0.3, cutmix=1.0, ema=0.8, accum_steps=2, progress=False)
+    try:
+        _StopsOnce.armed_at = None
+        cnnkit.train(**options, out=str(tmp_path / "ref"))
+        _StopsOnce.calls, _StopsOnce.armed_at = 0, 9  # epoch 2 (6 batches an epoch), batch 3: inside a group of 2
+        with pytest.raises(TrainingStopped):
+            cnnkit.train(**options, out=str(tmp_path / "run"))
+        state = read_payload(str(tmp_path / "run" / "last.pt"))["resume"]
+        assert state["run"]["epoch"] == 2 and state["epoch_state"]["batch"] == 4  # stopped after the step
+        cnnkit.train(resume=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("stops_once")
+    assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
+    ema = lambda run: torch.load(tmp_path / run / "last_ema.pt", weights_only=True)["state_dict"]  # noqa: E731
+    assert_same_weights(ema("ref"), ema("run"))
+    rows = lambda run: [r.split(",")[2:7] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    assert rows("ref") == rows("run")  # losses and accuracies, not timings

@@ -1,0 +1,55 @@
+"""Per-class precision, recall and F1 from a confusion matrix, and the files a run keeps of them every epoch.
+
+``per_class.csv`` (one row per epoch and class) and ``confusion/epoch-NNN.csv`` (rows: true class, columns:
+predicted class) in the run folder; the macro averages go into ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+
+PER_CLASS_COLUMNS = ["epoch", "class", "precision", "recall", "f1", "support"]
+
+
+def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
+    """For each class: precision (of the images predicted as it), recall (of its images), F1 and support
+    (its number of images). A class never predicted has precision 0; one without images, recall 0."""
+    rows = []
+    for c, name in enumerate(classes):
+        hits, predicted, support = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c, :].sum())
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    return rows
+
+
+def macro_averages(confusion: torch.Tensor, rows: list[dict]) -> dict[str, float]:
+    """Unweighted means of recall and F1 over the classes that occur in the data or the predictions (as
+    scikit-learn's ``average="macro"``): every class counts the same, however rare."""
+    present = [r for c, r in enumerate(rows) if confusion[c, :].sum() or confusion[:, c].sum()]
+    n = max(len(present), 1)
+    return {"macro_recall": sum(r["recall"] for r in present) / n, "macro_f1": sum(r["f1"] for r in present) / n}
+
+
+def write_epoch_files(run_dir: str, epoch: int, confusion: torch.Tensor, classes: list[str], rows: list[dict]) -> None:
+    """Add ``epoch``'s rows to per_class.csv (replacing any it already had, as after a resumed run replays an
+    epoch) and write its confusion matrix."""
+    path = os.path.join(run_dir, "per_class.csv")
+    kept = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PER_CLASS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        writer.writerows({"epoch": epoch, **r} for r in rows)
+    os.makedirs(os.path.join(run_dir, "confusion"), exist_ok=True)
+    with open(os.path.join(run_dir, "confusion", f"epoch-{epoch:03d}.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        writer.writerows([name, *row] for name, row in zip(classes, confusion.tolist()))

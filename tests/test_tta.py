@@ -1,0 +1,80 @@
+"""Test-time augmentation: the averaged views, a flip-invariant case, and eval/predict with --tta."""
+
+import json
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import UserError
+from cnnkit.tta import TTAModel, _shifted, with_tta
+from tests.conftest import run_cli
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def random_model():
+    torch.manual_seed(0)
+    return cnnkit.create_model("convnet", widths=(8, 16), batchnorm=False).eval()
+
+
+def test_tta_averages_the_softmax_of_the_image_and_its_mirror():
+    model, x = random_model(), torch.randn(4, 3, 32, 32)
+    tta = TTAModel(model, MEAN, STD, flip=True).eval()
+    expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    torch.testing.assert_close(tta(x).softmax(1), expected)
+    assert not torch.allclose(tta(x).softmax(1), model(x).softmax(1), atol=1e-4)  # a no-op would be equal
+
+
+def test_tta_changes_nothing_where_the_mirror_is_the_same():
+    model = random_model()
+    x = torch.randn(4, 3, 32, 32)
+    symmetric = (x + x.flip(-1)) / 2  # images that are their own mirror image
+    tta = TTAModel(model, MEAN, STD, flip=True).eval()
+    torch.testing.assert_close(tta(symmetric).softmax(1), model(symmetric).softmax(1))
+
+    class MirrorInvariant(torch.nn.Module):  # a network that already averages over the mirror image
+        def forward(self, x):
+            return (model(x).softmax(1) + model(x.flip(-1)).softmax(1)).log()
+
+    invariant = MirrorInvariant()
+    torch.testing.assert_close(TTAModel(invariant, MEAN, STD)(x).softmax(1), invariant(x).softmax(1))
+
+
+def test_shifted_views_move_the_image_and_fill_with_black():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    black = torch.full((1, 1, 1, 1), -2.0)
+    down = _shifted(x, 1, 0, black)
+    assert torch.equal(down[0, 0, 0], torch.full((4,), -2.0)) and torch.equal(down[0, 0, 1:], x[0, 0, :3])
+    left = _shifted(x, 0, -2, black)
+    assert torch.equal(left[0, 0, :, :2], x[0, 0, :, 2:]) and (left[0, 0, :, 2:] == -2).all()
+    assert TTAModel(random_model(), MEAN, STD, flip=True, shift=2).num_views == 6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tta") / "run"
+    cnnkit.train(model="cnn_bn", data="shapes", num_samples=256, val_split=0.25, epochs=2, batch_size=32,
+                 progress=False, out=str(out))
+    return str(out)
+
+
+def test_eval_and_predict_with_tta(run, image_folder):
+    plain, flipped = cnnkit.evaluate(run), cnnkit.evaluate(run, tta=True, tta_shift=1)
+    assert flipped.tta_views == 6 and plain.tta_views == 1 and flipped.count == plain.count
+    assert flipped.loss != plain.loss
+    # A model trained with flips: its mirror-image guesses are about as good, so the average is no worse by much.
+    assert flipped.acc >= plain.acc - 0.1
+
+    with_tta = {r["path"]: r["top"][0]["prob"] for r in cnnkit.predict(run, image_folder, topk=1, tta=True)}
+    without = {r["path"]: r["top"][0]["prob"] for r in cnnkit.predict(run, image_folder, topk=1)}
+    assert with_tta.keys() == without.keys() and with_tta != without
+    proc = run_cli("eval", run, "--tta")
+    assert proc.returncode == 0 and "test-time augmentation: 2 views" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("config", [{"flip": False}, {"data": "mnist", "flip": None}])
+def test_tta_flip_is_refused_for_a_model_trained_without_flips(config):
+    with pytest.raises(UserError, match="without horizontal flips"):
+        with_tta(random_model(), MEAN, STD, config, tta=True, shift=0)
+    assert with_tta(random_model(), MEAN, STD, config, tta=False, shift=1).num_views == 5  # shifts alone are fine

@@ -1,0 +1,98 @@
+"""Run control: early stopping, the best N checkpoints, per-class metrics every epoch, --overfit-batches, --smoke."""
+
+import csv
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import UserError
+
+# 68 training images, no augmentation: the network memorises them (train acc 1.0 by epoch 8) while the validation
+# loss rises from the first epoch on (2.38, 2.55, 2.68, ... on the machine this was written on).
+OVERFITS = dict(model="cnn_bn", data="shapes", num_samples=128, val_split=0.5, batch_size=16, optimizer="adamw",
+                lr=1e-3, schedule="constant", crop_pad=0, flip=False, precision="fp32", progress=False)
+
+
+def rows(run):
+    return list(csv.DictReader(open(os.path.join(run, "metrics.csv"))))
+
+
+def test_early_stopping_stops_at_the_epoch_the_rule_names_on_a_rising_validation_loss(tmp_path):
+    out = str(tmp_path / "run")
+    r = cnnkit.train(**OVERFITS, epochs=10, early_stop=2, monitor="val_loss", out=out)
+    losses = [float(row["val_loss"]) for row in rows(out)]
+    best, waited, expected = float("inf"), 0, None
+    for epoch, loss in enumerate(losses, 1):  # the rule, applied to the logged losses
+        best, waited = (loss, 0) if loss < best else (best, waited + 1)
+        if waited == 2:
+            expected = epoch
+            break
+    assert expected is not None and losses[-1] > min(losses)  # the validation loss did rise
+    assert r.epochs_run == len(losses) == expected < 10
+    assert r.stop_reason.startswith(f"early stop after epoch {expected}: val_loss") and r.monitor == "val_loss"
+    assert json.load(open(os.path.join(out, "result.json")))["stop_reason"] == r.stop_reason
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["epoch"] == losses.index(min(losses)) + 1
+    with pytest.raises(UserError, match="early stopping"):
+        cnnkit.train(resume=out)
+
+
+def test_min_delta_decides_what_counts_as_an_improvement(tmp_path):
+    r = cnnkit.train(**OVERFITS, epochs=5, early_stop=1, min_delta=2.0, out=str(tmp_path / "run"))
+    assert r.epochs_run == 2  # no accuracy can rise by 2: the second epoch is already one without improvement
+    assert "by more than 2" in r.stop_reason
+
+
+def test_keep_best_keeps_exactly_the_n_best_epochs_and_per_class_files_every_epoch(tmp_path):
+    out = tmp_path / "run"
+    cnnkit.train(**OVERFITS, epochs=4, keep_best=2, monitor="val_loss", out=str(out))
+    history = rows(out)
+    by_loss = sorted(history, key=lambda row: float(row["val_loss"]))
+    kept = sorted(f for f in os.listdir(out) if f.startswith("best-epoch"))
+    assert kept == sorted(f"best-epoch{int(row['epoch']):03d}.pt" for row in by_loss[:2])
+    for name in kept:  # each file holds the weights of the epoch it is named after
+        assert torch.load(out / name, weights_only=True)["epoch"] == int(name[10:13])
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == int(by_loss[0]["epoch"])
+
+    per_class = list(csv.DictReader(open(out / "per_class.csv")))
+    assert len(per_class) == 4 * 10 and set(per_class[0]) == {"epoch", "class", "precision", "recall", "f1", "support"}
+    assert sorted(os.listdir(out / "confusion")) == [f"epoch-{e:03d}.csv" for e in range(1, 5)]
+    last = cnnkit.evaluate(str(out / "last.pt"))  # the last epoch's files are what `cnnkit eval` reports
+    matrix = [[int(v) for v in line.split(",")[1:]] for line in (out / "confusion" / "epoch-004.csv").read_text().splitlines()[1:]]
+    assert matrix == last.confusion_matrix
+    epoch4 = [row for row in per_class if row["epoch"] == "4"]
+    assert [float(row["f1"]) for row in epoch4] == pytest.approx([c["f1"] for c in last.per_class])
+    assert float(history[-1]["val_macro_f1"]) == pytest.approx(last.macro_f1)
+    assert float(history[-1]["val_macro_recall"]) == pytest.approx(last.macro_recall)
+
+
+def test_overfit_batches_memorises_the_same_few_batches_it_validates_on(tmp_path):
+    r = cnnkit.train(model="cnn_bn", data="shapes", num_samples=128, input_size=16, overfit_batches=2, batch_size=16, epochs=10,
+                     optimizer="adamw", lr=3e-3, schedule="constant", precision="fp32", progress=False,
+                     out=str(tmp_path / "run"))
+    assert r.num_train == r.num_val == 32
+    assert r.train_acc >= 0.95 and r.val_acc >= 0.95, (r.train_acc, r.val_acc)
+
+
+def test_smoke_run_is_short_and_says_so(tmp_path):
+    log = io.StringIO()
+    r = cnnkit.train(smoke=True, epochs=30, batch_size=32, model="cnn_bn", precision="fp32", progress=False,
+                     out=str(tmp_path / "run"), log=log)
+    assert "smoke run" in log.getvalue()
+    assert r.epochs_run == 2 and r.num_train <= 5 * 32 and r.num_val <= 256
+    steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
+    assert len(steps) - 1 <= 2 * 5
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(mixup=-1), "--mixup"), (dict(accum_steps=0), "--accum-steps"), (dict(ema=1.0), "--ema"),
+    (dict(early_stop=0), "--early-stop"), (dict(monitor="val_f1"), "--monitor"), (dict(keep_best=-1), "--keep-best"),
+    (dict(mix_off_epochs=1), "needs --mixup"), (dict(cutmix=1.0, mix_off_epochs=3, epochs=3), "smaller than --epochs"),
+])
+def test_bad_run_control_options_are_refused_before_a_run_folder_exists(tmp_path, bad, words):
+    with pytest.raises(UserError, match=words):
+        cnnkit.train(**{**OVERFITS, "epochs": 2, **bad}, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
