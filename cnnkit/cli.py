@@ -156,6 +156,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
     from cnnkit.train.recipes import RECIPES
+    from cnnkit.data.augment import AUGMENT_POLICIES
 
     import platform
 
@@ -255,6 +256,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                          "32x32 images such as CIFAR-10 (options you pass explicitly win)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
                     "measure before relying on it: see benchmarks/train_speed.py)")
+    sp.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default=d.augment_policy,
+                    help="torchvision's RandAugment or TrivialAugmentWide on every training image (per image, in "
+                         "Python: worth it for larger images and longer runs)")
+    sp.add_argument("--random-erasing", type=float, default=d.random_erasing, metavar="P",
+                    help="erase a random rectangle of each training image with probability P (torchvision's)")
     sp.add_argument("--cutout", type=int, default=d.cutout, metavar="PIXELS",
                     help="zero one random square of this side in every training image")
     sp.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=d.alternate_flip,

@@ -64,3 +64,27 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     inside_x = (xs >= (cx - size // 2)[:, None]) & (xs < (cx - size // 2 + size)[:, None])
     keep = ~(inside_y[:, :, None] & inside_x[:, None, :])
     return images * keep[:, None].to(images.dtype)
+
+
+AUGMENT_POLICIES = ("randaugment", "trivialaugment")
+
+
+def policy_augment(images: torch.Tensor, policy: str | None, erasing: float, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandAugment / TrivialAugmentWide and RandomErasing (transforms v2), each image drawn on its
+    own. These policies pick their operation per call, so they run image by image; their random draws are
+    seeded from ``generator``, so a batch's augmentation stays reproducible (and a resumed run exact)."""
+    if policy is None and not erasing:
+        return images
+    from torchvision.transforms import v2
+
+    steps = []
+    if policy is not None:
+        steps.append(v2.RandAugment() if policy == "randaugment" else v2.TrivialAugmentWide())
+    if erasing:
+        steps.append(v2.RandomErasing(p=erasing, value=0))
+    transform = v2.Compose(steps)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = torch.stack([transform(image) for image in images.cpu()])
+    return out.to(images.device)

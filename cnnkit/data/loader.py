@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from cnnkit.data.augment import alternating_flip, cutout, flip_bits, random_crop, random_flip
+from cnnkit.data.augment import alternating_flip, cutout, flip_bits, policy_augment, random_crop, random_flip
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
 from cnnkit.errors import DataError
@@ -24,6 +24,8 @@ class Augment:
     flip: bool = False
     alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
     cutout: int = 0  # side in pixels of a zeroed square per image (0: none)
+    policy: str | None = None  # "randaugment" or "trivialaugment": torchvision's per-image policies
+    random_erasing: float = 0.0  # probability of torchvision's RandomErasing per image
 
 
 def channel_stats(data: ImageSet, max_images: int = 10000) -> tuple[list[float], list[float]]:
@@ -177,7 +179,8 @@ class BatchLoader:
             images = alternating_flip(images, self.flip_bits[index.cpu()], self.epoch)
         elif self.augment.flip:
             images = random_flip(images, g)
-        return cutout(images, self.augment.cutout, g)
+        images = cutout(images, self.augment.cutout, g)
+        return policy_augment(images, self.augment.policy, self.augment.random_erasing, g)
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""

@@ -68,6 +68,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model (pays off on some machines and models only)
     alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
     cutout: int = 0  # side in pixels of a zeroed square per training image (0: none)
+    augment_policy: str | None = None  # "randaugment" or "trivialaugment" (per image: meant for larger images)
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of each training image
     tta: bool = False  # the final validation also averages mirrored and shifted views (tta_val_acc)
     # class balance and data checks
     class_weights: str | None = None  # "auto": loss weights n / (k * class count), recorded in class_weights.json

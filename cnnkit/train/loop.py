@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.data.checks import check_splits, class_weights
+from cnnkit.data.augment import AUGMENT_POLICIES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
@@ -177,7 +178,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     augment = None if cfg.overfit_batches else Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
         flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
-        alternate_flip=cfg.alternate_flip, cutout=cfg.cutout,
+        alternate_flip=cfg.alternate_flip, cutout=cfg.cutout, policy=cfg.augment_policy,
+        random_erasing=cfg.random_erasing,
     )
     mix = Mix(len(classes), cfg.mixup, cfg.cutmix) if (cfg.mixup or cfg.cutmix) and not cfg.overfit_batches else None
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
@@ -744,6 +746,10 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+    if cfg.augment_policy not in (None, *AUGMENT_POLICIES):
+        raise UserError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
+    if not 0 <= cfg.random_erasing <= 1:
+        raise UserError(f"--random-erasing is a probability in [0, 1], got {cfg.random_erasing}")
     if cfg.cutout < 0:
         raise UserError(f"--cutout must be 0 (off) or a side in pixels, got {cfg.cutout}")
     if cfg.class_weights not in (None, "auto"):
