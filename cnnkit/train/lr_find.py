@@ -129,7 +129,8 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     set_trainable(model, plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0].modules)
     augment = Augment(crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
                       flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
-                      alternate_flip=cfg.alternate_flip, cutout=cfg.cutout)
+                      alternate_flip=cfg.alternate_flip, cutout=cfg.cutout, policy=cfg.augment_policy,
+                      random_erasing=cfg.random_erasing)
     loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment, seed=cfg.seed,
                          drop_last=len(train_set) >= cfg.batch_size, channels_last=cfg.channels_last,
                          workers=cfg.workers, balanced=cfg.balanced_sampler)
