@@ -148,20 +148,24 @@ def _steps_per_epoch(steps: list[tuple[int, int, float]]) -> int:
 
 
 def scheduled_lr(config: dict, stages: list[dict], steps_per_epoch: int, steps_done: int) -> tuple[list, list]:
-    """(x in epochs, learning rate) of every step the run took, recomputed from its configuration and stages
-    with the schedule function the training loop used. The head's rate (``--lr-backbone`` sets another for
-    the rest)."""
+    """(x in epochs, learning rate) of every optimizer step the run took (``steps_per_epoch`` and ``steps_done``
+    count batches, as steps.csv does), recomputed from its configuration and stages with the schedule function
+    the training loop used. The head's rate (``--lr-backbone`` sets another for the rest)."""
     from cnnkit.train.optim import lr_factor
 
+    # steps.csv counts batches; with --accum-steps the schedule counts optimizer steps, one per N batches
+    accum = max(1, int(config.get("accum_steps") or 1))
+    per_epoch = -(-steps_per_epoch // accum)
+    done = steps_done // steps_per_epoch * per_epoch + -(-(steps_done % steps_per_epoch) // accum)
     xs, ys = [], []
-    warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    warmup = int(config.get("warmup_epochs", 0) * per_epoch)
     for stage in stages:
-        total = stage["epochs"] * steps_per_epoch
-        first = (stage["first_epoch"] - 1) * steps_per_epoch
+        total = stage["epochs"] * per_epoch
+        first = (stage["first_epoch"] - 1) * per_epoch
         for s in range(total):
-            if first + s >= steps_done:
+            if first + s >= done:
                 break
-            xs.append((first + s) / steps_per_epoch)
+            xs.append((first + s) / per_epoch)
             ys.append(stage["lr"] * lr_factor(config["schedule"], s, total, warmup))
     return xs, ys
 

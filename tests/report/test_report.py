@@ -194,3 +194,16 @@ def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "pip install 'cnnkit[tensorboard]'" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_rate_plot_recomputes_what_the_run_recorded(run):
+    # lr.png draws every step's rate from the configuration; at each epoch's start it must equal metrics.csv's
+    from cnnkit.report.plots import read_json, read_metrics, read_steps, scheduled_lr
+
+    folder, _ = run
+    steps = read_steps(folder)
+    per_epoch = max(s for _, s, _ in steps)
+    xs, ys = scheduled_lr(read_json(folder, "config.json"), read_json(folder, "stages.json"), per_epoch, len(steps))
+    assert len(xs) == len(steps) == EPOCHS * per_epoch
+    at_start = {round(x): y for x, y in zip(xs, ys) if x == int(x)}
+    assert [at_start[int(r["epoch"]) - 1] for r in read_metrics(folder)] == pytest.approx([r["lr"] for r in read_metrics(folder)])
