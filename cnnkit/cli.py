@@ -817,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A recipe's options become the defaults, so that every option given on the command line still wins.
         from cnnkit.train.recipes import recipe_options
 
-        parser._subparsers._group_actions[0].choices[args.command].set_defaults(**recipe_options(args.recipe))
+        parser = build_parser(train_defaults=recipe_options(args.recipe))
         args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:

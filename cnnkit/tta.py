@@ -1,9 +1,8 @@
 """Test-time augmentation: a model's outputs averaged over mirrored and shifted views of each image.
 
-Two flavours. ``TTAModel`` (``cnnkit eval/predict --tta``, ``--tta-shift N``) averages the softmax over the image
-itself, its mirror image and, with ``shift`` pixels, the image moved up, down, left and right by that much (the
-gap filled with black, as training's random crop pads). ``tta_logits`` (the final validation of ``--recipe fast``,
-after airbench) averages logits over the views weighted as that recipe's augmentation draws them. Small shifts
+``TTAModel`` (``cnnkit eval/predict --tta``, ``--tta-shift N``, and the final validation of ``train --tta``)
+averages the softmax over the image itself, its mirror image and, with ``shift`` pixels, the image moved up,
+down, left and right by that much (the gap filled with black, as training's random crop pads). Small shifts
 and flips are what the training augmentation showed the network, so each view is a fair guess and their
 average a steadier one.
 """
@@ -17,23 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.errors import UserError
-
-
-def tta_logits(model: nn.Module, images: torch.Tensor, shift: int = 1) -> torch.Tensor:
-    """Logits of ``images`` (a normalised batch) averaged over views, weighted as the training
-    augmentation would draw them: half from the image as it is, half from the image shifted by ``shift``
-    pixels up-left and down-right (reflect-padded); each of those with and without a left-right mirror."""
-
-    def mirrored(x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * model(x).float() + 0.5 * model(x.flip(-1)).float()
-
-    logits = mirrored(images)
-    if shift <= 0:
-        return logits
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (shift,) * 4, mode="reflect")
-    shifted = [padded[..., :h, :w], padded[..., 2 * shift :, 2 * shift :]]
-    return 0.5 * logits + 0.25 * sum(mirrored(x.contiguous(memory_format=torch.channels_last)) for x in shifted)
 
 
 class TTAModel(nn.Module):

@@ -47,7 +47,7 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 from cnnkit.train.recipes import recipe_options
-from cnnkit.tta import tta_logits
+from cnnkit.tta import TTAModel
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
                   "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
@@ -401,8 +401,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
 
     tta_acc = None
     if cfg.tta:
-        tta_acc = evaluate_model(model, val_loader, len(classes), device, amp_dtype, tta=True).acc
-        print(f"test-time augmentation (mirror and 1-pixel shifts): val acc {tta_acc:.4f}", file=log)
+        tta_model = TTAModel(model, mean, std, flip=True, shift=1).to(device)
+        tta_acc = evaluate_model(tta_model, val_loader, len(classes), device, amp_dtype).acc
+        print(f"test-time augmentation (mirror and 1-pixel shifts, softmax averaged): val acc {tta_acc:.4f}", file=log)
     result = TrainResult(
         val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
         epochs=total_epochs, train_acc=train_acc, train_loss=train_loss,
@@ -567,12 +568,11 @@ def _any_process_stopping(stop: "StopSignals") -> bool:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None,
-    tta: bool = False,
+    model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None
 ) -> EvalStats:
     """Loss, accuracy, top-5 accuracy and confusion matrix of ``model`` on ``loader`` in eval mode
     (BatchNorm uses its running statistics, Dropout is off). Every module's mode is restored afterwards.
-    ``tta``: logits averaged over mirrored and shifted views (cnnkit.tta)."""
+    For test-time augmentation pass the model wrapped in ``cnnkit.tta.TTAModel``."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
@@ -581,7 +581,7 @@ def evaluate_model(
     with eval_mode(model):
         for images, labels in loader:
             with autocast(device, amp_dtype):
-                logits = tta_logits(model, images) if tta else model(images)
+                logits = model(images)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
