@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.errors import CheckpointError, UserError
-from cnnkit.models.heads import find_head, replace_head
+from cnnkit.models.heads import find_head, replace_head, reset_head
 
 
 def pretrained_weights(name: str):
@@ -92,15 +92,20 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     return state, None
 
 
-def load_weights(model: nn.Module, path: str, log: IO[str] | None = None) -> dict[str, Any] | None:
-    """Load ``path`` into ``model``: strictly, except the classifier head, which is left freshly initialised
-    when its shape does not fit the new number of classes. Prints what was loaded and skipped; returns the
+def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
+                 classes: list[str] | None = None) -> dict[str, Any] | None:
+    """Load ``path`` into ``model``: strictly, except the classifier head, which starts fresh (see
+    ``reset_head``) when its shape does not fit the new number of classes, or when ``path`` is a cnnkit
+    checkpoint whose class names differ from ``classes`` (the new data's): a head trained on airplane..deer
+    says nothing about dog..truck, even with as many outputs. Prints what was loaded and skipped; returns the
     cnnkit checkpoint payload when ``path`` was one (its normalisation then applies)."""
     state, payload = _read_weights(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     head_name = find_head(model)[0]
     own = model.state_dict()
-    skipped = [k for k in state if k.startswith(head_name + ".") and k in own and state[k].shape != own[k].shape]
+    other_classes = bool(payload and classes is not None and list(payload["classes"]) != list(classes))
+    skipped = [k for k in state if k.startswith(head_name + ".") and k in own
+               and (state[k].shape != own[k].shape or other_classes)]
     for k in skipped:
         del state[k]
     missing = [k for k in own if k not in state and not (k in skipped)]
@@ -116,9 +121,12 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None) -> dic
                 f"shape mismatch {'; '.join(mismatched[:3])}" if mismatched else "") if part)
         )
     model.load_state_dict(state, strict=False)
+    if skipped:
+        reset_head(model)
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
-          + (f"; skipped the head {head_name} ({', '.join(skipped)}): its shape does not fit the "
-             f"new number of classes, so it starts fresh" if skipped else ""), file=log or sys.stdout)
+          + (f"; skipped the head {head_name} ({', '.join(skipped)}): "
+             + ("it was trained on other classes" if other_classes else "its shape does not fit the new number "
+                "of classes") + ", so it starts fresh, at zero" if skipped else ""), file=log or sys.stdout)
     return payload
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -138,6 +139,28 @@ def test_weights_from_plain_state_dict_and_safetensors_with_new_head(tmp_path, c
         assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
         assert target.fc.weight.shape == (5, 512)
         assert "skipped the head fc" in capsys.readouterr().out
+        # The new head starts at zero (Big Transfer's choice): the first predictions are uniform.
+        assert not target.fc.weight.any() and not target.fc.bias.any()
+        with torch.no_grad():
+            logits = target.eval()(torch.randn(3, 3, 64, 64))
+        assert torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).item() == pytest.approx(math.log(5))
+
+
+def test_a_head_trained_on_other_classes_starts_fresh_even_when_its_shape_fits(tmp_path, capsys):
+    """A run on airplane..deer fine-tuned on dog..truck: five outputs each, but the old head's answers mean
+    nothing for the new classes; loading it kept a confidently wrong head (first loss 5.7 for 5 classes)."""
+    run = cnnkit.train(**TINY, model="simple_cnn", epochs=1, out=str(tmp_path / "run"))
+    saved = torch.load(os.path.join(run.run_dir, "last.pt"), weights_only=True)
+    same = cnnkit.create_model("simple_cnn", num_classes=10)
+    load_weights(same, run.run_dir, classes=list(saved["classes"]))
+    assert torch.equal(same.classifier[4].weight, saved["state_dict"]["classifier.4.weight"])
+    assert "skipped" not in capsys.readouterr().out
+    other = cnnkit.create_model("simple_cnn", num_classes=10)
+    load_weights(other, run.run_dir, classes=[f"class{i}" for i in range(10)])
+    out = capsys.readouterr().out
+    assert "skipped the head classifier.4" in out and "trained on other classes" in out
+    assert not other.classifier[4].weight.any()
+    assert torch.equal(other.features[0].weight, saved["state_dict"]["features.0.weight"])
 
 
 def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):

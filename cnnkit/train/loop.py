@@ -150,7 +150,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     # Model and the weights it starts from; the input normalisation follows the weights.
     model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
                          input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
-    start_payload = load_weights(model, cfg.weights, log) if cfg.weights and not saved else None
+    start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
     if saved:
         mean, std = saved["mean"], saved["std"]
     elif cfg.pretrained:

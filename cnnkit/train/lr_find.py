@@ -118,7 +118,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     train_set, _ = load_splits(spec)
     model = create_model(cfg.model, num_classes=len(train_set.classes), in_channels=train_set.channels,
                          input_size=train_set.size, pretrained=cfg.pretrained, **cfg.model_options)
-    payload = load_weights(model, cfg.weights, log) if cfg.weights else None
+    payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights else None
     if cfg.pretrained:
         mean, std, _ = normalization(cfg.model, train_set.channels)
     elif payload is not None:

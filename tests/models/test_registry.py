@@ -97,3 +97,20 @@ def test_building_a_model_leaves_batchnorm_statistics_untouched():
     bn = model.features[1]
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_var, torch.ones(32))
     assert model.training
+
+
+def test_cifar_stem_keeps_resnet18_layer4_at_4x4_for_32px_images():
+    """He et al.'s CIFAR stem (3x3 stride-1 conv1, no max-pool): 0.56 G MACs at 32x32 (the published CIFAR
+    ResNet-18 figure), layer4 at 4x4 where torchvision's stem leaves 1x1; everything after conv1 unchanged."""
+    plain = cnnkit.create_model("resnet18", num_classes=5, input_size=32)
+    cifar = cnnkit.create_model("resnet18", num_classes=5, input_size=32, stem="cifar")
+    assert tuple(cifar.conv1.weight.shape) == (64, 3, 3, 3) and isinstance(cifar.maxpool, torch.nn.Identity)
+    assert n_params(plain) - n_params(cifar) == 64 * 3 * (49 - 9)
+    cifar_summary, plain_summary = cnnkit.summary(cifar, (3, 32, 32)), cnnkit.summary(plain, (3, 32, 32))
+    layer4 = [next(r for r in s.layers if r.name == "layer4").output_shape for s in (cifar_summary, plain_summary)]
+    assert layer4 == [[512, 4, 4], [512, 1, 1]]
+    assert cifar_summary.total_macs == pytest.approx(0.556e9, rel=2e-3)
+    with pytest.raises(UserError, match="ResNet-style"):
+        cnnkit.create_model("vgg11", num_classes=5, input_size=32, stem="cifar")
+    with pytest.raises(UserError, match="stem must be one of"):
+        cnnkit.create_model("resnet18", stem="tiny")
