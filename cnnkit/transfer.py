@@ -122,7 +122,7 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
         )
     model.load_state_dict(state, strict=False)
     if skipped:
-        reset_head(model)
+        reset_head(model.get_submodule(head_name))
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
           + (f"; skipped the head {head_name} ({', '.join(skipped)}): "
              + ("it was trained on other classes" if other_classes else "its shape does not fit the new number "

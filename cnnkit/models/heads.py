@@ -32,17 +32,16 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
         new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], new)
-    reset_head(model)
+    reset_head(new)
     return name
 
 
-def reset_head(model: nn.Module) -> None:
+def reset_head(head: nn.Module) -> None:
     """Start a new linear head on pretrained features at zero, as Big Transfer does (Kolesnikov et al., 2020):
     its first predictions are uniform (loss ln(classes)). With PyTorch's default initialisation, the large
     features of a trained backbone make them confidently wrong instead (losses of 5-6 for 5 classes were
     measured), and a head-only run spends its first epochs undoing that. A 1x1-convolution head (SqueezeNet)
     keeps its default initialisation: a ReLU follows it, and at zero no gradient would pass."""
-    _, head = find_head(model)
     if isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         if head.bias is not None:
