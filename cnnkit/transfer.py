@@ -95,20 +95,24 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
 def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
                  classes: list[str] | None = None) -> dict[str, Any] | None:
     """Load ``path`` into ``model``: strictly, except the classifier head, which starts fresh (see
-    ``reset_head``) when its shape does not fit the new number of classes, or when ``path`` is a cnnkit
-    checkpoint whose class names differ from ``classes`` (the new data's): a head trained on airplane..deer
-    says nothing about dog..truck, even with as many outputs. Prints what was loaded and skipped; returns the
-    cnnkit checkpoint payload when ``path`` was one (its normalisation then applies)."""
+    ``reset_head``) when its shape does not fit the new number of classes, when the file's head is built
+    differently (say, an MLP projector before the classifier) or missing (a backbone-only file), or when
+    ``path`` is a cnnkit checkpoint whose class names differ from ``classes`` (the new data's): a head trained
+    on airplane..deer says nothing about dog..truck, even with as many outputs. Prints what was loaded and
+    skipped; returns the cnnkit checkpoint payload when ``path`` was one (its normalisation then applies)."""
     state, payload = _read_weights(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     head_name = find_head(model)[0]
     own = model.state_dict()
     other_classes = bool(payload and classes is not None and list(payload["classes"]) != list(classes))
-    skipped = [k for k in state if k.startswith(head_name + ".") and k in own
-               and (state[k].shape != own[k].shape or other_classes)]
+    file_head = [k for k in state if k.startswith(head_name + ".")]
+    own_head = [k for k in own if k.startswith(head_name + ".")]
+    other_structure = set(file_head) != set(own_head)  # a projector before the classifier, or no head at all
+    fresh = other_classes or other_structure or any(state[k].shape != own[k].shape for k in file_head)
+    skipped = file_head if fresh else []
     for k in skipped:
         del state[k]
-    missing = [k for k in own if k not in state and not (k in skipped)]
+    missing = [k for k in own if k not in state and not (fresh and k in own_head)]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in state if k in own and state[k].shape != own[k].shape]
@@ -121,12 +125,15 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
                 f"shape mismatch {'; '.join(mismatched[:3])}" if mismatched else "") if part)
         )
     model.load_state_dict(state, strict=False)
-    if skipped:
+    if fresh:
         reset_head(model.get_submodule(head_name))
+        why = ("it was trained on other classes" if other_classes else
+               "the file has no head" if not file_head else
+               "the file's head is built differently" if other_structure else
+               "its shape does not fit the new number of classes")
+        shown = f" ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})" if skipped else ""
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
-          + (f"; skipped the head {head_name} ({', '.join(skipped)}): "
-             + ("it was trained on other classes" if other_classes else "its shape does not fit the new number "
-                "of classes") + ", so it starts fresh, at zero" if skipped else ""), file=log or sys.stdout)
+          + (f"; the head {head_name}{shown} starts fresh, at zero: {why}" if fresh else ""), file=log or sys.stdout)
     return payload
 
 

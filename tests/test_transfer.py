@@ -138,7 +138,8 @@ def test_weights_from_plain_state_dict_and_safetensors_with_new_head(tmp_path, c
         load_weights(target, str(tmp_path / path))
         assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
         assert target.fc.weight.shape == (5, 512)
-        assert "skipped the head fc" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "the head fc (fc." in out and "starts fresh, at zero: its shape does not fit" in out
         # The new head starts at zero (Big Transfer's choice): the first predictions are uniform.
         assert not target.fc.weight.any() and not target.fc.bias.any()
         with torch.no_grad():
@@ -154,13 +155,30 @@ def test_a_head_trained_on_other_classes_starts_fresh_even_when_its_shape_fits(t
     same = cnnkit.create_model("simple_cnn", num_classes=10)
     load_weights(same, run.run_dir, classes=list(saved["classes"]))
     assert torch.equal(same.classifier[4].weight, saved["state_dict"]["classifier.4.weight"])
-    assert "skipped" not in capsys.readouterr().out
+    assert "starts fresh" not in capsys.readouterr().out
     other = cnnkit.create_model("simple_cnn", num_classes=10)
     load_weights(other, run.run_dir, classes=[f"class{i}" for i in range(10)])
     out = capsys.readouterr().out
-    assert "skipped the head classifier.4" in out and "trained on other classes" in out
+    assert "the head classifier.4" in out and "trained on other classes" in out
     assert not other.classifier[4].weight.any()
     assert torch.equal(other.features[0].weight, saved["state_dict"]["features.0.weight"])
+
+
+def test_a_head_built_differently_or_missing_is_dropped_and_the_backbone_loads(tmp_path, capsys):
+    """A file whose head is built differently (here an MLP projector before the classifier, as some
+    pretraining recipes use) or that has no head at all (a backbone-only file): the file's whole head goes, the
+    new head starts at zero, and the backbone loads strictly."""
+    source = cnnkit.create_model("resnet18", num_classes=5)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, tmp_path / "headless.pth")
+    torch.save({**state, "fc.0.weight": torch.randn(64, 512), "fc.3.weight": torch.randn(5, 64),
+                "fc.3.bias": torch.randn(5)}, tmp_path / "projector.pth")
+    for name, why in (("projector.pth", "built differently"), ("headless.pth", "the file has no head")):
+        target = cnnkit.create_model("resnet18", num_classes=5)
+        load_weights(target, str(tmp_path / name))
+        assert why in capsys.readouterr().out
+        assert torch.equal(target.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+        assert target.fc.weight.shape == (5, 512) and not target.fc.weight.any()
 
 
 def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
