@@ -239,12 +239,17 @@ def top_losses_figure(pred: "Predictions", n: int = 16, columns: int = 4) -> "Fi
         ax.set_title(f"true: {pred.classes[true]}\npred: {pred.classes[guess]} ({float(pred.probs[i, guess]):.2f})\n"
                      f"loss {float(pred.losses[i]):.2f}", fontsize=8,
                      color="black" if true == guess else "#b00000")
-    fig.suptitle(f"Top losses: the {len(index)} validation images the model got most wrong", fontsize=11)
+    wrong = int((pred.labels[index] != pred.predicted[index]).sum())
+    # A good model's top losses are mostly right answers given without confidence: say how many are mistakes.
+    fig.suptitle(f"Top losses: the {len(index)} validation images with the highest loss "
+                 f"({wrong} misclassified, in red)", fontsize=11)
     return fig
 
 
 def plot_lr_find(result: "LrFindResult", out: str) -> str:
     """The range test: loss (raw and smoothed) against a logarithmic learning rate, the suggestion marked."""
+    from cnnkit.train.lr_find import FLAT_METHOD
+
     fig = new_figure(7, 4.2)
     ax = fig.subplots()
     ax.plot(result.lrs, result.losses, color="grey", alpha=0.35, linewidth=0.8, label="loss of each step")
@@ -252,8 +257,10 @@ def plot_lr_find(result: "LrFindResult", out: str) -> str:
     ax.set_xscale("log")
     ax.axvline(result.suggestion, color=VAL_COLOUR, linestyle="--",
                label=f"suggested: {result.suggestion:.3g} ({result.method})")
-    ax.axvline(result.min_loss_lr, color="grey", linestyle=":", label=f"lowest smoothed loss: {result.min_loss_lr:.3g}")
-    if result.edge_lr != result.suggestion:
+    flat = result.method == FLAT_METHOD  # the lowest point of a flat curve is noise: not drawn
+    if not flat:
+        ax.axvline(result.min_loss_lr, color="grey", linestyle=":", label=f"lowest smoothed loss: {result.min_loss_lr:.3g}")
+    if result.edge_lr != result.suggestion and not flat:
         ax.axvline(result.edge_lr, color="grey", linestyle="-.", label=f"end of its valley: {result.edge_lr:.3g}")
     if result.smoothed:
         # from the settled start down to the minimum: the blow-up at the end would squash the interesting part
