@@ -24,7 +24,11 @@ Some networks give the test nothing to read: one without BatchNorm, freshly init
 ``shapes`` does for its first few hundred steps — and the loss stays flat until high rates kill it. The
 minimum of a flat curve is noise, so when the loss never falls FLAT_DROP below its level after the first tenth
 of the test, the suggestion is the optimizer's default rate instead ("default: flat curve"), and the message
-says so; a slower sweep (more ``steps``, a higher ``start_lr``) may then find the descent.
+says so. Slower sweeps do not help there (simple_cnn on 20,000 ``shapes`` images stayed flat through 500- and
+1,000-step exponential sweeps), and no fixed rate does reliably better than the default: one-cycle runs of 3
+epochs at peaks 0.03 / 0.05 / 0.1 / 0.2 / 0.3 reached mean val accuracies of 0.39 / 0.66 / 0.50 / 0.57 / 0.10
+over seeds 0-2 (``benchmarks/lr_find_shapes.py --sweep``): when the plateau ends is close to chance, and above
+about 0.2 the network dies (every output alike) instead.
 
 The test runs on its own freshly built model and optimizer, so nothing it does reaches a later training run;
 ``train(lr="auto")`` runs it first with the same configuration and trains with the suggestion (``config.json``
@@ -192,9 +196,11 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
                           _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
                           time.perf_counter() - start, lrs, losses, smoothed)
     if method == FLAT_METHOD:
-        print(f"cnnkit: the loss did not fall during the range test (a plateau longer than {len(lrs)} steps); "
-              f"keeping the {cfg.optimizer} default {suggestion:g}. A slower sweep may find the descent: more "
-              "--steps, a higher --start-lr", file=log)
+        print(f"cnnkit: the loss did not fall at any rate of the range test: the network sat on its starting "
+              f"plateau (loss about ln(classes), every prediction alike) for all {len(lrs)} steps, so the curve "
+              f"cannot rank the rates; keeping the {cfg.optimizer} default {suggestion:g}. Such a plateau ends "
+              "after enough steps, not at some rate (simple_cnn on shapes stayed flat through 1,000-step sweeps "
+              "too); BatchNorm and global average pooling (convnet) shorten it", file=log)
     elif not diverged:
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
               "(raise the end learning rate)", file=log)
