@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--pretrained-run", help="reuse this finished pretraining run instead of training one")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--val-per-class", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run, pretraining included; results of a seed "
+                    "other than 0 go to transfer_cifar-seedN.json/.md (one seed's margin moves by a few points)")
     ap.add_argument("--runs", nargs="+", help="only these of a_head_only, b_head_then_layer4, c_from_scratch, "
                     "c_from_scratch_sgd (the table then holds only them)")
     args = ap.parse_args()
@@ -77,12 +79,12 @@ def main() -> None:
         pre = cnnkit.TrainResult(**json.load(open(os.path.join(args.pretrained_run, "result.json"))))
         pretrain_s = pre.train_time_s
     else:
-        pre = cnnkit.train(model="resnet18", model_options={"stem": args.stem}, data=pre_dir, val_split=0.1,
+        pre = cnnkit.train(model="resnet18", model_options={"stem": args.stem}, data=pre_dir, val_split=0.1, seed=args.seed,
                            epochs=args.pretrain_epochs, batch_size=128, precision=args.precision,
                            out=os.path.join(args.work, f"{stamp}-pretrain"))
         pretrain_s = time.perf_counter() - t0
     common = dict(model="resnet18", model_options={"stem": args.stem}, data=ft_train, val_data=ft_val, batch_size=32, optimizer="adamw",
-                  schedule="constant", progress=False, precision=args.precision)
+                  schedule="constant", progress=False, precision=args.precision, seed=args.seed)
     e = args.finetune_epochs
     head_epochs = max(1, e // 3)
     runs = {
@@ -105,6 +107,7 @@ def main() -> None:
         print(name, results[name], flush=True)
 
     report = {
+        "seed": args.seed,
         "pretrain": {"classes": PRETRAIN_CLASSES, "val_acc": pre.val_acc, "epochs": pre.epochs,
                      "images": pre.num_train, "time_s": round(pretrain_s, 1), "run": pre.run_dir,
                      "stem": {"cifar": "CIFAR (3x3/1, no max-pool)", "imagenet": "torchvision (7x7/2 + max-pool)"}[args.stem]},
@@ -112,11 +115,12 @@ def main() -> None:
         "results": results,
     }
     os.makedirs("benchmarks/results", exist_ok=True)
-    with open("benchmarks/results/transfer_cifar.json", "w") as f:
+    result_name = "transfer_cifar" + (f"-seed{args.seed}" if args.seed else "")
+    with open(f"benchmarks/results/{result_name}.json", "w") as f:
         json.dump(report, f, indent=2)
     lines = [f"# Transfer on CIFAR-10 JPEG: resnet18 pretrained on {', '.join(PRETRAIN_CLASSES)} "
              f"({pre.epochs} epochs, val acc {pre.val_acc:.3f}), fine-tuned on {', '.join(TARGET_CLASSES)} "
-             f"with {args.per_class} images per class", "",
+             f"with {args.per_class} images per class (seed {args.seed})", "",
              "", f"{report['pretrain']['stem']} stem; fine-tuning and validation images are disjoint; the margin is "
              "each run's final val acc minus the best final val acc of the from-scratch runs.", "",
              "| run | val acc (last) | margin over scratch | best val acc | epochs | time (s) | options |",
@@ -127,7 +131,7 @@ def main() -> None:
         shown = {k: v for k, v in r["options"].items() if k != "weights"}
         lines.append(f"| {name} | {r['val_acc']:.3f} | {margin} | {r['best_val_acc']:.3f} | {r['epochs']} | "
                      f"{r['train_time_s']} | `{shown}` |")
-    with open("benchmarks/results/transfer_cifar.md", "w") as f:
+    with open(f"benchmarks/results/{result_name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
