@@ -735,6 +735,8 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     # A recipe sets its options first; whatever else the caller passes wins over it.
     base = config or TrainConfig(**recipe_options(overrides.get("recipe")))
     cfg = dataclasses.replace(base, **overrides)
+    if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
+        cfg = dataclasses.replace(cfg, plots=True)
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")

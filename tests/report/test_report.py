@@ -54,6 +54,8 @@ def test_quiet_train_prints_only_the_result(run):
 
 def test_run_folder_holds_the_plots_and_the_report(run):
     folder, _ = run
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["plots"] is True  # --report writes the plots, and the run's configuration says so
     assert sorted(os.listdir(os.path.join(folder, "plots"))) == ["confusion.png", "curves.png", "lr.png",
                                                                  "top_losses.png"]
     for name in os.listdir(os.path.join(folder, "plots")):
