@@ -324,8 +324,6 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     data_options(e, None)
     e.add_argument("--batch-size", type=_positive_int)
-    e.add_argument("--trust-checkpoint", action="store_true",
-                   help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     e.add_argument("--device", default="auto")
     tta_options(e)
     e.add_argument("--json", action="store_true")
@@ -335,8 +333,6 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
     tta_options(p)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load a checkpoint holding arbitrary Python objects (runs code from the file: only for files you trust)")
     p.add_argument("--json", action="store_true")
 
     em = sub.add_parser("embed", help="penultimate-layer features of a folder of images",
@@ -594,7 +590,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cnnkit.evaluate import confusion_text, evaluate
     from cnnkit.train.checkpoint import load_checkpoint
 
-    r = evaluate(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
+    r = evaluate(load_checkpoint(args.checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
                  tta_shift=args.tta_shift)
     if args.json:
@@ -615,8 +611,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.train.checkpoint import load_checkpoint
 
     model = args.checkpoint
-    if args.trust_checkpoint or args.ema:
-        model = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, ema=args.ema)
+    if args.ema:
+        model = load_checkpoint(args.checkpoint, ema=args.ema)
     results = predict(model, args.paths, topk=args.topk, tta=args.tta, tta_shift=args.tta_shift)
     failed = [r for r in results if "error" in r]
     for r in failed:

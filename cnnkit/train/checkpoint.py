@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import random
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,12 +145,10 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
 
 
-def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
+def read_payload(path: str) -> dict[str, Any]:
     """The checkpoint dict at ``path``, read with ``weights_only=True`` (or from a .safetensors export); a
-    CheckpointError names the file otherwise.
-
-    ``trust=True`` (the CLI's ``--trust-checkpoint``) unpickles arbitrary objects — which can run any code the
-    file's author wrote — and is never used as a fallback.
+    CheckpointError names the file otherwise. There is no unsafe mode: a file that holds other Python objects
+    is refused, never unpickled, since unpickling can run any code its author wrote.
     """
     _check_torch_version()
     path = resolve_checkpoint_path(path)
@@ -163,17 +160,12 @@ def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
                               "checkpoint (.pt or .safetensors) it was exported from")
     try:
-        if trust:
-            print(f"cnnkit: warning: loading {path} with full unpickling (--trust-checkpoint): "
-                  "this runs any code stored in the file", file=sys.stderr)
-            payload = torch.load(path, map_location="cpu", weights_only=False)  # only behind --trust-checkpoint
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain data and was not loaded, "
-            f"since that could run code ({str(e).splitlines()[0][:160]}); if you trust its author, "
-            "pass --trust-checkpoint"
+            f"since that could run code ({str(e).splitlines()[0][:160]}); if you trust its author, re-save its "
+            "weights as a state dict (torch.save(model.state_dict(), ...)) or .safetensors and load those"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
@@ -182,12 +174,12 @@ def read_payload(path: str, trust: bool = False) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str, device: str | torch.device = "cpu", trust: bool = False, ema: bool = False) -> Checkpoint:
+def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = False) -> Checkpoint:
     """Rebuild the model stored at ``path`` (a checkpoint file or a run folder), in eval mode.
 
     ``ema``: a run folder's weight EMA (``best_ema.pt``) instead of its raw weights."""
     path = resolve_checkpoint_path(path, ema)
-    payload = read_payload(path, trust)
+    payload = read_payload(path)
     spec = payload["model"]
     model = create_model(
         spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
