@@ -1,7 +1,7 @@
 """Does `cnnkit train --lr auto` (the learning-rate range test's suggestion) train as well as the default rate?
 
     python -m benchmarks.lr_find_shapes [--models simple_cnn cnn_bn convnet] [--epochs 3] [--num-samples 20000]
-        [--seeds 0 1 2] [--sweep 0.02 0.1 0.2]
+        [--seeds 0 1 2] [--sweep 0.03 0.1 0.2 0.3]
 
 For each model and seed, on the generated ``shapes`` data: a short run with ``lr="auto"`` (the range test runs
 first, with the run's own settings, and its suggestion becomes the peak of the one-cycle schedule), the same
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=20000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.02, 0.1, 0.2],
+    parser.add_argument("--sweep", type=float, nargs="*", default=[0.03, 0.1, 0.2, 0.3],
                         help="also train at these fixed peak rates (none: only auto and the default)")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -257,11 +257,10 @@ def plot_lr_find(result: "LrFindResult", out: str) -> str:
     ax.set_xscale("log")
     ax.axvline(result.suggestion, color=VAL_COLOUR, linestyle="--",
                label=f"suggested: {result.suggestion:.3g} ({result.method})")
-    flat = result.method == FLAT_METHOD  # the lowest point of a flat curve is noise: not drawn
-    if not flat:
+    if result.method != FLAT_METHOD:  # the lowest point of a flat curve is noise: not drawn, nor its valley
         ax.axvline(result.min_loss_lr, color="grey", linestyle=":", label=f"lowest smoothed loss: {result.min_loss_lr:.3g}")
-    if result.edge_lr != result.suggestion and not flat:
-        ax.axvline(result.edge_lr, color="grey", linestyle="-.", label=f"end of its valley: {result.edge_lr:.3g}")
+        if result.edge_lr != result.suggestion:
+            ax.axvline(result.edge_lr, color="grey", linestyle="-.", label=f"end of its valley: {result.edge_lr:.3g}")
     if result.smoothed:
         # from the settled start down to the minimum: the blow-up at the end would squash the interesting part
         start, low = result.smoothed[len(result.smoothed) // 10], min(result.smoothed)

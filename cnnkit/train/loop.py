@@ -418,7 +418,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     distributed.cleanup(ctx)
     if board:
         board.close()
-    if ctx.main and (cfg.plots or cfg.report):
+    if ctx.main and cfg.plots:  # --report sets plots too (_make_config)
         from cnnkit.report.html import show_run
 
         show_run(run_dir, report=cfg.report, device=cfg.device, log=log)
