@@ -16,16 +16,14 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     if pad <= 0:
         return images
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad)).contiguous()
+    padded = F.pad(images, (pad, pad, pad, pad))
     shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device).to(images.device)
-    # One gather over flat offsets. Boolean-mask copies per shift value look cheaper but cost ~20 small
-    # indexing ops per batch, which on a 2-core CPU took longer than the network's own step.
-    height, width = h + 2 * pad, w + 2 * pad
-    arange = lambda k: torch.arange(k, device=images.device)  # noqa: E731
-    offsets = ((arange(n) * c)[:, None, None, None] + arange(c)[None, :, None, None]) * (height * width)
-    offsets = offsets + ((shifts[0][:, None] + arange(h)) * width)[:, None, :, None]
-    offsets = offsets + (shifts[1][:, None] + arange(w))[:, None, None, :]
-    return padded.reshape(-1)[offsets.reshape(-1)].view(n, c, h, w)
+    # Every crop of every image, as a view (n, c, 2*pad+1, 2*pad+1, h, w) of the padded batch, then one
+    # advanced index picks each image's own: a single copy of the output. A gather over precomputed flat
+    # offsets gives the same images 3.7x slower (an int64 index per pixel), and boolean-mask copies per
+    # shift value cost ~20 small indexing ops per batch, more than the network's own step on 2 cores.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    return windows[torch.arange(n, device=images.device), :, shifts[0], shifts[1]]
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
