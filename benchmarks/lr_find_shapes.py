@@ -100,12 +100,14 @@ def main() -> None:
                      f"{r['best_val_acc']:.4f} | {r['val_loss']:.4f} | {r['train_time_s']:.0f} |")
     lines += ["", "Each setting over the seeds (val acc, last epoch):", "",
               "| model | lr | mean | median | per seed |", "| --- | --- | ---: | ---: | --- |"]
-    for model in args.models:
-        for name in dict.fromkeys(r["lr_setting"] for r in rows if r["model"] == model):
-            accs = [r["val_acc"] for r in rows if r["model"] == model and r["lr_setting"] == name]
-            lrs = sorted({f"{r['lr']:.3g}" for r in rows if r["model"] == model and r["lr_setting"] == name})
-            lines.append(f"| {model} | {name} ({', '.join(lrs)}) | {statistics.mean(accs):.3f} | "
-                         f"{statistics.median(accs):.3f} | {' / '.join(f'{a:.3f}' for a in accs)} |")
+    groups: dict[tuple[str, str], list[dict]] = {}  # (model, lr setting) -> its runs, one per seed, in run order
+    for r in rows:
+        groups.setdefault((r["model"], r["lr_setting"]), []).append(r)
+    for (model, name), group in groups.items():
+        accs = [r["val_acc"] for r in group]
+        lrs = sorted({f"{r['lr']:.3g}" for r in group})
+        lines.append(f"| {model} | {name} ({', '.join(lrs)}) | {statistics.mean(accs):.3f} | "
+                     f"{statistics.median(accs):.3f} | {' / '.join(f'{a:.3f}' for a in accs)} |")
     with open(os.path.join(RESULTS, "lr_find_shapes.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
