@@ -47,6 +47,7 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 from cnnkit.train.recipes import recipe_options
+from cnnkit.train.rewrite import pool_before_relu
 from cnnkit.tta import TTAModel
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -194,8 +195,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
                              channels_last=cfg.channels_last, workers=cfg.workers)
         model.init_from_data(next(iter(sample))[0])
-    # The compiled model shares the parameters: checkpoints and evaluation use ``model`` itself.
-    step_model = torch.compile(model) if cfg.compile else model
+    # The training step runs ``model`` rewritten (max-pool before ReLU: the same function and gradients, less
+    # work) and, with --compile, compiled. Both share its parameters: checkpoints and evaluation use ``model``.
+    step_model = pool_before_relu(model)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
 
     # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
