@@ -1,7 +1,7 @@
 """How fast does cnnkit train a CNN on this machine, against the plain PyTorch loop a tutorial reader writes?
 
     python -m benchmarks.train_speed                     # everything below, about 25 minutes on 2 cores
-    python -m benchmarks.train_speed --parts peak,seed,cnnkit --epochs 3
+    python -m benchmarks.train_speed --parts seed,cnnkit --epochs 3 --rounds 3
 
 Parts, each run in its own child process (so its peak resident memory is its own):
 - ``peak``: the machine's matrix-product rate, fp32 and bf16 (2048x2048 products, median of repeats);
@@ -16,7 +16,10 @@ Parts, each run in its own child process (so its peak resident memory is its own
   augmentation) and wall time from the call to the result, data loading included.
 
 Speeds are training images per second of each epoch (data loading and augmentation included, validation
-not), the median over the epochs: each epoch is one repeat. The data are the CIFAR-10 JPEG images in
+not); a run's speed is the median over its epochs. The speed parts run in ``--rounds`` rounds, each round
+one run of each part in turn (seed, cnnkit, cnnkit_fp32, ...), so that a neighbour's load on this shared
+machine lands on all of them alike: a part's figure is the median over the rounds, and its ratio to the
+seed loop the median of the ratios within each round. The data are the CIFAR-10 JPEG images in
 ``../shared/datasets/cifar10-jpeg/train``; 10% of each class is held out for validation, the same images
 for every part. Writes benchmarks/results/train_speed.json and .md.
 """
@@ -37,6 +40,7 @@ import torch
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg", "train")
 PARTS = ("peak", "seed", "cnnkit", "cnnkit_fp32", "fast")
+SPEED_PARTS = ("seed", "cnnkit", "cnnkit_fp32", "cnnkit_compile")  # run in rounds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,28 +195,44 @@ def child(part: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def combine(runs: list[dict], seed_runs: list[dict] | None) -> dict:
+    """One speed part over its rounds: the last round's result plus the medians across rounds."""
+    out = dict(runs[-1])
+    out["rounds"] = runs
+    out["images_per_s"] = statistics.median(r["images_per_s"] for r in runs)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    if seed_runs:
+        out["x_seed_rounds"] = [r["images_per_s"] / s["images_per_s"] for r, s in zip(runs, seed_runs)]
+        out["x_seed"] = statistics.median(out["x_seed_rounds"])
+    return out
+
+
 def table(r: dict) -> str:
+    some = r["parts"].get("cnnkit", r["parts"].get("seed", {}))
     lines = [f"# Training speed on {r['machine']}", "",
-             f"{r['epochs']} epochs of CIFAR-10 JPEG ({r['parts'].get('cnnkit', r['parts'].get('seed', {})).get('num_train', '?')} "
-             "training images, 10% held out); images/s is the median over the epochs.", ""]
+             f"{r['epochs']} epochs of CIFAR-10 JPEG ({some.get('num_train', '?')} training images, 10% held out), "
+             f"{r['rounds']} rounds of the speed runs, one after another within each round. A run's images/s is "
+             "the median over its epochs; the table gives each round's and their median. x seed is the median "
+             "of the ratios within each round.", ""]
     peak = r["parts"].get("peak")
     if peak:
         lines += [f"Matrix-product peak: {peak['fp32_gflops']:.0f} GFLOP/s fp32, {peak['bf16_gflops']:.0f} GFLOP/s bf16.", ""]
-    lines += ["| run | images/s (epochs) | x seed | val acc | achieved GFLOP/s (% of peak) | peak RSS MB |",
+    lines += ["| run | images/s: median (rounds) | x seed (rounds) | val acc | achieved GFLOP/s (% of peak) | peak RSS MB |",
               "|---|---|---|---|---|---|"]
-    seed = r["parts"].get("seed", {}).get("images_per_s")
-    for name in ("seed", "cnnkit", "cnnkit_fp32", "cnnkit_compile"):
+    for name in SPEED_PARTS:
         p = r["parts"].get(name)
         if not p:
             continue
-        epochs = ", ".join(f"{s:,.0f}" for s in p["images_per_s_epochs"])
-        ratio = f"{p['images_per_s'] / seed:.2f}" if seed else ""
+        rounds = ", ".join(f"{q['images_per_s']:,.0f}" for q in p["rounds"])
+        ratio = (f"{p['x_seed']:.2f} ({', '.join(f'{x:.2f}' for x in p['x_seed_rounds'])})"
+                 if "x_seed" in p else "")
+        accs = sorted({f"{q['val_acc']:.4f}" for q in p["rounds"]})
         flops = ""
         if "macs_per_image" in p and peak:
             achieved = p["images_per_s"] * 6 * p["macs_per_image"] / 1e9  # forward 2*MACs, backward about twice that
             ref = peak["bf16_gflops"] if p["precision"] == "bf16" else peak["fp32_gflops"]
             flops = f"{achieved:.0f} ({100 * achieved / ref:.0f}% of {p['precision']})"
-        lines.append(f"| {name} | {p['images_per_s']:,.0f} ({epochs}) | {ratio} | {p['val_acc']:.4f} | {flops} "
+        lines.append(f"| {name} | {p['images_per_s']:,.0f} ({rounds}) | {ratio} | {' / '.join(accs)} | {flops} "
                      f"| {p['peak_rss_mb']:,.0f} |")
     fast = r["parts"].get("fast")
     if fast:
@@ -227,6 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS + ('cnnkit_compile',)}")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each speed part, interleaved")
     parser.add_argument("--data", default=os.path.abspath(DATA))
     parser.add_argument("--work", default=os.path.join("/tmp", "cnnkit-train-speed"))
     parser.add_argument("--name", default="train_speed")
@@ -240,11 +261,22 @@ def main() -> None:
         return
     os.makedirs(args.work, exist_ok=True)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-               "date": time.strftime("%Y-%m-%d %H:%M"), "epochs": args.epochs, "parts": {}}
-    for part in args.parts.split(","):
-        print(f"== {part}", file=sys.stderr, flush=True)
-        results["parts"][part] = child(part, args)
-        print(json.dumps(results["parts"][part]), file=sys.stderr, flush=True)
+               "date": time.strftime("%Y-%m-%d %H:%M"), "epochs": args.epochs, "rounds": args.rounds, "parts": {}}
+    parts = args.parts.split(",")
+    speed = [p for p in parts if p in SPEED_PARTS]
+    runs: dict[str, list[dict]] = {p: [] for p in speed}
+    for round_ in range(1, args.rounds + 1):
+        for part in speed:
+            print(f"== {part}, round {round_} of {args.rounds}", file=sys.stderr, flush=True)
+            runs[part].append(child(part, args))
+            print(json.dumps(runs[part][-1]), file=sys.stderr, flush=True)
+    for part in parts:
+        if part in runs:
+            results["parts"][part] = combine(runs[part], runs.get("seed"))
+        else:
+            print(f"== {part}", file=sys.stderr, flush=True)
+            results["parts"][part] = child(part, args)
+            print(json.dumps(results["parts"][part]), file=sys.stderr, flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=2)
