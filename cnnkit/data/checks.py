@@ -267,11 +267,9 @@ def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THR
 
 def _torchvision_weights(model: str | None):
     """torchvision's default weights enum member for ``model``, or None (cnnkit's own models have none)."""
-    if model is None:
-        return None
-    from cnnkit.models.torchvision import torchvision_model_names
+    from cnnkit.models.registry import is_torchvision_model
 
-    if model not in torchvision_model_names():
+    if model is None or not is_torchvision_model(model):
         return None
     import torchvision
 

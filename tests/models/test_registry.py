@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -114,3 +118,16 @@ def test_cifar_stem_keeps_resnet18_layer4_at_4x4_for_32px_images():
         cnnkit.create_model("vgg11", num_classes=5, input_size=32, stem="cifar")
     with pytest.raises(UserError, match="stem must be one of"):
         cnnkit.create_model("resnet18", stem="tiny")
+
+
+def test_training_cnnkits_own_model_does_not_import_torchvision(tmp_path):
+    """torchvision adds about 160 MB of resident memory; a simple_cnn run needs none of it."""
+    code = ("import sys, io, cnnkit\n"
+            f"cnnkit.train(model='simple_cnn', data='shapes', num_samples=64, epochs=1, batch_size=32, "
+            f"out={str(tmp_path / 'run')!r}, progress=False, log=io.StringIO())\n"
+            "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+            "cnnkit.create_model('resnet18')\n"
+            "assert 'torchvision' in sys.modules\n")
+    env = {**os.environ, "CNNKIT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
