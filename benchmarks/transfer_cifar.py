@@ -135,11 +135,13 @@ def main() -> None:
              "| run | val acc (last) | margin over scratch | with TTA | margin with TTA | best val acc | epochs | time (s) | options |",
              "|---|---|---|---|---|---|---|---|---|"]
 
+    scratch = {key: max((r[key] for n, r in results.items() if n.startswith("c_")), default=None)
+               for key in ("val_acc", "tta_val_acc")}  # the best from-scratch run, plainly and with TTA
+
     def margin(name: str, key: str) -> str:
-        scratch = max((r[key] for n, r in results.items() if n.startswith("c_")), default=None)
-        if scratch is None or name.startswith("c_"):
+        if scratch[key] is None or name.startswith("c_"):
             return ""
-        return f"{100 * (results[name][key] - scratch):+.1f} points"
+        return f"{100 * (results[name][key] - scratch[key]):+.1f} points"
 
     for name, r in results.items():
         shown = {k: v for k, v in r["options"].items() if k != "weights"}

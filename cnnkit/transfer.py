@@ -23,13 +23,13 @@ from cnnkit.models.heads import find_head, replace_head, reset_head
 
 def pretrained_weights(name: str):
     """torchvision's default weights enum member for model ``name``."""
-    import torchvision
+    from cnnkit.models.torchvision import default_weights
 
-    try:
-        return torchvision.models.get_model_weights(name).DEFAULT
-    except (ValueError, KeyError, AttributeError):
+    weights = default_weights(name)
+    if weights is None:
         raise UserError(f"torchvision has no pretrained weights for '{name}'; train it from scratch "
-                        "(drop --pretrained) or pass --weights FILE") from None
+                        "(drop --pretrained) or pass --weights FILE")
+    return weights
 
 
 def pretrained_state(name: str) -> dict[str, torch.Tensor]:

@@ -270,13 +270,10 @@ def _torchvision_weights(model: str | None):
     from cnnkit.models.registry import is_torchvision_model
 
     if model is None or not is_torchvision_model(model):
-        return None
-    import torchvision
+        return None  # checked first: importing torchvision costs a simple_cnn run about 160 MB
+    from cnnkit.models.torchvision import default_weights
 
-    try:
-        return torchvision.models.get_model_weights(model).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        return None
+    return default_weights(model)
 
 
 def _check_channels(train: ImageSet, model: str | None, pretrained: bool, notes: list[str]) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
-from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.models.registry import check_model_name, create_model, is_torchvision_model
 from cnnkit.train.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -41,22 +41,16 @@ class InspectedModel:
     config: dict[str, Any] | None = None  # the training configuration of a checkpoint
 
 
-def _is_torchvision(name: str) -> bool:
-    from cnnkit.models.torchvision import torchvision_model_names
-
-    return name in torchvision_model_names()
-
-
 def default_input_size(name: str) -> int:
     """Square input size for a model name: what torchvision's default weights were measured at, else 32."""
-    if not _is_torchvision(name):
+    if not is_torchvision_model(name):
         return 32
-    import torchvision
+    from cnnkit.models.torchvision import default_weights
 
+    weights = default_weights(name)
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
         return int(weights.transforms.keywords.get("crop_size", 224))
-    except (ValueError, AttributeError, KeyError):
+    except AttributeError:  # no weights, or transforms without keywords
         return 224
 
 
@@ -87,7 +81,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int |
     """``create_model(name, ...)`` sized for ``input_shape``; on the meta device when ``meta``."""
     check_model_name(name)
     if num_classes is None:
-        num_classes = 1000 if _is_torchvision(name) else 10
+        num_classes = 1000 if is_torchvision_model(name) else 10
     c, h, _ = input_shape
 
     def build() -> nn.Module:
