@@ -23,7 +23,7 @@ from cnnkit.models.heads import find_head, replace_head, reset_head
 
 def pretrained_weights(name: str):
     """torchvision's default weights enum member for model ``name``."""
-    from cnnkit.models.torchvision import default_weights
+    from cnnkit.models.registry import default_weights
 
     weights = default_weights(name)
     if weights is None:

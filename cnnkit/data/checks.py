@@ -167,8 +167,12 @@ def check_splits(
         notes.append("duplicates between training and validation not checked (a set too large for memory); "
                      "`cnnkit check-data` checks them")
 
-    _check_channels(train, model, pretrained, notes)
-    _check_size(train, model, pretrained, warnings, notes)
+    from cnnkit.models.registry import default_weights
+
+    # torchvision's default weights for the model: None for cnnkit's own, which then never import torchvision
+    weights = default_weights(model) if model is not None else None
+    _check_channels(train, model, weights, pretrained, notes)
+    _check_size(train, model, weights, pretrained, warnings, notes)
     if pretrained and model is not None and weights_norm is None:
         from cnnkit.transfer import normalization
 
@@ -265,19 +269,8 @@ def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THR
 
 # --- the data against the model --------------------------------------------------------------------------------
 
-def _torchvision_weights(model: str | None):
-    """torchvision's default weights enum member for ``model``, or None (cnnkit's own models have none)."""
-    from cnnkit.models.registry import is_torchvision_model
-
-    if model is None or not is_torchvision_model(model):
-        return None  # checked first: importing torchvision costs a simple_cnn run about 160 MB
-    from cnnkit.models.torchvision import default_weights
-
-    return default_weights(model)
-
-
-def _check_channels(train: ImageSet, model: str | None, pretrained: bool, notes: list[str]) -> None:
-    if train.channels == 1 and _torchvision_weights(model) is not None:
+def _check_channels(train: ImageSet, model: str | None, weights, pretrained: bool, notes: list[str]) -> None:
+    if train.channels == 1 and weights is not None:
         notes.append(f"1-channel images into {model}, a 3-channel network: cnnkit adapts its first convolution to "
                      "1 channel" + (" by summing the pretrained RGB filters (timm's adapt_input_conv), with the "
                                     "channel-averaged normalisation" if pretrained else ""))
@@ -289,8 +282,8 @@ def _check_channels(train: ImageSet, model: str | None, pretrained: bool, notes:
                          f"memory and first-layer compute{keep}")
 
 
-def _check_size(train: ImageSet, model: str | None, pretrained: bool, warnings: list[str], notes: list[str]) -> None:
-    weights = _torchvision_weights(model)
+def _check_size(train: ImageSet, model: str | None, weights, pretrained: bool, warnings: list[str],
+                notes: list[str]) -> None:
     if weights is None:
         return
     min_size = max(weights.meta.get("min_size", (1, 1)))

@@ -23,7 +23,7 @@ import torch.nn as nn
 from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
-from cnnkit.models.registry import check_model_name, create_model, is_torchvision_model
+from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
 from cnnkit.train.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -45,8 +45,6 @@ def default_input_size(name: str) -> int:
     """Square input size for a model name: what torchvision's default weights were measured at, else 32."""
     if not is_torchvision_model(name):
         return 32
-    from cnnkit.models.torchvision import default_weights
-
     weights = default_weights(name)
     try:
         return int(weights.transforms.keywords.get("crop_size", 224))

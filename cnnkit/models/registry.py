@@ -48,6 +48,20 @@ def is_torchvision_model(name: str) -> bool:
     return getattr(_FACTORIES.get(name), "__module__", "") == "cnnkit.models.torchvision"
 
 
+def default_weights(name: str):
+    """torchvision's default weights enum member for model ``name`` (its URL, transforms, metadata), or None:
+    for cnnkit's own models (without importing torchvision), unknown names and torchvision models that have no
+    pretrained weights."""
+    if not is_torchvision_model(name):
+        return None
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
 def check_model_name(name: str) -> None:
     """Raise a UserError, with close matches, unless ``name`` is a registered model."""
     _ensure_loaded(name)

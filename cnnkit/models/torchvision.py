@@ -113,15 +113,6 @@ def _factory(tv_name: str):
     return build
 
 
-def default_weights(name: str):
-    """torchvision's default weights enum member for model ``name`` (its URL, transforms, metadata), or None
-    when torchvision has no pretrained weights for it."""
-    try:
-        return torchvision.models.get_model_weights(name).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        return None
-
-
 def torchvision_model_names() -> list[str]:
     """torchvision's image classification models (not detection, segmentation, video or quantized)."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
