@@ -184,7 +184,11 @@ class BatchLoader:
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""
+        # Normalised in place while still N x C x H x W, then reordered: in channels_last order the per-channel
+        # shift and scale vary along the innermost dimension (3 long), and the same two steps ran 2.7x slower
+        # (137 us against 50 per 64 CIFAR images on the 2-core CPU; the same numbers bit for bit).
         x = images.float()
+        x.sub_(self.shift).mul_(self.scale)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (x - self.shift) * self.scale
+        return x

@@ -71,3 +71,17 @@ def test_policies_change_images_reproducibly_per_seed():
         assert a.dtype == torch.uint8 and a.shape == images.shape
         assert torch.equal(a, b)  # the same seed, the same augmentation: resumed runs stay exact
         assert sum(not torch.equal(x, y) for x, y in zip(a, images)) >= 4, policy  # most images really change
+
+
+def test_batches_are_the_images_normalised_per_channel_in_the_asked_memory_format():
+    images = _images(8, 3, 6, 5)
+    data = ImageSet(labels=torch.arange(8) % 2, classes=["a", "b"], images=images, size=6)
+    mean, std = [0.2, 0.5, 0.7], [0.1, 0.3, 0.25]
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    for channels_last in (True, False):
+        loader = BatchLoader(data, 8, mean, std, torch.device("cpu"), channels_last=channels_last)
+        (x, y), = list(loader)
+        assert x.dtype == torch.float32 and torch.equal(y, data.labels)
+        assert torch.allclose(x, expected, atol=1e-5)
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert images.dtype == torch.uint8 and torch.equal(images, data.images)  # the cache itself is left as it was
