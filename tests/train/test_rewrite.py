@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.models import create_model
-from cnnkit.train.rewrite import pool_before_relu
+from cnnkit.train import rewrite
+from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu
 
 
 def _kinds(seq: nn.Sequential) -> list[str]:
@@ -26,12 +27,28 @@ def test_simple_cnn_runs_pool_first_and_leaves_the_model_as_it_is():
     assert not model.features[0].training  # the layers themselves are shared
 
 
+def _fused(model: nn.Module) -> nn.Module:
+    return fuse_pool_relu(pool_before_relu(model))
+
+
+def test_fusing_puts_one_pool_relu_layer_where_pool_and_relu_were():
+    model = create_model("simple_cnn", num_classes=10)
+    fast = _fused(model)
+    assert _kinds(model.features) == ["Conv2d", "ReLU", "MaxPool2d"] * 3
+    assert _kinds(fast.features) == ["Conv2d", "PoolReLU", "Identity"] * 3
+    assert fast.features[1].pool is model.features[2] and fast.features[1].relu is model.features[1]
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.named_parameters()]
+    other = nn.Sequential(nn.MaxPool2d(3), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.ReLU())  # not 2x2 stride 2
+    assert fuse_pool_relu(other) is other
+
+
+@pytest.mark.parametrize("rewritten", [pool_before_relu, _fused], ids=["reordered", "fused"])
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
-def test_training_through_the_rewrite_gives_the_same_weights_bit_for_bit(precision):
+def test_training_through_the_rewrite_gives_the_same_weights_bit_for_bit(precision, rewritten):
     torch.manual_seed(0)
     plain = create_model("simple_cnn", num_classes=10).to(memory_format=torch.channels_last)
     other = copy.deepcopy(plain)
-    fast = pool_before_relu(other)
+    fast = rewritten(other)
     # 8x8 blocks of equal pixels: equal convolution outputs inside them, so many pooling windows with tied
     # maxima (about 40% of the first layer's), whose gradient the pool must route to the same element in both
     # orders, as well as windows of negative values only.
@@ -49,6 +66,40 @@ def test_training_through_the_rewrite_gives_the_same_weights_bit_for_bit(precisi
     for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(plain.features[0].weight, create_model("simple_cnn", num_classes=10).features[0].weight)
+    if rewritten is _fused:  # the first pool's 16 x 32 x 32 x 32 input is large enough for the compiled loops
+        assert fast.features[1].shape == (16, 32, 32, 32) and rewrite._compiled
+
+
+def _pool_relu_pair(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(torch.arange(y.numel(), dtype=torch.float32).view_as(y).to(y.dtype) / y.numel())
+    return y.detach(), x.grad
+
+
+def test_pool_relu_runs_the_two_layers_for_shapes_it_was_not_compiled_for():
+    layer = PoolReLU(nn.MaxPool2d(2), nn.ReLU())
+    big = torch.randn(8, 16, 64, 64).contiguous(memory_format=torch.channels_last)  # 2**19 values
+    other_batch = torch.randn(9, 16, 64, 64).contiguous(memory_format=torch.channels_last)
+    for x in (big, other_batch, torch.randn(8, 16, 64, 63), big[:1], big.contiguous()):  # odd width, small, NCHW
+        assert all(torch.equal(a, b) for a, b in zip(_pool_relu_pair(x, layer), _pool_relu_pair(x, nn.Sequential(
+            nn.MaxPool2d(2), nn.ReLU()))))
+        assert layer.shape == big.shape  # compiled for the first shape only: nothing else recompiles
+
+
+def test_pool_relu_falls_back_to_the_layers_with_a_warning_when_compiling_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(rewrite, "_compiled", {})
+    layer = PoolReLU(nn.MaxPool2d(2), nn.ReLU())
+    x = torch.randn(8, 16, 64, 64).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match=r"could not compile the fused max-pool \+ ReLU \(RuntimeError: no C\+\+ compiler\)"):
+        got = _pool_relu_pair(x, layer)
+    assert rewrite._compiled is None
+    want = _pool_relu_pair(x, nn.Sequential(nn.MaxPool2d(2), nn.ReLU()))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_vgg_and_batchnorm_nets_are_rewritten_where_relu_meets_a_pool():
