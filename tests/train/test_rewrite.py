@@ -117,3 +117,24 @@ def test_models_without_relu_then_pool_come_back_unchanged():
         assert pool_before_relu(model) is model
     indices = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2, return_indices=True))  # a different output: left alone
     assert pool_before_relu(indices) is indices
+
+
+def test_a_long_enough_run_trains_through_the_fused_layers_to_the_same_weights(tmp_path, monkeypatch):
+    import cnnkit
+    from cnnkit.train import loop
+    from cnnkit.train.checkpoint import load_checkpoint
+
+    fused = []
+    monkeypatch.setattr(loop, "fuse_pool_relu", lambda m: fused.append(fuse_pool_relu(m)) or fused[-1])
+    # Batches of 16 at 32x32: the first pool's input (16 x 32 x 32 x 32) is large enough to be compiled.
+    common = dict(model="simple_cnn", data="shapes", num_samples=160, epochs=2, batch_size=16, progress=False,
+                  precision="bf16", seed=3)
+    monkeypatch.setattr(loop, "FUSE_MIN_STEPS", 10**9)
+    cnnkit.train(**common, out=str(tmp_path / "plain"))
+    assert not fused
+    monkeypatch.setattr(loop, "FUSE_MIN_STEPS", 16)  # 2 epochs of 9 batches (144 training images): 18 batches
+    cnnkit.train(**common, out=str(tmp_path / "fused"))
+    assert fused and fused[0].features[1].shape == (16, 32, 32, 32)
+    plain, other = (load_checkpoint(str(tmp_path / name / "last.pt")).model.state_dict() for name in ("plain", "fused"))
+    for name, weight in plain.items():
+        assert torch.equal(weight, other[name]), name
