@@ -58,10 +58,6 @@ NAN_POLICIES = ("stop", "skip")
 MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
 SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
 NAN_CHECK_EVERY = 50  # steps between two reads of the finite-loss flag with nan="stop"
-# Batches a run needs before the step's max-pool + ReLU pairs are compiled: the fused loops saved about 0.9 ms
-# per simple_cnn step (batch 64) on this project's 2-core CPU, and compiling them took 1.5 s, or 15 s on a
-# machine's first compilation (before torch.compile's disk cache holds them).
-FUSE_MIN_STEPS = 2000
 
 
 @dataclass
@@ -217,8 +213,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     step_model = pool_before_relu(model)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    elif total_epochs * len(train_loader) >= FUSE_MIN_STEPS:
-        step_model = fuse_pool_relu(step_model)
+    else:
+        step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
 
     def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         stage = stages[index]

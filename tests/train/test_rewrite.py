@@ -28,7 +28,7 @@ def test_simple_cnn_runs_pool_first_and_leaves_the_model_as_it_is():
 
 
 def _fused(model: nn.Module) -> nn.Module:
-    return fuse_pool_relu(pool_before_relu(model))
+    return fuse_pool_relu(pool_before_relu(model), batches=rewrite.FUSE_MIN_BATCHES)
 
 
 def test_fusing_puts_one_pool_relu_layer_where_pool_and_relu_were():
@@ -39,7 +39,9 @@ def test_fusing_puts_one_pool_relu_layer_where_pool_and_relu_were():
     assert fast.features[1].pool is model.features[2] and fast.features[1].relu is model.features[1]
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.named_parameters()]
     other = nn.Sequential(nn.MaxPool2d(3), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.ReLU())  # not 2x2 stride 2
-    assert fuse_pool_relu(other) is other
+    assert fuse_pool_relu(other, batches=rewrite.FUSE_MIN_BATCHES) is other
+    short = pool_before_relu(model)  # a run too short to repay compiling keeps the plain layers
+    assert fuse_pool_relu(short, batches=rewrite.FUSE_MIN_BATCHES - 1) is short
 
 
 @pytest.mark.parametrize("rewritten", [pool_before_relu, _fused], ids=["reordered", "fused"])
@@ -124,17 +126,18 @@ def test_a_long_enough_run_trains_through_the_fused_layers_to_the_same_weights(t
     from cnnkit.train import loop
     from cnnkit.train.checkpoint import load_checkpoint
 
-    fused = []
-    monkeypatch.setattr(loop, "fuse_pool_relu", lambda m: fused.append(fuse_pool_relu(m)) or fused[-1])
+    step_models = []
+    monkeypatch.setattr(loop, "fuse_pool_relu", lambda m, batches: step_models.append(fuse_pool_relu(m, batches))
+                        or step_models[-1])
     # Batches of 16 at 32x32: the first pool's input (16 x 32 x 32 x 32) is large enough to be compiled.
     common = dict(model="simple_cnn", data="shapes", num_samples=160, epochs=2, batch_size=16, progress=False,
                   precision="bf16", seed=3)
-    monkeypatch.setattr(loop, "FUSE_MIN_STEPS", 10**9)
+    monkeypatch.setattr(rewrite, "FUSE_MIN_BATCHES", 10**9)
     cnnkit.train(**common, out=str(tmp_path / "plain"))
-    assert not fused
-    monkeypatch.setattr(loop, "FUSE_MIN_STEPS", 16)  # 2 epochs of 9 batches (144 training images): 18 batches
+    assert len(step_models) == 1 and not any(isinstance(m, PoolReLU) for m in step_models[0].modules())
+    monkeypatch.setattr(rewrite, "FUSE_MIN_BATCHES", 16)  # 2 epochs of 9 batches (144 training images): 18 batches
     cnnkit.train(**common, out=str(tmp_path / "fused"))
-    assert fused and fused[0].features[1].shape == (16, 32, 32, 32)
+    assert len(step_models) == 2 and step_models[1].features[1].shape == (16, 32, 32, 32)
     plain, other = (load_checkpoint(str(tmp_path / name / "last.pt")).model.state_dict() for name in ("plain", "fused"))
     for name, weight in plain.items():
         assert torch.equal(weight, other[name]), name
