@@ -145,6 +145,10 @@ def _model_options(pairs: list[str]) -> dict:
     return options
 
 
+HEAD_FROM_HELP = ("a ResNet's stages whose pooled outputs are the features, side by side, e.g. layer2,layer3,layer4 "
+                  "(default: the last stage's, the input of the classifier); as --model-opt head_from= in train")
+
+
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The parser of every command; ``train_defaults`` (from ``train --config FILE``) replace the defaults of
     ``train``'s options, so that flags given on the command line still win."""
@@ -343,6 +347,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     em.add_argument("--out", required=True, metavar="FILE.npy")
     em.add_argument("--pretrained", action="store_true")
     em.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    em.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
 
     pr = sub.add_parser("probe", help="linear probe: how good a backbone's features are for a dataset",
                         epilog="examples:\n  cnnkit probe resnet18 --pretrained photos/ --val-split 0.2",
@@ -353,6 +358,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--val-split", type=_fraction, metavar="F")
     pr.add_argument("--val-data", metavar="DIR")
     pr.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    pr.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
     pr.add_argument("--json", action="store_true")
     x = sub.add_parser("export", help="export a model for deployment: ONNX, TorchScript or safetensors",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -629,7 +635,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from cnnkit.embed import embed
 
-    r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size)
+    r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size,
+              head_from=args.head_from)
     print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']} (labels beside it)")
     return 0
 
@@ -638,7 +645,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from cnnkit.embed import probe
 
     r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
-              input_size=args.input_size)
+              input_size=args.input_size, head_from=args.head_from)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
     else:

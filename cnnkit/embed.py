@@ -29,13 +29,19 @@ class Backbone:
     channels: int
 
 
-def load_backbone(model_or_run: str, pretrained: bool = False) -> Backbone:
+def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None) -> Backbone:
     """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
-    weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25)."""
+    weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25).
+    ``head_from`` (a ResNet's stages, e.g. ``layer2,layer3,layer4``): the features are those stages' pooled
+    outputs side by side (see ``MultiStageResNet``) instead of the last stage's."""
     if os.path.exists(model_or_run):
         ckpt = load_checkpoint(model_or_run)
+        if head_from:
+            from cnnkit.models.torchvision import pool_stages
+
+            pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model, ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
-    model = create_model(model_or_run, pretrained=pretrained)
+    model = create_model(model_or_run, pretrained=pretrained, **({"head_from": head_from} if head_from else {}))
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:
@@ -59,12 +65,13 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
     return torch.cat(out).numpy()
 
 
-def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, input_size: int | None = None) -> dict:
+def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, input_size: int | None = None,
+          head_from: str | None = None) -> dict:
     """Write the penultimate features of every image in ``data`` to ``out`` (.npy) and the labels beside it
     (``<out>.labels.npy``); returns a summary."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
-    backbone = load_backbone(model_or_run, pretrained)
+    backbone = load_backbone(model_or_run, pretrained, head_from)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     feats = features(backbone, images)
     np.save(out, feats)
@@ -82,9 +89,10 @@ class ProbeResult:
 
 
 def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: float | None = None,
-          val_data: str | None = None, input_size: int | None = None, weight_decay: float = 1e-3) -> ProbeResult:
+          val_data: str | None = None, input_size: int | None = None, weight_decay: float = 1e-3,
+          head_from: str | None = None) -> ProbeResult:
     """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features."""
-    backbone = load_backbone(model_or_run, pretrained)
+    backbone = load_backbone(model_or_run, pretrained, head_from)
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)

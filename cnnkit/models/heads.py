@@ -2,7 +2,8 @@
 
 The head is found without a per-model list: it is the last ``nn.Linear`` in the module tree (ResNet ``fc``,
 VGG/AlexNet/EfficientNet/MobileNet ``classifier[-1]``, DenseNet ``classifier``, ViT ``heads.head``, ...), or,
-in networks without one (SqueezeNet), the last 1x1 ``nn.Conv2d``.
+in networks without one (SqueezeNet), the last 1x1 ``nn.Conv2d``. A ResNet's head can also read several stages at once
+(``--model-opt head_from=layer2,layer3,layer4``: ``pool_stages`` in models/torchvision.py).
 """
 
 from __future__ import annotations
@@ -46,3 +47,4 @@ def reset_head(head: nn.Module) -> None:
         nn.init.zeros_(head.weight)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
+
