@@ -221,17 +221,18 @@ def test_pretrained_normalisation_for_one_channel_matches_the_adapted_first_conv
     assert len(normalization("resnet18")[0]) == 3
 
 
-def test_multi_stage_head_reads_each_stages_pooled_and_standardised_features():
+def test_multi_stage_head_reads_each_stages_average_and_max_pooled_standardised_features():
     torch.manual_seed(0)
     model = cnnkit.create_model("resnet18", num_classes=5, head_from="layer2,layer4").eval()
-    assert model.fc.in_features == 128 + 512
+    assert model.fc.in_features == 2 * (128 + 512)
     outputs = {}
     hooks = [getattr(model, s).register_forward_hook(lambda m, i, o, s=s: outputs.__setitem__(s, o))
              for s in ("layer2", "layer3", "layer4")]
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        pooled = [outputs[s].mean((2, 3)) for s in ("layer2", "layer4")]
+        pooled = [pool(outputs[s]) for s in ("layer2", "layer4") for pool in (lambda t: t.mean((2, 3)),
+                                                                              lambda t: t.amax((2, 3)))]
         expected = model.fc(torch.cat([(p - p.mean(1, keepdim=True)) / torch.sqrt(p.var(1, unbiased=False, keepdim=True)
                                                                                   + 1e-5) for p in pooled], 1))
     for h in hooks:
@@ -241,7 +242,7 @@ def test_multi_stage_head_reads_each_stages_pooled_and_standardised_features():
     short = cnnkit.create_model("resnet18", num_classes=5, head_from=["layer3", "layer2"])
     ran = []
     short.layer4.register_forward_hook(lambda *a: ran.append("layer4"))
-    assert short(x).shape == (3, 5) and short.fc.in_features == 128 + 256 and not ran
+    assert short(x).shape == (3, 5) and short.fc.in_features == 2 * (128 + 256) and not ran
 
 
 def test_multi_stage_head_on_a_loaded_backbone_starts_fresh_and_survives_checkpoint_and_export(tmp_path, capsys):
@@ -251,7 +252,7 @@ def test_multi_stage_head_on_a_loaded_backbone_starts_fresh_and_survives_checkpo
     load_weights(target, str(tmp_path / "w.pth"))
     assert "starts fresh, at zero" in capsys.readouterr().out
     assert torch.equal(target.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
-    assert target.fc.weight.shape == (5, 896) and not target.fc.weight.any()
+    assert target.fc.weight.shape == (5, 2 * 896) and not target.fc.weight.any()
     # A run with the option rebuilds the same model from its checkpoint, and it exports.
     run = cnnkit.train(**TINY, model="resnet18", model_options={"head_from": "layer3,layer4"}, epochs=1,
                        precision="fp32", out=str(tmp_path / "run"))
@@ -273,7 +274,7 @@ def test_multi_stage_head_through_pretrained_weights_from_torch_home(tmp_path, t
     for k, v in state.items():
         if not k.startswith("fc."):
             assert torch.equal(trained[k], v), k
-    assert trained["fc.weight"].shape == (10, 256 + 512)
+    assert trained["fc.weight"].shape == (10, 2 * (256 + 512))
 
 
 def test_bad_multi_stage_head_options():
@@ -288,6 +289,6 @@ def test_probe_on_several_stages_of_a_run(tmp_path, image_folder):
                        out=str(tmp_path / "run"))
     proc = run_cli("probe", run.run_dir, image_folder, "--val-split", "0.25", "--head-from", "layer3,layer4", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["feature_dim"] == 256 + 512
+    assert json.loads(proc.stdout)["feature_dim"] == 2 * (256 + 512)
     proc = run_cli("embed", run.run_dir, image_folder, "--out", tmp_path / "f.npy", "--head-from", "layer9")
     assert proc.returncode == 2 and "head_from takes stage names" in proc.stderr
