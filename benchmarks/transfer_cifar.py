@@ -49,14 +49,17 @@ TARGET_CLASSES = ["dog", "frog", "horse", "ship", "truck"]
 
 
 def link_subset(src: str, dst: str, classes: list[str], pick) -> None:
-    """An ImageFolder of symlinks: for each class, the files ``pick(sorted files)`` returns."""
+    """An ImageFolder of symlinks: for each class, the files ``pick(sorted files)`` returns, and no others (links
+    left by a run with other split sizes would put training images among the test images)."""
     for c in classes:
         os.makedirs(os.path.join(dst, c), exist_ok=True)
+        for f in os.listdir(os.path.join(dst, c)):
+            if os.path.islink(os.path.join(dst, c, f)):
+                os.unlink(os.path.join(dst, c, f))
         files = sorted(os.listdir(os.path.join(src, c)))
         for f in pick(files):
             target = os.path.join(dst, c, f)
-            if not os.path.exists(target):
-                os.symlink(os.path.abspath(os.path.join(src, c, f)), target)
+            os.symlink(os.path.abspath(os.path.join(src, c, f)), target)
 
 
 def main() -> None:

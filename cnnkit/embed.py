@@ -36,12 +36,12 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
     outputs side by side (see ``MultiStageResNet``) instead of the last stage's."""
     if os.path.exists(model_or_run):
         ckpt = load_checkpoint(model_or_run)
-        if head_from:
+        if head_from is not None:
             from cnnkit.models.torchvision import pool_stages
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model, ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
-    model = create_model(model_or_run, pretrained=pretrained, **({"head_from": head_from} if head_from else {}))
+    model = create_model(model_or_run, pretrained=pretrained, **({"head_from": head_from} if head_from is not None else {}))
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:

@@ -108,7 +108,11 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     file_head = [k for k in state if k.startswith(head_name + ".")]
     own_head = [k for k in own if k.startswith(head_name + ".")]
     other_structure = set(file_head) != set(own_head)  # a projector before the classifier, or no head at all
-    fresh = other_classes or other_structure or any(state[k].shape != own[k].shape for k in file_head)
+    # A head that read other stages (head_from) can have the same shape and still mean nothing here.
+    file_stages = ((payload or {}).get("model") or {}).get("options", {}).get("head_from")
+    other_features = _stages(file_stages) != _stages(getattr(model, "head_from", None))
+    fresh = (other_classes or other_structure or other_features
+             or any(state[k].shape != own[k].shape for k in file_head))
     skipped = file_head if fresh else []
     for k in skipped:
         del state[k]
@@ -130,6 +134,7 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
         why = ("it was trained on other classes" if other_classes else
                "the file has no head" if not file_head else
                "the file's head is built differently" if other_structure else
+               "the file's head read other stages (head_from)" if other_features else
                "its shape does not fit the new number of classes")
         shown = f" ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})" if skipped else ""
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
@@ -137,10 +142,25 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     return payload
 
 
+def _stages(head_from: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The stages a head reads, as a comparable tuple; () for a plain head (the last stage only)."""
+    if head_from is None:
+        return ()
+    return tuple(sorted(n.strip() for n in (head_from.split(",") if isinstance(head_from, str) else head_from)
+                        if n.strip()))
+
+
 def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
     """Train only the modules named in ``names`` (qualified names such as ``layer4`` or ``classifier.6``;
     ``head`` means the classifier head, ``all`` everything); ``None`` trains everything.
-    Returns the names of the parameters left trainable."""
+    Returns the names of the parameters left trainable. Modules the model never runs (``unused_stages`` of a
+    ResNet whose head reads earlier stages, ``head_from``) never train: they would get no gradient, and
+    DistributedDataParallel stops on parameters that get none."""
+    never_run = tuple(getattr(model, "unused_stages", ()))
+    asked = [n for n in names or [] if n.split(".")[0] in never_run]
+    if asked:
+        raise UserError(f"{', '.join(asked)} never runs: the head reads up to {model.head_from[-1]} (head_from); "
+                        f"add {asked[0].split('.')[0]} to head_from to train it")
     if names is None or "all" in names:
         wanted = [""]
     else:
@@ -153,7 +173,8 @@ def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
             raise UserError(f"no module named {', '.join(unknown)} in this model; its top-level modules are {top}")
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad = any(w == "" or name == w or name.startswith(w + ".") for w in wanted)
+        p.requires_grad = (any(w == "" or name == w or name.startswith(w + ".") for w in wanted)
+                           and name.split(".")[0] not in never_run)
         if p.requires_grad:
             trainable.append(name)
     return trainable

@@ -292,3 +292,28 @@ def test_probe_on_several_stages_of_a_run(tmp_path, image_folder):
     assert json.loads(proc.stdout)["feature_dim"] == 2 * (256 + 512)
     proc = run_cli("embed", run.run_dir, image_folder, "--out", tmp_path / "f.npy", "--head-from", "layer9")
     assert proc.returncode == 2 and "head_from takes stage names" in proc.stderr
+
+
+def test_a_head_that_read_other_stages_starts_fresh_even_when_its_shape_fits(tmp_path, capsys):
+    """head_from=layer3 on resnet18 gives fc 2 x 256 = 512 inputs, as many as the plain head's: same shape,
+    other features."""
+    plain = cnnkit.train(**TINY, model="resnet18", epochs=1, precision="fp32", out=str(tmp_path / "plain"))
+    saved = torch.load(os.path.join(plain.run_dir, "last.pt"), weights_only=True)
+    classes = list(saved["classes"])
+    stage3 = cnnkit.create_model("resnet18", num_classes=len(classes), head_from="layer3")
+    assert stage3.fc.weight.shape == saved["state_dict"]["fc.weight"].shape
+    load_weights(stage3, plain.run_dir, classes=classes)
+    assert "the file's head read other stages (head_from)" in capsys.readouterr().out
+    assert not stage3.fc.weight.any()
+    again = cnnkit.create_model("resnet18", num_classes=len(classes))
+    load_weights(again, plain.run_dir, classes=classes)
+    assert "starts fresh" not in capsys.readouterr().out
+
+
+def test_stages_the_head_never_reads_never_train():
+    model = cnnkit.create_model("resnet18", num_classes=5, head_from="layer2,layer3")
+    trainable = set_trainable(model, None)
+    assert "layer3.0.conv1.weight" in trainable and not any(n.startswith("layer4.") for n in trainable)
+    assert not model.layer4[0].conv1.weight.requires_grad
+    with pytest.raises(UserError, match="layer4 never runs: the head reads up to layer3"):
+        set_trainable(model, ["layer4", "fc"])

@@ -10,7 +10,10 @@
 The last convolutional layer is used by default: the feature maps of the last ``Conv2d`` the forward pass
 runs, taken after what follows it at the same resolution (BatchNorm, the activation, a residual addition),
 since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
-part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. The map is upsampled to the input size (bilinear) and scaled to 0..1.
+part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. The map is
+upsampled to the input size (bilinear) and scaled to 0..1. A ResNet whose head also reads earlier stages
+(``head_from``) takes part of its evidence from them, which a map of one layer does not show: ``--layer layer3``
+maps that stage's share.
 """
 
 from __future__ import annotations

@@ -47,4 +47,3 @@ def reset_head(head: nn.Module) -> None:
         nn.init.zeros_(head.weight)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
-

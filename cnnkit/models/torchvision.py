@@ -95,6 +95,11 @@ class MultiStageResNet(torchvision.models.ResNet):
 
     head_from: tuple[str, ...]
 
+    @property
+    def unused_stages(self) -> tuple[str, ...]:
+        """The stages after the last one the head reads: never run, so never trained (``set_trainable``)."""
+        return STAGES[STAGES.index(self.head_from[-1]) + 1 :]
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         pooled = []
@@ -106,13 +111,18 @@ class MultiStageResNet(torchvision.models.ResNet):
         return self.fc(torch.cat(pooled, 1))
 
 
+_HEAD_FROM_NEEDS_RESNET = ("head_from needs a ResNet-style model (resnet*, resnext*, wide_resnet*), not {}; "
+                           "leave the option out for this model")
+
+
 def parse_stages_option(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``head_from`` as ``--model-opt`` gives it: ``layer2,layer3,layer4`` (or a list); in network order."""
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
     unknown = [n for n in names if n not in STAGES]
     if not names or unknown:
+        given = value if isinstance(value, str) else ",".join(map(str, value))
         raise UserError(f"head_from takes stage names among {', '.join(STAGES)} joined by commas "
-                        f"(e.g. head_from=layer2,layer3,layer4), not '{value}'")
+                        f"(e.g. head_from=layer2,layer3,layer4), not '{given}'")
     return tuple(n for n in STAGES if n in names)
 
 
@@ -122,8 +132,7 @@ def pool_stages(model: nn.Module, head_from: str | tuple[str, ...] | list[str], 
     zero when it loads a backbone."""
     stages = parse_stages_option(head_from)
     if not isinstance(model, torchvision.models.ResNet):
-        raise UserError(f"head_from needs a ResNet-style model (resnet*, resnext*, wide_resnet*), not "
-                        f"{type(model).__name__}; leave the option out for this model")
+        raise UserError(_HEAD_FROM_NEEDS_RESNET.format(type(model).__name__))
     # A stage's output width: its last BatchNorm's (a block ends in one; a downsample's has the same width).
     width = 2 * sum([m for m in model.get_submodule(s).modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
                 for s in stages)
@@ -138,6 +147,10 @@ def _factory(tv_name: str):
               stem: str = "imagenet", head_from: str | tuple[str, ...] | None = None, **options: Any) -> nn.Module:
         if stem not in STEMS:
             raise UserError(f"stem must be one of {', '.join(STEMS)}, not '{stem}'")
+        if head_from is not None:  # checked before any weights are fetched for a model that cannot take it
+            parse_stages_option(head_from)
+            if not tv_name.startswith(("resnet", "resnext", "wide_resnet")):
+                raise UserError(_HEAD_FROM_NEEDS_RESNET.format(tv_name))
         kwargs = {**_DEFAULT_OPTIONS.get(tv_name, {}), **options}
         if tv_name.startswith(("vit_",)):
             kwargs.setdefault("image_size", input_size)
