@@ -110,7 +110,11 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     other_structure = set(file_head) != set(own_head)  # a projector before the classifier, or no head at all
     # A head that read other stages (head_from) can have the same shape and still mean nothing here.
     file_stages = ((payload or {}).get("model") or {}).get("options", {}).get("head_from")
-    other_features = _stages(file_stages) != _stages(getattr(model, "head_from", None))
+    if file_stages is not None:  # the file held a MultiStageResNet: torchvision is loaded already
+        from cnnkit.models.torchvision import parse_stages_option
+
+        file_stages = parse_stages_option(file_stages)
+    other_features = (file_stages or ()) != getattr(model, "head_from", ())
     fresh = (other_classes or other_structure or other_features
              or any(state[k].shape != own[k].shape for k in file_head))
     skipped = file_head if fresh else []
@@ -140,14 +144,6 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
           + (f"; the head {head_name}{shown} starts fresh, at zero: {why}" if fresh else ""), file=log or sys.stdout)
     return payload
-
-
-def _stages(head_from: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """The stages a head reads, as a comparable tuple; () for a plain head (the last stage only)."""
-    if head_from is None:
-        return ()
-    return tuple(sorted(n.strip() for n in (head_from.split(",") if isinstance(head_from, str) else head_from)
-                        if n.strip()))
 
 
 def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:

@@ -96,14 +96,19 @@ class MultiStageResNet(torchvision.models.ResNet):
     head_from: tuple[str, ...]
 
     @property
+    def run_stages(self) -> tuple[str, ...]:
+        """The stages up to the last one the head reads; the rest (``unused_stages``) are not run."""
+        return STAGES[: STAGES.index(self.head_from[-1]) + 1]
+
+    @property
     def unused_stages(self) -> tuple[str, ...]:
         """The stages after the last one the head reads: never run, so never trained (``set_trainable``)."""
-        return STAGES[STAGES.index(self.head_from[-1]) + 1 :]
+        return STAGES[len(self.run_stages) :]
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         pooled = []
-        for name in STAGES[: STAGES.index(self.head_from[-1]) + 1]:  # stages after the last one read are not run
+        for name in self.run_stages:
             x = getattr(self, name)(x)
             if name in self.head_from:
                 for features in (x.mean((2, 3)), x.amax((2, 3))):
@@ -166,7 +171,8 @@ def _factory(tv_name: str):
                 # Auxiliary classifiers (Inception, GoogLeNet) are not built for fine-tuning: their weights go.
                 state = {k: v for k, v in state.items() if k in own or not k.lower().startswith("aux")}
                 model.load_state_dict(state)
-                if find_head(model)[1].weight.shape[0] != num_classes:
+                # A head_from model gets its own, wider head below.
+                if head_from is None and find_head(model)[1].weight.shape[0] != num_classes:
                     replace_head(model, num_classes)
             else:
                 model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
