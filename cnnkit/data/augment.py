@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cnnkit import compiled
+
 
 def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Each image shifted by its own random (dy, dx) in [-pad, pad] with zero fill: RandomCrop(size, padding=pad)."""
@@ -17,7 +19,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
         return images
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device).to(images.device)
+    shifts = crop_offsets(n, pad, generator).to(images.device)
     # Every crop of every image, as a view (n, c, 2*pad+1, 2*pad+1, h, w) of the padded batch, then one
     # advanced index picks each image's own: a single copy of the output. A gather over precomputed flat
     # offsets gives the same images 3.7x slower (an int64 index per pixel), and boolean-mask copies per
@@ -26,10 +28,53 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return windows[torch.arange(n, device=images.device), :, shifts[0], shifts[1]]
 
 
+def crop_offsets(n: int, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """``random_crop``'s draw: each image's crop corner (row, column) in the padded image, 2 x n in [0, 2*pad]."""
+    return torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2."""
-    flip = (torch.rand(len(images), generator=generator, device=generator.device) < 0.5).to(images.device)
+    flip = coin_flips(len(images), generator).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def coin_flips(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``random_flip``'s draw: which of ``n`` images to mirror (bool)."""
+    return torch.rand(n, generator=generator, device=generator.device) < 0.5
+
+
+def crop_flip_normalize(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor,
+                        shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``random_crop`` at ``offsets`` (from ``crop_offsets``), then a mirror of the images where ``flips``, then
+    (x - shift) * scale in float32: the same values bit for bit as those steps one after another, in one loop
+    compiled by torch.compile (``cnnkit/compiled.py``). uint8 N x C x H x W in, float32 N x C x H x W out.
+
+    The steps one by one are a dozen operations and passes over the batch, each small: on this project's 2-core
+    CPU they took 0.23 ms per batch of 64 CIFAR images (the draws included), the compiled loop 0.13 ms; inside
+    the training loop, where the network's data fill the caches, simple_cnn's step ran 1.7% and 3.4% faster
+    in two side-by-side runs.
+    """
+    padded = F.pad(images, (pad, pad, pad, pad))
+    return compiled.run(_crop_flip_normalize, padded, pad, offsets[0], offsets[1], flips, shift, scale,
+                        what="fused crop + flip + normalisation")
+
+
+def _crop_flip_normalize(padded: torch.Tensor, pad: int, rows: torch.Tensor, cols: torch.Tensor,
+                         flips: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Output pixel (y, x) of image i is padded pixel (rows[i] + y, cols[i] + x), or (rows[i] + y, cols[i] + w-1-x)
+    # where the image is mirrored. Written as flat offsets with the mirror as arithmetic (no select per pixel):
+    # the compiled loop then runs 16 columns at a time.
+    n, c, hp, wp = padded.shape
+    h, w = hp - 2 * pad, wp - 2 * pad
+    x = torch.arange(w, device=padded.device).view(1, 1, 1, w)
+    y = torch.arange(h, device=padded.device).view(1, 1, h, 1)
+    mirror = flips.view(n, 1, 1, 1).long()
+    col = cols.view(n, 1, 1, 1) + x + mirror * (w - 1 - 2 * x)
+    row = rows.view(n, 1, 1, 1) + y
+    plane = torch.arange(n * c, device=padded.device).view(n, c, 1, 1) * (hp * wp)
+    values = padded.reshape(-1)[plane + row * wp + col].float()
+    return (values - shift) * scale
 
 
 def flip_bits(num_images: int, seed: int) -> torch.Tensor:
@@ -44,8 +89,13 @@ def alternating_flip(images: torch.Tensor, bits: torch.Tensor, epoch: int) -> to
     show about half of the images the same way twice; on CIFAR-10 this buys the accuracy of about a
     tenth of the epochs (Jordan 2024, airbench's "alternating flip").
     """
-    flip = (bits ^ (epoch % 2)).bool().to(images.device)
+    flip = alternating_flips(bits, epoch).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def alternating_flips(bits: torch.Tensor, epoch: int) -> torch.Tensor:
+    """``alternating_flip``'s choice: which images to mirror this epoch (bool), from their ``flip_bits``."""
+    return (bits ^ (epoch % 2)).bool()
 
 
 def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

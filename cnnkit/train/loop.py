@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnnkit import compiled
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.augment import AUGMENT_POLICIES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
@@ -47,7 +48,7 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 from cnnkit.train.recipes import recipe_options
-from cnnkit.train.rewrite import fuse_pool_relu, pool_before_relu
+from cnnkit.train.rewrite import fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.tta import TTAModel
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -206,15 +207,18 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
     steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)  # optimizer steps: the schedule counts these
     stage_log: list[dict] = []
-    # The training step runs ``model`` rewritten exactly (cnnkit/train/rewrite.py: the same function and
-    # gradients, less work): ReLUs after their max-pools and, in runs long enough to repay compiling, each such
-    # pair fused into one compiled loop; with --compile, the whole rewritten model compiled instead. All share
-    # ``model``'s parameters: checkpoints and evaluation use ``model``.
+    # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients, less
+    # work): ReLUs after their max-pools and, in runs long enough to repay compiling, each such pair fused into
+    # one compiled loop; with --compile, the whole rewritten model compiled instead. On a CPU dropout draws its
+    # masks with torch.rand. All share ``model``'s parameters: checkpoints and evaluation use ``model``.
     step_model = pool_before_relu(model)
+    if device.type == "cpu":
+        step_model = rand_dropout(step_model)
     if cfg.compile:
         step_model = torch.compile(step_model)
     else:
         step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
+        train_loader.fused = total_epochs * len(train_loader) >= compiled.MIN_BATCHES  # crop, flip, normalise
 
     def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         stage = stages[index]
@@ -500,7 +504,8 @@ def train_one_epoch(
             # Accumulation: each batch adds its share of the mean gradient over the batches of this optimizer
             # step (accum_steps of them; fewer for the epoch's last, short group).
             group = min(accum_steps, len(loader) - state.batch // accum_steps * accum_steps)
-            scaler.scale(loss / group).backward()  # scaling is a no-op unless fp16
+            # (Not divided by a group of 1: two operations per step, forward and backward, for nothing.)
+            scaler.scale(loss / group if group > 1 else loss).backward()  # scaling is a no-op unless fp16
             pending += 1
             loss_sum += loss.detach().float() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()

@@ -85,3 +85,25 @@ def test_batches_are_the_images_normalised_per_channel_in_the_asked_memory_forma
         assert torch.allclose(x, expected, atol=1e-5)
         assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert images.dtype == torch.uint8 and torch.equal(images, data.images)  # the cache itself is left as it was
+
+
+def test_fused_crop_flip_normalisation_gives_the_batches_of_the_steps_one_by_one():
+    # The compiled loop must reproduce the separate steps bit for bit, from the same draws: random and
+    # alternating flips, no flip, odd sizes and a pad wider than a quarter of the image, both memory formats.
+    data = ImageSet(labels=torch.arange(48) % 4, classes=list("abcd"), images=_images(48, h=7, w=9), size=7)
+    cases = [dict(crop_pad=2, flip=True), dict(crop_pad=3, flip=True, alternate_flip=True), dict(crop_pad=1)]
+    for augment, channels_last in zip(cases, (True, False, True)):
+        batches = {}
+        for fused in (False, True):
+            loader = BatchLoader(data, 16, [0.2, 0.5, 0.7], [0.1, 0.3, 0.25], torch.device("cpu"), shuffle=True,
+                                 seed=1, augment=Augment(**augment), channels_last=channels_last)
+            loader.fused = fused
+            loader.set_epoch(3)
+            batches[fused] = [x for x, _ in loader]
+        for plain, fused in zip(batches[False], batches[True]):
+            assert torch.equal(plain, fused), augment
+            assert fused.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    from cnnkit import compiled
+    from cnnkit.data.augment import _crop_flip_normalize
+
+    assert _crop_flip_normalize in compiled._compiled  # the fused loop really ran, not the fallback

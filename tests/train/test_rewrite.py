@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnnkit import compiled
 from cnnkit.models import create_model
-from cnnkit.train import rewrite
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu
 
 
@@ -28,7 +28,7 @@ def test_simple_cnn_runs_pool_first_and_leaves_the_model_as_it_is():
 
 
 def _fused(model: nn.Module) -> nn.Module:
-    return fuse_pool_relu(pool_before_relu(model), batches=rewrite.FUSE_MIN_BATCHES)
+    return fuse_pool_relu(pool_before_relu(model), batches=compiled.MIN_BATCHES)
 
 
 def test_fusing_puts_one_pool_relu_layer_where_pool_and_relu_were():
@@ -39,9 +39,9 @@ def test_fusing_puts_one_pool_relu_layer_where_pool_and_relu_were():
     assert fast.features[1].pool is model.features[2] and fast.features[1].relu is model.features[1]
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.named_parameters()]
     other = nn.Sequential(nn.MaxPool2d(3), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.ReLU())  # not 2x2 stride 2
-    assert fuse_pool_relu(other, batches=rewrite.FUSE_MIN_BATCHES) is other
+    assert fuse_pool_relu(other, batches=compiled.MIN_BATCHES) is other
     short = pool_before_relu(model)  # a run too short to repay compiling keeps the plain layers
-    assert fuse_pool_relu(short, batches=rewrite.FUSE_MIN_BATCHES - 1) is short
+    assert fuse_pool_relu(short, batches=compiled.MIN_BATCHES - 1) is short
 
 
 @pytest.mark.parametrize("rewritten", [pool_before_relu, _fused], ids=["reordered", "fused"])
@@ -69,7 +69,7 @@ def test_training_through_the_rewrite_gives_the_same_weights_bit_for_bit(precisi
         assert torch.equal(a, b), name
     assert not torch.equal(plain.features[0].weight, create_model("simple_cnn", num_classes=10).features[0].weight)
     if rewritten is _fused:  # the first pool's 16 x 32 x 32 x 32 input is large enough for the compiled loops
-        assert fast.features[1].shape == (16, 32, 32, 32) and rewrite._compiled
+        assert fast.features[1].shape == (16, 32, 32, 32) and compiled._compiled
 
 
 def _pool_relu_pair(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +94,12 @@ def test_pool_relu_falls_back_to_the_layers_with_a_warning_when_compiling_fails(
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(rewrite, "_compiled", {})
+    monkeypatch.setattr(compiled, "_compiled", {})
     layer = PoolReLU(nn.MaxPool2d(2), nn.ReLU())
     x = torch.randn(8, 16, 64, 64).contiguous(memory_format=torch.channels_last)
     with pytest.warns(UserWarning, match=r"could not compile the fused max-pool \+ ReLU \(RuntimeError: no C\+\+ compiler\)"):
         got = _pool_relu_pair(x, layer)
-    assert rewrite._compiled is None
+    assert compiled._compiled is None
     want = _pool_relu_pair(x, nn.Sequential(nn.MaxPool2d(2), nn.ReLU()))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -132,12 +132,38 @@ def test_a_long_enough_run_trains_through_the_fused_layers_to_the_same_weights(t
     # Batches of 16 at 32x32: the first pool's input (16 x 32 x 32 x 32) is large enough to be compiled.
     common = dict(model="simple_cnn", data="shapes", num_samples=160, epochs=2, batch_size=16, progress=False,
                   precision="bf16", seed=3)
-    monkeypatch.setattr(rewrite, "FUSE_MIN_BATCHES", 10**9)
+    monkeypatch.setattr(compiled, "MIN_BATCHES", 10**9)
     cnnkit.train(**common, out=str(tmp_path / "plain"))
     assert len(step_models) == 1 and not any(isinstance(m, PoolReLU) for m in step_models[0].modules())
-    monkeypatch.setattr(rewrite, "FUSE_MIN_BATCHES", 16)  # 2 epochs of 9 batches (144 training images): 18 batches
+    monkeypatch.setattr(compiled, "MIN_BATCHES", 16)  # 2 epochs of 9 batches (144 training images): 18 batches
     cnnkit.train(**common, out=str(tmp_path / "fused"))
     assert len(step_models) == 2 and step_models[1].features[1].shape == (16, 32, 32, 32)
     plain, other = (load_checkpoint(str(tmp_path / name / "last.pt")).model.state_dict() for name in ("plain", "fused"))
     for name, weight in plain.items():
         assert torch.equal(weight, other[name]), name
+
+
+def test_rand_dropout_keeps_each_value_with_probability_one_minus_p_and_scales_it():
+    from cnnkit.train.rewrite import RandDropout, rand_dropout
+
+    model = create_model("simple_cnn", num_classes=10)
+    fast = rand_dropout(model)
+    assert _kinds(fast.classifier) == ["Flatten", "Linear", "ReLU", "RandDropout", "Linear"]
+    assert _kinds(model.classifier)[3] == "Dropout" and fast.classifier[3].dropout is model.classifier[3]
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.named_parameters()]
+    for p in (0.5, 0.2):
+        layer = RandDropout(nn.Dropout(p))
+        x = torch.rand(200, 500) + 1
+        torch.manual_seed(0)
+        y = layer(x.requires_grad_())
+        kept = y != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 100,000 draws: 1 - p within 5 standard errors
+        assert torch.allclose(y[kept], x[kept] / (1 - p))
+        torch.manual_seed(0)
+        assert torch.equal(layer(x), y)  # drawn from torch's generator: seeded runs repeat
+        y.sum().backward()
+        assert torch.equal(x.grad, kept.float() / (1 - p))  # the gradient passes through the kept values only
+        layer.eval()  # the wrapped nn.Dropout's mode decides
+        assert layer(x) is x and not layer.dropout.training
+    for unchanged in (nn.Sequential(nn.Dropout(0.0)), nn.Sequential(nn.Dropout(1.0)), nn.Sequential(nn.Dropout2d())):
+        assert rand_dropout(unchanged) is unchanged
