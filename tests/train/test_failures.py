@@ -59,6 +59,24 @@ def test_nan_skip_skips_batches_and_keeps_batchnorm_statistics_finite(tmp_path):
     assert int(state["bn.num_batches_tracked"]) == 2 * 6  # PyTorch counts the call; the statistics were restored
 
 
+def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
+    # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: the message names the
+    # batches since the last good check, the poisoned one among them (the third: NaN on every third batch).
+    from cnnkit.train import loop
+
+    @register_model
+    def sometimes_nan(num_classes=10, in_channels=3, input_size=32):
+        return _SometimesNaN(num_classes, in_channels)
+
+    try:
+        for every, where in ((1, "at batch 3 of"), (2, "between batches 3 and 4 of"), (4, "between batches 1 and 4 of")):
+            monkeypatch.setattr(loop, "NAN_CHECK_EVERY", every)
+            with pytest.raises(NonFiniteLoss, match=where):
+                cnnkit.train(**TINY, model="sometimes_nan", epochs=1, out=str(tmp_path / f"run{every}"))
+    finally:
+        _FACTORIES.pop("sometimes_nan")
+
+
 def test_clip_grad_logs_the_norm_before_clipping(tmp_path):
     cnnkit.train(**TINY, model="cnn_bn", epochs=1, clip_grad=0.01, out=str(tmp_path / "run"))
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
