@@ -3,9 +3,12 @@ compiling fails.
 
 cnnkit compiles a few pure tensor functions, not models: the fused max-pool + ReLU of the training step
 (``cnnkit/train/rewrite.py``) and the batch's crop, flip and normalisation (``cnnkit/data/augment.py``). Each
-replaces several PyTorch operations, each a pass over memory and a dispatch, by one loop. Compiling takes
-about 1.5 s per function and input shape (15 s on a machine's first compilation, before torch.compile's disk
-cache holds the loops), so only runs of at least ``MIN_BATCHES`` batches use them.
+replaces several PyTorch operations, each a pass over memory and a dispatch, by one loop. The first loop a
+process compiles costs 1.5-2.8 s, most of it loading torch.compile itself (15 s on a machine's first compilation,
+before torch.compile's disk cache holds the loops); each further one about 0.1 s. So only runs long enough to
+repay that use them: ``MIN_BATCHES`` batches for the pools, which save about 0.9 ms per simple_cnn step (batch
+64), and for the batch preparation beside them; ``MIN_BATCHES_ALONE`` for the batch preparation alone, which
+saves 0.1-0.3 ms per batch.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from typing import Callable
 
 import torch
 
-# When compiling pays: the fused pools saved about 0.9 ms per simple_cnn step (batch 64) and the fused batch
-# preparation about 0.1 ms, so a run must be a few thousand steps long to repay the seconds of compiling.
 MIN_BATCHES = 2000
+MIN_BATCHES_ALONE = 20000
 
 # Compiled on first use (static shapes: each caller runs one shape); None once compiling has failed.
 _compiled: dict[Callable, Callable] | None = {}
@@ -29,14 +31,14 @@ def available() -> bool:
     return _compiled is not None
 
 
-def run(fn: Callable, *tensors: torch.Tensor, what: str):
-    """``fn(*tensors)`` through its compiled loop; the same function run eagerly where compiling fails, after
-    a warning (once per process) that names ``what`` was not compiled."""
+def run(fn: Callable, *args, what: str):
+    """``fn(*args)`` through its compiled loop; the same function run eagerly where compiling fails, after a
+    warning (once per process) that names ``what``. One failure turns every compiled loop off for the process."""
     global _compiled
     if _compiled is not None:
         try:
             if fn in _compiled:
-                return _compiled[fn](*tensors)
+                return _compiled[fn](*args)
             # The first call compiles. PyTorch's C++ extension helper, imported then, logs a warning about CUDA on
             # machines without it: not ours to show, so its logger is quiet for that call only.
             logger = logging.getLogger("torch.utils.cpp_extension")
@@ -44,12 +46,13 @@ def run(fn: Callable, *tensors: torch.Tensor, what: str):
             logger.setLevel(logging.ERROR)
             try:
                 _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-                return _compiled[fn](*tensors)
+                return _compiled[fn](*args)
             finally:
                 logger.setLevel(level)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same result, computed eagerly
             _compiled = None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"cnnkit: could not compile the {what} ({type(e).__name__}: {first_line}); "
-                          "training goes on with PyTorch's layers, a little slower")
-    return fn(*tensors)
+            warnings.warn(f"cnnkit: could not compile the {what} ({type(e).__name__}: {first_line}); compiled "
+                          "loops are off in this process, and training goes on with PyTorch's operations, a little "
+                          "slower")
+    return fn(*args)

@@ -186,7 +186,8 @@ class BatchLoader:
     def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> augmented, normalised float batch; the same draws from ``g`` either way."""
         a = self.augment
-        # Compiled for one shape, the full batch: a shorter one (an image that failed to decode) runs the steps.
+        # Compiled for one shape, the full batch: a shorter one runs the steps one by one (an image that failed to
+        # decode; and every streamed batch of a multi-process run, each process's share).
         if not (self.fused and a is not None and a.crop_pad > 0 and not a.cutout and a.policy is None
                 and not a.random_erasing and images.device.type == "cpu" and len(images) == self.batch_size
                 and compiled.available()):

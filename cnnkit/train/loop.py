@@ -48,7 +48,7 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
 from cnnkit.train.recipes import recipe_options
-from cnnkit.train.rewrite import fuse_pool_relu, pool_before_relu, rand_dropout
+from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.tta import TTAModel
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -58,7 +58,7 @@ NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols
 NAN_POLICIES = ("stop", "skip")
 MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
 SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
-NAN_CHECK_EVERY = 50  # steps between two reads of the finite-loss flag with nan="stop"
+NAN_CHECK_EVERY = 50  # batches between two reads of the running loss sum's finiteness with nan="stop"
 
 
 @dataclass
@@ -207,8 +207,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
     steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)  # optimizer steps: the schedule counts these
     stage_log: list[dict] = []
-    # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients, less
-    # work): ReLUs after their max-pools and, in runs long enough to repay compiling, each such pair fused into
+    # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients up to
+    # dropout's draws, less work): ReLUs after their max-pools and, in runs long enough to repay compiling, each such pair fused into
     # one compiled loop; with --compile, the whole rewritten model compiled instead. On a CPU dropout draws its
     # masks with torch.rand. All share ``model``'s parameters: checkpoints and evaluation use ``model``.
     step_model = pool_before_relu(model)
@@ -218,7 +218,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         step_model = torch.compile(step_model)
     else:
         step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
-        train_loader.fused = total_epochs * len(train_loader) >= compiled.MIN_BATCHES  # crop, flip, normalise
+        # The batch's crop, flip and normalisation in one compiled loop, where that pays (cnnkit/compiled.py):
+        # cheap to compile beside the pools, whose compiling loads torch.compile anyway; alone, in long runs only.
+        pools_fused = any(isinstance(m, PoolReLU) for m in step_model.modules())
+        train_loader.fused = total_epochs * len(train_loader) >= (
+            compiled.MIN_BATCHES if pools_fused else compiled.MIN_BATCHES_ALONE)
 
     def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         stage = stages[index]

@@ -35,10 +35,8 @@ import torch.nn as nn
 
 from cnnkit import compiled
 
-# When compiling pays. It takes about 1.5 s per run (15 s on a machine's first compilation, before torch.compile's
-# disk cache holds the loops) and saved about 0.9 ms per simple_cnn step (batch 64): runs of fewer batches keep
-# the plain layers, and so do inputs of fewer values, where the loop saves well under a millisecond per step.
-FUSE_MIN_BATCHES = 2000
+# Inputs of fewer values keep the plain layers: there the compiled loops save well under a millisecond per step.
+# (Runs of fewer than compiled.MIN_BATCHES batches keep them too: compiling would not pay.)
 FUSE_MIN_VALUES = 2**19
 
 
@@ -166,8 +164,8 @@ class RandDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout.p
-        if not self.dropout.training:
-            return x
+        if not self.dropout.training or not 0 < p < 1:
+            return self.dropout(x)  # the layer itself: identity in eval mode, its own edge cases (p = 1: zeros)
         keep = torch.rand(x.shape, device=x.device) >= p  # float32 draws: P(keep) is 1 - p to 2**-24
         return x * keep.to(x.dtype).div_(1 - p)
 

@@ -106,4 +106,4 @@ def test_fused_crop_flip_normalisation_gives_the_batches_of_the_steps_one_by_one
     from cnnkit import compiled
     from cnnkit.data.augment import _crop_flip_normalize
 
-    assert _crop_flip_normalize in compiled._compiled  # the fused loop really ran, not the fallback
+    assert compiled._compiled and _crop_flip_normalize in compiled._compiled  # the fused loop ran, not the fallback
