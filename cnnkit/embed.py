@@ -41,7 +41,8 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model, ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
-    model = create_model(model_or_run, pretrained=pretrained, **({"head_from": head_from} if head_from is not None else {}))
+    options = {"head_from": head_from} if head_from is not None else {}
+    model = create_model(model_or_run, pretrained=pretrained, **options)
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:

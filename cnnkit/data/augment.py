@@ -13,42 +13,40 @@ import torch.nn.functional as F
 from cnnkit import compiled
 
 
-def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image shifted by its own random (dy, dx) in [-pad, pad] with zero fill: RandomCrop(size, padding=pad)."""
-    if pad <= 0:
-        return images
+def crop_offsets(n: int, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """The random crop's draw: each of ``n`` images' crop corner (row, column) in its image padded by ``pad``,
+    2 x n in [0, 2*pad], so each image is shifted by its own (dy, dx) in [-pad, pad]: RandomCrop(size, padding=pad)."""
+    return torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
+
+
+def crop(images: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Each image padded by ``pad`` zeros and cropped back to its size at its own corner in ``offsets``."""
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    shifts = crop_offsets(n, pad, generator).to(images.device)
+    offsets = offsets.to(images.device)
     # Every crop of every image, as a view (n, c, 2*pad+1, 2*pad+1, h, w) of the padded batch, then one
     # advanced index picks each image's own: a single copy of the output. A gather over precomputed flat
     # offsets gives the same images 3.7x slower (an int64 index per pixel), and boolean-mask copies per
     # shift value cost ~20 small indexing ops per batch, more than the network's own step on 2 cores.
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)
-    return windows[torch.arange(n, device=images.device), :, shifts[0], shifts[1]]
-
-
-def crop_offsets(n: int, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """``random_crop``'s draw: each image's crop corner (row, column) in the padded image, 2 x n in [0, 2*pad]."""
-    return torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2."""
-    flip = coin_flips(len(images), generator).to(images.device)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return windows[torch.arange(n, device=images.device), :, offsets[0], offsets[1]]
 
 
 def coin_flips(n: int, generator: torch.Generator) -> torch.Tensor:
-    """``random_flip``'s draw: which of ``n`` images to mirror (bool)."""
+    """The random flip's draw: which of ``n`` images to mirror (bool), each with probability 1/2."""
     return torch.rand(n, generator=generator, device=generator.device) < 0.5
+
+
+def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """The images mirrored left-right where ``flips`` (bool, one per image) is set."""
+    return torch.where(flips.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def crop_flip_normalize(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor,
                         shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``random_crop`` at ``offsets`` (from ``crop_offsets``), then a mirror of the images where ``flips``, then
-    (x - shift) * scale in float32: the same values bit for bit as those steps one after another, in one loop
-    compiled by torch.compile (``cnnkit/compiled.py``). uint8 N x C x H x W in, float32 N x C x H x W out.
+    """``crop`` at ``offsets``, then ``mirror`` where ``flips``, then (x - shift) * scale in float32: the same
+    values bit for bit as those steps one after another, in one loop compiled by torch.compile
+    (``cnnkit/compiled.py``). uint8 N x C x H x W in, float32 N x C x H x W out.
 
     The steps one by one are a dozen operations and passes over the batch, each small: on this project's 2-core
     CPU they took 0.23 ms per batch of 64 CIFAR images (the draws included), the compiled loop 0.13 ms; inside
@@ -78,23 +76,18 @@ def _crop_flip_normalize(padded: torch.Tensor, pad: int, rows: torch.Tensor, col
 
 
 def flip_bits(num_images: int, seed: int) -> torch.Tensor:
-    """One fixed random bit per image of a set, for ``alternating_flip``."""
+    """One fixed random bit per image of a set, for ``alternating_flips``."""
     return torch.randint(0, 2, (num_images,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-def alternating_flip(images: torch.Tensor, bits: torch.Tensor, epoch: int) -> torch.Tensor:
-    """Mirror each image when its fixed random bit (``flip_bits`` of its index) xor (``epoch`` is odd) is 1.
+def alternating_flips(bits: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images to mirror this epoch (bool): those whose fixed random bit (``flip_bits`` of their index)
+    xor (``epoch`` is odd) is 1.
 
     Over any two consecutive epochs every image is seen once each way, where independent random flips
     show about half of the images the same way twice; on CIFAR-10 this buys the accuracy of about a
     tenth of the epochs (Jordan 2024, airbench's "alternating flip").
     """
-    flip = alternating_flips(bits, epoch).to(images.device)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-def alternating_flips(bits: torch.Tensor, epoch: int) -> torch.Tensor:
-    """``alternating_flip``'s choice: which images to mirror this epoch (bool), from their ``flip_bits``."""
     return (bits ^ (epoch % 2)).bool()
 
 

@@ -14,8 +14,7 @@ import torch
 
 from cnnkit import compiled
 from cnnkit.data.augment import (
-    alternating_flip, alternating_flips, coin_flips, crop_flip_normalize, crop_offsets, cutout, flip_bits,
-    policy_augment, random_crop, random_flip,
+    alternating_flips, coin_flips, crop, crop_flip_normalize, crop_offsets, cutout, flip_bits, mirror, policy_augment,
 )
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
@@ -184,34 +183,29 @@ class BatchLoader:
             yield images, labels.to(self.device)
 
     def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
-        """uint8 batch -> augmented, normalised float batch; the same draws from ``g`` either way."""
+        """uint8 batch -> augmented, normalised float batch. The draws come from ``g`` in one order (crop, flip,
+        cutout, policy), whether the steps then run one by one or, where ``fused``, as one compiled loop."""
         a = self.augment
+        if a is None:
+            return self._to_float(images)
+        offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 else None
+        flips = None
+        if a.flip:
+            flips = alternating_flips(self.flip_bits[index.cpu()], self.epoch) if a.alternate_flip \
+                else coin_flips(len(images), g)
         # Compiled for one shape, the full batch: a shorter one runs the steps one by one (an image that failed to
         # decode; and every streamed batch of a multi-process run, each process's share).
-        if not (self.fused and a is not None and a.crop_pad > 0 and not a.cutout and a.policy is None
-                and not a.random_erasing and images.device.type == "cpu" and len(images) == self.batch_size
-                and compiled.available()):
-            return self._to_float(self._augment(images, g, index))
-        offsets = crop_offsets(len(images), a.crop_pad, g)
-        if a.flip and a.alternate_flip:
-            flips = alternating_flips(self.flip_bits[index.cpu()], self.epoch)
-        elif a.flip:
-            flips = coin_flips(len(images), g)
-        else:
-            flips = torch.zeros(len(images), dtype=torch.bool)
-        x = crop_flip_normalize(images, a.crop_pad, offsets, flips, self.shift, self.scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _augment(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
-        if self.augment is None:
-            return images
-        images = random_crop(images, self.augment.crop_pad, g)
-        if self.augment.flip and self.augment.alternate_flip:
-            images = alternating_flip(images, self.flip_bits[index.cpu()], self.epoch)
-        elif self.augment.flip:
-            images = random_flip(images, g)
-        images = cutout(images, self.augment.cutout, g)
-        return policy_augment(images, self.augment.policy, self.augment.random_erasing, g)
+        if (self.fused and offsets is not None and not a.cutout and a.policy is None and not a.random_erasing
+                and images.device.type == "cpu" and len(images) == self.batch_size and compiled.available()):
+            flips = flips if flips is not None else torch.zeros(len(images), dtype=torch.bool)
+            x = crop_flip_normalize(images, a.crop_pad, offsets, flips, self.shift, self.scale)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if offsets is not None:
+            images = crop(images, a.crop_pad, offsets)
+        if flips is not None:
+            images = mirror(images, flips)
+        images = cutout(images, a.cutout, g)
+        return self._to_float(policy_augment(images, a.policy, a.random_erasing, g))
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""

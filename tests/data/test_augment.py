@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from cnnkit.data.augment import alternating_flip, cutout, flip_bits, random_crop, random_flip
+from cnnkit.data.augment import alternating_flips, coin_flips, crop, crop_offsets, cutout, flip_bits, mirror
 from cnnkit.data.loader import Augment, BatchLoader
 from cnnkit.data.sources import ImageSet
 
@@ -14,7 +14,7 @@ def _images(n=16, c=3, h=12, w=10):
 
 def test_random_crop_is_each_image_shifted_by_its_own_offset_with_zero_fill():
     images, pad = _images(), 3
-    out = random_crop(images, pad, torch.Generator().manual_seed(5))
+    out = crop(images, pad, crop_offsets(len(images), pad, torch.Generator().manual_seed(5)))
     shifts = torch.randint(0, 2 * pad + 1, (2, len(images)), generator=torch.Generator().manual_seed(5))
     padded = F.pad(images, (pad,) * 4)
     h, w = images.shape[-2:]
@@ -26,7 +26,7 @@ def test_random_crop_is_each_image_shifted_by_its_own_offset_with_zero_fill():
 
 def test_random_flip_mirrors_some_images_and_keeps_the_others():
     images = _images(64)
-    out = random_flip(images, torch.Generator().manual_seed(0))
+    out = mirror(images, coin_flips(len(images), torch.Generator().manual_seed(0)))
     flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
     kept = [torch.equal(o, i) for o, i in zip(out, images)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
@@ -36,11 +36,11 @@ def test_alternating_flip_shows_every_image_both_ways_over_two_epochs():
     images = _images(32)
     bits = flip_bits(32, seed=0)
     index = torch.arange(32)
-    even, odd = alternating_flip(images, bits[index], 0), alternating_flip(images, bits[index], 1)
+    even, odd = (mirror(images, alternating_flips(bits[index], epoch)) for epoch in (0, 1))
     for i in range(32):
         assert torch.equal(even[i], images[i]) != torch.equal(odd[i], images[i])  # exactly one epoch mirrors it
         assert torch.equal(even[i], odd[i].flip(-1))
-    assert torch.equal(alternating_flip(images, bits, 2), even)  # the pattern repeats every two epochs
+    assert torch.equal(mirror(images, alternating_flips(bits, 2)), even)  # the pattern repeats every two epochs
 
 
 def test_cutout_zeroes_one_square_per_image():

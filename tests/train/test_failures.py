@@ -69,7 +69,8 @@ def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
         return _SometimesNaN(num_classes, in_channels)
 
     try:
-        for every, where in ((1, "at batch 3 of"), (2, "between batches 3 and 4 of"), (4, "between batches 1 and 4 of")):
+        cases = ((1, "at batch 3 of"), (2, "between batches 3 and 4 of"), (4, "between batches 1 and 4 of"))
+        for every, where in cases:
             monkeypatch.setattr(loop, "NAN_CHECK_EVERY", every)
             with pytest.raises(NonFiniteLoss, match=where):
                 cnnkit.train(**TINY, model="sometimes_nan", epochs=1, out=str(tmp_path / f"run{every}"))
