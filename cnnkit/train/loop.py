@@ -210,7 +210,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients up to
     # dropout's draws, less work): ReLUs after their max-pools and, in runs long enough to repay compiling, each
     # such pair fused into one compiled loop; with --compile, the whole rewritten model compiled instead. On a
-    # CPU dropout draws its masks with torch.rand. All share ``model``'s parameters: checkpoints and evaluation use ``model``.
+    # CPU dropout draws its masks with torch.rand. All share ``model``'s parameters: checkpoints and evaluation
+    # use ``model``.
     step_model = pool_before_relu(model)
     if device.type == "cpu":
         step_model = rand_dropout(step_model)
