@@ -337,6 +337,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
     tta_options(p)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (an .onnx file runs on the CPU)")
     p.add_argument("--json", action="store_true")
 
     em = sub.add_parser("embed", help="penultimate-layer features of a folder of images",
@@ -348,6 +349,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     em.add_argument("--pretrained", action="store_true")
     em.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
     em.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
+    em.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     pr = sub.add_parser("probe", help="linear probe: how good a backbone's features are for a dataset",
                         epilog="examples:\n  cnnkit probe resnet18 --pretrained photos/ --val-split 0.2",
@@ -359,6 +361,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--val-data", metavar="DIR")
     pr.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
     pr.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pr.add_argument("--json", action="store_true")
     x = sub.add_parser("export", help="export a model for deployment: ONNX, TorchScript or safetensors",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -619,7 +622,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = args.checkpoint
     if args.ema:
         model = load_checkpoint(args.checkpoint, ema=args.ema)
-    results = predict(model, args.paths, topk=args.topk, tta=args.tta, tta_shift=args.tta_shift)
+    results = predict(model, args.paths, topk=args.topk, tta=args.tta, tta_shift=args.tta_shift, device=args.device)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)
@@ -636,7 +639,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from cnnkit.embed import embed
 
     r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size,
-              head_from=args.head_from)
+              head_from=args.head_from, device=args.device)
     print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']} (labels beside it)")
     return 0
 
@@ -645,7 +648,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from cnnkit.embed import probe
 
     r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
-              input_size=args.input_size, head_from=args.head_from)
+              input_size=args.input_size, head_from=args.head_from, device=args.device)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
     else:

@@ -17,6 +17,7 @@ from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.train.precision import resolve_device
 from cnnkit.transfer import normalization
 
 
@@ -29,7 +30,8 @@ class Backbone:
     channels: int
 
 
-def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None) -> Backbone:
+def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
+                  device: str = "cpu") -> Backbone:
     """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
     weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25).
     ``head_from`` (a ResNet's stages, e.g. ``layer2,layer3,layer4``): the features are those stages' pooled
@@ -40,14 +42,14 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
             from cnnkit.models.torchvision import pool_stages
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
-        return Backbone(ckpt.model, ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
+        return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
     options = {"head_from": head_from} if head_from is not None else {}
     model = create_model(model_or_run, pretrained=pretrained, **options)
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:
         mean, std = [0.5] * 3, [0.25] * 3
-    return Backbone(model.eval(), mean, std, None, 3)
+    return Backbone(model.eval().to(resolve_device(device)), mean, std, None, 3)
 
 
 @torch.no_grad()
@@ -59,20 +61,21 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
     setattr(parent, head_name.rpartition(".")[2], nn.Identity())
     try:
         with eval_mode(model):
-            loader = BatchLoader(data, batch_size, backbone.mean, backbone.std, torch.device("cpu"))
-            out = [model(x).flatten(1).float() for x, _ in loader]
+            device = next(model.parameters()).device
+            loader = BatchLoader(data, batch_size, backbone.mean, backbone.std, device)
+            out = [model(x).flatten(1).float().cpu() for x, _ in loader]
     finally:
         setattr(parent, head_name.rpartition(".")[2], head)
     return torch.cat(out).numpy()
 
 
 def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, input_size: int | None = None,
-          head_from: str | None = None) -> dict:
+          head_from: str | None = None, device: str = "cpu") -> dict:
     """Write the penultimate features of every image in ``data`` to ``out`` (.npy) and the labels beside it
     (``<out>.labels.npy``); returns a summary."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
-    backbone = load_backbone(model_or_run, pretrained, head_from)
+    backbone = load_backbone(model_or_run, pretrained, head_from, device)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     feats = features(backbone, images)
     np.save(out, feats)
@@ -91,9 +94,9 @@ class ProbeResult:
 
 def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: float | None = None,
           val_data: str | None = None, input_size: int | None = None, weight_decay: float = 1e-3,
-          head_from: str | None = None) -> ProbeResult:
+          head_from: str | None = None, device: str = "cpu") -> ProbeResult:
     """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features."""
-    backbone = load_backbone(model_or_run, pretrained, head_from)
+    backbone = load_backbone(model_or_run, pretrained, head_from, device)
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)

@@ -11,20 +11,22 @@ from cnnkit.errors import UserError
 from cnnkit.export import OnnxModel
 from cnnkit.modes import eval_mode
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from cnnkit.train.precision import resolve_device
 from cnnkit.tta import with_tta
 
 
 @torch.no_grad()
 def predict(
     checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
-    ema: bool = False, tta: bool = False, tta_shift: int = 0,
+    ema: bool = False, tta: bool = False, tta_shift: int = 0, device: str | torch.device = "cpu",
 ) -> list[dict]:
     """For each image: ``{"path", "top": [{"class", "prob"}, ...]}``, most probable first; an image that
     cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted.
 
     ``checkpoint``: a run folder, a checkpoint (.pt or .safetensors), or an exported ``.onnx`` file, which
     onnxruntime runs on the CPU with the preprocessing its metadata records. ``ema``: a run folder's weight EMA.
-    ``tta``/``tta_shift``: the probabilities averaged over flipped/shifted views (see cnnkit/tta.py)."""
+    ``tta``/``tta_shift``: the probabilities averaged over flipped/shifted views (see cnnkit/tta.py).
+    ``device``: where a PyTorch model runs ("cpu", "cuda" or "auto"); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
     if isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx"):
@@ -33,7 +35,7 @@ def predict(
         forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {}, tta, tta_shift)
         return _classify(checkpoint, forward, paths, topk, batch_size)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
-    model = ckpt.model
+    model = ckpt.model.to(resolve_device(device) if isinstance(device, str) else device)
     device = next(model.parameters()).device
     forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
     with eval_mode(model):

@@ -107,7 +107,9 @@ class BatchLoader:
         if data.images is not None and device.type != "cpu":
             self.images = data.images.to(device)
         self.labels = data.labels.to(device)
-        self.flip_bits = flip_bits(len(data), seed)
+        # Beside the images: indexing it with a batch's device indices then needs no copy back to the host,
+        # which on a GPU would make every step wait for the one before.
+        self.flip_bits = flip_bits(len(data), seed).to(self.labels.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -191,7 +193,7 @@ class BatchLoader:
         offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 else None
         flips = None
         if a.flip:
-            flips = alternating_flips(self.flip_bits[index.cpu()], self.epoch) if a.alternate_flip \
+            flips = alternating_flips(self.flip_bits[index.to(self.flip_bits.device)], self.epoch) if a.alternate_flip \
                 else coin_flips(len(images), g)
         # Compiled for one shape, the full batch: a shorter one runs the steps one by one (an image that failed to
         # decode; and every streamed batch of a multi-process run, each process's share).

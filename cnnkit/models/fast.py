@@ -19,11 +19,27 @@ from cnnkit.models.registry import register_model
 
 
 class BatchNormNoScale(nn.BatchNorm2d):
-    """BatchNorm with a learnable shift but no learnable scale, and running statistics that move fast."""
+    """BatchNorm with a learnable shift but no learnable scale, and running statistics that move fast.
+
+    The scale is a constant 1, handed to the kernel as a tensor: PyTorch's CPU batch-norm accepts a bias without
+    a weight, but its CUDA backward does not (it returns an empty gradient for the bias, and autograd stops).
+    The constant is a non-persistent buffer, not a parameter, so no optimizer, freeze or unfreeze call can train
+    it and checkpoints hold the same keys as before.
+    """
 
     def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
         super().__init__(channels, eps=eps, momentum=momentum)
-        self.weight = None  # no scale parameter at all, so no freeze/unfreeze call can turn it on
+        self.weight = None  # no scale parameter at all
+        self.register_buffer("unit_scale", torch.ones(channels), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch_stats = self.training or self.running_mean is None
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)  # kept for nn.BatchNorm2d's state dict; momentum is fixed
+        return F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
+                            self.running_var if not self.training or self.track_running_stats else None,
+                            self.unit_scale, self.bias, use_batch_stats, self.momentum, self.eps)
 
 
 class DiracConv(nn.Conv2d):
