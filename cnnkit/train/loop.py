@@ -127,6 +127,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        # Every batch has the same shapes, so cuDNN may time its algorithms once and keep the fastest
+        # (timm's and airbench's setting); CUDA's convolutions are not bit-reproducible either way.
+        torch.backends.cudnn.benchmark = True
     ctx = distributed.setup(device)  # one process, or one of torchrun's: only rank 0 prints and writes
     if not ctx.main:
         log = open(os.devnull, "w")
