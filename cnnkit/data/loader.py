@@ -2,7 +2,8 @@
 
 In-memory sets are shuffled by an index permutation drawn from ``seed`` and the epoch number, so every
 epoch's order is reproducible (and resumable) without storing it. Sets too large for memory are decoded
-per batch by DataLoader workers and then take the same device-side steps.
+per batch by DataLoader workers and then take the same device-side steps; on a GPU, a streamed folder of JPEGs is
+decoded there instead (``cnnkit/data/device_decode.py``): the workers only read the files.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Iterator
 import torch
 
 from cnnkit import compiled
+from cnnkit.data import device_decode
 from cnnkit.data.augment import (
     alternating_flips, coin_flips, crop, crop_flip_normalize, crop_offsets, cutout, flip_bits, mirror, policy_augment,
 )
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
-from cnnkit.errors import DataError
+from cnnkit.errors import DataError, UserError
+
+DECODE_CHOICES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -65,6 +69,10 @@ class BatchLoader:
 
     ``fused`` (set by the training loop for runs long enough to repay compiling): on a CPU, a batch's random
     crop, flip and normalisation run as one compiled loop (``crop_flip_normalize``), the same values bit for bit.
+
+    ``decode`` (sets streamed from files only): "cpu" decodes each image in the workers; "device" has the workers
+    read the bytes and decodes each batch of JPEGs on ``device``, where training takes random resized crops
+    (``device_decode``) instead of padded translations; "auto" is "device" on CUDA when every file is a JPEG.
     """
 
     fused: bool = False
@@ -85,13 +93,12 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         balanced: bool = False,
+        decode: str = "auto",
     ) -> None:
         """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
         every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
         seen exactly once, with no padding). ``balanced`` (with ``shuffle``) draws every class equally often."""
         if shuffle and batch_size % world:
-            from cnnkit.errors import UserError
-
             raise UserError(f"--batch-size {batch_size} does not split evenly over {world} processes")
         self.rank, self.world = rank, world
         self.data, self.batch_size, self.device = data, batch_size, device
@@ -108,6 +115,10 @@ class BatchLoader:
             self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.flip_bits = flip_bits(len(data), seed)
+        if decode not in DECODE_CHOICES:
+            raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{decode}'")
+        self.decode_on_device = data.images is None and (decode == "device" or decode == "auto"
+                                                         and device.type == "cuda" and device_decode.all_jpeg(data.files))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -167,28 +178,40 @@ class BatchLoader:
             batch = self.batch_size // self.world
             whole = order[: len(order) // self.batch_size * self.batch_size]  # whole global batches only
             order = whole.view(-1, self.world, batch)[:, self.rank].flatten()
+        on_device = self.decode_on_device
+        dataset = device_decode.FileBytes(self.data.files, self.data.labels, self.data.channels) if on_device \
+            else _FileDataset(self.data)
         loader = torch.utils.data.DataLoader(
-            _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
-            num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
+            dataset, batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last, num_workers=self.workers,
+            persistent_workers=False, pin_memory=self.device.type == "cuda" and not on_device,
+            collate_fn=device_decode.collate if on_device else None,
         )
         for i, (images, labels) in enumerate(loader, start):
             index = order[(i - start) * batch : (i - start + 1) * batch][: len(labels)]
             if i >= len(self):
                 break
+            g = self._generator(i)
+            if on_device:  # the workers sent bytes: decoded, cropped and resized here, crops drawn from g first
+                files = [self.data.files[k] for k in index.tolist()]
+                images, labels = device_decode.decode_batch(images, labels, files, self.data.channels,
+                                                            self.data.size, self.device, g if self.augment else None)
             good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
             if not good.all():
                 self.skipped += int((~good).sum())
-                images, labels = images[good], labels[good]
-            images = self._augment_to_float(images.to(self.device, non_blocking=True), self._generator(i), index[good])
+                images, labels = images[good.to(images.device)], labels[good]
+            images = self._augment_to_float(images.to(self.device, non_blocking=True), g, index[good],
+                                            translate=not on_device)
             yield images, labels.to(self.device)
 
-    def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
+    def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor,
+                          translate: bool = True) -> torch.Tensor:
         """uint8 batch -> augmented, normalised float batch. The draws come from ``g`` in one order (crop, flip,
-        cutout, policy), whether the steps then run one by one or, where ``fused``, as one compiled loop."""
+        cutout, policy), whether the steps then run one by one or, where ``fused``, as one compiled loop.
+        ``translate`` False: no padded random crop (the batch already had its random resized crop)."""
         a = self.augment
         if a is None:
             return self._to_float(images)
-        offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 else None
+        offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 and translate else None
         flips = None
         if a.flip:
             flips = alternating_flips(self.flip_bits[index.cpu()], self.epoch) if a.alternate_flip \
