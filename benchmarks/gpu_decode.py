@@ -15,7 +15,9 @@ autocast, channels_last, batch 256, one SGD step per batch, fed three ways:
       each image with Pillow (shorter side to 224, centre crop), then the same flip and padded crop on the device.
 
 Each is timed over ``--batches`` batches after ``--warmup`` untimed ones (cuDNN's autotuning, the workers'
-start), between two device synchronisations. The loaders are also timed alone (no model), to show which side
+start), between two device synchronisations. A DataLoader worker makes a whole batch, so batches arrive in rounds
+of one per worker: the timed span covers many rounds (and epochs, each starting its workers afresh as cnnkit's
+training does), or a half-finished round would count for or against a path. The loaders are also timed alone (no model), to show which side
 bounds (b) and (c). Writes gpu_decode.json and gpu_decode.md into ``--out`` (default benchmarks/results).
 """
 
@@ -98,20 +100,25 @@ def _endless(loader: BatchLoader):
 
 
 def images_per_s(batches, warmup: int, timed: int, device: torch.device, step=None) -> float:
-    """Images per second over ``timed`` batches of ``batches`` after ``warmup`` untimed ones, each passed to
-    ``step`` (None: the batches are only produced)."""
-    count = 0
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            _sync(device)
-            start, count = time.perf_counter(), 0
+    """Images per second over ``timed`` batches of ``batches`` (each made and passed to ``step``; None: only
+    made) after ``warmup`` untimed ones."""
+    batches = iter(batches)
+    for _ in range(warmup):
+        x, y = next(batches)
+        if step is not None:
+            step(x, y)
+    _sync(device)
+    start, count = time.perf_counter(), 0
+    for _ in range(timed):
+        x, y = next(batches)
         if step is not None:
             step(x, y)
         count += len(x)
-        if i + 1 == warmup + timed:
-            break
     _sync(device)
-    return count / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if hasattr(batches, "close"):
+        batches.close()  # a loader's workers stop now, not when the garbage collector finds them
+    return count / seconds
 
 
 def make_step(device: torch.device):
@@ -135,8 +142,8 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for gpu_decode.json and .md (default: %(default)s)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=20000, help="JPEGs to write (default: %(default)s)")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per path (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, help="untimed batches first (default: 8; on a CPU 1)")
+    parser.add_argument("--batches", type=int, default=160, help="timed batches per path (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, help="untimed batches first (default: 16; on a CPU 1)")
     parser.add_argument("--batch-size", type=int, help="(default: 256; on a CPU 16, a smoke run's size)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -145,7 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    args.warmup = args.warmup if args.warmup is not None else 1 if cpu else 8
+    # Warm-up: cuDNN's autotuning, and on the loaders a first round of batches from every worker at once.
+    args.warmup = args.warmup if args.warmup is not None else 1 if cpu else 16
     args.batch_size = min(args.batch_size or (16 if cpu else 256), args.images)
     wall = time.perf_counter()
     torch.backends.cudnn.benchmark = True

@@ -94,6 +94,9 @@ def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[tuple[torch.Tensor, 
     return (flat, [tuple(p.shape) for p in payloads]), torch.tensor([label for _, label in items])
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def _decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -102,18 +105,32 @@ def _decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device)
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work, and nvjpeg through
         # torchvision is what a PyTorch install has.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=mode, device=device)
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=mode, device=device)
+        # decode_jpeg takes its output memory from the caching allocator on the current stream, then nvjpeg writes
+        # it from a stream of its own without waiting for that one: on the training stream it could be handed a
+        # block that queued kernels are still reading (torchvision PR 9606). So the outputs come from a stream
+        # that runs nothing else, and are marked as used by the training stream, so that they return to that
+        # stream's pool only once the training stream is done with them.
+        side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(side):
+            images = decode_jpeg(data, mode=mode, device=device)
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        for image in images:
+            image.record_stream(current)
+        return images
 
 
 def _decode_one(data: torch.Tensor, path: str, channels: int, device: torch.device) -> torch.Tensor | None:
     try:
         return _decode_jpegs([data], channels, device)[0]
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError:
         pass
     try:  # decode_jpeg refuses some files Pillow reads (and the other way round): Pillow decides
-        return load_image(path, channels, None).to(device)
+        return load_image(path, channels, None).to(device, non_blocking=True)
     except DataError:
         return None
 
@@ -136,7 +153,7 @@ def decode(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: torch.Te
     if jpegs:
         try:
             decoded = _decode_jpegs([parts[k] for k in jpegs], channels, device)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError:  # one bad file fails the whole call, which returns nothing: one by one then
             decoded = [_decode_one(parts[k], files[k], channels, device) for k in jpegs]
@@ -153,7 +170,7 @@ def random_resized_boxes(sizes: torch.Tensor, generator: torch.Generator) -> tor
     does, the largest centre crop with a ratio in range. The draws are a fixed number per image, so the batch's
     other augmentation that follows draws the same values whatever the crops were."""
     dev = generator.device
-    sizes = sizes.to(dev, torch.float32)
+    sizes = sizes.to(dev, non_blocking=True).float()
     h, w = sizes[:, 0], sizes[:, 1]
     u = torch.rand(2, ATTEMPTS, len(sizes), generator=generator, device=dev)
     area = h * w * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[0])
@@ -195,12 +212,12 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
 
     device = images[0].device
     out = torch.empty(len(images), images[0].shape[0], size, size, dtype=torch.uint8, device=device)
-    boxes = boxes.to(device, torch.float32)
+    boxes = boxes.to(device, non_blocking=True).float()
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
     for members in groups.values():
-        where = torch.tensor(members, device=device)
+        where = torch.tensor(members).to(device, non_blocking=True)
         stack = torch.stack([images[k] for k in members]).float()
         rois = torch.cat([torch.arange(len(members), device=device, dtype=torch.float32)[:, None],
                           boxes.index_select(0, where)], 1)
@@ -229,7 +246,7 @@ def decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: to
     if len(good) == len(images):
         return crops, labels
     out = torch.zeros(len(images), channels, size, size, dtype=torch.uint8, device=device)
-    out.index_copy_(0, torch.tensor(good, device=device), crops)
+    out.index_copy_(0, torch.tensor(good).to(device, non_blocking=True), crops)
     labels = labels.clone()
     labels[[k for k, image in enumerate(images) if image is None]] = -1
     return out, labels

@@ -8,6 +8,9 @@ decoded there instead (``cnnkit/data/device_decode.py``): the workers only read 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -186,22 +189,39 @@ class BatchLoader:
             persistent_workers=False, pin_memory=self.device.type == "cuda" and not on_device,
             collate_fn=device_decode.collate if on_device else None,
         )
-        for i, (images, labels) in enumerate(loader, start):
-            index = order[(i - start) * batch : (i - start + 1) * batch][: len(labels)]
-            if i >= len(self):
-                break
-            g = self._generator(i)
-            if on_device:  # the workers sent bytes: decoded, cropped and resized here, crops drawn from g first
-                files = [self.data.files[k] for k in index.tolist()]
-                images, labels = device_decode.decode_batch(images, labels, files, self.data.channels,
-                                                            self.data.size, self.device, g if self.augment else None)
-            good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
+        loaded = (
+            (i, images, labels, order[(i - start) * batch : (i - start + 1) * batch][: len(labels)], self._generator(i))
+            for i, (images, labels) in itertools.islice(enumerate(loader, start), max(0, len(self) - start))
+        )
+        for i, images, labels, index, g in self._decoded_ahead(loaded) if on_device else loaded:
+            good = labels >= 0  # an image that failed to decode comes back labelled -1: drop it
             if not good.all():
                 self.skipped += int((~good).sum())
                 images, labels = images[good.to(images.device)], labels[good]
             images = self._augment_to_float(images.to(self.device, non_blocking=True), g, index[good],
                                             translate=not on_device)
-            yield images, labels.to(self.device)
+            yield images, labels.to(self.device, non_blocking=True)
+
+    def _decoded_ahead(self, loaded: Iterator[tuple]) -> Iterator[tuple]:
+        """The workers' bytes of each batch decoded, cropped and resized on the device (crops drawn from the
+        batch's generator first), one batch ahead in a thread: the decode call holds its thread until the device
+        has decoded the batch, time in which this one queues the training step of the batch before."""
+        def decode(i: int, encoded: tuple, labels: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> tuple:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                images, labels = device_decode.decode_batch(
+                    encoded, labels, [self.data.files[k] for k in index.tolist()], self.data.channels, self.data.size,
+                    self.device, g if self.augment is not None else None)
+            return i, images, labels, index, g
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            ahead = None
+            for item in loaded:
+                submitted = pool.submit(decode, *item)
+                if ahead is not None:
+                    yield ahead.result()
+                ahead = submitted
+            if ahead is not None:
+                yield ahead.result()
 
     def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor,
                           translate: bool = True) -> torch.Tensor:

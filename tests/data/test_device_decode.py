@@ -187,3 +187,51 @@ def test_on_cuda_streamed_jpegs_decode_on_the_gpu_by_default(tmp_path):
     assert all(x.device.type == "cuda" and y.device.type == "cuda" for x, y in out) and batches.skipped == 1
     again = list(batches)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(out, again))
+
+
+@pytest.mark.cuda
+@cuda
+def test_on_cuda_the_device_path_never_waits_for_the_gpu(tmp_path):
+    # A synchronising call (a blocking copy, a mask on the device) would stall the host until the GPU finished
+    # the step before: the decode of the next batch would no longer overlap the training of this one.
+    jpeg_folder(str(tmp_path), per_class=8)
+    data = streamed(str(tmp_path), size=32)
+    batches = BatchLoader(data, 4, [0.5] * 3, [0.25] * 3, torch.device("cuda"), shuffle=True,
+                          augment=Augment(crop_pad=4, flip=True))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = list(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [len(x) for x, _ in out] == [4] * 4
+
+
+def freed_while_read(decode, data, n=16, rounds=5):
+    """How many of ``n`` tensors, freed while kernels queued behind a long one still read them, were overwritten by
+    ``decode`` (which allocates outputs of their size) before those kernels ran."""
+    device = torch.device("cuda")
+    nbytes = 3 * 375 * 500
+    wrong = 0
+    for _ in range(rounds):
+        tensors = [torch.full((nbytes,), 7, dtype=torch.uint8, device=device) for _ in range(n)]
+        torch.cuda.synchronize()
+        a = torch.randn(4096, 4096, device=device)
+        for _ in range(20):  # keeps the stream busy for a while
+            a = a @ a / 64
+        sums = [t.sum(dtype=torch.int64) for t in tensors]  # queued behind the products
+        del tensors
+        decode([data] * n)
+        torch.cuda.synchronize()
+        wrong += sum(int(s) != 7 * nbytes for s in sums)
+    return wrong
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_decoding_never_writes_memory_that_queued_kernels_still_read(tmp_path):
+    # torchvision's decode_jpeg takes its outputs from the current stream's pool and nvjpeg writes them at once,
+    # ahead of the kernels queued on that stream (torchvision PR 9606): device_decode decodes on a stream of its own.
+    path = tmp_path / "a.jpg"
+    photo(500, 375, 0).save(path, quality=90)
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    assert freed_while_read(lambda d: device_decode._decode_jpegs(d, 3, torch.device("cuda")), data) == 0
