@@ -33,6 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -121,6 +122,34 @@ def images_per_s(batches, warmup: int, timed: int, device: torch.device, step=No
     return count / seconds
 
 
+def decoder_images_per_s(files: list[str], device: torch.device, repeats: int = 10) -> float:
+    """Images per second of ``torchvision.io.decode_jpeg`` alone on ``files`` as one batch, on ``device``: the
+    ceiling of the decoding itself (on a GPU: nvjpeg), without reading, cropping or the loader around it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8) for f in files]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        _sync(device)
+    return repeats * len(data) / (time.perf_counter() - start)
+
+
+def first_batch_s(loader: BatchLoader, device: torch.device) -> float:
+    """Seconds from the start of an epoch to its first batch: the workers' start and their first batch."""
+    start = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    batches.close()
+    return seconds
+
+
 def make_step(device: torch.device):
     """One SGD step of torchvision's resnet18 (10 classes) in bf16 autocast, channels_last."""
     model = torchvision.models.resnet18(num_classes=CLASSES).to(device, memory_format=torch.channels_last)
@@ -182,12 +211,17 @@ def main() -> None:
             return BatchLoader(data, batch, IMAGENET_MEAN, IMAGENET_STD, device, shuffle=True, augment=augment,
                                drop_last=True, workers=args.workers, decode=decode)
 
+        diagnostics = {"decoder_alone": decoder_images_per_s(files[:batch], device)}
+        print(f"the JPEG decoder alone (decode_jpeg on {device.type}, batches of {batch}): "
+              f"{diagnostics['decoder_alone']:,.0f} images/s", flush=True)
         for name, decode in (("device_decode", "device"), ("cpu_decode", "cpu")):
             results[name] = images_per_s(_endless(loader(decode)), args.warmup, args.batches, device, step)
             results[name + "_loader_only"] = images_per_s(_endless(loader(decode)), args.warmup, args.batches, device)
+            diagnostics[name + "_epoch_start_s"] = first_batch_s(loader(decode), device)
             print(f"({'b' if decode == 'device' else 'c'}) {decode} decode: {results[name]:,.0f} images/s "
                   f"({results[name] / results['synthetic']:.0%} of synthetic); the loader alone "
-                  f"{results[name + '_loader_only']:,.0f} images/s", flush=True)
+                  f"{results[name + '_loader_only']:,.0f} images/s; an epoch's first batch after "
+                  f"{diagnostics[name + '_epoch_start_s']:.2f} s", flush=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +237,7 @@ def main() -> None:
         "images_per_s": {k: round(v, 1) for k, v in results.items()},
         "device_decode_vs_synthetic": round(results["device_decode"] / results["synthetic"], 3),
         "cpu_decode_vs_synthetic": round(results["cpu_decode"] / results["synthetic"], 3),
+        "diagnostics": {k: round(v, 3 if k.endswith("_s") else 1) for k, v in diagnostics.items()},
         "wall_s": round(time.perf_counter() - wall, 1),
     }
     os.makedirs(args.out, exist_ok=True)
@@ -226,7 +261,12 @@ def main() -> None:
         f"| (c) cnnkit, JPEGs decoded by CPU workers (`decode=\"cpu\"`) | {r['cpu_decode']:,.0f} | "
         f"{r['cpu_decode'] / r['synthetic']:.0%} | {r['cpu_decode_loader_only']:,.0f} |",
         "",
-        f"Writing the JPEGs took {generate_s:.1f} s; the whole run {report['wall_s']:.0f} s.",
+        f"Where the time goes: `decode_jpeg` alone decodes {diagnostics['decoder_alone']:,.0f} images/s on "
+        f"{device.type} (one batch of {batch} over and over); an epoch's first batch (starting the "
+        f"{args.workers} workers) comes after {diagnostics['device_decode_epoch_start_s']:.2f} s with device "
+        f"decoding and {diagnostics['cpu_decode_epoch_start_s']:.2f} s with CPU decoding; an epoch is "
+        f"{len(files) // batch} batches. Writing the JPEGs took {generate_s:.1f} s; the whole run "
+        f"{report['wall_s']:.0f} s.",
         "",
     ]
     with open(os.path.join(args.out, "gpu_decode.md"), "w") as f:

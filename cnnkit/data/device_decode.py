@@ -94,9 +94,6 @@ def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[tuple[torch.Tensor, 
     return (flat, [tuple(p.shape) for p in payloads]), torch.tensor([label for _, label in items])
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -105,21 +102,7 @@ def _decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device)
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work, and nvjpeg through
         # torchvision is what a PyTorch install has.
         warnings.simplefilter("ignore", DeprecationWarning)
-        if device.type != "cuda":
-            return decode_jpeg(data, mode=mode, device=device)
-        # decode_jpeg takes its output memory from the caching allocator on the current stream, then nvjpeg writes
-        # it from a stream of its own without waiting for that one: on the training stream it could be handed a
-        # block that queued kernels are still reading (torchvision PR 9606). So the outputs come from a stream
-        # that runs nothing else, and are marked as used by the training stream, so that they return to that
-        # stream's pool only once the training stream is done with them.
-        side = _side_streams.setdefault(device, torch.cuda.Stream(device))
-        with torch.cuda.stream(side):
-            images = decode_jpeg(data, mode=mode, device=device)
-        current = torch.cuda.current_stream(device)
-        current.wait_stream(side)
-        for image in images:
-            image.record_stream(current)
-        return images
+        return decode_jpeg(data, mode=mode, device=device)
 
 
 def _decode_one(data: torch.Tensor, path: str, channels: int, device: torch.device) -> torch.Tensor | None:
@@ -228,12 +211,40 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
     return out
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: torch.Tensor, files: list[str],
                  channels: int, size: int, device: torch.device,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``collate``d batch -> (uint8 n x C x size x size on ``device``, labels). With ``generator``, random
     resized crops drawn from it (training); without, the centre crop (evaluation). An image that did not decode
-    is zeros with label -1, for the caller to drop."""
+    is zeros with label -1, for the caller to drop.
+
+    On CUDA the work runs on a stream of its own, beside the training step's kernels, and the current stream
+    waits for the result."""
+    if device.type != "cuda":
+        return _decode_batch(encoded, labels, files, channels, size, device, generator)
+    # decode_jpeg takes its outputs from the caching allocator on the current stream, and nvjpeg writes them at
+    # once, without waiting for the kernels queued on that stream: on the training stream it can be handed a block
+    # that queued kernels are still reading, and overwrite it (torchvision PR 9606; measured here on an H200). So
+    # decoding has a stream to itself, with nothing queued on it when nvjpeg starts; the one tensor that leaves it
+    # is marked as used by the current stream, so that its block returns to the pool only once that is done.
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    side = _side_streams[device]
+    side.synchronize()  # waits for the previous batch's crops on the side stream, not for the training step
+    with torch.cuda.stream(side):
+        out, labels = _decode_batch(encoded, labels, files, channels, size, device, generator)
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(side)
+    out.record_stream(current)
+    return out, labels
+
+
+def _decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: torch.Tensor, files: list[str],
+                  channels: int, size: int, device: torch.device,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     images = decode(encoded, labels, files, channels, device)
     good = [k for k, image in enumerate(images) if image is not None]
     kept = [images[k] for k in good]

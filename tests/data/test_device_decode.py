@@ -206,9 +206,9 @@ def test_on_cuda_the_device_path_never_waits_for_the_gpu(tmp_path):
     assert [len(x) for x, _ in out] == [4] * 4
 
 
-def freed_while_read(decode, data, n=16, rounds=5):
+def freed_while_read(decode, n=16, rounds=5):
     """How many of ``n`` tensors, freed while kernels queued behind a long one still read them, were overwritten by
-    ``decode`` (which allocates outputs of their size) before those kernels ran."""
+    ``decode`` (which decodes ``n`` JPEGs of 500 x 375, the tensors' size) before those kernels ran."""
     device = torch.device("cuda")
     nbytes = 3 * 375 * 500
     wrong = 0
@@ -220,7 +220,7 @@ def freed_while_read(decode, data, n=16, rounds=5):
             a = a @ a / 64
         sums = [t.sum(dtype=torch.int64) for t in tensors]  # queued behind the products
         del tensors
-        decode([data] * n)
+        decode()
         torch.cuda.synchronize()
         wrong += sum(int(s) != 7 * nbytes for s in sums)
     return wrong
@@ -231,7 +231,8 @@ def freed_while_read(decode, data, n=16, rounds=5):
 def test_cuda_decoding_never_writes_memory_that_queued_kernels_still_read(tmp_path):
     # torchvision's decode_jpeg takes its outputs from the current stream's pool and nvjpeg writes them at once,
     # ahead of the kernels queued on that stream (torchvision PR 9606): device_decode decodes on a stream of its own.
-    path = tmp_path / "a.jpg"
-    photo(500, 375, 0).save(path, quality=90)
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    assert freed_while_read(lambda d: device_decode._decode_jpegs(d, 3, torch.device("cuda")), data) == 0
+    jpeg_folder(str(tmp_path), sizes=((500, 375),), per_class=8, classes=2)
+    data = streamed(str(tmp_path), size=224)
+    encoded, labels = device_decode.collate([device_decode.FileBytes(data.files, data.labels, 3)[i] for i in range(16)])
+    decode = lambda: device_decode.decode_batch(encoded, labels, data.files, 3, 224, torch.device("cuda"))  # noqa: E731
+    assert freed_while_read(decode) == 0
