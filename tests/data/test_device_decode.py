@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cnnkit
 from cnnkit.data import device_decode
 from cnnkit.data.images import load_image
 from cnnkit.data.loader import Augment, BatchLoader
@@ -147,15 +149,23 @@ def test_a_jpeg_broken_after_the_check_is_dropped_like_on_the_cpu_path(tmp_path,
 
 
 def test_cpu_decoding_is_the_default_off_cuda_and_unknown_choices_are_refused(tmp_path):
-    jpeg_folder(str(tmp_path))
-    data = streamed(str(tmp_path))
+    jpeg_folder(str(tmp_path / "data"))
+    data = streamed(str(tmp_path / "data"))
     assert not loader(data, decode="auto").decode_on_device
     with pytest.raises(UserError, match="--decode"):
         loader(data, decode="gpu")
-    from cnnkit.train.loop import _make_config
-
     with pytest.raises(UserError, match="--decode"):
-        _make_config(None, {"decode": "gpu"})
+        cnnkit.train(data=str(tmp_path / "data"), decode="gpu", progress=False, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_on_a_streamed_folder_decodes_on_the_device_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")  # too large for memory: streamed from the files
+    jpeg_folder(str(tmp_path / "data"), per_class=6)
+    r = cnnkit.train(data=str(tmp_path / "data"), decode="device", input_size=24, epochs=1, batch_size=4,
+                     val_split=0.25, progress=False, check_data=False, out=str(tmp_path / "run"))
+    assert r.num_train == 8 and r.num_val == 4 and 0 <= r.val_acc <= 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["decode"] == "device"
 
 
 def test_the_cuda_decode_is_the_cpu_decode_up_to_the_decoders(tmp_path):
