@@ -67,6 +67,19 @@ class _FileDataset(torch.utils.data.Dataset):
             return torch.zeros(self.data.channels, self.data.size, self.data.size, dtype=torch.uint8), torch.tensor(-1)
 
 
+class _Order(torch.utils.data.Sampler):
+    """A sampler whose indices the loader replaces each epoch, so that a DataLoader can keep its workers."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class BatchLoader:
     """Iterates over (images, labels) batches of ``data``: float, normalised, channels_last, on ``device``.
 
@@ -109,6 +122,8 @@ class BatchLoader:
         self.channels_last, self.workers, self.balanced = channels_last, workers, balanced
         self.epoch = 0
         self.skipped = 0  # images dropped at run time by the streaming path
+        self._byte_batches: torch.utils.data.DataLoader | None = None  # the device-decoding path's, made once
+        self._decoding = 0  # device-decoding epochs under way (one normally; a second gets its own DataLoader)
         # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
         self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.scale = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
@@ -182,13 +197,14 @@ class BatchLoader:
             whole = order[: len(order) // self.batch_size * self.batch_size]  # whole global batches only
             order = whole.view(-1, self.world, batch)[:, self.rank].flatten()
         on_device = self.decode_on_device
-        dataset = device_decode.FileBytes(self.data.files, self.data.labels, self.data.channels) if on_device \
-            else _FileDataset(self.data)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last, num_workers=self.workers,
-            persistent_workers=False, pin_memory=self.device.type == "cuda" and not on_device,
-            collate_fn=device_decode.collate if on_device else None,
-        )
+        if on_device:
+            loader = self._bytes_loader(batch, keep=not self._decoding)  # an epoch begun amid another: its own
+            loader.sampler.indices = order.tolist()
+        else:
+            loader = torch.utils.data.DataLoader(
+                _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
+                num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
+            )
         loaded = (
             (i, images, labels, order[(i - start) * batch : (i - start + 1) * batch][: len(labels)], self._generator(i))
             for i, (images, labels) in itertools.islice(enumerate(loader, start), max(0, len(self) - start))
@@ -202,6 +218,21 @@ class BatchLoader:
                                             translate=not on_device)
             yield images, labels.to(self.device, non_blocking=True)
 
+    def _bytes_loader(self, batch: int, keep: bool) -> torch.utils.data.DataLoader:
+        """A DataLoader whose workers read the files' bytes for device decoding. With ``keep``, the one made once,
+        whose workers stay from epoch to epoch (only its sampler's order changes): with the decoding off the CPU,
+        starting a new set of worker processes each epoch would cost a good part of an epoch of a small set."""
+        if keep and self._byte_batches is not None:
+            return self._byte_batches
+        loader = torch.utils.data.DataLoader(
+            device_decode.FileBytes(self.data.files, self.data.labels, self.data.channels), batch_size=batch,
+            sampler=_Order(), drop_last=self.drop_last, num_workers=self.workers,
+            persistent_workers=keep and self.workers > 0, collate_fn=device_decode.collate,
+        )
+        if keep:
+            self._byte_batches = loader
+        return loader
+
     def _decoded_ahead(self, loaded: Iterator[tuple]) -> Iterator[tuple]:
         """The workers' bytes of each batch decoded, cropped and resized on the device (crops drawn from the
         batch's generator first), one batch ahead in a thread: the decode call holds its thread until the device
@@ -213,15 +244,19 @@ class BatchLoader:
                     self.device, g if self.augment is not None else None)
             return i, images, labels, index, g
 
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            ahead = None
-            for item in loaded:
-                submitted = pool.submit(decode, *item)
+        self._decoding += 1
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ahead = None
+                for item in loaded:
+                    submitted = pool.submit(decode, *item)
+                    if ahead is not None:
+                        yield ahead.result()
+                    ahead = submitted
                 if ahead is not None:
                     yield ahead.result()
-                ahead = submitted
-            if ahead is not None:
-                yield ahead.result()
+        finally:
+            self._decoding -= 1
 
     def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor,
                           translate: bool = True) -> torch.Tensor:

@@ -246,3 +246,31 @@ def test_cuda_decoding_never_writes_memory_that_queued_kernels_still_read(tmp_pa
     encoded, labels = device_decode.collate([device_decode.FileBytes(data.files, data.labels, 3)[i] for i in range(16)])
     decode = lambda: device_decode.decode_batch(encoded, labels, data.files, 3, 224, torch.device("cuda"))  # noqa: E731
     assert freed_while_read(decode) == 0
+
+
+def test_the_byte_reading_workers_stay_across_epochs_and_give_the_same_batches(tmp_path):
+    jpeg_folder(str(tmp_path), per_class=6)
+    data = streamed(str(tmp_path))
+    kept = loader(data, workers=1)
+    fresh = [loader(data, workers=0) for _ in range(3)]
+
+    def epoch(batches, e, stop=None):
+        batches.set_epoch(e)
+        out = []
+        for x, y in batches:
+            out.append((x, y))
+            if len(out) == stop:
+                break  # an epoch left early: the next one must not see its leftovers
+        return out
+
+    runs = [epoch(kept, 0, stop=1), epoch(kept, 1), epoch(kept, 2)]
+    expected = [epoch(fresh[0], 0, stop=1), epoch(fresh[1], 1), epoch(fresh[2], 2)]
+    for got, want in zip(runs, expected):
+        assert len(got) == len(want) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                             for a, b in zip(got, want))
+    workers = kept._byte_batches._iterator._workers
+    assert kept._byte_batches is not None and all(w.is_alive() for w in workers)
+    # an epoch begun while another is under way reads through a DataLoader of its own
+    first, second = iter(kept), iter(kept)
+    a, b = next(first), next(second)
+    assert torch.equal(a[0], b[0]) and len(list(first)) == len(list(second)) == 2
