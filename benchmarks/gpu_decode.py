@@ -16,8 +16,9 @@ autocast, channels_last, batch 256, one SGD step per batch, fed three ways:
 
 Each is timed over ``--batches`` batches after ``--warmup`` untimed ones (cuDNN's autotuning, the workers'
 start), between two device synchronisations. A DataLoader worker makes a whole batch, so batches arrive in rounds
-of one per worker: the timed span covers many rounds (and epochs, each starting its workers afresh as cnnkit's
-training does), or a half-finished round would count for or against a path. The loaders are also timed alone (no model), to show which side
+of one per worker: the timed span covers many rounds (and epochs, as in cnnkit's training: the CPU path starts
+its workers afresh each epoch, the device path keeps them), or a half-finished round would count for or against
+a path. The loaders are also timed alone (no model), to show which side
 bounds (b) and (c). Writes gpu_decode.json and gpu_decode.md into ``--out`` (default benchmarks/results).
 """
 
@@ -140,7 +141,7 @@ def decoder_images_per_s(files: list[str], device: torch.device, repeats: int = 
 
 
 def first_batch_s(loader: BatchLoader, device: torch.device) -> float:
-    """Seconds from the start of an epoch to its first batch: the workers' start and their first batch."""
+    """Seconds from a new loader's first epoch to its first batch: the workers' start and their first batch."""
     start = time.perf_counter()
     batches = iter(loader)
     next(batches)
@@ -220,7 +221,7 @@ def main() -> None:
             diagnostics[name + "_epoch_start_s"] = first_batch_s(loader(decode), device)
             print(f"({'b' if decode == 'device' else 'c'}) {decode} decode: {results[name]:,.0f} images/s "
                   f"({results[name] / results['synthetic']:.0%} of synthetic); the loader alone "
-                  f"{results[name + '_loader_only']:,.0f} images/s; an epoch's first batch after "
+                  f"{results[name + '_loader_only']:,.0f} images/s; a new loader's first batch after "
                   f"{diagnostics[name + '_epoch_start_s']:.2f} s", flush=True)
     finally:
         if tmp is not None:
@@ -262,7 +263,7 @@ def main() -> None:
         f"{r['cpu_decode'] / r['synthetic']:.0%} | {r['cpu_decode_loader_only']:,.0f} |",
         "",
         f"Where the time goes: `decode_jpeg` alone decodes {diagnostics['decoder_alone']:,.0f} images/s on "
-        f"{device.type} (one batch of {batch} over and over); an epoch's first batch (starting the "
+        f"{device.type} (one batch of {batch} over and over); a new loader's first batch (starting its "
         f"{args.workers} workers) comes after {diagnostics['device_decode_epoch_start_s']:.2f} s with device "
         f"decoding and {diagnostics['cpu_decode_epoch_start_s']:.2f} s with CPU decoding; an epoch is "
         f"{len(files) // batch} batches. Writing the JPEGs took {generate_s:.1f} s; the whole run "
