@@ -10,7 +10,7 @@ Geometry, on the device:
 
 - training: torchvision's ``RandomResizedCrop`` (scale (0.08, 1), aspect ratio (3/4, 4/3), the same ten attempts
   and the same centre-crop fallback), drawn from the batch's seeded generator, so a resumed epoch sees the same
-  crops. It replaces the in-memory path's padded random translation.
+  crops. It replaces the padded random translation of the other paths (cutout and the policies still follow).
 - evaluation: the shorter side to ``size``, then the centre square: ``load_image``'s geometry.
 
 Both crops are resized by one ``roi_align`` per group of equally sized images: bilinear samples, averaged over

@@ -135,8 +135,8 @@ class BatchLoader:
         self.flip_bits = flip_bits(len(data), seed)
         if decode not in DECODE_CHOICES:
             raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{decode}'")
-        self.decode_on_device = data.images is None and (decode == "device" or decode == "auto"
-                                                         and device.type == "cuda" and device_decode.all_jpeg(data.files))
+        auto = decode == "auto" and device.type == "cuda" and data.images is None and device_decode.all_jpeg(data.files)
+        self.decode_on_device = data.images is None and (decode == "device" or auto)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
