@@ -236,6 +236,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="clip the gradient norm (the norm before clipping goes to metrics.csv)")
     t.add_argument("--nan", choices=("stop", "skip"), default=d.nan,
                    help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
+    t.add_argument("--decode", choices=("auto", "cpu", "device"), default=d.decode,
+                   help="sets too large for memory: decode in CPU workers, or each batch of JPEGs on the device with "
+                        "random resized crops for training (auto: device on CUDA when every file is a JPEG)")
     t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
                    help="broken images in a folder: leave them out and list them, or stop at the first")
     cb = t.add_argument_group("class balance and data checks")

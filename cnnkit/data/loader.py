@@ -2,23 +2,30 @@
 
 In-memory sets are shuffled by an index permutation drawn from ``seed`` and the epoch number, so every
 epoch's order is reproducible (and resumable) without storing it. Sets too large for memory are decoded
-per batch by DataLoader workers and then take the same device-side steps.
+per batch by DataLoader workers and then take the same device-side steps; on a GPU, a streamed folder of JPEGs is
+decoded there instead (``cnnkit/data/device_decode.py``): the workers only read the files.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from cnnkit import compiled
+from cnnkit.data import device_decode
 from cnnkit.data.augment import (
     alternating_flips, coin_flips, crop, crop_flip_normalize, crop_offsets, cutout, flip_bits, mirror, policy_augment,
 )
 from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
-from cnnkit.errors import DataError
+from cnnkit.errors import DataError, UserError
+
+DECODE_CHOICES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -60,11 +67,28 @@ class _FileDataset(torch.utils.data.Dataset):
             return torch.zeros(self.data.channels, self.data.size, self.data.size, dtype=torch.uint8), torch.tensor(-1)
 
 
+class _Order(torch.utils.data.Sampler):
+    """A sampler whose indices the loader replaces each epoch, so that a DataLoader can keep its workers."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class BatchLoader:
     """Iterates over (images, labels) batches of ``data``: float, normalised, channels_last, on ``device``.
 
     ``fused`` (set by the training loop for runs long enough to repay compiling): on a CPU, a batch's random
     crop, flip and normalisation run as one compiled loop (``crop_flip_normalize``), the same values bit for bit.
+
+    ``decode`` (sets streamed from files only): "cpu" decodes each image in the workers; "device" has the workers
+    read the bytes and decodes each batch of JPEGs on ``device``, where training takes random resized crops
+    (``device_decode``) instead of padded translations; "auto" is "device" on CUDA when every file is a JPEG.
     """
 
     fused: bool = False
@@ -85,13 +109,12 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         balanced: bool = False,
+        decode: str = "auto",
     ) -> None:
         """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
         every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
         seen exactly once, with no padding). ``balanced`` (with ``shuffle``) draws every class equally often."""
         if shuffle and batch_size % world:
-            from cnnkit.errors import UserError
-
             raise UserError(f"--batch-size {batch_size} does not split evenly over {world} processes")
         self.rank, self.world = rank, world
         self.data, self.batch_size, self.device = data, batch_size, device
@@ -99,6 +122,8 @@ class BatchLoader:
         self.channels_last, self.workers, self.balanced = channels_last, workers, balanced
         self.epoch = 0
         self.skipped = 0  # images dropped at run time by the streaming path
+        self._byte_batches: torch.utils.data.DataLoader | None = None  # the device-decoding path's, made once
+        self._decoding = 0  # device-decoding epochs under way (one normally; a second gets its own DataLoader)
         # Normalisation fused into the uint8 -> float conversion: (x - 255*mean) / (255*std).
         self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.scale = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
@@ -110,6 +135,10 @@ class BatchLoader:
         # Beside the images: indexing it with a batch's device indices then needs no copy back to the host,
         # which on a GPU would make every step wait for the one before.
         self.flip_bits = flip_bits(len(data), seed).to(self.labels.device)
+        if decode not in DECODE_CHOICES:
+            raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{decode}'")
+        auto = decode == "auto" and device.type == "cuda" and data.images is None and device_decode.all_jpeg(data.files)
+        self.decode_on_device = data.images is None and (decode == "device" or auto)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -172,28 +201,77 @@ class BatchLoader:
             batch = self.batch_size // self.world
             whole = order[: len(order) // self.batch_size * self.batch_size]  # whole global batches only
             order = whole.view(-1, self.world, batch)[:, self.rank].flatten()
-        loader = torch.utils.data.DataLoader(
-            _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
-            num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
+        on_device = self.decode_on_device
+        if on_device:
+            loader = self._bytes_loader(batch, keep=not self._decoding)  # an epoch begun amid another: its own
+            loader.sampler.indices = order.tolist()
+        else:
+            loader = torch.utils.data.DataLoader(
+                _FileDataset(self.data), batch_size=batch, sampler=order.tolist(), drop_last=self.drop_last,
+                num_workers=self.workers, persistent_workers=False, pin_memory=self.device.type == "cuda",
+            )
+        loaded = (
+            (i, images, labels, order[(i - start) * batch : (i - start + 1) * batch][: len(labels)], self._generator(i))
+            for i, (images, labels) in itertools.islice(enumerate(loader, start), max(0, len(self) - start))
         )
-        for i, (images, labels) in enumerate(loader, start):
-            index = order[(i - start) * batch : (i - start + 1) * batch][: len(labels)]
-            if i >= len(self):
-                break
-            good = labels >= 0  # an image that failed to decode in a worker comes back labelled -1: drop it
+        for i, images, labels, index, g in self._decoded_ahead(loaded) if on_device else loaded:
+            good = labels >= 0  # an image that failed to decode comes back labelled -1: drop it
             if not good.all():
                 self.skipped += int((~good).sum())
-                images, labels = images[good], labels[good]
-            images = self._augment_to_float(images.to(self.device, non_blocking=True), self._generator(i), index[good])
-            yield images, labels.to(self.device)
+                images, labels = images[good.to(images.device)], labels[good]
+            images = self._augment_to_float(images.to(self.device, non_blocking=True), g, index[good],
+                                            translate=not on_device)
+            yield images, labels.to(self.device, non_blocking=True)
 
-    def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor) -> torch.Tensor:
+    def _bytes_loader(self, batch: int, keep: bool) -> torch.utils.data.DataLoader:
+        """A DataLoader whose workers read the files' bytes for device decoding. With ``keep``, the one made once,
+        whose workers stay from epoch to epoch (only its sampler's order changes): with the decoding off the CPU,
+        starting a new set of worker processes each epoch would cost a good part of an epoch of a small set."""
+        if keep and self._byte_batches is not None:
+            return self._byte_batches
+        loader = torch.utils.data.DataLoader(
+            device_decode.FileBytes(self.data.files, self.data.labels, self.data.channels), batch_size=batch,
+            sampler=_Order(), drop_last=self.drop_last, num_workers=self.workers,
+            persistent_workers=keep and self.workers > 0, collate_fn=device_decode.collate,
+        )
+        if keep:
+            self._byte_batches = loader
+        return loader
+
+    def _decoded_ahead(self, loaded: Iterator[tuple]) -> Iterator[tuple]:
+        """The workers' bytes of each batch decoded, cropped and resized on the device (crops drawn from the
+        batch's generator first), one batch ahead in a thread: the decode call holds its thread until the device
+        has decoded the batch, time in which this one queues the training step of the batch before."""
+        def decode(i: int, encoded: tuple, labels: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> tuple:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                images, labels = device_decode.decode_batch(
+                    encoded, labels, [self.data.files[k] for k in index.tolist()], self.data.channels, self.data.size,
+                    self.device, g if self.augment is not None else None)
+            return i, images, labels, index, g
+
+        self._decoding += 1
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ahead = None
+                for item in loaded:
+                    submitted = pool.submit(decode, *item)
+                    if ahead is not None:
+                        yield ahead.result()
+                    ahead = submitted
+                if ahead is not None:
+                    yield ahead.result()
+        finally:
+            self._decoding -= 1
+
+    def _augment_to_float(self, images: torch.Tensor, g: torch.Generator, index: torch.Tensor,
+                          translate: bool = True) -> torch.Tensor:
         """uint8 batch -> augmented, normalised float batch. The draws come from ``g`` in one order (crop, flip,
-        cutout, policy), whether the steps then run one by one or, where ``fused``, as one compiled loop."""
+        cutout, policy), whether the steps then run one by one or, where ``fused``, as one compiled loop.
+        ``translate`` False: no padded random crop (the batch already had its random resized crop)."""
         a = self.augment
         if a is None:
             return self._to_float(images)
-        offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 else None
+        offsets = crop_offsets(len(images), a.crop_pad, g) if a.crop_pad > 0 and translate else None
         flips = None
         if a.flip:
             flips = alternating_flips(self.flip_bits[index.to(self.flip_bits.device)], self.epoch) if a.alternate_flip \

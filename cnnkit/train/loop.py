@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from cnnkit import compiled
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.augment import AUGMENT_POLICIES
-from cnnkit.data.loader import Augment, BatchLoader, channel_stats
+from cnnkit.data.loader import DECODE_CHOICES, Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
@@ -191,14 +191,14 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
                                seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
                                channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
-                               balanced=cfg.balanced_sampler)
+                               balanced=cfg.balanced_sampler, decode=cfg.decode)
     val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
-                             workers=cfg.workers, rank=ctx.rank, world=ctx.world)
+                             workers=cfg.workers, rank=ctx.rank, world=ctx.world, decode=cfg.decode)
     if hasattr(model, "init_from_data") and not saved and not start_payload:
         # Layers computed from the data (the fast net's whitening filters) see the first training batches,
         # normalised as training will normalise them.
         sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
-                             channels_last=cfg.channels_last, workers=cfg.workers)
+                             channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
         model.init_from_data(next(iter(sample))[0])
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
 
@@ -783,6 +783,8 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     if cfg.class_weights not in (None, "auto"):
         raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
                         f"not '{cfg.class_weights}'")
+    if cfg.decode not in DECODE_CHOICES:
+        raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{cfg.decode}'")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     if cfg.tensorboard:

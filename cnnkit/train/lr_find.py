@@ -137,10 +137,10 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
                       random_erasing=cfg.random_erasing)
     loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment, seed=cfg.seed,
                          drop_last=len(train_set) >= cfg.batch_size, channels_last=cfg.channels_last,
-                         workers=cfg.workers, balanced=cfg.balanced_sampler)
+                         workers=cfg.workers, balanced=cfg.balanced_sampler, decode=cfg.decode)
     if hasattr(model, "init_from_data") and payload is None:  # the fast net's whitening filters, as train does it
         sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
-                             channels_last=cfg.channels_last, workers=cfg.workers)
+                             channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
         model.init_from_data(next(iter(sample))[0])
     optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                batch_size=cfg.batch_size)
