@@ -57,6 +57,7 @@ class TrainConfig:
     channels_last: bool = True
     eval_batch_size: int = 500
     workers: int = 2  # loader processes, only for sets too large for memory
+    threads: int | None = None  # CPU threads torch computes with; None: the usable physical cores (cnnkit/threads.py)
     out: str | None = None  # run folder; None: runs/<timestamp>-<model>
     save_every: int = 0  # also write last.pt every N steps (0: at the end of each epoch only)
     nan: str = "stop"  # a non-finite loss: stop (keeping the last good checkpoint) or skip the batch
