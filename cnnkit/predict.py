@@ -42,7 +42,11 @@ def predict(
     if isinstance(checkpoint, OnnxModel) and not (tta or tta_shift):
         return _classify(checkpoint, lambda x: _softmax(checkpoint.run(x)), paths, topk, batch_size)
 
-    import torch
+    try:
+        import torch
+    except ImportError:  # an install for serving ONNX files only
+        raise UserError("test-time augmentation (--tta, --tta-shift) and checkpoints need torch, which is not "
+                        "installed: pip install cnnkit (or predict an .onnx file without --tta)") from None
 
     from cnnkit.modes import eval_mode
     from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
