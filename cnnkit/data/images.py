@@ -126,7 +126,7 @@ def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return arr.transpose(2, 0, 1).copy()  # a writable, contiguous copy: Pillow's buffer is read-only
 
 
 def load_image(path: str, channels: int, size: int | None) -> torch.Tensor:
