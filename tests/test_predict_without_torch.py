@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import pytest
 
@@ -64,10 +65,14 @@ def test_predict_in_a_fresh_venv_without_torch(tmp_path, exported):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(REPO, name), src / name)
     venv = tmp_path / "venv"
-    # Without pip in the venv (ensurepip alone takes many seconds): this pip installs into it with --python.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check"]
+    if tuple(int(p) for p in metadata.version("pip").split(".")[:2]) >= (22, 3):
+        # Without pip in the venv (ensurepip alone takes many seconds): this pip installs into it with --python.
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+        pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check"]
+    else:
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     for args in (["--no-deps", str(src)], ["onnxruntime", "numpy", "pillow"]):
         proc = subprocess.run([*pip, *args], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:

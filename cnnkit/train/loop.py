@@ -282,7 +282,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, "threads": threads})
+        _write_json(run_dir, "config.json",
+                    {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, "threads": threads})
         if lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(run_dir, "lr_find.json", lr_find_record(lr_search, run_dir))
         if loss_weights is not None:
