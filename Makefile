@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install chromium clean
 
-$(BIN)/cnnkit: pyproject.toml
+# constraints.txt pins the versions the tests ran with (pyproject.toml gives ranges), so nothing here installs
+# a different torch.
+$(BIN)/cnnkit: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(BIN)/cnnkit
 
 install: $(BIN)/cnnkit

@@ -1,30 +1,33 @@
-"""cnnkit: convolutional neural networks for image classification, from images to a trained, understood model."""
+"""cnnkit: convolutional neural networks for image classification, from images to a trained, understood model.
+
+The public API below is imported on first use, not by ``import cnnkit``: loading PyTorch takes seconds, and
+``cnnkit --help``, ``--version`` and ``cnnkit predict model.onnx`` (onnxruntime only) need none of it.
+"""
 
 __version__ = "0.1.0"
 
-from cnnkit.audit import Audit, audit  # noqa: E402
-from cnnkit.data.checks import DataCheck, check_data  # noqa: E402
-from cnnkit.errors import UserError  # noqa: E402
-from cnnkit.evaluate import EvalResult, evaluate  # noqa: E402
-from cnnkit.export import ExportResult, OnnxModel, export  # noqa: E402
-from cnnkit.inspect import (  # noqa: E402
-    capture, class_activation_map, conv_arithmetic, conv_output_size, effective_receptive_field, feature_maps,
-    filters, receptive_field, summary, verify_receptive_field,
-)
-from cnnkit.models import create_model, list_models, register_model  # noqa: E402
-from cnnkit.predict import predict  # noqa: E402
-from cnnkit.report.html import ReportResult, write_report  # noqa: E402
-from cnnkit.report.plots import write_plots  # noqa: E402
-from cnnkit.runs import RunInfo, list_runs  # noqa: E402
-from cnnkit.train.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from cnnkit.train.config import TrainConfig, TrainResult  # noqa: E402
-from cnnkit.train.loop import train  # noqa: E402
-from cnnkit.train.lr_find import LrFindResult, lr_find  # noqa: E402
+from cnnkit.lazy import export_lazily  # noqa: E402
 
-__all__ = [
-    "Audit", "Checkpoint", "DataCheck", "EvalResult", "ExportResult", "LrFindResult", "OnnxModel", "ReportResult",
-    "RunInfo", "TrainConfig", "TrainResult", "UserError", "capture", "audit", "check_data", "class_activation_map",
-    "conv_arithmetic", "conv_output_size", "create_model", "effective_receptive_field", "evaluate", "export",
-    "feature_maps", "filters", "list_models", "list_runs", "load_checkpoint", "lr_find", "predict", "receptive_field",
-    "register_model", "summary", "train", "verify_receptive_field", "write_plots", "write_report",
-]
+# Each public name and the module that defines it.
+_API = {
+    "Audit": "cnnkit.audit", "audit": "cnnkit.audit",
+    "DataCheck": "cnnkit.data.checks", "check_data": "cnnkit.data.checks",
+    "UserError": "cnnkit.errors",
+    "EvalResult": "cnnkit.evaluate", "evaluate": "cnnkit.evaluate",
+    "ExportResult": "cnnkit.export", "export": "cnnkit.export",
+    "OnnxModel": "cnnkit.runtime",
+    "capture": "cnnkit.inspect", "class_activation_map": "cnnkit.inspect", "conv_arithmetic": "cnnkit.inspect",
+    "conv_output_size": "cnnkit.inspect", "effective_receptive_field": "cnnkit.inspect",
+    "feature_maps": "cnnkit.inspect", "filters": "cnnkit.inspect", "receptive_field": "cnnkit.inspect",
+    "summary": "cnnkit.inspect", "verify_receptive_field": "cnnkit.inspect",
+    "create_model": "cnnkit.models", "list_models": "cnnkit.models", "register_model": "cnnkit.models",
+    "predict": "cnnkit.predict",
+    "ReportResult": "cnnkit.report.html", "write_report": "cnnkit.report.html",
+    "write_plots": "cnnkit.report.plots",
+    "RunInfo": "cnnkit.runs", "list_runs": "cnnkit.runs",
+    "Checkpoint": "cnnkit.train.checkpoint", "load_checkpoint": "cnnkit.train.checkpoint",
+    "TrainConfig": "cnnkit.train.config", "TrainResult": "cnnkit.train.config",
+    "train": "cnnkit.train.loop",
+    "LrFindResult": "cnnkit.train.lr_find", "lr_find": "cnnkit.train.lr_find",
+}
+export_lazily(__name__, _API)

@@ -145,6 +145,30 @@ def _model_options(pairs: list[str]) -> dict:
     return options
 
 
+class _Version(argparse.Action):
+    """``--version``: cnnkit's, and torch's and torchvision's from their package metadata (importing torch to ask
+    would take seconds; a predict-only install has none)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        import platform
+        from importlib import metadata
+
+        from cnnkit import __version__
+
+        def installed(package: str) -> str:
+            try:
+                return metadata.version(package)
+            except metadata.PackageNotFoundError:
+                return "not installed"
+
+        print(f"cnnkit {__version__} (torch {installed('torch')}, torchvision {installed('torchvision')}, "
+              f"Python {platform.python_version()})")
+        parser.exit()
+
+
 HEAD_FROM_HELP = ("a ResNet's stages whose pooled outputs are the features, side by side, e.g. layer2,layer3,layer4 "
                   "(default: the last stage's, the input of the classifier); as --model-opt head_from= in train")
 
@@ -152,25 +176,17 @@ HEAD_FROM_HELP = ("a ResNet's stages whose pooled outputs are the features, side
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The parser of every command; ``train_defaults`` (from ``train --config FILE``) replace the defaults of
     ``train``'s options, so that flags given on the command line still win."""
-    from cnnkit import __version__
-    from cnnkit.data.checks import DEFAULT_THRESHOLD
-    from cnnkit.data.sources import BUILTIN
-    from cnnkit.export import FORMATS
+    # Only modules free of torch here: the parser answers --help and --version without loading it (seconds).
+    from cnnkit.choices import (
+        AUGMENT_POLICIES, BUILTIN, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS, SCHEDULES,
+    )
     from cnnkit.train.config import TrainConfig
-    from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
-    from cnnkit.train.precision import PRECISIONS
     from cnnkit.train.recipes import RECIPES
-    from cnnkit.data.augment import AUGMENT_POLICIES
-
-    import platform
-
-    import torch
-    import torchvision
 
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.",
                      epilog=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"cnnkit {__version__} (torch {torch.__version__}, "
-                        f"torchvision {torchvision.__version__}, Python {platform.python_version()})")
+    parser.add_argument("--version", action=_Version, help="show the versions of cnnkit, torch, torchvision and "
+                        "Python, and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -184,6 +200,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
         p.add_argument("--val-split", type=_fraction, metavar="F",
                        help="hold out this fraction of each class for validation (default for folders: 0.1)")
+
+    def threads_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        p.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPU threads to compute with (default: the physical cores this process may use, less one "
+                            "per image-loading process; OMP_NUM_THREADS where set)")
 
     def tta_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ema", action="store_true", help="a run folder's weight EMA (best_ema.pt) instead of best.pt")
@@ -236,7 +257,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="clip the gradient norm (the norm before clipping goes to metrics.csv)")
     t.add_argument("--nan", choices=("stop", "skip"), default=d.nan,
                    help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
-    t.add_argument("--decode", choices=("auto", "cpu", "device"), default=d.decode,
+    t.add_argument("--decode", choices=DECODE_CHOICES, default=d.decode,
                    help="sets too large for memory: decode in CPU workers, or each batch of JPEGs on the device with "
                         "random resized crops for training (auto: device on CUDA when every file is a JPEG)")
     t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
@@ -261,6 +282,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--recipe", choices=tuple(RECIPES),
                     help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
                          "32x32 images such as CIFAR-10 (options you pass explicitly win)")
+    threads_option(sp)
     sp.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
                     "measure before relying on it: see benchmarks/train_speed.py)")
     sp.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default=d.augment_policy,
@@ -332,6 +354,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     data_options(e, None)
     e.add_argument("--batch-size", type=_positive_int)
     e.add_argument("--device", default="auto")
+    threads_option(e)
     tta_options(e)
     e.add_argument("--json", action="store_true")
 
@@ -339,6 +362,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder, a .pt, .safetensors or .onnx file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5)
+    threads_option(p)
     tta_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (an .onnx file runs on the CPU)")
     p.add_argument("--json", action="store_true")
@@ -604,7 +628,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate(load_checkpoint(args.checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
-                 tta_shift=args.tta_shift)
+                 tta_shift=args.tta_shift, threads=args.threads)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return 0
@@ -619,13 +643,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnkit.predict import predict
-    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.predict import predict  # for an .onnx file, without torch
 
-    model = args.checkpoint
-    if args.ema:
-        model = load_checkpoint(args.checkpoint, ema=args.ema)
-    results = predict(model, args.paths, topk=args.topk, tta=args.tta, tta_shift=args.tta_shift, device=args.device)
+    results = predict(args.checkpoint, args.paths, topk=args.topk, ema=args.ema, tta=args.tta,
+                      tta_shift=args.tta_shift, threads=args.threads, device=args.device)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
+from cnnkit.threads import set_torch_threads
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.loop import evaluate_model
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
+
+LOADER_WORKERS = 2  # processes decoding the images per batch, for sets too large for memory
 
 
 @dataclass
@@ -31,6 +34,7 @@ class EvalResult:
     macro_recall: float = 0.0  # unweighted means over the classes (every class counts the same)
     macro_f1: float = 0.0
     tta_views: int = 1  # views averaged per image (test-time augmentation; 1: none)
+    threads: int = 0  # CPU threads torch computed with
 
 
 def evaluate(
@@ -46,6 +50,7 @@ def evaluate(
     ema: bool = False,
     tta: bool = False,
     tta_shift: int = 0,
+    threads: int | None = None,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` (a run folder, a .pt file or a loaded Checkpoint).
 
@@ -53,7 +58,10 @@ def evaluate(
     training pick the part to measure (shapes' validation set, a torchvision test split, the
     ``val_split`` part of a folder), or the whole folder when no split is asked for.
     ``ema``: a run folder's weight EMA. ``tta``/``tta_shift``: test-time augmentation (see cnnkit/tta.py).
+    ``threads``: CPU threads torch computes with; None: the physical cores this process may use, less one per
+    loader process when the images are decoded per batch (cnnkit/threads.py).
     """
+    threads_used = set_torch_threads(threads)
     dev = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev, ema=ema)
     ckpt.model.to(dev)
@@ -66,9 +74,11 @@ def evaluate(
     if eval_set.classes != ckpt.classes:
         raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
                         f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
+    if eval_set.images is None:  # decoded per batch by loader processes: leave them their cores
+        threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
     loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
-                         channels_last=cfg.get("channels_last", True))
+                         channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS)
     model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg, tta, tta_shift)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
     cm = stats.confusion
@@ -77,7 +87,7 @@ def evaluate(
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=data or cfg["data"], precision=precision_name(amp_dtype), **macro,
-                      tta_views=getattr(model, "num_views", 1))
+                      tta_views=getattr(model, "num_views", 1), threads=threads_used)
 
 
 def training_validation_set(ckpt: Checkpoint) -> ImageSet:

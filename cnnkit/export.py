@@ -26,13 +26,14 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from cnnkit.choices import FORMATS
 from cnnkit.data.images import image_paths, load_batch
-from cnnkit.errors import CheckpointError, DataError, UserError
+from cnnkit.errors import DataError, UserError
 from cnnkit.modes import eval_mode
-from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, make_payload, payload_from_metadata, payload_metadata
+from cnnkit.metadata import payload_metadata
+from cnnkit.runtime import OnnxModel
+from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, make_payload
 
-# The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
-FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}
 TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, in fp32
 # Tracing happens at batch 2 (torch.export specialises a batch of 1); checking 1 and an odd 7 catches a batch
 # size frozen into the graph.
@@ -75,38 +76,6 @@ def _require(*packages: str, purpose: str) -> None:
         except ImportError:
             raise UserError(f"{purpose} needs the optional package {name}, which is not installed: "
                             f"{INSTALL_HINT}") from None
-
-
-class OnnxModel:
-    """An exported ``.onnx`` file run by onnxruntime on the CPU. Called like the PyTorch model (a normalised
-    float batch in, logits out); ``classes``, ``input_size``, ``channels``, ``mean``, ``std`` come from its metadata.
-    ``threads``: onnxruntime's intra-op threads (default: one per physical core)."""
-
-    def __init__(self, path: str, threads: int | None = None) -> None:
-        _require("onnxruntime", purpose="running an ONNX model")
-        import onnxruntime
-
-        if not os.path.isfile(path):
-            raise UserError(f"ONNX file {path} does not exist; "
-                            f"make one with `cnnkit export RUN --format onnx --out {path}`")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0
-        try:
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
-            raise CheckpointError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
-        payload = payload_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
-        self.path = path
-        self.model_name: str = payload["model"]["name"]
-        self.classes: list[str] = payload["classes"]
-        self.input_size: int = payload["input_size"]
-        self.channels: int = payload["channels"]
-        self.mean: list[float] = payload["mean"]
-        self.std: list[float] = payload["std"]
-        self._input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self._input: x.detach().cpu().float().numpy()})[0])
 
 
 def _write_onnx(model: nn.Module, metadata: dict[str, str], example: torch.Tensor, path: str) -> None:

@@ -1,24 +1,30 @@
-"""Prediction: class probabilities for image files and folders, from a checkpoint or an exported ONNX file."""
+"""Prediction: class probabilities for image files and folders, from a checkpoint or an exported ONNX file.
+
+An ONNX file needs no torch: its path runs on onnxruntime, numpy and Pillow only (cnnkit/runtime.py), so torch
+is imported only for a checkpoint or for test-time augmentation.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+import numpy as np
 
-from cnnkit.data.images import image_paths, load_batch
+from cnnkit.data.images import image_paths, load_batch_array
 from cnnkit.errors import UserError
-from cnnkit.export import OnnxModel
-from cnnkit.modes import eval_mode
-from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
-from cnnkit.train.precision import resolve_device
-from cnnkit.tta import with_tta
+from cnnkit.runtime import OnnxModel
+from cnnkit.threads import resolve_threads, set_torch_threads
+
+if TYPE_CHECKING:
+    import torch
+
+    from cnnkit.train.checkpoint import Checkpoint
 
 
-@torch.no_grad()
 def predict(
     checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
-    ema: bool = False, tta: bool = False, tta_shift: int = 0, device: str | torch.device = "cpu",
+    ema: bool = False, tta: bool = False, tta_shift: int = 0, threads: int | None = None,
+    device: "str | torch.device" = "cpu",
 ) -> list[dict]:
     """For each image: ``{"path", "top": [{"class", "prob"}, ...]}``, most probable first; an image that
     cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted.
@@ -26,39 +32,73 @@ def predict(
     ``checkpoint``: a run folder, a checkpoint (.pt or .safetensors), or an exported ``.onnx`` file, which
     onnxruntime runs on the CPU with the preprocessing its metadata records. ``ema``: a run folder's weight EMA.
     ``tta``/``tta_shift``: the probabilities averaged over flipped/shifted views (see cnnkit/tta.py).
+    ``threads``: CPU threads (torch's, or onnxruntime's for a file path); None: the physical cores this process
+    may use (cnnkit/threads.py). An ``OnnxModel`` passed in keeps the threads it was made with.
     ``device``: where a PyTorch model runs ("cpu", "cuda" or "auto"); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    threads = resolve_threads(threads)
     if isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx"):
-        checkpoint = OnnxModel(checkpoint)
-    if isinstance(checkpoint, OnnxModel):
+        if ema:
+            raise UserError(f"--ema picks the EMA weights of a run folder; {checkpoint} is an ONNX file with one set "
+                            "of weights (export best_ema.pt to ONNX for the EMA's)")
+        checkpoint = OnnxModel(checkpoint, threads=threads)
+    if isinstance(checkpoint, OnnxModel) and not (tta or tta_shift):
+        return _classify(checkpoint, lambda x: _softmax(checkpoint.run(x)), paths, topk, batch_size)
+
+    try:
+        import torch
+    except ImportError:  # an install for serving ONNX files only
+        raise UserError("test-time augmentation (--tta, --tta-shift) and checkpoints need torch, which is not "
+                        "installed: pip install cnnkit (or predict an .onnx file without --tta)") from None
+
+    from cnnkit.modes import eval_mode
+    from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
+    from cnnkit.train.precision import resolve_device
+    from cnnkit.tta import with_tta
+
+    set_torch_threads(threads)
+    if isinstance(checkpoint, OnnxModel):  # test-time augmentation: the views are made by torch
         forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {}, tta, tta_shift)
-        return _classify(checkpoint, forward, paths, topk, batch_size)
+        return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths, topk,
+                         batch_size)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
     model = ckpt.model.to(resolve_device(device) if isinstance(device, str) else device)
     device = next(model.parameters()).device
     forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
-    with eval_mode(model):
-        return _classify(ckpt, lambda x: forward(x.to(device)), paths, topk, batch_size)
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        return forward(torch.from_numpy(x).to(device)).float().softmax(1).cpu().numpy()
+
+    with torch.no_grad(), eval_mode(model):
+        return _classify(ckpt, probabilities, paths, topk, batch_size)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)  # no overflow in exp
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _classify(
-    prep: Checkpoint | OnnxModel, forward: Callable[[torch.Tensor], torch.Tensor], paths: list[str] | str,
+    prep: Checkpoint | OnnxModel, probabilities: Callable[[np.ndarray], np.ndarray], paths: list[str] | str,
     topk: int, batch_size: int,
 ) -> list[dict]:
-    """The one preprocessing and top-k path for every kind of model: ``forward`` maps a normalised float
-    batch to logits, ``prep`` says how to prepare images for it (channels, input size, mean, std, classes)."""
+    """The one preprocessing and top-k path for every kind of model: ``probabilities`` maps a normalised float
+    batch to class probabilities, ``prep`` says how to prepare images for it (channels, input size, mean, std,
+    classes)."""
     files = image_paths([paths] if isinstance(paths, str) else list(paths))
     k = min(topk, len(prep.classes))
     results: list[dict] = []
     for i in range(0, len(files), batch_size):
-        x, good, errors = load_batch(files[i : i + batch_size], prep.channels, prep.input_size, prep.mean, prep.std)
+        x, good, errors = load_batch_array(files[i : i + batch_size], prep.channels, prep.input_size, prep.mean,
+                                           prep.std)
         results += [{"path": f, "error": e} for f, e in errors.items()]
         if x is None:
             continue
-        top = forward(x).float().softmax(1).cpu().topk(k, dim=1)
-        for f, p, idx in zip(good, top.values, top.indices):
-            results.append({"path": f, "top": [{"class": prep.classes[j], "prob": float(v)}
-                                                for v, j in zip(p.tolist(), idx.tolist())]})
+        probs = probabilities(x)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # most probable first; ties: the lower class index
+        for f, p, idx in zip(good, probs, top):
+            results.append({"path": f, "top": [{"class": prep.classes[j], "prob": float(p[j])} for j in idx.tolist()]})
     order = {f: n for n, f in enumerate(files)}
     return sorted(results, key=lambda r: order[r["path"]])

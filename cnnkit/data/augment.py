@@ -107,9 +107,6 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     return images * keep[:, None].to(images.dtype)
 
 
-AUGMENT_POLICIES = ("randaugment", "trivialaugment")
-
-
 def policy_augment(images: torch.Tensor, policy: str | None, erasing: float, generator: torch.Generator) -> torch.Tensor:
     """torchvision's RandAugment / TrivialAugmentWide and RandomErasing (transforms v2), each image drawn on its
     own. These policies pick their operation per call, so they run image by image; their random draws are

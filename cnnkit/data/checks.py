@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.choices import DEFAULT_THRESHOLD
 from cnnkit.data.loader import channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
 from cnnkit.errors import UserError
 
-DEFAULT_THRESHOLD = 4  # bits of 64: planted re-encodes and brightness changes land at 0-4, distinct CIFAR photos mostly at 8+
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which the imbalance is worth acting on
 HASH_SIZE = 32  # the grey image the DCT is taken of, pixels (pHash's usual size)
 LOW_FREQUENCIES = 8  # 8 x 8 DCT coefficients -> 64 bits

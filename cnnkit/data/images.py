@@ -1,5 +1,6 @@
 """Image files -> model input: one file -> a uint8 tensor of the model's channels and size; a list of files ->
 one normalised float batch (what predict, and the checks of an export, feed a model); folders -> their image files.
+The numpy functions need no torch: ``cnnkit predict model.onnx`` prepares images with Pillow and numpy alone.
 
 Every mode Pillow opens is brought to what the model takes: grayscale, palette (with or without
 transparency), RGBA and LA (composited on white, so transparent pixels do not turn into whatever colour
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from cnnkit.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera MPO files open through JPEG
@@ -113,32 +118,49 @@ def image_size(path: str) -> tuple[int, int]:
     return open_image(path).size
 
 
-def load_image(path: str, channels: int, size: int | None) -> torch.Tensor:
-    """``path`` as a uint8 tensor C x H x W; resized and centre-cropped to ``size`` unless it is None."""
+def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:
+    """``path`` as a uint8 array C x H x W; resized and centre-cropped to ``size`` unless it is None."""
     img = convert_mode(open_image(path), channels)
     if size is not None:
         img = resize_and_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return arr.transpose(2, 0, 1).copy()  # a writable, contiguous copy: Pillow's buffer is read-only
 
 
-def load_batch(
+def load_image(path: str, channels: int, size: int | None) -> torch.Tensor:
+    """``path`` as a uint8 tensor C x H x W; resized and centre-cropped to ``size`` unless it is None."""
+    import torch
+
+    return torch.from_numpy(load_image_array(path, channels, size))
+
+
+def load_batch_array(
     paths: list[str], channels: int, size: int, mean: list[float], std: list[float],
-) -> tuple[torch.Tensor | None, list[str], dict[str, str]]:
-    """``paths`` as one model input: float N x C x H x W normalised with ``mean`` and ``std`` (per channel,
+) -> tuple[np.ndarray | None, list[str], dict[str, str]]:
+    """``paths`` as one model input: float32 N x C x H x W normalised with ``mean`` and ``std`` (per channel,
     in [0, 1] units, as checkpoints store them). Returns (batch or None if nothing decoded, the paths in it,
     {path: error} for the files that did not decode)."""
     images, good, errors = [], [], {}
     for path in paths:
         try:
-            images.append(load_image(path, channels, size))
+            images.append(load_image_array(path, channels, size))
             good.append(path)
         except DataError as e:
             errors[path] = str(e)
     if not images:
         return None, good, errors
-    shift = torch.tensor(mean).view(1, -1, 1, 1) * 255
-    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
-    return (torch.stack(images).float() - shift) / scale, good, errors
+    shift = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
+    scale = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1) * np.float32(255)
+    return (np.stack(images).astype(np.float32) - shift) / scale, good, errors
+
+
+def load_batch(
+    paths: list[str], channels: int, size: int, mean: list[float], std: list[float],
+) -> tuple[torch.Tensor | None, list[str], dict[str, str]]:
+    """``load_batch_array`` as a torch tensor."""
+    import torch
+
+    x, good, errors = load_batch_array(paths, channels, size, mean, std)
+    return (None if x is None else torch.from_numpy(x)), good, errors

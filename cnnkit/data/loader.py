@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from cnnkit import compiled
+from cnnkit.choices import DECODE_CHOICES
 from cnnkit.data import device_decode
 from cnnkit.data.augment import (
     alternating_flips, coin_flips, crop, crop_flip_normalize, crop_offsets, cutout, flip_bits, mirror, policy_augment,
@@ -25,7 +26,6 @@ from cnnkit.data.images import load_image
 from cnnkit.data.sources import ImageSet
 from cnnkit.errors import DataError, UserError
 
-DECODE_CHOICES = ("auto", "cpu", "device")
 
 
 @dataclass

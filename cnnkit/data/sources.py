@@ -14,19 +14,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from cnnkit.choices import BUILTIN, TORCHVISION_DATASETS
 from cnnkit.data import cache
 from cnnkit.data.images import image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 
-TORCHVISION_DATASETS = {
-    # name: (torchvision class name, channels, image size, folder the files live in under --data-dir)
-    "cifar10": ("CIFAR10", 3, 32, "cifar-10-batches-py"),
-    "cifar100": ("CIFAR100", 3, 32, "cifar-100-python"),
-    "mnist": ("MNIST", 1, 28, "MNIST/raw"),
-    "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
-}
-BUILTIN = ("shapes", *TORCHVISION_DATASETS)
 SHAPES_TRAIN, SHAPES_VAL = 20000, 2000
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30

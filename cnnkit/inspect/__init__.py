@@ -4,19 +4,17 @@ Every entry point takes a model name, a run folder or checkpoint, or an ``nn.Mod
 exactly as it found it (each module's train/eval mode and BatchNorm statistics are restored).
 """
 
-from cnnkit.inspect.cam import CamResult, class_activation_map
-from cnnkit.inspect.feature_maps import FeatureMapImage, feature_maps
-from cnnkit.inspect.filters import FilterImage, filters
-from cnnkit.inspect.hooks import capture, inspecting, layer_names
-from cnnkit.inspect.receptive_field import (
-    EffectiveField, FieldCheck, ReceptiveField, effective_receptive_field, receptive_field, verify_receptive_field,
-)
-from cnnkit.inspect.shapes import ConvArithmetic, Field, conv_arithmetic, conv_output_size
-from cnnkit.inspect.summary import LayerInfo, Summary, summary
+from cnnkit.lazy import export_lazily
 
-__all__ = [
-    "CamResult", "ConvArithmetic", "EffectiveField", "FeatureMapImage", "Field", "FieldCheck", "FilterImage",
-    "LayerInfo", "ReceptiveField", "Summary", "capture", "class_activation_map", "conv_arithmetic",
-    "conv_output_size", "effective_receptive_field", "feature_maps", "filters", "inspecting", "layer_names",
-    "receptive_field", "summary", "verify_receptive_field",
-]
+# Each public name and the module that defines it: imported on first use, so that `cnnkit shape` (plain
+# arithmetic) does not load PyTorch.
+export_lazily(__name__, {
+    **dict.fromkeys(("CamResult", "class_activation_map"), "cnnkit.inspect.cam"),
+    **dict.fromkeys(("FeatureMapImage", "feature_maps"), "cnnkit.inspect.feature_maps"),
+    **dict.fromkeys(("FilterImage", "filters"), "cnnkit.inspect.filters"),
+    **dict.fromkeys(("capture", "inspecting", "layer_names"), "cnnkit.inspect.hooks"),
+    **dict.fromkeys(("EffectiveField", "FieldCheck", "ReceptiveField", "effective_receptive_field", "receptive_field",
+                     "verify_receptive_field"), "cnnkit.inspect.receptive_field"),
+    **dict.fromkeys(("ConvArithmetic", "Field", "conv_arithmetic", "conv_output_size"), "cnnkit.inspect.shapes"),
+    **dict.fromkeys(("LayerInfo", "Summary", "summary"), "cnnkit.inspect.summary"),
+})

@@ -8,7 +8,6 @@ reads it: loading never runs code from the file. The same dict can also live in 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pickle
 import random
@@ -22,13 +21,12 @@ import torch.nn as nn
 
 from cnnkit.atomic import atomic_torch_save
 from cnnkit.errors import CheckpointError, NonFiniteLoss, UserError
+from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
 
 FORMAT_VERSION = 1
 # torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
 MIN_SAFE_TORCH = (2, 10)
-# What rebuilds the model and its preprocessing; exports carry these as metadata.
-_PAYLOAD_KEYS = ("cnnkit_checkpoint", "model", "classes", "input_size", "channels", "mean", "std")
 
 
 @dataclass
@@ -63,23 +61,6 @@ def make_payload(
         "std": list(std),
         **extra,
     }
-
-
-def payload_metadata(payload: dict[str, Any]) -> dict[str, str]:
-    """What rebuilds the model and its preprocessing (no weights, no training state), each value as JSON text:
-    the string-to-string metadata that safetensors and ONNX files carry."""
-    return {key: json.dumps(payload[key]) for key in _PAYLOAD_KEYS}
-
-
-def payload_from_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
-    """The inverse of ``payload_metadata``; a CheckpointError if ``metadata`` was not written by cnnkit."""
-    if "cnnkit_checkpoint" not in metadata:
-        raise CheckpointError(f"{path} was not exported by cnnkit (no model description in its metadata); "
-                              "export it with `cnnkit export`")
-    try:
-        return {key: json.loads(value) for key, value in metadata.items() if key in _PAYLOAD_KEYS}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} has damaged cnnkit metadata ({e})") from None
 
 
 def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None = None) -> None:

@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     workers: int = 2  # loader processes, only for sets too large for memory
     decode: str = "auto"  # streamed sets: "cpu" in the workers, "device" (JPEGs, random resized crops), "auto"
+    threads: int | None = None  # CPU threads torch computes with; None: the usable physical cores (cnnkit/threads.py)
     out: str | None = None  # run folder; None: runs/<timestamp>-<model>
     save_every: int = 0  # also write last.pt every N steps (0: at the end of each epoch only)
     nan: str = "stop"  # a non-finite loss: stop (keeping the last good checkpoint) or skip the batch

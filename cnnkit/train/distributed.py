@@ -73,6 +73,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     """``cnnkit train --nproc N ...``: run the same command under torchrun with N local processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cnnkit", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                          str(max(1, (os.cpu_count() or 1) // nproc)))}
+    from cnnkit.threads import usable_cores
+
+    # Each process computes with its share of the cores (cnnkit/threads.py reads OMP_NUM_THREADS as the default).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))}
     return subprocess.call(cmd, env=env)

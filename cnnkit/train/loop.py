@@ -27,13 +27,14 @@ import torch.nn.functional as F
 
 from cnnkit import compiled
 from cnnkit.data.checks import check_splits, class_weights
-from cnnkit.data.augment import AUGMENT_POLICIES
-from cnnkit.data.loader import DECODE_CHOICES, Augment, BatchLoader, channel_stats
+from cnnkit.choices import AUGMENT_POLICIES, DECODE_CHOICES
+from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.modes import eval_mode
 from cnnkit.progress import progress_bar
+from cnnkit.threads import set_torch_threads
 from cnnkit.report.tensorboard import open_tensorboard, require_tensorboard
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
@@ -124,6 +125,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
     check_model_name(cfg.model)  # before minutes of data loading
     log = log or sys.stdout
+    threads = set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -148,6 +150,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
         train_set = _sample(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
         val_set = dataclasses.replace(train_set, skipped=[])
+    if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
+        threads = set_torch_threads(cfg.threads, workers=cfg.workers)
     classes = train_set.classes
     if saved and saved["classes"] != classes:
         raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
@@ -282,7 +286,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
+        _write_json(run_dir, "config.json",
+                    {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, "threads": threads})
         if lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(run_dir, "lr_find.json", lr_find_record(lr_search, run_dir))
         if loss_weights is not None:
@@ -297,7 +302,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     params = sum(p.numel() for p in model.parameters())
     print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(train_set):,} training and {len(val_set):,} "
           f"validation images of {train_set.channels}x{train_set.size}x{train_set.size} from {cfg.data}; "
-          f"{device.type}, {precision_name(amp_dtype)}; run folder {run_dir}", file=log)
+          f"{device.type}, {precision_name(amp_dtype)}, {threads} CPU thread{'s' if threads > 1 else ''}; "
+          f"run folder {run_dir}", file=log)
     if cfg.smoke:
         print(f"cnnkit: smoke run: {total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on at most "
               f"{SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model learns",

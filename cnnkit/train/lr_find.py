@@ -55,6 +55,7 @@ from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
 from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.progress import progress_bar
+from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer
@@ -112,6 +113,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     check_model_name(cfg.model)
     log = log or sys.stdout
     progress = cfg.progress if progress is None else progress
+    threads = set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -120,6 +122,8 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, cfg.num_samples, cfg.bad_images)
     train_set, _ = load_splits(spec)
+    if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
+        threads = set_torch_threads(cfg.threads, workers=cfg.workers)
     model = create_model(cfg.model, num_classes=len(train_set.classes), in_channels=train_set.channels,
                          input_size=train_set.size, pretrained=cfg.pretrained, **cfg.model_options)
     payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights else None
@@ -152,7 +156,8 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     print(f"cnnkit: learning-rate range test for {cfg.model} on {cfg.data}: up to {steps} steps of "
-          f"{cfg.batch_size} images, lr {start_lr:g} -> {end_lr:g}", file=log)
+          f"{cfg.batch_size} images, lr {start_lr:g} -> {end_lr:g}; {threads} CPU thread{'s' if threads > 1 else ''}",
+          file=log)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, losses, smoothed = [], [], []
     average, best, diverged = 0.0, math.inf, False

@@ -7,11 +7,10 @@ import math
 import torch
 import torch.nn as nn
 
+from cnnkit.choices import OPTIMIZERS, SCHEDULES
 from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head
 
-OPTIMIZERS = ("sgd", "adamw", "muon")
-SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
 DEFAULT_LR = {"sgd": 0.05, "adamw": 2e-3, "muon": 0.24}
 # Muon's companions, as multiples of the filters' learning rate times the batch size (airbench94_muon's
 # rates were tuned with a summed loss; cnnkit's loss is a mean over the batch).

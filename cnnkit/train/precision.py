@@ -7,9 +7,9 @@ import functools
 
 import torch
 
+from cnnkit.choices import PRECISIONS
 from cnnkit.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @functools.lru_cache(maxsize=1)

@@ -83,3 +83,17 @@ def test_truncated_jpeg_is_refused(tmp_path):
     open(path, "wb").write(data[: len(data) // 2])
     with pytest.raises(DataError, match="t.jpg"):
         load_image(path, 3, None)
+
+
+def test_the_numpy_batch_is_the_torch_batch_bit_for_bit(image_folder):
+    """predict prepares ONNX inputs in numpy (no torch needed); the numbers are those torch computes."""
+    from cnnkit.data.images import image_paths, load_batch, load_batch_array, load_image
+
+    files = image_paths([image_folder])[:8]
+    mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]
+    x, good, errors = load_batch(files, 3, 20, mean, std)
+    want = (torch.stack([load_image(f, 3, 20) for f in files]).float() - torch.tensor(mean).view(1, -1, 1, 1) * 255) \
+        / (torch.tensor(std).view(1, -1, 1, 1) * 255)
+    assert good == files and not errors and x.dtype == torch.float32 and torch.equal(x, want)
+    array, _, _ = load_batch_array(files, 3, 20, mean, std)
+    assert array.dtype == np.float32 and np.array_equal(array, want.numpy())

@@ -1,0 +1,26 @@
+"""The names and defaults that cnnkit's options accept, in a module that imports nothing but the standard library.
+
+The command line builds its parser (and answers ``--help``) from these without loading PyTorch, which takes
+seconds; the modules that act on an option import its names from here, so each list is written once.
+"""
+
+from __future__ import annotations
+
+OPTIMIZERS = ("sgd", "adamw", "muon")  # cnnkit/train/optim.py
+SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")  # cnnkit/train/optim.py
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # cnnkit/train/precision.py
+AUGMENT_POLICIES = ("randaugment", "trivialaugment")  # cnnkit/data/augment.py
+DECODE_CHOICES = ("auto", "cpu", "device")  # cnnkit/data/loader.py: where a streamed set's JPEGs are decoded
+TORCHVISION_DATASETS = {  # cnnkit/data/sources.py
+    # name: (torchvision class name, channels, image size, folder the files live in under --data-dir)
+    "cifar10": ("CIFAR10", 3, 32, "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", 3, 32, "cifar-100-python"),
+    "mnist": ("MNIST", 1, 28, "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
+}
+BUILTIN = ("shapes", *TORCHVISION_DATASETS)
+# The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
+FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}  # cnnkit/export.py
+# Near-duplicates (cnnkit/data/checks.py), bits of 64: planted re-encodes and brightness changes land at 0-4,
+# distinct CIFAR photos mostly at 8+.
+DEFAULT_THRESHOLD = 4
