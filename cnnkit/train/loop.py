@@ -8,9 +8,11 @@ epoch, and each epoch's data order and each batch's augmentation are drawn from 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -18,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -256,6 +258,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         run_dir = resume
         for stale in remove_stale_temp_files(run_dir):
             print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=log)
+        if ctx.main and os.path.exists(os.path.join(run_dir, "stop.json")):  # it runs again: no longer diverged
+            os.unlink(os.path.join(run_dir, "stop.json"))
         model.load_state_dict(saved["state_dict"])
         state = saved["resume"]
         if state["stage"] == stage_index:  # else the run stopped at a stage boundary: the new stage starts fresh
@@ -328,7 +332,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
     board = open_tensorboard(run_dir, classes, model, train_loader, mean, std, log) if cfg.tensorboard and ctx.main else None
     start = time.perf_counter()
-    with StopSignals() as stop:
+    with StopSignals() as stop, _divergence(run_dir, lambda: epoch, lr_search):
         for epoch in range(run.epoch, total_epochs + 1):
             if stage_index + 1 < len(stages) and epoch == first_epochs[stage_index + 1]:
                 stage_index += 1
@@ -362,6 +366,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             run.images_seen += epoch_state.seen
             run.skipped_batches += epoch_state.skipped
             val = evaluate_model(model, val_loader, len(classes), device, amp_dtype)
+            if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
+                largest = max(p.detach().abs().max().item() for p in model.parameters())
+                skipped_all = "" if epoch_state.seen else "; every batch was skipped"
+                raise NonFiniteLoss(f"the model's outputs on the validation images are no longer finite (its largest "
+                                    f"weight is {largest:.3g}{skipped_all}); lower --lr or add --clip-grad 1.0")
             ema_val = evaluate_model(ema.module, val_loader, len(classes), device, amp_dtype) if ema else None
             per_class = per_class_metrics(val.confusion, classes)
             macro = macro_averages(val.confusion, per_class)
@@ -567,9 +576,38 @@ def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optim
         raise NonFiniteLoss(
             f"the loss became non-finite {where} of this epoch (lr {optimizer.param_groups[0]['lr']:.3g}); likely "
             "causes: a learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
-            "--clip-grad 1.0, or pass --nan skip; the last good checkpoint was kept"
+            "--clip-grad 1.0, or pass --nan skip"
         )
     return state.batch
+
+
+@contextlib.contextmanager
+def _divergence(run_dir: str, current_epoch: Callable[[], int], lr_search: Any) -> Iterator[None]:
+    """Within the block, a NonFiniteLoss ends the run with a message that names the epoch, what the run folder
+    still holds and, for ``--lr auto``, where the rate came from; ``stop.json`` marks the run as diverged."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        epoch = current_epoch()
+        message = f"epoch {epoch}: {e}; {_kept_checkpoints(run_dir)}"
+        if lr_search is not None:
+            message += (f"; the rate came from --lr auto (the range test's suggestion {lr_search.suggestion:.3g}, "
+                        f"rule '{lr_search.method}', in lr_find.json): pass a lower fixed --lr")
+        _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
+        raise NonFiniteLoss(message) from None
+
+
+def _kept_checkpoints(run_dir: str) -> str:
+    """What a run that fails now leaves to resume from or use, in words."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(path):
+        return "no checkpoint had been written yet, so the run folder holds none"
+    state = read_payload(path)["resume"]
+    epoch, batch = state["run"]["epoch"], state["epoch_state"]["batch"]
+    at = f"epoch {epoch}, batch {batch}" if batch else f"the end of epoch {epoch - 1}"
+    has_best = os.path.exists(os.path.join(run_dir, "best.pt"))
+    best = f" and best.pt (epoch {state['run']['best_epoch']})" if has_best else ""
+    return f"kept: last.pt (the state at {at}){best}, both from before the failure"
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -652,10 +690,21 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
 
 
 def _write_json(run_dir: str, name: str, data: Any) -> None:
+    """``data`` as strict JSON: a NaN or infinite number is written as null, which every JSON parser reads."""
     if not _is_main_process():
         return
     with open(os.path.join(run_dir, name), "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(_finite_or_null(data), f, indent=2, allow_nan=False)
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_or_null(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(v) for v in data]
+    return data
 
 
 def _is_main_process() -> bool:

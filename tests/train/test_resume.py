@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from cnnkit.runs import list_runs
 from cnnkit.train.checkpoint import read_payload
 
 ARGS = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "1024", "--val-split", "0.25", "--epochs", "2",
@@ -99,6 +100,7 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, referen
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert f"--resume {out}" in err and "Traceback" not in err
+    assert list_runs(str(out))[0].status == "stopped"
     resume(str(out))
     assert_same_weights(weights(reference), weights(out))
 
