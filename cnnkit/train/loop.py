@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit import compiled
+from cnnkit.atomic import atomic_write
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.augment import AUGMENT_POLICIES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
@@ -86,6 +87,7 @@ class EpochState:
     clipped_steps: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    lr: float | None = None  # the rate at the epoch's first step: metrics.csv logs it, resumed mid-epoch or not
 
     def plain(self) -> dict[str, Any]:
         return {k: (v.item() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -279,6 +281,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             run.best_score = run.stop_best = run.best_acc
         if ctx.main:
             _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
+            _drop_steps_after(run_dir, run.epoch, epoch_state.batch)
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
@@ -328,6 +331,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             save_checkpoint(payload, path, model)
         distributed.barrier(ctx)
 
+    def save_within_epoch(state: EpochState, epoch: int, step_losses: list[torch.Tensor]) -> None:
+        # steps.csv first: last.pt never holds steps whose rows are missing (a resume drops rows beyond last.pt)
+        _write_step_losses(run_dir, epoch, state.batch, step_losses)
+        save(checkpoint(state, epoch), last_path)
+
     _write_metrics(run_dir, run.history)
     _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
     board = open_tensorboard(run_dir, classes, model, train_loader, mean, std, log) if cfg.tensorboard and ctx.main else None
@@ -339,17 +347,18 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                 net, optimizer, scheduler = start_stage(stage_index)
                 _write_json(run_dir, "stages.json", stage_log)
             train_loader.set_epoch(epoch)
-            current_lr = optimizer.param_groups[0]["lr"]
-            first_step, step_losses = epoch_state.batch + 1, []
+            if epoch_state.lr is None:
+                epoch_state.lr = optimizer.param_groups[0]["lr"]
+            current_lr, step_losses = epoch_state.lr, []
             epoch_state = train_one_epoch(
                 net, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
                 clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}",
                 progress=cfg.progress and ctx.main, stop=stop, save_every=cfg.save_every,
-                save=lambda state: save(checkpoint(state, epoch), last_path), step_losses=step_losses,
+                save=lambda state: save_within_epoch(state, epoch, step_losses), step_losses=step_losses,
                 mix=mix if epoch <= total_epochs - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps,
                 ema=ema,
             )
-            _write_step_losses(run_dir, epoch, first_step, step_losses)
+            _write_step_losses(run_dir, epoch, epoch_state.batch, step_losses)
             if stop.signal is not None:
                 save(checkpoint(epoch_state, epoch), last_path)
                 stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {epoch_state.batch}; saved "
@@ -711,13 +720,16 @@ def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[torch.Tensor]) -> None:
-    """steps.csv: the loss of every step (averaged over processes), appended once per epoch, so that no step
-    waits for its loss to be read."""
+def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[torch.Tensor]) -> None:
+    """steps.csv: the loss of every step (averaged over processes), appended at the end of each epoch and before
+    each save, so that no step waits for its loss to be read; ``losses`` end at step ``last_step`` and are
+    emptied."""
     if not losses:
         return
+    first_step = last_step - len(losses) + 1
     values = distributed.all_reduce_sum(torch.stack(losses).float().detach().clone())
     values /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    losses.clear()
     if not _is_main_process():
         return
     path = os.path.join(run_dir, "steps.csv")
@@ -726,6 +738,31 @@ def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[t
         if new:
             f.write("epoch,step,loss\n")
         f.writelines(f"{epoch},{first_step + i},{v:.8g}\n" for i, v in enumerate(values.tolist()))
+
+
+def _drop_steps_after(run_dir: str, epoch: int, step: int) -> None:
+    """Remove the steps.csv rows after ``step`` of ``epoch``: a resumed run replays those steps and logs them again."""
+    path = os.path.join(run_dir, "steps.csv")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    if not lines:
+        return
+    header, *rows = lines
+    keep = [row for row in rows if _step_of(row) <= (epoch, step)]
+    if len(keep) < len(rows):
+        atomic_write(path, lambda f: f.write("".join([header, *keep]).encode()))
+
+
+def _step_of(row: str) -> tuple[int, int]:
+    """(epoch, step) of a steps.csv row; past any real step for a row a killed process left half-written."""
+    try:
+        epoch, step, loss = row.split(",")
+        float(loss)
+        return int(epoch), int(step)
+    except ValueError:
+        return (sys.maxsize, 0)
 
 
 def _better(score: float, best: float, monitor: str, min_delta: float = 0.0) -> bool:
@@ -763,7 +800,13 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
         raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
     path = os.path.join(run_dir, "last.pt")
     if not os.path.exists(path):
-        raise UserError(f"--resume {run_dir}: no last.pt in it, so there is nothing to resume")
+        # A run killed during its first checkpoint write leaves a temporary file and nothing else to resume from.
+        stale = remove_stale_temp_files(run_dir)
+        removed = f"; removed {', '.join(map(os.path.basename, stale))}, left by an interrupted write" if stale else ""
+        again = (f"; start it again with: cnnkit train --config {os.path.join(run_dir, 'config.json')} --out NEW_DIR"
+                 if os.path.exists(os.path.join(run_dir, "config.json")) else "")
+        raise UserError(f"--resume {run_dir}: no last.pt in it (the run stopped before its first checkpoint), so "
+                        f"there is nothing to resume{removed}{again}")
     payload = read_payload(path)
     if "resume" not in payload:
         raise CheckpointError(f"{path} holds no training state to resume from")
