@@ -114,6 +114,40 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1)" in str(e.value)
 
 
+class _NaNInTheRun(_SometimesNaN):
+    """Fine in the range test (the first model built), NaN from the 8th training batch of the second."""
+
+    built = 0
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__(num_classes, in_channels)
+        _NaNInTheRun.built += 1
+        self.poisoned = _NaNInTheRun.built == 2
+
+    def forward(self, x):
+        if self.training and self.poisoned:
+            self.calls += 1
+            if self.calls >= 8:
+                x = x * float("nan")
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def test_a_diverged_auto_lr_run_says_where_the_rate_came_from(tmp_path):
+    @register_model
+    def nan_in_the_run(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInTheRun(num_classes, in_channels)
+
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="nan_in_the_run", lr="auto", epochs=2, out=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("nan_in_the_run")
+    found = json.loads((tmp_path / "run" / "lr_find.json").read_text())
+    assert str(e.value).startswith("epoch 2: ")
+    assert (f"the rate came from --lr auto (the range test's suggestion {found['suggestion']:.3g}, rule "
+            f"'{found['method']}', in lr_find.json)") in str(e.value)
+
+
 def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
     # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: the message names the
     # batches since the last good check, the poisoned one among them (the third: NaN on every third batch).
