@@ -51,11 +51,11 @@ EXAMPLES = {
               "The page is one file: pictures embedded, no scripts, no network requests. The plots also go to\n"
               "RUN_DIR/plots/: curves.png, lr.png, confusion.png, top_losses.png.",
     "runs": "examples:\n  cnnkit runs\n  cnnkit runs experiments/ --json",
-    "lr-find": "examples:\n  cnnkit lr-find\n  cnnkit lr-find --model resnet18 --data photos/ --batch-size 32 --out lr.png\n"
+    "lr-find": "examples:\n  cnnkit lr-find\n  cnnkit lr-find --model resnet18 --data photos/ --batch-size 32 --out runs/lrf\n"
                "  cnnkit lr-find --optimizer adamw --steps 300 --json\n"
                "  cnnkit train --lr auto                         # runs the test first and trains with its suggestion\n\n"
                "Takes the training options that shape the data, model and optimizer. For one-cycle, the suggestion is\n"
-               "the end of the valley around the lowest smoothed loss (see cnnkit/train/lr_find.py for why).",
+               "a third of the end of the valley around the lowest smoothed loss (cnnkit/train/lr_find.py says why).",
     "check-data": "examples:\n  cnnkit check-data photos/\n  cnnkit check-data photos/train --val-data photos/val --json\n"
                   "  cnnkit check-data photos/ --val-split 0.2 --model resnet18 --pretrained --input-size 224",
     "audit": "examples:\n  cnnkit audit runs/20260101-120000-resnet18\n  cnnkit audit resnet18 --freeze backbone\n"
@@ -347,7 +347,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     lf.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
     lf.add_argument("--steps", type=_positive_int, default=200,
                     help="steps of the test; it stops earlier when the loss blows up (default: 200)")
-    lf.add_argument("--out", default="lr_find.png", metavar="PNG", help="the plot (default: lr_find.png)")
+    lf.add_argument("--out", default=".", metavar="DIR",
+                    help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
     e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")

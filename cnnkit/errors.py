@@ -32,6 +32,6 @@ class TrainingStopped(UserError):
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept. Exit code 1."""
+    """The loss or the model's outputs became NaN or infinite; nothing after that is saved. Exit code 1."""
 
     exit_code = 1

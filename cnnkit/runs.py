@@ -26,7 +26,8 @@ class RunInfo:
     best_val_acc: float | None  # None before the first epoch ends
     best_epoch: int | None
     started: str  # local time, YYYY-MM-DD HH:MM (config.json is written when the run starts)
-    status: str  # "finished", or "stopped" (also while it is still running)
+    status: str  # "finished", "diverged" (stop.json: the loss or outputs became non-finite), or "stopped"
+    # (Ctrl-C, SIGTERM, a killed process; also while it is still running)
 
 
 def _read_json(path: str) -> dict | None:
@@ -63,10 +64,12 @@ def run_info(run_dir: str) -> RunInfo | None:
     best = max(scored, key=lambda s: (s[0], -s[1]), default=(None, None))
     if result:
         best = (result.get("best_val_acc", best[0]), result.get("best_epoch", best[1]))
+    stop = _read_json(os.path.join(run_dir, "stop.json")) or {}
+    status = "finished" if result else "diverged" if stop.get("status") == "diverged" else "stopped"
     planned = (result or {}).get("epochs") or config.get("epochs") or 0
     started = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json")))
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
-                   best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), "finished" if result else "stopped")
+                   best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), status)
 
 
 def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:

@@ -8,9 +8,11 @@ epoch, and each epoch's data order and each batch's augmentation are drawn from 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -18,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit import compiled
+from cnnkit.atomic import atomic_write
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.choices import AUGMENT_POLICIES, DECODE_CHOICES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
@@ -85,6 +88,7 @@ class EpochState:
     clipped_steps: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    lr: float | None = None  # the rate at the epoch's first step: metrics.csv logs it, resumed mid-epoch or not
 
     def plain(self) -> dict[str, Any]:
         return {k: (v.item() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -264,6 +268,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         run_dir = resume
         for stale in remove_stale_temp_files(run_dir):
             print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=log)
+        if ctx.main and os.path.exists(os.path.join(run_dir, "stop.json")):  # it runs again: no longer diverged
+            os.unlink(os.path.join(run_dir, "stop.json"))
         model.load_state_dict(saved["state_dict"])
         state = saved["resume"]
         if state["stage"] == stage_index:  # else the run stopped at a stage boundary: the new stage starts fresh
@@ -283,6 +289,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             run.best_score = run.stop_best = run.best_acc
         if ctx.main:
             _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
+            _drop_steps_after(run_dir, run.epoch, epoch_state.batch)
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
@@ -334,28 +341,34 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             save_checkpoint(payload, path, model)
         distributed.barrier(ctx)
 
+    def save_within_epoch(state: EpochState, epoch: int, step_losses: list[torch.Tensor]) -> None:
+        # steps.csv first: last.pt never holds steps whose rows are missing (a resume drops rows beyond last.pt)
+        _write_step_losses(run_dir, epoch, state.batch, step_losses)
+        save(checkpoint(state, epoch), last_path)
+
     _write_metrics(run_dir, run.history)
     _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
     board = open_tensorboard(run_dir, classes, model, train_loader, mean, std, log) if cfg.tensorboard and ctx.main else None
     start = time.perf_counter()
-    with StopSignals() as stop:
+    with StopSignals() as stop, _divergence(run_dir, lambda: epoch, lr_search):
         for epoch in range(run.epoch, total_epochs + 1):
             if stage_index + 1 < len(stages) and epoch == first_epochs[stage_index + 1]:
                 stage_index += 1
                 net, optimizer, scheduler = start_stage(stage_index)
                 _write_json(run_dir, "stages.json", stage_log)
             train_loader.set_epoch(epoch)
-            current_lr = optimizer.param_groups[0]["lr"]
-            first_step, step_losses = epoch_state.batch + 1, []
+            if epoch_state.lr is None:
+                epoch_state.lr = optimizer.param_groups[0]["lr"]
+            current_lr, step_losses = epoch_state.lr, []
             epoch_state = train_one_epoch(
                 net, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
                 clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}",
                 progress=cfg.progress and ctx.main, stop=stop, save_every=cfg.save_every,
-                save=lambda state: save(checkpoint(state, epoch), last_path), step_losses=step_losses,
+                save=lambda state: save_within_epoch(state, epoch, step_losses), step_losses=step_losses,
                 mix=mix if epoch <= total_epochs - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps,
                 ema=ema,
             )
-            _write_step_losses(run_dir, epoch, first_step, step_losses)
+            _write_step_losses(run_dir, epoch, epoch_state.batch, step_losses)
             if stop.signal is not None:
                 save(checkpoint(epoch_state, epoch), last_path)
                 stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {epoch_state.batch}; saved "
@@ -372,6 +385,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             run.images_seen += epoch_state.seen
             run.skipped_batches += epoch_state.skipped
             val = evaluate_model(model, val_loader, len(classes), device, amp_dtype)
+            if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
+                largest = max(p.detach().abs().max().item() for p in model.parameters())
+                skipped_all = "" if epoch_state.seen else "; every batch was skipped"
+                raise NonFiniteLoss(f"the model's outputs on the validation images are no longer finite (its largest "
+                                    f"weight is {largest:.3g}{skipped_all}); lower --lr or add --clip-grad 1.0")
             ema_val = evaluate_model(ema.module, val_loader, len(classes), device, amp_dtype) if ema else None
             per_class = per_class_metrics(val.confusion, classes)
             macro = macro_averages(val.confusion, per_class)
@@ -577,9 +595,38 @@ def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optim
         raise NonFiniteLoss(
             f"the loss became non-finite {where} of this epoch (lr {optimizer.param_groups[0]['lr']:.3g}); likely "
             "causes: a learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
-            "--clip-grad 1.0, or pass --nan skip; the last good checkpoint was kept"
+            "--clip-grad 1.0, or pass --nan skip"
         )
     return state.batch
+
+
+@contextlib.contextmanager
+def _divergence(run_dir: str, current_epoch: Callable[[], int], lr_search: Any) -> Iterator[None]:
+    """Within the block, a NonFiniteLoss ends the run with a message that names the epoch, what the run folder
+    still holds and, for ``--lr auto``, where the rate came from; ``stop.json`` marks the run as diverged."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        epoch = current_epoch()
+        message = f"epoch {epoch}: {e}; {_kept_checkpoints(run_dir)}"
+        if lr_search is not None:
+            message += (f"; the rate came from --lr auto (the range test's suggestion {lr_search.suggestion:.3g}, "
+                        f"rule '{lr_search.method}', in lr_find.json): pass a lower fixed --lr")
+        _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
+        raise NonFiniteLoss(message) from None
+
+
+def _kept_checkpoints(run_dir: str) -> str:
+    """What a run that fails now leaves to resume from or use, in words."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(path):
+        return "no checkpoint had been written yet, so the run folder holds none"
+    state = read_payload(path)["resume"]
+    epoch, batch = state["run"]["epoch"], state["epoch_state"]["batch"]
+    at = f"epoch {epoch}, batch {batch}" if batch else f"the end of epoch {epoch - 1}"
+    has_best = os.path.exists(os.path.join(run_dir, "best.pt"))
+    best = f" and best.pt (epoch {state['run']['best_epoch']})" if has_best else ""
+    return f"kept: last.pt (the state at {at}){best}, both from before the failure"
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -662,23 +709,37 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
 
 
 def _write_json(run_dir: str, name: str, data: Any) -> None:
+    """``data`` as strict JSON: a NaN or infinite number is written as null, which every JSON parser reads."""
     if not _is_main_process():
         return
     with open(os.path.join(run_dir, name), "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(_finite_or_null(data), f, indent=2, allow_nan=False)
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_or_null(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(v) for v in data]
+    return data
 
 
 def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[torch.Tensor]) -> None:
-    """steps.csv: the loss of every step (averaged over processes), appended once per epoch, so that no step
-    waits for its loss to be read."""
+def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[torch.Tensor]) -> None:
+    """steps.csv: the loss of every step (averaged over processes), appended at the end of each epoch and before
+    each save, so that no step waits for its loss to be read; ``losses`` end at step ``last_step`` and are
+    emptied."""
     if not losses:
         return
+    first_step = last_step - len(losses) + 1
     values = distributed.all_reduce_sum(torch.stack(losses).float().detach().clone())
     values /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    losses.clear()
     if not _is_main_process():
         return
     path = os.path.join(run_dir, "steps.csv")
@@ -687,6 +748,31 @@ def _write_step_losses(run_dir: str, epoch: int, first_step: int, losses: list[t
         if new:
             f.write("epoch,step,loss\n")
         f.writelines(f"{epoch},{first_step + i},{v:.8g}\n" for i, v in enumerate(values.tolist()))
+
+
+def _drop_steps_after(run_dir: str, epoch: int, step: int) -> None:
+    """Remove the steps.csv rows after ``step`` of ``epoch``: a resumed run replays those steps and logs them again."""
+    path = os.path.join(run_dir, "steps.csv")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    if not lines:
+        return
+    header, *rows = lines
+    keep = [row for row in rows if _step_of(row) <= (epoch, step)]
+    if len(keep) < len(rows):
+        atomic_write(path, lambda f: f.write("".join([header, *keep]).encode()))
+
+
+def _step_of(row: str) -> tuple[int, int]:
+    """(epoch, step) of a steps.csv row; past any real step for a row a killed process left half-written."""
+    try:
+        epoch, step, loss = row.split(",")
+        float(loss)
+        return int(epoch), int(step)
+    except ValueError:
+        return (sys.maxsize, 0)
 
 
 def _better(score: float, best: float, monitor: str, min_delta: float = 0.0) -> bool:
@@ -724,7 +810,13 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
         raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
     path = os.path.join(run_dir, "last.pt")
     if not os.path.exists(path):
-        raise UserError(f"--resume {run_dir}: no last.pt in it, so there is nothing to resume")
+        # A run killed during its first checkpoint write leaves a temporary file and nothing else to resume from.
+        stale = remove_stale_temp_files(run_dir)
+        removed = f"; removed {', '.join(map(os.path.basename, stale))}, left by an interrupted write" if stale else ""
+        again = (f"; start it again with: cnnkit train --config {os.path.join(run_dir, 'config.json')} --out NEW_DIR"
+                 if os.path.exists(os.path.join(run_dir, "config.json")) else "")
+        raise UserError(f"--resume {run_dir}: no last.pt in it (the run stopped before its first checkpoint), so "
+                        f"there is nothing to resume{removed}{again}")
     payload = read_payload(path)
     if "resume" not in payload:
         raise CheckpointError(f"{path} holds no training state to resume from")

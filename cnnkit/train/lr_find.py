@@ -8,13 +8,24 @@ seed to the next, on curves whose valleys all ended near 0.12). The suggestion i
 **right edge**: the largest rate reached before the smoothed loss climbs more than EDGE_SHARE of the test's
 whole descent above its minimum.
 
-- **one-cycle (the default): the edge itself** ("edge"). One-cycle warms up to its peak and anneals from it,
-  which is what lets a run sit at the edge of stability for a while (Smith, "A disciplined approach to neural
-  network hyper-parameters", 2018: the peak is where the loss stops falling). Measured on ``convnet`` and
-  ``shapes`` (3 epochs, 6,000 images, seed 0), validation accuracy by peak rate: 0.007: 23.4%, 0.024: 38.7%,
-  0.05 (the default): 50.7%, 0.07: 52.9%, 0.15: 57.2% — a tenth of the minimum, fastai's classic rule, is far
-  too timid for one-cycle.
-- **other schedules: a tenth of it** ("edge/10"): without the warm-up, a run starts at its peak.
+- **one-cycle (the default): a third of the edge** ("edge/3", about half a decade below it). One-cycle warms up
+  to its peak and anneals from it, which lets a run sit near the edge of stability for a while (Smith, "A
+  disciplined approach to neural network hyper-parameters", 2018: the peak is where the loss stops falling);
+  but the edge itself is too close to it. The smoothed loss lags the rate: its exponential average remembers
+  about 50 steps, over which the rate grows about 50-fold, so the curve climbs well after the loss itself
+  did, and a run holds its peak for many more steps than the test held any rate. ``simple_cnn`` (no
+  BatchNorm) on a 3-class CIFAR-10 subset went NaN in its second epoch at the edge's 0.307 (issue 24) and
+  at 0.3, and trained at 0.15 and below. ``benchmarks/results/lr_find_rules.md`` (3 epochs on two 3-class
+  subsets, 1,620 training images each) compares the rules on the same curves. A third of the edge
+  (0.042-0.049; one curve counted as flat, where the default 0.05 was kept) gave val acc 0.744 and 0.772
+  with ``simple_cnn``, the best of all rates tried, and 0.689 with ``convnet`` (best fixed rate 0.706); the
+  edge itself 0.639, 0.544 and 0.683. fastai's ``valley`` (``fastai_valley``: halfway along the longest
+  descent) suggested 0.002-0.009 and gave 0.528, 0.628 and 0.611; its ``slide`` (``fastai_slide``) moved
+  between 0.015 and 0.36 from curve to curve.
+  Networks with BatchNorm tolerate more: ``convnet`` on ``shapes`` (3 epochs, 6,000 images, seed 0) reached
+  23.4% at 0.007, 38.7% at 0.024, 50.7% at 0.05, 52.9% at 0.07 and 57.2% at 0.15, so there a third of the
+  edge gives some accuracy away for the margin.
+- **other schedules: a tenth of the edge** ("edge/10"): without the warm-up, a run starts at its peak.
 
 The steepest point of the descent is reported too (``steepest_lr``) but not suggested: it is the derivative of
 a noisy curve and moves by an order of magnitude between seeds on small sets.
@@ -39,6 +50,7 @@ records the rate, so replaying the run with ``--config`` uses it again; ``lr_fin
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -62,7 +74,8 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer
 from cnnkit.train.precision import autocast, resolve_device, resolve_precision
 from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
 
-EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge", "edge/10", "default: flat curve"
+EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge/3", "edge/10", "default: flat curve"
+ONE_CYCLE_MARGIN = 3  # one-cycle's peak: the valley's edge divided by this (see the module doc)
 EDGE_SHARE = 0.1  # the valley ends where the smoothed loss is this share of the descent above its minimum
 FLAT_DROP = 0.05  # the smoothed loss must fall by 5% of its level for the curve to count as a descent
 
@@ -71,7 +84,7 @@ FLAT_DROP = 0.05  # the smoothed loss must fall by 5% of its level for the curve
 class LrFindResult:
     model: str
     data: str
-    suggestion: float  # edge_lr (one-cycle) or a tenth of it, or the optimizer's default for a flat curve
+    suggestion: float  # a third of edge_lr (one-cycle) or a tenth, or the optimizer's default for a flat curve
     method: str
     edge_lr: float  # the right edge of the valley around the minimum (see the module doc)
     min_loss_lr: float  # where the smoothed loss is lowest
@@ -94,8 +107,9 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
             smoothing: float = 0.98, diverge: float = 4.0, out: str | None = None, log: IO[str] | None = None,
             progress: bool | None = None, **overrides) -> LrFindResult:
     """Run the range test for ``config`` (or keyword overrides of the training defaults): ``steps`` steps from
-    ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``out``:
-    also draw the curve into that PNG. Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``.
+    ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``out``: a
+    folder (made if missing, as train's ``out``) that receives the curve, ``lr_find.png``, and the figures,
+    ``lr_find.json``. Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``.
     """
     from cnnkit.train.loop import NO_FLIP_DATA, _make_config, seed_everything
 
@@ -108,8 +122,8 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         raise UserError("smoothing must be in [0, 1) and the divergence factor above 1")
     if cfg.stages:
         raise UserError("the range test finds one learning rate; with --stages give each stage its rate")
-    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"cannot write {out}: its folder does not exist")
+    if out:
+        _make_folder(out)
     check_model_name(cfg.model)
     log = log or sys.stdout
     progress = cfg.progress if progress is None else progress
@@ -210,10 +224,22 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
               "(raise the end learning rate)", file=log)
     if out:
-        from cnnkit.report.plots import plot_lr_find
-
-        result.plot = plot_lr_find(result, out)
+        with open(os.path.join(out, "lr_find.json"), "w") as f:
+            json.dump(lr_find_record(result, out), f, indent=2)
     return result
+
+
+def _make_folder(out: str) -> None:
+    """Make the folder ``out`` for lr_find.png and lr_find.json, before the test's minutes of work."""
+    if out.lower().endswith((".png", ".json")):
+        raise UserError(f"--out {out}: --out names a folder (as in `cnnkit train`), which receives lr_find.png and "
+                        f"lr_find.json; pass --out {os.path.splitext(out)[0] or '.'}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--out {out}: a file of that name is in the way; pass a folder") from None
+    except OSError as e:
+        raise UserError(f"cannot make the folder {out} ({e.strerror}); pass a writable --out") from None
 
 
 def _endless(loader: BatchLoader):
@@ -234,8 +260,38 @@ def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: flo
     if smoothed[settled] - smoothed[low] < FLAT_DROP * smoothed[settled]:
         return default, FLAT_METHOD, edge, low
     if schedule == "onecycle":
-        return lrs[edge], EDGE_METHOD, edge, low
+        return lrs[edge] / ONE_CYCLE_MARGIN, EDGE_METHOD, edge, low
     return lrs[edge] / 10, TENTH_METHOD, edge, low
+
+
+def fastai_valley(lrs: list[float], smoothed: list[float]) -> int:
+    """Index of fastai's ``valley`` suggestion: the longest stretch over which the smoothed loss keeps falling
+    (its longest decreasing subsequence), and the point halfway along it."""
+    n = len(smoothed)
+    run_length, start, end = [1] * n, 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and run_length[i] < run_length[j] + 1:
+                run_length[i] = run_length[j] + 1
+            if run_length[end] < run_length[i]:
+                end, start = i, i - run_length[i]
+    third = (end - start) / 3
+    return max(0, start + int(third) + int(third / 2))
+
+
+def fastai_slide(lrs: list[float], smoothed: list[float], steps: int) -> int:
+    """Index of fastai's ``slide`` suggestion: walking down from the highest rate, the last point where the
+    slope of the smoothed loss still differs by more than a threshold from the slope a fixed interval lower.
+    fastai's interval (15 points) and threshold (0.005 per point) are for its 100-step test; scaled to ``steps``."""
+    n = len(smoothed)
+    interval, threshold = max(1, round(15 * steps / 100)), 0.005 * 100 / steps
+    slope = [(smoothed[min(i + 1, n - 1)] - smoothed[max(i - 1, 0)]) / (min(i + 1, n - 1) - max(i - 1, 0))
+             for i in range(n)]
+    right, left = n - 1, n - 1 - interval
+    found = max(left, 0)
+    while left >= 0 and abs(slope[right] - slope[left]) > threshold:
+        found, right, left = left, right - 1, left - 1
+    return found
 
 
 def _valley_edge(smoothed: list[float], low: int, settled_level: float) -> int:

@@ -1,5 +1,6 @@
 """Numerical failures, failed writes and hostile checkpoints."""
 
+import json
 import os
 import resource
 
@@ -10,12 +11,13 @@ import torch.nn as nn
 import cnnkit
 from cnnkit.errors import CheckpointError, NonFiniteLoss
 from cnnkit.models.registry import _FACTORIES, register_model
+from cnnkit.runs import list_runs
 from tests.conftest import run_cli, write_malicious_checkpoint
 
 TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
 
 
-def test_nan_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match="batch") as e:
         cnnkit.train(**TINY, model="simple_cnn", lr=1e4, schedule="constant", epochs=3, save_every=1,
@@ -24,6 +26,34 @@ def test_nan_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_p
     if (out / "last.pt").exists():
         state = torch.load(out / "last.pt", weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nan_stop_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="simple_cnn", lr=1e4, schedule="constant", epochs=3, out=str(out))
+    assert str(e.value).startswith("epoch 1: the loss became non-finite") and "no checkpoint" in str(e.value)
+    assert "kept" not in str(e.value) and not (out / "last.pt").exists()
+    assert json.loads((out / "stop.json").read_text())["status"] == "diverged"
+    assert list_runs(str(out))[0].status == "diverged"  # not "stopped", as a Ctrl-C'd run is
+
+
+def test_nan_skip_never_keeps_or_reports_a_blown_up_model(tmp_path):
+    # lr 1e6: the weights grow to about 1e25 while the steps whose loss overflows are skipped; the outputs are NaN
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="^epoch 1: the model's outputs on the validation images") as e:
+        cnnkit.train(**TINY, model="simple_cnn", lr=1e6, nan="skip", epochs=2, out=str(out))
+    assert "no checkpoint" in str(e.value)
+    assert not [f for f in os.listdir(out) if f.endswith(".pt")] and not (out / "result.json").exists()
+    assert json.loads((out / "stop.json").read_text())["epoch"] == 1
+
+
+def test_run_files_are_strict_json(tmp_path):
+    from cnnkit.train.loop import _write_json
+
+    _write_json(str(tmp_path), "x.json", {"loss": float("nan"), "rows": [1.5, float("inf")]})
+    strict = json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert strict == {"loss": None, "rows": [1.5, None]}
 
 
 class _SometimesNaN(nn.Module):
@@ -57,6 +87,65 @@ def test_nan_skip_skips_batches_and_keeps_batchnorm_statistics_finite(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
     assert torch.isfinite(state["bn.running_mean"]).all() and torch.isfinite(state["bn.running_var"]).all()
     assert int(state["bn.num_batches_tracked"]) == 2 * 6  # PyTorch counts the call; the statistics were restored
+
+
+class _NaNInEpoch2(_SometimesNaN):
+    """NaN from the 8th training batch on: the second epoch of 6 batches."""
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls >= 8:
+                x = x * float("nan")
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
+    @register_model
+    def nan_in_epoch2(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInEpoch2(num_classes, in_channels)
+
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, out=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("nan_in_epoch2")
+    assert str(e.value).startswith("epoch 2: the loss became non-finite between batches 1 and 6 of this epoch")
+    assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1)" in str(e.value)
+
+
+class _NaNInTheRun(_SometimesNaN):
+    """Fine in the range test (the first model built), NaN from the 8th training batch of the second."""
+
+    built = 0
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__(num_classes, in_channels)
+        _NaNInTheRun.built += 1
+        self.poisoned = _NaNInTheRun.built == 2
+
+    def forward(self, x):
+        if self.training and self.poisoned:
+            self.calls += 1
+            if self.calls >= 8:
+                x = x * float("nan")
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def test_a_diverged_auto_lr_run_says_where_the_rate_came_from(tmp_path):
+    @register_model
+    def nan_in_the_run(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInTheRun(num_classes, in_channels)
+
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="nan_in_the_run", lr="auto", epochs=2, out=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("nan_in_the_run")
+    found = json.loads((tmp_path / "run" / "lr_find.json").read_text())
+    assert str(e.value).startswith("epoch 2: ")
+    assert (f"the rate came from --lr auto (the range test's suggestion {found['suggestion']:.3g}, rule "
+            f"'{found['method']}', in lr_find.json)") in str(e.value)
 
 
 def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Killed, stopped and resumed runs end with exactly the weights of an uninterrupted run (CPU, fp32)."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+from cnnkit.runs import list_runs
 from cnnkit.train.checkpoint import read_payload
 
 ARGS = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "1024", "--val-split", "0.25", "--epochs", "2",
@@ -23,6 +25,15 @@ def start(*args):
 
 def weights(run_dir):
     return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["state_dict"]
+
+
+def logs(run_dir):
+    """steps.csv whole, and metrics.csv without the timings: what a resumed run must log as an uninterrupted one."""
+    steps = open(os.path.join(run_dir, "steps.csv")).read()
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        metrics = [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")}
+                   for row in csv.DictReader(f)]
+    return steps, metrics
 
 
 def assert_same_weights(a, b):
@@ -70,6 +81,7 @@ def test_sigkill_during_an_epoch_then_resume(tmp_path, reference):
     assert "resuming" in text
     assert_same_weights(weights(reference), weights(out))
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + one row per epoch, no duplicates
+    assert logs(out) == logs(reference)  # every step's loss once, and the epoch's lr from its first step
 
 
 def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
@@ -88,6 +100,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
     text = resume(str(out))
     assert "removed" in text and not tmp_files()
     assert_same_weights(weights(reference), weights(out))
+    assert logs(out) == logs(reference)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -99,6 +112,7 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, referen
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert f"--resume {out}" in err and "Traceback" not in err
+    assert list_runs(str(out))[0].status == "stopped"
     resume(str(out))
     assert_same_weights(weights(reference), weights(out))
 
@@ -167,5 +181,21 @@ def test_resume_is_exact_with_mixing_ema_and_accumulation(tmp_path):
     assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
     ema = lambda run: torch.load(tmp_path / run / "last_ema.pt", weights_only=True)["state_dict"]  # noqa: E731
     assert_same_weights(ema("ref"), ema("run"))
-    rows = lambda run: [r.split(",")[2:7] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]  # noqa: E731
-    assert rows("ref") == rows("run")  # losses and accuracies, not timings
+    assert logs(tmp_path / "ref") == logs(tmp_path / "run")  # losses, accuracies and lr, not timings
+
+
+def test_resume_before_the_first_checkpoint_removes_the_half_written_one(tmp_path):
+    # What a SIGKILL during the first checkpoint write leaves: config.json and atomic_torch_save's temporary file
+    import tempfile
+
+    import cnnkit
+    from cnnkit.errors import UserError
+
+    (tmp_path / "config.json").write_text("{}")
+    fd, partial = tempfile.mkstemp(dir=tmp_path, prefix=".last.pt.", suffix=".tmp")
+    os.write(fd, b"PK\x03\x04" + bytes(1000))
+    os.close(fd)
+    with pytest.raises(UserError, match="nothing to resume; removed .last.pt.*config.json") as e:
+        cnnkit.train(resume=str(tmp_path))
+    assert "first checkpoint" in str(e.value) and not os.path.exists(partial)
+    assert os.listdir(tmp_path) == ["config.json"]
