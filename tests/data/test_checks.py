@@ -104,3 +104,26 @@ def test_data_against_the_model():
 def test_check_data_bad_input_is_one_line(tmp_path):
     proc = run_cli("check-data", tmp_path / "missing")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing" in proc.stderr
+
+
+def test_check_data_lists_broken_images(tmp_path):
+    folder = write_image_folder(str(tmp_path / "broken"), n_per_class=10, size=32)
+    good = os.path.join(folder, "circle", "001.png")
+    jpeg = io.BytesIO()
+    Image.open(good).convert("RGB").save(jpeg, "JPEG", quality=90)
+    broken = {os.path.join(folder, "circle", "empty.jpg"): b"",
+              os.path.join(folder, "square", "truncated.jpg"): jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
+              os.path.join(folder, "star", "notes.jpg"): b"not an image, just text\n",
+              os.path.join(folder, "triangle", "garbage.png"): bytes(range(256)) * 4}
+    for path, data in broken.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    proc = run_cli("check-data", folder, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    listed = result["bad_images"]
+    assert len(listed) == len(broken) and all(any(p in line for line in listed) for p in broken), listed
+    assert sum(result["train_counts"]) + sum(result["val_counts"]) == 40  # the broken ones left out
+    assert any("4 broken image(s)" in w for w in result["warnings"])
+    text = run_cli("check-data", folder).stdout
+    assert "broken images: 4" in text and all(p in text for p in broken)
