@@ -56,6 +56,24 @@ def test_duplicates_in_a_set_too_large_for_memory(planted, monkeypatch):
     assert {d.val: d.train for d in result.duplicates} == pairs and result.duplicates_checked
 
 
+def test_a_brightened_and_resaved_copy_is_caught(tmp_path):
+    """Brightened 1.2x and re-saved at JPEG quality 80: 6 bits from its original here (each change alone moves
+    fewer), which the old threshold of 4 missed; benchmarks/duplicate_threshold.py measured the threshold."""
+    g = torch.Generator().manual_seed(6)  # a smooth, photo-like picture
+    small = torch.rand(1, 3, 6, 6, generator=g)
+    photo = (torch.nn.functional.interpolate(small, size=(32, 32), mode="bicubic")[0].clamp(0, 1) * 255).round()
+    train = write_image_folder(str(tmp_path / "train"), n_per_class=10, size=32, seed=0)
+    val = write_image_folder(str(tmp_path / "val"), n_per_class=4, size=32, seed=5)
+    original = os.path.join(train, "circle", "photo.png")
+    Image.fromarray(photo.to(torch.uint8).permute(1, 2, 0).numpy()).save(original)
+    copy = os.path.join(val, "circle", "brighter.jpg")
+    ImageEnhance.Brightness(Image.open(original).convert("RGB")).enhance(1.2).save(copy, quality=80)
+    result = check_data(train, val_data=val)
+    (found,) = result.duplicates
+    assert (found.val, found.train, found.exact) == (copy, original, False)
+    assert 4 < found.distance <= result.threshold
+
+
 def test_a_near_duplicate_hashes_close_and_a_different_image_far():
     torch.manual_seed(0)
     a = (torch.rand(1, 3, 8, 8) * 255).to(torch.uint8).repeat_interleave(4, 2).repeat_interleave(4, 3)
