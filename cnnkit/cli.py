@@ -603,11 +603,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(r)))
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
-    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  top-5 {r.top5:.4f}  "
+    top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
+    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  {top5}"
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
-    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
+    print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c in r.per_class:
-        print(f"{c['class'][:15]:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
+        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
     print(confusion_text(r))
     return 0
 
