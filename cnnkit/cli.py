@@ -516,7 +516,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own settings; drop --config")
         values = read_config_file(args.config)
         argv = args.argv
-        defaults = {**recipe_options(args.recipe or values.get("recipe")), **values}
+        defaults = {**recipe_options(args.recipe or values.get("recipe"),
+                                     args.overfit_batches or values.get("overfit_batches", 0)), **values}
         args = build_parser(train_defaults=defaults).parse_args(argv)
         args.argv = argv
     values = _train_config_values(args)
@@ -818,11 +819,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command in ("train", "lr-find") and args.recipe:
-        # A recipe's options become the defaults, so that every option given on the command line still wins.
+    overfit = getattr(args, "overfit_batches", 0)
+    if args.command in ("train", "lr-find") and (args.recipe or overfit):
+        # A recipe's (and --overfit-batches') options become the defaults, so that every option given on the
+        # command line still wins.
         from cnnkit.train.recipes import recipe_options
 
-        parser = build_parser(train_defaults=recipe_options(args.recipe))
+        parser = build_parser(train_defaults=recipe_options(args.recipe, overfit))
         args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:
