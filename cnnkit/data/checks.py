@@ -31,8 +31,8 @@ from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
 from cnnkit.errors import UserError
 
 # Bits of 64, measured on CIFAR-10 (benchmarks/duplicate_threshold.py): within 6 bits lie 99% of copies brightened
-# 1.2x and re-saved at JPEG quality 80 (94% within 4) and 95% of copies brightened 1.3x and saved at 70, while of
-# distinct images against 50,000 others at most 0.35% are flagged as another photo (1.3% at 8, 7% at 10).
+# 1.2x and re-saved at JPEG quality 80 (94% within 4) and 95% of copies brightened 1.3x and saved at 70, while at
+# most 0.35% of distinct photos had a different photo within 6 bits among 50,000 (1.3% within 8, 7% within 10).
 # Hashes have 32 bits set, so distances are even: 6 and 7 are the same threshold.
 DEFAULT_THRESHOLD = 6
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which the imbalance is worth acting on
