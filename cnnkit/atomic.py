@@ -1,30 +1,52 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every file written here ends with the permissions an ordinary new file gets from the user's umask (0644 under
+the usual 022), not the 0600 of the private temporary file it starts as: a checkpoint, an export or a report
+is meant to be read by a serving container or a colleague like any other file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
 
-def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
-    """``torch.save(obj)`` to a temporary file in ``path``'s folder (the same filesystem, so the rename is
-    atomic), then ``os.replace`` it over ``path``. ``durable`` also fsyncs the file and the folder, so the
-    new file survives a power cut once this returns. A failed write raises OSError and leaves no temp file."""
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the process's umask."""
+    try:  # Linux reports the umask without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except OSError:
+        umask = None
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
+    """A temporary path in ``path``'s folder (the same filesystem, so the rename is atomic) to write to; when
+    the block succeeds it gets an ordinary file's permissions and replaces ``path``. ``durable`` also fsyncs the
+    file and the folder, so the new file survives a power cut once the block ends. A failure leaves the
+    previous file and no temp file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+        os.chmod(tmp, new_file_mode())  # mkstemp made it private (0600)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
             try:
-                torch.save(obj, f)
-            except RuntimeError as e:  # torch's zip writer reports a failed write (disk full) as RuntimeError
-                raise OSError(f"write failed: {str(e).splitlines()[0][:120]}") from None
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
         if durable:
             dir_fd = os.open(folder, os.O_RDONLY)
@@ -37,16 +59,18 @@ def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
             os.unlink(tmp)
 
 
+def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` through ``atomic_path`` (``durable``: fsynced). A failed write raises
+    OSError and leaves no temp file."""
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full) as RuntimeError
+            raise OSError(f"write failed: {str(e).splitlines()[0][:120]}") from None
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write`` on a temporary file in ``path``'s folder, then rename it over ``path``: a reader (a
     browser refreshing a report) never sees half a file, and a failure leaves the previous file and no temp."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report or plot is meant to be read like any file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)

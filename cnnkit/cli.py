@@ -547,7 +547,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own settings; drop --config")
         values = read_config_file(args.config)
         argv = args.argv
-        defaults = {**recipe_options(args.recipe or values.get("recipe")), **values}
+        defaults = {**recipe_options(args.recipe or values.get("recipe"),
+                                     args.overfit_batches or values.get("overfit_batches", 0)), **values}
         args = build_parser(train_defaults=defaults).parse_args(argv)
         args.argv = argv
     values = _train_config_values(args)
@@ -634,11 +635,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(r)))
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
-    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  top-5 {r.top5:.4f}  "
+    top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
+    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  {top5}"
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
-    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
+    print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c in r.per_class:
-        print(f"{c['class'][:15]:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
+        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
     print(confusion_text(r))
     return 0
 
@@ -844,11 +847,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command in ("train", "lr-find") and args.recipe:
-        # A recipe's options become the defaults, so that every option given on the command line still wins.
+    overfit = getattr(args, "overfit_batches", 0)
+    if args.command in ("train", "lr-find") and (args.recipe or overfit):
+        # A recipe's (and --overfit-batches') options become the defaults, so that every option given on the
+        # command line still wins.
         from cnnkit.train.recipes import recipe_options
 
-        parser = build_parser(train_defaults=recipe_options(args.recipe))
+        parser = build_parser(train_defaults=recipe_options(args.recipe, overfit))
         args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:

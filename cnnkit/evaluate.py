@@ -100,13 +100,13 @@ def training_validation_set(ckpt: Checkpoint) -> ImageSet:
     return load_splits(spec)[1]
 
 
-def confusion_text(result: EvalResult, width: int = 6) -> str:
-    """The confusion matrix as aligned text, rows = true class."""
-    names = [c[:width] for c in result.classes]
-    lines = ["true \\ pred".ljust(12) + "".join(n.rjust(width + 1) for n in names)]
-    for name, row in zip(result.classes, result.confusion_matrix):
-        lines.append(name[:11].ljust(12) + "".join(str(v).rjust(width + 1) for v in row))
+def confusion_text(result: EvalResult) -> str:
+    """The confusion matrix as aligned text, rows = true class; class names in full, each column as wide as
+    its name or its largest count."""
+    names, cm = result.classes, result.confusion_matrix
+    widths = [max([len(n)] + [len(str(row[j])) for row in cm]) + 2 for j, n in enumerate(names)]
+    label = max(len(n) for n in names + ["true \\ pred"])
+    lines = ["true \\ pred".ljust(label) + "".join(n.rjust(w) for n, w in zip(names, widths))]
+    for name, row in zip(names, cm):
+        lines.append(name.ljust(label) + "".join(str(v).rjust(w) for v, w in zip(row, widths)))
     return "\n".join(lines)
-
-
-

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from cnnkit.atomic import atomic_path
 from cnnkit.choices import FORMATS
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
@@ -118,22 +118,15 @@ _READERS: dict[str, Callable[[str], Callable[[torch.Tensor], torch.Tensor]]] = {
 
 @contextlib.contextmanager
 def _output_file(out: str) -> Iterator[str]:
-    """A temporary path next to ``out`` that replaces ``out`` when the block succeeds, so a failed export
-    leaves no half-written file; a UserError when the folder cannot be written."""
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise UserError(f"cannot write --out {out} ({e.strerror}: {e.filename}); "
-                        "choose a path in a writable folder") from None
-    try:
+    """``atomic_path(out)``: a failed export leaves no half-written file, and the export gets an ordinary file's
+    permissions; a UserError when the folder cannot be written."""
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_path(out))
+        except OSError as e:
+            raise UserError(f"cannot write --out {out} ({e.strerror}: {e.filename}); "
+                            "choose a path in a writable folder") from None
         yield tmp
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _check_out(out: str, format: str, source: str) -> None:

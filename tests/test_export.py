@@ -227,3 +227,26 @@ def test_files_that_are_not_cnnkit_exports_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         cnnkit.load_checkpoint(str(damaged))
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_exports_get_an_ordinary_files_permissions(tmp_path, umask):
+    """Not mkstemp's private 0600: a serving container or a colleague reads model.onnx like any new file."""
+    from cnnkit.atomic import atomic_write
+
+    old = os.umask(umask)
+    try:
+        ckpt = write_checkpoint(tmp_path / "best.pt", "simple_cnn")
+        paths = [ckpt]
+        for format, ending in (("onnx", ".onnx"), ("torchscript", ".ts"), ("safetensors", ".safetensors")):
+            paths.append(cnnkit.export(ckpt, format, str(tmp_path / f"model{ending}")).path)
+        atomic_write(str(tmp_path / "report.html"), lambda f: f.write(b"<html></html>"))
+        paths.append(str(tmp_path / "report.html"))
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o666 & ~umask
+    assert {os.path.basename(p): oct(os.stat(p).st_mode & 0o777) for p in paths} == \
+        {os.path.basename(p): oct(0o666 & ~umask) for p in paths}
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -65,6 +65,7 @@ class DataCheck:
     model: str | None = None
     warnings: list[str] = field(default_factory=list)  # worth acting on before training
     notes: list[str] = field(default_factory=list)  # what cnnkit does about a mismatch, for information
+    bad_images: list[str] = field(default_factory=list)  # one message per broken image left out (path and reason)
 
 
 def check_data(
@@ -100,13 +101,17 @@ def check_data(
         check_model_name(model)  # before minutes of decoding
     train, val = load_splits(DataSpec(data, data_dir, False, val_data, val_split, input_size, channels))
     if ckpt is None:
-        return check_splits(train, val, model, pretrained=pretrained, threshold=threshold,
-                            imbalance_ratio=imbalance_ratio)
-    result = check_splits(train, val, ckpt.model.cnnkit_config["name"], weights_norm=(ckpt.mean, ckpt.std),
-                          weights_label=ckpt.path, threshold=threshold, imbalance_ratio=imbalance_ratio)
-    if (ckpt.channels, ckpt.input_size) != (train.channels, train.size):
-        result.warnings.append(f"{ckpt.path} takes {ckpt.channels}x{ckpt.input_size}x{ckpt.input_size} images; "
-                               f"these were decoded at {train.channels}x{train.size}x{train.size}")
+        result = check_splits(train, val, model, pretrained=pretrained, threshold=threshold,
+                              imbalance_ratio=imbalance_ratio)
+    else:
+        result = check_splits(train, val, ckpt.model.cnnkit_config["name"], weights_norm=(ckpt.mean, ckpt.std),
+                              weights_label=ckpt.path, threshold=threshold, imbalance_ratio=imbalance_ratio)
+        if (ckpt.channels, ckpt.input_size) != (train.channels, train.size):
+            result.warnings.append(f"{ckpt.path} takes {ckpt.channels}x{ckpt.input_size}x{ckpt.input_size} images; "
+                                   f"these were decoded at {train.channels}x{train.size}x{train.size}")
+    if result.bad_images:  # `train` says this itself, beside its bad_images.txt
+        result.warnings.append(f"{len(result.bad_images)} broken image(s) left out (training skips them too, "
+                               "or stops at the first with --bad-images error): fix or remove them")
     return result
 
 
@@ -180,7 +185,8 @@ def check_splits(
     if weights_label is not None:
         _check_normalisation(mean, std, weights_norm, weights_label, warnings)
     return DataCheck(train.source, list(train.classes), train_counts, val_counts, round(imbalance, 3), train.channels,
-                     train.size, mean, std, duplicates, checked, threshold, model, warnings, notes)
+                     train.size, mean, std, duplicates, checked, threshold, model, warnings, notes,
+                     train.skipped + val.skipped)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
@@ -322,13 +328,19 @@ def _fmt(values: list[float]) -> str:
 
 
 def format_check(c: DataCheck, max_duplicates: int = 20) -> str:
-    """The check as text: class counts, duplicates (up to ``max_duplicates``), then warnings and notes."""
+    """The check as text: class counts, broken images and duplicates (up to ``max_duplicates`` of each), then
+    warnings and notes."""
     width = max(len(n) for n in c.classes + ["class"])
     lines = [f"{c.data}: {sum(c.train_counts):,} training and {sum(c.val_counts):,} validation images of "
              f"{c.channels}x{c.size}x{c.size}, {len(c.classes)} classes; mean {_fmt(c.mean)}, std {_fmt(c.std)}",
              f"  {'class':<{width}}  {'train':>8}  {'val':>7}"]
     lines += [f"  {n:<{width}}  {t:>8,}  {v:>7,}" for n, t, v in zip(c.classes, c.train_counts, c.val_counts)]
     lines.append(f"  largest / smallest training class: {c.imbalance:.2f}")
+    if c.bad_images:
+        lines.append(f"broken images: {len(c.bad_images)}, left out of the counts above")
+        lines += [f"  {b}" for b in c.bad_images[:max_duplicates]]
+        if len(c.bad_images) > max_duplicates:
+            lines.append(f"  ... and {len(c.bad_images) - max_duplicates} more (--json lists them all)")
     if not c.duplicates_checked:
         lines.append("duplicates: not checked")
     elif not c.duplicates:

@@ -27,7 +27,6 @@ from cnnkit.data.sources import ImageSet
 from cnnkit.errors import DataError, UserError
 
 
-
 @dataclass
 class Augment:
     crop_pad: int = 0  # pixels of random translation (RandomCrop padding)

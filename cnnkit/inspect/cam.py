@@ -154,6 +154,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     class_name = target.classes[k] if target.classes and k < len(target.classes) else None
     label = f"class {k}" + (f" '{class_name}'" if class_name else "")
     title = f"{' | '.join(NAMES[m] for m in methods)} on {name} for {label} (p={prob:.2f})"
-    width, height = drawing.save_png(drawing.grid([drawing.upscale(p, factor) for p in panels], len(panels)),
-                                     title, out)
+    labels = ["image"] + [NAMES[m] for m in methods]
+    tiles = [drawing.labelled(drawing.upscale(p, factor), text) for p, text in zip(panels, labels)]
+    width, height = drawing.save_png(drawing.grid(tiles, len(tiles)), title, out)
     return CamResult(list(methods), name, k, class_name, prob, predicted, out, width, height)

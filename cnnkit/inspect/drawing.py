@@ -60,6 +60,18 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str =
     return (image.astype(np.float32) * (1 - alpha) + coloured * alpha).round().clip(0, 255).astype(np.uint8)
 
 
+def labelled(tile: np.ndarray, label: str) -> np.ndarray:
+    """``tile`` (H x W x 3 uint8) under a band of TITLE_HEIGHT pixels with ``label`` centred in it (cut to
+    the tile's width), so a panel of a grid says what it is."""
+    font = ImageFont.load_default()
+    band = Image.new("RGB", (tile.shape[1], TITLE_HEIGHT), BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    while label and draw.textlength(label, font=font) > tile.shape[1] - 4:
+        label = label[:-1]
+    draw.text(((tile.shape[1] - draw.textlength(label, font=font)) / 2, 3), label, fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(band), tile])
+
+
 def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
     """Write ``image`` (H x W x 3 uint8) under ``title`` (one band of TITLE_HEIGHT pixels per line) to
     ``path``; returns (width, height). The picture widens only if a title line is wider than the image."""

@@ -43,7 +43,7 @@ def _tiles(act: torch.Tensor, max_channels: int) -> tuple[list, int]:
         side = math.ceil(math.sqrt(flat.numel()))
         maps = torch.cat([flat, flat.new_full((side * side - flat.numel(),), float(flat.min()))]).view(1, side, side)
     scaled = drawing.normalise(maps)
-    factor = drawing.tile_factor(max(scaled.shape[-2:]))
+    factor = drawing.tile_factor(max(scaled.shape[-2:]), 64)  # tiles at least 64 pixels: legible at 1:1 on a screen
     return [drawing.upscale(drawing.colour(m), factor) for m in scaled], len(maps)
 
 

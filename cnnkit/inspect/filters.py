@@ -70,7 +70,7 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
     if mode == "rgb" and weight.shape[1] != 3:
         raise UserError(f"--mode rgb needs kernels with 3 input channels; {name} has {weight.shape[1]} "
                         "(use --mode channels or mean)")
-    factor = drawing.tile_factor(weight.shape[-1], 24)
+    factor = drawing.tile_factor(weight.shape[-1], 48)  # a 3x3 kernel 48 pixels wide: legible at 1:1 on a screen
     columns = None
     if mode == "rgb":
         w = weight[:max_filters]

@@ -119,18 +119,20 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
               "best validation accuracy"),
         _card(f"{last['val_loss']:.3f}" if last.get("val_loss") is not None else "-", "final validation loss"),
         _card(_pct(last.get("train_acc")), "final training accuracy"),
-        _card(_pct(last.get("val_top5")), "final top-5 accuracy"),
     ]
+    top5 = len(pred.classes) > 5  # with 5 classes or fewer top-5 accuracy is 1 by definition: not shown
+    if top5:
+        cards.append(_card(_pct(last.get("val_top5")), "final top-5 accuracy"))
     if result:
         cards += [_card(f"{result['images_per_s']:,.0f}", "training images per second"),
                   _card(f"{result['train_time_s']:.0f} s", "training time"),
                   _card(f"{result['params']:,}", "parameters")]
+    columns = ("train_loss", "train_acc", "val_loss", "val_acc") + (("val_top5",) if top5 else ())
     rows = [(int(r["epoch"]), f"{r['lr']:.3g}" if r.get("lr") is not None else "-",
-             *(f"{r[k]:.4f}" if r.get(k) is not None else "-" for k in
-               ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5")),
+             *(f"{r[k]:.4f}" if r.get(k) is not None else "-" for k in columns),
              f"{r['images_per_s']:,.0f}" if r.get("images_per_s") is not None else "-") for r in history]
-    per_epoch = _table(("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "val top-5", "images/s"),
-                       rows, text_columns=0)
+    per_epoch = _table(("epoch", "lr", "train loss", "train acc", "val loss", "val acc")
+                       + (("val top-5",) if top5 else ()) + ("images/s",), rows, text_columns=0)
     return (f'<div class="cards">{"".join(cards)}</div>'
             f'<p class="note">The confusion matrix, per-class table, top losses and class activation maps below '
             f'are of <code>best.pt</code> on the {len(pred.labels):,} validation images: accuracy '

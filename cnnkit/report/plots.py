@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -199,10 +200,14 @@ def confusion_figure(confusion: Any, classes: list[str], title: str = "Confusion
     cm = np.asarray(confusion, dtype=np.int64)
     k = len(classes)
     side = min(14.0, max(4.5, 0.42 * k + 2))
-    fig = new_figure(side + 0.8, side)
+    # Room for the class names beside and (at 45 degrees) below the matrix, about 0.07 inch a character at
+    # font size 9: the figure grows by it and the cells stay about square. A fixed-aspect image would instead
+    # leave the layout no room to move, and long names pushed the axis labels off the picture.
+    names = 0.07 * max((len(c) for c in classes), default=0) * (9 if k <= 20 else 6) / 9 if k <= 50 else 0.0
+    fig = new_figure(side + 0.8 + names, side + 0.75 * names)
     ax = fig.subplots()
     shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     fig.colorbar(image, ax=ax, shrink=0.7, fraction=0.04, label="share of the true class")
     if k <= 50:
         ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor",
@@ -216,8 +221,24 @@ def confusion_figure(confusion: Any, classes: list[str], title: str = "Confusion
                             color="white" if shares[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(title)
+    _fitting_title(fig, ax, title)
     return fig
+
+
+def _fitting_title(fig: "Figure", ax: Any, title: str) -> None:
+    """``title`` over ``ax``, wrapped onto more lines where one line would run past the figure's edges (the
+    title is centred on the axes, which a colour bar pushes left of the figure's centre)."""
+    text = ax.set_title(title)
+    chars = len(title)
+    for _ in range(8):  # each wrap moves the layout a little: measure again
+        fig.canvas.draw()
+        box = text.get_window_extent()
+        if box.x0 >= 4 and box.x1 <= fig.bbox.width - 4 or chars <= 10:
+            break
+        centre = (box.x0 + box.x1) / 2
+        room = 2 * min(centre, fig.bbox.width - centre) - 16  # pixels, a margin of 8 each side
+        chars = max(10, min(chars - 1, int(chars * room / box.width)))
+        text.set_text(textwrap.fill(title, chars))
 
 
 def top_losses_figure(pred: "Predictions", n: int = 16, columns: int = 4) -> "Figure":
@@ -268,7 +289,7 @@ def plot_lr_find(result: "LrFindResult", out: str) -> str:
         ax.set_ylim(low - 0.15 * span, start + 0.5 * span)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
-    ax.set_title(f"Learning-rate range test: {result.model} on {result.data}, {len(result.lrs)} steps")
+    _fitting_title(fig, ax, f"Learning-rate range test: {result.model} on {result.data}, {len(result.lrs)} steps")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save_figure(fig, out)

@@ -55,6 +55,7 @@ from cnnkit.train.recipes import recipe_options
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.tta import TTAModel
 
+MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
                   "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
                   "ema_val_loss", "ema_val_acc"]
@@ -124,7 +125,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     wall_start = time.perf_counter()
     if isinstance(config, (str, os.PathLike)):  # a file's values, over its recipe's if it names one
         values = read_config_file(os.fspath(config))
-        config = TrainConfig(**{**recipe_options(values.get("recipe")), **values})
+        config = TrainConfig(**{**recipe_options(values.get("recipe"), values.get("overfit_batches", 0)), **values})
     saved = _resume_payload(resume) if resume else None
     cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
     check_model_name(cfg.model)  # before minutes of data loading
@@ -449,6 +450,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         tta_model = TTAModel(model, mean, std, flip=True, shift=1).to(device)
         tta_acc = evaluate_model(tta_model, val_loader, len(classes), device, amp_dtype).acc
         print(f"test-time augmentation (mirror and 1-pixel shifts, softmax averaged): val acc {tta_acc:.4f}", file=log)
+    if cfg.overfit_batches:
+        print(overfit_verdict(val.acc, val.loss, len(val_set), cfg.overfit_batches), file=log)
     result = TrainResult(
         val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
         epochs=total_epochs, train_acc=train_acc, train_loss=train_loss,
@@ -468,6 +471,18 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
 
         show_run(run_dir, report=cfg.report, device=cfg.device, log=log)
     return result
+
+
+def overfit_verdict(acc: float, loss: float, images: int, batches: int) -> str:
+    """Whether ``--overfit-batches`` memorised its batches: ``acc`` and ``loss`` in eval mode on the very
+    ``images`` it trained on."""
+    head = f"cnnkit: --overfit-batches {batches}: "
+    if acc >= MEMORISED_ACC:
+        return head + f"memorised: accuracy {acc:.4f} on the {images} images it trained on (in eval mode)"
+    return head + (f"NOT memorised: accuracy {acc:.4f} (loss {loss:.3f}) on the {images} images it trained on, where "
+                   f"a healthy model and data pipeline reach {MEMORISED_ACC} or more. If the loss is still falling, "
+                   "give it more --epochs or a higher --lr; if not, suspect labels that do not match the images, "
+                   "a frozen network, or a bug in the model")
 
 
 def train_one_epoch(
@@ -857,7 +872,7 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(unknown)}")
     # A recipe sets its options first; whatever else the caller passes wins over it.
-    base = config or TrainConfig(**recipe_options(overrides.get("recipe")))
+    base = config or TrainConfig(**recipe_options(overrides.get("recipe"), overrides.get("overfit_batches", 0)))
     cfg = dataclasses.replace(base, **overrides)
     if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
         cfg = dataclasses.replace(cfg, plots=True)

@@ -34,10 +34,24 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_options(name: str | None) -> dict[str, Any]:
-    """The options of recipe ``name`` (empty for None)."""
-    if name is None:
-        return {}
-    if name not in RECIPES:
+# `--overfit-batches N` checks that the model and the pipeline can memorise N batches, so its defaults take away
+# what works against memorising or wastes the few steps: weight decay, label smoothing, a warm-up and a decaying
+# schedule (augmentation and mixing are off in any case), and give it enough steps. On 2 batches of the shapes
+# data (128 images, 10 classes) simple_cnn reached, in eval mode on those images: 0.13 with the general defaults
+# (SGD, onecycle, 10 epochs); 0.72 with SGD at a constant rate without weight decay over 30 epochs; with AdamW at
+# its default 2e-3, constant, no weight decay: 0.34 after 10 epochs, 0.75 after 20, 1.0 at 36 and 0.99 at 40
+# (dropout makes the last epochs noisy), so 60 leave a margin.
+OVERFIT_OPTIONS: dict[str, Any] = {
+    "optimizer": "adamw",
+    "schedule": "constant",
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "epochs": 60,
+}
+
+
+def recipe_options(name: str | None, overfit_batches: int = 0) -> dict[str, Any]:
+    """The options of recipe ``name`` (empty for None), under those of ``--overfit-batches`` when it is set."""
+    if name is not None and name not in RECIPES:
         raise UserError(f"unknown recipe '{name}'; recipes: {', '.join(RECIPES)}")
-    return dict(RECIPES[name])
+    return {**RECIPES.get(name, {}), **(OVERFIT_OPTIONS if overfit_batches else {})}

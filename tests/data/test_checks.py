@@ -56,6 +56,24 @@ def test_duplicates_in_a_set_too_large_for_memory(planted, monkeypatch):
     assert {d.val: d.train for d in result.duplicates} == pairs and result.duplicates_checked
 
 
+def test_a_brightened_and_resaved_copy_is_caught(tmp_path):
+    """Brightened 1.2x and re-saved at JPEG quality 80: 6 bits from its original here (each change alone moves
+    fewer), which the old threshold of 4 missed; benchmarks/duplicate_threshold.py measured the threshold."""
+    g = torch.Generator().manual_seed(6)  # a smooth, photo-like picture
+    small = torch.rand(1, 3, 6, 6, generator=g)
+    photo = (torch.nn.functional.interpolate(small, size=(32, 32), mode="bicubic")[0].clamp(0, 1) * 255).round()
+    train = write_image_folder(str(tmp_path / "train"), n_per_class=10, size=32, seed=0)
+    val = write_image_folder(str(tmp_path / "val"), n_per_class=4, size=32, seed=5)
+    original = os.path.join(train, "circle", "photo.png")
+    Image.fromarray(photo.to(torch.uint8).permute(1, 2, 0).numpy()).save(original)
+    copy = os.path.join(val, "circle", "brighter.jpg")
+    ImageEnhance.Brightness(Image.open(original).convert("RGB")).enhance(1.2).save(copy, quality=80)
+    result = check_data(train, val_data=val)
+    (found,) = result.duplicates
+    assert (found.val, found.train, found.exact) == (copy, original, False)
+    assert 4 < found.distance <= result.threshold
+
+
 def test_a_near_duplicate_hashes_close_and_a_different_image_far():
     torch.manual_seed(0)
     a = (torch.rand(1, 3, 8, 8) * 255).to(torch.uint8).repeat_interleave(4, 2).repeat_interleave(4, 3)
@@ -104,3 +122,26 @@ def test_data_against_the_model():
 def test_check_data_bad_input_is_one_line(tmp_path):
     proc = run_cli("check-data", tmp_path / "missing")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing" in proc.stderr
+
+
+def test_check_data_lists_broken_images(tmp_path):
+    folder = write_image_folder(str(tmp_path / "broken"), n_per_class=10, size=32)
+    good = os.path.join(folder, "circle", "001.png")
+    jpeg = io.BytesIO()
+    Image.open(good).convert("RGB").save(jpeg, "JPEG", quality=90)
+    broken = {os.path.join(folder, "circle", "empty.jpg"): b"",
+              os.path.join(folder, "square", "truncated.jpg"): jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
+              os.path.join(folder, "star", "notes.jpg"): b"not an image, just text\n",
+              os.path.join(folder, "triangle", "garbage.png"): bytes(range(256)) * 4}
+    for path, data in broken.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    proc = run_cli("check-data", folder, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    listed = result["bad_images"]
+    assert len(listed) == len(broken) and all(any(p in line for line in listed) for p in broken), listed
+    assert sum(result["train_counts"]) + sum(result["val_counts"]) == 40  # the broken ones left out
+    assert any("4 broken image(s)" in w for w in result["warnings"])
+    text = run_cli("check-data", folder).stdout
+    assert "broken images: 4" in text and all(p in text for p in broken)

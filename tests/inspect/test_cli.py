@@ -58,7 +58,7 @@ def test_features_filters_cam_and_effective_field_of_a_run(trained_run, shape_im
                    "--json")
     cam = json.loads(proc.stdout)
     assert cam["methods"] == ["gradcam++"] and cam["layer"] == "features.7"
-    assert_picture(tmp_path / "cam.png", (2 * 224 + 2, 224 + 18))
+    assert_picture(tmp_path / "cam.png", (2 * 224 + 2, 18 + 18 + 224))  # title, panel labels, image and overlay
     proc = run_cli("rf", trained_run, "--effective", tmp_path / "erf.png", "--images", 4)
     assert proc.returncode == 0, proc.stderr
     assert "effective field of features" in proc.stdout

@@ -17,17 +17,17 @@ def test_feature_maps_one_grid_per_layer(trained_run, shape_image, tmp_path):
                                str(tmp_path / "maps"))
     first, second, linear = maps
     assert (first.shape, first.channels_shown) == ([32, 32, 32], 32)
-    assert_picture(first.path, (6 * 32 + 5 * 2, 6 * 32 + 5 * 2 + 18))  # 6x6 grid of 32-pixel tiles
+    assert_picture(first.path, (6 * 64 + 5 * 2, 6 * 64 + 5 * 2 + 18))  # 6x6 grid of 32-pixel maps enlarged twice
     assert (second.shape, second.channels_shown) == ([64, 16, 16], 64)
-    assert_picture(second.path, (8 * 32 + 7 * 2, 8 * 32 + 7 * 2 + 18))  # 16-pixel maps enlarged twice
+    assert_picture(second.path, (8 * 64 + 7 * 2, 8 * 64 + 7 * 2 + 18))  # 16-pixel maps enlarged 4 times
     assert linear.shape == [256] and linear.path.endswith("classifier.1.png")
-    assert_picture(linear.path, body=(32, 32))  # 256 features as one 16x16 map, enlarged twice
+    assert_picture(linear.path, body=(64, 64))  # 256 features as one 16x16 map, enlarged 4 times
 
 
 def test_feature_maps_show_at_most_max_channels(trained_run, shape_image, tmp_path):
     (m,) = cnnkit.feature_maps(trained_run, ["features.6"], shape_image, str(tmp_path), max_channels=9)
     assert m.channels_shown == 9 and m.shape == [128, 8, 8]
-    assert_picture(m.path, body=(3 * 32 + 2 * 2, 3 * 32 + 2 * 2))
+    assert_picture(m.path, body=(3 * 64 + 2 * 2, 3 * 64 + 2 * 2))
 
 
 def test_feature_map_errors(trained_run, shape_image, tmp_path):
@@ -42,11 +42,11 @@ def test_feature_map_errors(trained_run, shape_image, tmp_path):
 def test_first_layer_filters_as_colour_patches(trained_run, tmp_path):
     f = cnnkit.filters(trained_run, out=str(tmp_path / "f.png"))
     assert (f.layer, f.weight_shape, f.mode, f.filters_shown) == ("features.0", [32, 3, 3, 3], "rgb", 32)
-    assert_picture(f.path, body=(6 * 24 + 5 * 2, 6 * 24 + 5 * 2))  # 3x3 kernels enlarged 8 times
+    assert_picture(f.path, body=(6 * 48 + 5 * 2, 6 * 48 + 5 * 2))  # 3x3 kernels enlarged 16 times: not a stamp
 
 
-@pytest.mark.parametrize("mode, body", [("channels", (16 * 24 + 15 * 2, 16 * 24 + 15 * 2)),
-                                        ("mean", (8 * 24 + 7 * 2, 8 * 24 + 7 * 2))])
+@pytest.mark.parametrize("mode, body", [("channels", (16 * 48 + 15 * 2, 16 * 48 + 15 * 2)),
+                                        ("mean", (8 * 48 + 7 * 2, 8 * 48 + 7 * 2))])
 def test_deeper_filters_per_input_channel_or_averaged(trained_run, tmp_path, mode, body):
     f = cnnkit.filters(trained_run, "features.3", str(tmp_path / f"{mode}.png"), mode=mode)
     assert f.weight_shape == [64, 32, 3, 3] and f.mode == mode
@@ -84,8 +84,15 @@ def test_cam_picture_image_and_one_overlay_per_method(trained_run, shape_image, 
                                     out=str(tmp_path / "cam.png"))
     assert c.methods == ["gradcam", "gradcam++", "scorecam"] and c.layer == "features.7"
     assert (c.class_index, c.class_name) == (3, "star")
-    assert_picture(c.path, (4 * 224 + 3 * 2, 224 + 18))  # the 32-pixel image enlarged 7 times, 4 panels
-    pixels = np.asarray(Image.open(c.path).convert("RGB"), dtype=np.float32)[18:]
+    # the 32-pixel image enlarged 7 times, 4 panels, each under its label, under the title
+    assert_picture(c.path, (4 * 224 + 3 * 2, 18 + 18 + 224))
+    pixels = np.asarray(Image.open(c.path).convert("RGB"), dtype=np.float32)
+    labels = pixels[18:36]
+    for i in range(4):  # each panel's label band holds dark text, centred
+        band = labels[:, i * 226 : i * 226 + 224].min(axis=2)
+        dark = np.nonzero((band < 128).any(axis=0))[0]
+        assert len(dark) and abs((dark[0] + dark[-1]) / 2 - 112) < 12, i
+    pixels = pixels[36:]
     image, overlay = pixels[:, :224], pixels[:, 226:450]
     assert np.abs(image - overlay).mean() > 20  # the heat map is drawn over the image
     assert overlay.std(axis=(0, 1)).mean() > 10

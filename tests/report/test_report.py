@@ -209,3 +209,51 @@ def test_learning_rate_plot_recomputes_what_the_run_recorded(run):
     assert len(xs) == len(steps) == EPOCHS * per_epoch
     at_start = {round(x): y for x, y in zip(xs, ys) if x == int(x)}
     assert [at_start[int(r["epoch"]) - 1] for r in read_metrics(folder)] == pytest.approx([r["lr"] for r in read_metrics(folder)])
+
+
+def test_top5_is_shown_only_with_more_than_5_classes(run, tmp_path):
+    from tests.conftest import write_image_folder
+
+    folder, _ = run  # the shapes data: 10 classes, where top-5 says something
+    with open(os.path.join(folder, "report.html"), encoding="utf-8") as f:
+        assert "final top-5 accuracy" in f.read()
+    text = run_cli("eval", folder)
+    assert text.returncode == 0 and "top-5 " in text.stdout, text.stdout + text.stderr
+    header = next(line for line in text.stdout.splitlines() if line.startswith("true \\ pred"))
+    assert header.split()[3:] == load_checkpoint(os.path.join(folder, "best.pt")).classes  # in full: "triangle"
+
+    four = write_image_folder(str(tmp_path / "four"), n_per_class=8, size=16)  # with 5 classes or fewer top-5 is 1
+    out = tmp_path / "four-run"
+    proc = run_cli("train", "--data", four, "--epochs", 1, "--batch-size", 16, "--report", "--quiet", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "report.html", encoding="utf-8") as f:
+        page = f.read()
+    assert "top-5" not in page and "final training accuracy" in page
+    text = run_cli("eval", out)
+    assert text.returncode == 0 and " acc " in text.stdout and "top-5" not in text.stdout, text.stdout
+
+
+def assert_text_inside(fig):
+    """Every piece of text of the figure lies within its edges (matplotlib clips what does not)."""
+    from matplotlib.text import Text
+
+    from cnnkit.report.plots import DPI
+
+    fig.savefig(io.BytesIO(), format="png", dpi=DPI)  # laid out as the PNG file is
+    width, height = fig.bbox.width, fig.bbox.height
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text():
+            box = text.get_window_extent()
+            assert box.x0 >= 0 and box.x1 <= width and box.y0 >= 0 and box.y1 <= height, \
+                (text.get_text(), box.bounds, (width, height))
+
+
+@pytest.mark.parametrize("classes", [["airplane", "automobile", "bird", "cat"], ["a", "b"],
+                                     [f"class number {i}" for i in range(12)]])
+def test_confusion_plot_title_fits_the_picture(classes):
+    from cnnkit.report.plots import confusion_figure
+
+    k = len(classes)
+    fig = confusion_figure(np.eye(k, dtype=int) * 3, classes,
+                           "Confusion matrix of best.pt on 24 validation images (acc 0.292)")
+    assert_text_inside(fig)
