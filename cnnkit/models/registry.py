@@ -97,7 +97,8 @@ def create_model(
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = [k for k in options if k not in accepted and not takes_any]
     if unknown:
-        raise UserError(f"model '{name}' has no option {', '.join(unknown)}")
+        names = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:5])
+        raise UserError(f"model '{name}' has no option {names}" + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
     _check_option_types(name, factory, options)
     if pretrained:
         if "pretrained" not in accepted:
