@@ -148,7 +148,7 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 
 def unpickling_refused(what: str, error: pickle.UnpicklingError) -> CheckpointError:
     """The error for a file that ``torch.load(weights_only=True)`` refused, naming the object it refused (such
-    as ``builtins.eval``) rather than quoting PyTorch's advice, which suggests the unsafe way of loading it."""
+    as ``eval``) rather than quoting PyTorch's advice, which suggests the unsafe way of loading it."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # PyTorch colours part of its message
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
