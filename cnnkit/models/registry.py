@@ -98,7 +98,8 @@ def create_model(
     unknown = [k for k in options if k not in accepted and not takes_any]
     if unknown:
         names = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:5])
-        raise UserError(f"model '{name}' has no option {names}" + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise UserError(f"model '{name}' has no option {names}{more}")
     _check_option_types(name, factory, options)
     if pretrained:
         if "pretrained" not in accepted:

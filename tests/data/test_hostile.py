@@ -201,3 +201,57 @@ def test_an_image_over_pillows_limit_gets_one_line(tmp_path):
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "huge.png is 10000x10000 = 100,000,000 pixels, over the limit" in proc.stderr
     assert "DecompressionBombWarning" not in proc.stderr
+
+
+def _alias_bomb_yaml(key):
+    """``key:`` over nine levels of nine YAML aliases: 400 bytes that stand for 387 million values."""
+    value = "&a0 [" + ", ".join(["x"] * 9) + "]"
+    for i in range(1, 9):
+        value = f"&a{i} [" + ", ".join([value] + [f"*a{i - 1}"] * 8) + "]"
+    return f"{key}: {value}\n"
+
+
+def _limit_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))  # torch's import alone maps about 3.5 GB
+
+
+@pytest.mark.parametrize("case", ["bomb_batch_size", "bomb_stages", "model_opt", "model_options_file", "utf16",
+                                  "lr_inf", "momentum_nan", "max_pixels", "symlink_loop"])
+def test_hostile_input_gets_one_line_and_exit_2_within_time_and_memory(tmp_path, case):
+    """Issue 24, items 1-6: each input is refused with one line naming it and exit code 2, in a process limited
+    to 8 GB of address space and 120 s (the alias bombs ran past 60 s and 2.5 GB before)."""
+    import subprocess
+    import sys
+
+    files = {"bomb_batch_size": _alias_bomb_yaml("batch_size"), "bomb_stages": _alias_bomb_yaml("stages"),
+             "model_options_file": "model: convnet\nmodel_options: {widths: [x, y]}\n"}
+    env = {"CNNKIT_CACHE": str(tmp_path / "cache")}
+    train = ["train", "--num-samples", "64", "--smoke", "--out", str(tmp_path / "run")]
+    if case in files:
+        (tmp_path / "run.yaml").write_text(files[case])
+        args, words = train + ["--config", "run.yaml"], {
+            "bomb_batch_size": "more than 10,000 values", "bomb_stages": "more than 10,000 values",
+            "model_options_file": "option widths must be a list of whole numbers"}[case]
+    elif case == "utf16":
+        (tmp_path / "run.yaml").write_bytes("epochs: 1\n".encode("utf-16"))
+        args, words = train + ["--config", "run.yaml"], "not UTF-8 text"
+    elif case == "model_opt":
+        args, words = train + ["--model", "convnet", "--model-opt", 'widths=["x","y"]'], "option widths must be"
+    elif case in ("lr_inf", "momentum_nan"):
+        flag, value = ("--lr", "inf") if case == "lr_inf" else ("--momentum", "nan")
+        args, words = train + [flag, value], f"argument {flag}: must be a"
+    elif case == "max_pixels":
+        (tmp_path / "a.png").write_bytes(_png_bytes())
+        env["CNNKIT_MAX_PIXELS"] = "abc"
+        args, words = ["predict", _tiny_checkpoint(tmp_path), "a.png"], "CNNKIT_MAX_PIXELS must be"
+    else:
+        os.symlink("loop_b.png", tmp_path / "loop_a.png")
+        os.symlink("loop_a.png", tmp_path / "loop_b.png")
+        args, words = ["predict", _tiny_checkpoint(tmp_path), "loop_a.png"], "symbolic link that loops"
+    proc = subprocess.run([sys.executable, "-m", "cnnkit", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, preexec_fn=_limit_memory)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert words in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -148,12 +148,3 @@ def test_wrong_model_options_are_a_user_error_naming_them(name, options, words):
         cnnkit.create_model(name, **options)
     assert words in str(e.value) and "\n" not in str(e.value)
 
-
-def test_wrong_typed_model_option_on_the_command_line_is_one_line_exit_2(tmp_path):
-    for command in (["summary", "convnet"], ["train", "--model", "convnet", "--smoke", "--num-samples", "64",
-                                            "--out", str(tmp_path / "run")]):
-        proc = subprocess.run([sys.executable, "-m", "cnnkit", *command, "--model-opt", 'widths=["x","y"]'],
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "CNNKIT_CACHE": str(tmp_path / "cache")})
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert "option widths must be a list of whole numbers" in proc.stderr, proc.stderr
