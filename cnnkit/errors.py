@@ -35,3 +35,15 @@ class NonFiniteLoss(UserError):
     """The loss or the model's outputs became NaN or infinite; nothing after that is saved. Exit code 1."""
 
     exit_code = 1
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` for an error message: its repr, shortened (containers cut after a few items, strings after 40
+    characters, the whole at ``limit`` characters), so a message never renders an unbounded value."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 40, 40, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

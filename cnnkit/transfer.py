@@ -10,6 +10,7 @@ train its new head, then unfreeze the last stage at a lower learning rate. The p
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
@@ -80,6 +81,10 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         raise UserError(f"weights file {path} does not exist")
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from cnnkit.train.checkpoint import unpickling_refused
+
+        raise unpickling_refused(f"weights file {path}", e) from None
     except Exception as e:
         raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
                               "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None

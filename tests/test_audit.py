@@ -60,3 +60,16 @@ def test_a_run_is_audited_stage_by_stage(tmp_path):
 def test_audit_bad_input_is_one_line():
     proc = run_cli("audit", "cnn_bn", "--unfreeze", "layer9")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "layer9" in proc.stderr
+
+
+def test_the_readmes_python_call_of_audit_works():
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    call = re.search(r"`(cnnkit(?:\.\w+)+)\(model\)` audits an `nn.Module`", readme).group(1)
+    target = cnnkit
+    for name in call.split(".")[1:]:
+        target = getattr(target, name)
+    a = target(frozen_backbone_in_train_mode())
+    assert a.warnings and "frozen BatchNorm" in a.warnings[0]

@@ -122,3 +122,30 @@ def test_version_and_help():
     assert run_cli("--version").stdout.startswith("cnnkit ")
     help_text = run_cli("train", "--help").stdout
     assert "examples:" in help_text and "--val-split" in help_text
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--lr", "inf"], ["train", "--lr", "nan"], ["train", "--momentum", "nan"],
+    ["train", "--weight-decay", "inf"], ["train", "--label-smoothing", "nan"], ["train", "--warmup-epochs", "nan"],
+    ["train", "--mixup", "inf"], ["train", "--clip-grad", "inf"], ["train", "--lr-backbone", "inf"],
+    ["lr-find", "--momentum", "nan"], ["lr-find", "--end-lr", "inf"],
+])
+def test_non_finite_numbers_fail_the_argument_checks(capsys, args):
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and args[1] in err and "finite" in err, err
+
+
+@pytest.mark.parametrize("option", ["lr", "momentum", "weight_decay", "warmup_epochs", "clip_grad"])
+def test_non_finite_numbers_fail_the_python_api_before_training(tmp_path, option):
+    import cnnkit
+    from cnnkit.errors import UserError
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=f"{option} must be a finite number"):
+            cnnkit.train(**{option: value}, num_samples=64, smoke=True, out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()

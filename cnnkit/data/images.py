@@ -10,6 +10,7 @@ rotation is applied. Only an allow-list of formats is decoded.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from cnnkit.errors import DataError, UserError
+from cnnkit.errors import DataError, UserError, shown
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,8 @@ def is_image_file(name: str) -> bool:
 
 
 def image_paths(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped)."""
+    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped); a file
+    reached twice (named and inside a folder given too, say) is listed once, where it is first reached."""
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -45,8 +47,30 @@ def image_paths(paths: list[str]) -> list[str]:
         elif os.path.exists(p):
             out.append(p)
         else:
-            raise UserError(f"image path {p} does not exist")
-    return out
+            raise UserError(f"image path {p} {_why_missing(p)}")
+    seen: set[str] = set()
+    unique = []
+    for p in out:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _why_missing(path: str) -> str:
+    """Why ``os.path.exists(path)`` is False, in words: a symbolic link that loops or leads nowhere, a folder
+    that cannot be entered, or no such path."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno != errno.ENOENT:
+            return f"cannot be reached ({e.strerror})"
+    return "does not exist"
 
 
 def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
@@ -93,16 +117,27 @@ def max_pixels() -> int:
     Pillow's decompression-bomb check stays on regardless; this limit can only be stricter or equal.
     """
     default = Image.MAX_IMAGE_PIXELS or 89_478_485
-    return int(os.environ.get("CNNKIT_MAX_PIXELS", default))
+    text = os.environ.get("CNNKIT_MAX_PIXELS")
+    if not (text or "").strip():
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"CNNKIT_MAX_PIXELS must be a positive whole number of pixels (width x height), got "
+                        f"{shown(text, 40)}; unset it for Pillow's limit of {default:,}")
+    return limit
 
 
 def open_image(path: str) -> Image.Image:
     """Open and fully decode ``path``, applying EXIF rotation; a DataError names the file if it cannot be read."""
+    limit = max_pixels()  # outside the try: a bad CNNKIT_MAX_PIXELS is the setting's fault, not the file's
     try:
         with Image.open(path, formats=sorted(ALLOWED_FORMATS)) as img:
             w, h = img.size
-            if w * h > max_pixels():
-                raise DataError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels():,} "
+            if w * h > limit:
+                raise DataError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
                                 "(set CNNKIT_MAX_PIXELS to allow larger images)")
             img.load()
             return ImageOps.exif_transpose(img)

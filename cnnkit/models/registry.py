@@ -7,13 +7,17 @@ num_classes, in_channels, input_size), which is what a checkpoint stores to rebu
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import numbers
+import types
+import typing
 from typing import Any, Callable
 
 import torch.nn as nn
 
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, shown
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -93,13 +97,24 @@ def create_model(
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = [k for k in options if k not in accepted and not takes_any]
     if unknown:
-        raise UserError(f"model '{name}' has no option {', '.join(unknown)}")
+        names = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise UserError(f"model '{name}' has no option {names}{more}")
+    _check_option_types(name, factory, options)
     if pretrained:
         if "pretrained" not in accepted:
             raise UserError(f"there are no pretrained weights for '{name}'; pretrained weights exist for "
                             "torchvision's models (resnet18, efficientnet_b0, ...)")
         options = {**options, "pretrained": True}
-    model = factory(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
+    except (TypeError, ValueError, RuntimeError) as e:
+        given = {k: v for k, v in options.items() if k != "pretrained"}
+        if not given:  # without options a failure is cnnkit's bug, not the caller's
+            raise
+        values = ", ".join(f"{k}={shown(v, 40)}" for k, v in given.items())
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"model '{name}' cannot be built with {values}: {reason}") from None
     options.pop("pretrained", None)
     model.cnnkit_config = {
         "name": name,
@@ -110,3 +125,63 @@ def create_model(
         "pretrained": pretrained,  # informational: a checkpoint's own weights replace these when it is loaded
     }
     return model
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+
+
+def _check_option_types(name: str, factory: Callable[..., nn.Module], options: dict[str, Any]) -> None:
+    """A UserError naming the first option whose value does not have the type the factory's signature gives it
+    (``--model-opt`` and config files hand over whatever JSON or YAML holds); options without a type are left
+    to the factory."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # an annotation that does not resolve: the factory checks its own options
+        return
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise UserError(f"model '{name}': option {key} must be {_describe(hint)}, got {shown(value, 60)}")
+
+
+def _alternatives(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` (int, float, str, bool, None, tuple[...], Sequence[...], unions);
+    True for any other annotation."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in _alternatives(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, h) for v, h in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in words: "a whole number", "a list of 3 whole numbers", "text or null"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in _alternatives(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list, collections.abc.Sequence) and args:
+        fixed = origin is tuple and args[-1] is not Ellipsis
+        item = _describe(args[0]).removeprefix("a ").removeprefix("an ")
+        plural = {"whole number": "whole numbers", "number": "numbers", "text": "texts",
+                  "true or false": "true or false values"}.get(item, item)
+        return f"a list of {len(args)} {plural}" if fixed and len(set(args)) == 1 else f"a list of {plural}"
+    return _KIND_NAMES.get(hint, getattr(hint, "__name__", str(hint)))

@@ -11,6 +11,7 @@ import glob
 import os
 import pickle
 import random
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,22 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
 
 
+def unpickling_refused(what: str, error: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a file that ``torch.load(weights_only=True)`` refused, naming the object it refused (such
+    as ``eval``) rather than quoting PyTorch's advice, which suggests the unsafe way of loading it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # PyTorch colours part of its message
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        held = f"refers to {found.group(1)}, which is not a tensor or plain data,"
+    else:
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        reason = (detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else "").strip()
+        held = f"holds objects other than tensors and plain data ({reason[:120]})"
+    return CheckpointError(f"{what} {held} and was not loaded, since unpickling it could run code; if you trust "
+                           "its author, re-save its weights as a state dict (torch.save(model.state_dict(), ...)) "
+                           "or .safetensors and load those")
+
+
 def read_payload(path: str) -> dict[str, Any]:
     """The checkpoint dict at ``path``, read with ``weights_only=True`` (or from a .safetensors export); a
     CheckpointError names the file otherwise. There is no unsafe mode: a file that holds other Python objects
@@ -143,11 +160,7 @@ def read_payload(path: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain data and was not loaded, "
-            f"since that could run code ({str(e).splitlines()[0][:160]}); if you trust its author, re-save its "
-            "weights as a state dict (torch.save(model.state_dict(), ...)) or .safetensors and load those"
-        ) from None
+        raise unpickling_refused(f"checkpoint {path}", e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:

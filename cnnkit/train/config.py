@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, shown
 
 
 @dataclass
@@ -125,46 +125,114 @@ class TrainResult:
 
 
 
+# A config file is a few dozen lines. Hostile files are stopped before they cost time or memory: the bytes read,
+# and the values in the parsed file, where YAML's aliases count each time they are used (nine levels of nine
+# aliases are 387 million values in a file of 400 bytes), and how deeply they nest (PyYAML recurses per level).
+# Text is bounded too (a path is at most 4,096 bytes on Linux), since messages quote names and paths.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_DEPTH = 20
+MAX_CONFIG_TEXT = 4096
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """The TrainConfig fields that a YAML or JSON file sets (a run folder's ``config.json`` is one), checked:
-    an unknown key or a value of the wrong type is a UserError naming it."""
+    an unknown key or a value of the wrong type is a UserError naming it. Files over ``MAX_CONFIG_BYTES``, or
+    holding more than ``MAX_CONFIG_VALUES`` values, nesting deeper than ``MAX_CONFIG_DEPTH`` or holding text
+    longer than ``MAX_CONFIG_TEXT`` characters, are refused."""
     kind = os.path.splitext(path)[1].lower()
     if kind not in (".yaml", ".yml", ".json"):
         raise UserError(f"--config {path}: expected a .yaml, .yml or .json file")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"--config {path}: over {MAX_CONFIG_BYTES // 1024} KB, too large for a file of training "
+                        "options")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = " (it starts like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UserError(f"--config {path}: not UTF-8 text{utf16}: byte 0x{data[e.start]:02x} at offset {e.start}; "
+                        "save it as UTF-8") from None
     if kind == ".json":
         try:
             values = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise UserError(f"--config {path}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
     else:
-        import yaml
-
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"--config {path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
+        values = _load_yaml(text, path)
+    _check_size(values, path)
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
     hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted((key for key in values if key not in hints), key=str)
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], hints, n=1)
+        names = ", ".join(k if isinstance(k, str) and len(k) <= 40 else shown(k) for k in unknown[:5])
+        names += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        first = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 40 else ""
+        close = difflib.get_close_matches(first, hints, n=1) if first else []
         hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(f.name for f in fields(TrainConfig))}"
-        raise UserError(f"--config {path}: unknown key(s) {', '.join(unknown)}{hint}")
+        raise UserError(f"--config {path}: unknown key(s) {names}{hint}")
     checked = {name: _checked(name, value, hints[name], path) for name, value in values.items()}
     if "model_options" in checked:  # as --model-opt reads them: lists become tuples
         checked["model_options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in checked["model_options"].items()}
     return checked
+
+
+def _load_yaml(text: str, path: str) -> Any:
+    """``text`` parsed as YAML, after a pass over its events that refuses too many values or too deep a nesting
+    before PyYAML builds anything (its composer recurses once per level)."""
+    import yaml
+
+    try:
+        depth = count = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise UserError(f"--config {path}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            if isinstance(event, yaml.NodeEvent):
+                count += 1
+                if count > MAX_CONFIG_VALUES:
+                    raise UserError(f"--config {path}: more than {MAX_CONFIG_VALUES:,} values, too many for a file "
+                                    "of training options")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0][:160]
+        raise UserError(f"--config {path}: not valid YAML ({problem}{where})") from None
+
+
+def _check_size(values: Any, path: str) -> None:
+    """Refuse ``values`` if it holds more than MAX_CONFIG_VALUES values, nests deeper than MAX_CONFIG_DEPTH or
+    holds a text longer than MAX_CONFIG_TEXT, counting a value reached along several paths (a YAML alias) each
+    time; stops as soon as a limit is passed."""
+    count, stack = 0, [(values, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise UserError(f"--config {path}: more than {MAX_CONFIG_VALUES:,} values (YAML aliases counted each "
+                            "time they are used), too many for a file of training options")
+        if isinstance(value, str) and len(value) > MAX_CONFIG_TEXT:
+            raise UserError(f"--config {path}: a text of {len(value):,} characters, over the {MAX_CONFIG_TEXT:,} a "
+                            f"name or path can take: {shown(value, 40)}")
+        if isinstance(value, (dict, list, tuple)):
+            if depth > MAX_CONFIG_DEPTH:
+                raise UserError(f"--config {path}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+            items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+            stack.extend((x, depth + 1) for x in items)
 
 
 _TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "null"}
@@ -193,4 +261,4 @@ def _checked(name: str, value: Any, hint: Any, path: str) -> Any:
                 pass
     wanted = " or ".join(" or ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is Literal
                          else _TYPE_NAMES.get(o, "a mapping") for o in options)
-    raise UserError(f"--config {path}: {name} must be {wanted}, got {value!r}")
+    raise UserError(f"--config {path}: {name} must be {wanted}, got {shown(value)}")

@@ -876,6 +876,10 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     cfg = dataclasses.replace(base, **overrides)
     if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
         cfg = dataclasses.replace(cfg, plots=True)
+    for f in dataclasses.fields(cfg):  # nan slips through the range checks below, inf through some: both fail mid-run
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not -float("inf") < value < float("inf"):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")

@@ -131,3 +131,20 @@ def test_training_cnnkits_own_model_does_not_import_torchvision(tmp_path):
     env = {**os.environ, "CNNKIT_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("convnet", {"widths": ("x", "y")}, "option widths must be a list of whole numbers, got ('x', 'y')"),
+    ("convnet", {"widths": "ab"}, "option widths must be a list of whole numbers, got 'ab'"),
+    ("convnet", {"depth": 1.5}, "option depth must be a whole number, got 1.5"),
+    ("simple_cnn", {"dropout": "x"}, "option dropout must be a number, got 'x'"),
+    ("fastnet", {"widths": (8, 16)}, "option widths must be a list of 3 whole numbers"),
+    ("resnet18", {"head_from": 5}, "option head_from must be text or a list of texts or null, got 5"),
+    ("convnet", {"dropout": 2.0}, "cannot be built with dropout=2.0: dropout probability"),
+    ("convnet", {"widths": (-3,)}, "cannot be built with widths=(-3,)"),
+])
+def test_wrong_model_options_are_a_user_error_naming_them(name, options, words):
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model(name, **options)
+    assert words in str(e.value) and "\n" not in str(e.value)
+

@@ -77,3 +77,27 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="could run code"):
         cnnkit.load_checkpoint(str(path))
     assert not marker.exists()
+
+
+def test_the_refusal_names_the_refused_object_without_pytorchs_advice(tmp_path):
+    path, marker = write_malicious_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        cnnkit.load_checkpoint(str(path))
+    message = str(e.value)
+    assert "refers to io.open" in message and "could run code" in message  # _CreatesFileWhenUnpickled calls open
+    assert "\x1b" not in message and "torch." not in message.replace("torch.save", "") and "\n" not in message
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"weights file .*evil.pt refers to io.open, which is not a tensor"):
+        cnnkit.train(weights=str(path), num_samples=64, smoke=True, out=str(tmp_path / "run"), progress=False)
+    assert not marker.exists()
+
+
+class _CallsEval:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+def test_the_refusal_names_eval_as_the_readme_says(tmp_path):
+    torch.save({"cnnkit_checkpoint": 1, "model": _CallsEval()}, tmp_path / "eval.pt")
+    with pytest.raises(CheckpointError, match="eval.pt refers to eval, which is not a tensor or plain data"):
+        cnnkit.load_checkpoint(str(tmp_path / "eval.pt"))

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,100 @@ def test_config_errors_on_the_command_line_exit_2_with_one_line(tmp_path):
     assert "nonsense" in proc.stderr and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="cannot read"):
         read_config_file(str(tmp_path / "missing.yaml"))
+
+
+def _alias_bomb(levels=9, width=9):
+    """YAML whose value is a list of ``width`` aliases of a list of ``width`` aliases ... ``levels`` deep: a file of
+    a few hundred bytes that stands for width**levels values (387 million for 9 of 9)."""
+    value = f"&a0 [{', '.join(['x'] * width)}]"
+    for i in range(1, levels):
+        value = f"&a{i} [{', '.join([value] + [f'*a{i - 1}'] * (width - 1))}]"
+    return value
+
+
+# Run in a child process whose address space may grow by at most 1 GB past what the imports took, with a timeout:
+# before the limits, the alias bombs ran past 60 s and 2.5 GB (the error message rendered the whole value).
+_HOSTILE_CHILD = """
+import json, resource, sys, time
+from cnnkit.errors import UserError
+from cnnkit.train.config import read_config_file
+size = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize:")][0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
+out = {}
+for path in sys.argv[1:]:
+    start = time.perf_counter()
+    try:
+        read_config_file(path)
+        message = "accepted"
+    except UserError as e:
+        message = str(e)
+    out[path] = (message, time.perf_counter() - start)
+print(json.dumps(out))
+"""
+
+
+def test_hostile_config_files_are_refused_in_bounded_time_and_memory(tmp_path):
+    files = {
+        "bomb_batch.yaml": ("batch_size: " + _alias_bomb() + "\n", "more than 10,000 values"),
+        "bomb_stages.yaml": ("stages: " + _alias_bomb() + "\n", "more than 10,000 values"),
+        "bomb_options.yaml": ("model_options: {widths: " + _alias_bomb() + "}\n", "more than 10,000 values"),
+        "many.yaml": ("model_options: {widths: [" + ", ".join(["1"] * 20_000) + "]}\n", "more than 10,000 values"),
+        "deep.yaml": ("epochs: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested more than 20 levels"),
+        "deep.json": ('{"epochs": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested more than 20 levels"),
+        "deep30.json": ('{"epochs": ' + "[" * 30 + "]" * 30 + "}", "nested more than 20 levels"),
+        "big.yaml": ("epochs: 1\n" + "#" * 400_000 + "\n", "over 256 KB"),
+    }
+    for name, (text, _) in files.items():
+        (tmp_path / name).write_text(text)
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_CHILD, *files], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    for name, (_, words) in files.items():
+        message, seconds = results[name]
+        assert words in message and len(message) < 300, (name, message)
+        assert seconds < 5, (name, seconds)
+
+
+def test_a_wrong_value_is_shown_shortened(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stages: [" + ", ".join(f"stage{i}" for i in range(5000)) + "]\nepochs: '" + "x" * 3000 + "'\n")
+    with pytest.raises(UserError, match="stages must be text or null") as e:
+        read_config_file(str(path))
+    assert len(str(e.value)) < 200 and "stage0" in str(e.value) and "..." in str(e.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("epochs: 1\n".encode("utf-16"))  # starts with the byte order mark \xff\xfe
+    with pytest.raises(UserError, match="not UTF-8 text .it starts like UTF-16.*save it as UTF-8"):
+        read_config_file(str(path))
+    proc = run_cli("train", "--config", path, "--out", tmp_path / "run")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not UTF-8" in proc.stderr and "internal error" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ("lr: .inf\n", "lr must be a finite number, got inf"),
+    ("momentum: .nan\n", "momentum must be a finite number, got nan"),
+    ("model: convnet\nmodel_options: {widths: [x, y]}\nnum_samples: 64\n",
+     "option widths must be a list of whole numbers, got ('x', 'y')"),
+])
+def test_bad_values_in_a_config_file_exit_2_with_one_line(tmp_path, text, words):
+    (tmp_path / "run.yaml").write_text(text)
+    proc = run_cli("train", "--config", tmp_path / "run.yaml", "--smoke", "--out", tmp_path / "run",
+                   env={"CNNKIT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert words in proc.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ("data: " + "d" * 100_000 + "\n", "a text of 100,000 characters, over the 4,096"),
+    ("model_options: {" + ", ".join(f"option{i}: 1" for i in range(50)) + "}\n", "has no option option0, option1"),
+])
+def test_long_texts_and_many_keys_give_a_short_message(tmp_path, text, words):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(UserError) as e:
+        cnnkit.train(config=str(tmp_path / "run.yaml"), num_samples=64, smoke=True, out=str(tmp_path / "run"),
+                     progress=False)
+    assert words in str(e.value) and len(str(e.value)) < 300, str(e.value)[:500]
