@@ -40,12 +40,43 @@ import torch
 
 import cnnkit
 from cnnkit.errors import NonFiniteLoss
-from cnnkit.train.lr_find import _valley_edge, fastai_slide, fastai_valley, lr_find, suggest
+from cnnkit.train.lr_find import _valley_edge, lr_find, suggest
 from cnnkit.train.optim import DEFAULT_LR
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-CIFAR = os.environ.get("CIFAR10_JPEG", "/work/shared/datasets/cifar10-jpeg/train")
+CIFAR = os.environ.get("CIFAR10_JPEG", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets",
+                                                    "cifar10-jpeg", "train"))
 SUBSETS, PER_CLASS = {"cifar3a": ("airplane", "automobile", "bird"), "cifar3b": ("cat", "ship", "truck")}, 600
+
+
+def fastai_valley(lrs: list[float], smoothed: list[float]) -> int:
+    """Index of fastai's ``valley`` suggestion: the longest stretch over which the smoothed loss keeps falling
+    (its longest decreasing subsequence), and the point halfway along it."""
+    n = len(smoothed)
+    run_length, start, end = [1] * n, 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and run_length[i] < run_length[j] + 1:
+                run_length[i] = run_length[j] + 1
+            if run_length[end] < run_length[i]:
+                end, start = i, i - run_length[i]
+    third = (end - start) / 3
+    return max(0, start + int(third) + int(third / 2))
+
+
+def fastai_slide(lrs: list[float], smoothed: list[float], steps: int) -> int:
+    """Index of fastai's ``slide`` suggestion: walking down from the highest rate, the last point where the
+    slope of the smoothed loss still differs by more than a threshold from the slope a fixed interval lower.
+    fastai's interval (15 points) and threshold (0.005 per point) are for its 100-step test; scaled to ``steps``."""
+    n = len(smoothed)
+    interval, threshold = max(1, round(15 * steps / 100)), 0.005 * 100 / steps
+    slope = [(smoothed[min(i + 1, n - 1)] - smoothed[max(i - 1, 0)]) / (min(i + 1, n - 1) - max(i - 1, 0))
+             for i in range(n)]
+    right, left = n - 1, n - 1 - interval
+    found = max(left, 0)
+    while left >= 0 and abs(slope[right] - slope[left]) > threshold:
+        found, right, left = left, right - 1, left - 1
+    return found
 
 
 def cifar_subset(folder: str, classes: tuple[str, ...]) -> str:

@@ -8,6 +8,8 @@ is meant to be read by a serving container or a colleague like any other file.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from typing import IO, Any, Callable, Iterator
@@ -74,3 +76,20 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     browser refreshing a report) never sees half a file, and a failure leaves the previous file and no temp."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+def write_json(path: str, data: Any) -> None:
+    """``data`` as strict JSON, written atomically: a NaN or infinite number becomes null, which every JSON parser
+    reads (Python's own writer would put a bare NaN there, which strict parsers reject)."""
+    text = json.dumps(_finite_or_null(data), indent=2, allow_nan=False).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_or_null(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(v) for v in data]
+    return data

@@ -78,7 +78,7 @@ def evaluate(
         threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
     loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
-                         channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS)
+                         channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS, decode=cfg.get("decode", "auto"))
     model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg, tta, tta_shift)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
     cm = stats.confusion

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def predict(
     checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
     ema: bool = False, tta: bool = False, tta_shift: int = 0, threads: int | None = None,
-    device: "str | torch.device" = "cpu",
+    device: "str | torch.device | None" = None,
 ) -> list[dict]:
     """For each image: ``{"path", "top": [{"class", "prob"}, ...]}``, most probable first; an image that
     cannot be decoded gets ``{"path", "error"}`` instead, and the others are still predicted.
@@ -34,7 +34,8 @@ def predict(
     ``tta``/``tta_shift``: the probabilities averaged over flipped/shifted views (see cnnkit/tta.py).
     ``threads``: CPU threads (torch's, or onnxruntime's for a file path); None: the physical cores this process
     may use (cnnkit/threads.py). An ``OnnxModel`` passed in keeps the threads it was made with.
-    ``device``: where a PyTorch model runs ("cpu", "cuda" or "auto"); an ONNX file always runs on the CPU."""
+    ``device``: where a PyTorch model runs ("cpu", "cuda" or "auto"; None: a checkpoint read from disk on the CPU, a
+    ``Checkpoint`` passed in where its model is); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
     threads = resolve_threads(threads)
@@ -63,7 +64,7 @@ def predict(
         return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths, topk,
                          batch_size)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
-    model = ckpt.model.to(resolve_device(device) if isinstance(device, str) else device)
+    model = ckpt.model if device is None else ckpt.model.to(resolve_device(device) if isinstance(device, str) else device)
     device = next(model.parameters()).device
     forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
 

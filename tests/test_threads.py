@@ -54,7 +54,7 @@ def test_threads_from_a_config_file_and_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ", 1 CPU thread;" in proc.stdout and json.loads((tmp_path / "a" / "config.json").read_text())["threads"] == 1
     proc = run_pinned(["lr-find", "--threads", 1, "--num-samples", 64, "--batch-size", 32, "--steps", 10,
-                       "--out", tmp_path / "lr.png"], os.sched_getaffinity(0), tmp_path)
+                       "--out", tmp_path / "lr"], os.sched_getaffinity(0), tmp_path)
     assert proc.returncode == 0 and "; 1 CPU thread" in proc.stdout, proc.stderr[-2000:]
     proc = run_pinned(["eval", tmp_path / "a", "--threads", 0], os.sched_getaffinity(0), tmp_path)
     assert proc.returncode == 2 and "--threads" in proc.stderr

@@ -113,6 +113,8 @@ class BatchLoader:
         """``batch_size`` is the global batch: with ``world`` processes, each one gets its ``rank``'s share of
         every batch when shuffling (training), or every ``world``-th image when not (evaluation: each image is
         seen exactly once, with no padding). ``balanced`` (with ``shuffle``) draws every class equally often."""
+        if decode not in DECODE_CHOICES:
+            raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{decode}'")
         if shuffle and batch_size % world:
             raise UserError(f"--batch-size {batch_size} does not split evenly over {world} processes")
         self.rank, self.world = rank, world
@@ -134,8 +136,6 @@ class BatchLoader:
         # Beside the images: indexing it with a batch's device indices then needs no copy back to the host,
         # which on a GPU would make every step wait for the one before.
         self.flip_bits = flip_bits(len(data), seed).to(self.labels.device)
-        if decode not in DECODE_CHOICES:
-            raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{decode}'")
         auto = decode == "auto" and device.type == "cuda" and data.images is None and device_decode.all_jpeg(data.files)
         self.decode_on_device = data.images is None and (decode == "device" or auto)
 

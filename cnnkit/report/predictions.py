@@ -111,7 +111,7 @@ def predict_validation(ckpt: Checkpoint, device: str = "auto", batch_size: int |
     data = training_validation_set(ckpt)
     amp_dtype = resolve_precision(cfg.get("precision", "auto"), dev)
     loader = BatchLoader(data, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
-                         channels_last=cfg.get("channels_last", True))
+                         channels_last=cfg.get("channels_last", True), decode=cfg.get("decode", "auto"))
     model = ckpt.model.to(dev)
     probs, losses, labels = [], [], []
     with eval_mode(model):

@@ -209,6 +209,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
                              channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
         model.init_from_data(next(iter(sample))[0])
+        del sample  # and its loader's workers, which a streamed set keeps from epoch to epoch
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
 
     # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
@@ -727,18 +728,7 @@ def _write_json(run_dir: str, name: str, data: Any) -> None:
     """``data`` as strict JSON: a NaN or infinite number is written as null, which every JSON parser reads."""
     if not _is_main_process():
         return
-    with open(os.path.join(run_dir, name), "w") as f:
-        json.dump(_finite_or_null(data), f, indent=2, allow_nan=False)
-
-
-def _finite_or_null(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite_or_null(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite_or_null(v) for v in data]
-    return data
+    write_json(os.path.join(run_dir, name), data)
 
 
 def _is_main_process() -> bool:
@@ -900,7 +890,7 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     if cfg.class_weights not in (None, "auto"):
         raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
                         f"not '{cfg.class_weights}'")
-    if cfg.decode not in DECODE_CHOICES:
+    if cfg.decode not in DECODE_CHOICES:  # before minutes of data loading (BatchLoader checks it too, for its callers)
         raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{cfg.decode}'")
     if cfg.nan not in NAN_POLICIES:
         raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")

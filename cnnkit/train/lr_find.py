@@ -61,6 +61,7 @@ from typing import IO
 import torch
 import torch.nn as nn
 
+from cnnkit.atomic import write_json
 from cnnkit.data.checks import class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, load_splits
@@ -160,6 +161,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
                              channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
         model.init_from_data(next(iter(sample))[0])
+        del sample  # and its loader's workers, which a streamed set keeps from epoch to epoch
     optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                batch_size=cfg.batch_size)
     # Groups may run at their own multiple of the rate (Muon's biases and head): the sweep keeps those ratios.
@@ -224,8 +226,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
               "(raise the end learning rate)", file=log)
     if out:
-        with open(os.path.join(out, "lr_find.json"), "w") as f:
-            json.dump(lr_find_record(result, out), f, indent=2)
+        write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out))
     return result
 
 
@@ -262,36 +263,6 @@ def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: flo
     if schedule == "onecycle":
         return lrs[edge] / ONE_CYCLE_MARGIN, EDGE_METHOD, edge, low
     return lrs[edge] / 10, TENTH_METHOD, edge, low
-
-
-def fastai_valley(lrs: list[float], smoothed: list[float]) -> int:
-    """Index of fastai's ``valley`` suggestion: the longest stretch over which the smoothed loss keeps falling
-    (its longest decreasing subsequence), and the point halfway along it."""
-    n = len(smoothed)
-    run_length, start, end = [1] * n, 0, 0
-    for i in range(1, n):
-        for j in range(i):
-            if smoothed[i] < smoothed[j] and run_length[i] < run_length[j] + 1:
-                run_length[i] = run_length[j] + 1
-            if run_length[end] < run_length[i]:
-                end, start = i, i - run_length[i]
-    third = (end - start) / 3
-    return max(0, start + int(third) + int(third / 2))
-
-
-def fastai_slide(lrs: list[float], smoothed: list[float], steps: int) -> int:
-    """Index of fastai's ``slide`` suggestion: walking down from the highest rate, the last point where the
-    slope of the smoothed loss still differs by more than a threshold from the slope a fixed interval lower.
-    fastai's interval (15 points) and threshold (0.005 per point) are for its 100-step test; scaled to ``steps``."""
-    n = len(smoothed)
-    interval, threshold = max(1, round(15 * steps / 100)), 0.005 * 100 / steps
-    slope = [(smoothed[min(i + 1, n - 1)] - smoothed[max(i - 1, 0)]) / (min(i + 1, n - 1) - max(i - 1, 0))
-             for i in range(n)]
-    right, left = n - 1, n - 1 - interval
-    found = max(left, 0)
-    while left >= 0 and abs(slope[right] - slope[left]) > threshold:
-        found, right, left = left, right - 1, left - 1
-    return found
 
 
 def _valley_edge(smoothed: list[float], low: int, settled_level: float) -> int:

@@ -35,8 +35,7 @@ class NormCalls(TorchFunctionMode):
 
 @pytest.mark.parametrize("name,options,size", [
     ("simple_cnn", {}, 32), ("cnn_bn", {}, 32), ("convnet", {}, 32), ("fastnet", {}, 32),
-    ("resnet18", {"stem": "cifar"}, 32), ("mobilenet_v3_small", {}, 64), ("efficientnet_b0", {}, 64),
-    ("convnext_tiny", {}, 64), ("regnet_x_400mf", {}, 64), ("vit_b_32", {}, 224),
+    ("resnet18", {"stem": "cifar"}, 32), ("mobilenet_v3_small", {}, 64), ("convnext_tiny", {}, 32),
 ])
 def test_every_norm_call_with_a_bias_also_passes_a_weight(name, options, size):
     torch.manual_seed(0)
