@@ -154,9 +154,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     ``train``'s options, so that flags given on the command line still win."""
     from cnnkit import __version__
     from cnnkit.data.checks import DEFAULT_THRESHOLD
-    from cnnkit.data.sources import BUILTIN
+    from cnnkit.data.sources import BUILTIN, SHAPES_TRAIN
     from cnnkit.export import FORMATS
-    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
     from cnnkit.train.optim import OPTIMIZERS, SCHEDULES
     from cnnkit.train.precision import PRECISIONS
     from cnnkit.train.recipes import RECIPES
@@ -211,9 +211,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
     t.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
     t.add_argument("--num-samples", type=_positive_int, metavar="N",
-                   help="use N training images (for shapes: generate N; default 20000)")
-    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+                   help=f"use N training images (for shapes: generate N; default {SHAPES_TRAIN})")
+    shapes = DATA_DEFAULTS["shapes"]
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help=f"(default: {GENERAL_DEFAULTS['epochs']}; {shapes['epochs']} for shapes)")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"(default: {GENERAL_DEFAULTS['batch_size']}; {shapes['batch_size']} for shapes)")
     t.add_argument("--lr", type=_learning_rate, help="peak learning rate, or auto: the suggestion of `cnnkit lr-find` "
                    "(default: 0.05 for sgd, 0.002 for adamw)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
@@ -224,7 +227,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
                    help="linear warm-up length (onecycle: 30%% of the run when 0)")
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8)")
+    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8; 0 for shapes, which sit anywhere already)")
     t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for mnist)")
     t.add_argument("--seed", type=int, default=d.seed)

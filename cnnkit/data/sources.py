@@ -27,7 +27,7 @@ TORCHVISION_DATASETS = {
     "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
 }
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
-SHAPES_TRAIN, SHAPES_VAL = 20000, 2000
+SHAPES_TRAIN, SHAPES_VAL = 8000, 2000  # the demo (`cnnkit train`) trains on SHAPES_TRAIN: see DATA_DEFAULTS
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 BAD_IMAGE_POLICIES = ("skip", "error")
