@@ -19,6 +19,9 @@ TORCHVISION_DATASETS = {  # cnnkit/data/sources.py
     "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
 }
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
+# The generated data (cnnkit/data/sources.py); the demo (`cnnkit train`) trains on SHAPES_TRAIN images, see
+# cnnkit/train/config.py DATA_DEFAULTS.
+SHAPES_TRAIN, SHAPES_VAL = 8000, 2000
 # The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}  # cnnkit/export.py
 # Near-duplicates (cnnkit/data/checks.py), bits of 64, measured on CIFAR-10 (benchmarks/duplicate_threshold.py):

@@ -189,8 +189,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     # Only modules free of torch here: the parser answers --help and --version without loading it (seconds).
     from cnnkit.choices import (
         AUGMENT_POLICIES, BUILTIN, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS, SCHEDULES,
+        SHAPES_TRAIN,
     )
-    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
     from cnnkit.train.recipes import RECIPES
 
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.",
@@ -242,9 +243,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
     t.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
     t.add_argument("--num-samples", type=_positive_int, metavar="N",
-                   help="use N training images (for shapes: generate N; default 20000)")
-    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+                   help=f"use N training images (for shapes: generate N; default {SHAPES_TRAIN})")
+    shapes = DATA_DEFAULTS["shapes"]
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help=f"(default: {GENERAL_DEFAULTS['epochs']}; {shapes['epochs']} for shapes)")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"(default: {GENERAL_DEFAULTS['batch_size']}; {shapes['batch_size']} for shapes)")
     t.add_argument("--lr", type=_learning_rate, help="peak learning rate, or auto: the suggestion of `cnnkit lr-find` "
                    "(default: 0.05 for sgd, 0.002 for adamw, 0.24 for muon)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
@@ -263,7 +267,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="linear warm-up length (onecycle: 30%% of the run when 0)")
     t.add_argument("--label-smoothing", type=_nonnegative_float, default=d.label_smoothing, metavar="EPS",
                    help="the target puts EPS of its weight evenly on all classes, below 1 (default: %(default)s)")
-    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8)")
+    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8; 0 for shapes, which sit anywhere already)")
     t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for mnist)")
     t.add_argument("--seed", type=int, default=d.seed,

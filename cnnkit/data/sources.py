@@ -14,13 +14,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from cnnkit.choices import BUILTIN, TORCHVISION_DATASETS
+from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS
 from cnnkit.data import cache
 from cnnkit.data.images import image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 
-SHAPES_TRAIN, SHAPES_VAL = 20000, 2000
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 BAD_IMAGE_POLICIES = ("skip", "error")

@@ -43,7 +43,7 @@ from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
-from cnnkit.train.config import TrainConfig, TrainResult, read_config_file
+from cnnkit.train.config import TrainConfig, TrainResult, read_config_file, with_data_defaults
 from cnnkit.train.ema import WeightEMA
 from cnnkit.train.metrics import macro_averages, per_class_metrics, write_epoch_files
 from cnnkit.train.mix import Mix
@@ -863,7 +863,7 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError(f"unknown training option(s): {', '.join(unknown)}")
     # A recipe sets its options first; whatever else the caller passes wins over it.
     base = config or TrainConfig(**recipe_options(overrides.get("recipe"), overrides.get("overfit_batches", 0)))
-    cfg = dataclasses.replace(base, **overrides)
+    cfg = with_data_defaults(dataclasses.replace(base, **overrides))  # config.json records what they became
     if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
         cfg = dataclasses.replace(cfg, plots=True)
     for f in dataclasses.fields(cfg):  # nan slips through the range checks below, inf through some: both fail mid-run
