@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit import compiled
-from cnnkit.atomic import atomic_write
+from cnnkit.atomic import atomic_write, write_json
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.choices import AUGMENT_POLICIES, DECODE_CHOICES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats

@@ -50,7 +50,6 @@ records the rate, so replaying the run with ``--config`` uses it again; ``lr_fin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
