@@ -8,13 +8,13 @@ is meant to be read by a serving container or a colleague like any other file.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
 import torch
+
+from cnnkit import strict_json
 
 
 def new_file_mode() -> int:
@@ -79,17 +79,6 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def write_json(path: str, data: Any) -> None:
-    """``data`` as strict JSON, written atomically: a NaN or infinite number becomes null, which every JSON parser
-    reads (Python's own writer would put a bare NaN there, which strict parsers reject)."""
-    text = json.dumps(_finite_or_null(data), indent=2, allow_nan=False).encode()
+    """``data`` as strict JSON (cnnkit/strict_json.py: a non-finite number becomes null), written atomically."""
+    text = strict_json.dumps(data, indent=2).encode()
     atomic_write(path, lambda f: f.write(text))
-
-
-def _finite_or_null(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite_or_null(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite_or_null(v) for v in data]
-    return data

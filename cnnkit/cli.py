@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Sequence
 
+from cnnkit import strict_json
 from cnnkit.errors import UserError
 
 EXAMPLES = {
@@ -582,7 +583,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if args.json:
-        print(json.dumps(dataclasses.asdict(result)))
+        print(strict_json.dumps(dataclasses.asdict(result)))
     else:
         tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
         print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}){tta}, "
@@ -612,7 +613,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     r = lr_find(TrainConfig(**_train_config_values(args)), start_lr=args.start_lr, end_lr=args.end_lr,
                 steps=args.steps, out=args.out, log=log)
     if args.json:
-        print(json.dumps(r.summary()))
+        print(strict_json.dumps(r.summary()))
     else:
         print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}; the smoothed loss is lowest at "
               f"{r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}); {r.steps} steps"
@@ -627,7 +628,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     r = write_report(args.run_dir or latest_run(), out=args.out, device=args.device)
     if args.json:
-        print(json.dumps(dataclasses.asdict(r)))
+        print(strict_json.dumps(dataclasses.asdict(r)))
     else:
         print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f} s); plots in "
               f"{os.path.join(r.run_dir, 'plots')}")
@@ -641,7 +642,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     runs = list_runs(args.root)
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in runs]))
+        print(strict_json.dumps([dataclasses.asdict(r) for r in runs]))
     elif not runs:
         print(f"no runs in {args.root}/ yet; start one with: cnnkit train")
     else:
@@ -657,7 +658,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
                  tta_shift=args.tta_shift, threads=args.threads)
     if args.json:
-        print(json.dumps(dataclasses.asdict(r)))
+        print(strict_json.dumps(dataclasses.asdict(r)))
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
     top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
@@ -680,7 +681,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"cnnkit: error: {r['error']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results))
+        print(strict_json.dumps(results))
     else:
         for r in results:
             if "top" in r:
@@ -703,7 +704,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
               input_size=args.input_size, head_from=args.head_from, device=args.device)
     if args.json:
-        print(json.dumps(dataclasses.asdict(r)))
+        print(strict_json.dumps(dataclasses.asdict(r)))
     else:
         print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
               f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
@@ -712,7 +713,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     r = export(args.checkpoint, args.format, args.out, verify=args.verify, images=args.verify_images)
     if args.json:
-        print(json.dumps(dataclasses.asdict(r)))
+        print(strict_json.dumps(dataclasses.asdict(r)))
     else:
         print(f"exported {r.checkpoint} ({r.model}) as {r.format} to {r.path}: "
               f"{r.size_bytes / 1e6:.1f} MB in {r.export_time_s:.1f} s")
@@ -736,7 +737,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _print_json(result) -> None:
-    print(json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
+    print(strict_json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
 
 
 def cmd_shape(args: argparse.Namespace) -> int:

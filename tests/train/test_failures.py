@@ -205,3 +205,20 @@ def test_malicious_checkpoint_is_refused_by_resume(tmp_path):
     with pytest.raises(CheckpointError, match="could run code"):
         cnnkit.train(resume=str(tmp_path))
     assert not marker.exists()
+
+
+def test_json_on_the_command_line_is_strict_even_for_a_blown_up_model(tmp_path):
+    # A checkpoint whose weights are NaN (say, written by another tool): predict's probabilities are NaN, and its
+    # --json output must still parse with a strict parser (null, never a bare NaN).
+    from tests.conftest import run_cli, write_image_folder
+
+    cnnkit.train(data="shapes", num_samples=64, val_split=0.25, epochs=1, progress=False, out=str(tmp_path / "run"))
+    payload = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for value in payload["state_dict"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+    torch.save(payload, tmp_path / "nan.pt")
+    images = write_image_folder(str(tmp_path / "images"), n_per_class=1, size=32)
+    r = run_cli("predict", tmp_path / "nan.pt", images, "--json")
+    results = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
+    assert results and all(t["prob"] is None for p in results for t in p["top"])
