@@ -92,24 +92,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str, zero_ok: bool) -> float:
+    """``text`` as a finite number above 0 (or 0 too, with ``zero_ok``): the comparisons also refuse nan and inf,
+    which would pass a plain range check and fail only later, mid-run."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 < value < float("inf"):  # also refuses nan and inf, which would only fail later, mid-run
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    if not (0 <= value if zero_ok else 0 < value) or not value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}" if zero_ok
+                                         else f"must be a positive finite number, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, zero_ok=False)
 
 
 def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
+    return _finite_float(text, zero_ok=True)
 
 
 def _learning_rate(text: str) -> float | str:
