@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.train_speed import SimpleCNN, split_files
 
-PARTS = ("seed_simple", "cnnkit_simple", "seed_resnet", "cnnkit_resnet", "fast", "profile")
+PARTS = ("fast", "seed_simple", "cnnkit_simple", "profile", "seed_resnet", "cnnkit_resnet", "fast_compile")
 BATCH = {"simple": 64, "resnet": 256}
 
 
@@ -201,7 +201,7 @@ def table(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS + ('fast_compile',)}")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS}")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data", required=True)
     parser.add_argument("--work", default=os.path.join("/tmp", "cnnkit-gpu-speed"))
@@ -228,12 +228,16 @@ def main() -> None:
         results["parts"][part] = json.loads(proc.stdout.strip().splitlines()[-1])
         results["parts"][part]["process_wall_s"] = time.perf_counter() - start
         print(json.dumps(results["parts"][part])[:2000], file=sys.stderr, flush=True)
+        write(results, args)  # after every part: a run stopped by its time limit keeps what it measured
+    print(table(results))
+
+
+def write(results: dict, args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(table(results))
-    print(table(results))
 
 
 if __name__ == "__main__":

@@ -224,13 +224,34 @@ def decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: to
 
     On CUDA the work runs on a stream of its own, beside the training step's kernels, and the current stream
     waits for the result."""
+    out, labels, ready = decode_batch_async(encoded, labels, files, channels, size, device, generator)
+    if ready is not None:
+        use_on_current_stream(out, ready)
+    return out, labels
+
+
+def use_on_current_stream(images: torch.Tensor, ready: torch.cuda.Event) -> None:
+    """Makes the calling thread's current stream wait for ``ready`` (the decode of ``images``), and ``images``'
+    memory wait for that stream's use of it before it returns to the pool."""
+    current = torch.cuda.current_stream(images.device)
+    current.wait_event(ready)
+    images.record_stream(current)
+
+
+def decode_batch_async(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: torch.Tensor, files: list[str],
+                       channels: int, size: int, device: torch.device, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """``decode_batch`` without the wait: on CUDA, also the event that marks the end of the decode on the side
+    stream (None elsewhere), for the thread that uses the batch to wait on (``use_on_current_stream``). A decode
+    made ahead in another thread must not make the training stream wait there: that wait would be queued before
+    the step of the batch before it, and hold that step back until the next batch is decoded."""
     if device.type != "cuda":
-        return _decode_batch(encoded, labels, files, channels, size, device, generator)
+        return *_decode_batch(encoded, labels, files, channels, size, device, generator), None
     # decode_jpeg takes its outputs from the caching allocator on the current stream, and nvjpeg writes them at
     # once, without waiting for the kernels queued on that stream: on the training stream it can be handed a block
     # that queued kernels are still reading, and overwrite it (torchvision PR 9606; measured here on an H200). So
     # decoding has a stream to itself, with nothing queued on it when nvjpeg starts; the one tensor that leaves it
-    # is marked as used by the current stream, so that its block returns to the pool only once that is done.
+    # is marked as used by the stream that uses it, so that its block returns to the pool only once that is done.
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
     side = _side_streams[device]
@@ -241,10 +262,9 @@ def decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: to
         time.sleep(0.0001)
     with torch.cuda.stream(side):
         out, labels = _decode_batch(encoded, labels, files, channels, size, device, generator)
-    current = torch.cuda.current_stream(device)
-    current.wait_stream(side)
-    out.record_stream(current)
-    return out, labels
+        ready = torch.cuda.Event()
+        ready.record(side)
+    return out, labels, ready
 
 
 def _decode_batch(encoded: tuple[torch.Tensor, list[tuple[int, ...]]], labels: torch.Tensor, files: list[str],

@@ -243,9 +243,16 @@ class BatchLoader:
         has decoded the batch, time in which this one queues the training step of the batch before."""
         def decode(i: int, encoded: tuple, labels: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> tuple:
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                images, labels = device_decode.decode_batch(
+                images, labels, ready = device_decode.decode_batch_async(
                     encoded, labels, [self.data.files[k] for k in index.tolist()], self.data.channels, self.data.size,
                     self.device, g if self.augment is not None else None)
+            return i, images, labels, index, g, ready
+
+        def taken(future: concurrent.futures.Future) -> tuple:
+            # The wait is queued here, in the thread that queues the steps, after the step of the batch before.
+            i, images, labels, index, g, ready = future.result()
+            if ready is not None:
+                device_decode.use_on_current_stream(images, ready)
             return i, images, labels, index, g
 
         self._decoding += 1
@@ -255,10 +262,10 @@ class BatchLoader:
                 for item in loaded:
                     submitted = pool.submit(decode, *item)
                     if ahead is not None:
-                        yield ahead.result()
+                        yield taken(ahead)
                     ahead = submitted
                 if ahead is not None:
-                    yield ahead.result()
+                    yield taken(ahead)
         finally:
             self._decoding -= 1
 

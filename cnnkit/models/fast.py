@@ -42,6 +42,20 @@ class BatchNormNoScale(nn.BatchNorm2d):
                             self.unit_scale, self.bias, use_batch_stats, self.momentum, self.eps)
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm``, for models with ``BatchNormNoScale`` too: the conversion
+    copies ``weight`` (None here) and drops the unit-scale buffer, which gives CUDA's kernels a bias without a
+    weight again. Each such layer gets the constant scale back, as a non-persistent buffer under the name
+    SyncBatchNorm reads, so the checkpoint's keys stay the same."""
+    unscaled = {name for name, m in model.named_modules() if isinstance(m, BatchNormNoScale)}
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, m in model.named_modules():
+        if name in unscaled and isinstance(m, nn.SyncBatchNorm) and m.weight is None:
+            del m._parameters["weight"]
+            m.register_buffer("weight", torch.ones(m.num_features, device=m.bias.device), persistent=False)
+    return model
+
+
 class DiracConv(nn.Conv2d):
     """3x3 'same' convolution without bias whose first ``in_channels`` filters start as the identity."""
 

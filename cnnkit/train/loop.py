@@ -34,6 +34,7 @@ from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.models.fast import sync_batchnorm
 from cnnkit.modes import eval_mode
 from cnnkit.progress import progress_bar
 from cnnkit.threads import set_torch_threads
@@ -177,7 +178,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
                             "normalises its own share of the batch")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
     if cfg.check_data and ctx.main and not saved:

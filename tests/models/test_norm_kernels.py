@@ -66,3 +66,24 @@ def test_fastnet_batchnorm_still_has_no_trainable_scale_and_the_same_checkpoint_
     x = torch.randn(4, norm.num_features, 5, 5)
     expected = F.batch_norm(x, None, None, None, norm.bias, True, 0.0, norm.eps)
     assert torch.equal(norm.train()(x), expected)
+
+
+def test_sync_batchnorm_of_fastnet_keeps_a_scale_for_the_kernels_and_the_checkpoint_keys():
+    # --sync-bn converts every BatchNorm; PyTorch's conversion copies the missing weight as None, which would
+    # bring back the CUDA failure for multi-GPU runs of the fast recipe.
+    from cnnkit.models.fast import sync_batchnorm
+
+    model = cnnkit.create_model("fastnet", num_classes=10, input_size=32)
+    keys = set(model.state_dict())
+    plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        cnnkit.create_model("fastnet", num_classes=10, input_size=32))
+    assert any(m.weight is None for m in plain.modules() if isinstance(m, torch.nn.SyncBatchNorm))
+    synced = sync_batchnorm(model).eval()  # SyncBatchNorm runs the plain kernel outside training
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert norms and all(m.weight is not None and not m.weight.requires_grad for m in norms)
+    assert set(synced.state_dict()) == keys
+    assert all(p is not m.weight for m in norms for p in synced.parameters())
+    mode = NormCalls()
+    with mode:
+        synced(torch.randn(2, 3, 32, 32))
+    assert mode.calls and all(call[1] for call in mode.calls if call[2])
