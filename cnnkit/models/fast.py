@@ -85,6 +85,15 @@ class ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
+class GlobalMaxPool(nn.Module):
+    """The maximum over each channel's whole map, as one max-pool window of the map's size: the same values and
+    gradients as ``nn.AdaptiveMaxPool2d(1)``, but an operation every ONNX exporter translates (torch 2.11's
+    exporter stops at adaptive_max_pool2d, which its onnxscript leaves unimplemented)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, kernel_size=x.shape[-2:])
+
+
 class FastNet(nn.Module):
     """Whitening 2x2 conv, three ConvGroups, global max-pool, a bias-free linear head."""
 
@@ -104,7 +113,7 @@ class FastNet(nn.Module):
             ConvGroup(whiten_width, widths[0]),
             ConvGroup(widths[0], widths[1]),
             ConvGroup(widths[1], widths[2]),
-            nn.AdaptiveMaxPool2d(1),
+            GlobalMaxPool(),
             nn.Flatten(1),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
