@@ -83,31 +83,46 @@ def run_seed(root: str, kind: str, epochs: int) -> dict:
             "workers": workers, "batch_size": BATCH[kind], "num_train": len(train_set)}
 
 
-def run_cnnkit(root: str, kind: str, epochs: int, out: str) -> dict:
+def run_cnnkit(root: str, kind: str, epochs: int, out: str, compile_mode: bool | str = False) -> dict:
     import cnnkit
 
     model, options = ("simple_cnn", {}) if kind == "simple" else ("resnet18", {"stem": "cifar"})
     result = cnnkit.train(model=model, model_options=options, data=root, val_split=0.1, epochs=epochs,
-                          batch_size=BATCH[kind], out=out, progress=False, log=sys.stderr, device="cuda")
+                          batch_size=BATCH[kind], out=out, progress=False, log=sys.stderr, device="cuda",
+                          compile=compile_mode)
     with open(os.path.join(out, "metrics.csv")) as f:
         speeds = [float(row["images_per_s"]) for row in csv.DictReader(f)]
     return {"images_per_s_epochs": speeds, "images_per_s": statistics.median(speeds[1:] or speeds),
-            "val_acc": result.val_acc, "precision": result.precision, "batch_size": BATCH[kind],
+            "val_acc": result.val_acc, "precision": result.precision, "batch_size": BATCH[kind], "compile": compile_mode,
             "num_train": result.num_train}
 
 
-def run_fast(root: str, work: str, extra: list[str]) -> dict:
-    """The recipe as a user runs it, twice: caches cold, then warm."""
+# For the measurement of what cuDNN's autotuning costs only: the command run with torch.backends.cudnn.benchmark
+# held False (cnnkit sets it True for CUDA training).
+NO_AUTOTUNE = ("import sys, torch.backends.cudnn as c; type(c).benchmark = property(lambda s: False, lambda s, v: None); "
+               "from cnnkit.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_fast(root: str, work: str, extra: list[str], caches: tuple[str, ...] = ("cold", "warm"),
+             no_autotune: bool = False, cprofile: str | None = None) -> dict:
+    """The recipe as a user runs it: "cold" empties the data and compile caches first, "warm" keeps them."""
     env = {**os.environ, "CNNKIT_CACHE": os.path.join(work, "cache"),
            "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
-    for d in ("cache", "inductor"):
-        shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     runs = []
-    for name in ("cold", "warm"):
+    for name in caches:
+        if name == "cold":
+            for d in ("cache", "inductor"):
+                shutil.rmtree(os.path.join(work, d), ignore_errors=True)
         out = os.path.join(work, f"fast-{name}")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "cnnkit", "train", "--recipe", "fast", "--data", root, "--val-split", "0.1",
-               "--device", "cuda", "--out", out, "--quiet", "--json", *extra]
+        args = ["train", "--recipe", "fast", "--data", root, "--val-split", "0.1", "--device", "cuda", "--out", out,
+                "--quiet", "--json", *extra]
+        if no_autotune:
+            cmd = [sys.executable, "-c", NO_AUTOTUNE, *args]
+        elif cprofile:
+            cmd = [sys.executable, "-m", "cProfile", "-o", cprofile, "-m", "cnnkit", *args]
+        else:
+            cmd = [sys.executable, "-m", "cnnkit", *args]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
@@ -119,8 +134,16 @@ def run_fast(root: str, work: str, extra: list[str]) -> dict:
             epoch_s = [float(row["epoch_time_s"]) for row in csv.DictReader(f)]
         runs.append({"caches": name, "command_wall_s": wall, "train_time_s": r["train_time_s"],
                      "epoch_time_sum_s": sum(epoch_s), "epoch_times_s": epoch_s, "val_acc": r["val_acc"],
-                     "tta_val_acc": r["tta_val_acc"], "num_train": r["num_train"], "extra": extra})
+                     "tta_val_acc": r["tta_val_acc"], "num_train": r["num_train"], "extra": extra,
+                     "cudnn_autotune": not no_autotune})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    if cprofile:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(cprofile, stream=text).sort_stats("cumulative").print_stats(40)
+        return {"runs": runs, "cprofile": text.getvalue()[-12000:]}
     return {"runs": runs}
 
 
@@ -149,12 +172,22 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
     work = args.work
     if part.startswith("seed_"):
         return run_seed(args.data, part[5:], args.epochs)
-    if part.startswith("cnnkit_"):
-        return run_cnnkit(args.data, part[7:], args.epochs, os.path.join(work, part))
+    if part.startswith("cnnkit_"):  # cnnkit_simple, cnnkit_resnet; + "_compile" or "_reduce_overhead"
+        kind, _, mode = part[7:].partition("_")
+        compile_mode = {"": False, "compile": True, "reduce_overhead": "reduce-overhead"}[mode]
+        return run_cnnkit(args.data, kind, args.epochs, os.path.join(work, part), compile_mode)
     if part == "fast":
         return run_fast(args.data, work, [])
+    if part == "fast_warm":
+        return run_fast(args.data, work, [], ("warm",))
+    if part == "fast_no_autotune":
+        return run_fast(args.data, work, [], ("warm",), no_autotune=True)
+    if part == "fast_cprofile":
+        return run_fast(args.data, work, [], ("warm",), cprofile=os.path.join(work, "fast.prof"))
     if part == "fast_compile":
         return run_fast(args.data, work, ["--compile"])
+    if part == "fast_reduce_overhead":
+        return run_fast(args.data, work, ["--compile", "reduce-overhead"])
     if part == "profile":
         return run_profile(args.data, work)
     raise SystemExit(f"unknown part {part}")
@@ -168,27 +201,35 @@ def table(r: dict) -> str:
              "(the first holds cuDNN's autotuning and the workers' start).", "",
              "| model | seed-style loop images/s | cnnkit images/s | x seed | cnnkit val acc |", "|---|---|---|---|---|"]
     for kind, label in (("simple", "simple_cnn, batch 64"), ("resnet", "resnet18 (stem=cifar), batch 256")):
-        seed, ours = p.get(f"seed_{kind}"), p.get(f"cnnkit_{kind}")
-        if not (seed or ours):
+        seed = p.get(f"seed_{kind}")
+        for mode, how in (("", ""), ("_compile", ", --compile"), ("_reduce_overhead", ", --compile reduce-overhead")):
+            ours = p.get(f"cnnkit_{kind}{mode}")
+            if not (ours or (seed and not mode)):
+                continue
+            s = f"{seed['images_per_s']:,.0f} (fp32, {seed['workers']} workers)" if seed and "images_per_s" in seed else "-"
+            o = f"{ours['images_per_s']:,.0f} ({ours['precision']}{how})" if ours and "images_per_s" in ours else "-"
+            x = f"{ours['images_per_s'] / seed['images_per_s']:.2f}" if s != "-" and o != "-" else "-"
+            acc = f"{ours['val_acc']:.4f}" if o != "-" else "-"
+            lines.append(f"| {label} | {s} | {o} | {x} | {acc} |")
+    titles = {"fast": "", "fast_warm": " (caches warm)", "fast_no_autotune": " (cuDNN autotuning held off)",
+              "fast_cprofile": " (under cProfile)", "fast_compile": " --compile",
+              "fast_reduce_overhead": " --compile reduce-overhead"}
+    for name, title in titles.items():
+        if name not in p or "runs" not in p[name]:
             continue
-        s = f"{seed['images_per_s']:,.0f} (fp32, {seed['workers']} workers)" if seed and "images_per_s" in seed else "-"
-        o = f"{ours['images_per_s']:,.0f} ({ours['precision']})" if ours and "images_per_s" in ours else "-"
-        x = f"{ours['images_per_s'] / seed['images_per_s']:.2f}" if s != "-" and o != "-" else "-"
-        acc = f"{ours['val_acc']:.4f}" if o != "-" else "-"
-        lines.append(f"| {label} | {s} | {o} | {x} | {acc} |")
-    for name in ("fast", "fast_compile"):
-        if name not in p:
-            continue
-        lines += ["", f"`cnnkit train --recipe fast{' --compile' if name == 'fast_compile' else ''}` "
-                      f"({p[name]['runs'][0].get('num_train', '?')} training images):", "",
-                  "| caches | training s | sum of epochs s | whole command s | val acc | with TTA |",
-                  "|---|---|---|---|---|---|"]
-        for run in p[name]["runs"]:
+        runs = p[name]["runs"]
+        lines += ["", f"`cnnkit train --recipe fast{title}` ({runs[0].get('num_train', '?') if runs else '?'} training images):", "",
+                  "| caches | training s | sum of epochs s | first epoch s | whole command s | val acc | with TTA |",
+                  "|---|---|---|---|---|---|---|"]
+        for run in runs:
             if "error" in run:
-                lines.append(f"| {run['caches']} | failed: {run['error'].splitlines()[-1][:120]} | | | | |")
+                lines.append(f"| {run['caches']} | failed: {run['error'].splitlines()[-1][:120]} | | | | | |")
                 continue
             lines.append(f"| {run['caches']} | {run['train_time_s']:.2f} | {run['epoch_time_sum_s']:.2f} | "
-                         f"{run['command_wall_s']:.1f} | {run['val_acc']:.4f} | {run['tta_val_acc']:.4f} |")
+                         f"{run['epoch_times_s'][0]:.2f} | {run['command_wall_s']:.1f} | {run['val_acc']:.4f} | "
+                         f"{run['tta_val_acc']:.4f} |")
+        if "cprofile" in p[name]:
+            lines += ["", "```", p[name]["cprofile"][:6000], "```"]
     prof = p.get("profile")
     if prof and "top_gpu" in prof:
         lines += ["", f"Profile of 2 epochs of the recipe: wall {prof['wall_s']:.2f} s, training {prof['train_time_s']:.2f} s, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 OPTIMIZERS = ("sgd", "adamw", "muon")  # cnnkit/train/optim.py
 SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")  # cnnkit/train/optim.py
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # cnnkit/train/precision.py
+# torch.compile's modes for --compile MODE ("reduce-overhead": CUDA graphs, for small steps on a GPU)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUGMENT_POLICIES = ("randaugment", "trivialaugment")  # cnnkit/data/augment.py
 DECODE_CHOICES = ("auto", "cpu", "device")  # cnnkit/data/loader.py: where a streamed set's JPEGs are decoded
 TORCHVISION_DATASETS = {  # cnnkit/data/sources.py

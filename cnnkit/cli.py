@@ -190,8 +190,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     ``train``'s options, so that flags given on the command line still win."""
     # Only modules free of torch here: the parser answers --help and --version without loading it (seconds).
     from cnnkit.choices import (
-        AUGMENT_POLICIES, BUILTIN, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS, SCHEDULES,
-        SHAPES_TRAIN,
+        AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
+        SCHEDULES, SHAPES_TRAIN,
     )
     from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
     from cnnkit.train.recipes import RECIPES
@@ -309,8 +309,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                     help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
                          "32x32 images such as CIFAR-10 (options you pass explicitly win)")
     threads_option(sp)
-    sp.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
-                    "measure before relying on it: see benchmarks/train_speed.py)")
+    sp.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
+                    help="torch.compile the model, in torch's MODE if given (" + ", ".join(COMPILE_MODES) + "; "
+                    "reduce-overhead: CUDA graphs, for small steps on a GPU). Compiling takes time first: measure "
+                    "before relying on it (benchmarks/train_speed.py, benchmarks/gpu_speed.py)")
     sp.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default=d.augment_policy,
                     help="torchvision's RandAugment or TrivialAugmentWide on every training image (per image, in "
                          "Python: worth it for larger images and longer runs)")

@@ -62,8 +62,9 @@ def test_fast_recipe_trains_through_batchnorm_without_a_scale(tmp_path):
     assert finite_weights(tmp_path / "run")
 
 
-def test_compile_on_cuda(tmp_path):
-    r = cnnkit.train(model="cnn_bn", compile=True, out=str(tmp_path / "run"), **TINY)
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_compile_on_cuda(tmp_path, mode):
+    r = cnnkit.train(model="cnn_bn", compile=mode, out=str(tmp_path / "run"), **{**TINY, "epochs": 2})
     assert finite_weights(tmp_path / "run") and r.val_loss == r.val_loss
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     sync_bn: bool = False  # with several processes on CUDA: BatchNorm statistics over the global batch
     # speed
     recipe: str | None = None  # a named set of options (cnnkit.train.recipes), e.g. "fast"; explicit options win
-    compile: bool = False  # torch.compile the training step's model (pays off on some machines and models only)
+    compile: bool | str = False  # torch.compile the training step's model; a mode name (COMPILE_MODES) or True: "default"
     alternate_flip: bool = False  # flips alternate per image from epoch to epoch instead of coin tosses
     cutout: int = 0  # side in pixels of a zeroed square per training image (0: none)
     augment_policy: str | None = None  # "randaugment" or "trivialaugment" (per image: meant for larger images)

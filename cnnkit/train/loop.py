@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from cnnkit import compiled
 from cnnkit.atomic import atomic_write, write_json
 from cnnkit.data.checks import check_splits, class_weights
-from cnnkit.choices import AUGMENT_POLICIES, DECODE_CHOICES
+from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
@@ -230,7 +230,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     if device.type == "cpu":
         step_model = rand_dropout(step_model)
     if cfg.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, mode=None if cfg.compile is True else cfg.compile)
     else:
         step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
         # The batch's crop, flip and normalisation in one compiled loop, where that pays (cnnkit/compiled.py):
@@ -881,6 +881,8 @@ def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
         raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+    if cfg.compile not in (False, True, *COMPILE_MODES):
+        raise UserError(f"--compile takes no value or one of {', '.join(COMPILE_MODES)}, not '{cfg.compile}'")
     if cfg.augment_policy not in (None, *AUGMENT_POLICIES):
         raise UserError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
     if not 0 <= cfg.random_erasing <= 1:

@@ -111,21 +111,31 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
+        # Each line is one operation over all of a group's tensors (torch._foreach_*): on a GPU the step of a
+        # small network is bound by how fast the CPU launches kernels, and a loop over tensors launches one per
+        # tensor per operation. The arithmetic is that of the loop, tensor by tensor.
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["muon"] and group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                buf.mul_(momentum).add_(g)
-                g = g.add(buf, alpha=momentum)  # Nesterov
-                if group["muon"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    g = orthogonalize(g.reshape(len(g), -1)).view(g.shape).to(p.dtype)
-                p.add_(g, alpha=-lr)
+            grads = [p.grad for p in params]
+            if not group["muon"] and group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(params, grads)]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=momentum)  # Nesterov
+            if group["muon"]:
+                norms = torch._foreach_norm(params)
+                torch._foreach_mul_(params, [len(p) ** 0.5 / n for p, n in zip(params, norms)])
+                updates = orthogonalize_all(updates)
+            torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-lr)
+
+
+def orthogonalize_all(updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``orthogonalize`` of each update as a matrix (filters flattened per output channel), shaped back."""
+    return [orthogonalize(u.reshape(len(u), -1)).view(u.shape) for u in updates]
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:

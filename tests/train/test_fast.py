@@ -101,3 +101,20 @@ def test_batchnorm_under_bf16_autocast_keeps_fp32_statistics_close_to_fp32_train
         stats[dtype] = (bn.running_mean.clone(), bn.running_var.clone())
     assert torch.allclose(stats[None][0], stats[torch.bfloat16][0], rtol=2e-2, atol=0.1)
     assert torch.allclose(stats[None][1], stats[torch.bfloat16][1], rtol=2e-2)
+
+
+def test_compile_takes_torchs_mode_names_and_refuses_others(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", "shapes", "--num-samples", "64", "--epochs", "1", "--model", "linear",
+                   "--compile", "max-autotune-no-cudagraphs", "--precision", "fp32", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["compile"] == "max-autotune-no-cudagraphs"
+    bad = run_cli("train", "--compile", "fastest", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "invalid choice: 'fastest'" in bad.stderr
+    try:
+        cnnkit.train(**TINY, compile="fastest", out=str(tmp_path / "bad2"))
+    except cnnkit.errors.UserError as e:
+        assert "--compile takes no value or one of default, reduce-overhead" in str(e)
+    else:
+        raise AssertionError("an unknown compile mode was accepted")
+    assert not (tmp_path / "bad2").exists()
