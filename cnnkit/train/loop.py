@@ -114,6 +114,9 @@ class RunState:
     stop_reason: str = ""  # set when early stopping ends the run
 
 
+CUDNN_AUTOTUNE_MIN_BATCHES = 5000  # training batches from which a run lets cuDNN time its algorithms
+
+
 def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, resume: str | None = None,
           **overrides) -> TrainResult:
     """Train a model as ``config`` (or keyword overrides of the defaults) says; returns the run's results.
@@ -134,10 +137,6 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
-        # Every batch has the same shapes, so cuDNN may time its algorithms once and keep the fastest
-        # (timm's and airbench's setting); CUDA's convolutions are not bit-reproducible either way.
-        torch.backends.cudnn.benchmark = True
     ctx = distributed.setup(device)  # one process, or one of torchrun's: only rank 0 prints and writes
     if not ctx.main:
         log = open(os.devnull, "w")
@@ -220,6 +219,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     total_epochs = sum(stage.epochs for stage in stages)
     first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
     steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)  # optimizer steps: the schedule counts these
+    if device.type == "cuda" and total_epochs * len(train_loader) >= CUDNN_AUTOTUNE_MIN_BATCHES:
+        # Every batch has the same shapes, so cuDNN may time its algorithms once and keep the fastest (timm's
+        # setting). The timing takes about a second per run, and on the fast recipe it bought nothing (docs/design.md):
+        # only long runs, where a better kernel could repay it, ask for it. Not bit-reproducible either way.
+        torch.backends.cudnn.benchmark = True
     stage_log: list[dict] = []
     # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients up to
     # dropout's draws, less work): ReLUs after their max-pools and, in runs long enough to repay compiling, each
