@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.choices import DEFAULT_THRESHOLD
+from cnnkit.data import cache
 from cnnkit.data.loader import channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
 from cnnkit.errors import UserError
@@ -126,18 +127,19 @@ def check_splits(
     threshold: int = DEFAULT_THRESHOLD,
     imbalance_ratio: float = IMBALANCE_RATIO,
     hash_files: bool = True,
+    stats: tuple[list[float], list[float]] | None = None,
 ) -> DataCheck:
     """Check loaded splits. ``weights_norm``: the (mean, std) the starting weights expect, named ``weights_label``
     (a label without a normalisation means weights that record none); ``balanced``: training already compensates
     the class imbalance; ``hash_files=False`` skips the duplicate search for sets too large for memory (it decodes
-    every file)."""
+    every file); ``stats``: the training set's channel (mean, std), where the caller has computed them already."""
     if not 0 <= threshold <= 64:
         raise UserError(f"--threshold is a number of differing bits of 64, from 0 to 64; got {threshold}")
     k = len(train.classes)
     train_counts = torch.bincount(train.labels, minlength=k).tolist()
     val_counts = torch.bincount(val.labels, minlength=k).tolist()
     imbalance = max(train_counts) / max(min(train_counts), 1)
-    mean, std = channel_stats(train)
+    mean, std = stats or channel_stats(train)
     warnings: list[str] = []
     notes: list[str] = []
     if imbalance >= imbalance_ratio:
@@ -227,8 +229,15 @@ def _fingerprints(data: ImageSet) -> tuple[np.ndarray, list[bytes]]:
     """Perceptual hashes and pixel digests of every image. Sets too large for memory are decoded in chunks at
     the hash size (their exact matches are then identical 32 x 32 thumbnails)."""
     if data.images is not None:
-        return np.concatenate([perceptual_hashes(data.images[i : i + 4096]) for i in range(0, len(data), 4096)]
-                              or [np.zeros(0, np.uint64)]), _digests(data.images)
+        digests = _digests(data.images)
+        # The hashes cost several times the digests, and a run on the same data finds them cached (keyed by
+        # every image's pixels, in order): a second run on a folder does not spend seconds on them again.
+        key = {"source": "perceptual hashes", "hash_size": HASH_SIZE, "low": LOW_FREQUENCIES,
+               "pixels": hashlib.sha256(b"".join(digests)).hexdigest()}
+        entry = cache.cached(key, lambda: {"hashes": torch.from_numpy(np.concatenate(
+            [perceptual_hashes(data.images[i : i + 4096]) for i in range(0, len(data), 4096)]
+            or [np.zeros(0, np.uint64)]).view(np.int64))}, ("hashes",))
+        return entry["hashes"].numpy().view(np.uint64), digests
     hashes, digests = [], []
     for i in range(0, len(data.files), 4096):
         thumbs, ok, _ = decode_files(data.files[i : i + 4096], data.channels, HASH_SIZE)

@@ -173,6 +173,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         mean, std = start_payload["mean"], start_payload["std"]
     else:
         mean, std = channel_stats(train_set)
+    data_stats = (mean, std) if not (saved or cfg.pretrained or start_payload is not None) else None
     if cfg.sync_bn and ctx.world > 1:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
@@ -185,7 +186,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             train_set, val_set, cfg.model, cfg.pretrained,
             weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
             weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
-            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False)
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats)
         for warning in data_check.warnings:
             print(f"cnnkit: warning: {warning}", file=log)
 

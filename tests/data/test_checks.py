@@ -1,5 +1,7 @@
 """check-data: class balance, duplicates planted between training and validation, the data against a model."""
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -145,3 +147,43 @@ def test_check_data_lists_broken_images(tmp_path):
     assert any("4 broken image(s)" in w for w in result["warnings"])
     text = run_cli("check-data", folder).stdout
     assert "broken images: 4" in text and all(p in text for p in broken)
+
+
+def test_a_second_check_of_the_same_images_finds_their_hashes_cached(tmp_path, monkeypatch):
+    import cnnkit.data.checks as checks
+
+    monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", n_per_class=6, size=16, classes=2)
+    spec = DataSpec(str(tmp_path / "data"), val_split=0.5)
+    train, val = load_splits(spec)
+    first = check_splits(train, val, hash_files=False)
+    calls = []
+    real = checks.perceptual_hashes
+    monkeypatch.setattr(checks, "perceptual_hashes", lambda images: calls.append(len(images)) or real(images))
+    checks.cache._MEMORY.clear()  # from the disk, as a new process would
+    second = check_splits(train, val, hash_files=False)
+    assert calls == [] and second.duplicates == first.duplicates
+    altered = dataclasses.replace(val, images=val.images.clone())
+    altered.images[0] ^= 255  # other pixels: hashed afresh
+    check_splits(train, altered, hash_files=False)
+    assert calls == [len(val)]
+
+
+def test_the_folder_key_is_relpaths_for_every_spelling_of_the_root(tmp_path, monkeypatch):
+    import os
+
+    from cnnkit.data.cache import files_fingerprint
+    from cnnkit.data.sources import scan_folder
+
+    write_image_folder(tmp_path / "data", n_per_class=2, size=8, classes=2)
+    monkeypatch.chdir(tmp_path)
+    keys = set()
+    for root in ("data", "data/", "./data", str(tmp_path / "data"), "data/../data", "data//"):
+        files = scan_folder(root)[0]
+        keys.add(files_fingerprint(root, files))
+        reference = hashlib.sha256()
+        for f in files:
+            st = os.stat(f)
+            reference.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        assert files_fingerprint(root, files) == reference.hexdigest(), root
+    assert len(keys) == 1
