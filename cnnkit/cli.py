@@ -10,7 +10,14 @@ import sys
 from typing import Sequence
 
 from cnnkit import strict_json
+# Only modules free of torch: the parser answers --help and --version without loading it (seconds).
+from cnnkit.choices import (
+    AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
+    SCHEDULES, SHAPES_TRAIN,
+)
 from cnnkit.errors import UserError
+from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
+from cnnkit.train.recipes import RECIPES
 
 EXAMPLES = {
     "train": "examples:\n  cnnkit train\n  cnnkit train --model simple_cnn --data cifar10 --download --epochs 15\n"
@@ -45,6 +52,9 @@ EXAMPLES = {
                "  cnnkit filters best.pt --layer features.3 --mode channels --out conv2.png",
     "cam": "examples:\n  cnnkit cam runs/20260101-120000-simple_cnn --image star.png --out cam.png\n"
            "  cnnkit cam best.pt --image star.png --class circle --method all --out cam.png",
+    "embed": "examples:\n  cnnkit embed runs/<run> photos/ --out feats.npy\n"
+             "  cnnkit embed resnet18 --pretrained photos/ --out feats.npy",
+    "probe": "examples:\n  cnnkit probe resnet18 --pretrained photos/ --val-split 0.2",
     "models": "examples:\n  cnnkit models\n  cnnkit models 'resnet*'\n  cnnkit models '*mobilenet*'",
     "report": "examples:\n  cnnkit report                                  # the newest run under ./runs\n"
               "  cnnkit report runs/20260101-120000-simple_cnn\n"
@@ -186,377 +196,471 @@ HEAD_FROM_HELP = ("a ResNet's stages whose pooled outputs are the features, side
 
 
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; ``train_defaults`` (from ``train --config FILE``) replace the defaults of
-    ``train``'s options, so that flags given on the command line still win."""
-    # Only modules free of torch here: the parser answers --help and --version without loading it (seconds).
-    from cnnkit.choices import (
-        AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
-        SCHEDULES, SHAPES_TRAIN,
-    )
-    from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
-    from cnnkit.train.recipes import RECIPES
-
+    """The parser of every command; ``train_defaults`` (from ``train --config FILE``, a recipe or
+    ``--overfit-batches``) replace the defaults of ``train``'s options and of those ``lr-find`` shares with it, so
+    that flags given on the command line still win."""
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.",
                      epilog=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_Version, help="show the versions of cnnkit, torch, torchvision and "
                         "Python, and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.RawDescriptionHelpFormatter
-    d = TrainConfig()
+    _train_options(_command(sub, "train", "train a model"), train_defaults)
+    _lr_find_options(_command(sub, "lr-find", "learning-rate range test: loss against a growing learning rate"),
+                     train_defaults)
+    _eval_options(_command(sub, "eval", "evaluate a run or checkpoint"))
+    _predict_options(_command(sub, "predict", "classify images"))
+    _embed_options(_command(sub, "embed", "penultimate-layer features of a folder of images"))
+    _probe_options(_command(sub, "probe", "linear probe: how good a backbone's features are for a dataset"))
+    _export_options(_command(sub, "export", "export a model for deployment: ONNX, TorchScript or safetensors"))
+    _models_options(_command(sub, "models", "list the model names"))
+    _shape_options(_command(sub, "shape", "convolution arithmetic: the output size of a conv or pooling layer"))
+    _summary_options(_command(sub, "summary", "layers, output shapes, parameters, MACs and receptive fields"))
+    _rf_options(_command(sub, "rf", "receptive field, jump and start of every layer"))
+    _features_options(_command(sub, "features", "feature maps of chosen layers for one image, one PNG per layer"))
+    _filters_options(_command(sub, "filters", "a convolution's kernels as a picture"))
+    _cam_options(_command(sub, "cam", "class activation map (Grad-CAM, Grad-CAM++, Score-CAM) over an image"))
+    _report_options(_command(sub, "report", "one self-contained HTML page about a run: curves, errors, CAMs, model"))
+    _runs_options(_command(sub, "runs", "list runs: model, data, epochs, best accuracy, date"))
+    _check_data_options(_command(sub, "check-data", "class counts, train/val duplicates, the data against a model"))
+    _audit_options(_command(sub, "audit", "which modules train, and which BatchNorm layers update their statistics"))
+    return parser
 
-    def data_options(p: argparse.ArgumentParser, default_data: str | None) -> None:
-        p.add_argument("--data", default=default_data,
-                       help=f"{', '.join(BUILTIN)}, or a folder with one sub-folder of images per class"
-                            + (f" (default: {default_data})" if default_data else ""))
-        p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
-        p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
-        p.add_argument("--val-split", type=_fraction, metavar="F",
-                       help="hold out this fraction of each class for validation (default for folders: 0.1)")
 
-    def threads_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        p.add_argument("--threads", type=_positive_int, metavar="N",
-                       help="CPU threads to compute with (default: the physical cores this process may use, less one "
-                            "per image-loading process; OMP_NUM_THREADS where set)")
+def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """The parser of command ``name``: ``summary`` is its line in `cnnkit --help`, EXAMPLES[name] ends its own."""
+    return sub.add_parser(name, help=summary, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def tta_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--ema", action="store_true", help="a run folder's weight EMA (best_ema.pt) instead of best.pt")
-        p.add_argument("--tta", action="store_true",
-                       help="test-time augmentation: average the probabilities of each image and its mirror image")
-        p.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
-                       help="test-time augmentation: also average over the image shifted by PIXELS up, down, left, right")
 
-    t = sub.add_parser("train", help="train a model", epilog=EXAMPLES["train"], formatter_class=fmt)
-    t.add_argument("--model", default=d.model, help=f"a name from `cnnkit models` (default: {d.model})")
-    t.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+# Option groups that several commands share.
+
+def _data_options(p: argparse.ArgumentParser, default_data: str | None) -> None:
+    p.add_argument("--data", default=default_data,
+                   help=f"{', '.join(BUILTIN)}, or a folder with one sub-folder of images per class"
+                        + (f" (default: {default_data})" if default_data else ""))
+    p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
+    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="hold out this fraction of each class for validation (default for folders: 0.1)")
+
+
+def _threads_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads to compute with (default: the physical cores this process may use, less one "
+                        "per image-loading process; OMP_NUM_THREADS where set)")
+
+
+def _tta_options(p: argparse.ArgumentParser) -> None:
+    """eval and predict: which weights of a run, and test-time augmentation."""
+    p.add_argument("--ema", action="store_true", help="a run folder's weight EMA (best_ema.pt) instead of best.pt")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the probabilities of each image and its mirror image")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
+                   help="test-time augmentation: also average over the image shifted by PIXELS up, down, left, right")
+
+
+def _model_or_run_options(p: argparse.ArgumentParser) -> None:
+    """The inspection commands: the model to look at and its input size."""
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
+    p.add_argument("--input-size", type=_positive_int, nargs="+", metavar="N",
+                   help="C H W, or one size for a square (default: the checkpoint's, or the model's usual)")
+
+
+def _build_options(p: argparse.ArgumentParser) -> None:
+    """summary and rf: how to build a model given by name."""
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="head size for a model name (default: 1000 for torchvision models, else 10)")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the model's factory (repeatable)")
+
+
+# The training options, in groups: train takes them all, lr-find those that shape the data, model and optimizer.
+# ``d`` holds TrainConfig's defaults.
+
+def _model_and_data_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    p.add_argument("--model", default=d.model, help=f"a name from `cnnkit models` (default: {d.model})")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the model's factory, e.g. --model-opt head=flatten (repeatable)")
-    data_options(t, d.data)
-    tl = t.add_argument_group("transfer learning")
-    tl.add_argument("--pretrained", action="store_true",
-                    help="start from torchvision's default weights (downloaded, or from $TORCH_HOME's cache)")
-    tl.add_argument("--weights", metavar="PATH", help="start from a state dict, .safetensors file or cnnkit run")
-    tl.add_argument("--freeze", choices=("backbone",), help="train only the classifier head")
-    tl.add_argument("--unfreeze", metavar="NAMES", help="train only these modules, e.g. layer4,fc")
+    _data_options(p, d.data)
+
+
+def _start_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The weights training starts from, and which modules train."""
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's default weights (downloaded, or from $TORCH_HOME's cache)")
+    p.add_argument("--weights", metavar="PATH", help="start from a state dict, .safetensors file or cnnkit run")
+    p.add_argument("--freeze", choices=("backbone",), help="train only the classifier head")
+    p.add_argument("--unfreeze", metavar="NAMES", help="train only these modules, e.g. layer4,fc")
+
+
+def _input_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The images as the model sees them, and how many at a time."""
+    p.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
+    p.add_argument("--num-samples", type=_positive_int, metavar="N",
+                   help=f"use N training images (for shapes: generate N; default {SHAPES_TRAIN})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"(default: {GENERAL_DEFAULTS['batch_size']}; {DATA_DEFAULTS['shapes']['batch_size']} for shapes)")
+
+
+def _optimizer_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="sgd (with --momentum), adamw, or muon for the filters (the fast recipe's) "
+                        "(default: %(default)s)")
+    p.add_argument("--momentum", type=_nonnegative_float, default=d.momentum,
+                   help="sgd's momentum (default: %(default)s)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=d.weight_decay,
+                   help="weight decay of conv and linear weights; biases and BatchNorm are not decayed "
+                        "(default: %(default)s)")
+    p.add_argument("--label-smoothing", type=_nonnegative_float, default=d.label_smoothing, metavar="EPS",
+                   help="the target puts EPS of its weight evenly on all classes, below 1 (default: %(default)s)")
+
+
+def _pipeline_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """How each training batch is made and computed."""
+    p.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8; 0 for shapes, which sit anywhere already)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on, off for mnist)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the initial weights, shuffling and augmentation; the validation split stays fixed "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 on CPUs with bf16 matrix instructions and on recent GPUs, else fp32/fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    p.add_argument("--decode", choices=DECODE_CHOICES, default=d.decode,
+                   help="sets too large for memory: decode in CPU workers, or each batch of JPEGs on the device with "
+                        "random resized crops for training (auto: device on CUDA when every file is a JPEG)")
+    p.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
+                   help="broken images in a folder: leave them out and list them, or stop at the first")
+
+
+def _class_balance_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--class-weights", choices=("auto",),
+                   help="auto: loss weights inversely proportional to class frequency, n / (k * count)")
+    p.add_argument("--balanced-sampler", action="store_true",
+                   help="draw training batches with every class equally likely (with replacement)")
+
+
+def _speed_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--recipe", choices=tuple(RECIPES),
+                   help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
+                        "32x32 images such as CIFAR-10 (options you pass explicitly win)")
+    _threads_option(p)
+
+
+def _augment_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, d: TrainConfig) -> None:
+    p.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default=d.augment_policy,
+                   help="torchvision's RandAugment or TrivialAugmentWide on every training image (per image, in "
+                        "Python: worth it for larger images and longer runs)")
+    p.add_argument("--random-erasing", type=_nonnegative_float, default=d.random_erasing, metavar="P",
+                   help="erase a random rectangle of each training image with probability P (torchvision's)")
+    p.add_argument("--cutout", type=int, default=d.cutout, metavar="PIXELS",
+                   help="zero one random square of this side in every training image")
+    p.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=d.alternate_flip,
+                   help="flip each image every other epoch instead of at random")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines: only the result")
+
+
+# The options of train alone.
+
+def _schedule_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """How long the run is, and its learning rate over time."""
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help=f"(default: {GENERAL_DEFAULTS['epochs']}; {DATA_DEFAULTS['shapes']['epochs']} for shapes)")
+    p.add_argument("--lr", type=_learning_rate, help="peak learning rate, or auto: the suggestion of `cnnkit lr-find` "
+                   "(default: 0.05 for sgd, 0.002 for adamw, 0.24 for muon)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning rate over the run: onecycle (warm-up, then cosine to 0), cosine, linear (to 0), "
+                        "step (x0.1 at 50%% and 75%%), constant (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=_nonnegative_float, default=d.warmup_epochs,
+                   help="linear warm-up length (onecycle: 30%% of the run when 0)")
+
+
+def _run_folder_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where the run goes, how often it saves, and how many processes train it."""
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>-<model>)")
+    p.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
+                   help="also write last.pt every STEPS steps (default: once per epoch)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run exactly where it stopped (its own settings are used)")
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine (DistributedDataParallel through torchrun; "
+                        "for several machines run torchrun yourself: see cnnkit/train/distributed.py)")
+
+
+def _regularisation_options(p: argparse._ArgumentGroup, d: TrainConfig) -> None:
+    p.add_argument("--mixup", type=_nonnegative_float, default=d.mixup, metavar="ALPHA",
+                   help="mixup: blend image pairs, lam ~ Beta(ALPHA, ALPHA), e.g. 0.2 (default: off)")
+    p.add_argument("--cutmix", type=_nonnegative_float, default=d.cutmix, metavar="ALPHA",
+                   help="CutMix: paste a box of another image, e.g. 1.0 (with --mixup: one or the other per batch)")
+    p.add_argument("--mix-off-epochs", type=int, default=d.mix_off_epochs, metavar="N",
+                   help="no mixup/CutMix in the last N epochs")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights, e.g. 0.999; evaluated every epoch "
+                        "(ema_val_acc) and saved as best_ema.pt / last_ema.pt")
+    p.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps, metavar="N",
+                   help="gradient accumulation: one optimizer step every N batches (an N times larger batch)")
+    p.add_argument("--early-stop", type=_positive_int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without improvement of --monitor")
+    p.add_argument("--monitor", choices=("val_acc", "val_loss"), default=d.monitor,
+                   help="what picks best.pt and --keep-best and drives --early-stop (default: val_acc)")
+    p.add_argument("--min-delta", type=_nonnegative_float, default=d.min_delta, metavar="DELTA",
+                   help="--early-stop: the least change of --monitor that counts as an improvement (default: 0)")
+    p.add_argument("--keep-best", type=int, default=d.keep_best, metavar="N",
+                   help="also keep the N best epochs as best-epochNNN.pt")
+    p.add_argument("--overfit-batches", type=_positive_int, default=d.overfit_batches, metavar="N",
+                   help="sanity check: train and validate on the same N batches, without augmentation")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick sanity run of this command line: at most 2 epochs of 5 batches, small validation")
+
+
+def _show_options(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--plots", action="store_true",
+                   help="at the end, write plots/ in the run folder: curves, learning rate, confusion matrix, top losses")
+    p.add_argument("--report", action="store_true",
+                   help="at the end, write report.html in the run folder (and the plots); see `cnnkit report`")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard events to RUN/tensorboard (needs pip install 'cnnkit[tensorboard]')")
+
+
+# One function per command.
+
+def _train_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
+    d = TrainConfig()
+    _model_and_data_options(p, d)
+    tl = p.add_argument_group("transfer learning")
+    _start_options(tl)
     tl.add_argument("--lr-backbone", type=_positive_float, metavar="LR",
                     help="learning rate for everything but the head (discriminative learning rates)")
     tl.add_argument("--stages", metavar="PLAN",
                     help="staged fine-tuning, e.g. 'fc:3@1e-3,layer4+fc:5@1e-4' (modules:epochs@lr; overrides --epochs/--lr)")
-    t.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
-    t.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square input size (default: the data's)")
-    t.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
-    t.add_argument("--num-samples", type=_positive_int, metavar="N",
-                   help=f"use N training images (for shapes: generate N; default {SHAPES_TRAIN})")
-    shapes = DATA_DEFAULTS["shapes"]
-    t.add_argument("--epochs", type=_positive_int, default=d.epochs,
-                   help=f"(default: {GENERAL_DEFAULTS['epochs']}; {shapes['epochs']} for shapes)")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help=f"(default: {GENERAL_DEFAULTS['batch_size']}; {shapes['batch_size']} for shapes)")
-    t.add_argument("--lr", type=_learning_rate, help="peak learning rate, or auto: the suggestion of `cnnkit lr-find` "
-                   "(default: 0.05 for sgd, 0.002 for adamw, 0.24 for muon)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="sgd (with --momentum), adamw, or muon for the filters (the fast recipe's) "
-                        "(default: %(default)s)")
-    t.add_argument("--momentum", type=_nonnegative_float, default=d.momentum,
-                   help="sgd's momentum (default: %(default)s)")
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
-    t.add_argument("--weight-decay", type=_nonnegative_float, default=d.weight_decay,
-                   help="weight decay of conv and linear weights; biases and BatchNorm are not decayed "
-                        "(default: %(default)s)")
-    t.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                   help="learning rate over the run: onecycle (warm-up, then cosine to 0), cosine, linear (to 0), "
-                        "step (x0.1 at 50%% and 75%%), constant (default: %(default)s)")
-    t.add_argument("--warmup-epochs", type=_nonnegative_float, default=d.warmup_epochs,
-                   help="linear warm-up length (onecycle: 30%% of the run when 0)")
-    t.add_argument("--label-smoothing", type=_nonnegative_float, default=d.label_smoothing, metavar="EPS",
-                   help="the target puts EPS of its weight evenly on all classes, below 1 (default: %(default)s)")
-    t.add_argument("--crop-pad", type=int, metavar="PIXELS", help="random translation by up to this many pixels (default: size/8; 0 for shapes, which sit anywhere already)")
-    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on, off for mnist)")
-    t.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds the initial weights, shuffling and augmentation; the validation split stays fixed "
-                        "(default: %(default)s)")
-    t.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    t.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 on CPUs with bf16 matrix instructions and on recent GPUs, else fp32/fp16")
-    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
-    t.add_argument("--clip-grad", type=_positive_float, metavar="NORM",
+    _input_options(p, d)
+    _schedule_options(p, d)
+    _optimizer_options(p, d)
+    _pipeline_options(p, d)
+    p.add_argument("--clip-grad", type=_positive_float, metavar="NORM",
                    help="clip the gradient norm (the norm before clipping goes to metrics.csv)")
-    t.add_argument("--nan", choices=("stop", "skip"), default=d.nan,
+    p.add_argument("--nan", choices=("stop", "skip"), default=d.nan,
                    help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
-    t.add_argument("--decode", choices=DECODE_CHOICES, default=d.decode,
-                   help="sets too large for memory: decode in CPU workers, or each batch of JPEGs on the device with "
-                        "random resized crops for training (auto: device on CUDA when every file is a JPEG)")
-    t.add_argument("--bad-images", choices=("skip", "error"), default=d.bad_images,
-                   help="broken images in a folder: leave them out and list them, or stop at the first")
-    cb = t.add_argument_group("class balance and data checks")
-    cb.add_argument("--class-weights", choices=("auto",),
-                    help="auto: loss weights inversely proportional to class frequency, n / (k * count)")
-    cb.add_argument("--balanced-sampler", action="store_true",
-                    help="draw training batches with every class equally likely (with replacement)")
+    cb = p.add_argument_group("class balance and data checks")
+    _class_balance_options(cb)
     cb.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=d.check_data,
                     help="check class balance, train/val duplicates and the data against the model before "
                          "training; warnings only (default: on)")
-    t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>-<model>)")
-    t.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
-                   help="also write last.pt every STEPS steps (default: once per epoch)")
-    t.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run exactly where it stopped (its own settings are used)")
-    t.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
-                   help="train with N processes on this machine (DistributedDataParallel through torchrun; "
-                        "for several machines run torchrun yourself: see cnnkit/train/distributed.py)")
-    sp = t.add_argument_group("speed")
-    sp.add_argument("--recipe", choices=tuple(RECIPES),
-                    help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
-                         "32x32 images such as CIFAR-10 (options you pass explicitly win)")
-    threads_option(sp)
+    _run_folder_options(p, d)
+    sp = p.add_argument_group("speed")
+    _speed_options(sp)
     sp.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
                     help="torch.compile the model, in torch's MODE if given (" + ", ".join(COMPILE_MODES) + "; "
                     "reduce-overhead: CUDA graphs, for small steps on a GPU). Compiling takes time first: measure "
                     "before relying on it (benchmarks/train_speed.py, benchmarks/gpu_speed.py)")
-    sp.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default=d.augment_policy,
-                    help="torchvision's RandAugment or TrivialAugmentWide on every training image (per image, in "
-                         "Python: worth it for larger images and longer runs)")
-    sp.add_argument("--random-erasing", type=_nonnegative_float, default=d.random_erasing, metavar="P",
-                    help="erase a random rectangle of each training image with probability P (torchvision's)")
-    sp.add_argument("--cutout", type=int, default=d.cutout, metavar="PIXELS",
-                    help="zero one random square of this side in every training image")
-    sp.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=d.alternate_flip,
-                    help="flip each image every other epoch instead of at random")
+    _augment_options(sp, d)
     sp.add_argument("--tta", action="store_true",
                     help="also report the final validation accuracy with test-time augmentation")
-    t.add_argument("--sync-bn", action="store_true",
+    p.add_argument("--sync-bn", action="store_true",
                    help="with several processes on CUDA: BatchNorm statistics over the whole global batch")
-    t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    t.add_argument("--config", metavar="FILE",
+    p.add_argument("--config", metavar="FILE",
                    help="a YAML or JSON file of training options (keys: TrainConfig's fields, e.g. batch_size); "
                         "flags given on the command line override it; a run folder's config.json replays that run")
-    rc = t.add_argument_group("regularisation and run control")
-    rc.add_argument("--mixup", type=_nonnegative_float, default=d.mixup, metavar="ALPHA",
-                    help="mixup: blend image pairs, lam ~ Beta(ALPHA, ALPHA), e.g. 0.2 (default: off)")
-    rc.add_argument("--cutmix", type=_nonnegative_float, default=d.cutmix, metavar="ALPHA",
-                    help="CutMix: paste a box of another image, e.g. 1.0 (with --mixup: one or the other per batch)")
-    rc.add_argument("--mix-off-epochs", type=int, default=d.mix_off_epochs, metavar="N",
-                    help="no mixup/CutMix in the last N epochs")
-    rc.add_argument("--ema", type=float, metavar="DECAY",
-                    help="keep an exponential moving average of the weights, e.g. 0.999; evaluated every epoch "
-                         "(ema_val_acc) and saved as best_ema.pt / last_ema.pt")
-    rc.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps, metavar="N",
-                    help="gradient accumulation: one optimizer step every N batches (an N times larger batch)")
-    rc.add_argument("--early-stop", type=_positive_int, metavar="PATIENCE",
-                    help="stop after PATIENCE epochs without improvement of --monitor")
-    rc.add_argument("--monitor", choices=("val_acc", "val_loss"), default=d.monitor,
-                    help="what picks best.pt and --keep-best and drives --early-stop (default: val_acc)")
-    rc.add_argument("--min-delta", type=_nonnegative_float, default=d.min_delta, metavar="DELTA",
-                    help="--early-stop: the least change of --monitor that counts as an improvement (default: 0)")
-    rc.add_argument("--keep-best", type=int, default=d.keep_best, metavar="N",
-                    help="also keep the N best epochs as best-epochNNN.pt")
-    rc.add_argument("--overfit-batches", type=_positive_int, default=d.overfit_batches, metavar="N",
-                    help="sanity check: train and validate on the same N batches, without augmentation")
-    rc.add_argument("--smoke", action="store_true",
-                    help="a quick sanity run of this command line: at most 2 epochs of 5 batches, small validation")
-    if train_defaults:
-        t.set_defaults(**train_defaults)
-    t.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines: only the result")
-    show = t.add_argument_group("showing the run")
-    show.add_argument("--plots", action="store_true",
-                      help="at the end, write plots/ in the run folder: curves, learning rate, confusion matrix, top losses")
-    show.add_argument("--report", action="store_true",
-                      help="at the end, write report.html in the run folder (and the plots); see `cnnkit report`")
-    show.add_argument("--tensorboard", action="store_true",
-                      help="write TensorBoard events to RUN/tensorboard (needs pip install 'cnnkit[tensorboard]')")
+    _regularisation_options(p.add_argument_group("regularisation and run control"), d)
+    _output_options(p)
+    _show_options(p.add_argument_group("showing the run"))
+    if defaults:
+        p.set_defaults(**defaults)
 
-    lf = sub.add_parser("lr-find", help="learning-rate range test: loss against a growing learning rate",
-                        epilog=EXAMPLES["lr-find"], formatter_class=fmt)
-    # The training options are defined once, above; the range test takes those that shape data, model and optimizer.
-    for action in t._actions:
-        if action.dest not in LR_FIND_SKIPS:
-            lf._add_action(action)
-    lf.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
-    lf.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
-    lf.add_argument("--steps", type=_positive_int, default=200,
-                    help="steps of the test; it stops earlier when the loss blows up (default: 200)")
-    lf.add_argument("--out", default=".", metavar="DIR",
-                    help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
 
-    e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EXAMPLES["eval"], formatter_class=fmt)
-    e.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    data_options(e, None)
-    e.add_argument("--batch-size", type=_positive_int)
-    e.add_argument("--device", default="auto")
-    threads_option(e)
-    tta_options(e)
-    e.add_argument("--json", action="store_true")
+def _lr_find_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
+    """The training options that shape the data, model and optimizer, then the range test's own."""
+    d = TrainConfig()
+    _model_and_data_options(p, d)
+    _start_options(p)
+    _input_options(p, d)
+    _optimizer_options(p, d)
+    _pipeline_options(p, d)
+    _class_balance_options(p)
+    _speed_options(p)
+    _augment_options(p, d)
+    _output_options(p)
+    if defaults:  # only for the options the test has: a recipe's 8 epochs or schedule must not reach it
+        has = vars(p.parse_args([]))
+        p.set_defaults(**{k: v for k, v in defaults.items() if k in has})
+    p.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
+    p.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
+    p.add_argument("--steps", type=_positive_int, default=200,
+                   help="steps of the test; it stops earlier when the loss blows up (default: 200)")
+    p.add_argument("--out", default=".", metavar="DIR",
+                   help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
 
-    p = sub.add_parser("predict", help="classify images", epilog=EXAMPLES["predict"], formatter_class=fmt)
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    _data_options(p, None)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--device", default="auto")
+    _threads_option(p)
+    _tta_options(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder, a .pt, .safetensors or .onnx file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K",
                    help="show the K most likely classes of each image (default: %(default)s)")
-    threads_option(p)
-    tta_options(p)
+    _threads_option(p)
+    _tta_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (an .onnx file runs on the CPU)")
     p.add_argument("--json", action="store_true")
 
-    em = sub.add_parser("embed", help="penultimate-layer features of a folder of images",
-                        epilog="examples:\n  cnnkit embed runs/<run> photos/ --out feats.npy\n"
-                               "  cnnkit embed resnet18 --pretrained photos/ --out feats.npy", formatter_class=fmt)
-    em.add_argument("model", metavar="MODEL_OR_RUN")
-    em.add_argument("data", metavar="DATA")
-    em.add_argument("--out", required=True, metavar="FILE.npy")
-    em.add_argument("--pretrained", action="store_true")
-    em.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
-    em.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
-    em.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
-    pr = sub.add_parser("probe", help="linear probe: how good a backbone's features are for a dataset",
-                        epilog="examples:\n  cnnkit probe resnet18 --pretrained photos/ --val-split 0.2",
-                        formatter_class=fmt)
-    pr.add_argument("model", metavar="MODEL_OR_RUN")
-    pr.add_argument("data", metavar="DATA")
-    pr.add_argument("--pretrained", action="store_true")
-    pr.add_argument("--val-split", type=_fraction, metavar="F")
-    pr.add_argument("--val-data", metavar="DIR")
-    pr.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
-    pr.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
-    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    pr.add_argument("--json", action="store_true")
-    x = sub.add_parser("export", help="export a model for deployment: ONNX, TorchScript or safetensors",
-                       epilog=EXAMPLES["export"], formatter_class=fmt)
-    x.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    x.add_argument("--format", required=True, choices=FORMATS)
-    x.add_argument("--out", required=True, metavar="PATH",
+def _embed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _probe_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--val-split", type=_fraction, metavar="F")
+    p.add_argument("--val-data", metavar="DIR")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, metavar="PATH",
                    help=f"the file to write, ending in {', '.join(e for ends in FORMATS.values() for e in ends)}")
-    x.add_argument("--verify", action="store_true",
+    p.add_argument("--verify", action="store_true",
                    help="run the export on random inputs at batch sizes 1 and 7 and report its largest difference "
                         "from PyTorch (fails above 1e-4)")
-    x.add_argument("--verify-images", nargs="+", metavar="PATH",
+    p.add_argument("--verify-images", nargs="+", metavar="PATH",
                    help="also compare on these image files or folders (the first 64 images; implies --verify)")
-    x.add_argument("--json", action="store_true")
-
-    m = sub.add_parser("models", help="list the model names", epilog=EXAMPLES["models"], formatter_class=fmt)
-    m.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
-
-    sh = sub.add_parser("shape", help="convolution arithmetic: the output size of a conv or pooling layer",
-                        epilog=EXAMPLES["shape"], formatter_class=fmt)
-    sh.add_argument("--size", type=int, required=True, help="input size along one axis (pixels or units)")
-    sh.add_argument("--kernel", type=int, required=True)
-    sh.add_argument("--stride", type=int, default=1)
-    sh.add_argument("--padding", type=int, default=0)
-    sh.add_argument("--dilation", type=int, default=1)
-    sh.add_argument("--pool", choices=("max", "avg"), help="a pooling layer instead of a convolution")
-    sh.add_argument("--ceil-mode", action="store_true", help="pooling: round up instead of down")
-    sh.add_argument("--json", action="store_true")
-
-    def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
-        p.add_argument("--input-size", type=_positive_int, nargs="+", metavar="N",
-                       help="C H W, or one size for a square (default: the checkpoint's, or the model's usual)")
-
-    def build_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--num-classes", type=_positive_int,
-                       help="head size for a model name (default: 1000 for torchvision models, else 10)")
-        p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                       help="an option of the model's factory (repeatable)")
-
-    su = sub.add_parser("summary", help="layers, output shapes, parameters, MACs and receptive fields",
-                        epilog=EXAMPLES["summary"], formatter_class=fmt)
-    model_options(su)
-    build_options(su)
-    su.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
-    su.add_argument("--json", action="store_true")
-
-    rf = sub.add_parser("rf", help="receptive field, jump and start of every layer",
-                        epilog=EXAMPLES["rf"], formatter_class=fmt)
-    model_options(rf)
-    build_options(rf)
-    rf.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
-    rf.add_argument("--verify", action="store_true",
-                    help="measure the fields as input-gradient footprints and compare with the analytic values")
-    rf.add_argument("--verify-layer", action="append", default=[], metavar="NAME",
-                    help="measure these layers (repeatable; implies --verify; default: one per distinct field, "
-                         "up to the final layer)")
-    rf.add_argument("--effective", metavar="PNG",
-                    help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
-    rf.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
-    rf.add_argument("--images", type=_positive_int, default=16, metavar="N",
-                    help="--effective: how many generated shapes images to average over (default: 16)")
-    rf.add_argument("--json", action="store_true")
-
-    fe = sub.add_parser("features", help="feature maps of chosen layers for one image, one PNG per layer",
-                        epilog=EXAMPLES["features"], formatter_class=fmt)
-    model_options(fe)
-    fe.add_argument("--layer", action="append", default=[], metavar="NAME", help="a layer name (repeatable)")
-    fe.add_argument("--image", metavar="IMG")
-    fe.add_argument("--out", metavar="DIR", help="folder for the PNG files (created if missing)")
-    fe.add_argument("--max-channels", type=_positive_int, default=64)
-    fe.add_argument("--list-layers", action="store_true", help="list the layer names, types and output shapes")
-    fe.add_argument("--json", action="store_true")
-
-    fi = sub.add_parser("filters", help="a convolution's kernels as a picture",
-                        epilog=EXAMPLES["filters"], formatter_class=fmt)
-    model_options(fi)
-    fi.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
-    fi.add_argument("--out", metavar="PNG", required=True)
-    fi.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
-                    help="rgb: colour patches (3-channel kernels); channels: one patch per input channel; "
-                         "mean: averaged over input channels (default auto: rgb where possible, else mean)")
-    fi.add_argument("--max-filters", type=_positive_int, default=64)
-    fi.add_argument("--json", action="store_true")
-
-    ca = sub.add_parser("cam", help="class activation map (Grad-CAM, Grad-CAM++, Score-CAM) over an image",
-                        epilog=EXAMPLES["cam"], formatter_class=fmt)
-    model_options(ca)
-    ca.add_argument("--image", metavar="IMG", required=True)
-    ca.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
-    ca.add_argument("--layer", metavar="NAME", help="a convolutional layer (default: the last Conv2d)")
-    ca.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
-    ca.add_argument("--out", metavar="PNG", required=True)
-    ca.add_argument("--json", action="store_true")
-
-    rp = sub.add_parser("report", help="one self-contained HTML page about a run: curves, errors, CAMs, model",
-                        epilog=EXAMPLES["report"], formatter_class=fmt)
-    rp.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (default: the newest under ./runs)")
-    rp.add_argument("--out", metavar="HTML", help="where to write it (default: RUN_DIR/report.html)")
-    rp.add_argument("--device", default="auto")
-    rp.add_argument("--json", action="store_true")
-
-    rn = sub.add_parser("runs", help="list runs: model, data, epochs, best accuracy, date",
-                        epilog=EXAMPLES["runs"], formatter_class=fmt)
-    rn.add_argument("root", nargs="?", default="runs", metavar="DIR", help="the folder holding the runs (default: runs)")
-    rn.add_argument("--json", action="store_true")
-    cd = sub.add_parser("check-data", help="class counts, train/val duplicates, the data against a model",
-                        epilog=EXAMPLES["check-data"], formatter_class=fmt)
-    cd.add_argument("data", metavar="DATA", help=f"a folder with one sub-folder per class, or {', '.join(BUILTIN)}")
-    cd.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
-    cd.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
-    cd.add_argument("--val-split", type=_fraction, metavar="F",
-                    help="the validation fraction training would hold out (default for folders: 0.1)")
-    cd.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square size to decode at (default: the data's)")
-    cd.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
-    cd.add_argument("--model", metavar="MODEL_OR_RUN", help="check channels, sizes and normalisation against this "
-                                                            "model name, run folder or checkpoint")
-    cd.add_argument("--pretrained", action="store_true", help="against torchvision's pretrained weights for --model")
-    cd.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
-                    help=f"near-duplicates: perceptual hashes differing in at most BITS of 64 (default: {DEFAULT_THRESHOLD})")
-    cd.add_argument("--json", action="store_true")
-
-    au = sub.add_parser("audit", help="which modules train, and which BatchNorm layers update their statistics",
-                        epilog=EXAMPLES["audit"], formatter_class=fmt)
-    au.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
-    au.add_argument("--freeze", choices=("backbone",), help="audit training with only the head trainable")
-    au.add_argument("--unfreeze", metavar="NAMES", help="audit training with only these modules trainable")
-    au.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
-    au.add_argument("--plain-train", action="store_true",
-                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
-    au.add_argument("--json", action="store_true")
-    return parser
+    p.add_argument("--json", action="store_true")
 
 
-# Training options `lr-find` leaves out: how long and where a run goes, and what happens after it.
-LR_FIND_SKIPS = {"help", "lr", "epochs", "out", "resume", "save_every", "nproc", "sync_bn", "plots", "report",
-                 "tensorboard", "stages", "lr_backbone", "schedule", "warmup_epochs", "clip_grad", "nan", "compile",
-                 "tta", "check_data", "config", "mixup", "cutmix", "mix_off_epochs", "ema", "accum_steps", "early_stop",
-                 "monitor", "min_delta", "keep_best", "overfit_batches", "smoke"}
+def _models_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", help="a filter such as 'resnet*'")
+
+
+def _shape_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, required=True, help="input size along one axis (pixels or units)")
+    p.add_argument("--kernel", type=int, required=True)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--padding", type=int, default=0)
+    p.add_argument("--dilation", type=int, default=1)
+    p.add_argument("--pool", choices=("max", "avg"), help="a pooling layer instead of a convolution")
+    p.add_argument("--ceil-mode", action="store_true", help="pooling: round up instead of down")
+    p.add_argument("--json", action="store_true")
+
+
+def _summary_options(p: argparse.ArgumentParser) -> None:
+    _model_or_run_options(p)
+    _build_options(p)
+    p.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
+    p.add_argument("--json", action="store_true")
+
+
+def _rf_options(p: argparse.ArgumentParser) -> None:
+    _model_or_run_options(p)
+    _build_options(p)
+    p.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
+    p.add_argument("--verify", action="store_true",
+                   help="measure the fields as input-gradient footprints and compare with the analytic values")
+    p.add_argument("--verify-layer", action="append", default=[], metavar="NAME",
+                   help="measure these layers (repeatable; implies --verify; default: one per distinct field, "
+                        "up to the final layer)")
+    p.add_argument("--effective", metavar="PNG",
+                   help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
+    p.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
+    p.add_argument("--images", type=_positive_int, default=16, metavar="N",
+                   help="--effective: how many generated shapes images to average over (default: 16)")
+    p.add_argument("--json", action="store_true")
+
+
+def _features_options(p: argparse.ArgumentParser) -> None:
+    _model_or_run_options(p)
+    p.add_argument("--layer", action="append", default=[], metavar="NAME", help="a layer name (repeatable)")
+    p.add_argument("--image", metavar="IMG")
+    p.add_argument("--out", metavar="DIR", help="folder for the PNG files (created if missing)")
+    p.add_argument("--max-channels", type=_positive_int, default=64)
+    p.add_argument("--list-layers", action="store_true", help="list the layer names, types and output shapes")
+    p.add_argument("--json", action="store_true")
+
+
+def _filters_options(p: argparse.ArgumentParser) -> None:
+    _model_or_run_options(p)
+    p.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
+    p.add_argument("--out", metavar="PNG", required=True)
+    p.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
+                   help="rgb: colour patches (3-channel kernels); channels: one patch per input channel; "
+                        "mean: averaged over input channels (default auto: rgb where possible, else mean)")
+    p.add_argument("--max-filters", type=_positive_int, default=64)
+    p.add_argument("--json", action="store_true")
+
+
+def _cam_options(p: argparse.ArgumentParser) -> None:
+    _model_or_run_options(p)
+    p.add_argument("--image", metavar="IMG", required=True)
+    p.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
+    p.add_argument("--layer", metavar="NAME", help="a convolutional layer (default: the last Conv2d)")
+    p.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
+    p.add_argument("--out", metavar="PNG", required=True)
+    p.add_argument("--json", action="store_true")
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (default: the newest under ./runs)")
+    p.add_argument("--out", metavar="HTML", help="where to write it (default: RUN_DIR/report.html)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+
+def _runs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="the folder holding the runs (default: runs)")
+    p.add_argument("--json", action="store_true")
+
+
+def _check_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help=f"a folder with one sub-folder per class, or {', '.join(BUILTIN)}")
+    p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
+    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="the validation fraction training would hold out (default for folders: 0.1)")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square size to decode at (default: the data's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
+    p.add_argument("--model", metavar="MODEL_OR_RUN", help="check channels, sizes and normalisation against this "
+                                                           "model name, run folder or checkpoint")
+    p.add_argument("--pretrained", action="store_true", help="against torchvision's pretrained weights for --model")
+    p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
+                   help=f"near-duplicates: perceptual hashes differing in at most BITS of 64 (default: {DEFAULT_THRESHOLD})")
+    p.add_argument("--json", action="store_true")
+
+
+def _audit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="a model name, a run folder or a checkpoint file")
+    p.add_argument("--freeze", choices=("backbone",), help="audit training with only the head trainable")
+    p.add_argument("--unfreeze", metavar="NAMES", help="audit training with only these modules trainable")
+    p.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
+    p.add_argument("--plain-train", action="store_true",
+                   help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
+    p.add_argument("--json", action="store_true")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

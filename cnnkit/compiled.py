@@ -4,11 +4,11 @@ compiling fails.
 cnnkit compiles a few pure tensor functions, not models: the fused max-pool + ReLU of the training step
 (``cnnkit/train/rewrite.py``) and the batch's crop, flip and normalisation (``cnnkit/data/augment.py``). Each
 replaces several PyTorch operations, each a pass over memory and a dispatch, by one loop. The first loop a
-process compiles costs 1.5-2.8 s, most of it loading torch.compile itself (15 s on a machine's first compilation,
-before torch.compile's disk cache holds the loops); each further one about 0.1 s. So only runs long enough to
-repay that use them: ``MIN_BATCHES`` batches for the pools, which save about 0.9 ms per simple_cnn step (batch
-64), and for the batch preparation beside them; ``MIN_BATCHES_ALONE`` for the batch preparation alone, which
-saves 0.1-0.3 ms per batch.
+process compiles costs seconds, most of it loading torch.compile itself (more on a machine's first compilation,
+before torch.compile's disk cache holds the loops); each further one far less. So only runs long enough to repay
+that use them: ``MIN_BATCHES`` batches for the pools, which save the most per step, and for the batch preparation
+beside them; ``MIN_BATCHES_ALONE`` for the batch preparation alone, which saves less per batch. The measured
+costs and savings are in docs/design.md ("Compiled loops").
 """
 
 from __future__ import annotations

@@ -31,3 +31,27 @@ def test_options_say_what_they_do_and_their_default(command, option, words):
     described = parser._get_formatter()._expand_help(action) if action.help else ""  # as --help prints it
     for w in words:
         assert w in described, (option, described)
+
+
+def _options(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_lr_find_takes_trains_options_for_data_model_and_optimizer_and_its_own():
+    from cnnkit.train.recipes import recipe_options
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    train, lr_find = _options(commands["train"]), _options(commands["lr-find"])
+    own = {"start_lr", "end_lr", "steps", "out"}
+    assert own <= set(lr_find) and {"model", "data", "batch_size", "optimizer", "weight_decay", "recipe"} <= set(lr_find)
+    assert not {"epochs", "lr", "schedule", "resume", "tta", "config", "report"} & set(lr_find)
+    for dest in set(lr_find) - own:  # the same option as train's: names, default, type, choices, help
+        a, b = lr_find[dest], train[dest]
+        assert (a.option_strings, a.default, a.type, a.choices, a.help, a.metavar) == \
+               (b.option_strings, b.default, b.type, b.choices, b.help, b.metavar), dest
+    # A recipe's values become the defaults of the options the range test has, and of no others.
+    commands = build_parser(train_defaults=recipe_options("fast", 0))._subparsers._group_actions[0].choices
+    args = commands["lr-find"].parse_args([])
+    assert (args.model, args.batch_size, args.optimizer, args.out) == ("fastnet", 1000, "muon", ".")
+    assert not {"epochs", "lr", "schedule", "tta"} & set(vars(args))
+    assert commands["train"].parse_args([]).epochs == 8

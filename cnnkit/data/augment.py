@@ -26,8 +26,8 @@ def crop(images: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tensor:
     offsets = offsets.to(images.device)
     # Every crop of every image, as a view (n, c, 2*pad+1, 2*pad+1, h, w) of the padded batch, then one
     # advanced index picks each image's own: a single copy of the output. A gather over precomputed flat
-    # offsets gives the same images 3.7x slower (an int64 index per pixel), and boolean-mask copies per
-    # shift value cost ~20 small indexing ops per batch, more than the network's own step on 2 cores.
+    # offsets gives the same images several times slower (an int64 index per pixel), and boolean-mask copies per
+    # shift value cost ~20 small indexing ops per batch (docs/design.md, "The data path").
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)
     return windows[torch.arange(n, device=images.device), :, offsets[0], offsets[1]]
 
@@ -48,10 +48,8 @@ def crop_flip_normalize(images: torch.Tensor, pad: int, offsets: torch.Tensor, f
     values bit for bit as those steps one after another, in one loop compiled by torch.compile
     (``cnnkit/compiled.py``). uint8 N x C x H x W in, float32 N x C x H x W out.
 
-    The steps one by one are a dozen operations and passes over the batch, each small: on this project's 2-core
-    CPU they took 0.23 ms per batch of 64 CIFAR images (the draws included), the compiled loop 0.13 ms; inside
-    the training loop, where the network's data fill the caches, simple_cnn's step ran 1.7% and 3.4% faster
-    in two side-by-side runs.
+    The steps one by one are a dozen operations and passes over the batch, each small; the compiled loop is
+    one pass (docs/design.md, "The training step", has the times).
     """
     padded = F.pad(images, (pad, pad, pad, pad))
     return compiled.run(_crop_flip_normalize, padded, pad, offsets[0], offsets[1], flips, shift, scale,

@@ -175,8 +175,8 @@ class BatchLoader:
         order = order.to(self.device)
         for i in range(start, len(self)):
             idx = order[(i - start) * self.batch_size : (i - start + 1) * self.batch_size]
-            # index_select copies whole images; advanced indexing (images[idx]) gathers value by value, 14x slower
-            # here (53 us against 3.7 per batch of 64 CIFAR images).
+            # index_select copies whole images; advanced indexing (images[idx]) gathers value by value, many times
+            # slower (docs/design.md, "The data path").
             images = self._augment_to_float(self.images.index_select(0, idx), self._generator(i), idx)
             if self.shuffle and self.world > 1:
                 # Every process draws the augmentation of the whole global batch and keeps its share, so
@@ -299,8 +299,8 @@ class BatchLoader:
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float batch."""
         # Normalised in place while still N x C x H x W, then reordered: in channels_last order the per-channel
-        # shift and scale vary along the innermost dimension (3 long), and the same two steps ran 2.7x slower
-        # (137 us against 50 per 64 CIFAR images on the 2-core CPU; the same numbers bit for bit).
+        # shift and scale vary along the innermost dimension (3 long), and the same two steps ran markedly
+        # slower (docs/design.md, "The data path"; the same numbers bit for bit).
         x = images.to(torch.float32, copy=True)  # a copy even if it came as float: normalised in place next
         x.sub_(self.shift).mul_(self.scale)
         if self.channels_last:

@@ -101,8 +101,8 @@ class FastNet(nn.Module):
                  whiten_kernel: int = 2, even_sizes: bool = True) -> None:
         super().__init__()
         # airbench's unpadded 2x2 whitening turns 32x32 into 31x31, then 15, 7, 3. On a CPU, oneDNN's
-        # convolutions (backward above all) run up to twice as fast on even sizes, so by default the
-        # whitening conv pads one pixel right and bottom: 32, 16, 8, 4, for ~7% more multiply-adds.
+        # convolutions (backward above all) ran faster on even sizes (docs/design.md, "The fast recipe"), so by
+        # default the whitening conv pads one pixel right and bottom: 32, 16, 8, 4, for ~7% more multiply-adds.
         self.even_sizes = even_sizes
         whiten_width = 2 * in_channels * whiten_kernel**2
         # The whitening filters are fixed, so they are a buffer: no optimizer or unfreeze call can train them.

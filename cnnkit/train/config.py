@@ -141,7 +141,7 @@ MAX_CONFIG_TEXT = 4096
 # few hundred optimizer steps, whatever the learning rate, and the plateau ends after a number of steps, not
 # of images, so batches of 32 reach it in half the images of 64. With these, `cnnkit train` (the demo:
 # simple_cnn on the shapes data) trains to val acc 0.95 or more in 4 epochs of cnnkit.data.sources.SHAPES_TRAIN
-# images, where the general defaults needed 10 epochs of 20,000 (README.md, "The command line").
+# images, where the general defaults needed 10 epochs of 20,000 (docs/design.md, "The demo's defaults").
 GENERAL_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64}
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"epochs": 4, "batch_size": 32, "crop_pad": 0}}
 

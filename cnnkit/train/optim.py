@@ -39,9 +39,9 @@ def make_optimizer(
     if name == "muon":
         return _muon(model, lr, weight_decay, batch_size, head)
     # PyTorch's fused kernels update each tensor in one pass over its weights, gradients and state; the default
-    # on a CPU is a loop of separate operations, each a pass over memory. In simple_cnn's bf16 step on this
-    # project's 2-core CPU that was 0.6 ms of 10 (the 2 MB head weights and their state do not stay in cache),
-    # 0.3 ms fused. The arithmetic is the same, rounded in a different order.
+    # on a CPU is a loop of separate operations, each a pass over memory, and simple_cnn's 2 MB head weights and
+    # their state do not stay in cache (measured in docs/design.md, "The training step"). The arithmetic is the
+    # same, rounded in a different order.
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]) or None
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,

@@ -16,11 +16,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model": "fastnet",
         "optimizer": "muon",
         "lr": 0.24,  # the filters' rate; biases and head get theirs from it (see optim._muon)
-        # Few large steps suit Muon's orthogonalised updates, but not a CPU's caches: fastnet's bf16 training
-        # step ran at 761 images/s at batch 1000 and 474 at batch 2000 on the 2-core reference machine
-        # (128-1000 all within 2%). At 1000 the recipe reached 0.9064 / 0.9030 (seeds 0 / 1, with TTA) on CIFAR-10
-        # JPEG in about 10.2 min (9.7, 10.1, 9.8, 9.6 and 10.0 in five runs with the faster random crop, same
-        # accuracy); at 500, 0.9040 in 9.5 min (seed 0); 9 epochs at 1000 gave 0.9062 in 11.2 min.
+        # Few large steps suit Muon's orthogonalised updates, but not a CPU's caches: fastnet's training step
+        # slowed down markedly at airbench's 2000 and not at 1000 or below, and 500 or a 9th epoch did not reach
+        # a better accuracy in the time (docs/design.md, "The fast recipe", has the runs).
         "batch_size": 1000,
         "weight_decay": 2e-6,  # per example; the SGD groups decay by weight_decay * batch_size per step
         "schedule": "linear",  # from the peak straight down to zero; no warm-up needed with Muon
