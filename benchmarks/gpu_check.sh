@@ -29,14 +29,14 @@ t0=$(date +%s)
 # Each phase has its own time limit (seconds, from the environment), so that one slow phase cannot leave the
 # others without a result; what a phase finished is in $out either way.
 workers=$($py -c 'import importlib.util as u; print("-n 4" if u.find_spec("xdist") else "")')
-timeout "${TESTS_S:-240}" $py -m pytest -m cuda -v -p no:cacheprovider $workers -rs --durations=15 \
+timeout "${TESTS_S:-150}" $py -m pytest -m cuda -v -p no:cacheprovider $workers -rs --durations=15 \
   tests/test_cuda.py tests/data/test_device_decode.py tests/models/test_norm_kernels.py 2>&1 | tee "$out/gpu_tests.txt"
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 echo "cuda tests: $(( $(date +%s) - t0 )) s"
-timeout "${SPEED_S:-300}" $py -m benchmarks.gpu_speed --data "$data" --out "$out" ${PARTS:+--parts "$PARTS"} || status=1
+timeout "${SPEED_S:-240}" $py -m benchmarks.gpu_speed --data "$data" --out "$out" --epochs 2 ${PARTS:+--parts "$PARTS"} || status=1
 echo "speed: $(( $(date +%s) - t0 )) s"
 if [[ -z ${PARTS:-} ]]; then
-  timeout "${DECODE_S:-120}" $py -m benchmarks.gpu_decode --out "$out" ${DECODE_ARGS:-} || status=1
+  timeout "${DECODE_S:-80}" $py -m benchmarks.gpu_decode --out "$out" ${DECODE_ARGS:---batches 80} || status=1
 fi
 echo "gpu check: $(( $(date +%s) - t0 )) s, status $status"
 exit $status

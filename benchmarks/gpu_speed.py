@@ -36,7 +36,10 @@ import torch
 
 from benchmarks.train_speed import SimpleCNN, split_files
 
-PARTS = ("fast", "seed_simple", "cnnkit_simple", "profile", "seed_resnet", "cnnkit_resnet", "fast_compile")
+PARTS = ("fast", "seed_simple", "cnnkit_simple", "seed_resnet", "cnnkit_resnet")  # the default: gpu_check's 8 minutes
+MORE_PARTS = ("profile", "fast_warm", "fast_no_autotune", "fast_cprofile", "fast_compile", "fast_reduce_overhead",
+              "cnnkit_simple_compile", "cnnkit_simple_reduce_overhead", "cnnkit_resnet_compile",
+              "cnnkit_resnet_reduce_overhead")
 BATCH = {"simple": 64, "resnet": 256}
 
 
@@ -242,7 +245,7 @@ def table(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS}")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS + MORE_PARTS} (default: {','.join(PARTS)})")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data", required=True)
     parser.add_argument("--work", default=os.path.join("/tmp", "cnnkit-gpu-speed"))
