@@ -72,7 +72,7 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             return load_file(path), None
         except Exception as e:
             raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
-    from cnnkit.train.checkpoint import read_payload
+    from cnnkit.checkpoint import read_payload
 
     if os.path.isdir(path):
         payload = read_payload(path)
@@ -82,7 +82,7 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        from cnnkit.train.checkpoint import unpickling_refused
+        from cnnkit.checkpoint import unpickling_refused
 
         raise unpickling_refused(f"weights file {path}", e) from None
     except Exception as e:

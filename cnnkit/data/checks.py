@@ -89,7 +89,7 @@ def check_data(
         raise UserError("--pretrained needs --model NAME (a torchvision model); a run or checkpoint brings its own weights")
     ckpt = None
     if model is not None and os.path.exists(model):
-        from cnnkit.train.checkpoint import load_checkpoint
+        from cnnkit.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model)  # its own input size and channels, as eval and predict use them
         input_size, channels = input_size or ckpt.input_size, channels or ckpt.channels
