@@ -18,7 +18,7 @@ from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.train.precision import resolve_device
-from cnnkit.transfer import normalization
+from cnnkit.models.pretrained import normalization
 
 
 @dataclass
