@@ -19,6 +19,7 @@ A failure names each offending edge as ``file:line importer -> imported``.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from dataclasses import dataclass
 
@@ -81,6 +82,16 @@ def module_files(root: str, package: str) -> dict[str, str]:
     return files
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(root: str, package: str) -> dict[str, tuple[str, ast.Module]]:
+    """{module name: (file path, syntax tree)}, read once per folder."""
+    trees = {}
+    for module, path in module_files(root, package).items():
+        with open(path, encoding="utf-8") as f:
+            trees[module] = (path, ast.parse(f.read(), path))
+    return trees
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
@@ -97,11 +108,9 @@ def import_edges(root: str, package: str) -> list[Edge]:
             name = name.rpartition(".")[0]
         return name or None
 
-    for module, path in files.items():
+    for module, (path, tree) in parsed(root, package).items():
         rel = os.path.relpath(path, root)
         is_package = os.path.basename(path) == "__init__.py"
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
         seen: set[tuple[str, int]] = set()  # `from x import a, b` is one edge
 
         def add(name: str, node: ast.stmt, function: str | None, type_only: bool) -> None:
@@ -212,7 +221,9 @@ def describe_circle(cycle: list[Edge]) -> str:
 
 # --- the rules, on cnnkit itself -------------------------------------------------------------------------------
 
-EDGES = import_edges(ROOT, PACKAGE)
+@pytest.fixture(scope="module")
+def edges() -> list[Edge]:
+    return import_edges(ROOT, PACKAGE)
 
 
 def test_every_module_has_a_layer():
@@ -220,22 +231,48 @@ def test_every_module_has_a_layer():
     assert not unplaced, f"modules in no layer of LAYERS in {__file__}; place each one: {', '.join(unplaced)}"
 
 
-def test_imports_point_down():
-    found = upward_edges(EDGES)
+def test_imports_point_down(edges):
+    found = upward_edges(edges)
     assert not found, f"{len(found)} upward import(s):\n" + "\n".join(found)
 
 
-def test_no_import_circles():
-    found = circles(EDGES, ALLOWED_CALL_TIME)
+def test_no_import_circles(edges):
+    found = circles(edges, ALLOWED_CALL_TIME)
     assert not found, f"{len(found)} import circle(s):\n" + "\n".join(describe_circle(c) for c in found)
 
 
-def test_the_graph_is_read_at_all():
+# The calls that make a temporary file or move one over another: only cnnkit/atomic.py writes that way, so every
+# file cnnkit writes atomically gets the same guarantees (same folder, ordinary permissions, fsync when durable).
+RENAMING_CALLS = {("os", "replace"), ("os", "rename"), ("shutil", "move"), ("tempfile", "mkstemp"),
+                  ("tempfile", "NamedTemporaryFile")}
+
+
+def renaming_calls(root: str, package: str) -> list[str]:
+    """``file:line module.function`` of each call in RENAMING_CALLS outside ``package``/atomic.py."""
+    found = []
+    for module, (path, tree) in parsed(root, package).items():
+        if module == f"{package}.atomic":
+            continue
+        for node in ast.walk(tree):
+            func = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                    and (func.value.id, func.attr) in RENAMING_CALLS):
+                found.append(f"{os.path.relpath(path, root)}:{node.lineno} {func.value.id}.{func.attr}")
+    return found
+
+
+def test_one_atomic_write():
+    found = renaming_calls(ROOT, PACKAGE)
+    assert not found, ("write through cnnkit.atomic (atomic_path, atomic_write, atomic_torch_save) instead of "
+                       "another temp-then-rename:\n" + "\n".join(found))
+
+
+def test_the_graph_is_read_at_all(edges):
     # A parser that found no edges would pass every rule above.
-    pairs = {(e.importer, e.imported) for e in EDGES}
+    pairs = {(e.importer, e.imported) for e in edges}
     assert ("cnnkit.data.loader", "cnnkit.data.sources") in pairs
     assert ("cnnkit.cli", "cnnkit.errors") in pairs
-    assert len(EDGES) > 200
+    assert len(edges) > 200
 
 
 # --- the reader and the rules, on a small package written here -------------------------------------------------
@@ -280,10 +317,12 @@ def test_every_form_of_import_is_read(tmp_path, monkeypatch):
         ("cnnkit.train.loop", "cnnkit.data.loader", 1, True, False, None),
     }
     found = import_edges(str(tmp_path), "cnnkit")
-    assert [s.split(":")[0:2] for s in upward_edges(found)] == [[os.path.join("cnnkit", "data", "loader.py"), n]
-                                                              for n in ("8 cnnkit.data.loader -> cnnkit.train.loop (type checking only)",
-                                                                        "10 cnnkit.data.loader -> cnnkit.train.loop (in f)",
-                                                                        "13 cnnkit.data.loader -> cnnkit.train.loop (in g)")]
+    loader = os.path.join("cnnkit", "data", "loader.py")
+    assert upward_edges(found) == [
+        f"{loader}:{where}: data imports train, a higher layer" for where in (
+            "8 cnnkit.data.loader -> cnnkit.train.loop (type checking only)",
+            "10 cnnkit.data.loader -> cnnkit.train.loop (in f)",
+            "13 cnnkit.data.loader -> cnnkit.train.loop (in g)")]
     # data.loader -> train.loop at call time and train.loop -> data.loader at import time; the TYPE_CHECKING one
     # alone would not be a circle.
     (cycle,) = circles(found)
