@@ -25,7 +25,7 @@ import onnxruntime
 import torch
 
 import cnnkit
-from cnnkit.train.checkpoint import Checkpoint
+from cnnkit.checkpoint import Checkpoint
 
 MODELS = ("simple_cnn", "resnet18")
 BATCH_SIZES = (1, 64)

@@ -25,7 +25,7 @@ _API = {
     "ReportResult": "cnnkit.report.html", "write_report": "cnnkit.report.html",
     "write_plots": "cnnkit.report.plots",
     "RunInfo": "cnnkit.runs", "list_runs": "cnnkit.runs",
-    "Checkpoint": "cnnkit.train.checkpoint", "load_checkpoint": "cnnkit.train.checkpoint",
+    "Checkpoint": "cnnkit.checkpoint", "load_checkpoint": "cnnkit.checkpoint",
     "TrainConfig": "cnnkit.train.config", "TrainResult": "cnnkit.train.config",
     "train": "cnnkit.train.loop",
     "LrFindResult": "cnnkit.train.lr_find", "lr_find": "cnnkit.train.lr_find",

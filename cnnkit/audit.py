@@ -144,7 +144,7 @@ def audit(model_or_run: str | nn.Module, freeze: str | None = None, unfreeze: st
             views = training_views(model_or_run, plan_stages(stages, freeze, unfreeze, 1, 1.0), plain_train, False)
         return _result(label, views)
     if os.path.exists(model_or_run):
-        from cnnkit.train.checkpoint import load_checkpoint
+        from cnnkit.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model_or_run)
         model, cfg, label = ckpt.model, ckpt.config or {}, ckpt.path

@@ -759,7 +759,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnnkit.evaluate import confusion_text, evaluate
-    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.checkpoint import load_checkpoint
 
     r = evaluate(load_checkpoint(args.checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,

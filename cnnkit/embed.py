@@ -16,9 +16,9 @@ from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.checkpoint import load_checkpoint
 from cnnkit.train.precision import resolve_device
-from cnnkit.transfer import normalization
+from cnnkit.models.pretrained import normalization
 
 
 @dataclass

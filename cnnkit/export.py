@@ -32,7 +32,7 @@ from cnnkit.errors import DataError, UserError
 from cnnkit.modes import eval_mode
 from cnnkit.metadata import payload_metadata
 from cnnkit.runtime import OnnxModel
-from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, make_payload
+from cnnkit.checkpoint import Checkpoint, load_checkpoint, make_payload
 
 TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, in fp32
 # Tracing happens at batch 2 (torch.export specialises a batch of 1); checking 1 and an odd 7 catches a batch

@@ -18,7 +18,7 @@ from cnnkit.threads import resolve_threads, set_torch_threads
 if TYPE_CHECKING:
     import torch
 
-    from cnnkit.train.checkpoint import Checkpoint
+    from cnnkit.checkpoint import Checkpoint
 
 
 def predict(
@@ -54,7 +54,7 @@ def predict(
                         "installed: pip install cnnkit (or predict an .onnx file without --tta)") from None
 
     from cnnkit.modes import eval_mode
-    from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
+    from cnnkit.checkpoint import Checkpoint, load_checkpoint
     from cnnkit.train.precision import resolve_device
     from cnnkit.tta import with_tta
 

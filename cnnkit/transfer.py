@@ -2,7 +2,8 @@
 
 Most people with their own images should not train from scratch: they start from a pretrained network,
 train its new head, then unfreeze the last stage at a lower learning rate. The pieces:
-``pretrained_state`` (torchvision's weights, through torch's own download-and-cache code),
+``pretrained_state`` and ``normalization`` (torchvision's weights and the preprocessing they expect, defined
+in ``cnnkit.models.pretrained``, below the data and training code that use them, and re-exported here),
 ``load_weights`` (a state dict, a torchvision file, a .safetensors file or a cnnkit run),
 ``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``.
 """
@@ -18,49 +19,10 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
+from cnnkit.checkpoint import read_payload, unpickling_refused
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
-
-
-def pretrained_weights(name: str):
-    """torchvision's default weights enum member for model ``name``."""
-    from cnnkit.models.registry import default_weights
-
-    weights = default_weights(name)
-    if weights is None:
-        raise UserError(f"torchvision has no pretrained weights for '{name}'; train it from scratch "
-                        "(drop --pretrained) or pass --weights FILE")
-    return weights
-
-
-def pretrained_state(name: str) -> dict[str, torch.Tensor]:
-    """The state dict of torchvision's default weights for ``name``: downloaded when online (checked against
-    the hash prefix in the file name; a failed check leaves no file behind), else read from the cache under
-    ``$TORCH_HOME/hub/checkpoints``. Loaded with ``weights_only=True``."""
-    weights = pretrained_weights(name)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
-                                                  map_location="cpu", weights_only=True)
-    except Exception as e:  # offline, refused, or a bad download: say where the file has to go
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(
-            f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason}); "
-            f"run once with internet access, or download {weights.url} and put it at that path"
-        ) from None
-
-
-def normalization(name: str, channels: int = 3) -> tuple[list[float], list[float], int]:
-    """Mean, std and the smallest input size (pixels) of torchvision's pretrained ``name``, for ``channels``
-    input channels."""
-    weights = pretrained_weights(name)
-    t = weights.transforms()
-    mean, std = list(t.mean), list(t.std)
-    if channels == 1 and len(mean) == 3:
-        # The adapted first conv sums the RGB filters (timm's adapt_input_conv), so a grey image normalised with
-        # the channel-averaged statistics gives it about what the RGB filters gave a grey RGB image.
-        mean, std = [sum(mean) / 3], [sum(std) / 3]
-    return mean, std, max(weights.meta.get("min_size", (1, 1)))
+from cnnkit.models.pretrained import normalization, pretrained_state  # noqa: F401 (re-exported)
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -72,8 +34,6 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             return load_file(path), None
         except Exception as e:
             raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
-    from cnnkit.train.checkpoint import read_payload
-
     if os.path.isdir(path):
         payload = read_payload(path)
         return payload["state_dict"], payload
@@ -82,8 +42,6 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        from cnnkit.train.checkpoint import unpickling_refused
-
         raise unpickling_refused(f"weights file {path}", e) from None
     except Exception as e:
         raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "

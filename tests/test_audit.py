@@ -4,7 +4,7 @@ import torch
 
 import cnnkit
 from cnnkit.audit import audit, format_audit
-from cnnkit.train.checkpoint import make_payload, save_checkpoint
+from cnnkit.checkpoint import make_payload, save_checkpoint
 from tests.conftest import run_cli
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.checkpoint import load_checkpoint
 from tests.conftest import run_cli, write_image_folder
 
 pytestmark = [pytest.mark.cuda,

@@ -10,7 +10,7 @@ import torch
 import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import CheckpointError, UserError
-from cnnkit.train.checkpoint import make_payload, save_checkpoint
+from cnnkit.checkpoint import make_payload, save_checkpoint
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 

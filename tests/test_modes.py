@@ -12,7 +12,7 @@ import cnnkit
 from cnnkit.data.sources import DataSpec, load_eval_set
 from cnnkit.embed import Backbone, features
 from cnnkit.modes import eval_mode, preserve_modes
-from cnnkit.train.checkpoint import Checkpoint
+from cnnkit.checkpoint import Checkpoint
 from tests.conftest import write_image_folder
 
 ENTRY_POINTS = ["summary", "rf", "features", "filters", "cam", "evaluate", "export", "predict", "embed"]

@@ -26,11 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.checkpoint import load_checkpoint
 from cnnkit.choices import DEFAULT_THRESHOLD
 from cnnkit.data import cache
 from cnnkit.data.loader import channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
 from cnnkit.errors import UserError
+from cnnkit.models.pretrained import normalization
+from cnnkit.models.registry import check_model_name, default_weights
 
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which the imbalance is worth acting on
 HASH_SIZE = 32  # the grey image the DCT is taken of, pixels (pHash's usual size)
@@ -90,15 +93,11 @@ def check_data(
         raise UserError("--pretrained needs --model NAME (a torchvision model); a run or checkpoint brings its own weights")
     ckpt = None
     if model is not None and os.path.exists(model):
-        from cnnkit.train.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(model)  # its own input size and channels, as eval and predict use them
         input_size, channels = input_size or ckpt.input_size, channels or ckpt.channels
     elif model is not None:
         if os.sep in model or model.endswith((".pt", ".pth", ".safetensors")):
             raise UserError(f"--model {model} does not exist; pass a model name, a run folder or a checkpoint")
-        from cnnkit.models.registry import check_model_name
-
         check_model_name(model)  # before minutes of decoding
     train, val = load_splits(DataSpec(data, data_dir, False, val_data, val_split, input_size, channels))
     if ckpt is None:
@@ -174,15 +173,11 @@ def check_splits(
         notes.append("duplicates between training and validation not checked (a set too large for memory); "
                      "`cnnkit check-data` checks them")
 
-    from cnnkit.models.registry import default_weights
-
     # torchvision's default weights for the model: None for cnnkit's own, which then never import torchvision
     weights = default_weights(model) if model is not None else None
     _check_channels(train, model, weights, pretrained, notes)
     _check_size(train, model, weights, pretrained, warnings, notes)
     if pretrained and model is not None and weights_norm is None:
-        from cnnkit.transfer import normalization
-
         weights_norm, weights_label = normalization(model, train.channels)[:2], f"torchvision's pretrained {model}"
     if weights_label is not None:
         _check_normalisation(mean, std, weights_norm, weights_label, warnings)

@@ -24,7 +24,7 @@ from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
 from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -17,6 +17,7 @@ import torchvision
 
 from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
+from cnnkit.models.pretrained import pretrained_state
 from cnnkit.models.registry import _FACTORIES
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
@@ -162,8 +163,6 @@ def _factory(tv_name: str):
         try:
             if pretrained:
                 # Built with the weights' own head, loaded strictly, then given the new head.
-                from cnnkit.transfer import pretrained_state
-
                 kwargs.pop("init_weights", None)
                 model = torchvision.models.get_model(tv_name, weights=None, **kwargs)
                 state = pretrained_state(tv_name)

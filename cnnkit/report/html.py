@@ -267,7 +267,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     from cnnkit import __version__
     from cnnkit.inspect.receptive_field import receptive_field
     from cnnkit.inspect.summary import summary
-    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.checkpoint import load_checkpoint
 
     start = time.perf_counter()
     if not os.path.isdir(run_dir):

@@ -316,7 +316,7 @@ def write_plots(run_dir: str, predictions: "Predictions | None" = None, device: 
     }
     if predictions is None and os.path.isfile(os.path.join(run_dir, "best.pt")):
         from cnnkit.report.predictions import predict_validation
-        from cnnkit.train.checkpoint import load_checkpoint
+        from cnnkit.checkpoint import load_checkpoint
 
         predictions = predict_validation(load_checkpoint(os.path.join(run_dir, "best.pt")), device)
     if predictions is not None:

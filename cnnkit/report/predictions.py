@@ -18,7 +18,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import ImageSet
 from cnnkit.evaluate import training_validation_set
 from cnnkit.modes import eval_mode
-from cnnkit.train.checkpoint import Checkpoint
+from cnnkit.checkpoint import Checkpoint
 from cnnkit.train.precision import autocast, resolve_device, resolve_precision
 
 

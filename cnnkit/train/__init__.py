@@ -1,1 +1,1 @@
-"""Training: the loop, optimizers and schedules, checkpoints and number formats."""
+"""Training: the loop, optimizers and schedules, and number formats (checkpoints are cnnkit/checkpoint.py)."""

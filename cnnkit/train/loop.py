@@ -40,7 +40,7 @@ from cnnkit.progress import progress_bar
 from cnnkit.threads import set_torch_threads
 from cnnkit.report.tensorboard import open_tensorboard, require_tensorboard
 from cnnkit.train import distributed
-from cnnkit.train.checkpoint import (
+from cnnkit.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
 from cnnkit.train.config import TrainConfig, TrainResult, read_config_file, with_data_defaults

@@ -126,7 +126,7 @@ def test_fuzzed_image_bytes_decode_or_raise_data_error(tmp_path, data):
 def _tiny_checkpoint(folder):
     """A checkpoint of an untrained 16x16 simple_cnn: enough for predict, without a training run."""
     import cnnkit
-    from cnnkit.train.checkpoint import make_payload, save_checkpoint
+    from cnnkit.checkpoint import make_payload, save_checkpoint
 
     model = cnnkit.create_model("simple_cnn", num_classes=2, input_size=16)
     path = str(folder / "tiny.pt")

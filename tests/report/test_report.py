@@ -18,7 +18,7 @@ from cnnkit.errors import UserError
 from cnnkit.report.html import write_report
 from cnnkit.report.predictions import predict_validation
 from cnnkit.runs import latest_run, list_runs
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 from tests.report.browser import find_chromium, visit
 from tests.test_cli import assert_one_line_error

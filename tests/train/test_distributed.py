@@ -11,7 +11,7 @@ import torch
 import cnnkit
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, load_splits
-from cnnkit.train.checkpoint import read_payload
+from cnnkit.checkpoint import read_payload
 
 # No dropout and no BatchNorm: then N processes with a global batch B compute what one process does.
 ARGS = ["--model", "simple_cnn", "--model-opt", "dropout=0", "--data", "shapes", "--num-samples", "503",

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import cnnkit
 from cnnkit.models.fast import FastNet
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.checkpoint import load_checkpoint
 from cnnkit.train.optim import Muon, make_optimizer, orthogonalize
 from tests.conftest import run_cli
 

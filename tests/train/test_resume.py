@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnnkit.runs import list_runs
-from cnnkit.train.checkpoint import read_payload
+from cnnkit.checkpoint import read_payload
 
 ARGS = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "1024", "--val-split", "0.25", "--epochs", "2",
         "--batch-size", "32",

@@ -125,7 +125,7 @@ def test_models_without_relu_then_pool_come_back_unchanged():
 def test_a_long_enough_run_trains_through_the_fused_layers_to_the_same_weights(tmp_path, monkeypatch):
     import cnnkit
     from cnnkit.train import loop
-    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.checkpoint import load_checkpoint
 
     step_models = []
     monkeypatch.setattr(loop, "fuse_pool_relu", lambda m, batches: step_models.append(fuse_pool_relu(m, batches))

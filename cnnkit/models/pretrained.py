@@ -1,0 +1,56 @@
+"""torchvision's pretrained weights for a registered model: the weights themselves and the preprocessing they
+expect (mean, std, smallest input size).
+
+Like timm's pretrained configuration, this travels with the model, not with training: the model files load the
+weights (``create_model(..., pretrained=True)``), and training, ``check-data`` and ``embed`` read their
+normalisation, so it sits here below all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from cnnkit.errors import UserError
+from cnnkit.models.registry import default_weights
+
+
+def pretrained_weights(name: str):
+    """torchvision's default weights enum member for model ``name``."""
+    weights = default_weights(name)
+    if weights is None:
+        raise UserError(f"torchvision has no pretrained weights for '{name}'; train it from scratch "
+                        "(drop --pretrained) or pass --weights FILE")
+    return weights
+
+
+def pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's default weights for ``name``: downloaded when online (checked against
+    the hash prefix in the file name; a failed check leaves no file behind), else read from the cache under
+    ``$TORCH_HOME/hub/checkpoints``. Loaded with ``weights_only=True``."""
+    weights = pretrained_weights(name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
+                                                  map_location="cpu", weights_only=True)
+    except Exception as e:  # offline, refused, or a bad download: say where the file has to go
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(
+            f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason}); "
+            f"run once with internet access, or download {weights.url} and put it at that path"
+        ) from None
+
+
+def normalization(name: str, channels: int = 3) -> tuple[list[float], list[float], int]:
+    """Mean, std and the smallest input size (pixels) of torchvision's pretrained ``name``, for ``channels``
+    input channels."""
+    weights = pretrained_weights(name)
+    t = weights.transforms()
+    mean, std = list(t.mean), list(t.std)
+    if channels == 1 and len(mean) == 3:
+        # The adapted first conv sums the RGB filters (timm's adapt_input_conv), so a grey image normalised with
+        # the channel-averaged statistics gives it about what the RGB filters gave a grey RGB image.
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std, max(weights.meta.get("min_size", (1, 1)))
