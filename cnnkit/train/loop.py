@@ -201,7 +201,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             row = _validate(t, callbacks)
             _save_epoch(t, row)
             if t.state.stop_reason:
-                print(f"cnnkit: {t.state.stop_reason}; best {cfg.monitor} {t.state.best_score:.4g} at epoch "
+                print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
                       f"{t.state.best_epoch}", file=t.log)
                 break
     return _finish(t, callbacks, start, wall_start)
@@ -226,6 +226,7 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
 
 
 def _plan(cfg: TrainConfig, batches_per_epoch: int) -> Plan:
+    """The run's stages (a smoke run's cut short) and the epochs and optimizer steps they take."""
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
     if cfg.smoke:
@@ -591,16 +592,10 @@ def train_one_epoch(
             checked = _check_finite(loss_sum, checked, state, optimizer)
         if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
             if pending:
-                if clip_grad:
-                    scaler.unscale_(optimizer)
-                    # The norm before clipping is what tells whether the clipping threshold fits the run.
-                    grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                norm = _optimizer_step(model, optimizer, scaler, clip_grad, ema)
+                if norm is not None:
+                    grad_norm_sum += norm
                     state.clipped_steps += 1
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
                 pending = 0
             scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
@@ -621,6 +616,22 @@ def train_one_epoch(
     state.seconds += time.perf_counter() - t0
     state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
     return state
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_grad: float | None, ema: WeightEMA | None) -> torch.Tensor | None:
+    """One step on the gradients accumulated so far, clipped to the norm ``clip_grad`` first (then it returns the
+    norm before clipping, which tells whether the threshold fits the run); ``ema`` follows the new weights."""
+    norm = None
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+    return norm
 
 
 def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optimizer: torch.optim.Optimizer) -> int:
