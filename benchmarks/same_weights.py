@@ -6,14 +6,16 @@ Run it on two checkouts and compare the lines it prints; they must be identical:
     python benchmarks/same_weights.py                    # this checkout (the folder above benchmarks/)
     python benchmarks/same_weights.py --repo /tmp/base   # another one, e.g. a `git worktree add` of the base
 
-Each run uses one CPU thread, so the float sums are taken in one fixed order. Three runs (a few minutes in all
-on a small CPU): the demo defaults, the fast recipe, and the weight EMA with mixup and test-time augmentation.
+Each run uses one CPU thread, so the float sums are taken in one fixed order. Three training runs (a few minutes
+in all on a small CPU): the demo defaults, the fast recipe, and the weight EMA with mixup and test-time
+augmentation; and a learning-rate range test (``lr_find``: its figures, which follow from every step's loss).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -29,6 +31,7 @@ RUNS = {
     "ema_mixup_tta": ["--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--tta"],
 }
 CHECKPOINTS = ("last.pt", "best.pt", "last_ema.pt", "best_ema.pt")
+LR_FIND = ["lr-find", *COMMON, "--model", "convnet", "--start-lr", "1e-3", "--end-lr", "100", "--steps", "60", "--json"]
 
 
 def weights_hash(path: str) -> str:
@@ -53,12 +56,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         help="the checkout whose cnnkit trains (default: this one)")
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="*", default=[*RUNS, "lr_find"], choices=[*RUNS, "lr_find"])
     parser.add_argument("--show", action="store_true", help="also print the metric lines themselves")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo)}
     for name in args.runs:
         out = os.path.join(tempfile.mkdtemp(prefix="same-weights-"), name)
+        if name == "lr_find":
+            done = subprocess.run([sys.executable, "-m", "cnnkit", *LR_FIND, "--out", out], env=env,
+                                  capture_output=True, text=True, cwd=args.repo)
+            if done.returncode:
+                sys.exit(f"{name}: exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+            figures = {k: v for k, v in json.loads(done.stdout.splitlines()[-1]).items() if k != "plot"}
+            print(f"lr_find figures {hashlib.sha256(json.dumps(figures, sort_keys=True).encode()).hexdigest()}")
+            if args.show:
+                print(f"    {figures}")
+            continue
         command = [sys.executable, "-m", "cnnkit", "train", *COMMON, *RUNS[name], "--out", out]
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=args.repo)
         if done.returncode:
