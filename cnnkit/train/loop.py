@@ -296,7 +296,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
             f.write("\n".join(skipped_images) + "\n")
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
               f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
-    params = sum(p.numel() for p in t.model.parameters())
+    params = sum(w.numel() for w in t.model.parameters())
     threads = t.machine.threads
     print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(p.train_set):,} training and {len(p.val_set):,} "
           f"validation images of {p.train_set.channels}x{p.train_set.size}x{p.train_set.size} from {cfg.data}; "
