@@ -6,9 +6,10 @@ Run it on two checkouts and compare the lines it prints; they must be identical:
     python benchmarks/same_weights.py                    # this checkout (the folder above benchmarks/)
     python benchmarks/same_weights.py --repo /tmp/base   # another one, e.g. a `git worktree add` of the base
 
-Each run uses one CPU thread, so the float sums are taken in one fixed order. Three training runs (a few minutes
-in all on a small CPU): the demo defaults, the fast recipe, and the weight EMA with mixup and test-time
-augmentation; and a learning-rate range test (``lr_find``: its figures, which follow from every step's loss).
+Each run uses one CPU thread, so the float sums are taken in one fixed order. Four training runs (a few minutes
+in all on a small CPU): the demo defaults, the fast recipe, the weight EMA with mixup and test-time
+augmentation, and convnet (which learns in 2 epochs) with gradient clipping and class weights; and a
+learning-rate range test (``lr_find``: its figures, which follow from every step's loss).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ RUNS = {
     "plain": ["--epochs", "2"],
     "fast": ["--recipe", "fast", "--epochs", "1"],
     "ema_mixup_tta": ["--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--tta"],
+    "convnet_clip": ["--model", "convnet", "--epochs", "2", "--clip-grad", "1.0", "--class-weights", "auto",
+                     "--keep-best", "1"],
 }
 CHECKPOINTS = ("last.pt", "best.pt", "last_ema.pt", "best_ema.pt")
 LR_FIND = ["lr-find", *COMMON, "--model", "convnet", "--start-lr", "1e-3", "--end-lr", "100", "--steps", "60", "--json"]
