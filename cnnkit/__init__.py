@@ -27,7 +27,7 @@ _API = {
     "RunInfo": "cnnkit.runs", "list_runs": "cnnkit.runs",
     "Checkpoint": "cnnkit.checkpoint", "load_checkpoint": "cnnkit.checkpoint",
     "TrainConfig": "cnnkit.train.config", "TrainResult": "cnnkit.train.config",
-    "train": "cnnkit.train.loop",
-    "LrFindResult": "cnnkit.train.lr_find", "lr_find": "cnnkit.train.lr_find",
+    "train": "cnnkit.training", "lr_find": "cnnkit.training",
+    "LrFindResult": "cnnkit.train.lr_find",
 }
 export_lazily(__name__, _API)

@@ -664,29 +664,16 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cnnkit.train.config import TrainConfig
-    from cnnkit.train.loop import train
+    from cnnkit.training import train
 
     if args.nproc > 1:
         from cnnkit.train import distributed
 
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
-
-    if args.config:  # defaults in layers: a recipe's options, the file's values, then the flags given here win
-        from cnnkit.train.config import read_config_file
-        from cnnkit.train.recipes import recipe_options
-
-        if args.resume:
-            raise UserError("--resume continues a run with its own settings; drop --config")
-        values = read_config_file(args.config)
-        argv = args.argv
-        defaults = {**recipe_options(args.recipe or values.get("recipe"),
-                                     args.overfit_batches or values.get("overfit_batches", 0)), **values}
-        args = build_parser(train_defaults=defaults).parse_args(argv)
-        args.argv = argv
-    values = _train_config_values(args)
+    if args.config and args.resume:
+        raise UserError("--resume continues a run with its own settings; drop --config")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
-    result = train(TrainConfig(**values), log=log, resume=args.resume)
+    result = train(args.config, log=log, resume=args.resume, **_given_train_options(args))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if args.json:
@@ -696,29 +683,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}){tta}, "
               f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training, {result.wall_time_s:.1f} s "
               f"in all; run folder {result.run_dir}")
-        if not (args.report or args.quiet):
+        if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):
             print(f"see it: cnnkit report {result.run_dir}")
     return 0
 
 
-def _train_config_values(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields among the parsed options (`out` only where it is the run folder)."""
+class _NotGiven:
+    """The default of every training option while ``_given_train_options`` parses: what still holds it was not
+    given on the command line."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+def _given_train_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields that the command line of ``train`` or ``lr-find`` (``args.argv``) gives. The rest are
+    left to the one merge of options, where defaults < recipe < config file < these (cnnkit/train/options.py)."""
     from cnnkit.train.config import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - ({"out"} if args.command == "lr-find" else set())
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["model_options"] = {**values.get("model_options", {}), **_model_options(args.model_opt)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    not_given = _NotGiven()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands.choices[args.command].set_defaults(**{name: not_given for name in fields})
+    values = {k: v for k, v in vars(parser.parse_args(args.argv)).items() if k in fields and v is not not_given}
+    if args.command == "lr-find":
+        values.pop("out", None)  # lr-find's --out is the folder of its curve, not a run folder
+    if args.model_opt:
+        values["model_options"] = _model_options(args.model_opt)
     values["progress"] = not args.quiet
     return values
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from cnnkit.train.config import TrainConfig
-    from cnnkit.train.lr_find import lr_find
+    from cnnkit.training import lr_find
 
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
-    r = lr_find(TrainConfig(**_train_config_values(args)), start_lr=args.start_lr, end_lr=args.end_lr,
-                steps=args.steps, out=args.out, log=log)
+    r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out, log=log,
+                **_given_train_options(args))
     if args.json:
         print(strict_json.dumps(r.summary()))
     else:
@@ -985,14 +987,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    overfit = getattr(args, "overfit_batches", 0)
-    if args.command in ("train", "lr-find") and (args.recipe or overfit):
-        # A recipe's (and --overfit-batches') options become the defaults, so that every option given on the
-        # command line still wins.
-        from cnnkit.train.recipes import recipe_options
-
-        parser = build_parser(train_defaults=recipe_options(args.recipe, overfit))
-        args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:
         parser.print_help()

@@ -11,7 +11,7 @@ from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.threads import set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
-from cnnkit.train.loop import evaluate_model
+from cnnkit.train.evaluation import evaluate_model
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision

@@ -2,10 +2,9 @@
 
 Most people with their own images should not train from scratch: they start from a pretrained network,
 train its new head, then unfreeze the last stage at a lower learning rate. The pieces:
-``pretrained_state`` and ``normalization`` (torchvision's weights and the preprocessing they expect, defined
-in ``cnnkit.models.pretrained``, below the data and training code that use them, and re-exported here),
-``load_weights`` (a state dict, a torchvision file, a .safetensors file or a cnnkit run),
-``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``.
+torchvision's weights and the preprocessing they expect (``cnnkit.models.pretrained``, below the data and
+training code that use them), ``load_weights`` (a state dict, a torchvision file, a .safetensors file or a
+cnnkit run), ``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch.nn as nn
 from cnnkit.checkpoint import read_payload, unpickling_refused
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
-from cnnkit.models.pretrained import normalization, pretrained_state  # noqa: F401 (re-exported)
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.errors import UserError
+from cnnkit.train.config import NO_FLIP_DATA
 
 
 class TTAModel(nn.Module):
@@ -65,8 +66,6 @@ def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta:
         raise UserError(f"--tta-shift takes a number of pixels, 0 or more, got {shift}")
     if not tta and not shift:
         return model
-    from cnnkit.train.loop import NO_FLIP_DATA
-
     flips = config.get("flip")
     if tta and (flips is False or flips is None and config.get("data") in NO_FLIP_DATA):
         raise UserError("this model trained without horizontal flips (mirrored digits are other symbols), so a "

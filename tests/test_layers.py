@@ -44,6 +44,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("use", ("cnnkit.tta", "cnnkit.evaluate", "cnnkit.predict", "cnnkit.embed", "cnnkit.export", "cnnkit.audit")),
     ("inspect", ("cnnkit.inspect",)),
     ("report", ("cnnkit.report",)),
+    # The public train() and lr_find(): the loop with the steps that show a run (TTA, plots, report, TensorBoard).
+    ("training", ("cnnkit.training",)),
     ("cli", ("cnnkit.cli", "cnnkit.__main__")),
 ]
 

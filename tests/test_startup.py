@@ -60,7 +60,7 @@ def test_commands_import_only_what_they_use(tmp_path):
 def test_the_api_is_imported_on_first_use():
     code = ("import sys, cnnkit; assert 'torch' not in sys.modules; from cnnkit.train.config import TrainConfig; "
             "import cnnkit.inspect; assert 'torch' not in sys.modules; "
-            "f = cnnkit.train; assert callable(f) and f.__module__ == 'cnnkit.train.loop', f; "
+            "f = cnnkit.train; assert callable(f) and f.__module__ == 'cnnkit.training', f; "
             "assert callable(cnnkit.predict) and callable(cnnkit.export) and callable(cnnkit.evaluate); "
             "assert callable(cnnkit.inspect.summary) and cnnkit.TrainConfig is TrainConfig; "
             "from cnnkit import *; assert callable(lr_find) and OnnxModel.__name__ == 'OnnxModel'; "

@@ -214,7 +214,7 @@ def test_embed_and_probe(tmp_path, image_folder):
 
 
 def test_pretrained_normalisation_for_one_channel_matches_the_adapted_first_conv():
-    from cnnkit.transfer import normalization
+    from cnnkit.models.pretrained import normalization
 
     mean, std, _ = normalization("resnet18", channels=1)
     assert mean == pytest.approx([(0.485 + 0.456 + 0.406) / 3]) and std == pytest.approx([(0.229 + 0.224 + 0.225) / 3])

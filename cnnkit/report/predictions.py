@@ -2,8 +2,8 @@
 them the confusion matrix and per-class precision, recall and F1.
 
 The figures match ``cnnkit.evaluate`` on the same checkpoint (the same validation set, batches, precision and
-eval mode); this pass also keeps each image's probabilities, which the top-losses grid and the choice of
-images for Grad-CAM need.
+eval mode: the one evaluation loop, ``cnnkit.train.evaluation.eval_batches``); this pass also keeps each
+image's probabilities, which the top-losses grid and the choice of images for Grad-CAM need.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from cnnkit.data.images import load_image
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import ImageSet
 from cnnkit.evaluate import training_validation_set
-from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import Checkpoint
-from cnnkit.train.precision import autocast, resolve_device, resolve_precision
+from cnnkit.train.evaluation import eval_batches
+from cnnkit.train.precision import resolve_device, resolve_precision
 
 
 @dataclass
@@ -112,16 +112,11 @@ def predict_validation(ckpt: Checkpoint, device: str = "auto", batch_size: int |
     amp_dtype = resolve_precision(cfg.get("precision", "auto"), dev)
     loader = BatchLoader(data, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
                          channels_last=cfg.get("channels_last", True), decode=cfg.get("decode", "auto"))
-    model = ckpt.model.to(dev)
     probs, losses, labels = [], [], []
-    with eval_mode(model):
-        for images, y in loader:
-            with autocast(dev, amp_dtype):
-                logits = model(images)
-            logits = logits.float()
-            probs.append(logits.softmax(dim=1).cpu())
-            losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
-            labels.append(y.cpu())
+    for logits, y in eval_batches(ckpt.model.to(dev), loader, dev, amp_dtype):
+        probs.append(logits.softmax(dim=1).cpu())
+        losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+        labels.append(y.cpu())
     if loader.skipped:
         # A file that broke since training was dropped from its batch: rows no longer line up with the files.
         data = ImageSet(torch.cat(labels), data.classes, channels=data.channels, size=data.size, source=data.source)

@@ -144,6 +144,7 @@ MAX_CONFIG_TEXT = 4096
 # images, where the general defaults needed 10 epochs of 20,000 (docs/design.md, "The demo's defaults").
 GENERAL_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64}
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"epochs": 4, "batch_size": 32, "crop_pad": 0}}
+NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols: no random flips (flip=None) and no mirrored TTA view
 
 
 def with_data_defaults(config: TrainConfig) -> TrainConfig:

@@ -1,5 +1,9 @@
-"""The training loop: ``train`` reads top to bottom — data, model, optimizer, run folder, then epochs of
-``train_one_epoch`` and ``evaluate_model``, checkpointing after each.
+"""The training loop: ``train`` reads top to bottom — set up the run (cnnkit/train/setup.py builds its pieces),
+then for each epoch ``train_one_epoch`` and ``evaluate_model``, saving after each, and return the run's results.
+
+``train`` produces a run folder and a TrainResult, nothing else: what shows a run (TensorBoard, the final
+test-time augmentation, plots and report.html) is the caller's, handed in as ``Callbacks``; ``cnnkit.train``
+(cnnkit/training.py) wires them.
 
 A run can stop at any moment (Ctrl-C, SIGTERM, a killed process) and ``train(resume=RUN_DIR)`` continues it
 exactly: the checkpoint holds the optimizer, schedule, every random generator and the position in the
@@ -11,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -21,60 +25,38 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cnnkit import compiled
 from cnnkit.atomic import atomic_write, write_json
-from cnnkit.data.checks import check_splits, class_weights
-from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES
-from cnnkit.data.loader import Augment, BatchLoader, channel_stats
-from cnnkit.data.sources import DataSpec, ImageSet, load_splits
+from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
-from cnnkit.models.registry import check_model_name, create_model
-from cnnkit.models.fast import sync_batchnorm
-from cnnkit.modes import eval_mode
 from cnnkit.progress import progress_bar
-from cnnkit.threads import set_torch_threads
-from cnnkit.report.tensorboard import open_tensorboard, require_tensorboard
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
     make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
 )
-from cnnkit.train.config import TrainConfig, TrainResult, read_config_file, with_data_defaults
+from cnnkit.train.config import TrainConfig, TrainResult
 from cnnkit.train.ema import WeightEMA
+from cnnkit.train.evaluation import EvalStats, evaluate_model
+from cnnkit.train.lr_find import LrFindResult, lr_find_record, resolve_auto_lr
 from cnnkit.train.metrics import macro_averages, per_class_metrics, write_epoch_files
 from cnnkit.train.mix import Mix
-from cnnkit.train.lr_find import lr_find_record, resolve_auto_lr
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
-from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
-from cnnkit.train.precision import autocast, precision_name, resolve_device, resolve_precision
-from cnnkit.train.recipes import recipe_options
+from cnnkit.train.options import MONITORS, make_config
+from cnnkit.train.precision import autocast, precision_name
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
-from cnnkit.tta import TTAModel
+from cnnkit.train.setup import (
+    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, RunPieces, build_run, start_machine,
+)
+from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable
 
 MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
                   "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
                   "ema_val_loss", "ema_val_acc"]
-NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols
-NAN_POLICIES = ("stop", "skip")
-MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
-SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
 NAN_CHECK_EVERY = 50  # batches between two reads of the running loss sum's finiteness with nan="stop"
-
-
-@dataclass
-class EvalStats:
-    """Loss, top-1 and top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""
-
-    loss: float
-    acc: float
-    top5: float
-    confusion: torch.Tensor
-    count: int
 
 
 @dataclass
@@ -114,369 +96,413 @@ class RunState:
     stop_reason: str = ""  # set when early stopping ends the run
 
 
-CUDNN_AUTOTUNE_MIN_BATCHES = 5000  # training batches from which a run lets cuDNN time its algorithms
+@dataclass
+class Plan:
+    """What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate)."""
+
+    lr: float  # the peak rate of a one-stage run (config.json records it)
+    stages: list[Stage]
+    first_epochs: list[int]  # each stage's first epoch
+    total_epochs: int
+    steps_per_epoch: int  # optimizer steps: the schedule counts these
+
+
+@dataclass
+class Stepper:
+    """What the training step updates in the current stage: the network it runs, its optimizer and schedule."""
+
+    index: int  # the stage's
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass
+class EpochFigures:
+    """The last finished epoch's training and validation figures."""
+
+    train_loss: float
+    train_acc: float
+    val: EvalStats
+    ema_val: EvalStats | None
+
+
+@dataclass
+class Training:
+    """A run under way: its configuration and pieces, where it writes, and how far it has come."""
+
+    cfg: TrainConfig
+    machine: Machine
+    ctx: distributed.Dist
+    log: IO[str]
+    pieces: RunPieces
+    plan: Plan
+    step_model: nn.Module  # ``model`` rewritten for the training step (shares its parameters)
+    ema: WeightEMA | None
+    lr_search: LrFindResult | None  # --lr auto's range test
+    stage_log: list[dict] = field(default_factory=list)
+    stage: Stepper | None = None
+    run_dir: str = ""
+    state: RunState = field(default_factory=RunState)
+    epoch_state: EpochState = field(default_factory=EpochState)
+    epoch: int = 1  # the epoch under way
+    last: EpochFigures | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.pieces.model
+
+
+class Callbacks:
+    """The caller's steps around a run; here each does nothing. ``cnnkit.train`` (cnnkit/training.py) hands in
+    the ones that show a run: TensorBoard, the final test-time augmentation, plots and report.html."""
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Before anything is loaded: refuse what these steps cannot do (a UserError)."""
+
+    def plot_lr_find(self, result: LrFindResult, path: str) -> str | None:
+        """Draw --lr auto's range test into ``path``; its path, or None for no picture."""
+        return None
+
+    def on_start(self, run: Training) -> None:
+        """The run folder holds config.json and stages.json; the first epoch is next."""
+
+    def on_epoch(self, run: Training, row: dict[str, Any], val: EvalStats) -> None:
+        """An epoch's figures (a metrics.csv row) and its validation, right after metrics.csv got the row."""
+
+    def on_end(self, run: Training) -> dict[str, Any]:
+        """After the last epoch, before result.json: TrainResult fields these steps measured."""
+        return {}
 
 
 def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, resume: str | None = None,
-          **overrides) -> TrainResult:
+          callbacks: Callbacks | None = None, **overrides) -> TrainResult:
     """Train a model as ``config`` (or keyword overrides of the defaults) says; returns the run's results.
 
-    ``config`` may be a YAML or JSON file of TrainConfig fields (a run folder's ``config.json`` replays that run).
-    ``resume=RUN_DIR`` continues an interrupted run from its ``last.pt`` with the run's own configuration.
-    Example: ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
+    ``config`` may be a YAML or JSON file of TrainConfig fields (a run folder's ``config.json`` replays that run);
+    options merge as cnnkit/train/options.py says. ``resume=RUN_DIR`` continues an interrupted run from its
+    ``last.pt`` with the run's own configuration. ``callbacks``: the caller's steps (see ``Callbacks``); the
+    options ``tta``, ``plots``, ``report`` and ``tensorboard`` are theirs. Example, with them:
+    ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
     """
     wall_start = time.perf_counter()
-    if isinstance(config, (str, os.PathLike)):  # a file's values, over its recipe's if it names one
-        values = read_config_file(os.fspath(config))
-        config = TrainConfig(**{**recipe_options(values.get("recipe"), values.get("overfit_batches", 0)), **values})
+    callbacks = callbacks or Callbacks()
     saved = _resume_payload(resume) if resume else None
-    cfg = _make_config(TrainConfig(**saved["config"]) if saved else config, {} if saved else overrides)
-    check_model_name(cfg.model)  # before minutes of data loading
-    log = log or sys.stdout
-    threads = set_torch_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    ctx = distributed.setup(device)  # one process, or one of torchrun's: only rank 0 prints and writes
+    cfg = make_config(TrainConfig(**saved["config"])) if saved else make_config(config, overrides)
+    callbacks.check(cfg)
+    t = _set_up(cfg, log or sys.stdout, saved)
+    _open_run_folder(t, saved, resume, callbacks)
+    callbacks.on_start(t)
+    start = time.perf_counter()
+    with StopSignals() as stop, _divergence(t.run_dir, lambda: t.epoch, t.lr_search):
+        for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
+            t.epoch = epoch
+            _train_epoch(t, stop)
+            row = _validate(t, callbacks)
+            _save_epoch(t, row)
+            if t.state.stop_reason:
+                print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
+                      f"{t.state.best_epoch}", file=t.log)
+                break
+    return _finish(t, callbacks, start, wall_start)
+
+
+CUDNN_AUTOTUNE_MIN_BATCHES = 5000  # training batches from which a run lets cuDNN time its algorithms
+
+
+def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Training:
+    """Everything a run needs before its run folder: the machine, the rate (--lr auto), the pieces, the plan
+    of stages, the rewritten step model and the first stage's optimizer."""
+    machine = start_machine(cfg)
+    ctx = distributed.setup(machine.device)  # one process, or one of torchrun's: only rank 0 prints and writes
     if not ctx.main:
         log = open(os.devnull, "w")
     cfg, lr_search = resolve_auto_lr(cfg, log, ctx)  # --lr auto: the range test's suggestion, before anything else
-
-    # Data: decoded once into uint8 tensors; augmentation happens per batch on the device.
-    num_samples = cfg.num_samples
-    if cfg.smoke:  # a few batches' worth of training images
-        num_samples = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
-    spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
-                    cfg.channels, num_samples, cfg.bad_images)
-    train_set, val_set = load_splits(spec)
-    if cfg.smoke:
-        val_set = _sample(val_set, SMOKE_VAL_IMAGES, cfg.seed)
-    if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
-        train_set = _sample(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
-        val_set = dataclasses.replace(train_set, skipped=[])
-    if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
-        threads = set_torch_threads(cfg.threads, workers=cfg.workers)
-    classes = train_set.classes
-    if saved and saved["classes"] != classes:
-        raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
-                              f"{saved['classes'][:10]}; resume with the data the run was started on")
-
-    # Model and the weights it starts from; the input normalisation follows the weights.
-    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                         input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
-    start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
-    if saved:
-        mean, std = saved["mean"], saved["std"]
-    elif cfg.pretrained:
-        mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
-    elif start_payload is not None:
-        mean, std = start_payload["mean"], start_payload["std"]
-    else:
-        mean, std = channel_stats(train_set)
-    data_stats = (mean, std) if not (saved or cfg.pretrained or start_payload is not None) else None
-    if cfg.sync_bn and ctx.world > 1:
-        if device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
-                            "normalises its own share of the batch")
-        model = sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
-    if cfg.check_data and ctx.main and not saved:
-        data_check = check_splits(
-            train_set, val_set, cfg.model, cfg.pretrained,
-            weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
-            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
-            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats)
-        for warning in data_check.warnings:
-            print(f"cnnkit: warning: {warning}", file=log)
-
-    augment = None if cfg.overfit_batches else Augment(
-        crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
-        flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
-        alternate_flip=cfg.alternate_flip, cutout=cfg.cutout, policy=cfg.augment_policy,
-        random_erasing=cfg.random_erasing,
-    )
-    mix = Mix(len(classes), cfg.mixup, cfg.cutmix) if (cfg.mixup or cfg.cutmix) and not cfg.overfit_batches else None
-    train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
-                               seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
-                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
-                               balanced=cfg.balanced_sampler, decode=cfg.decode)
-    val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
-                             workers=cfg.workers, rank=ctx.rank, world=ctx.world, decode=cfg.decode)
-    if hasattr(model, "init_from_data") and not saved and not start_payload:
-        # Layers computed from the data (the fast net's whitening filters) see the first training batches,
-        # normalised as training will normalise them.
-        sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
-                             channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
-        model.init_from_data(next(iter(sample))[0])
-        del sample  # and its loader's workers, which a streamed set keeps from epoch to epoch
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
-
-    # What trains when: one stage, or a staged schedule (head first, then deeper layers at a lower rate).
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
-    stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
-    if cfg.smoke:
-        stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
-    total_epochs = sum(stage.epochs for stage in stages)
-    first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
-    steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)  # optimizer steps: the schedule counts these
-    if device.type == "cuda" and total_epochs * len(train_loader) >= CUDNN_AUTOTUNE_MIN_BATCHES:
+    pieces = build_run(cfg, machine, log, ctx, saved)
+    ema = WeightEMA(pieces.model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
+    plan = _plan(cfg, len(pieces.train_loader))
+    if machine.device.type == "cuda" and plan.total_epochs * len(pieces.train_loader) >= CUDNN_AUTOTUNE_MIN_BATCHES:
         # Every batch has the same shapes, so cuDNN may time its algorithms once and keep the fastest (timm's
         # setting). The timing takes about a second per run, and on the fast recipe it bought nothing (docs/design.md):
         # only long runs, where a better kernel could repay it, ask for it. Not bit-reproducible either way.
         torch.backends.cudnn.benchmark = True
-    stage_log: list[dict] = []
-    # The training step runs ``model`` rewritten (cnnkit/train/rewrite.py: the same function and gradients up to
-    # dropout's draws, less work): ReLUs after their max-pools and, in runs long enough to repay compiling, each
-    # such pair fused into one compiled loop; with --compile, the whole rewritten model compiled instead. On a
-    # CPU dropout draws its masks with torch.rand. All share ``model``'s parameters: checkpoints and evaluation
-    # use ``model``.
+    step_model = _step_model(pieces.model, cfg, machine.device, pieces.train_loader, plan.total_epochs)
+    t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search)
+    next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
+    t.stage = _start_stage(t, max(i for i, first in enumerate(plan.first_epochs) if first <= next_epoch))
+    return t
+
+
+def _plan(cfg: TrainConfig, batches_per_epoch: int) -> Plan:
+    """The run's stages (a smoke run's cut short) and the epochs and optimizer steps they take."""
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
+    stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
+    if cfg.smoke:
+        stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
+    first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
+    return Plan(lr, stages, first_epochs, sum(stage.epochs for stage in stages),
+                -(-batches_per_epoch // cfg.accum_steps))
+
+
+def _step_model(model: nn.Module, cfg: TrainConfig, device: torch.device, train_loader: BatchLoader,
+                total_epochs: int) -> nn.Module:
+    """The model the training step runs: ``model`` rewritten (cnnkit/train/rewrite.py: the same function and
+    gradients up to dropout's draws, less work), sharing its parameters; checkpoints and evaluation use
+    ``model``. ReLUs go after their max-pools and, in runs long enough to repay compiling, each such pair is
+    fused into one compiled loop; with --compile, the whole rewritten model is compiled instead. On a CPU
+    dropout draws its masks with torch.rand. Why each pays: docs/design.md."""
     step_model = pool_before_relu(model)
     if device.type == "cpu":
         step_model = rand_dropout(step_model)
     if cfg.compile:
-        step_model = torch.compile(step_model, mode=None if cfg.compile is True else cfg.compile)
-    else:
-        step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
-        # The batch's crop, flip and normalisation in one compiled loop, where that pays (cnnkit/compiled.py):
-        # cheap to compile beside the pools, whose compiling loads torch.compile anyway; alone, in long runs only.
-        pools_fused = any(isinstance(m, PoolReLU) for m in step_model.modules())
-        train_loader.fused = total_epochs * len(train_loader) >= (
-            compiled.MIN_BATCHES if pools_fused else compiled.MIN_BATCHES_ALONE)
+        return torch.compile(step_model, mode=None if cfg.compile is True else cfg.compile)
+    step_model = fuse_pool_relu(step_model, batches=total_epochs * len(train_loader))
+    # The batch's crop, flip and normalisation in one compiled loop, where that pays (cnnkit/compiled.py):
+    # cheap to compile beside the pools, whose compiling loads torch.compile anyway; alone, in long runs only.
+    pools_fused = any(isinstance(m, PoolReLU) for m in step_model.modules())
+    train_loader.fused = total_epochs * len(train_loader) >= (
+        compiled.MIN_BATCHES if pools_fused else compiled.MIN_BATCHES_ALONE)
+    return step_model
 
-    def start_stage(index: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        stage = stages[index]
-        trainable = set_trainable(model, stage.modules)
-        # Across processes, DistributedDataParallel averages the gradients; it is rebuilt per stage because it
-        # registers the parameters that require gradients when it is made.
-        net = torch.nn.parallel.DistributedDataParallel(step_model) if ctx.world > 1 else step_model
-        optimizer = make_optimizer(model, cfg.optimizer, stage.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
-                                   backbone_lr=cfg.lr_backbone, batch_size=cfg.batch_size)
-        scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * steps_per_epoch,
-                                   int(cfg.warmup_epochs * steps_per_epoch))
-        stage_log.append({"stage": index + 1, "first_epoch": first_epochs[index], "modules": stage.modules or ["all"],
-                          "epochs": stage.epochs, "lr": stage.lr, "lr_backbone": cfg.lr_backbone,
-                          "trainable_params": trainable})
-        return net, optimizer, scheduler
 
-    next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
-    stage_index = max(i for i, first in enumerate(first_epochs) if first <= next_epoch)
-    net, optimizer, scheduler = start_stage(stage_index)
-    loss_weights = class_weights(train_set.labels, len(classes)) if cfg.class_weights == "auto" else None
-    criterion = nn.CrossEntropyLoss(weight=None if loss_weights is None else torch.tensor(loss_weights, device=device),
-                                    label_smoothing=cfg.label_smoothing)
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+def _start_stage(t: Training, index: int) -> Stepper:
+    """Stage ``index``'s trainable modules, optimizer and schedule (logged in ``t.stage_log``)."""
+    cfg, stage = t.cfg, t.plan.stages[index]
+    trainable = set_trainable(t.model, stage.modules)
+    # Across processes, DistributedDataParallel averages the gradients; it is rebuilt per stage because it
+    # registers the parameters that require gradients when it is made.
+    net = torch.nn.parallel.DistributedDataParallel(t.step_model) if t.ctx.world > 1 else t.step_model
+    optimizer = make_optimizer(t.model, cfg.optimizer, stage.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                               backbone_lr=cfg.lr_backbone, batch_size=cfg.batch_size)
+    scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * t.plan.steps_per_epoch,
+                               int(cfg.warmup_epochs * t.plan.steps_per_epoch))
+    t.stage_log.append({"stage": index + 1, "first_epoch": t.plan.first_epochs[index],
+                        "modules": stage.modules or ["all"], "epochs": stage.epochs, "lr": stage.lr,
+                        "lr_backbone": cfg.lr_backbone, "trainable_params": trainable})
+    return Stepper(index, net, optimizer, scheduler)
 
-    # The run folder is made only now, after every input has been checked.
-    run = RunState()
-    epoch_state = EpochState()
+
+def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | None, callbacks: Callbacks) -> None:
+    """The run folder, made only now that every input has been checked, with the run's configuration; or the
+    resumed run's, with the model, optimizer, generators and progress restored from its last.pt."""
+    cfg, p, log = t.cfg, t.pieces, t.log
     if saved:
-        run_dir = resume
-        for stale in remove_stale_temp_files(run_dir):
-            print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=log)
-        if ctx.main and os.path.exists(os.path.join(run_dir, "stop.json")):  # it runs again: no longer diverged
-            os.unlink(os.path.join(run_dir, "stop.json"))
-        model.load_state_dict(saved["state_dict"])
-        state = saved["resume"]
-        if state["stage"] == stage_index:  # else the run stopped at a stage boundary: the new stage starts fresh
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        run = RunState(**state["run"])
-        epoch_state = EpochState(**state["epoch_state"])
-        set_rng_state(state["rng"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if run.stop_reason:
-            raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
-        if run.epoch > total_epochs:
-            raise UserError(f"{run_dir} finished all {total_epochs} epochs already; there is nothing to resume")
-        if run.best_score is None and run.best_epoch and cfg.monitor == "val_acc":  # a run saved before --monitor
-            run.best_score = run.stop_best = run.best_acc
-        if ctx.main:
-            _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
-            _drop_steps_after(run_dir, run.epoch, epoch_state.batch)
-        print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
+        _restore(t, saved, resume)
     else:
-        run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        _write_json(run_dir, "config.json",
-                    {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, "threads": threads})
-        if lr_search:  # beside config.json, which stays a replayable --config file
-            _write_json(run_dir, "lr_find.json", lr_find_record(lr_search, run_dir))
-        if loss_weights is not None:
-            _write_json(run_dir, "class_weights.json", {"classes": classes, "weights": loss_weights, "counts":
-                                                        torch.bincount(train_set.labels, minlength=len(classes)).tolist()})
-    skipped_images = train_set.skipped + val_set.skipped
-    if skipped_images and ctx.main:
-        with open(os.path.join(run_dir, "bad_images.txt"), "w") as f:
+        t.run_dir = distributed.broadcast_text(make_run_dir(cfg) if t.ctx.main else None, t.ctx)
+        _write_json(t.run_dir, "config.json",
+                    {**dataclasses.asdict(cfg), "out": t.run_dir, "lr": t.plan.lr, "threads": t.machine.threads})
+        if t.lr_search:  # beside config.json, which stays a replayable --config file
+            _write_json(t.run_dir, "lr_find.json", lr_find_record(t.lr_search, t.run_dir, callbacks.plot_lr_find))
+        if p.loss_weights is not None:
+            counts = torch.bincount(p.train_set.labels, minlength=len(p.classes)).tolist()
+            _write_json(t.run_dir, "class_weights.json",
+                        {"classes": p.classes, "weights": p.loss_weights, "counts": counts})
+    skipped_images = p.train_set.skipped + p.val_set.skipped
+    if skipped_images and t.ctx.main:
+        with open(os.path.join(t.run_dir, "bad_images.txt"), "w") as f:
             f.write("\n".join(skipped_images) + "\n")
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
-              f"{os.path.join(run_dir, 'bad_images.txt')}", file=log)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(train_set):,} training and {len(val_set):,} "
-          f"validation images of {train_set.channels}x{train_set.size}x{train_set.size} from {cfg.data}; "
-          f"{device.type}, {precision_name(amp_dtype)}, {threads} CPU thread{'s' if threads > 1 else ''}; "
-          f"run folder {run_dir}", file=log)
+              f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
+    params = sum(w.numel() for w in t.model.parameters())
+    threads = t.machine.threads
+    print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(p.train_set):,} training and {len(p.val_set):,} "
+          f"validation images of {p.train_set.channels}x{p.train_set.size}x{p.train_set.size} from {cfg.data}; "
+          f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {threads} CPU "
+          f"thread{'s' if threads > 1 else ''}; run folder {t.run_dir}", file=log)
     if cfg.smoke:
-        print(f"cnnkit: smoke run: {total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on at most "
-              f"{SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model learns",
-              file=log)
-    if ema is not None and total_epochs * steps_per_epoch * (1 - cfg.ema) < 1:
+        print(f"cnnkit: smoke run: {t.plan.total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on "
+              f"at most {SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model "
+              "learns", file=log)
+    steps = t.plan.total_epochs * t.plan.steps_per_epoch
+    if t.ema is not None and steps * (1 - cfg.ema) < 1:
         print(f"cnnkit: note: --ema {cfg.ema} averages over about {1 / (1 - cfg.ema):,.0f} steps but the run has "
-              f"{total_epochs * steps_per_epoch}; the average stays close to the first weights (try a lower decay)",
-              file=log)
+              f"{steps}; the average stays close to the first weights (try a lower decay)", file=log)
+    _write_metrics(t.run_dir, t.state.history)
+    _write_json(t.run_dir, "stages.json", t.stage_log)  # which parameters train in which stage
 
-    def weights(net: nn.Module, epoch: int) -> dict[str, Any]:
-        """A checkpoint of ``net`` that rebuilds the model and its preprocessing (no training state)."""
-        return make_payload(net, classes, train_set.size, train_set.channels, mean, std, epoch=epoch,
-                            metrics=run.history[-1] if run.history else {}, config=dataclasses.asdict(cfg))
 
-    def checkpoint(epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
-        """The resumable state, as it stands after the last finished step."""
-        run.epoch = next_epoch
-        return {**weights(model, next_epoch - 1),
-                "resume": {"stage": stage_index, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                           "run": dataclasses.asdict(run), "epoch_state": epoch_state.plain(),
-                           "ema": ema.state_dict() if ema is not None else None}}
+def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
+    """Continue the run in ``run_dir`` from its last.pt (``saved``)."""
+    t.run_dir = run_dir
+    for stale in remove_stale_temp_files(run_dir):
+        print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=t.log)
+    if t.ctx.main and os.path.exists(os.path.join(run_dir, "stop.json")):  # it runs again: no longer diverged
+        os.unlink(os.path.join(run_dir, "stop.json"))
+    t.model.load_state_dict(saved["state_dict"])
+    state = saved["resume"]
+    if state["stage"] == t.stage.index:  # else the run stopped at a stage boundary: the new stage starts fresh
+        t.stage.optimizer.load_state_dict(state["optimizer"])
+        t.stage.scheduler.load_state_dict(state["scheduler"])
+    t.pieces.scaler.load_state_dict(state["scaler"])
+    t.state = run = RunState(**state["run"])
+    t.epoch_state = EpochState(**state["epoch_state"])
+    set_rng_state(state["rng"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    if run.stop_reason:
+        raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
+    if run.epoch > t.plan.total_epochs:
+        raise UserError(f"{run_dir} finished all {t.plan.total_epochs} epochs already; there is nothing to resume")
+    if run.best_score is None and run.best_epoch and t.cfg.monitor == "val_acc":  # a run saved before --monitor
+        run.best_score = run.stop_best = run.best_acc
+    if t.ctx.main:
+        _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
+        _drop_steps_after(run_dir, run.epoch, t.epoch_state.batch)
+    print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {t.epoch_state.batch}", file=t.log)
 
-    last_path = os.path.join(run_dir, "last.pt")
 
-    def save(payload: dict[str, Any], path: str) -> None:
-        if ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
-            save_checkpoint(payload, path, model)
-        distributed.barrier(ctx)
-
-    def save_within_epoch(state: EpochState, epoch: int, step_losses: list[torch.Tensor]) -> None:
-        # steps.csv first: last.pt never holds steps whose rows are missing (a resume drops rows beyond last.pt)
-        _write_step_losses(run_dir, epoch, state.batch, step_losses)
-        save(checkpoint(state, epoch), last_path)
-
-    _write_metrics(run_dir, run.history)
-    _write_json(run_dir, "stages.json", stage_log)  # which parameters train in which stage
-    board = open_tensorboard(run_dir, classes, model, train_loader, mean, std, log) if cfg.tensorboard and ctx.main else None
-    start = time.perf_counter()
-    with StopSignals() as stop, _divergence(run_dir, lambda: epoch, lr_search):
-        for epoch in range(run.epoch, total_epochs + 1):
-            if stage_index + 1 < len(stages) and epoch == first_epochs[stage_index + 1]:
-                stage_index += 1
-                net, optimizer, scheduler = start_stage(stage_index)
-                _write_json(run_dir, "stages.json", stage_log)
-            train_loader.set_epoch(epoch)
-            if epoch_state.lr is None:
-                epoch_state.lr = optimizer.param_groups[0]["lr"]
-            current_lr, step_losses = epoch_state.lr, []
-            epoch_state = train_one_epoch(
-                net, train_loader, optimizer, scheduler, scaler, criterion, device, amp_dtype, epoch_state,
-                clip_grad=cfg.clip_grad, nan=cfg.nan, desc=f"epoch {epoch}/{total_epochs}",
-                progress=cfg.progress and ctx.main, stop=stop, save_every=cfg.save_every,
-                save=lambda state: save_within_epoch(state, epoch, step_losses), step_losses=step_losses,
-                mix=mix if epoch <= total_epochs - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps,
-                ema=ema,
-            )
-            _write_step_losses(run_dir, epoch, epoch_state.batch, step_losses)
-            if stop.signal is not None:
-                save(checkpoint(epoch_state, epoch), last_path)
-                stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {epoch_state.batch}; saved "
-                                          f"{last_path}. Continue with: cnnkit train --resume {run_dir}")
-                stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
-                raise stopped
-            if ctx.world > 1:  # every process saw its share: the epoch's figures are the sums over processes
-                sums = distributed.all_reduce_sum(torch.tensor(
-                    [epoch_state.loss_sum, epoch_state.correct, epoch_state.seen], dtype=torch.float64))
-                epoch_state.loss_sum, epoch_state.correct, epoch_state.seen = sums[0].item(), sums[1].item(), int(sums[2])
-            train_loss = epoch_state.loss_sum / max(epoch_state.seen, 1)
-            train_acc = epoch_state.correct / max(epoch_state.seen, 1)
-            run.train_seconds += epoch_state.seconds
-            run.images_seen += epoch_state.seen
-            run.skipped_batches += epoch_state.skipped
-            val = evaluate_model(model, val_loader, len(classes), device, amp_dtype)
-            if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
-                largest = max(p.detach().abs().max().item() for p in model.parameters())
-                skipped_all = "" if epoch_state.seen else "; every batch was skipped"
-                raise NonFiniteLoss(f"the model's outputs on the validation images are no longer finite (its largest "
-                                    f"weight is {largest:.3g}{skipped_all}); lower --lr or add --clip-grad 1.0")
-            ema_val = evaluate_model(ema.module, val_loader, len(classes), device, amp_dtype) if ema else None
-            per_class = per_class_metrics(val.confusion, classes)
-            macro = macro_averages(val.confusion, per_class)
-
-            row = {"epoch": epoch, "lr": current_lr, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": val.loss, "val_acc": val.acc, "val_top5": val.top5,
-                   "epoch_time_s": epoch_state.seconds, "images_per_s": epoch_state.seen / epoch_state.seconds,
-                   "grad_norm": epoch_state.grad_norm_sum / epoch_state.clipped_steps if epoch_state.clipped_steps else "",
-                   "skipped_batches": epoch_state.skipped,
-                   "val_macro_recall": macro["macro_recall"], "val_macro_f1": macro["macro_f1"],
-                   "ema_val_loss": ema_val.loss if ema_val else "", "ema_val_acc": ema_val.acc if ema_val else ""}
-            run.history.append(row)
-            _write_metrics(run_dir, run.history)
-            if board:
-                board.log_epoch(row, val.confusion)
-            if ctx.main:
-                write_epoch_files(run_dir, epoch, val.confusion, classes, per_class)
-            print(f"epoch {epoch}/{total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                  f"val loss {val.loss:.4f} acc {val.acc:.4f}" + (f"  ema acc {ema_val.acc:.4f}" if ema_val else "")
-                  + f"  {row['images_per_s']:,.0f} images/s", file=log)
-
-            # best.pt, best-epochNNN.pt and best_ema.pt are written before last.pt: a crash in between replays
-            # this epoch on resume, which writes them again.
-            score = row[cfg.monitor]
-            if run.best_score is None or _better(score, run.best_score, cfg.monitor):
-                run.best_score, run.best_acc, run.best_epoch = score, val.acc, epoch
-                save(weights(model, epoch), os.path.join(run_dir, "best.pt"))
-            if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
-                save(weights(model, epoch), os.path.join(run_dir, _best_file(epoch)))
-                run.kept_best = sorted(run.kept_best + [[score, epoch]],
-                                       key=lambda k: (-MONITORS[cfg.monitor] * k[0], k[1]))[: cfg.keep_best]
-            if ema is not None:
-                save(weights(ema.module, epoch), os.path.join(run_dir, "last_ema.pt"))
-                ema_score = row["ema_" + cfg.monitor]
-                if run.best_ema_score is None or _better(ema_score, run.best_ema_score, cfg.monitor):
-                    run.best_ema_score = ema_score
-                    save(weights(ema.module, epoch), os.path.join(run_dir, "best_ema.pt"))
-            # Early stopping: patience counts epochs since the monitored metric last improved by more than min_delta.
-            if run.stop_best is None or _better(score, run.stop_best, cfg.monitor, cfg.min_delta):
-                run.stop_best, run.bad_epochs = score, 0
-            else:
-                run.bad_epochs += 1
-            if cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < total_epochs:
-                run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
-                                   f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
-            save(checkpoint(EpochState(), epoch + 1), last_path)
-            if ctx.main:
-                _prune_best_files(run_dir, run.kept_best)
-            epoch_state = EpochState()
-            if run.stop_reason:
-                print(f"cnnkit: {run.stop_reason}; best {cfg.monitor} {run.best_score:.4g} at epoch {run.best_epoch}",
-                      file=log)
-                break
-
-    tta_acc = None
-    if cfg.tta:
-        tta_model = TTAModel(model, mean, std, flip=True, shift=1).to(device)
-        tta_acc = evaluate_model(tta_model, val_loader, len(classes), device, amp_dtype).acc
-        print(f"test-time augmentation (mirror and 1-pixel shifts, softmax averaged): val acc {tta_acc:.4f}", file=log)
-    if cfg.overfit_batches:
-        print(overfit_verdict(val.acc, val.loss, len(val_set), cfg.overfit_batches), file=log)
-    result = TrainResult(
-        val_acc=val.acc, val_loss=val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
-        epochs=total_epochs, train_acc=train_acc, train_loss=train_loss,
-        train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
-        run_dir=run_dir, model=cfg.model, data=cfg.data, precision=precision_name(amp_dtype),
-        num_train=len(train_set), num_val=len(val_set), params=params, skipped_images=len(skipped_images),
-        skipped_batches=run.skipped_batches, tta_val_acc=tta_acc, wall_time_s=time.perf_counter() - wall_start,
-        epochs_run=len(run.history), stop_reason=run.stop_reason or "completed", monitor=cfg.monitor,
-        best_score=run.best_score, ema_val_acc=ema_val.acc if ema_val else None,
+def _train_epoch(t: Training, stop: "StopSignals") -> None:
+    """Epoch ``t.epoch``'s training steps (a resumed epoch from where it stopped); a caught signal saves the
+    state and ends the run."""
+    cfg, epoch, total = t.cfg, t.epoch, t.plan.total_epochs
+    if t.stage.index + 1 < len(t.plan.stages) and epoch == t.plan.first_epochs[t.stage.index + 1]:
+        t.stage = _start_stage(t, t.stage.index + 1)
+        _write_json(t.run_dir, "stages.json", t.stage_log)
+    t.pieces.train_loader.set_epoch(epoch)
+    if t.epoch_state.lr is None:
+        t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
+    step_losses: list[torch.Tensor] = []
+    t.epoch_state = train_one_epoch(
+        t.stage.net, t.pieces.train_loader, t.stage.optimizer, t.stage.scheduler, t.pieces.scaler, t.pieces.criterion,
+        t.machine.device, t.machine.amp_dtype, t.epoch_state, clip_grad=cfg.clip_grad, nan=cfg.nan,
+        desc=f"epoch {epoch}/{total}", progress=cfg.progress and t.ctx.main, stop=stop, save_every=cfg.save_every,
+        save=functools.partial(_save_within_epoch, t, step_losses), step_losses=step_losses,
+        mix=t.pieces.mix if epoch <= total - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps, ema=t.ema,
     )
-    _write_json(run_dir, "result.json", dataclasses.asdict(result))
-    distributed.cleanup(ctx)
-    if board:
-        board.close()
-    if ctx.main and cfg.plots:  # --report sets plots too (_make_config)
-        from cnnkit.report.html import show_run
+    _write_step_losses(t.run_dir, epoch, t.epoch_state.batch, step_losses)
+    if stop.signal is not None:
+        last_path = _save(t, _checkpoint(t, t.epoch_state, epoch), "last.pt")
+        stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {t.epoch_state.batch}; saved "
+                                  f"{last_path}. Continue with: cnnkit train --resume {t.run_dir}")
+        stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
+        raise stopped
 
-        show_run(run_dir, report=cfg.report, device=cfg.device, log=log)
+
+def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
+    """The epoch's figures: training sums, validation (and the EMA's); logged to metrics.csv, the epoch files
+    and the console. Returns the metrics.csv row."""
+    p, es, run, device, amp = t.pieces, t.epoch_state, t.state, t.machine.device, t.machine.amp_dtype
+    if t.ctx.world > 1:  # every process saw its share: the epoch's figures are the sums over processes
+        sums = distributed.all_reduce_sum(torch.tensor([es.loss_sum, es.correct, es.seen], dtype=torch.float64))
+        es.loss_sum, es.correct, es.seen = sums[0].item(), sums[1].item(), int(sums[2])
+    train_loss, train_acc = es.loss_sum / max(es.seen, 1), es.correct / max(es.seen, 1)
+    run.train_seconds += es.seconds
+    run.images_seen += es.seen
+    run.skipped_batches += es.skipped
+    val = evaluate_model(t.model, p.val_loader, len(p.classes), device, amp)
+    if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
+        largest = max(w.detach().abs().max().item() for w in t.model.parameters())
+        skipped_all = "" if es.seen else "; every batch was skipped"
+        raise NonFiniteLoss(f"the model's outputs on the validation images are no longer finite (its largest "
+                            f"weight is {largest:.3g}{skipped_all}); lower --lr or add --clip-grad 1.0")
+    ema_val = evaluate_model(t.ema.module, p.val_loader, len(p.classes), device, amp) if t.ema else None
+    t.last = EpochFigures(train_loss, train_acc, val, ema_val)
+    per_class = per_class_metrics(val.confusion, p.classes)
+    macro = macro_averages(val.confusion, per_class)
+    row = {"epoch": t.epoch, "lr": es.lr, "train_loss": train_loss, "train_acc": train_acc,
+           "val_loss": val.loss, "val_acc": val.acc, "val_top5": val.top5,
+           "epoch_time_s": es.seconds, "images_per_s": es.seen / es.seconds,
+           "grad_norm": es.grad_norm_sum / es.clipped_steps if es.clipped_steps else "",
+           "skipped_batches": es.skipped,
+           "val_macro_recall": macro["macro_recall"], "val_macro_f1": macro["macro_f1"],
+           "ema_val_loss": ema_val.loss if ema_val else "", "ema_val_acc": ema_val.acc if ema_val else ""}
+    run.history.append(row)
+    _write_metrics(t.run_dir, run.history)
+    callbacks.on_epoch(t, row, val)
+    if t.ctx.main:
+        write_epoch_files(t.run_dir, t.epoch, val.confusion, p.classes, per_class)
+    print(f"epoch {t.epoch}/{t.plan.total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+          f"val loss {val.loss:.4f} acc {val.acc:.4f}" + (f"  ema acc {ema_val.acc:.4f}" if ema_val else "")
+          + f"  {row['images_per_s']:,.0f} images/s", file=t.log)
+    return row
+
+
+def _save_epoch(t: Training, row: dict[str, Any]) -> None:
+    """The checkpoints after an epoch (best.pt, best-epochNNN.pt, the EMA's, last.pt) and early stopping's count."""
+    cfg, run, epoch = t.cfg, t.state, t.epoch
+    # best.pt, best-epochNNN.pt and best_ema.pt are written before last.pt: a crash in between replays
+    # this epoch on resume, which writes them again.
+    score = row[cfg.monitor]
+    if run.best_score is None or _better(score, run.best_score, cfg.monitor):
+        run.best_score, run.best_acc, run.best_epoch = score, row["val_acc"], epoch
+        _save(t, _weights(t, t.model, epoch), "best.pt")
+    if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
+        _save(t, _weights(t, t.model, epoch), _best_file(epoch))
+        run.kept_best = sorted(run.kept_best + [[score, epoch]],
+                               key=lambda k: (-MONITORS[cfg.monitor] * k[0], k[1]))[: cfg.keep_best]
+    if t.ema is not None:
+        _save(t, _weights(t, t.ema.module, epoch), "last_ema.pt")
+        ema_score = row["ema_" + cfg.monitor]
+        if run.best_ema_score is None or _better(ema_score, run.best_ema_score, cfg.monitor):
+            run.best_ema_score = ema_score
+            _save(t, _weights(t, t.ema.module, epoch), "best_ema.pt")
+    # Early stopping: patience counts epochs since the monitored metric last improved by more than min_delta.
+    if run.stop_best is None or _better(score, run.stop_best, cfg.monitor, cfg.min_delta):
+        run.stop_best, run.bad_epochs = score, 0
+    else:
+        run.bad_epochs += 1
+    if cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
+        run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
+                           f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
+    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt")
+    if t.ctx.main:
+        _prune_best_files(t.run_dir, run.kept_best)
+    t.epoch_state = EpochState()
+
+
+def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) -> TrainResult:
+    """The caller's final measurements, the overfit verdict and result.json; the run's TrainResult."""
+    cfg, p, last, run = t.cfg, t.pieces, t.last, t.state
+    measured = callbacks.on_end(t)
+    if cfg.overfit_batches:
+        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches), file=t.log)
+    result = TrainResult(
+        val_acc=last.val.acc, val_loss=last.val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
+        epochs=t.plan.total_epochs, train_acc=last.train_acc, train_loss=last.train_loss,
+        train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
+        run_dir=t.run_dir, model=cfg.model, data=cfg.data, precision=precision_name(t.machine.amp_dtype),
+        num_train=len(p.train_set), num_val=len(p.val_set), params=sum(w.numel() for w in t.model.parameters()),
+        skipped_images=len(p.train_set.skipped + p.val_set.skipped), skipped_batches=run.skipped_batches,
+        wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
+        stop_reason=run.stop_reason or "completed", monitor=cfg.monitor, best_score=run.best_score,
+        ema_val_acc=last.ema_val.acc if last.ema_val else None, **measured,
+    )
+    _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
+    distributed.cleanup(t.ctx)
     return result
+
+
+def _weights(t: Training, net: nn.Module, epoch: int) -> dict[str, Any]:
+    """A checkpoint of ``net`` that rebuilds the model and its preprocessing (no training state)."""
+    p = t.pieces
+    return make_payload(net, p.classes, p.train_set.size, p.train_set.channels, p.mean, p.std, epoch=epoch,
+                        metrics=t.state.history[-1] if t.state.history else {}, config=dataclasses.asdict(t.cfg))
+
+
+def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
+    """The resumable state, as it stands after the last finished step."""
+    t.state.epoch = next_epoch
+    return {**_weights(t, t.model, next_epoch - 1),
+            "resume": {"stage": t.stage.index, "optimizer": t.stage.optimizer.state_dict(),
+                       "scheduler": t.stage.scheduler.state_dict(), "scaler": t.pieces.scaler.state_dict(),
+                       "rng": rng_state(), "run": dataclasses.asdict(t.state), "epoch_state": epoch_state.plain(),
+                       "ema": t.ema.state_dict() if t.ema is not None else None}}
+
+
+def _save(t: Training, payload: dict[str, Any], name: str) -> str:
+    """Write ``payload`` to the run folder's ``name``; its path."""
+    path = os.path.join(t.run_dir, name)
+    if t.ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
+        save_checkpoint(payload, path, t.model)
+    distributed.barrier(t.ctx)
+    return path
+
+
+def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: EpochState) -> None:
+    # steps.csv first: last.pt never holds steps whose rows are missing (a resume drops rows beyond last.pt)
+    _write_step_losses(t.run_dir, t.epoch, state.batch, step_losses)
+    _save(t, _checkpoint(t, state, t.epoch), "last.pt")
 
 
 def overfit_verdict(acc: float, loss: float, images: int, batches: int) -> str:
@@ -539,8 +565,8 @@ def train_one_epoch(
     # reading it each step would make a GPU wait for every batch. A non-finite step between two checks
     # only spoils weights that are then never saved. The check reads the running loss sum, which a non-finite
     # loss leaves non-finite for good (inf + x is inf or nan, nan + x is nan; a finite loss over 1e36 would
-    # read as non-finite too, long after training has diverged): no per-step work, which on a 2-core CPU was
-    # 1-2% of simple_cnn's step. nan="skip" must decide per step, so it reads each one.
+    # read as non-finite too, long after training has diverged): no per-step work, which a small CPU model's
+    # step notices (see docs/design.md). nan="skip" must decide per step, so it reads each one.
     checked = state.batch  # every batch before this one had a finite loss
     for images, labels in loader.batches(state.batch):
         targets = labels
@@ -574,16 +600,10 @@ def train_one_epoch(
             checked = _check_finite(loss_sum, checked, state, optimizer)
         if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
             if pending:
-                if clip_grad:
-                    scaler.unscale_(optimizer)
-                    # The norm before clipping is what tells whether the clipping threshold fits the run.
-                    grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                norm = _optimizer_step(model, optimizer, scaler, clip_grad, ema)
+                if norm is not None:
+                    grad_norm_sum += norm
                     state.clipped_steps += 1
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
                 pending = 0
             scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
@@ -604,6 +624,22 @@ def train_one_epoch(
     state.seconds += time.perf_counter() - t0
     state.loss_sum, state.correct, state.grad_norm_sum = loss_sum.item(), correct.item(), grad_norm_sum.item()
     return state
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_grad: float | None, ema: WeightEMA | None) -> torch.Tensor | None:
+    """One step on the gradients accumulated so far, clipped to the norm ``clip_grad`` first (then it returns the
+    norm before clipping, which tells whether the threshold fits the run); ``ema`` follows the new weights."""
+    norm = None
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+    return norm
 
 
 def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optimizer: torch.optim.Optimizer) -> int:
@@ -664,35 +700,6 @@ def _any_process_stopping(stop: "StopSignals") -> bool:
     if flag.item() and stop.signal is None:
         stop.signal = "SIGTERM"
     return bool(flag.item())
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None
-) -> EvalStats:
-    """Loss, accuracy, top-5 accuracy and confusion matrix of ``model`` on ``loader`` in eval mode
-    (BatchNorm uses its running statistics, Dropout is off). Every module's mode is restored afterwards.
-    For test-time augmentation pass the model wrapped in ``cnnkit.tta.TTAModel``."""
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    k = min(5, num_classes)
-    # Not model.train() afterwards: that would also switch on BatchNorm layers that were frozen in eval mode.
-    with eval_mode(model):
-        for images, labels in loader:
-            with autocast(device, amp_dtype):
-                logits = model(images)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-    # Each process evaluated its own share of the images, each image exactly once: the sums are the whole set's.
-    for t in (loss_sum, top5, confusion):
-        distributed.all_reduce_sum(t)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    n = int(confusion.sum())
-    return EvalStats(loss=loss_sum.item() / max(n, 1), acc=confusion.diag().sum().item() / max(n, 1),
-                     top5=top5.item() / max(n, 1), confusion=confusion, count=n)
 
 
 class StopSignals:
@@ -807,14 +814,6 @@ def _prune_best_files(run_dir: str, kept: list) -> None:
             os.unlink(os.path.join(run_dir, name))
 
 
-def _sample(data: ImageSet, count: int, seed: int) -> ImageSet:
-    """``count`` images of ``data`` drawn at random with ``seed`` (all of them if it has fewer), in their order."""
-    if len(data) <= count:
-        return data
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
-    return data.subset(idx.sort().values)
-
-
 def _resume_payload(run_dir: str) -> dict[str, Any]:
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
@@ -831,12 +830,6 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
     if "resume" not in payload:
         raise CheckpointError(f"{path} holds no training state to resume from")
     return payload
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def make_run_dir(cfg: TrainConfig) -> str:
@@ -859,66 +852,3 @@ def make_run_dir(cfg: TrainConfig) -> str:
     except OSError as e:
         raise UserError(f"cannot write the run folder {path} ({e.strerror}); pass a writable --out") from None
     return path
-
-
-def _make_config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(unknown)}")
-    # A recipe sets its options first; whatever else the caller passes wins over it.
-    base = config or TrainConfig(**recipe_options(overrides.get("recipe"), overrides.get("overfit_batches", 0)))
-    cfg = with_data_defaults(dataclasses.replace(base, **overrides))  # config.json records what they became
-    if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
-        cfg = dataclasses.replace(cfg, plots=True)
-    for f in dataclasses.fields(cfg):  # nan slips through the range checks below, inf through some: both fail mid-run
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not -float("inf") < value < float("inf"):
-            raise UserError(f"{f.name} must be a finite number, got {value}")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")
-    if cfg.lr is not None and cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise UserError(f"learning rate must be positive or 'auto', got {cfg.lr}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise UserError(f"label smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.momentum < 0 or cfg.save_every < 0:
-        raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
-    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
-    if cfg.compile not in (False, True, *COMPILE_MODES):
-        raise UserError(f"--compile takes no value or one of {', '.join(COMPILE_MODES)}, not '{cfg.compile}'")
-    if cfg.augment_policy not in (None, *AUGMENT_POLICIES):
-        raise UserError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
-    if not 0 <= cfg.random_erasing <= 1:
-        raise UserError(f"--random-erasing is a probability in [0, 1], got {cfg.random_erasing}")
-    if cfg.cutout < 0:
-        raise UserError(f"--cutout must be 0 (off) or a side in pixels, got {cfg.cutout}")
-    if cfg.class_weights not in (None, "auto"):
-        raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
-                        f"not '{cfg.class_weights}'")
-    if cfg.decode not in DECODE_CHOICES:  # before minutes of data loading (BatchLoader checks it too, for its callers)
-        raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{cfg.decode}'")
-    if cfg.nan not in NAN_POLICIES:
-        raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
-    if cfg.tensorboard:
-        require_tensorboard()  # before any data is loaded or a run folder made
-    for name in ("mixup", "cutmix", "min_delta"):
-        if not isinstance(getattr(cfg, name), (int, float)) or not getattr(cfg, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a number, 0 or more, got {getattr(cfg, name)}")
-    for name in ("accum_steps", "mix_off_epochs", "keep_best", "overfit_batches"):
-        least = 1 if name == "accum_steps" else 0
-        if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be a whole number, {least} or more, got {getattr(cfg, name)}")
-    if cfg.mix_off_epochs and not (cfg.mixup or cfg.cutmix):
-        raise UserError("--mix-off-epochs switches mixing off for the last epochs; it needs --mixup or --cutmix")
-    if cfg.mix_off_epochs and not cfg.stages and cfg.mix_off_epochs >= cfg.epochs:
-        raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
-                        "make it smaller than --epochs")
-    if cfg.ema is not None and not (isinstance(cfg.ema, (int, float)) and 0 < cfg.ema < 1):
-        raise UserError(f"--ema takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
-    if cfg.early_stop is not None and (not isinstance(cfg.early_stop, int) or cfg.early_stop < 1):
-        raise UserError(f"--early-stop takes the patience in epochs, a whole number of 1 or more, got {cfg.early_stop}")
-    if cfg.monitor not in MONITORS:
-        raise UserError(f"--monitor must be one of {', '.join(MONITORS)}, not '{cfg.monitor}'")
-    return cfg

@@ -55,29 +55,25 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO
-
-import torch
-import torch.nn as nn
+from typing import IO, Callable
 
 from cnnkit.atomic import write_json
-from cnnkit.data.checks import class_weights
-from cnnkit.data.loader import Augment, BatchLoader, channel_stats
-from cnnkit.data.sources import DataSpec, load_splits
+from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import UserError
-from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.progress import progress_bar
-from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer
-from cnnkit.train.precision import autocast, resolve_device, resolve_precision
-from cnnkit.transfer import freeze_batchnorm_stats, load_weights, normalization, plan_stages, set_trainable
+from cnnkit.train.options import make_config
+from cnnkit.train.precision import autocast
+from cnnkit.train.setup import build_run, range_test_config, seed_everything, start_machine
+from cnnkit.transfer import freeze_batchnorm_stats, plan_stages, set_trainable
 
 EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge/3", "edge/10", "default: flat curve"
 ONE_CYCLE_MARGIN = 3  # one-cycle's peak: the valley's edge divided by this (see the module doc)
 EDGE_SHARE = 0.1  # the valley ends where the smoothed loss is this share of the descent above its minimum
 FLAT_DROP = 0.05  # the smoothed loss must fall by 5% of its level for the curve to count as a descent
+DrawCurve = Callable[["LrFindResult", str], "str | None"]  # draws a test's curve into a PNG file; returns its path
 
 
 @dataclass
@@ -103,17 +99,17 @@ class LrFindResult:
                                               "steps", "plot")}
 
 
-def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 200,
+def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 200,
             smoothing: float = 0.98, diverge: float = 4.0, out: str | None = None, log: IO[str] | None = None,
-            progress: bool | None = None, **overrides) -> LrFindResult:
+            progress: bool | None = None, draw: DrawCurve | None = None, **overrides) -> LrFindResult:
     """Run the range test for ``config`` (or keyword overrides of the training defaults): ``steps`` steps from
     ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``out``: a
-    folder (made if missing, as train's ``out``) that receives the curve, ``lr_find.png``, and the figures,
-    ``lr_find.json``. Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``.
+    folder (made if missing, as train's ``out``) that receives the figures, ``lr_find.json``, and the curve,
+    ``lr_find.png``, drawn by ``draw`` (``cnnkit.lr_find`` passes ``cnnkit.report.plots.plot_lr_find``).
+    ``config`` and ``overrides`` are merged as train's (cnnkit/train/options.py).
+    Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``.
     """
-    from cnnkit.train.loop import NO_FLIP_DATA, _make_config, seed_everything
-
-    cfg = _make_config(config, overrides)
+    cfg = make_config(config, overrides)
     if not 0 < start_lr < end_lr:
         raise UserError(f"the range test needs 0 < start lr < end lr, got {start_lr:g} and {end_lr:g}")
     if steps < 10:
@@ -124,51 +120,18 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         raise UserError("the range test finds one learning rate; with --stages give each stage its rate")
     if out:
         _make_folder(out)
-    check_model_name(cfg.model)
     log = log or sys.stdout
     progress = cfg.progress if progress is None else progress
-    threads = set_torch_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
-
-    # Data, model and optimizer as `train` builds them, so the test measures the run it advises.
-    spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
-                    cfg.channels, cfg.num_samples, cfg.bad_images)
-    train_set, _ = load_splits(spec)
-    if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
-        threads = set_torch_threads(cfg.threads, workers=cfg.workers)
-    model = create_model(cfg.model, num_classes=len(train_set.classes), in_channels=train_set.channels,
-                         input_size=train_set.size, pretrained=cfg.pretrained, **cfg.model_options)
-    payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights else None
-    if cfg.pretrained:
-        mean, std, _ = normalization(cfg.model, train_set.channels)
-    elif payload is not None:
-        mean, std = payload["mean"], payload["std"]
-    else:
-        mean, std = channel_stats(train_set)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    machine = start_machine(cfg)
+    device, amp_dtype = machine.device, machine.amp_dtype
+    # Data, model, loader and loss as `train` builds them, so the test measures the run it advises.
+    run = build_run(range_test_config(cfg), machine, log)
+    model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads
     set_trainable(model, plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0].modules)
-    augment = Augment(crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
-                      flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
-                      alternate_flip=cfg.alternate_flip, cutout=cfg.cutout, policy=cfg.augment_policy,
-                      random_erasing=cfg.random_erasing)
-    loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment, seed=cfg.seed,
-                         drop_last=len(train_set) >= cfg.batch_size, channels_last=cfg.channels_last,
-                         workers=cfg.workers, balanced=cfg.balanced_sampler, decode=cfg.decode)
-    if hasattr(model, "init_from_data") and payload is None:  # the fast net's whitening filters, as train does it
-        sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
-                             channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
-        model.init_from_data(next(iter(sample))[0])
-        del sample  # and its loader's workers, which a streamed set keeps from epoch to epoch
     optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                batch_size=cfg.batch_size)
     # Groups may run at their own multiple of the rate (Muon's biases and head): the sweep keeps those ratios.
     ratios = [group["lr"] / start_lr for group in optimizer.param_groups]
-    weights = class_weights(train_set.labels, len(train_set.classes)) if cfg.class_weights == "auto" else None
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
-                                    label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     print(f"cnnkit: learning-rate range test for {cfg.model} on {cfg.data}: up to {steps} steps of "
           f"{cfg.batch_size} images, lr {start_lr:g} -> {end_lr:g}; {threads} CPU thread{'s' if threads > 1 else ''}",
@@ -180,7 +143,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
     start = time.perf_counter()
     model.train()
     freeze_batchnorm_stats(model)
-    batches = _endless(loader)
+    batches = _endless(run.train_loader)
     for i in range(steps):
         lr = start_lr * factor**i
         for group, ratio in zip(optimizer.param_groups, ratios):
@@ -225,7 +188,7 @@ def lr_find(config: TrainConfig | None = None, *, start_lr: float = 1e-6, end_lr
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
               "(raise the end learning rate)", file=log)
     if out:
-        write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out))
+        write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out, draw))
     return result
 
 
@@ -287,8 +250,6 @@ def _steepest(lrs: list[float], smoothed: list[float], first: int, low: int) -> 
 def resolve_auto_lr(cfg: TrainConfig, log: IO[str], ctx: "distributed.Dist") -> tuple[TrainConfig, LrFindResult | None]:
     """``cfg`` with ``lr="auto"`` replaced by the range test's suggestion (run by the first process only and
     sent to the others), and the test's result; ``cfg`` unchanged and None for any other ``lr``."""
-    from cnnkit.train.loop import seed_everything
-
     if cfg.lr != "auto":
         return cfg, None
     if cfg.stages:
@@ -300,9 +261,9 @@ def resolve_auto_lr(cfg: TrainConfig, log: IO[str], ctx: "distributed.Dist") -> 
     return dataclasses.replace(cfg, lr=lr), result
 
 
-def lr_find_record(result: LrFindResult, run_dir: str) -> dict:
-    """Draw the test's curve into ``run_dir/lr_find.png``; the figures for ``lr_find.json``."""
-    from cnnkit.report.plots import plot_lr_find
-
-    result.plot = plot_lr_find(result, os.path.join(run_dir, "lr_find.png"))
+def lr_find_record(result: LrFindResult, folder: str, draw: DrawCurve | None = None) -> dict:
+    """The figures for ``lr_find.json``, after ``draw`` has drawn the test's curve into ``folder/lr_find.png``
+    (without ``draw`` no picture, and the record's plot is None)."""
+    if draw is not None:
+        result.plot = draw(result, os.path.join(folder, "lr_find.png"))
     return result.summary()

@@ -3,10 +3,10 @@
 import re
 from pathlib import Path
 
-from cnnkit.cli import _train_config_values, build_parser
+from cnnkit.cli import _given_train_options, build_parser
 from cnnkit.data.sources import SHAPES_TRAIN
 from cnnkit.train.config import TrainConfig
-from cnnkit.train.loop import _make_config
+from cnnkit.train.options import make_config as _make_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def demo_config() -> TrainConfig:
     """What `cnnkit train` (no options) trains with, resolved as train() resolves it."""
     args = build_parser().parse_args(["train"])
-    return _make_config(TrainConfig(**_train_config_values(args)), {})
+    args.argv = ["train"]
+    return _make_config(None, _given_train_options(args))
 
 
 def test_make_demo_runs_cnnkit_train_without_options():

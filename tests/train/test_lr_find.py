@@ -6,7 +6,8 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
-from cnnkit.train.lr_find import EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, TENTH_METHOD, lr_find, suggest
+from cnnkit.train.lr_find import EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, TENTH_METHOD, suggest
+from cnnkit.training import lr_find
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 

@@ -1,0 +1,182 @@
+"""The one place that builds a run's pieces from its configuration, for training and for the learning-rate range
+test alike (so the test measures the run it advises): the machine (threads, seeds, device, number format), then
+the data splits, the model and the weights it starts from, the input normalisation, the loaders, the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cnnkit.data.checks import check_splits, class_weights
+from cnnkit.data.loader import Augment, BatchLoader, channel_stats
+from cnnkit.data.sources import DataSpec, ImageSet, load_splits
+from cnnkit.errors import CheckpointError, UserError
+from cnnkit.models.fast import sync_batchnorm
+from cnnkit.models.pretrained import normalization
+from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.threads import set_torch_threads
+from cnnkit.train import distributed
+from cnnkit.train.config import NO_FLIP_DATA, TrainConfig
+from cnnkit.train.mix import Mix
+from cnnkit.train.precision import resolve_device, resolve_precision
+from cnnkit.transfer import load_weights
+
+SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
+
+
+@dataclass
+class Machine:
+    """Where and how a run computes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast's number format; None: fp32
+    threads: int  # CPU threads torch computes with
+
+
+@dataclass
+class RunPieces:
+    """What a run is built from: its data, model, normalisation, loaders and loss."""
+
+    train_set: ImageSet
+    val_set: ImageSet
+    classes: list[str]
+    model: nn.Module
+    start_payload: dict[str, Any] | None  # the cnnkit checkpoint the weights came from (--weights), if one
+    mean: list[float]
+    std: list[float]
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    mix: Mix | None
+    loss_weights: list[float] | None  # --class-weights auto
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def start_machine(cfg: TrainConfig) -> Machine:
+    """Check the model's name (before minutes of data loading), set the CPU threads, seed every generator and
+    resolve the device and number format."""
+    check_model_name(cfg.model)
+    threads = set_torch_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    return Machine(device, amp_dtype, threads)
+
+
+def range_test_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as the range test builds its run from it: all the training images with their augmentation, one
+    process, no mixing, no data check (the run it advises does those)."""
+    return dataclasses.replace(cfg, smoke=False, overfit_batches=0, mixup=0.0, cutmix=0.0, sync_bn=False,
+                               check_data=False)
+
+
+def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed.Dist | None = None,
+              saved: dict[str, Any] | None = None) -> RunPieces:
+    """The pieces of the run ``cfg`` describes, on ``machine``; ``ctx``: this process's place among several
+    (None: the only one); ``saved``: the checkpoint of a run being resumed (its weights load later, its
+    normalisation and classes hold now). May lower ``machine.threads`` to leave loader processes their cores."""
+    ctx = ctx or distributed.Dist()
+    device = machine.device
+    train_set, val_set = _load_data(cfg, machine)
+    classes = train_set.classes
+    if saved and saved["classes"] != classes:
+        raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
+                              f"{saved['classes'][:10]}; resume with the data the run was started on")
+
+    # Model and the weights it starts from; the input normalisation follows the weights.
+    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
+                         input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
+    if saved:
+        mean, std = saved["mean"], saved["std"]
+    elif cfg.pretrained:
+        mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
+    elif start_payload is not None:
+        mean, std = start_payload["mean"], start_payload["std"]
+    else:
+        mean, std = channel_stats(train_set)
+    data_stats = (mean, std) if not (saved or cfg.pretrained or start_payload is not None) else None
+    if cfg.sync_bn and ctx.world > 1:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
+                            "normalises its own share of the batch")
+        model = sync_batchnorm(model)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
+    if cfg.check_data and ctx.main and not saved:
+        data_check = check_splits(
+            train_set, val_set, cfg.model, cfg.pretrained,
+            weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
+            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats)
+        for warning in data_check.warnings:
+            print(f"cnnkit: warning: {warning}", file=log)
+
+    augment = None if cfg.overfit_batches else Augment(
+        crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
+        flip=(cfg.data not in NO_FLIP_DATA) if cfg.flip is None else cfg.flip,
+        alternate_flip=cfg.alternate_flip, cutout=cfg.cutout, policy=cfg.augment_policy,
+        random_erasing=cfg.random_erasing,
+    )
+    mix = Mix(len(classes), cfg.mixup, cfg.cutmix) if (cfg.mixup or cfg.cutmix) and not cfg.overfit_batches else None
+    train_loader = BatchLoader(train_set, cfg.batch_size, mean, std, device, shuffle=True, augment=augment,
+                               seed=cfg.seed, drop_last=len(train_set) >= cfg.batch_size,
+                               channels_last=cfg.channels_last, workers=cfg.workers, rank=ctx.rank, world=ctx.world,
+                               balanced=cfg.balanced_sampler, decode=cfg.decode)
+    val_loader = BatchLoader(val_set, cfg.eval_batch_size, mean, std, device, channels_last=cfg.channels_last,
+                             workers=cfg.workers, rank=ctx.rank, world=ctx.world, decode=cfg.decode)
+    if hasattr(model, "init_from_data") and not saved and not start_payload:
+        # Layers computed from the data (the fast net's whitening filters) see the first training batches,
+        # normalised as training will normalise them.
+        sample = BatchLoader(train_set, min(5000, len(train_set)), mean, std, device, shuffle=True, seed=cfg.seed,
+                             channels_last=cfg.channels_last, workers=cfg.workers, decode=cfg.decode)
+        model.init_from_data(next(iter(sample))[0])
+        del sample  # and its loader's workers, which a streamed set keeps from epoch to epoch
+
+    loss_weights = class_weights(train_set.labels, len(classes)) if cfg.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=None if loss_weights is None else torch.tensor(loss_weights, device=device),
+                                    label_smoothing=cfg.label_smoothing)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=machine.amp_dtype == torch.float16)
+    return RunPieces(train_set, val_set, classes, model, start_payload, mean, std, train_loader, val_loader, mix,
+                     loss_weights, criterion, scaler)
+
+
+def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
+    """The training and validation sets, decoded once into uint8 tensors (augmentation happens per batch on the
+    device), or streamed from their files when too large for memory."""
+    num_samples = cfg.num_samples
+    if cfg.smoke:  # a few batches' worth of training images
+        num_samples = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
+    spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
+                    cfg.channels, num_samples, cfg.bad_images)
+    train_set, val_set = load_splits(spec)
+    if cfg.smoke:
+        val_set = sample_images(val_set, SMOKE_VAL_IMAGES, cfg.seed)
+    if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
+        train_set = sample_images(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
+        val_set = dataclasses.replace(train_set, skipped=[])
+    if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
+        machine.threads = set_torch_threads(cfg.threads, workers=cfg.workers)
+    return train_set, val_set
+
+
+def sample_images(data: ImageSet, count: int, seed: int) -> ImageSet:
+    """``count`` images of ``data`` drawn at random with ``seed`` (all of them if it has fewer), in their order."""
+    if len(data) <= count:
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    return data.subset(idx.sort().values)

@@ -1,0 +1,71 @@
+"""One merge of a run's options, for the command line and the Python API alike: TrainConfig's defaults < the
+recipe's < the config file's < the options given (flags or keyword arguments), then the checks."""
+
+import pytest
+
+from cnnkit.cli import _given_train_options, build_parser
+from cnnkit.errors import UserError
+from cnnkit.train.options import make_config
+from cnnkit.train.recipes import RECIPES
+
+
+def given(*argv: str) -> dict:
+    """What the command line ``argv`` hands to the merge."""
+    args = build_parser().parse_args(list(argv))
+    args.argv = list(argv)
+    return _given_train_options(args)
+
+
+def test_the_command_line_hands_over_only_the_options_it_gives():
+    assert given("train") == {"progress": True}
+    assert given("train", "--epochs", "3", "--optimizer", "sgd") == {"epochs": 3, "optimizer": "sgd", "progress": True}
+    assert given("train", "--quiet", "--no-flip", "--model-opt", "widths=[8,16]") == {
+        "flip": False, "model_options": {"widths": (8, 16)}, "progress": False}
+    assert given("lr-find", "--batch-size", "16", "--out", "curves") == {"batch_size": 16, "progress": True}
+
+
+def test_a_flag_wins_over_the_recipe_even_when_it_repeats_the_default():
+    cfg = make_config(None, given("train", "--recipe", "fast", "--optimizer", "sgd", "--epochs", "2"))
+    assert (cfg.model, cfg.optimizer, cfg.epochs, cfg.lr, cfg.tta) == ("fastnet", "sgd", 2, RECIPES["fast"]["lr"], True)
+
+
+def test_defaults_recipe_file_and_flags_layer_the_same_from_the_command_line_and_python(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: fast\nepochs: 5\nbatch_size: 100\nmodel_options: {widths: [8, 16, 16]}\n")
+    cli = make_config(str(path), given("train", "--config", str(path), "--batch-size", "50", "--model-opt", "extra=1"))
+    assert cli.model == "fastnet" and cli.tta  # the file's recipe
+    assert (cli.epochs, cli.batch_size) == (5, 50)  # the file over the recipe's 8; the flag over the file
+    assert cli.model_options == {"widths": (8, 16, 16), "extra": 1}  # --model-opt adds to the file's
+    api = make_config(str(path), {"batch_size": 50, "model_options": {"extra": 1}})
+    assert api == cli
+
+
+def test_a_recipe_given_beside_a_config_file_lies_under_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\n")
+    for options in ({"recipe": "fast"}, given("train", "--config", str(path), "--recipe", "fast")):
+        cfg = make_config(str(path), options)
+        assert (cfg.model, cfg.optimizer, cfg.epochs) == ("fastnet", "muon", 3)
+
+
+def test_lr_find_on_the_command_line_takes_the_recipe_as_python_does():
+    # lr-find has no --schedule, so the recipe's schedule picks the rule of the suggestion: it did in Python, not
+    # on the command line, which took its options as defaults but left out those lr-find has no flag for.
+    assert make_config(None, given("lr-find", "--recipe", "fast")).schedule == RECIPES["fast"]["schedule"]
+    assert make_config(None, {"recipe": "fast"}).schedule == RECIPES["fast"]["schedule"]
+
+
+def test_overfit_batches_sets_its_defaults_under_the_options_given():
+    cfg = make_config(None, given("train", "--overfit-batches", "2", "--epochs", "7"))
+    assert (cfg.optimizer, cfg.weight_decay, cfg.epochs) == ("adamw", 0.0, 7)
+
+
+def test_the_merge_checks_every_value_once_for_both(tmp_path):
+    with pytest.raises(UserError, match="batch size must be a positive whole number, got 0"):
+        make_config(None, {"batch_size": 0})
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 0\n")
+    with pytest.raises(UserError, match="batch size must be a positive whole number, got 0"):
+        make_config(str(path), given("train", "--config", str(path)))
+    with pytest.raises(UserError, match="unknown training option"):
+        make_config(None, {"batch": 8})
