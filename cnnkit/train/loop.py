@@ -219,6 +219,11 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         log = open(os.devnull, "w")
     cfg, lr_search = resolve_auto_lr(cfg, log, ctx)  # --lr auto: the range test's suggestion, before anything else
     pieces = build_run(cfg, machine, log, ctx, saved)
+    if cfg.decode == "auto" and pieces.train_set.images is None:
+        # The decoding path decides the augmentation of a streamed set (random resized crops on the device,
+        # padded crops after CPU decoding): the run records the path it took, so that a resumed or replayed run
+        # on another machine trains the same way.
+        cfg = dataclasses.replace(cfg, decode="device" if pieces.train_loader.decode_on_device else "cpu")
     ema = WeightEMA(pieces.model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
     plan = _plan(cfg, len(pieces.train_loader))
     if machine.device.type == "cuda" and plan.total_epochs * len(pieces.train_loader) >= CUDNN_AUTOTUNE_MIN_BATCHES:
@@ -309,7 +314,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
     print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(p.train_set):,} training and {len(p.val_set):,} "
           f"validation images of {p.train_set.channels}x{p.train_set.size}x{p.train_set.size} from {cfg.data}; "
           f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {threads} CPU "
-          f"thread{'s' if threads > 1 else ''}; run folder {t.run_dir}", file=log)
+          f"thread{'s' if threads > 1 else ''}{_streaming(t)}; run folder {t.run_dir}", file=log)
     if cfg.smoke:
         print(f"cnnkit: smoke run: {t.plan.total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on "
               f"at most {SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model "
@@ -320,6 +325,18 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
               f"{steps}; the average stays close to the first weights (try a lower decay)", file=log)
     _write_metrics(t.run_dir, t.state.history)
     _write_json(t.run_dir, "stages.json", t.stage_log)  # which parameters train in which stage
+
+
+def _streaming(t: Training) -> str:
+    """For the header: how a set too large for memory is decoded ("" for one in memory)."""
+    loader = t.pieces.train_loader
+    if t.pieces.train_set.images is not None:
+        return ""
+    if loader.decode_on_device:
+        return f"; JPEGs streamed and decoded on the {t.machine.device.type}"
+    if loader.workers == 0:
+        return "; images streamed and decoded in this process"
+    return f"; images streamed and decoded by {loader.workers} loader process{'es' if loader.workers != 1 else ''}"
 
 
 def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 
@@ -276,3 +277,18 @@ def test_the_byte_reading_workers_stay_across_epochs_and_give_the_same_batches(t
     first, second = iter(kept), iter(kept)
     a, b = next(first), next(second)
     assert torch.equal(a[0], b[0]) and len(list(first)) == len(list(second)) == 2
+
+
+def test_a_streamed_run_records_the_decoding_path_auto_took_and_says_it(tmp_path, monkeypatch):
+    # "auto" decides the augmentation of a streamed set (random resized crops when decoded on the device): a run
+    # resumed or replayed on a machine of the other kind must train the way it started.
+    from cnnkit.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")
+    jpeg_folder(str(tmp_path / "data"), per_class=6)
+    log = io.StringIO()
+    cnnkit.train(data=str(tmp_path / "data"), input_size=24, epochs=1, batch_size=4, val_split=0.25, workers=1,
+                 progress=False, check_data=False, out=str(tmp_path / "run"), log=log)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["decode"] == "cpu"
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt")).config["decode"] == "cpu"
+    assert "images streamed and decoded by 1 loader process;" in log.getvalue()
