@@ -59,6 +59,7 @@ class TrainConfig:
     workers: int = 2  # loader processes, only for sets too large for memory
     decode: str = "auto"  # streamed sets: "cpu" in the workers, "device" (JPEGs, random resized crops), "auto"
     threads: int | None = None  # CPU threads torch computes with; None: the usable physical cores (cnnkit/threads.py)
+    # (config.json records this request, not the count it resolved to: TrainResult.threads is that)
     out: str | None = None  # run folder; None: runs/<timestamp>-<model>
     save_every: int = 0  # also write last.pt every N steps (0: at the end of each epoch only)
     nan: str = "stop"  # a non-finite loss: stop (keeping the last good checkpoint) or skip the batch
@@ -122,6 +123,7 @@ class TrainResult:
     monitor: str = "val_acc"  # the metric that picked best.pt (best_epoch; best_val_acc is that epoch's val acc)
     best_score: float = 0.0  # the monitored metric at best_epoch
     ema_val_acc: float | None = None  # the weight EMA's validation accuracy after the last epoch
+    threads: int = 0  # CPU threads torch computed with (config.json's threads: the request, None for the default)
 
 
 

@@ -295,8 +295,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {epoch_state.batch}", file=log)
     else:
         run_dir = distributed.broadcast_text(make_run_dir(cfg) if ctx.main else None, ctx)
-        _write_json(run_dir, "config.json",
-                    {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr, "threads": threads})
+        # threads as asked (None: this machine's default), so that a replayed config fits the machine it runs on;
+        # the count used is in the run's header and its result.
+        _write_json(run_dir, "config.json", {**dataclasses.asdict(cfg), "out": run_dir, "lr": lr})
         if lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(run_dir, "lr_find.json", lr_find_record(lr_search, run_dir))
         if loss_weights is not None:
@@ -462,6 +463,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         skipped_batches=run.skipped_batches, tta_val_acc=tta_acc, wall_time_s=time.perf_counter() - wall_start,
         epochs_run=len(run.history), stop_reason=run.stop_reason or "completed", monitor=cfg.monitor,
         best_score=run.best_score, ema_val_acc=ema_val.acc if ema_val else None,
+        threads=threads,
     )
     _write_json(run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(ctx)
