@@ -132,21 +132,47 @@ def run_seed(root: str, epochs: int) -> dict:
 # cnnkit, the machine's peak, the fast recipe.
 # ---------------------------------------------------------------------------------------------------------
 
+class EpochClock:
+    """A log for ``cnnkit.train`` that passes its lines on to stderr and notes the process's CPU time at the run's
+    header line and at each epoch's line: the CPU seconds of each epoch (training, then validation), which a
+    neighbour's load on a shared machine does not stretch the way it stretches wall time."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.epoch_cpu_s: list[float] = []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if " parameters) on " in line and not self.marks:  # the header, printed just before training starts
+                self.marks.append(time.process_time())
+            elif line.startswith("epoch ") and self.marks:
+                self.marks.append(time.process_time())
+                self.epoch_cpu_s.append(self.marks[-1] - self.marks[-2])
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def run_cnnkit(root: str, epochs: int, out: str, **options) -> dict:
     import csv
 
     import cnnkit
 
+    clock = EpochClock()
     result = cnnkit.train(model="simple_cnn", data=root, val_split=0.1, epochs=epochs, batch_size=64, out=out,
-                          progress=False, log=sys.stderr, **options)
+                          progress=False, log=clock, **options)
     with open(os.path.join(out, "metrics.csv")) as f:
         speeds = [float(row["images_per_s"]) for row in csv.DictReader(f)]
+    # Per CPU-second, each epoch's training and validation together; the first epoch also compiles the fused loops.
+    per_cpu = [result.num_train / s for s in clock.epoch_cpu_s]
     summary = cnnkit.summary("simple_cnn", input_size=(3, 32, 32))
     layer_macs = [row.macs for row in summary.layers if row.type in ("Conv2d", "Linear")]
     return {"images_per_s_epochs": speeds, "images_per_s": statistics.median(speeds), "val_acc": result.val_acc,
             "precision": result.precision, "num_train": result.num_train, "num_val": result.num_val,
             "macs_per_image": summary.total_macs, "flop_per_image": train_flop_per_image(layer_macs),
-            "wall_time_s": result.wall_time_s}
+            "wall_time_s": result.wall_time_s, "threads": result.threads, "images_per_cpu_s_epochs": per_cpu,
+            "images_per_cpu_s": statistics.median(per_cpu[1:] or per_cpu) if per_cpu else None}
 
 
 def run_fast(root: str, out: str) -> dict:
@@ -217,17 +243,19 @@ def percent_of(images_per_s: float, flop_per_image: float, gflops: float) -> flo
     return 100 * images_per_s * flop_per_image / (gflops * 1e9)
 
 
-def best_rate(fn, flop: float, repeats: int = 12) -> tuple[float, float]:
-    """GFLOP/s of ``fn`` (``flop`` operations a call): the best and the median of ``repeats`` timed calls.
-    The best is the rate the machine can reach: a neighbour's load on a shared machine only ever slows a call."""
+def best_rate(fn, flop: float, repeats: int = 12) -> tuple[float, float, float]:
+    """GFLOP/s of ``fn`` (``flop`` operations a call): the best and the median of ``repeats`` timed calls, and the
+    best per second of the process's CPU time (all its threads'). The best is the rate the machine can reach: a
+    neighbour's load on a shared machine only ever slows a call."""
     fn()
     fn()
-    rates = []
+    rates, cpu_rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         rates.append(flop / (time.perf_counter() - start) / 1e9)
-    return max(rates), statistics.median(rates)
+        cpu_rates.append(flop / max(time.process_time() - cpu, 1e-9) / 1e9)
+    return max(rates), statistics.median(rates), max(cpu_rates)
 
 
 def run_peak(repeats: int = 12) -> dict:
@@ -254,24 +282,29 @@ def run_peak(repeats: int = 12) -> dict:
         w = torch.randn(channels, channels, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
         conv = best_rate(lambda: F.conv2d(x, w, padding=1), 2 * images * channels * channels * 9 * size * size,
                          repeats)
-        out[f"{name}_matmul_gflops"], out[f"{name}_matmul_median_gflops"] = matmul
-        out[f"{name}_conv_gflops"], out[f"{name}_conv_median_gflops"] = conv
+        out[f"{name}_matmul_gflops"], out[f"{name}_matmul_median_gflops"], out[f"{name}_matmul_cpu_gflops"] = matmul
+        out[f"{name}_conv_gflops"], out[f"{name}_conv_median_gflops"], out[f"{name}_conv_cpu_gflops"] = conv
         out[f"{name}_gflops"] = max(matmul[0], conv[0])
+        out[f"{name}_cpu_gflops"] = max(matmul[2], conv[2])  # per second of CPU time, all threads together
+    out["threads"] = torch.get_num_threads()
     return out
 
 
 def run_part(part: str, args: argparse.Namespace) -> dict:
     out = os.path.join(args.work, part)
+    if args.threads:  # every part computes with the same threads (cnnkit would otherwise pick its own default)
+        torch.set_num_threads(args.threads)
+    threads = {"threads": args.threads} if args.threads else {}
     if part == "peak":
         return run_peak()
     if part == "seed":
         return run_seed(args.data, args.epochs)
     if part == "cnnkit":
-        return run_cnnkit(args.data, args.epochs, out)
+        return run_cnnkit(args.data, args.epochs, out, **threads)
     if part == "cnnkit_fp32":
-        return run_cnnkit(args.data, args.epochs, out, precision="fp32")
+        return run_cnnkit(args.data, args.epochs, out, precision="fp32", **threads)
     if part == "cnnkit_compile":
-        return run_cnnkit(args.data, args.epochs, out, compile=True)
+        return run_cnnkit(args.data, args.epochs, out, compile=True, **threads)
     if part == "fast":
         return run_fast(args.data, out)
     raise SystemExit(f"unknown part {part}")
@@ -281,6 +314,8 @@ def child(part: str, args: argparse.Namespace) -> dict:
     """Run one part in a fresh process; its result plus the process's peak resident memory."""
     cmd = [sys.executable, "-m", "benchmarks.train_speed", "--child", part, "--data", args.data,
            "--epochs", str(args.epochs), "--work", args.work]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     start = time.perf_counter()
     env = {**os.environ, **ISA_CAPS.get(args.isa or "", {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(RESULTS) + "/..", env=env)
@@ -299,6 +334,8 @@ def combine(runs: list[dict], seed_runs: list[dict] | None) -> dict:
     out = dict(runs[-1])
     out["rounds"] = runs
     out["images_per_s"] = statistics.median(r["images_per_s"] for r in runs)
+    if all(r.get("images_per_cpu_s") for r in runs):
+        out["images_per_cpu_s"] = statistics.median(r["images_per_cpu_s"] for r in runs)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     if seed_runs:
         out["x_seed_rounds"] = [r["images_per_s"] / s["images_per_s"] for r, s in zip(runs, seed_runs)]
@@ -322,6 +359,21 @@ def percent_rounds(part: dict, peak: dict) -> list[float] | None:
         return None
     flop = part.get("flop_per_image", 6 * part["macs_per_image"])
     return [percent_of(q["images_per_s"], flop, pk["fp32_gflops"]) for q, pk in zip(part["rounds"], peak["rounds"])]
+
+
+def cpu_time_line(part: dict, peak: dict) -> str | None:
+    """The fp32 part's share of the peak counted per second of CPU time instead of wall time."""
+    if not part.get("images_per_cpu_s") or not peak.get("fp32_cpu_gflops"):
+        return None
+    flop = part.get("flop_per_image", 6 * part["macs_per_image"])
+    gflops = part["images_per_cpu_s"] * flop / 1e9
+    rounds = [r["fp32_cpu_gflops"] for r in peak.get("rounds", [])]
+    spread = f" (rounds: {', '.join(f'{x:.0f}' for x in rounds)})" if len(rounds) > 1 else ""
+    return (f"Per second of CPU time, which a neighbour's load stretches less than wall time (with several threads it "
+            f"includes the time they wait for each other): {part['images_per_cpu_s']:,.0f} training images per "
+            f"CPU-second, each epoch's validation included, = {gflops:.1f} GFLOP per CPU-second, "
+            f"**{100 * gflops / peak['fp32_cpu_gflops']:.0f}%** of the fp32 peak's {peak['fp32_cpu_gflops']:.1f}"
+            f"{spread}; {part.get('threads', '?')} thread(s).")
 
 
 def peak_line(peak: dict) -> str:
@@ -392,6 +444,9 @@ def table(r: dict) -> str:
                       f"{fp32.get('flop_per_image', 6 * fp32['macs_per_image']) / 1e6:.1f} MFLOP per image / "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s: {got[1]:.0f}% of the medians; the target on AVX2-only "
                       "CPUs is 90% or more)."]
+        per_cpu = cpu_time_line(fp32, peak)
+        if per_cpu:
+            lines += ["", per_cpu]
     fast = r["parts"].get("fast")
     if fast:
         lines += ["", f"`--recipe fast`: val acc {fast['val_acc']:.4f}, with test-time augmentation "
@@ -409,6 +464,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.abspath(DATA))
     parser.add_argument("--work", default=os.path.join("/tmp", "cnnkit-train-speed"))
     parser.add_argument("--name", default="train_speed")
+    parser.add_argument("--threads", type=int, help="threads every part computes with (default: each one's own)")
     parser.add_argument("--isa", choices=sorted(ISA_CAPS),
                         help="cap every part's instruction sets (oneDNN, ATen, MKL) to run an older CPU's kernels")
     parser.add_argument("--child", help=argparse.SUPPRESS)

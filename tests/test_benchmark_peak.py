@@ -67,3 +67,17 @@ def test_each_round_is_compared_with_the_peak_measured_in_it():
     assert percent_rounds(part, peak) == pytest.approx([90.0, 90.0, 90.0])
     assert "median over 3 rounds (fp32: 100, 50, 80)" in peak_line(peak)
     assert percent_rounds(part, {"fp32_gflops": 80.0}) is None  # a peak measured once: no pairs
+
+
+def test_epoch_clock_notes_cpu_time_from_the_header_to_each_epoch_line(capsys):
+    from benchmarks.train_speed import EpochClock
+
+    clock = EpochClock()
+    clock.write("cnnkit: a warning first\n")
+    assert clock.marks == []
+    clock.write("cnnkit: simple_cnn (620,362 parameters) on 45,000 training and 5,000 validation images\n")
+    sum(i * i for i in range(200_000))  # some CPU time
+    clock.write("epoch 1/2  train loss 1.8 acc 0.3  val loss 1.4 acc 0.5  138 images/s\n")
+    clock.write("epoch 2/2  train loss 1.5 acc 0.4  val loss 1.3 acc 0.5  140 images/s\n")
+    assert len(clock.epoch_cpu_s) == 2 and clock.epoch_cpu_s[0] > 0 and clock.epoch_cpu_s[1] >= 0
+    assert "epoch 2/2" in capsys.readouterr().err  # the lines still reach stderr
