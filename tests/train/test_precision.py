@@ -11,11 +11,13 @@ from cnnkit.train.precision import onednn_isa_cap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = ("import json, torch; from cnnkit.train.precision import cpu_has_bf16, resolve_precision; "
-         "print(json.dumps([cpu_has_bf16(), str(resolve_precision('auto', torch.device('cpu')))]))")
+         "from cnnkit.train.optim import orthogonalize; "
+         "print(json.dumps([cpu_has_bf16(), str(resolve_precision('auto', torch.device('cpu'))), "
+         "str(orthogonalize(torch.randn(8, 27)).dtype)]))")
 
 
 def probe(**env: str) -> list:
-    """cpu_has_bf16() and precision auto's dtype in a fresh process with ``env`` added (the caps are read by
+    """cpu_has_bf16(), precision auto's dtype and the dtype of Muon's Newton-Schulz iteration in a fresh process with ``env`` added (the caps are read by
     oneDNN and ATen when they start)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
                                                                "ATEN_CPU_CAPABILITY")}
@@ -27,16 +29,17 @@ def probe(**env: str) -> list:
 
 def test_capped_to_avx2_auto_is_fp32_even_on_a_bf16_cpu():
     # As on an AVX2-only CPU: oneDNN would emulate bf16 (this project's Zen 4: 0.6 GFLOP/s against 60 in fp32).
-    assert probe(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2") == [False, "None"]
-    assert probe(DNNL_MAX_CPU_ISA="avx512_core") == [False, "None"]  # AVX-512 without bf16 dot products
+    # Muon's Newton-Schulz iteration too runs in fp32 there (in emulated bf16 it took 18x the CPU time).
+    assert probe(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2") == [False, "None", "torch.float32"]
+    assert probe(DNNL_MAX_CPU_ISA="avx512_core") == [False, "None", "torch.float32"]  # AVX-512, no bf16 dots
 
 
 def test_uncapped_bf16_cpu_trains_in_bf16():
     with open("/proc/cpuinfo") as f:
         if "avx512_bf16" not in f.read():
             pytest.skip("this CPU has no AVX512_BF16")
-    assert probe() == [True, "torch.bfloat16"]
-    assert probe(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == [True, "torch.bfloat16"]
+    assert probe() == [True, "torch.bfloat16", "torch.bfloat16"]
+    assert probe(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == [True, "torch.bfloat16", "torch.bfloat16"]
 
 
 def test_onednn_cap_names_as_onednn_reads_them(monkeypatch):
