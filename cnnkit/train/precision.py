@@ -30,7 +30,8 @@ def cpu_has_bf16() -> bool:
         return False
     if not any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")):
         return False
-    return onednn_isa_cap() not in _ONEDNN_ISAS_WITHOUT_BF16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return (onednn_isa_cap() not in _ONEDNN_ISAS_WITHOUT_BF16
+            and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2"))
 
 
 def onednn_isa_cap() -> str | None:
