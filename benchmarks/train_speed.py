@@ -225,8 +225,8 @@ def cpu_label(cpu: dict) -> str:
     if caps:
         level = caps.get("ONEDNN_MAX_CPU_ISA") or caps.get("DNNL_MAX_CPU_ISA") or next(iter(caps.values()))
         capped = f"; capped to {level.upper()} ({' '.join(f'{k}={v}' for k, v in caps.items())})"
-    return (f"{cpu['model']} ({' '.join(cpu['flags']) or 'no AVX2'}; {cpu['capability']} code, {cpu['threads']} "
-            f"threads{capped})")
+    threads = f"{cpu['threads']} thread{'s' if cpu['threads'] != 1 else ''}"
+    return f"{cpu['model']} ({' '.join(cpu['flags']) or 'no AVX2'}; {cpu['capability']} code, {threads}{capped})"
 
 
 def train_flop_per_image(layer_macs: list[int]) -> int:
@@ -361,6 +361,16 @@ def percent_rounds(part: dict, peak: dict) -> list[float] | None:
     return [percent_of(q["images_per_s"], flop, pk["fp32_gflops"]) for q, pk in zip(part["rounds"], peak["rounds"])]
 
 
+def product_share(part: dict, peak: dict, cpu: bool = False) -> str:
+    """', X% of the 2048x2048 product's rate alone' (the kernel issue 22 measured other CPUs with), or ''."""
+    key = "fp32_matmul_cpu_gflops" if cpu else "fp32_matmul_gflops"
+    if key not in peak or "macs_per_image" not in part:
+        return ""
+    flop = part.get("flop_per_image", 6 * part["macs_per_image"])
+    rate = part["images_per_cpu_s" if cpu else "images_per_s"] * flop / 1e9
+    return f"; {100 * rate / peak[key]:.0f}% of the 2048x2048 product's {peak[key]:.1f} alone"
+
+
 def cpu_time_line(part: dict, peak: dict) -> str | None:
     """The fp32 part's share of the peak counted per second of CPU time instead of wall time."""
     if not part.get("images_per_cpu_s") or not peak.get("fp32_cpu_gflops"):
@@ -373,7 +383,7 @@ def cpu_time_line(part: dict, peak: dict) -> str | None:
             f"includes the time they wait for each other): {part['images_per_cpu_s']:,.0f} training images per "
             f"CPU-second, each epoch's validation included, = {gflops:.1f} GFLOP per CPU-second, "
             f"**{100 * gflops / peak['fp32_cpu_gflops']:.0f}%** of the fp32 peak's {peak['fp32_cpu_gflops']:.1f}"
-            f"{spread}; {part.get('threads', '?')} thread(s).")
+            f"{spread}{product_share(part, peak, cpu=True)}; {part.get('threads', '?')} thread(s).")
 
 
 def peak_line(peak: dict) -> str:
@@ -443,7 +453,7 @@ def table(r: dict) -> str:
                       f"measured in this run ({fp32['images_per_s']:,.0f} images/s x "
                       f"{fp32.get('flop_per_image', 6 * fp32['macs_per_image']) / 1e6:.1f} MFLOP per image / "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s: {got[1]:.0f}% of the medians; the target on AVX2-only "
-                      "CPUs is 90% or more)."]
+                      "CPUs is 90% or more)" + product_share(fp32, peak) + "."]
         per_cpu = cpu_time_line(fp32, peak)
         if per_cpu:
             lines += ["", per_cpu]

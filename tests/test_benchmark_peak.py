@@ -81,3 +81,15 @@ def test_epoch_clock_notes_cpu_time_from_the_header_to_each_epoch_line(capsys):
     clock.write("epoch 2/2  train loss 1.5 acc 0.4  val loss 1.3 acc 0.5  140 images/s\n")
     assert len(clock.epoch_cpu_s) == 2 and clock.epoch_cpu_s[0] > 0 and clock.epoch_cpu_s[1] >= 0
     assert "epoch 2/2" in capsys.readouterr().err  # the lines still reach stderr
+
+
+def test_the_share_of_the_product_alone_is_given_beside_the_peaks():
+    from benchmarks.train_speed import product_share
+
+    flop = train_flop_per_image(SIMPLE_CNN_MACS)
+    part = {"macs_per_image": sum(SIMPLE_CNN_MACS), "flop_per_image": flop, "images_per_s": 40e9 / flop,
+            "images_per_cpu_s": 20e9 / flop}
+    peak = {"fp32_gflops": 100.0, "fp32_matmul_gflops": 50.0, "fp32_matmul_cpu_gflops": 40.0}
+    assert product_share(part, peak) == "; 80% of the 2048x2048 product's 50.0 alone"
+    assert product_share(part, peak, cpu=True) == "; 50% of the 2048x2048 product's 40.0 alone"
+    assert product_share(part, {"fp32_gflops": 100.0}) == ""
