@@ -189,9 +189,14 @@ def run_fast(root: str, out: str) -> dict:
 # MKL's (fp32 products) instruction sets, each capped to AVX2. bf16 is then emulated, and cnnkit's precision
 # auto picks fp32, as on an AVX2-only CPU. The hardware stays what it is (its clock, caches, and on a Zen 4
 # two 256-bit halves per AVX-512 instruction anyway), so a capped run stands in for an AVX2-only CPU's code
-# path, not for its speed.
-ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
-CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+# path, not for its speed. torch.compile's C++ loops (cnnkit/compiled.py) are built for AVX2 too
+# (TORCHINDUCTOR_CPP_MARCH): with its default -march=native on an AVX-512 CPU, ATen's vector headers take their
+# 512-bit form while the generated code, following ATen's AVX2 capability, counts 8 floats to a vector, and the
+# fused max-pool returned wrong values (NaN losses, and a crash in one run); built for x86-64-v3 they are exact.
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                     "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3"}}
+CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                 "TORCHINDUCTOR_CPP_MARCH")
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # the ones that set the speed
 
