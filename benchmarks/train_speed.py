@@ -29,7 +29,8 @@ round, and fp32's share of the peak the median of its shares of each round's pea
 ``../shared/datasets/cifar10-jpeg/train``; 10% of each class is held out for validation, the same images
 for every part. Writes benchmarks/results/train_speed.json and .md (``--name``: another name).
 
-``--isa avx2`` runs every part's process with oneDNN, ATen and MKL capped to AVX2 (``ISA_CAPS``), the kernels
+``--isa avx2`` runs every part's process with oneDNN, ATen and MKL capped to AVX2 and torch.compile's loops built
+for AVX2 (``ISA_CAPS``), the kernels
 an AVX2-only CPU runs; the CPU label beside the figures then says "capped to AVX2".
 """
 
@@ -192,7 +193,7 @@ def run_fast(root: str, out: str) -> dict:
 # path, not for its speed. torch.compile's C++ loops (cnnkit/compiled.py) are built for AVX2 too
 # (TORCHINDUCTOR_CPP_MARCH): with its default -march=native on an AVX-512 CPU, ATen's vector headers take their
 # 512-bit form while the generated code, following ATen's AVX2 capability, counts 8 floats to a vector, and the
-# fused max-pool returned wrong values (NaN losses, and a crash in one run); built for x86-64-v3 they are exact.
+# fused max-pool returned wrong values (NaN losses; two runs crashed); built for x86-64-v3 they are exact.
 ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                      "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3"}}
 CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
