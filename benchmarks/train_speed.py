@@ -30,8 +30,9 @@ round, and fp32's share of the peak the median of its shares of each round's pea
 for every part. Writes benchmarks/results/train_speed.json and .md (``--name``: another name).
 
 ``--isa avx2`` runs every part's process with oneDNN, ATen and MKL capped to AVX2 and torch.compile's loops built
-for AVX2 (``ISA_CAPS``), the kernels
-an AVX2-only CPU runs; the CPU label beside the figures then says "capped to AVX2".
+for AVX2 (``ISA_CAPS``), the kernels an AVX2-only CPU runs; the CPU label beside the figures then says "capped
+to AVX2". ``--threads N``: every part computes with N threads. cnnkit's parts also report images per second of
+the process's CPU time and the peak GFLOP per CPU-second, which a neighbour's load stretches less than wall time.
 """
 
 from __future__ import annotations
