@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
-from cnnkit.threads import set_torch_threads
+from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.evaluation import evaluate_model
 from cnnkit.train.metrics import macro_averages, per_class_metrics
@@ -37,6 +37,7 @@ class EvalResult:
     threads: int = 0  # CPU threads torch computed with
 
 
+@keeps_torch_threads  # torch's thread count is the caller's again afterwards
 def evaluate(
     checkpoint: str | Checkpoint,
     data: str | None = None,
@@ -59,7 +60,8 @@ def evaluate(
     ``val_split`` part of a folder), or the whole folder when no split is asked for.
     ``ema``: a run folder's weight EMA. ``tta``/``tta_shift``: test-time augmentation (see cnnkit/tta.py).
     ``threads``: CPU threads torch computes with; None: the physical cores this process may use, less one per
-    loader process when the images are decoded per batch (cnnkit/threads.py).
+    loader process when the images are decoded per batch (cnnkit/threads.py). torch's thread count, one setting
+    for the whole process, is put back as it was when this returns.
     """
     threads_used = set_torch_threads(threads)
     dev = resolve_device(device)

@@ -13,7 +13,7 @@ import numpy as np
 from cnnkit.data.images import image_paths, load_batch_array
 from cnnkit.errors import UserError
 from cnnkit.runtime import OnnxModel
-from cnnkit.threads import resolve_threads, set_torch_threads
+from cnnkit.threads import resolve_threads, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,8 @@ def predict(
     onnxruntime runs on the CPU with the preprocessing its metadata records. ``ema``: a run folder's weight EMA.
     ``tta``/``tta_shift``: the probabilities averaged over flipped/shifted views (see cnnkit/tta.py).
     ``threads``: CPU threads (torch's, or onnxruntime's for a file path); None: the physical cores this process
-    may use (cnnkit/threads.py). An ``OnnxModel`` passed in keeps the threads it was made with.
+    may use (cnnkit/threads.py); torch's thread count is put back as it was when this returns. An ``OnnxModel``
+    passed in keeps the threads it was made with.
     ``device``: where a PyTorch model runs ("cpu", "cuda" or "auto"; None: a checkpoint read from disk on the CPU, a
     ``Checkpoint`` passed in where its model is); an ONNX file always runs on the CPU."""
     if topk < 1:
@@ -58,21 +59,22 @@ def predict(
     from cnnkit.train.precision import resolve_device
     from cnnkit.tta import with_tta
 
-    set_torch_threads(threads)
-    if isinstance(checkpoint, OnnxModel):  # test-time augmentation: the views are made by torch
-        forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {}, tta, tta_shift)
-        return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths, topk,
-                         batch_size)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
-    model = ckpt.model if device is None else ckpt.model.to(resolve_device(device) if isinstance(device, str) else device)
-    device = next(model.parameters()).device
-    forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
+    with torch_threads(threads):  # torch's count, one for the whole process, is the caller's again afterwards
+        if isinstance(checkpoint, OnnxModel):  # test-time augmentation: the views are made by torch
+            forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {}, tta, tta_shift)
+            return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths,
+                             topk, batch_size)
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
+        model = ckpt.model if device is None else ckpt.model.to(resolve_device(device) if isinstance(device, str)
+                                                                else device)
+        device = next(model.parameters()).device
+        forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
 
-    def probabilities(x: np.ndarray) -> np.ndarray:
-        return forward(torch.from_numpy(x).to(device)).float().softmax(1).cpu().numpy()
+        def probabilities(x: np.ndarray) -> np.ndarray:
+            return forward(torch.from_numpy(x).to(device)).float().softmax(1).cpu().numpy()
 
-    with torch.no_grad(), eval_mode(model):
-        return _classify(ckpt, probabilities, paths, topk, batch_size)
+        with torch.no_grad(), eval_mode(model):
+            return _classify(ckpt, probabilities, paths, topk, batch_size)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,11 +6,18 @@ busy with makes every step wait for the slowest: oversubscribed, a run goes slow
 So cnnkit counts the physical cores among the CPUs in ``os.sched_getaffinity``, caps them by a cgroup CPU
 quota, and leaves one core to each DataLoader worker process. ``OMP_NUM_THREADS``, where set (``train
 --nproc`` sets it for each process), is the default instead.
+
+torch's thread count is one setting for the whole process: library calls that compute for a while (evaluate,
+predict) set it for their own work and put the caller's back when they return (``torch_threads``,
+``keeps_torch_threads``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from typing import Any, Callable, Iterator, TypeVar
 
 from cnnkit.errors import UserError
 
@@ -70,3 +77,38 @@ def set_torch_threads(threads: int | None, workers: int = 0) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None, workers: int = 0) -> Iterator[int]:
+    """Inside the block torch computes with ``resolve_threads(threads, workers)`` threads (yielded); on leaving
+    it, torch's count is what it was before, so that a library call leaves the process's setting as it found it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield set_torch_threads(threads, workers)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keeps_torch_threads(fn: F) -> F:
+    """``fn``, which may set torch's thread count for its work (``set_torch_threads``), with the count the process
+    had put back when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]

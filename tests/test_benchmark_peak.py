@@ -42,3 +42,54 @@ def test_cpuinfo_model_and_flags():
     text = ("processor\t: 0\nmodel name\t: AMD Ryzen 5 1600 Six-Core Processor\n"
             "flags\t\t: fpu sse avx avx2 fma bmi2\nprocessor\t: 1\n")
     assert parse_cpuinfo(text) == {"model": "AMD Ryzen 5 1600 Six-Core Processor", "flags": ["avx2", "fma"]}
+
+
+def test_a_capped_run_says_so_beside_its_figures():
+    from benchmarks.train_speed import ISA_CAPS, cpu_label
+
+    cpu = {"model": "AMD EPYC", "flags": ["avx2", "fma", "avx512f", "avx512_bf16"], "capability": "AVX2",
+           "threads": 2, "isa_caps": dict(ISA_CAPS["avx2"])}
+    label = cpu_label(cpu)
+    assert label.startswith("AMD EPYC (avx2 fma avx512f avx512_bf16; AVX2 code, 2 threads; capped to AVX2 (")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in label and "ATEN_CPU_CAPABILITY=avx2" in label
+    assert "capped" not in cpu_label({**cpu, "isa_caps": {}, "capability": "AVX512"})
+
+
+def test_each_round_is_compared_with_the_peak_measured_in_it():
+    from benchmarks.train_speed import combine_peak, percent_rounds
+
+    peak = combine_peak([{"fp32_gflops": 100.0, "repeats": 12}, {"fp32_gflops": 50.0, "repeats": 12},
+                         {"fp32_gflops": 80.0, "repeats": 12}])
+    assert peak["fp32_gflops"] == 80.0 and len(peak["rounds"]) == 3
+    flop = train_flop_per_image(SIMPLE_CNN_MACS)
+    part = {"macs_per_image": sum(SIMPLE_CNN_MACS), "flop_per_image": flop,
+            "rounds": [{"images_per_s": r * 1e9 / flop * 0.9} for r in (100, 50, 80)]}
+    assert percent_rounds(part, peak) == pytest.approx([90.0, 90.0, 90.0])
+    assert "median over 3 rounds (fp32: 100, 50, 80)" in peak_line(peak)
+    assert percent_rounds(part, {"fp32_gflops": 80.0}) is None  # a peak measured once: no pairs
+
+
+def test_epoch_clock_notes_cpu_time_from_the_header_to_each_epoch_line(capsys):
+    from benchmarks.train_speed import EpochClock
+
+    clock = EpochClock()
+    clock.write("cnnkit: a warning first\n")
+    assert clock.marks == []
+    clock.write("cnnkit: simple_cnn (620,362 parameters) on 45,000 training and 5,000 validation images\n")
+    sum(i * i for i in range(200_000))  # some CPU time
+    clock.write("epoch 1/2  train loss 1.8 acc 0.3  val loss 1.4 acc 0.5  138 images/s\n")
+    clock.write("epoch 2/2  train loss 1.5 acc 0.4  val loss 1.3 acc 0.5  140 images/s\n")
+    assert len(clock.epoch_cpu_s) == 2 and clock.epoch_cpu_s[0] > 0 and clock.epoch_cpu_s[1] >= 0
+    assert "epoch 2/2" in capsys.readouterr().err  # the lines still reach stderr
+
+
+def test_the_share_of_the_product_alone_is_given_beside_the_peaks():
+    from benchmarks.train_speed import product_share
+
+    flop = train_flop_per_image(SIMPLE_CNN_MACS)
+    part = {"macs_per_image": sum(SIMPLE_CNN_MACS), "flop_per_image": flop, "images_per_s": 40e9 / flop,
+            "images_per_cpu_s": 20e9 / flop}
+    peak = {"fp32_gflops": 100.0, "fp32_matmul_gflops": 50.0, "fp32_matmul_cpu_gflops": 40.0}
+    assert product_share(part, peak) == "; 80% of the 2048x2048 product's 50.0 alone"
+    assert product_share(part, peak, cpu=True) == "; 50% of the 2048x2048 product's 40.0 alone"
+    assert product_share(part, {"fp32_gflops": 100.0}) == ""

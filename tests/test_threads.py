@@ -44,7 +44,10 @@ def test_train_default_follows_the_affinity_and_is_shown_and_recorded(tmp_path):
                       one_cpu, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cpu, " in proc.stdout and ", 1 CPU thread;" in proc.stdout, proc.stdout
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 1
+    # config.json records the request (None: each machine's own default), so that replaying it on a machine with
+    # more cores does not pin one thread; the count used is in the result.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] is None
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["threads"] == 1
 
 
 def test_threads_from_a_config_file_and_the_command_line(tmp_path):
@@ -53,6 +56,7 @@ def test_threads_from_a_config_file_and_the_command_line(tmp_path):
     proc = run_pinned(["train", "--config", config, "--out", tmp_path / "a"], os.sched_getaffinity(0), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ", 1 CPU thread;" in proc.stdout and json.loads((tmp_path / "a" / "config.json").read_text())["threads"] == 1
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["threads"] == 1
     proc = run_pinned(["lr-find", "--threads", 1, "--num-samples", 64, "--batch-size", 32, "--steps", 10,
                        "--out", tmp_path / "lr"], os.sched_getaffinity(0), tmp_path)
     assert proc.returncode == 0 and "; 1 CPU thread" in proc.stdout, proc.stderr[-2000:]
@@ -60,17 +64,26 @@ def test_threads_from_a_config_file_and_the_command_line(tmp_path):
     assert proc.returncode == 2 and "--threads" in proc.stderr
 
 
-def test_eval_and_predict_compute_with_the_threads_asked(tmp_path, image_folder):
+def test_eval_and_predict_compute_with_their_threads_and_leave_the_callers_count(tmp_path, image_folder):
+    from cnnkit.train.checkpoint import load_checkpoint
+
     before = torch.get_num_threads()
+    callers = resolve_threads(None) + 1  # neither the default nor the count asked below
     try:
-        cnnkit.train(model="simple_cnn", data="shapes", num_samples=64, batch_size=32, epochs=1, progress=False,
-                     out=str(tmp_path / "run"), log=open(os.devnull, "w"), threads=1)
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        r = cnnkit.evaluate(str(tmp_path / "run"), threads=1)
-        assert r.threads == 1 and torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        assert cnnkit.predict(str(tmp_path / "run"), image_folder, threads=1)[0]["top"]
-        assert torch.get_num_threads() == 1
+        result = cnnkit.train(model="simple_cnn", data="shapes", num_samples=64, batch_size=32, epochs=1,
+                              progress=False, out=str(tmp_path / "run"), log=open(os.devnull, "w"), threads=1)
+        assert result.threads == 1
+        ckpt = load_checkpoint(str(tmp_path / "run"))
+        seen = []  # torch's thread count while the model computes
+        ckpt.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        for threads, expected in ((1, 1), (None, resolve_threads(None))):
+            torch.set_num_threads(callers)
+            seen.clear()
+            r = cnnkit.evaluate(ckpt, threads=threads)
+            assert r.threads == expected and set(seen) == {expected}
+            assert torch.get_num_threads() == callers  # a library call leaves the process's setting alone
+            seen.clear()
+            assert cnnkit.predict(ckpt, image_folder, threads=threads)[0]["top"]
+            assert set(seen) == {expected} and torch.get_num_threads() == callers
     finally:
         torch.set_num_threads(before)

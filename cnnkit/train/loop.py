@@ -295,8 +295,9 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         _restore(t, saved, resume)
     else:
         t.run_dir = distributed.broadcast_text(make_run_dir(cfg) if t.ctx.main else None, t.ctx)
-        _write_json(t.run_dir, "config.json",
-                    {**dataclasses.asdict(cfg), "out": t.run_dir, "lr": t.plan.lr, "threads": t.machine.threads})
+        # threads as asked (None: this machine's default), so that a replayed config fits the machine it runs on;
+        # the count used is in the run's header and its result.
+        _write_json(t.run_dir, "config.json", {**dataclasses.asdict(cfg), "out": t.run_dir, "lr": t.plan.lr})
         if t.lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(t.run_dir, "lr_find.json", lr_find_record(t.lr_search, t.run_dir, callbacks.plot_lr_find))
         if p.loss_weights is not None:
@@ -483,7 +484,7 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
         skipped_images=len(p.train_set.skipped + p.val_set.skipped), skipped_batches=run.skipped_batches,
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
         stop_reason=run.stop_reason or "completed", monitor=cfg.monitor, best_score=run.best_score,
-        ema_val_acc=last.ema_val.acc if last.ema_val else None, **measured,
+        ema_val_acc=last.ema_val.acc if last.ema_val else None, threads=t.machine.threads, **measured,
     )
     _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(t.ctx)

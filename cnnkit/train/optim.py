@@ -10,6 +10,7 @@ import torch.nn as nn
 from cnnkit.choices import OPTIMIZERS, SCHEDULES
 from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head
+from cnnkit.train.precision import cpu_has_bf16
 
 DEFAULT_LR = {"sgd": 0.05, "adamw": 2e-3, "muon": 0.24}
 # Muon's companions, as multiples of the filters' learning rate times the batch size (airbench94_muon's
@@ -140,9 +141,10 @@ def orthogonalize_all(updates: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
     """About U V^T of g = U S V^T, by a quintic Newton-Schulz iteration in bf16 (Muon's; its coefficients
-    trade exactness, singular values end in about [0.5, 1.5], for needing only a few steps)."""
+    trade exactness, singular values end in about [0.5, 1.5], for needing only a few steps). In fp32 on a CPU
+    without bf16 matrix instructions (every AVX2-only one), where bf16 products are emulated, many times slower."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.bfloat16() if g.device.type != "cpu" or cpu_has_bf16() else g.float()
     x = x / (x.norm() + eps)
     tall = g.size(0) > g.size(1)
     if tall:
