@@ -65,7 +65,7 @@ def test_threads_from_a_config_file_and_the_command_line(tmp_path):
 
 
 def test_eval_and_predict_compute_with_their_threads_and_leave_the_callers_count(tmp_path, image_folder):
-    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.checkpoint import load_checkpoint
 
     before = torch.get_num_threads()
     callers = resolve_threads(None) + 1  # neither the default nor the count asked below
