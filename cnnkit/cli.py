@@ -195,19 +195,17 @@ HEAD_FROM_HELP = ("a ResNet's stages whose pooled outputs are the features, side
                   "(default: the last stage's, the input of the classifier); as --model-opt head_from= in train")
 
 
-def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; ``train_defaults`` (from ``train --config FILE``, a recipe or
-    ``--overfit-batches``) replace the defaults of ``train``'s options and of those ``lr-find`` shares with it, so
-    that flags given on the command line still win."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command. Its defaults are TrainConfig's; recipe and config-file values join the flags
+    given in cnnkit/train/options.py's one merge (``main`` passes on only the flags given)."""
     parser = _Parser(prog="cnnkit", description="Train, evaluate and use convolutional neural networks.",
                      epilog=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_Version, help="show the versions of cnnkit, torch, torchvision and "
                         "Python, and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _train_options(_command(sub, "train", "train a model"), train_defaults)
-    _lr_find_options(_command(sub, "lr-find", "learning-rate range test: loss against a growing learning rate"),
-                     train_defaults)
+    _train_options(_command(sub, "train", "train a model"))
+    _lr_find_options(_command(sub, "lr-find", "learning-rate range test: loss against a growing learning rate"))
     _eval_options(_command(sub, "eval", "evaluate a run or checkpoint"))
     _predict_options(_command(sub, "predict", "classify images"))
     _embed_options(_command(sub, "embed", "penultimate-layer features of a folder of images"))
@@ -432,7 +430,7 @@ def _show_options(p: argparse._ArgumentGroup) -> None:
 
 # One function per command.
 
-def _train_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
+def _train_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     _model_and_data_options(p, d)
     tl = p.add_argument_group("transfer learning")
@@ -472,11 +470,9 @@ def _train_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
     _regularisation_options(p.add_argument_group("regularisation and run control"), d)
     _output_options(p)
     _show_options(p.add_argument_group("showing the run"))
-    if defaults:
-        p.set_defaults(**defaults)
 
 
-def _lr_find_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
+def _lr_find_options(p: argparse.ArgumentParser) -> None:
     """The training options that shape the data, model and optimizer, then the range test's own."""
     d = TrainConfig()
     _model_and_data_options(p, d)
@@ -488,9 +484,6 @@ def _lr_find_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
     _speed_options(p)
     _augment_options(p, d)
     _output_options(p)
-    if defaults:  # only for the options the test has: a recipe's 8 epochs or schedule must not reach it
-        has = vars(p.parse_args([]))
-        p.set_defaults(**{k: v for k, v in defaults.items() if k in has})
     p.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
     p.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
     p.add_argument("--steps", type=_positive_int, default=200,

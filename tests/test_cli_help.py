@@ -38,8 +38,6 @@ def _options(parser):
 
 
 def test_lr_find_takes_trains_options_for_data_model_and_optimizer_and_its_own():
-    from cnnkit.train.recipes import recipe_options
-
     commands = build_parser()._subparsers._group_actions[0].choices
     train, lr_find = _options(commands["train"]), _options(commands["lr-find"])
     own = {"start_lr", "end_lr", "steps", "out"}
@@ -49,9 +47,3 @@ def test_lr_find_takes_trains_options_for_data_model_and_optimizer_and_its_own()
         a, b = lr_find[dest], train[dest]
         assert (a.option_strings, a.default, a.type, a.choices, a.help, a.metavar) == \
                (b.option_strings, b.default, b.type, b.choices, b.help, b.metavar), dest
-    # A recipe's values become the defaults of the options the range test has, and of no others.
-    commands = build_parser(train_defaults=recipe_options("fast", 0))._subparsers._group_actions[0].choices
-    args = commands["lr-find"].parse_args([])
-    assert (args.model, args.batch_size, args.optimizer, args.out) == ("fastnet", 1000, "muon", ".")
-    assert not {"epochs", "lr", "schedule", "tta"} & set(vars(args))
-    assert commands["train"].parse_args([]).epochs == 8
