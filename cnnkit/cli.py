@@ -665,8 +665,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     if args.config and args.resume:
         raise UserError("--resume continues a run with its own settings; drop --config")
+    given = _given_train_options(args)
+    ignored = sorted(set(given) - {"progress"}) if args.resume else []
+    if ignored:  # a resumed run takes every setting from its checkpoint: a flag beside it would be dropped unseen
+        flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)
+        raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
+                        f"run: cnnkit train --config {os.path.join(args.resume, 'config.json')} {flags.split(',')[0]} "
+                        "... --out NEW_DIR)")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
-    result = train(args.config, log=log, resume=args.resume, **_given_train_options(args))
+    result = train(args.config, log=log, resume=args.resume, **given)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if args.json:

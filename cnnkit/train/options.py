@@ -41,7 +41,14 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
         # The recipe sets its options first; the file's values and then the options given win over it.
         recipe = overrides["recipe"] if "recipe" in overrides else values.get("recipe")
         overfit = overrides["overfit_batches"] if "overfit_batches" in overrides else values.get("overfit_batches", 0)
-        base = TrainConfig(**{**recipe_options(recipe, overfit), **values})
+        preset = recipe_options(recipe, overfit)
+        given = {**values, **overrides}
+        if "lr" in preset and given.get("optimizer", preset.get("optimizer")) != preset.get("optimizer") \
+                and "lr" not in given:
+            # The recipe's rate was tuned for its optimizer (Muon's 0.24 would be five times SGD's default):
+            # another optimizer starts from its own default rate.
+            preset = {k: v for k, v in preset.items() if k != "lr"}
+        base = TrainConfig(**{**preset, **values})
     if "model_options" in overrides:
         overrides["model_options"] = {**base.model_options, **overrides["model_options"]}
     cfg = with_data_defaults(dataclasses.replace(base, **overrides))  # config.json records what they became

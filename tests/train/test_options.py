@@ -25,8 +25,18 @@ def test_the_command_line_hands_over_only_the_options_it_gives():
 
 
 def test_a_flag_wins_over_the_recipe_even_when_it_repeats_the_default():
-    cfg = make_config(None, given("train", "--recipe", "fast", "--optimizer", "sgd", "--epochs", "2"))
-    assert (cfg.model, cfg.optimizer, cfg.epochs, cfg.lr, cfg.tta) == ("fastnet", "sgd", 2, RECIPES["fast"]["lr"], True)
+    cfg = make_config(None, given("train", "--recipe", "fast", "--optimizer", "muon", "--epochs", "2"))
+    assert (cfg.model, cfg.optimizer, cfg.epochs, cfg.lr, cfg.tta) == ("fastnet", "muon", 2, RECIPES["fast"]["lr"], True)
+
+
+def test_another_optimizer_than_the_recipes_starts_from_its_own_rate(tmp_path):
+    # The recipe's 0.24 is Muon's rate: with --optimizer sgd it would train SGD at five times its default.
+    cfg = make_config(None, given("train", "--recipe", "fast", "--optimizer", "sgd"))
+    assert (cfg.model, cfg.optimizer, cfg.lr) == ("fastnet", "sgd", None)  # None: the optimizer's default
+    assert make_config(None, given("train", "--recipe", "fast", "--optimizer", "sgd", "--lr", "0.3")).lr == 0.3
+    (tmp_path / "c.yaml").write_text("recipe: fast\noptimizer: adamw\n")
+    assert make_config(str(tmp_path / "c.yaml")).lr is None
+    assert make_config(None, {"recipe": "fast"}).lr == RECIPES["fast"]["lr"]
 
 
 def test_defaults_recipe_file_and_flags_layer_the_same_from_the_command_line_and_python(tmp_path):
@@ -69,3 +79,12 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
         make_config(str(path), given("train", "--config", str(path)))
     with pytest.raises(UserError, match="unknown training option"):
         make_config(None, {"batch": 8})
+
+
+def test_resume_refuses_the_settings_it_would_drop(tmp_path):
+    from tests.conftest import run_cli
+
+    r = run_cli("train", "--resume", tmp_path / "run", "--epochs", "7", "--lr", "0.5")
+    assert r.returncode == 2
+    assert "--resume continues a run with its own settings; drop --epochs, --lr" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
