@@ -157,6 +157,9 @@ def read_payload(path: str) -> dict[str, Any]:
     if path.lower().endswith(".onnx"):
         raise CheckpointError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
                               "checkpoint (.pt or .safetensors) it was exported from")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
+                              "checkpoint or run folder it was exported from, or an .onnx or .safetensors export")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -166,6 +169,15 @@ def read_payload(path: str) -> dict[str, Any]:
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it)")
     return payload
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive: a zip with the compiled code beside the data (torch.jit.save's layout)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] in ("constants.pkl", "code/") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = False) -> Checkpoint:

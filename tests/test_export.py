@@ -11,7 +11,7 @@ import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.checkpoint import make_payload, save_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_image_folder
 from tests.test_cli import assert_one_line_error
 
 # The tests read TorchScript files back themselves; its deprecation in favour of torch.export is known.
@@ -250,3 +250,18 @@ def test_checkpoints_and_exports_get_an_ordinary_files_permissions(tmp_path, uma
     assert {os.path.basename(p): oct(os.stat(p).st_mode & 0o777) for p in paths} == \
         {os.path.basename(p): oct(0o666 & ~umask) for p in paths}
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_torchscript_export_given_where_a_checkpoint_goes_is_named_as_one(tmp_path):
+    # torch.load(weights_only=True) refuses TorchScript archives with a warning and an error that read as damage.
+    from cnnkit.checkpoint import load_checkpoint
+
+    path = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="is a TorchScript export, for torch.jit.load in your own code"):
+        load_checkpoint(str(path))
+    write_image_folder(tmp_path / "data", n_per_class=1, size=16, classes=1)
+    image = next((tmp_path / "data").rglob("*.png"))
+    r = run_cli("predict", path, image)
+    assert r.returncode == 1 and "TorchScript export" in r.stderr and "damaged" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
