@@ -35,8 +35,8 @@ def cache_dir() -> Path:
 def files_fingerprint(root: str, files: list[str]) -> str:
     """A hash of the relative path, size and modification time of each file."""
     h = hashlib.sha256()
-    # The files come from a walk of ``root``, so each starts with it: cutting the prefix gives relpath's answer
-    # at a fraction of its cost (it normalises both paths, for each of tens of thousands of files).
+    # The files come from a walk of ``root`` (os.path.join of it and normalised names below it), so each starts
+    # with it: cutting the prefix gives relpath's answer without normalising both paths for every file.
     prefix = os.path.join(root, "")
     for f in files:
         try:
@@ -44,8 +44,7 @@ def files_fingerprint(root: str, files: list[str]) -> str:
             stamp = f"{st.st_size}\0{st.st_mtime_ns}"
         except OSError as e:  # a dangling link or a link loop: part of the key, reported when decoding
             stamp = f"error {e.errno}"
-        relative = f[len(prefix):] if f.startswith(prefix) and root not in ("", ".") and "/." not in f[len(prefix) - 1:] \
-            else os.path.relpath(f, root)
+        relative = f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)
         h.update(f"{relative}\0{stamp}\n".encode())
     return h.hexdigest()
 
