@@ -513,25 +513,25 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _embed_options(p: argparse.ArgumentParser) -> None:
+def _features_of_data_options(p: argparse.ArgumentParser) -> None:
+    """What embed and probe share: a backbone (a model name or a run), the data it reads, and where it runs."""
     p.add_argument("model", metavar="MODEL_OR_RUN")
     p.add_argument("data", metavar="DATA")
-    p.add_argument("--out", required=True, metavar="FILE.npy")
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
     p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _embed_options(p: argparse.ArgumentParser) -> None:
+    _features_of_data_options(p)
+    p.add_argument("--out", required=True, metavar="FILE.npy")
 
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL_OR_RUN")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--pretrained", action="store_true")
+    _features_of_data_options(p)
     p.add_argument("--val-split", type=_fraction, metavar="F")
     p.add_argument("--val-data", metavar="DIR")
-    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
-    p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true")
 
 
@@ -670,8 +670,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ignored:  # a resumed run takes every setting from its checkpoint: a flag beside it would be dropped unseen
         flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)
         raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
-                        f"run: cnnkit train --config {os.path.join(args.resume, 'config.json')} {flags.split(',')[0]} "
-                        "... --out NEW_DIR)")
+                        f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
+                        "[changed flags] --out NEW_DIR)")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
     result = train(args.config, log=log, resume=args.resume, **given)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
