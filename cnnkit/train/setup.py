@@ -100,6 +100,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
                          input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
     start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
+    data_stats = None  # the training images' own (mean, std), when the normalisation is theirs
     if saved:
         mean, std = saved["mean"], saved["std"]
     elif cfg.pretrained:
@@ -107,8 +108,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     elif start_payload is not None:
         mean, std = start_payload["mean"], start_payload["std"]
     else:
-        mean, std = channel_stats(train_set)
-    data_stats = (mean, std) if not (saved or cfg.pretrained or start_payload is not None) else None
+        mean, std = data_stats = channel_stats(train_set)
     if cfg.sync_bn and ctx.world > 1:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on a CPU each process "
