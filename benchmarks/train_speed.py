@@ -204,11 +204,17 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
 
 
 def parse_cpuinfo(text: str) -> dict:
-    """The CPU's model name and which of ``CPU_FLAGS`` it has, from the text of /proc/cpuinfo."""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    """The CPU's model name, family and model numbers, and which of ``CPU_FLAGS`` it has, from the text of
+    /proc/cpuinfo. A virtual machine often shows a bare "AMD EPYC": the numbers tell its generation (AMD family
+    25 is Zen 3 and Zen 4, model 17 a Zen 4 EPYC; family 26 is Zen 5, whose AVX-512 units are twice as wide)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():  # the first processor's fields
+        if ":" in line:
+            key, value = (part.strip() for part in line.split(":", 1))
+            fields.setdefault(key, value)
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name", platform.processor() or platform.machine()),
+            "family": fields.get("cpu family", ""), "model_number": fields.get("model", ""),
             "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
@@ -225,15 +231,18 @@ def cpu_info() -> dict:
 
 
 def cpu_label(cpu: dict) -> str:
-    """'AMD EPYC (avx2 fma avx512f avx512_bf16; AVX512 code, 2 threads)': the CPU named beside a figure, with
-    '; capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ...)' when its instruction sets were capped (``--isa``)."""
+    """'AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_bf16; AVX512 code, 2 threads)': the CPU named
+    beside a figure, with '; capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ...)' when its instruction sets were capped
+    (``--isa``)."""
     caps = cpu.get("isa_caps") or {}
     capped = ""
     if caps:
         level = caps.get("ONEDNN_MAX_CPU_ISA") or caps.get("DNNL_MAX_CPU_ISA") or next(iter(caps.values()))
         capped = f"; capped to {level.upper()} ({' '.join(f'{k}={v}' for k, v in caps.items())})"
     threads = f"{cpu['threads']} thread{'s' if cpu['threads'] != 1 else ''}"
-    return f"{cpu['model']} ({' '.join(cpu['flags']) or 'no AVX2'}; {cpu['capability']} code, {threads}{capped})"
+    generation = (f"family {cpu['family']} model {cpu['model_number']}; " if cpu.get("family") else "")
+    return (f"{cpu['model']} ({generation}{' '.join(cpu['flags']) or 'no AVX2'}; {cpu['capability']} code, "
+            f"{threads}{capped})")
 
 
 def train_flop_per_image(layer_macs: list[int]) -> int:

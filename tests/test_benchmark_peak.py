@@ -39,18 +39,20 @@ def test_peak_line_names_both_kernels_and_a_missing_bf16():
 
 
 def test_cpuinfo_model_and_flags():
-    text = ("processor\t: 0\nmodel name\t: AMD Ryzen 5 1600 Six-Core Processor\n"
-            "flags\t\t: fpu sse avx avx2 fma bmi2\nprocessor\t: 1\n")
-    assert parse_cpuinfo(text) == {"model": "AMD Ryzen 5 1600 Six-Core Processor", "flags": ["avx2", "fma"]}
+    text = ("processor\t: 0\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD Ryzen 5 1600 Six-Core Processor\n"
+            "flags\t\t: fpu sse avx avx2 fma bmi2\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 98\n")
+    assert parse_cpuinfo(text) == {"model": "AMD Ryzen 5 1600 Six-Core Processor", "family": "23",
+                                   "model_number": "1", "flags": ["avx2", "fma"]}
 
 
 def test_a_capped_run_says_so_beside_its_figures():
     from benchmarks.train_speed import ISA_CAPS, cpu_label
 
-    cpu = {"model": "AMD EPYC", "flags": ["avx2", "fma", "avx512f", "avx512_bf16"], "capability": "AVX2",
-           "threads": 2, "isa_caps": dict(ISA_CAPS["avx2"])}
+    cpu = {"model": "AMD EPYC", "family": "25", "model_number": "17", "flags": ["avx2", "fma", "avx512f", "avx512_bf16"],
+           "capability": "AVX2", "threads": 2, "isa_caps": dict(ISA_CAPS["avx2"])}
     label = cpu_label(cpu)
-    assert label.startswith("AMD EPYC (avx2 fma avx512f avx512_bf16; AVX2 code, 2 threads; capped to AVX2 (")
+    assert label.startswith("AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_bf16; AVX2 code, 2 threads; "
+                            "capped to AVX2 (")
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in label and "ATEN_CPU_CAPABILITY=avx2" in label
     assert "capped" not in cpu_label({**cpu, "isa_caps": {}, "capability": "AVX512"})
 
