@@ -14,6 +14,8 @@ costs and savings are in docs/design.md ("Compiled loops").
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import warnings
 from typing import Callable
 
@@ -24,6 +26,25 @@ MIN_BATCHES_ALONE = 20000
 
 # Compiled on first use (static shapes: each caller runs one shape); None once compiling has failed.
 _compiled: dict[Callable, Callable] | None = {}
+
+# ATEN_CPU_CAPABILITY (PyTorch's variable: =avx2 runs an older CPU's vector code) holds ATen below what the CPU
+# has, but torch.compile still builds its C++ with -march=native: ATen's vector headers then take their 512-bit
+# form in the generated code while the code counts AVX2's 8 floats to a vector. The batch preparation with random
+# crops crashed (segmentation fault) and the fused pools gave NaN losses on an AVX-512 CPU run with
+# ATEN_CPU_CAPABILITY=avx2. Built for the capability's own instruction level, they agree.
+MARCH_FOR_CAPABILITY = {"AVX2": "x86-64-v3", "DEFAULT": "x86-64"}
+
+
+def _build_for_aten_capability() -> None:
+    """Have torch.compile build for ATen's vector capability where ATEN_CPU_CAPABILITY set it (x86 only), unless
+    the user chose an instruction level (TORCHINDUCTOR_CPP_MARCH)."""
+    if not os.environ.get("ATEN_CPU_CAPABILITY") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    from torch._inductor import config
+
+    march = MARCH_FOR_CAPABILITY.get(torch.backends.cpu.get_cpu_capability())
+    if config.cpp.march is None and march:
+        config.cpp.march = march
 
 
 def available() -> bool:
@@ -45,6 +66,7 @@ def run(fn: Callable, *args, what: str):
             level = logger.level
             logger.setLevel(logging.ERROR)
             try:
+                _build_for_aten_capability()
                 _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
                 return _compiled[fn](*args)
             finally:

@@ -107,3 +107,41 @@ def test_fused_crop_flip_normalisation_gives_the_batches_of_the_steps_one_by_one
     from cnnkit.data.augment import _crop_flip_normalize
 
     assert compiled._compiled and _crop_flip_normalize in compiled._compiled  # the fused loop ran, not the fallback
+
+
+def test_compiled_loops_follow_a_lowered_aten_capability():
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: torch.compile's C++ built for -march=native crashed in the fused
+    # crop (segmentation fault) and gave the fused pools NaNs. cnnkit builds for the capability instead; the run
+    # is a fresh process, since the capability is read when torch loads.
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    with open("/proc/cpuinfo") as f:
+        if "avx512f" not in f.read().split():
+            pytest.skip("needs a CPU with AVX-512 to lower its capability to AVX2")
+    code = """
+import torch
+from cnnkit import compiled
+from cnnkit.data.loader import Augment, BatchLoader
+from cnnkit.data.sources import ImageSet
+from cnnkit.data.augment import _crop_flip_normalize
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+data = ImageSet(labels=torch.arange(256) % 4, classes=list("abcd"),
+                images=torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), size=32)
+batches = {}
+for fused in (False, True):
+    loader = BatchLoader(data, 64, [0.2, 0.5, 0.7], [0.1, 0.3, 0.25], torch.device("cpu"), shuffle=True, seed=1,
+                         augment=Augment(crop_pad=4, flip=True), channels_last=True)
+    loader.fused = fused
+    batches[fused] = [x for x, _ in loader]
+assert compiled._compiled and _crop_flip_normalize in compiled._compiled
+assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True]))
+print("same")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_MARCH"}
+    env["ATEN_CPU_CAPABILITY"] = "avx2"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "same" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
