@@ -149,3 +149,22 @@ def test_non_finite_numbers_fail_the_python_api_before_training(tmp_path, option
         with pytest.raises(UserError, match=f"{option} must be a finite number"):
             cnnkit.train(**{option: value}, num_samples=64, smoke=True, out=str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--epochz", "3"], ["--epochz 3", "did you mean --epochs?", "(see cnnkit train --help)"]),
+    (["eval", "RUN", "--emma"], ["--emma", "did you mean --ema?", "(see cnnkit eval --help)"]),
+    (["predict", "RUN", "x.png", "--top-k=3"], ["did you mean --topk?", "(see cnnkit predict --help)"]),
+    (["eval", "RUN", "--bogus"], ["unrecognized arguments: --bogus (see cnnkit eval --help)"]),
+    (["--bogus"], ["unrecognized arguments: --bogus (see cnnkit --help)"]),
+])
+def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, args, words):
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for w in words:
+        assert w in lines[0], lines[0]
