@@ -189,9 +189,10 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
                           _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
                           time.perf_counter() - start, lrs, losses, smoothed, blowup_lr=blowup_lr)
     if method.startswith(FLAT_METHOD):
+        share = "a third" if cfg.schedule == "onecycle" else "a tenth"
         kept = (f"keeping the {cfg.optimizer} default {default:g}" if suggestion == default else
-                f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, below the {blowup_lr:.3g} "
-                "where the loss blew up")
+                f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, {share} of the {blowup_lr:.3g} "
+                "at which the loss blew up")
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         print(f"cnnkit: the loss did not fall at any rate of the range test: {cfg.model} sat on its starting "
               f"plateau on {cfg.data} (loss about ln({len(run.classes)}) = {math.log(len(run.classes)):.2f}, every "

@@ -59,6 +59,17 @@ def test_flat_curve_keeps_the_default_learning_rate():
     assert "simple_cnn" not in text and "convnet" not in text  # cnn_bn has BatchNorm: no advice to add it
 
 
+def test_a_flat_curve_that_blew_up_below_the_default_suggests_a_third_of_that_rate():
+    # simple_cnn on its plateau with Muon, whose default (0.24) is tuned for fastnet: the loss blows up first
+    log = io.StringIO()
+    r = lr_find(model="simple_cnn", optimizer="muon", **dict(TINY, num_samples=64), start_lr=1e-2, end_lr=100,
+                steps=40, log=log)
+    assert r.diverged and r.blowup_lr < 3 * 0.24
+    assert r.method == "default: flat curve, capped at blow-up/3" and r.suggestion == pytest.approx(r.blowup_lr / 3)
+    assert (f"the muon default 0.24 capped at {r.suggestion:.3g}, a third of the {r.blowup_lr:.3g} at which the "
+            "loss blew up") in log.getvalue()
+
+
 def test_the_suggestion_stays_below_the_rate_where_the_loss_blew_up():
     # A flat curve keeps the optimizer's default, which knows nothing of the network: simple_cnn with Muon (default
     # 0.24) on 128 shapes images sat flat and blew up at 0.108. Synthetic curves here: the rule, not a network.
