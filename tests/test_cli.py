@@ -197,3 +197,11 @@ def test_a_run_folder_or_checkpoint_given_as_data_is_named_with_the_runs_data(tm
     assert_one_line_error(proc, 2, what.format(**fill), "not images",
                           'the run trained on photos/ ("data" in its config.json)')
     assert not (tmp_path / "new").exists()
+
+
+def test_the_folder_of_runs_given_as_data_is_named_as_one(tmp_path):
+    (tmp_path / "runs").mkdir()
+    _fake_run_folder(tmp_path / "runs" / "a")
+    _fake_run_folder(tmp_path / "runs" / "b")
+    assert_one_line_error(run_cli("check-data", tmp_path / "runs"), 2,
+                          f"{tmp_path / 'runs'} holds training runs (a, b), not class folders of images")

@@ -240,14 +240,22 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ts", ".onnx")
 
 
 def _run_or_checkpoint(root: str) -> str | None:
-    """The error for a training run's folder or a model file given where data goes (the run folder's plots and
-    confusion pictures would otherwise pass for classes of images), naming the data the run trained on; None for
-    anything else."""
+    """The error for a training run's folder, a folder of runs or a model file given where data goes (the run
+    folder's plots and confusion pictures would otherwise pass for classes of images), naming the data the run
+    trained on; None for anything else."""
     if os.path.isdir(root):
         found = [f for f in RUN_FILES if os.path.isfile(os.path.join(root, f))]
         run = run_info(root) if found else None
         if run is None:
-            return None
+            # runs/ itself: its run folders would pass for classes
+            names = sorted(e for e in os.listdir(root) if not e.startswith(".")
+                           and any(os.path.isfile(os.path.join(root, e, f)) for f in RUN_FILES)
+                           and os.path.isfile(os.path.join(root, e, "config.json")))
+            if not names:
+                return None
+            return (f"{root} holds training runs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), not "
+                    f"class folders of images; pass the data instead: a folder with one sub-folder of images per "
+                    f"class, or {', '.join(BUILTIN)} (each run's config.json names its data)")
         what = f"{root} is a training run's folder (config.json, {', '.join(found)}), not images"
     elif root.endswith(CHECKPOINT_SUFFIXES):
         run = run_info(os.path.dirname(root) or ".")
