@@ -91,6 +91,33 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse's own parse_args reports a command's unknown options from the top parser, which points at
+        # `cnnkit --help`; the command's parser knows its options, so it reports them and names a close match.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = self._subparsers._group_actions[0].choices if self._subparsers else {}
+            parser = commands.get(getattr(parsed, "command", None), self)
+            parser.error(_unrecognised(parser, extras))
+        return parsed
+
+
+def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The error for ``extras``, the words ``parser`` does not know, with the nearest option to the first unknown
+    option where one is close."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    # Compared without their dashes, which every option shares and which would make unrelated names look close.
+    known = {o.lstrip("-"): o for a in parser._actions for o in a.option_strings}
+    for word in extras:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0].lstrip("-"), list(known), n=1, cutoff=0.7)
+            if close:
+                return f"{message}; did you mean {known[close[0]]}?"
+            break
+    return message
+
 
 def _positive_int(text: str) -> int:
     try:

@@ -47,6 +47,25 @@ def _build_for_aten_capability() -> None:
         config.cpp.march = march
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops PyTorch's "No CUDA runtime is found, using CUDA_HOME=..." (torch/utils/cpp_extension.py, logged when
+    torch.compile's C++ code generation first imports it on a machine with a CUDA toolkit but no CUDA device): on
+    a CPU run it is about nothing the run uses. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_NO_CUDA_RUNTIME_NOTE = _NoCudaRuntimeNote()
+
+
+def quiet_cuda_home_note() -> None:
+    """Silence PyTorch's CUDA_HOME note (``_NoCudaRuntimeNote``) in this process; call it before compiling on the
+    CPU. Adding it again is a no-op. The note is logged only where CUDA is unavailable, so a CUDA run never
+    loses anything to it."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_RUNTIME_NOTE)
+
+
 def available() -> bool:
     """Whether compiled loops can run: False once compiling has failed in this process (no C++ compiler)."""
     return _compiled is not None
@@ -60,17 +79,12 @@ def run(fn: Callable, *args, what: str):
         try:
             if fn in _compiled:
                 return _compiled[fn](*args)
-            # The first call compiles. PyTorch's C++ extension helper, imported then, logs a warning about CUDA on
-            # machines without it: not ours to show, so its logger is quiet for that call only.
-            logger = logging.getLogger("torch.utils.cpp_extension")
-            level = logger.level
-            logger.setLevel(logging.ERROR)
-            try:
-                _build_for_aten_capability()
-                _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-                return _compiled[fn](*args)
-            finally:
-                logger.setLevel(level)
+            # The first call compiles. PyTorch's C++ extension helper, imported then, logs a note about CUDA on
+            # machines without it: not ours to show.
+            quiet_cuda_home_note()
+            _build_for_aten_capability()
+            _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+            return _compiled[fn](*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same result, computed eagerly
             _compiled = None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -149,3 +149,59 @@ def test_non_finite_numbers_fail_the_python_api_before_training(tmp_path, option
         with pytest.raises(UserError, match=f"{option} must be a finite number"):
             cnnkit.train(**{option: value}, num_samples=64, smoke=True, out=str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--epochz", "3"], ["--epochz 3", "did you mean --epochs?", "(see cnnkit train --help)"]),
+    (["eval", "RUN", "--emma"], ["--emma", "did you mean --ema?", "(see cnnkit eval --help)"]),
+    (["predict", "RUN", "x.png", "--top-k=3"], ["did you mean --topk?", "(see cnnkit predict --help)"]),
+    (["eval", "RUN", "--bogus"], ["unrecognized arguments: --bogus (see cnnkit eval --help)"]),
+    (["--bogus"], ["unrecognized arguments: --bogus (see cnnkit --help)"]),
+])
+def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, args, words):
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _fake_run_folder(root):
+    """A run folder's layout, with a picture in a sub-folder as `cnnkit report` leaves one (plots/curves.png):
+    read as images, plots/ would pass for a class."""
+    from PIL import Image
+
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model": "simple_cnn", "data": "photos/", "epochs": 1}))
+    (root / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")
+    (root / "best.pt").write_bytes(b"")
+    (root / "plots").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "plots" / "curves.png")
+    return root
+
+
+@pytest.mark.parametrize("args, what", [
+    (["check-data", "{run}"], "{run} is a training run's folder (config.json, best.pt, metrics.csv)"),
+    (["check-data", "{run}/best.pt"], "{run}/best.pt is a model file"),
+    (["train", "--data", "{run}", "--out", "{tmp}/new"], "{run} is a training run's folder"),
+    (["probe", "simple_cnn", "{run}"], "{run} is a training run's folder"),
+])
+def test_a_run_folder_or_checkpoint_given_as_data_is_named_with_the_runs_data(tmp_path, args, what):
+    run = _fake_run_folder(tmp_path / "run")
+    fill = {"run": run, "tmp": tmp_path}
+    proc = run_cli(*[a.format(**fill) for a in args])
+    assert_one_line_error(proc, 2, what.format(**fill), "not images",
+                          'the run trained on photos/ ("data" in its config.json)')
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_folder_of_runs_given_as_data_is_named_as_one(tmp_path):
+    (tmp_path / "runs").mkdir()
+    _fake_run_folder(tmp_path / "runs" / "a")
+    _fake_run_folder(tmp_path / "runs" / "b")
+    assert_one_line_error(run_cli("check-data", tmp_path / "runs"), 2,
+                          f"{tmp_path / 'runs'} holds training runs (a, b), not class folders of images")

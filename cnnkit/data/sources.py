@@ -19,6 +19,7 @@ from cnnkit.data import cache
 from cnnkit.data.images import image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
+from cnnkit.runs import run_info
 
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -200,6 +201,9 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
     if not os.path.exists(root):
         raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
                         f"or one of: {', '.join(BUILTIN)}")
+    mistaken = _run_or_checkpoint(root)
+    if mistaken:
+        raise UserError(mistaken)
     if not os.path.isdir(root):
         raise UserError(f"data path {root} is not a folder; pass a folder with one sub-folder per class")
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
@@ -229,6 +233,38 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
         raise UserError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
                         "add images or remove the folder (class indices must not shift silently)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
+
+
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ts", ".onnx")
+
+
+def _run_or_checkpoint(root: str) -> str | None:
+    """The error for a training run's folder, a folder of runs or a model file given where data goes (the run
+    folder's plots and confusion pictures would otherwise pass for classes of images), naming the data the run
+    trained on; None for anything else."""
+    if os.path.isdir(root):
+        found = [f for f in RUN_FILES if os.path.isfile(os.path.join(root, f))]
+        run = run_info(root) if found else None
+        if run is None:
+            # runs/ itself: its run folders would pass for classes
+            names = sorted(e for e in os.listdir(root) if not e.startswith(".")
+                           and any(os.path.isfile(os.path.join(root, e, f)) for f in RUN_FILES)
+                           and os.path.isfile(os.path.join(root, e, "config.json")))
+            if not names:
+                return None
+            return (f"{root} holds training runs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), not "
+                    f"class folders of images; pass the data instead: a folder with one sub-folder of images per "
+                    f"class, or {', '.join(BUILTIN)} (each run's config.json names its data)")
+        what = f"{root} is a training run's folder (config.json, {', '.join(found)}), not images"
+    elif root.endswith(CHECKPOINT_SUFFIXES):
+        run = run_info(os.path.dirname(root) or ".")
+        what = f"{root} is a model file, not images"
+    else:
+        return None
+    if run is not None and run.data != "?":
+        return f"{what}; pass the data instead: the run trained on {run.data} (\"data\" in its config.json)"
+    return f"{what}; pass the data instead: a folder with one sub-folder of images per class, or {', '.join(BUILTIN)}"
 
 
 def _folder(root: str, spec: DataSpec) -> ImageSet:

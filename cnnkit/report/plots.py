@@ -278,7 +278,7 @@ def plot_lr_find(result: "LrFindResult", out: str) -> str:
     ax.set_xscale("log")
     ax.axvline(result.suggestion, color=VAL_COLOUR, linestyle="--",
                label=f"suggested: {result.suggestion:.3g} ({result.method})")
-    if result.method != FLAT_METHOD:  # the lowest point of a flat curve is noise: not drawn, nor its valley
+    if not result.method.startswith(FLAT_METHOD):  # a flat curve's lowest point is noise: not drawn, nor its valley
         ax.axvline(result.min_loss_lr, color="grey", linestyle=":", label=f"lowest smoothed loss: {result.min_loss_lr:.3g}")
         if result.edge_lr != result.suggestion:
             ax.axvline(result.edge_lr, color="grey", linestyle="-.", label=f"end of its valley: {result.edge_lr:.3g}")

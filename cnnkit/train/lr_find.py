@@ -26,6 +26,10 @@ whole descent above its minimum.
   23.4% at 0.007, 38.7% at 0.024, 50.7% at 0.05, 52.9% at 0.07 and 57.2% at 0.15, so there a third of the
   edge gives some accuracy away for the margin.
 - **other schedules: a tenth of the edge** ("edge/10"): without the warm-up, a run starts at its peak.
+- **never within that margin of the blow-up**: the suggestion is at most the rate at which the test stopped
+  because the loss blew up, divided by the same 3 (one-cycle) or 10 ("capped at blow-up/3" is added to the
+  method where that decided). The valley's edge lies below the blow-up, so the cap matters for the default rate
+  kept on a flat curve (below), which knows nothing of the network: a rate the test saw blow up is no peak.
 
 The steepest point of the descent is reported too (``steepest_lr``) but not suggested: it is the derivative of
 a noisy curve and moves by an order of magnitude between seeds on small sets.
@@ -57,6 +61,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
+import torch.nn as nn
+
 from cnnkit.atomic import write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import UserError
@@ -70,6 +76,7 @@ from cnnkit.train.setup import build_run, range_test_config, seed_everything, st
 from cnnkit.transfer import freeze_batchnorm_stats, plan_stages, set_trainable
 
 EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge/3", "edge/10", "default: flat curve"
+BLOWUP_METHOD = "capped at blow-up/{margin}"  # added to the method when the cap below the blow-up decided
 ONE_CYCLE_MARGIN = 3  # one-cycle's peak: the valley's edge divided by this (see the module doc)
 EDGE_SHARE = 0.1  # the valley ends where the smoothed loss is this share of the descent above its minimum
 FLAT_DROP = 0.05  # the smoothed loss must fall by 5% of its level for the curve to count as a descent
@@ -92,11 +99,12 @@ class LrFindResult:
     losses: list[float] = field(default_factory=list)  # each step's training loss
     smoothed: list[float] = field(default_factory=list)  # debiased exponential moving average of the losses
     plot: str | None = None  # the PNG, once written
+    blowup_lr: float | None = None  # the rate at which the test stopped because the loss blew up, else None
 
     def summary(self) -> dict:
         """The figures without the curves (what a run's lr_find.json holds)."""
         return {k: getattr(self, k) for k in ("suggestion", "method", "edge_lr", "min_loss_lr", "steepest_lr", "diverged",
-                                              "steps", "plot")}
+                                              "blowup_lr", "steps", "plot")}
 
 
 def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 200,
@@ -138,7 +146,7 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
           file=log)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, losses, smoothed = [], [], []
-    average, best, diverged = 0.0, math.inf, False
+    average, best, diverged, blowup_lr = 0.0, math.inf, False, None
     bar = progress_bar(steps, desc="lr-find", unit="step", enabled=progress)
     start = time.perf_counter()
     model.train()
@@ -153,7 +161,7 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
             loss = criterion(model(images), labels)
         value = loss.item()  # the stop test needs it every step; a few hundred syncs are nothing here
         if not math.isfinite(value):
-            diverged = True
+            diverged, blowup_lr = True, lr
             break
         average = smoothing * average + (1 - smoothing) * value
         smooth = average / (1 - smoothing ** (i + 1))  # without the bias towards the 0 it started from
@@ -162,7 +170,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
         smoothed.append(smooth)
         best = min(best, smooth)
         if i >= 10 and smooth > diverge * best:
-            diverged = True
+            # The smoothed loss, not a step's: one noisy batch far above a low minimum is not a blow-up.
+            diverged, blowup_lr = True, lr
             break
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -174,16 +183,23 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     if len(lrs) < 10:
         raise UserError(f"the loss blew up within {len(lrs)} steps of the range test: lower the start "
                         f"learning rate (now {start_lr:g})")
-    suggestion, method, edge, low = suggest(lrs, smoothed, cfg.schedule, DEFAULT_LR.get(cfg.optimizer, 0.01))
+    default = DEFAULT_LR.get(cfg.optimizer, 0.01)
+    suggestion, method, edge, low = suggest(lrs, smoothed, cfg.schedule, default, blowup_lr)
     result = LrFindResult(cfg.model, cfg.data, suggestion, method, lrs[edge], lrs[low],
                           _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
-                          time.perf_counter() - start, lrs, losses, smoothed)
-    if method == FLAT_METHOD:
-        print(f"cnnkit: the loss did not fall at any rate of the range test: the network sat on its starting "
-              f"plateau (loss about ln(classes), every prediction alike) for all {len(lrs)} steps, so the curve "
-              f"cannot rank the rates; keeping the {cfg.optimizer} default {suggestion:g}. Such a plateau ends "
-              "after enough steps, not at some rate (simple_cnn on shapes stayed flat through 1,000-step sweeps "
-              "too); BatchNorm and global average pooling (convnet) shorten it", file=log)
+                          time.perf_counter() - start, lrs, losses, smoothed, blowup_lr=blowup_lr)
+    if method.startswith(FLAT_METHOD):
+        share = "a third" if cfg.schedule == "onecycle" else "a tenth"
+        kept = (f"keeping the {cfg.optimizer} default {default:g}" if suggestion == default else
+                f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, {share} of the {blowup_lr:.3g} "
+                "at which the loss blew up")
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        print(f"cnnkit: the loss did not fall at any rate of the range test: {cfg.model} sat on its starting "
+              f"plateau on {cfg.data} (loss about ln({len(run.classes)}) = {math.log(len(run.classes)):.2f}, every "
+              f"prediction alike) for all {len(lrs)} steps, so the curve cannot rank the rates; {kept}. Such a "
+              "plateau ends after enough steps, not at some rate, so a longer sweep would not help"
+              + ("" if has_bn else "; networks with BatchNorm and global average pooling (cnnkit's convnet) leave "
+                                   "it sooner"), file=log)
     elif not diverged:
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
               "(raise the end learning rate)", file=log)
@@ -214,17 +230,23 @@ def _endless(loader: BatchLoader):
         epoch += 1
 
 
-def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: float) -> tuple[float, str, int, int]:
+def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: float,
+            blowup_lr: float | None = None) -> tuple[float, str, int, int]:
     """(suggested rate, method, index of the valley's end, index of the minimum) of a range test's curve, by the
-    rules of the module doc. The first tenth of the steps is left out: the moving average has not settled there."""
+    rules of the module doc. The first tenth of the steps is left out: the moving average has not settled there.
+    ``blowup_lr``, the first rate whose loss blew up, caps the suggestion at the same margin below it as the
+    valley's edge gets (a third for one-cycle, else a tenth)."""
     settled = max(1, len(lrs) // 10)
     low = min(range(settled, len(smoothed)), key=smoothed.__getitem__)
     edge = _valley_edge(smoothed, low, smoothed[settled])
+    margin = ONE_CYCLE_MARGIN if schedule == "onecycle" else 10
     if smoothed[settled] - smoothed[low] < FLAT_DROP * smoothed[settled]:
-        return default, FLAT_METHOD, edge, low
-    if schedule == "onecycle":
-        return lrs[edge] / ONE_CYCLE_MARGIN, EDGE_METHOD, edge, low
-    return lrs[edge] / 10, TENTH_METHOD, edge, low
+        suggestion, method = default, FLAT_METHOD
+    else:
+        suggestion, method = lrs[edge] / margin, EDGE_METHOD if schedule == "onecycle" else TENTH_METHOD
+    if blowup_lr is not None and suggestion > blowup_lr / margin:
+        suggestion, method = blowup_lr / margin, f"{method}, {BLOWUP_METHOD.format(margin=margin)}"
+    return suggestion, method, edge, low
 
 
 def _valley_edge(smoothed: list[float], low: int, settled_level: float) -> int:

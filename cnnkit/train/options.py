@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES
 from cnnkit.errors import UserError
@@ -34,10 +34,12 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+    sources: dict[str, str] = {}  # the options whose value comes from the config file: its errors name the file
     if isinstance(config, TrainConfig):
         base = config
     else:
         values = read_config_file(os.fspath(config)) if config is not None else {}
+        sources = {name: os.fspath(config) for name in values if name not in overrides}
         # The recipe sets its options first; the file's values and then the options given win over it.
         recipe = overrides["recipe"] if "recipe" in overrides else values.get("recipe")
         overfit = overrides["overfit_batches"] if "overfit_batches" in overrides else values.get("overfit_batches", 0)
@@ -54,57 +56,68 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     cfg = with_data_defaults(dataclasses.replace(base, **overrides))  # config.json records what they became
     if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
         cfg = dataclasses.replace(cfg, plots=True)
-    check_config(cfg)
+    check_config(cfg, sources)
     return cfg
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Raise a UserError naming the first option of ``cfg`` that is out of range."""
+def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Raise a UserError naming the first option of ``cfg`` that is out of range. ``sources`` maps the options a
+    config file set to its path: their error names the file and the key as written there ("--config run.yaml:
+    epochs must be ..."), where the same value given as a flag or keyword is named as an option."""
+    sources = sources or {}
+
+    def refuse(name: str, problem: str, label: str | None = None) -> NoReturn:
+        if name in sources:
+            raise UserError(f"--config {sources[name]}: {name} {problem}")
+        raise UserError(f"{label or '--' + name.replace('_', '-')} {problem}")
+
     for f in dataclasses.fields(cfg):  # nan slips through the range checks below, inf through some: both fail mid-run
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not -float("inf") < value < float("inf"):
-            raise UserError(f"{f.name} must be a finite number, got {value}")
+            refuse(f.name, f"must be a finite number, got {value}", f.name)
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {getattr(cfg, name)}")
+            refuse(name, f"must be a positive whole number, got {getattr(cfg, name)}", name.replace('_', ' '))
     if cfg.lr is not None and cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise UserError(f"learning rate must be positive or 'auto', got {cfg.lr}")
+        refuse("lr", f"must be positive or 'auto', got {cfg.lr}", "learning rate")
     if not 0 <= cfg.label_smoothing < 1:
-        raise UserError(f"label smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.momentum < 0 or cfg.save_every < 0:
-        raise UserError("weight decay, warm-up, momentum and --save-every cannot be negative")
+        refuse("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing}", "label smoothing")
+    for name, label in (("weight_decay", "weight decay"), ("warmup_epochs", "warm-up"), ("momentum", "momentum"),
+                        ("save_every", "--save-every")):
+        if getattr(cfg, name) < 0:
+            refuse(name, f"cannot be negative, got {getattr(cfg, name)}", label)
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        raise UserError(f"--clip-grad must be positive, got {cfg.clip_grad}")
+        refuse("clip_grad", f"must be positive, got {cfg.clip_grad}")
     if cfg.compile not in (False, True, *COMPILE_MODES):
-        raise UserError(f"--compile takes no value or one of {', '.join(COMPILE_MODES)}, not '{cfg.compile}'")
+        refuse("compile", f"takes no value or one of {', '.join(COMPILE_MODES)}, not '{cfg.compile}'")
     if cfg.augment_policy not in (None, *AUGMENT_POLICIES):
-        raise UserError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
+        refuse("augment_policy", f"must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
     if not 0 <= cfg.random_erasing <= 1:
-        raise UserError(f"--random-erasing is a probability in [0, 1], got {cfg.random_erasing}")
+        refuse("random_erasing", f"is a probability in [0, 1], got {cfg.random_erasing}")
     if cfg.cutout < 0:
-        raise UserError(f"--cutout must be 0 (off) or a side in pixels, got {cfg.cutout}")
+        refuse("cutout", f"must be 0 (off) or a side in pixels, got {cfg.cutout}")
     if cfg.class_weights not in (None, "auto"):
-        raise UserError(f"--class-weights takes 'auto' (weights inversely proportional to class frequency), "
-                        f"not '{cfg.class_weights}'")
+        refuse("class_weights", f"takes 'auto' (weights inversely proportional to class frequency), "
+                                f"not '{cfg.class_weights}'")
     if cfg.decode not in DECODE_CHOICES:  # before minutes of data loading (BatchLoader checks it too, for its callers)
-        raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not '{cfg.decode}'")
+        refuse("decode", f"must be one of {', '.join(DECODE_CHOICES)}, not '{cfg.decode}'")
     if cfg.nan not in NAN_POLICIES:
-        raise UserError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
+        refuse("nan", f"must be one of {', '.join(NAN_POLICIES)}, not '{cfg.nan}'")
     for name in ("mixup", "cutmix", "min_delta"):
         if not isinstance(getattr(cfg, name), (int, float)) or not getattr(cfg, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a number, 0 or more, got {getattr(cfg, name)}")
+            refuse(name, f"must be a number, 0 or more, got {getattr(cfg, name)}")
     for name in ("accum_steps", "mix_off_epochs", "keep_best", "overfit_batches"):
         least = 1 if name == "accum_steps" else 0
         if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be a whole number, {least} or more, got {getattr(cfg, name)}")
+            refuse(name, f"must be a whole number, {least} or more, got {getattr(cfg, name)}")
     if cfg.mix_off_epochs and not (cfg.mixup or cfg.cutmix):
         raise UserError("--mix-off-epochs switches mixing off for the last epochs; it needs --mixup or --cutmix")
     if cfg.mix_off_epochs and not cfg.stages and cfg.mix_off_epochs >= cfg.epochs:
         raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
                         "make it smaller than --epochs")
     if cfg.ema is not None and not (isinstance(cfg.ema, (int, float)) and 0 < cfg.ema < 1):
-        raise UserError(f"--ema takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
+        refuse("ema", f"takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
     if cfg.early_stop is not None and (not isinstance(cfg.early_stop, int) or cfg.early_stop < 1):
-        raise UserError(f"--early-stop takes the patience in epochs, a whole number of 1 or more, got {cfg.early_stop}")
+        refuse("early_stop", f"takes the patience in epochs, a whole number of 1 or more, got {cfg.early_stop}")
     if cfg.monitor not in MONITORS:
-        raise UserError(f"--monitor must be one of {', '.join(MONITORS)}, not '{cfg.monitor}'")
+        refuse("monitor", f"must be one of {', '.join(MONITORS)}, not '{cfg.monitor}'")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cnnkit import compiled
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
@@ -73,6 +74,8 @@ def start_machine(cfg: TrainConfig) -> Machine:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
+    if cfg.compile and device.type != "cuda":  # --compile's code generation would log a note about CUDA_HOME
+        compiled.quiet_cuda_home_note()
     return Machine(device, amp_dtype, threads)
 
 

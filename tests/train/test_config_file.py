@@ -150,6 +150,7 @@ def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ("lr: .inf\n", "lr must be a finite number, got inf"),
     ("momentum: .nan\n", "momentum must be a finite number, got nan"),
+    ("epochs: 0\n", "run.yaml: epochs must be a positive whole number, got 0"),
     ("model: convnet\nmodel_options: {widths: [x, y]}\nnum_samples: 64\n",
      "option widths must be a list of whole numbers, got ('x', 'y')"),
 ])

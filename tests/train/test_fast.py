@@ -109,6 +109,7 @@ def test_compile_takes_torchs_mode_names_and_refuses_others(tmp_path):
                    "--compile", "max-autotune-no-cudagraphs", "--precision", "fp32", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text())["compile"] == "max-autotune-no-cudagraphs"
+    assert "CUDA_HOME" not in proc.stderr, proc.stderr  # torch's note on machines with a CUDA toolkit, no GPU
     bad = run_cli("train", "--compile", "fastest", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "invalid choice: 'fastest'" in bad.stderr
     try:
@@ -118,3 +119,23 @@ def test_compile_takes_torchs_mode_names_and_refuses_others(tmp_path):
     else:
         raise AssertionError("an unknown compile mode was accepted")
     assert not (tmp_path / "bad2").exists()
+
+
+def test_compile_on_the_cpu_drops_torchs_cuda_home_note_and_nothing_else():
+    import logging
+
+    from cnnkit.train.options import make_config
+    from cnnkit.train.setup import start_machine
+
+    start_machine(make_config(None, {"compile": True, "device": "cpu", "threads": torch.get_num_threads()}))
+    logger = logging.getLogger("torch.utils.cpp_extension")  # where torch logs the note, on importing the module
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        logger.warning("Error checking compiler version for %s", "c++")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Error checking compiler version for c++"]

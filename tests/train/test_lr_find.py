@@ -1,3 +1,4 @@
+import io
 import json
 import math
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 import cnnkit
+from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import UserError
 from cnnkit.train.lr_find import EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, TENTH_METHOD, suggest
 from cnnkit.training import lr_find
@@ -46,8 +48,42 @@ def test_suggestion_is_a_third_of_the_valleys_end_for_one_cycle_and_a_tenth_of_i
 
 def test_flat_curve_keeps_the_default_learning_rate():
     # lr never above 1e-6: the loss cannot move, so the minimum is noise and the default is kept
-    r = lr_find(model="cnn_bn", **TINY, start_lr=1e-8, end_lr=1e-6, steps=20)
-    assert r.method == FLAT_METHOD and r.suggestion == 0.05 and not r.diverged
+    log = io.StringIO()
+    r = lr_find(model="cnn_bn", **TINY, start_lr=1e-8, end_lr=1e-6, steps=20, log=log)
+    assert r.method == FLAT_METHOD and r.suggestion == 0.05 and not r.diverged and r.blowup_lr is None
+    # the message is about this model and data, not about the ones cnnkit's docs measured
+    text = log.getvalue()
+    assert f"cnn_bn sat on its starting plateau on shapes (loss about ln({len(SHAPE_CLASSES)}) = " \
+           f"{math.log(len(SHAPE_CLASSES)):.2f}" in text, text
+    assert "keeping the sgd default 0.05" in text and "a longer sweep would not help" in text
+    assert "simple_cnn" not in text and "convnet" not in text  # cnn_bn has BatchNorm: no advice to add it
+
+
+def test_a_flat_curve_that_blew_up_below_the_default_suggests_a_third_of_that_rate():
+    # simple_cnn on its plateau with Muon, whose default (0.24) is tuned for fastnet: the loss blows up first
+    log = io.StringIO()
+    r = lr_find(model="simple_cnn", optimizer="muon", **dict(TINY, num_samples=64), start_lr=1e-2, end_lr=100,
+                steps=40, log=log)
+    assert r.diverged and r.blowup_lr < 3 * 0.24
+    assert r.method == "default: flat curve, capped at blow-up/3" and r.suggestion == pytest.approx(r.blowup_lr / 3)
+    assert (f"the muon default 0.24 capped at {r.suggestion:.3g}, a third of the {r.blowup_lr:.3g} at which the "
+            "loss blew up") in log.getvalue()
+
+
+def test_the_suggestion_stays_below_the_rate_where_the_loss_blew_up():
+    # A flat curve keeps the optimizer's default, which knows nothing of the network: simple_cnn with Muon (default
+    # 0.24) on 128 shapes images sat flat and blew up at 0.108. Synthetic curves here: the rule, not a network.
+    lrs = [10 ** (-4 + i / 10) for i in range(50)]  # 1e-4 .. 8e0
+    flat = [2.3 + 0.001 * (i % 3) for i in range(50)]
+    suggestion, method, _, _ = suggest(lrs, flat, "onecycle", 0.24, blowup_lr=0.108)
+    assert suggestion == pytest.approx(0.036) and method == "default: flat curve, capped at blow-up/3"
+    assert suggest(lrs, flat, "cosine", 0.24, blowup_lr=0.108)[:2] == (pytest.approx(0.0108),
+                                                                        "default: flat curve, capped at blow-up/10")
+    assert suggest(lrs, flat, "onecycle", 0.05, blowup_lr=0.5)[:2] == (0.05, FLAT_METHOD)  # well below: kept
+    # a valley's edge lies below where the test stopped, so its third is below the cap already
+    smoothed = [2.3] * 10 + [2.3 - 0.08 * i for i in range(10)] + [1.5] * 15 + [1.8 + 0.5 * i for i in range(15)]
+    suggestion, method, edge, _ = suggest(lrs, smoothed, "onecycle", 0.05, blowup_lr=lrs[-1])
+    assert method == EDGE_METHOD and suggestion == pytest.approx(lrs[edge] / 3)
 
 
 def test_auto_lr_trains_exactly_as_with_the_suggested_rate(tmp_path):

@@ -75,7 +75,7 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
         make_config(None, {"batch_size": 0})
     path = tmp_path / "run.yaml"
     path.write_text("batch_size: 0\n")
-    with pytest.raises(UserError, match="batch size must be a positive whole number, got 0"):
+    with pytest.raises(UserError, match="batch_size must be a positive whole number, got 0"):
         make_config(str(path), given("train", "--config", str(path)))
     with pytest.raises(UserError, match="unknown training option"):
         make_config(None, {"batch": 8})
@@ -88,3 +88,28 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     assert r.returncode == 2
     assert "--resume continues a run with its own settings; drop --epochs, --lr" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, words", [
+    ("epochs: 0\n", "epochs must be a positive whole number, got 0"),
+    ("batch_size: 0\n", "batch_size must be a positive whole number, got 0"),
+    ("lr: -1\n", "lr must be positive or 'auto', got -1.0"),
+    ("weight_decay: -0.1\n", "weight_decay cannot be negative, got -0.1"),
+    ("clip_grad: 0\n", "clip_grad must be positive, got 0.0"),
+    ("mixup: 1\nmix_off_epochs: -1\n", "mix_off_epochs must be a whole number, 0 or more, got -1"),
+])
+def test_a_config_files_value_out_of_range_names_the_file_and_its_key(tmp_path, text, words):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        make_config(str(path), given("train", "--config", str(path)))
+    assert str(e.value) == f"--config {path}: {words}"
+
+
+def test_a_flag_over_a_config_files_value_is_named_as_the_flag(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 0\nclip_grad: 1.0\n")
+    assert make_config(str(path), given("train", "--config", str(path), "--epochs", "3")).epochs == 3
+    with pytest.raises(UserError) as e:  # the Python API's keyword names the option, not the file under it
+        make_config(str(path), {"epochs": 2, "clip_grad": -1.0})
+    assert str(e.value) == "--clip-grad must be positive, got -1.0"
