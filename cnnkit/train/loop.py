@@ -443,8 +443,8 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     # this epoch on resume, which writes them again.
     score = row[cfg.monitor]
     if run.best_score is None or _better(score, run.best_score, cfg.monitor):
+        _save(t, _weights(t, t.model, epoch), "best.pt")  # first: a refused save (weights not finite) is no best
         run.best_score, run.best_acc, run.best_epoch = score, row["val_acc"], epoch
-        _save(t, _weights(t, t.model, epoch), "best.pt")
     if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
         _save(t, _weights(t, t.model, epoch), _best_file(epoch))
         run.kept_best = sorted(run.kept_best + [[score, epoch]],

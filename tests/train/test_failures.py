@@ -114,6 +114,43 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1)" in str(e.value)
 
 
+class _BatchNormOverflow(_SometimesNaN):
+    """From the 8th training batch (the second of epoch 2) on, activations so large (1e30) that BatchNorm's batch
+    variance overflows to inf: its output, so the loss and the gradients, stay finite; its running variance not."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= 8:
+                x = x * 1e30
+        return self.head(self.bn(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("nan", ["skip", "stop"])
+def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path, nan):
+    # The loss stays finite, so neither --nan mode sees anything: the mid-epoch save (--save-every) must check
+    # the buffers it writes, not only the parameters, and stop the run naming the checkpoint it kept.
+    @register_model
+    def bn_overflow(num_classes=10, in_channels=3, input_size=32):
+        return _BatchNormOverflow(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="bn_overflow", epochs=3, nan=nan, save_every=1, out=str(out))
+    finally:
+        _FACTORIES.pop("bn_overflow")
+    assert str(e.value) == (
+        f"epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so {out / 'last.pt'} was not "
+        "written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and best.pt "
+        "(epoch 1), both from before the failure")
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
+
+
 class _NaNInTheRun(_SometimesNaN):
     """Fine in the range test (the first model built), NaN from the 8th training batch of the second."""
 
