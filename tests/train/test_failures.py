@@ -1,6 +1,7 @@
 """Numerical failures, failed writes and hostile checkpoints."""
 
 import json
+import math
 import os
 import resource
 
@@ -36,6 +37,12 @@ def test_nan_stop_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
     assert "kept" not in str(e.value) and not (out / "last.pt").exists()
     assert json.loads((out / "stop.json").read_text())["status"] == "diverged"
     assert list_runs(str(out))[0].status == "diverged"  # not "stopped", as a Ctrl-C'd run is
+    # No save ever wrote steps.csv: the steps that ran are there all the same, up to the first non-finite loss
+    losses = [float(row.split(",")[2]) for row in (out / "steps.csv").read_text().splitlines()[1:]]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses[:-1]) and not math.isfinite(losses[-1])
+    result = json.loads((out / "result.json").read_text())
+    assert result["stop_reason"] == "diverged: " + str(e.value) and result["epochs_run"] == 0
+    assert result["val_acc"] is None and result["best_val_acc"] is None and result["images_per_s"] is None
 
 
 def test_nan_skip_never_keeps_or_reports_a_blown_up_model(tmp_path):
@@ -44,8 +51,11 @@ def test_nan_skip_never_keeps_or_reports_a_blown_up_model(tmp_path):
     with pytest.raises(NonFiniteLoss, match="^epoch 1: the model's outputs on the validation images") as e:
         cnnkit.train(**TINY, model="simple_cnn", lr=1e6, nan="skip", epochs=2, out=str(out))
     assert "no checkpoint" in str(e.value)
-    assert not [f for f in os.listdir(out) if f.endswith(".pt")] and not (out / "result.json").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".pt")]
     assert json.loads((out / "stop.json").read_text())["epoch"] == 1
+    result = json.loads((out / "result.json").read_text())  # why it stopped, and no figure of the blown-up model
+    assert result["stop_reason"].startswith("diverged: epoch 1: the model's outputs")
+    assert result["val_acc"] is None and result["train_acc"] is None and result["epochs_run"] == 0
 
 
 def test_run_files_are_strict_json(tmp_path):
@@ -111,7 +121,16 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     finally:
         _FACTORIES.pop("nan_in_epoch2")
     assert str(e.value).startswith("epoch 2: the loss became non-finite between batches 1 and 6 of this epoch")
-    assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1)" in str(e.value)
+    assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1), both from" in str(e.value)
+    # steps.csv, last written at the end of epoch 1, also holds epoch 2's steps up to the poisoned one (its 2nd)
+    rows = [row.split(",") for row in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
+    assert [(int(epoch), int(step)) for epoch, step, _ in rows] == [(1, i) for i in range(1, 7)] + [(2, 1), (2, 2)]
+    assert all(math.isfinite(float(loss)) for _, _, loss in rows[:-1]) and rows[-1][2] == "nan"
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert result["stop_reason"] == "diverged: " + str(e.value) and result["epochs_run"] == len(metrics) - 1 == 1
+    assert result["best_epoch"] == 1 and result["val_acc"] == pytest.approx(float(metrics[1].split(",")[5]))
+    assert list_runs(str(tmp_path / "run"))[0].status == "diverged"
 
 
 class _BatchNormOverflow(_SometimesNaN):
