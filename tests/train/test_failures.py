@@ -133,6 +133,32 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     assert list_runs(str(tmp_path / "run"))[0].status == "diverged"
 
 
+def test_resuming_a_diverged_run_removes_its_stop_and_result_files(tmp_path):
+    # Once resumed, the run is no longer the one that diverged: if it stops again before its end (here at
+    # once, by the caller's start step), nothing may still say "diverged" or hold the old result.
+    @register_model
+    def nan_in_epoch2(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInEpoch2(num_classes, in_channels)
+
+    from cnnkit.train.loop import Callbacks, train
+
+    class StopAtStart(Callbacks):
+        def on_start(self, run):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss):
+            cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, out=str(out))
+        assert (out / "result.json").exists() and (out / "stop.json").exists()
+        with pytest.raises(KeyboardInterrupt):
+            train(resume=str(out), callbacks=StopAtStart())
+    finally:
+        _FACTORIES.pop("nan_in_epoch2")
+    assert not (out / "result.json").exists() and not (out / "stop.json").exists()
+    assert list_runs(str(out))[0].status == "stopped"
+
+
 class _BatchNormOverflow(_SometimesNaN):
     """From the 8th training batch (the second of epoch 2) on, activations so large (1e30) that BatchNorm's batch
     variance overflows to inf: its output, so the loss and the gradients, stay finite; its running variance not."""
