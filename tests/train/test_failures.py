@@ -196,6 +196,54 @@ def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path,
     assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class _OneInfiniteGradient(_SometimesNaN):
+    """On the 8th training batch (the second of epoch 2), a finite loss whose gradients reach the convolution
+    infinite: its weights go non-finite after that step, and every later loss is NaN."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == 8:
+                x = _InfiniteGradient.apply(x)
+        return self.head(self.bn(x).relu().mean((2, 3)))
+
+
+def test_nan_skip_mid_epoch_save_refuses_weights_a_finite_loss_spoiled(tmp_path):
+    # --nan skip skips the update of a non-finite loss only: this step's loss was finite, its update was not.
+    # The next mid-epoch save must not replace last.pt, and the run stops naming what it kept and the fix.
+    @register_model
+    def one_inf_gradient(num_classes=10, in_channels=3, input_size=32):
+        return _OneInfiniteGradient(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="one_inf_gradient", epochs=3, nan="skip", save_every=1, out=str(out))
+    finally:
+        _FACTORIES.pop("one_inf_gradient")
+    assert str(e.value) == (
+        f"epoch 2: the weights are no longer finite (NaN or inf in conv.weight, conv.bias), so {out / 'last.pt'} "
+        "was not written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and "
+        "best.pt (epoch 1), both from before the failure")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["resume"]["epoch_state"]["batch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert steps[-1].startswith("2,2,")  # the finite step that spoiled the weights: its row is written
+    assert math.isfinite(float(steps[-1].split(",")[2]))
+
+
 class _NaNInTheRun(_SometimesNaN):
     """Fine in the range test (the first model built), NaN from the 8th training batch of the second."""
 
