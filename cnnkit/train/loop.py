@@ -788,7 +788,8 @@ def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[to
     """steps.csv: the loss of every step (averaged over processes), appended at the end of each epoch and before
     each save, so that no step waits for its loss to be read; ``losses`` end at step ``last_step`` and are
     emptied. ``stop_at_non_finite`` (a run that diverged): the rows end at the first non-finite loss, written
-    as nan or inf, since the steps after it ran on weights that step had spoiled."""
+    as nan or inf, since the steps after it ran on weights that step spoiled (or, with accumulation, added to
+    its spoiled gradient)."""
     if not losses:
         return
     first_step = last_step - len(losses) + 1
