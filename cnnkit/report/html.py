@@ -308,7 +308,9 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
         sections.append(("model", "Model", _summary_section(model_summary, fields)))
         sections.append(("config", "Configuration", _config_section(config)))
 
-        status = ("finished" if result else f"not finished ({len(history)} of {config.get('epochs')} epochs)")
+        stop = plots.read_json(run_dir, "stop.json") or {}  # a diverged run writes result.json too
+        status = (f"diverged in epoch {stop.get('epoch')}" if stop.get("status") == "diverged" else "finished"
+                  if result else f"not finished ({len(history)} of {config.get('epochs')} epochs)")
         title = f"{config.get('model')} on {config.get('data')}"
         created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         nav = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)

@@ -147,6 +147,7 @@ class Training:
     epoch_state: EpochState = field(default_factory=EpochState)
     epoch: int = 1  # the epoch under way
     last: EpochFigures | None = None
+    step_losses: list[torch.Tensor] = field(default_factory=list)  # the epoch's step losses not yet in steps.csv
 
     @property
     def model(self) -> nn.Module:
@@ -194,7 +195,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     _open_run_folder(t, saved, resume, callbacks)
     callbacks.on_start(t)
     start = time.perf_counter()
-    with StopSignals() as stop, _divergence(t.run_dir, lambda: t.epoch, t.lr_search):
+    with StopSignals() as stop, _divergence(t, start, wall_start):
         for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
             t.epoch = epoch
             _train_epoch(t, stop)
@@ -347,6 +348,8 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
         print(f"cnnkit: removed {stale}, left by an interrupted checkpoint write", file=t.log)
     if t.ctx.main and os.path.exists(os.path.join(run_dir, "stop.json")):  # it runs again: no longer diverged
         os.unlink(os.path.join(run_dir, "stop.json"))
+        if os.path.exists(os.path.join(run_dir, "result.json")):  # the diverged run's: the run writes its own
+            os.unlink(os.path.join(run_dir, "result.json"))
     t.model.load_state_dict(saved["state_dict"])
     state = saved["resume"]
     if state["stage"] == t.stage.index:  # else the run stopped at a stage boundary: the new stage starts fresh
@@ -380,7 +383,7 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     t.pieces.train_loader.set_epoch(epoch)
     if t.epoch_state.lr is None:
         t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
-    step_losses: list[torch.Tensor] = []
+    step_losses = t.step_losses  # emptied by each write to steps.csv
     t.epoch_state = train_one_epoch(
         t.stage.net, t.pieces.train_loader, t.stage.optimizer, t.stage.scheduler, t.pieces.scaler, t.pieces.criterion,
         t.machine.device, t.machine.amp_dtype, t.epoch_state, clip_grad=cfg.clip_grad, nan=cfg.nan,
@@ -443,8 +446,8 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     # this epoch on resume, which writes them again.
     score = row[cfg.monitor]
     if run.best_score is None or _better(score, run.best_score, cfg.monitor):
+        _save(t, _weights(t, t.model, epoch), "best.pt")  # first: a refused save (weights not finite) is no best
         run.best_score, run.best_acc, run.best_epoch = score, row["val_acc"], epoch
-        _save(t, _weights(t, t.model, epoch), "best.pt")
     if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
         _save(t, _weights(t, t.model, epoch), _best_file(epoch))
         run.kept_best = sorted(run.kept_best + [[score, epoch]],
@@ -471,24 +474,34 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
 
 def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) -> TrainResult:
     """The caller's final measurements, the overfit verdict and result.json; the run's TrainResult."""
-    cfg, p, last, run = t.cfg, t.pieces, t.last, t.state
+    cfg, p, last = t.cfg, t.pieces, t.last
     measured = callbacks.on_end(t)
     if cfg.overfit_batches:
         print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches), file=t.log)
-    result = TrainResult(
-        val_acc=last.val.acc, val_loss=last.val.loss, best_val_acc=run.best_acc, best_epoch=run.best_epoch,
-        epochs=t.plan.total_epochs, train_acc=last.train_acc, train_loss=last.train_loss,
-        train_time_s=time.perf_counter() - start, images_per_s=run.images_seen / max(run.train_seconds, 1e-9),
+    result = _result(t, start, wall_start, t.state.stop_reason or "completed", **measured)
+    _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
+    distributed.cleanup(t.ctx)
+    return result
+
+
+def _result(t: Training, start: float, wall_start: float, stop_reason: str, **measured: Any) -> TrainResult:
+    """The run's TrainResult: the figures of its last finished epoch (None where no epoch finished, as in a
+    run that diverged in its first)."""
+    cfg, p, last, run = t.cfg, t.pieces, t.last, t.state
+    return TrainResult(
+        val_acc=last.val.acc if last else None, val_loss=last.val.loss if last else None,
+        best_val_acc=run.best_acc if run.best_epoch else None, best_epoch=run.best_epoch,
+        epochs=t.plan.total_epochs, train_acc=last.train_acc if last else None,
+        train_loss=last.train_loss if last else None,
+        train_time_s=time.perf_counter() - start,
+        images_per_s=run.images_seen / max(run.train_seconds, 1e-9) if run.history else None,
         run_dir=t.run_dir, model=cfg.model, data=cfg.data, precision=precision_name(t.machine.amp_dtype),
         num_train=len(p.train_set), num_val=len(p.val_set), params=sum(w.numel() for w in t.model.parameters()),
         skipped_images=len(p.train_set.skipped + p.val_set.skipped), skipped_batches=run.skipped_batches,
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
-        stop_reason=run.stop_reason or "completed", monitor=cfg.monitor, best_score=run.best_score,
-        ema_val_acc=last.ema_val.acc if last.ema_val else None, threads=t.machine.threads, **measured,
+        stop_reason=stop_reason, monitor=cfg.monitor, best_score=run.best_score,
+        ema_val_acc=last.ema_val.acc if last and last.ema_val else None, threads=t.machine.threads, **measured,
     )
-    _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
-    distributed.cleanup(t.ctx)
-    return result
 
 
 def _weights(t: Training, net: nn.Module, epoch: int) -> dict[str, Any]:
@@ -676,18 +689,23 @@ def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optim
 
 
 @contextlib.contextmanager
-def _divergence(run_dir: str, current_epoch: Callable[[], int], lr_search: Any) -> Iterator[None]:
+def _divergence(t: Training, start: float, wall_start: float) -> Iterator[None]:
     """Within the block, a NonFiniteLoss ends the run with a message that names the epoch, what the run folder
-    still holds and, for ``--lr auto``, where the rate came from; ``stop.json`` marks the run as diverged."""
+    still holds and, for ``--lr auto``, where the rate came from; ``stop.json`` marks the run as diverged,
+    steps.csv keeps the steps that ran before the failure and result.json says why the run stopped."""
     try:
         yield
     except NonFiniteLoss as e:
-        epoch = current_epoch()
+        run_dir, epoch, lr_search = t.run_dir, t.epoch, t.lr_search
+        # The finite-loss check raises on every process at once, right after a step: the losses not yet written
+        # end at the batch the loop had reached (t.epoch_state, advanced in place). Elsewhere none are left.
+        _write_step_losses(run_dir, epoch, t.epoch_state.batch, t.step_losses, stop_at_non_finite=True)
         message = f"epoch {epoch}: {e}; {_kept_checkpoints(run_dir)}"
         if lr_search is not None:
             message += (f"; the rate came from --lr auto (the range test's suggestion {lr_search.suggestion:.3g}, "
                         f"rule '{lr_search.method}', in lr_find.json): pass a lower fixed --lr")
         _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
+        _write_json(run_dir, "result.json", dataclasses.asdict(_result(t, start, wall_start, f"diverged: {message}")))
         raise NonFiniteLoss(message) from None
 
 
@@ -700,8 +718,8 @@ def _kept_checkpoints(run_dir: str) -> str:
     epoch, batch = state["run"]["epoch"], state["epoch_state"]["batch"]
     at = f"epoch {epoch}, batch {batch}" if batch else f"the end of epoch {epoch - 1}"
     has_best = os.path.exists(os.path.join(run_dir, "best.pt"))
-    best = f" and best.pt (epoch {state['run']['best_epoch']})" if has_best else ""
-    return f"kept: last.pt (the state at {at}){best}, both from before the failure"
+    best = f" and best.pt (epoch {state['run']['best_epoch']}), both" if has_best else ""
+    return f"kept: last.pt (the state at {at}){best} from before the failure"
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -765,16 +783,22 @@ def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[torch.Tensor]) -> None:
+def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[torch.Tensor],
+                       stop_at_non_finite: bool = False) -> None:
     """steps.csv: the loss of every step (averaged over processes), appended at the end of each epoch and before
     each save, so that no step waits for its loss to be read; ``losses`` end at step ``last_step`` and are
-    emptied."""
+    emptied. ``stop_at_non_finite`` (a run that diverged): the rows end at the first non-finite loss, written
+    as nan or inf, since the steps after it ran on weights that step spoiled (or, with accumulation, added to
+    its spoiled gradient)."""
     if not losses:
         return
     first_step = last_step - len(losses) + 1
     values = distributed.all_reduce_sum(torch.stack(losses).float().detach().clone())
     values /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     losses.clear()
+    if stop_at_non_finite:
+        bad = (~torch.isfinite(values)).nonzero()
+        values = values[: int(bad[0]) + 1] if len(bad) else values
     if not _is_main_process():
         return
     path = os.path.join(run_dir, "steps.csv")

@@ -186,6 +186,25 @@ def test_runs_lists_the_run(run):
     assert list_runs(folder) == [listed] and latest_run(root) == folder
 
 
+def test_a_diverged_run_is_called_diverged_though_it_has_a_result(run, tmp_path):
+    # A run that diverges writes result.json (its stop_reason says why) beside stop.json: neither `cnnkit runs`
+    # nor the report may take the result for a finished run. Marked here on a copy of the tiny run.
+    import shutil
+
+    folder = str(tmp_path / "diverged")
+    shutil.copytree(run[0], folder, ignore=shutil.ignore_patterns("report.html", "plots", "tensorboard"))
+    message = "epoch 2: the loss became non-finite at batch 3 of this epoch (lr 0.1)"
+    with open(os.path.join(folder, "result.json")) as f:
+        result = {**json.load(f), "stop_reason": f"diverged: {message}"}
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump(result, f)
+    with open(os.path.join(folder, "stop.json"), "w") as f:
+        json.dump({"status": "diverged", "epoch": 2, "message": message}, f)
+    assert list_runs(folder)[0].status == "diverged"
+    page = open(write_report(folder).path).read()
+    assert "diverged in epoch 2" in page and "finished" not in page
+
+
 def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path):
     # a tensorboard package that cannot be imported stands in for one that is not installed
     fake = tmp_path / "site" / "tensorboard"

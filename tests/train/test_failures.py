@@ -1,6 +1,7 @@
 """Numerical failures, failed writes and hostile checkpoints."""
 
 import json
+import math
 import os
 import resource
 
@@ -36,6 +37,12 @@ def test_nan_stop_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
     assert "kept" not in str(e.value) and not (out / "last.pt").exists()
     assert json.loads((out / "stop.json").read_text())["status"] == "diverged"
     assert list_runs(str(out))[0].status == "diverged"  # not "stopped", as a Ctrl-C'd run is
+    # No save ever wrote steps.csv: the steps that ran are there all the same, up to the first non-finite loss
+    losses = [float(row.split(",")[2]) for row in (out / "steps.csv").read_text().splitlines()[1:]]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses[:-1]) and not math.isfinite(losses[-1])
+    result = json.loads((out / "result.json").read_text())
+    assert result["stop_reason"] == "diverged: " + str(e.value) and result["epochs_run"] == 0
+    assert result["val_acc"] is None and result["best_val_acc"] is None and result["images_per_s"] is None
 
 
 def test_nan_skip_never_keeps_or_reports_a_blown_up_model(tmp_path):
@@ -44,8 +51,11 @@ def test_nan_skip_never_keeps_or_reports_a_blown_up_model(tmp_path):
     with pytest.raises(NonFiniteLoss, match="^epoch 1: the model's outputs on the validation images") as e:
         cnnkit.train(**TINY, model="simple_cnn", lr=1e6, nan="skip", epochs=2, out=str(out))
     assert "no checkpoint" in str(e.value)
-    assert not [f for f in os.listdir(out) if f.endswith(".pt")] and not (out / "result.json").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".pt")]
     assert json.loads((out / "stop.json").read_text())["epoch"] == 1
+    result = json.loads((out / "result.json").read_text())  # why it stopped, and no figure of the blown-up model
+    assert result["stop_reason"].startswith("diverged: epoch 1: the model's outputs")
+    assert result["val_acc"] is None and result["train_acc"] is None and result["epochs_run"] == 0
 
 
 def test_run_files_are_strict_json(tmp_path):
@@ -111,7 +121,127 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     finally:
         _FACTORIES.pop("nan_in_epoch2")
     assert str(e.value).startswith("epoch 2: the loss became non-finite between batches 1 and 6 of this epoch")
-    assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1)" in str(e.value)
+    assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1), both from" in str(e.value)
+    # steps.csv, last written at the end of epoch 1, also holds epoch 2's steps up to the poisoned one (its 2nd)
+    rows = [row.split(",") for row in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
+    assert [(int(epoch), int(step)) for epoch, step, _ in rows] == [(1, i) for i in range(1, 7)] + [(2, 1), (2, 2)]
+    assert all(math.isfinite(float(loss)) for _, _, loss in rows[:-1]) and rows[-1][2] == "nan"
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert result["stop_reason"] == "diverged: " + str(e.value) and result["epochs_run"] == len(metrics) - 1 == 1
+    assert result["best_epoch"] == 1 and result["val_acc"] == pytest.approx(float(metrics[1].split(",")[5]))
+    assert list_runs(str(tmp_path / "run"))[0].status == "diverged"
+
+
+def test_resuming_a_diverged_run_removes_its_stop_and_result_files(tmp_path):
+    # Once resumed, the run is no longer the one that diverged: if it stops again before its end (here at
+    # once, by the caller's start step), nothing may still say "diverged" or hold the old result.
+    @register_model
+    def nan_in_epoch2(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInEpoch2(num_classes, in_channels)
+
+    from cnnkit.train.loop import Callbacks, train
+
+    class StopAtStart(Callbacks):
+        def on_start(self, run):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss):
+            cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, out=str(out))
+        assert (out / "result.json").exists() and (out / "stop.json").exists()
+        with pytest.raises(KeyboardInterrupt):
+            train(resume=str(out), callbacks=StopAtStart())
+    finally:
+        _FACTORIES.pop("nan_in_epoch2")
+    assert not (out / "result.json").exists() and not (out / "stop.json").exists()
+    assert list_runs(str(out))[0].status == "stopped"
+
+
+class _BatchNormOverflow(_SometimesNaN):
+    """From the 8th training batch (the second of epoch 2) on, activations so large (1e30) that BatchNorm's batch
+    variance overflows to inf: its output, so the loss and the gradients, stay finite; its running variance not."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= 8:
+                x = x * 1e30
+        return self.head(self.bn(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("nan", ["skip", "stop"])
+def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path, nan):
+    # The loss stays finite, so neither --nan mode sees anything: the mid-epoch save (--save-every) must check
+    # the buffers it writes, not only the parameters, and stop the run naming the checkpoint it kept.
+    @register_model
+    def bn_overflow(num_classes=10, in_channels=3, input_size=32):
+        return _BatchNormOverflow(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="bn_overflow", epochs=3, nan=nan, save_every=1, out=str(out))
+    finally:
+        _FACTORIES.pop("bn_overflow")
+    assert str(e.value) == (
+        f"epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so {out / 'last.pt'} was not "
+        "written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and best.pt "
+        "(epoch 1), both from before the failure")
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class _OneInfiniteGradient(_SometimesNaN):
+    """On the 8th training batch (the second of epoch 2), a finite loss whose gradients reach the convolution
+    infinite: its weights go non-finite after that step, and every later loss is NaN."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == 8:
+                x = _InfiniteGradient.apply(x)
+        return self.head(self.bn(x).relu().mean((2, 3)))
+
+
+def test_nan_skip_mid_epoch_save_refuses_weights_a_finite_loss_spoiled(tmp_path):
+    # --nan skip skips the update of a non-finite loss only: this step's loss was finite, its update was not.
+    # The next mid-epoch save must not replace last.pt, and the run stops naming what it kept and the fix.
+    @register_model
+    def one_inf_gradient(num_classes=10, in_channels=3, input_size=32):
+        return _OneInfiniteGradient(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="one_inf_gradient", epochs=3, nan="skip", save_every=1, out=str(out))
+    finally:
+        _FACTORIES.pop("one_inf_gradient")
+    assert str(e.value) == (
+        f"epoch 2: the weights are no longer finite (NaN or inf in conv.weight, conv.bias), so {out / 'last.pt'} "
+        "was not written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and "
+        "best.pt (epoch 1), both from before the failure")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["resume"]["epoch_state"]["batch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert steps[-1].startswith("2,2,")  # the finite step that spoiled the weights: its row is written
+    assert math.isfinite(float(steps[-1].split(",")[2]))
 
 
 class _NaNInTheRun(_SometimesNaN):

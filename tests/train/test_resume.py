@@ -113,6 +113,11 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, referen
     assert proc.returncode == code, err
     assert f"--resume {out}" in err and "Traceback" not in err
     assert list_runs(str(out))[0].status == "stopped"
+    # steps.csv holds every step up to the one the stop finished, as last.pt does (not only up to the last save)
+    state = read_payload(str(out / "last.pt"))["resume"]
+    epoch, batch = state["run"]["epoch"], state["epoch_state"]["batch"]
+    rows = [tuple(map(int, row.split(",")[:2])) for row in (out / "steps.csv").read_text().splitlines()[1:]]
+    assert rows == [(e, s) for e in range(1, epoch) for s in range(1, 25)] + [(epoch, s) for s in range(1, batch + 1)]
     resume(str(out))
     assert_same_weights(weights(reference), weights(out))
 
