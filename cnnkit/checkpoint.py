@@ -64,21 +64,12 @@ def make_payload(
     }
 
 
-def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None = None) -> None:
+def save_checkpoint(payload: dict[str, Any], path: str) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, flushed and fsynced,
     then renamed over the old file, so a crash at any moment leaves either the old or the new checkpoint.
-
-    With ``model``, weights that are no longer finite are refused: a good checkpoint is never replaced by NaNs.
-    Both ``model`` and the payload's state dict are checked, buffers included: huge activations overflow a
-    BatchNorm layer's running variance to inf while its normalised output, and so the loss, stay finite.
     A failed write (no space, no permission) raises a CheckpointError; the previous file stays intact.
+    (Training refuses weights that are no longer finite before it calls this: ``non_finite_tensors``.)
     """
-    if model is not None:
-        bad = non_finite_tensors(model.state_dict()) or non_finite_tensors(payload.get("state_dict", {}))
-        if bad:
-            more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
-            raise NonFiniteLoss(f"the weights are no longer finite (NaN or inf in {', '.join(bad[:2])}{more}), so "
-                                f"{path} was not written; lower --lr or add --clip-grad 1.0")
     try:
         atomic_torch_save(payload, path, durable=True)
     except OSError as e:
@@ -87,9 +78,14 @@ def save_checkpoint(payload: dict[str, Any], path: str, model: nn.Module | None 
 
 
 def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
-    """The names of the floating-point tensors in ``state_dict`` that hold a NaN or an infinity."""
-    return [name for name, v in state_dict.items()
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    """The names of the floating-point tensors in ``state_dict`` that hold a NaN or an infinity, buffers included
+    (huge activations overflow a BatchNorm layer's running variance to inf while its normalised output, and so the
+    loss, stay finite). One read of the result, so a GPU waits once, not once per tensor."""
+    named = [(name, v) for name, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def resolve_checkpoint_path(path: str, ema: bool = False) -> str:

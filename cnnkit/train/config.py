@@ -98,15 +98,16 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    val_acc: float
-    val_loss: float
-    best_val_acc: float
+    # The figures are the last finished epoch's; None in the result.json of a run that diverged before one did.
+    val_acc: float | None
+    val_loss: float | None
+    best_val_acc: float | None
     best_epoch: int
     epochs: int
-    train_acc: float
-    train_loss: float
+    train_acc: float | None
+    train_loss: float | None
     train_time_s: float
-    images_per_s: float
+    images_per_s: float | None
     run_dir: str
     model: str
     data: str

@@ -35,7 +35,8 @@ from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserE
 from cnnkit.progress import progress_bar
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
-    make_payload, read_payload, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state,
+    make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
+    set_rng_state,
 )
 from cnnkit.train.config import TrainConfig, TrainResult
 from cnnkit.train.ema import WeightEMA
@@ -199,6 +200,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
             t.epoch = epoch
             _train_epoch(t, stop)
+            _refuse_non_finite(t, t.model.state_dict(), "this epoch was neither validated nor saved")
             row = _validate(t, callbacks)
             _save_epoch(t, row)
             if t.state.stop_reason:
@@ -485,14 +487,18 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
 
 
 def _result(t: Training, start: float, wall_start: float, stop_reason: str, **measured: Any) -> TrainResult:
-    """The run's TrainResult: the figures of its last finished epoch (None where no epoch finished, as in a
-    run that diverged in its first)."""
-    cfg, p, last, run = t.cfg, t.pieces, t.last, t.state
+    """The run's TrainResult: the figures of its last finished epoch, from its metrics.csv row, which a resumed
+    run holds too (None where no epoch finished, as in a run that diverged in its first)."""
+    cfg, p, run = t.cfg, t.pieces, t.state
+    row = run.history[-1] if run.history else {}
+
+    def figure(name: str) -> float | None:
+        return None if row.get(name, "") == "" else row[name]
+
     return TrainResult(
-        val_acc=last.val.acc if last else None, val_loss=last.val.loss if last else None,
+        val_acc=figure("val_acc"), val_loss=figure("val_loss"),
         best_val_acc=run.best_acc if run.best_epoch else None, best_epoch=run.best_epoch,
-        epochs=t.plan.total_epochs, train_acc=last.train_acc if last else None,
-        train_loss=last.train_loss if last else None,
+        epochs=t.plan.total_epochs, train_acc=figure("train_acc"), train_loss=figure("train_loss"),
         train_time_s=time.perf_counter() - start,
         images_per_s=run.images_seen / max(run.train_seconds, 1e-9) if run.history else None,
         run_dir=t.run_dir, model=cfg.model, data=cfg.data, precision=precision_name(t.machine.amp_dtype),
@@ -500,7 +506,7 @@ def _result(t: Training, start: float, wall_start: float, stop_reason: str, **me
         skipped_images=len(p.train_set.skipped + p.val_set.skipped), skipped_batches=run.skipped_batches,
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
         stop_reason=stop_reason, monitor=cfg.monitor, best_score=run.best_score,
-        ema_val_acc=last.ema_val.acc if last and last.ema_val else None, threads=t.machine.threads, **measured,
+        ema_val_acc=figure("ema_val_acc"), threads=t.machine.threads, **measured,
     )
 
 
@@ -522,12 +528,26 @@ def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[s
 
 
 def _save(t: Training, payload: dict[str, Any], name: str) -> str:
-    """Write ``payload`` to the run folder's ``name``; its path."""
+    """Write ``payload`` to the run folder's ``name``; its path. Weights that are no longer finite are refused:
+    a good checkpoint is never replaced by NaNs."""
     path = os.path.join(t.run_dir, name)
+    _refuse_non_finite(t, payload["state_dict"], f"{path} was not written")
     if t.ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
-        save_checkpoint(payload, path, t.model)
+        save_checkpoint(payload, path)
     distributed.barrier(t.ctx)
     return path
+
+
+def _refuse_non_finite(t: Training, state_dict: dict[str, Any], consequence: str) -> None:
+    """Raise NonFiniteLoss, on every process alike, if ``state_dict`` holds a NaN or an infinity on any of them:
+    each decides from the count summed over processes, so none is left waiting at a barrier for a save that
+    will not come (BatchNorm statistics can differ between processes)."""
+    bad = non_finite_tensors(state_dict)
+    if distributed.all_reduce_sum(torch.tensor([len(bad)], dtype=torch.int32, device=t.machine.device)).item():
+        where = (", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")) if bad else \
+            "another process's copy"
+        raise NonFiniteLoss(f"the weights are no longer finite (NaN or inf in {where}), so {consequence}; lower "
+                            "--lr or add --clip-grad 1.0")
 
 
 def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: EpochState) -> None:

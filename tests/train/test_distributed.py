@@ -120,3 +120,16 @@ def test_distributed_run_resumes_after_a_kill(tmp_path):
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_refused_on_one_process_stop_every_process_with_one_line(tmp_path):
+    # cnn_bn at a huge rate overflows its BatchNorm statistics while the loss stays finite; the refusal must be
+    # decided on every process (the statistics differ between them), not only on the one that writes, or the
+    # others die at the barrier with gloo's "Connection closed by peer" reported as an internal error.
+    args = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "503", "--epochs", "2", "--lr", "1000",
+            "--batch-size", "32", "--precision", "fp32", "--out", tmp_path / "run"]
+    proc = torchrun(*args)
+    assert proc.returncode != 0
+    assert "internal error" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    refusals = [line for line in proc.stderr.splitlines() if "the weights are no longer finite" in line]
+    assert len(refusals) == 2, proc.stderr[-3000:]  # one line from each process

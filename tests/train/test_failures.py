@@ -196,6 +196,76 @@ def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path,
     assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
 
 
+
+def test_an_epoch_whose_batchnorm_statistics_overflowed_is_neither_validated_nor_recorded(tmp_path):
+    # Without a mid-epoch save, the end of the epoch must notice before validating: the figures of a model with
+    # inf statistics (one class for every image) must not reach metrics.csv or result.json as an epoch that ran.
+    import csv
+
+    @register_model
+    def bn_overflow(num_classes=10, in_channels=3, input_size=32):
+        return _BatchNormOverflow(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss) as e:
+            cnnkit.train(**TINY, model="bn_overflow", epochs=3, out=str(out))
+    finally:
+        _FACTORIES.pop("bn_overflow")
+    assert str(e.value).startswith("epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so "
+                                   "this epoch was neither validated nor saved; lower --lr or add --clip-grad 1.0; "
+                                   "kept: last.pt")
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs_run"] == 1 and result["val_acc"] == pytest.approx(float(rows[0]["val_acc"]))
+    assert result["stop_reason"].startswith("diverged: epoch 2")
+
+
+def test_a_resumed_run_that_diverges_reports_the_figures_of_its_last_finished_epoch(tmp_path):
+    # The resumed process has validated no epoch itself: the figures come from the run's history (metrics.csv).
+    import csv
+    import os
+    import signal
+
+    from cnnkit.errors import TrainingStopped
+    from cnnkit.train.loop import Callbacks, train
+
+    broken = {"on": False}
+
+    class NaNWhenBroken(torch.nn.Module):
+        def __init__(self, num_classes, in_channels):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(in_channels, 8, 3, padding=1), torch.nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            y = self.head(self.conv(x).relu().mean((2, 3)))
+            return y * float("nan") if broken["on"] and self.training else y
+
+    @register_model
+    def nan_when_broken(num_classes=10, in_channels=3, input_size=32):
+        return NaNWhenBroken(num_classes, in_channels)
+
+    class StopAfterEpoch1(Callbacks):
+        def on_epoch(self, run, row, val):
+            if row["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(TrainingStopped):
+            train(None, callbacks=StopAfterEpoch1(), **TINY, model="nan_when_broken", epochs=3, out=str(out))
+        broken["on"] = True
+        with pytest.raises(NonFiniteLoss):
+            train(resume=str(out))
+    finally:
+        _FACTORIES.pop("nan_when_broken")
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs_run"] == 1
+    for name in ("val_acc", "val_loss", "train_acc", "train_loss"):
+        assert result[name] == pytest.approx(float(row[name])), name
+
 class _InfiniteGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
