@@ -1006,6 +1006,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`cnnkit predict ... | head -1`): nothing is wrong, and nothing more can be said.
+        # Python would report the failed flush of stdout at exit, so stdout is pointed at /dev/null first; the exit
+        # status is the one a process killed by SIGPIPE has, as `git log | head` gives.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import warnings
 
     # An image over the pixel limit gets cnnkit's one line naming the file; Pillow's two-line warning about the same
@@ -1033,6 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
     except Exception as e:  # a bug, not the user's fault: one line, the traceback behind --debug
         if args.debug:
             raise

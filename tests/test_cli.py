@@ -205,3 +205,15 @@ def test_the_folder_of_runs_given_as_data_is_named_as_one(tmp_path):
     _fake_run_folder(tmp_path / "runs" / "b")
     assert_one_line_error(run_cli("check-data", tmp_path / "runs"), 2,
                           f"{tmp_path / 'runs'} holds training runs (a, b), not class folders of images")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `cnnkit models | head -1`: the closed pipe is the reader's choice, not a bug to report.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
