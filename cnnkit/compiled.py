@@ -35,9 +35,10 @@ _compiled: dict[Callable, Callable] | None = {}
 MARCH_FOR_CAPABILITY = {"AVX2": "x86-64-v3", "DEFAULT": "x86-64"}
 
 
-def _build_for_aten_capability() -> None:
+def build_for_aten_capability() -> None:
     """Have torch.compile build for ATen's vector capability where ATEN_CPU_CAPABILITY set it (x86 only), unless
-    the user chose an instruction level (TORCHINDUCTOR_CPP_MARCH)."""
+    the user chose an instruction level (TORCHINDUCTOR_CPP_MARCH). Inductor's setting is the process's: with ATen
+    held below the CPU, every torch.compile in the process needs it, the caller's own included."""
     if not os.environ.get("ATEN_CPU_CAPABILITY") or platform.machine().lower() not in ("x86_64", "amd64"):
         return
     from torch._inductor import config
@@ -82,7 +83,7 @@ def run(fn: Callable, *args, what: str):
             # The first call compiles. PyTorch's C++ extension helper, imported then, logs a note about CUDA on
             # machines without it: not ours to show.
             quiet_cuda_home_note()
-            _build_for_aten_capability()
+            build_for_aten_capability()
             _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
             return _compiled[fn](*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same result, computed eagerly

@@ -74,8 +74,9 @@ def start_machine(cfg: TrainConfig) -> Machine:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
-    if cfg.compile and device.type != "cuda":  # --compile's code generation would log a note about CUDA_HOME
+    if cfg.compile and device.type != "cuda":  # --compile builds C++ for the CPU, as the compiled loops do
         compiled.quiet_cuda_home_note()
+        compiled.build_for_aten_capability()
     return Machine(device, amp_dtype, threads)
 
 

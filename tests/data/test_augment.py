@@ -139,9 +139,36 @@ for fused in (False, True):
     batches[fused] = [x for x, _ in loader]
 assert compiled._compiled and _crop_flip_normalize in compiled._compiled
 assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True]))
-print("same")
+from torch._inductor import config
+print("same", config.cpp.march)
 """
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_MARCH"}
     env["ATEN_CPU_CAPABILITY"] = "avx2"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "same" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == 0 and "same x86-64-v3" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    # A level the user chose stays theirs.
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "TORCHINDUCTOR_CPP_MARCH": "haswell"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "same haswell" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_train_compile_builds_for_a_lowered_aten_capability():
+    # --compile compiles the model itself, not through cnnkit's compiled loops: it must build for ATen's level too.
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    with open("/proc/cpuinfo") as f:
+        if "avx512f" not in f.read().split():
+            pytest.skip("needs a CPU with AVX-512 to lower its capability to AVX2")
+    code = ("from cnnkit.train.config import TrainConfig\n"
+            "from cnnkit.train.setup import start_machine\n"
+            "from torch._inductor import config\n"
+            "start_machine(TrainConfig(compile=True, device='cpu'))\n"
+            "print('march', config.cpp.march)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_MARCH"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "ATEN_CPU_CAPABILITY": "avx2"},
+                          capture_output=True, text=True, timeout=120)
+    assert "march x86-64-v3" in proc.stdout, proc.stderr[-2000:]
