@@ -161,7 +161,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
             loss = criterion(model(images), labels)
         value = loss.item()  # the stop test needs it every step; a few hundred syncs are nothing here
         if not math.isfinite(value):
-            diverged, blowup_lr = True, lr
+            # This loss comes from the weights the previous step's rate made: that rate did the damage.
+            diverged, blowup_lr = True, lrs[-1] if lrs else lr
             break
         average = smoothing * average + (1 - smoothing) * value
         smooth = average / (1 - smoothing ** (i + 1))  # without the bias towards the 0 it started from
@@ -170,8 +171,12 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
         smoothed.append(smooth)
         best = min(best, smooth)
         if i >= 10 and smooth > diverge * best:
-            # The smoothed loss, not a step's: one noisy batch far above a low minimum is not a blow-up.
-            diverged, blowup_lr = True, lr
+            # The smoothed loss, not a step's: one noisy batch far above a low minimum is not a blow-up. The
+            # smoothed loss rises some steps after the raw losses did: the blow-up's rate is that of the first step
+            # since the minimum whose own loss rose as far.
+            low = smoothed.index(best)
+            blowup_lr = next((lrs[j] for j in range(low, len(lrs)) if losses[j] > diverge * best), lr)
+            diverged = True
             break
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -193,16 +198,22 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
         kept = (f"keeping the {cfg.optimizer} default {default:g}" if suggestion == default else
                 f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, {share} of the {blowup_lr:.3g} "
                 "at which the loss blew up")
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        print(f"cnnkit: the loss did not fall at any rate of the range test: {cfg.model} sat on its starting "
-              f"plateau on {cfg.data} (loss about ln({len(run.classes)}) = {math.log(len(run.classes)):.2f}, every "
-              f"prediction alike) for all {len(lrs)} steps, so the curve cannot rank the rates; {kept}. Such a "
-              "plateau ends after enough steps, not at some rate, so a longer sweep would not help"
-              + ("" if has_bn else "; networks with BatchNorm and global average pooling (cnnkit's convnet) leave "
-                                   "it sooner"), file=log)
+        if not diverged:  # the sweep may simply have stopped below the rates that move the loss
+            print(f"cnnkit: the loss neither fell nor blew up by lr {lrs[-1]:.3g}, where the range test ended: the "
+                  f"rates that move it may lie beyond (raise --end-lr); {kept}", file=log)
+        else:
+            chance, typical = math.log(len(run.classes)), sorted(smoothed)[len(smoothed) // 2]
+            level = (f"loss about ln({len(run.classes)}) = {chance:.2f}, every prediction alike"
+                     if abs(typical - chance) < 0.1 * chance else f"loss about {typical:.3g}")
+            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+            print(f"cnnkit: the loss did not fall at any rate of the range test: {cfg.model} sat on its starting "
+                  f"plateau on {cfg.data} ({level}) until it blew up, so the curve cannot rank the rates; {kept}. "
+                  "Such a plateau ends after enough steps, not at some rate, so a longer sweep would not help"
+                  + ("" if has_bn else "; networks with BatchNorm and global average pooling (cnnkit's convnet) "
+                                       "leave it sooner"), file=log)
     elif not diverged:
         print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
-              "(raise the end learning rate)", file=log)
+              "(raise --end-lr)", file=log)
     if out:
         write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out, draw))
     return result
