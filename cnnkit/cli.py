@@ -98,6 +98,10 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             commands = self._subparsers._group_actions[0].choices if self._subparsers else {}
             parser = commands.get(getattr(parsed, "command", None), self)
+            top = [word for word in extras if parser is not self and word in self._option_string_actions]
+            if top:  # `cnnkit runs RUN --debug`: cnnkit's own options go before the command
+                parser.error(f"{top[0]} is cnnkit's own option, given before the command: "
+                             f"cnnkit {top[0]} {parsed.command} ...")
             parser.error(_unrecognised(parser, extras))
         return parsed
 

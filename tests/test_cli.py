@@ -217,3 +217,13 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_cnnkits_own_option_after_the_command_says_where_it_goes(tmp_path):
+    # "rerun with --debug" is naturally typed at the end of the command line
+    from tests.conftest import run_cli
+
+    proc = run_cli("runs", str(tmp_path), "--debug")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("cnnkit runs: error: --debug is cnnkit's own option, given before the command: "
+                                   "cnnkit --debug runs ... (see cnnkit runs --help)")
