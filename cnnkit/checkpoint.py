@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.atomic import atomic_torch_save
-from cnnkit.errors import CheckpointError, NonFiniteLoss, UserError
+from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
 
@@ -161,11 +161,12 @@ def read_payload(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely — use another")
     if path.lower().endswith(".safetensors"):
         return _read_safetensors(path)
+    # An export given where the checkpoint goes is a usage error (exit code 2), not a file that failed to load.
     if path.lower().endswith(".onnx"):
-        raise CheckpointError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
+        raise UserError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
                               "checkpoint (.pt or .safetensors) it was exported from")
     if _is_torchscript(path):
-        raise CheckpointError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
+        raise UserError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
                               "checkpoint or run folder it was exported from, or an .onnx or .safetensors export")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

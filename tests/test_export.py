@@ -220,7 +220,7 @@ def test_files_that_are_not_cnnkit_exports_are_refused(tmp_path):
               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(plain))
     with pytest.raises(CheckpointError, match="not exported by cnnkit"):
         cnnkit.predict(str(plain), [str(tmp_path)])
-    with pytest.raises(CheckpointError, match="ONNX export"):
+    with pytest.raises(UserError, match="ONNX export"):
         cnnkit.load_checkpoint(str(plain))
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -258,10 +258,11 @@ def test_a_torchscript_export_given_where_a_checkpoint_goes_is_named_as_one(tmp_
 
     path = tmp_path / "m.ts"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
-    with pytest.raises(CheckpointError, match="is a TorchScript export, for torch.jit.load in your own code"):
+    # a usage error (exit code 2, as for a .safetensors without --data), not a file that failed to load (1)
+    with pytest.raises(UserError, match="is a TorchScript export, for torch.jit.load in your own code"):
         load_checkpoint(str(path))
     write_image_folder(tmp_path / "data", n_per_class=1, size=16, classes=1)
     image = next((tmp_path / "data").rglob("*.png"))
     r = run_cli("predict", path, image)
-    assert r.returncode == 1 and "TorchScript export" in r.stderr and "damaged" not in r.stderr
+    assert r.returncode == 2 and "TorchScript export" in r.stderr and "damaged" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
