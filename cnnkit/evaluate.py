@@ -89,7 +89,7 @@ def evaluate(
     else:
         spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
         eval_set = load_eval_set(spec)
-        scored = (val_data, None, "--data") if val_data is not None else (data, val_split, "--data")
+        scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
     if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
         warnings.append(_training_images_warning(cfg, *scored))
     if eval_set.classes != ckpt.classes:
@@ -107,7 +107,7 @@ def evaluate(
     macro = macro_averages(cm, per_class)
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
-                      data=data or val_data or cfg["data"], precision=precision_name(amp_dtype), **macro,
+                      data=val_data or data or cfg["data"], precision=precision_name(amp_dtype), **macro,
                       tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings)
 
 

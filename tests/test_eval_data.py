@@ -75,7 +75,10 @@ def test_eval_of_the_training_folder_warns(run):
     assert held_out.count == 2 * CLASSES and held_out.warnings == []
     assert held_out.acc == evaluate(out).acc
     assert "about 50%" in evaluate(out, data + os.sep, val_split=0.2).warnings[0]  # the same folder, spelt otherwise
-    assert len(evaluate(out, val_data=data).warnings) == 1
+    for scored in (evaluate(out, val_data=data), evaluate(out, other, val_data=data)):  # --val-data is scored
+        assert scored.count == PER_CLASS * CLASSES and scored.data == data
+        warning, = scored.warnings
+        assert "drop --val-data" in warning and f"--data {data} --val-split 0.1" in warning
     assert evaluate(out, other).warnings == []
 
 
