@@ -566,8 +566,10 @@ def _embed_options(p: argparse.ArgumentParser) -> None:
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
     _features_of_data_options(p)
-    p.add_argument("--val-split", type=_fraction, metavar="F")
-    p.add_argument("--val-data", metavar="DIR")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="hold out this fraction of each class of DATA to measure the probe (default for folders: "
+                        "0.1; a warning says when that part includes images a run's backbone trained on)")
+    p.add_argument("--val-data", metavar="DIR", help="measure the probe on this folder instead (the same class sub-folders)")
     p.add_argument("--json", action="store_true")
 
 
