@@ -525,7 +525,16 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    _data_options(p, None)
+    # Not _data_options: what eval scores differs from what training holds out (a folder is scored whole).
+    p.add_argument("--data", help=f"a folder with one sub-folder of images per class, scored whole unless "
+                                  f"--val-split or --val-data is given; or {', '.join(BUILTIN)} (its validation "
+                                  "or test split) (default: the run's own validation images)")
+    p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
+    p.add_argument("--val-data", metavar="DIR", help="score this folder, all of it (the run's class sub-folders)")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="score only the part training holds out with this fraction of each class of --data "
+                        "(default: all of --data); without --data, of the run's training data, at most the "
+                        "fraction the run held out")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--device", default="auto")
     _threads_option(p)
@@ -561,8 +570,10 @@ def _embed_options(p: argparse.ArgumentParser) -> None:
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
     _features_of_data_options(p)
-    p.add_argument("--val-split", type=_fraction, metavar="F")
-    p.add_argument("--val-data", metavar="DIR")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="hold out this fraction of each class of DATA to measure the probe (default for folders: "
+                        "0.1; a warning says when that part includes images a run's backbone trained on)")
+    p.add_argument("--val-data", metavar="DIR", help="measure the probe on this folder instead (the same class sub-folders)")
     p.add_argument("--json", action="store_true")
 
 
@@ -797,6 +808,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = evaluate(load_checkpoint(args.checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
                  tta_shift=args.tta_shift, threads=args.threads)
+    for w in r.warnings:
+        print(f"cnnkit: warning: {w}", file=sys.stderr)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
         return 0
@@ -843,6 +856,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
               input_size=args.input_size, head_from=args.head_from, device=args.device)
+    for w in r.warnings:
+        print(f"cnnkit: warning: {w}", file=sys.stderr)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
     else:

@@ -4,15 +4,17 @@ good a backbone is for a new dataset, without fine-tuning anything."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
+from cnnkit.evaluate import DEFAULT_FOLDER_SPLIT, held_out_fraction, scores_training_images
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
@@ -28,6 +30,7 @@ class Backbone:
     std: list[float]
     input_size: int | None
     channels: int
+    config: dict = field(default_factory=dict)  # a run's training configuration; empty for a model name
 
 
 def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
@@ -42,7 +45,8 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
             from cnnkit.models.torchvision import pool_stages
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
-        return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels)
+        return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels,
+                        ckpt.config or {})
     options = {"head_from": head_from} if head_from is not None else {}
     model = create_model(model_or_run, pretrained=pretrained, **options)
     if pretrained:
@@ -90,13 +94,25 @@ class ProbeResult:
     feature_dim: int
     num_train: int
     num_val: int
+    warnings: list[str] = field(default_factory=list)  # e.g. that the validation images trained the backbone
 
 
 def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: float | None = None,
           val_data: str | None = None, input_size: int | None = None, weight_decay: float = 1e-3,
           head_from: str | None = None, device: str = "cpu") -> ProbeResult:
-    """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features."""
+    """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features.
+    ``warnings`` says when the validation images include images a run's backbone trained on."""
     backbone = load_backbone(model_or_run, pretrained, head_from, device)
+    warnings = []
+    # The probe's validation images: --val-data whole, else the split load_splits makes (0.1 of a folder by default).
+    scored = (val_data, None) if val_data is not None else (
+        data, val_split if val_split is not None or data in BUILTIN else DEFAULT_FOLDER_SPLIT)
+    if backbone.config and scores_training_images(backbone.config, *scored):
+        held = held_out_fraction(backbone.config)
+        fix = f"pass --val-split {held:g} (or less), or " if held is not None and val_data is None else ""
+        warnings.append(f"{scored[0]} is the training data of the backbone {model_or_run}, so the probe's validation "
+                        f"images include images the backbone trained on and its val acc overstates; {fix}probe on "
+                        "data the backbone did not train on")
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)
@@ -117,4 +133,4 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
     with torch.no_grad():
         train_acc = (linear(x_train).argmax(1) == y_train).float().mean().item()
         val_acc = (linear(x_val).argmax(1) == y_val).float().mean().item()
-    return ProbeResult(train_acc, val_acc, x_train.shape[1], len(y_train), len(y_val))
+    return ProbeResult(train_acc, val_acc, x_train.shape[1], len(y_train), len(y_val), warnings)

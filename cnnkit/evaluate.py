@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 
-
-
+from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
@@ -35,6 +35,7 @@ class EvalResult:
     macro_f1: float = 0.0
     tta_views: int = 1  # views averaged per image (test-time augmentation; 1: none)
     threads: int = 0  # CPU threads torch computed with
+    warnings: list[str] = field(default_factory=list)  # e.g. that the images scored include training images
 
 
 @keeps_torch_threads  # torch's thread count is the caller's again afterwards
@@ -55,9 +56,12 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``checkpoint`` (a run folder, a .pt file or a loaded Checkpoint).
 
-    Without ``data``: the validation set the run was trained with. With ``data``: the same rules as
-    training pick the part to measure (shapes' validation set, a torchvision test split, the
-    ``val_split`` part of a folder), or the whole folder when no split is asked for.
+    Without ``data``: the validation set the run was trained with; ``val_data`` alone: that folder, all of it;
+    ``val_split`` alone: that fraction of the run's training data, split as training splits (so at most the
+    fraction the run held out: a larger one would score training images, and is refused). With ``data``: the
+    same rules as training pick the part to measure (shapes' validation set, a torchvision test split, the
+    ``val_data`` folder, the ``val_split`` part of a folder), or the whole folder when no split is asked for;
+    ``warnings`` then says when those images include ones the run trained on.
     ``ema``: a run folder's weight EMA. ``tta``/``tta_shift``: test-time augmentation (see cnnkit/tta.py).
     ``threads``: CPU threads torch computes with; None: the physical cores this process may use, less one per
     loader process when the images are decoded per batch (cnnkit/threads.py). torch's thread count, one setting
@@ -68,11 +72,26 @@ def evaluate(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev, ema=ema)
     ckpt.model.to(dev)
     cfg = ckpt.config
-    if data is None:
-        eval_set = training_validation_set(ckpt)
+    warnings = []
+    if data is None and val_data is not None:
+        if val_split is not None:
+            raise UserError(f"--val-split splits --data, but --val-data {val_data} alone is scored whole; "
+                            "pass --val-data DIR or --data DIR --val-split F, not both")
+        eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels))
+        scored = (val_data, None, "--val-data")
+    elif data is None:
+        if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):
+            raise UserError(f"--val-split {val_split:g} without --data re-splits the run's training data "
+                            f"{cfg['data']}, and would score images the run trained on ({_held_out_text(cfg)}); "
+                            "drop --val-split to score the run's held-out images, or pass --data DIR")
+        eval_set = training_validation_set(ckpt, val_split)
+        scored = None
     else:
         spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
         eval_set = load_eval_set(spec)
+        scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
+    if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
+        warnings.append(_training_images_warning(cfg, *scored))
     if eval_set.classes != ckpt.classes:
         raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
                         f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
@@ -88,18 +107,75 @@ def evaluate(
     macro = macro_averages(cm, per_class)
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
-                      data=data or cfg["data"], precision=precision_name(amp_dtype), **macro,
-                      tta_views=getattr(model, "num_views", 1), threads=threads_used)
+                      data=val_data or data or cfg["data"], precision=precision_name(amp_dtype), **macro,
+                      tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings)
 
 
-def training_validation_set(ckpt: Checkpoint) -> ImageSet:
-    """The validation set ``ckpt`` was trained with, rebuilt from the configuration it records."""
+def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) -> ImageSet:
+    """The validation set ``ckpt`` was trained with, rebuilt from the configuration it records; with
+    ``val_split``, that fraction of its training data instead (split as training splits)."""
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
     spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
                     ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
+    if val_split is not None:
+        spec = replace(spec, val_data=None, val_split=val_split)
     return load_splits(spec)[1]
+
+
+DEFAULT_FOLDER_SPLIT = 0.1  # the fraction training holds out of a folder without --val-split (data.sources.load_splits)
+
+
+def held_out_fraction(cfg: dict) -> float | None:
+    """The fraction of its training data (``cfg["data"]``) a run held out for validation; None when its
+    validation images came from elsewhere (``--val-data``, a dataset's test split, shapes' own validation set)."""
+    if cfg.get("val_data") is not None:
+        return None
+    if cfg.get("val_split") is not None:
+        return cfg["val_split"]
+    return None if cfg["data"] in BUILTIN else DEFAULT_FOLDER_SPLIT
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a in BUILTIN or b in BUILTIN:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def scores_training_images(cfg: dict, data: str, val_split: float | None) -> bool:
+    """Whether the images ``data`` and ``val_split`` pick for measuring (the ``val_split`` part, else the whole
+    folder, or a dataset's test split) include images the run configured by ``cfg`` trained on. Training's split
+    draws each class's order from a fixed seed whatever the fraction, so a fraction up to the run's own picks only
+    images it held out, and a larger one adds training images."""
+    if not cfg.get("data") or not _same_data(data, cfg["data"]):
+        return False
+    if data in BUILTIN and val_split is None:  # a dataset's test split, or shapes' validation set
+        return False
+    held = held_out_fraction(cfg)
+    return held is None or val_split is None or val_split > held
+
+
+def _held_out_text(cfg: dict) -> str:
+    held = held_out_fraction(cfg)
+    if held is not None:
+        return f"it held out {held:g} of each class"
+    return f"its validation images were {cfg['val_data'] if cfg.get('val_data') else 'a separate set'}"
+
+
+def _training_images_warning(cfg: dict, data: str, val_split: float | None, option: str) -> str:
+    """One line: the images ``option`` (--data or --val-data) and ``val_split`` picked include training images."""
+    held = held_out_fraction(cfg)
+    what = f"the --val-split {val_split:g} part" if val_split is not None else "all"
+    if held is None:
+        share = "all of those images are"
+    else:  # each class is rounded to whole images, hence "about"
+        share = f"about {1 - held / (val_split if val_split is not None else 1):.0%} of those images are"
+    fix = (f"pass --data {data} --val-split {held:g} (or less) to score only its held-out images, or "
+           if held is not None else "")
+    return (f"{data} is the run's training data: {what} of it is scored, and {share} in the run's training split "
+            f"({_held_out_text(cfg)}), so these figures overstate accuracy; {fix}drop {option} to score the "
+            "run's own validation images")
 
 
 def confusion_text(result: EvalResult) -> str:

@@ -1,0 +1,103 @@
+"""`cnnkit eval` and `cnnkit probe` score the images asked for, and say when those include training images."""
+
+import json
+import os
+
+import pytest
+
+from cnnkit.embed import probe
+from cnnkit.evaluate import evaluate
+from tests.conftest import run_cli, write_image_folder
+
+PER_CLASS, CLASSES = 18, 3  # training holds out 0.1 of each class by default: 2 images per class, 6 in all
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run trained on a folder with the default split, that folder, and another folder with the same classes."""
+    root = tmp_path_factory.mktemp("eval_data")
+    data = write_image_folder(str(root / "train"), n_per_class=2 * PER_CLASS, classes=CLASSES)
+    for c in os.listdir(data):  # the generator's classes come in unequal numbers: keep PER_CLASS of each
+        names = sorted(os.listdir(os.path.join(data, c)))
+        assert len(names) >= PER_CLASS
+        for name in names[PER_CLASS:]:
+            os.remove(os.path.join(data, c, name))
+    other = write_image_folder(str(root / "other"), n_per_class=5, classes=CLASSES, seed=1)
+    out = root / "run"
+    proc = run_cli("train", "--data", data, "--epochs", "1", "--batch-size", "16", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return str(out), data, other
+
+
+def test_val_data_alone_scores_that_folder_whole(run):
+    out, data, other = run
+    r = evaluate(out, val_data=other)
+    assert (r.count, r.data, r.warnings) == (sum(len(os.listdir(os.path.join(other, c))) for c in os.listdir(other)),
+                                             other, [])
+
+
+def test_val_data_that_does_not_exist_is_an_error(run, tmp_path):
+    proc = run_cli("eval", run[0], "--val-data", tmp_path / "nothing")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nothing" in proc.stderr
+
+
+def test_val_split_without_data_splits_the_runs_training_data(run):
+    out, data, _ = run
+    assert evaluate(out).count == 2 * CLASSES  # the run's own validation images
+    r = evaluate(out, val_split=0.05)  # 1 image per class: part of what the run held out
+    assert (r.count, r.data, r.warnings) == (CLASSES, data, [])
+
+
+def test_val_split_without_data_larger_than_the_runs_is_refused(run):
+    proc = run_cli("eval", run[0], "--val-split", "0.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "--val-split 0.5" in line and "trained on" in line and "held out 0.1" in line
+
+
+def test_val_split_with_val_data_alone_is_refused(run):
+    proc = run_cli("eval", run[0], "--val-data", run[2], "--val-split", "0.1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--val-split" in proc.stderr and "--val-data" in proc.stderr
+
+
+def test_eval_of_the_training_folder_warns(run):
+    out, data, other = run
+    proc = run_cli("eval", out, "--data", data, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["count"] == PER_CLASS * CLASSES  # --data alone: the whole folder
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("cnnkit: warning: ") and "training data" in line and "about 90%" in line
+    assert f"--data {data} --val-split 0.1" in line and "overstate" in line
+
+    held_out = evaluate(out, data, val_split=0.1)  # exactly the images the run held out
+    assert held_out.count == 2 * CLASSES and held_out.warnings == []
+    assert held_out.acc == evaluate(out).acc
+    assert "about 50%" in evaluate(out, data + os.sep, val_split=0.2).warnings[0]  # the same folder, spelt otherwise
+    for scored in (evaluate(out, val_data=data), evaluate(out, other, val_data=data)):  # --val-data is scored
+        assert scored.count == PER_CLASS * CLASSES and scored.data == data
+        warning, = scored.warnings
+        assert "drop --val-data" in warning and f"--data {data} --val-split 0.1" in warning
+    assert evaluate(out, other).warnings == []
+
+
+def test_eval_help_says_what_data_and_val_split_score():
+    text = " ".join(run_cli("eval", "--help").stdout.split())
+    assert "default for folders: 0.1" not in text
+    assert "scored whole unless --val-split or --val-data is given" in text
+    assert "--val-data DIR score this folder, all of it" in text
+
+
+def test_probe_warns_when_its_validation_images_trained_the_backbone(run):
+    out, data, other = run
+    assert probe(out, data).warnings == []  # the default 0.1 split: what the run held out
+    assert probe(out, data, val_split=0.1).warnings == []
+    assert probe(out, other, val_split=0.4).warnings == []
+    assert probe("simple_cnn", data, val_split=0.4, input_size=32).warnings == []  # a model name trained on nothing
+    warning, = probe(out, data, val_split=0.4).warnings
+    assert "backbone" in warning and "--val-split 0.1 (or less)" in warning
+    proc = run_cli("probe", out, data, "--val-split", "0.4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["warnings"] == [warning]
+    assert proc.stderr.strip() == f"cnnkit: warning: {warning}"
