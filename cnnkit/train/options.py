@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, NoReturn
 
-from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES
+from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from cnnkit.errors import UserError
 from cnnkit.train.config import TrainConfig, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
@@ -121,3 +121,11 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         refuse("early_stop", f"takes the patience in epochs, a whole number of 1 or more, got {cfg.early_stop}")
     if cfg.monitor not in MONITORS:
         refuse("monitor", f"must be one of {', '.join(MONITORS)}, not '{cfg.monitor}'")
+    # The choices the command line's parser checks, here for config files and Python callers, before any data loads
+    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        if getattr(cfg, name) not in choices:
+            refuse(name, f"must be one of {', '.join(choices)}, not '{getattr(cfg, name)}'")
+    if not cfg.momentum < 1:  # a momentum of 1 or more never forgets a gradient: the steps grow without bound
+        refuse("momentum", f"must be below 1, got {cfg.momentum}")
+    if cfg.val_split is not None and not 0 < cfg.val_split < 1:
+        refuse("val_split", f"must be between 0 and 1 (exclusive), got {cfg.val_split}")

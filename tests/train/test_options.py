@@ -97,6 +97,12 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     ("weight_decay: -0.1\n", "weight_decay cannot be negative, got -0.1"),
     ("clip_grad: 0\n", "clip_grad must be positive, got 0.0"),
     ("mixup: 1\nmix_off_epochs: -1\n", "mix_off_epochs must be a whole number, 0 or more, got -1"),
+    # choices the command line's parser checks were named as flags, or (momentum 1.5) not checked at all
+    ("optimizer: adam\n", "optimizer must be one of sgd, adamw, muon, not 'adam'"),
+    ("schedule: cosin\n", "schedule must be one of onecycle, cosine, linear, step, constant, not 'cosin'"),
+    ("precision: fp8\n", "precision must be one of auto, fp32, bf16, fp16, not 'fp8'"),
+    ("momentum: 1.5\n", "momentum must be below 1, got 1.5"),
+    ("val_split: 1.0\n", "val_split must be between 0 and 1 (exclusive), got 1.0"),
 ])
 def test_a_config_files_value_out_of_range_names_the_file_and_its_key(tmp_path, text, words):
     path = tmp_path / "run.yaml"
