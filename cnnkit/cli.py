@@ -722,7 +722,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(strict_json.dumps(dataclasses.asdict(result)))
     else:
         tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
-        print(f"done: val acc {result.val_acc:.4f} (best {result.best_val_acc:.4f} at epoch {result.best_epoch}){tta}, "
+        # The best epoch is the monitored metric's: name it, so that a lower accuracy there does not read as a mistake
+        best = (f"best {result.best_val_acc:.4f} at epoch {result.best_epoch}" if result.monitor == "val_acc" else
+                f"best {result.monitor} {result.best_score:.4g} at epoch {result.best_epoch}, val acc "
+                f"{result.best_val_acc:.4f} there")
+        print(f"done: val acc {result.val_acc:.4f} ({best}){tta}, "
               f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training, {result.wall_time_s:.1f} s "
               f"in all; run folder {result.run_dir}")
         if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):

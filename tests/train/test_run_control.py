@@ -120,3 +120,17 @@ def test_bad_run_control_options_are_refused_before_a_run_folder_exists(tmp_path
     with pytest.raises(UserError, match=words):
         cnnkit.train(**{**OVERFITS, "epochs": 2, **bad}, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_done_line_names_the_monitored_metric_of_the_best_epoch(tmp_path):
+    # With --monitor val_loss the best epoch's accuracy can be below the last one's: "best 0.6300" read as the best
+    # accuracy, below the final 0.6400, looked like a mistake.
+    from tests.conftest import run_cli
+
+    r = run_cli("train", "--data", "shapes", "--num-samples", "200", "--epochs", "2", "--monitor", "val_loss",
+                "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    done = next(line for line in r.stdout.splitlines() if line.startswith("done:"))
+    assert (f"(best val_loss {result['best_score']:.4g} at epoch {result['best_epoch']}, val acc "
+            f"{result['best_val_acc']:.4f} there)") in done, done
