@@ -394,7 +394,7 @@ def _augment_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, d: Tr
 
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    p.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines: only the result")
+    p.add_argument("--quiet", action="store_true", help="only the result: no progress bar and no per-epoch lines")
 
 
 # The options of train alone.
@@ -654,7 +654,8 @@ def _cam_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
     p.add_argument("--image", metavar="IMG", required=True)
     p.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
-    p.add_argument("--layer", metavar="NAME", help="a convolutional layer (default: the last Conv2d)")
+    p.add_argument("--layer", metavar="NAME", help="a layer with a C x H x W output (default: the last layer before "
+                   "the resolution changes after the last Conv2d, e.g. its ReLU)")
     p.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
     p.add_argument("--out", metavar="PNG", required=True)
     p.add_argument("--json", action="store_true")
@@ -890,7 +891,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise UserError(f"no model name matches '{args.pattern}'; `cnnkit models` lists them all")
+    for name in names:
         print(name)
     return 0
 

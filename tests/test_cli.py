@@ -227,3 +227,20 @@ def test_cnnkits_own_option_after_the_command_says_where_it_goes(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("cnnkit runs: error: --debug is cnnkit's own option, given before the command: "
                                    "cnnkit --debug runs ... (see cnnkit runs --help)")
+
+
+def test_a_models_pattern_that_matches_nothing_says_so(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("models", "foo*")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "cnnkit models: error: no model name matches 'foo*'; `cnnkit models` lists them all"
+
+
+def test_an_out_folder_with_other_files_is_not_called_a_run(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli("train", "--smoke", "--out", tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("already holds files; pass a new --out folder (it is not a run folder)")

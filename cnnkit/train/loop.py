@@ -899,8 +899,9 @@ def make_run_dir(cfg: TrainConfig) -> str:
     if cfg.out:
         path = cfg.out
         if os.path.isdir(path) and os.listdir(path):
-            raise UserError(f"run folder {path} already holds files; pass a new --out folder "
-                            "(or --resume it to continue that run)")
+            a_run = os.path.exists(os.path.join(path, "config.json"))
+            raise UserError(f"run folder {path} already holds files; pass a new --out folder"
+                            + (" (or --resume it to continue that run)" if a_run else " (it is not a run folder)"))
     else:
         base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model}")
         path, i = base, 2
