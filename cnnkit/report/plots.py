@@ -2,7 +2,8 @@
 no pyplot state, so it works on a server and from threads):
 
 - ``curves.png``: loss and accuracy per epoch, training and validation; each step's training loss faintly
-  behind, and the best epoch marked.
+  behind, and the best epoch marked. Where a run diverged, the loss axis is logarithmic and the non-finite
+  step is marked along its top edge.
 - ``lr.png``: the learning rate of every step as the schedule set it (recomputed from the run's configuration
   with the function the training used), and the rate ``metrics.csv`` recorded at the start of each epoch.
 - ``confusion.png``: the confusion matrix of ``best.pt`` on the validation set, class names on the axes,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 DPI = 100
 TRAIN_COLOUR, VAL_COLOUR, LR_COLOUR = "#1f77b4", "#d62728", "#2ca02c"
 PLOT_NAMES = ("curves", "lr", "confusion", "top_losses")
+BLOWN_UP = 1e3  # ratio of the largest to the smallest step loss from which the loss axis is logarithmic
 
 
 # --- reading a run folder ------------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | Non
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [int(r["epoch"]) for r in history]
     last = max(epochs, default=0)
+    blown_up = False
     if steps:
         # x = epochs of training done after the step, so a step's loss sits left of its epoch's mean
         per_epoch = _steps_per_epoch(steps)
@@ -125,6 +128,13 @@ def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | Non
         ax_loss.plot(xs, [v for _, _, v in steps], color=TRAIN_COLOUR, alpha=0.4, linewidth=0.7,
                      label="train (each step)")
         last = max(last, math.ceil(max(xs)))
+        finite = [v for _, _, v in steps if math.isfinite(v) and v > 0]
+        # A run that diverged: its last losses can be 1e30 times its first; only a log scale shows them all.
+        blown_up = bool(finite) and max(finite) > BLOWN_UP * min(finite)
+        bad = [x for x, (_, _, v) in zip(xs, steps) if not math.isfinite(v)]
+        if bad:  # NaN or inf has no place on the axis: marked along its top edge instead
+            ax_loss.plot(bad, [1.0] * len(bad), "x", color=VAL_COLOUR, markersize=8, clip_on=False,
+                         transform=ax_loss.get_xaxis_transform(), label="non-finite loss (NaN or inf)")
     for ax, key, title in ((ax_loss, "loss", "Loss (cross-entropy)"), (ax_acc, "acc", "Accuracy")):
         for split, colour in (("train", TRAIN_COLOUR), ("val", VAL_COLOUR)):
             ys = [r.get(f"{split}_{key}") for r in history]
@@ -137,7 +147,10 @@ def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | Non
         ax.legend(fontsize=8)
     ax_acc.set_ylim(0, 1.01)
     ax_acc.set_ylabel("share of images right")
-    if history and steps:
+    if blown_up:
+        ax_loss.set_yscale("log")
+        ax_loss.set_title("Loss (cross-entropy, log scale)")
+    elif history and steps:
         # per-step losses of the first steps can be far above the rest; keep the epoch figures readable
         top = max(v for r in history for v in (r.get("train_loss"), r.get("val_loss")) if v is not None)
         ax_loss.set_ylim(0, max(top * 1.6, 1e-3))
