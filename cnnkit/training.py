@@ -48,6 +48,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         result = loop.train(config, log=log, resume=resume, callbacks=steps, **overrides)
     except NonFiniteLoss as e:
         e.result = _written_result(steps.run.run_dir) if steps.run is not None else None
+        if e.result is not None:  # its report shows why it stopped and the losses up to it (--plots, --report)
+            steps.after(e.result)
         raise
     steps.after(result)
     return result

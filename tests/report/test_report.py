@@ -231,6 +231,18 @@ def test_a_run_that_diverged_in_its_first_epoch_is_reported_without_a_model(tmp_
     assert sorted(os.listdir(out / "plots")) == ["curves.png", "lr.png"]
     report = write_report(str(out))
     assert report.sections == ["diverged", "metrics", "curves", "config"]
+
+
+def test_train_report_draws_a_run_that_diverged(tmp_path):
+    from cnnkit.errors import NonFiniteLoss
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(data="shapes", num_samples=256, batch_size=32, epochs=2, lr=1e4, schedule="constant",
+                     progress=False, report=True, out=str(out))
+    assert e.value.result.stop_reason == "diverged: " + str(e.value)  # the API's caller gets the result too
+    page = (out / "report.html").read_text()
+    assert "diverged in epoch 1" in page and (out / "plots" / "curves.png").exists()
     for uri in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
         assert_picture(base64.b64decode(uri))
 
