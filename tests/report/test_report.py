@@ -231,6 +231,10 @@ def test_a_run_that_diverged_in_its_first_epoch_is_reported_without_a_model(tmp_
     assert sorted(os.listdir(out / "plots")) == ["curves.png", "lr.png"]
     report = write_report(str(out))
     assert report.sections == ["diverged", "metrics", "curves", "config"]
+    from cnnkit.report.plots import _batches_per_epoch
+
+    result = json.loads((out / "result.json").read_text())
+    assert _batches_per_epoch(json.loads((out / "config.json").read_text()), result) == result["num_train"] // 32
 
 
 def test_train_report_draws_a_run_that_diverged(tmp_path):
@@ -255,6 +259,10 @@ def test_a_blown_up_loss_is_drawn_on_a_log_scale_with_its_non_finite_step_marked
     assert loss_axis.get_yscale() == "log"
     marked = [line for line in loss_axis.get_lines() if line.get_label() == "non-finite loss (NaN or inf)"]
     assert len(marked) == 1 and list(marked[0].get_xdata()) == [1.0]
+    # stopped at batch 3 of an epoch of 12: steps.csv alone would put it at the epoch's end
+    marked = [line for line in curves_figure([], steps, steps_per_epoch=12).axes[0].get_lines()
+              if line.get_label() == "non-finite loss (NaN or inf)"]
+    assert list(marked[0].get_xdata()) == [0.25]
     finished = curves_figure([{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_acc": 0.3, "val_acc": 0.3}],
                              [(1, 1, 2.3), (1, 2, 2.0)]).axes[0]
     assert finished.get_yscale() == "linear" and finished.get_ylim()[0] == 0
