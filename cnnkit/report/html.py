@@ -266,7 +266,9 @@ def _config_section(config: dict) -> str:
 # --- the page ----------------------------------------------------------------------------------------------
 
 def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam_images: int = 4) -> ReportResult:
-    """Write ``out`` (default ``<run_dir>/report.html``) and the run's plots; see the module doc."""
+    """Write ``out`` (default ``<run_dir>/report.html``) and the run's plots; see the module doc. A run that
+    diverged opens with why it stopped; one that did before its first epoch ended has no ``best.pt``, and its page
+    leaves out what needs it (``ReportResult.notes`` says so). Any other run without ``best.pt`` is a UserError."""
     from cnnkit import __version__
     from cnnkit.inspect.receptive_field import receptive_field
     from cnnkit.inspect.summary import summary
