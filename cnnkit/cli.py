@@ -700,6 +700,7 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cnnkit.errors import NonFiniteLoss
     from cnnkit.training import train
 
     if args.nproc > 1:
@@ -716,7 +717,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
                         "[changed flags] --out NEW_DIR)")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
-    result = train(args.config, log=log, resume=args.resume, **given)
+    try:
+        result = train(args.config, log=log, resume=args.resume, **given)
+    except NonFiniteLoss as e:
+        # a diverged run wrote its result.json: --json prints it as for any run, the error still goes to stderr
+        if args.json and os.environ.get("RANK", "0") == "0" and getattr(e, "result", None) is not None:
+            print(strict_json.dumps(dataclasses.asdict(e.result)))
+        raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if args.json:

@@ -73,6 +73,29 @@ def run_info(run_dir: str) -> RunInfo | None:
                    best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), status)
 
 
+def divergence(run_dir: str) -> dict | None:
+    """``stop.json`` of a run that diverged (its "epoch" and "message"), or None for any other run."""
+    stop = _read_json(os.path.join(run_dir, "stop.json")) or {}
+    return stop if stop.get("status") == "diverged" else None
+
+
+def refuse_resuming_divergence(run_dir: str) -> None:
+    """Raise a UserError when ``run_dir`` diverged: its last.pt, RNG state included, holds the state from before
+    the failure, so resuming it replays the same steps into the same failure. The message names what does go on:
+    a new run from its settings at a lower rate, from last.pt's weights where there is one."""
+    stop = divergence(run_dir)
+    if stop is None:
+        return
+    config = _read_json(os.path.join(run_dir, "config.json")) or {}
+    lr = config.get("lr")
+    lower = f"{lr / 10:.3g}".replace("e+0", "e").replace("e-0", "e-") if isinstance(lr, (int, float)) and not isinstance(lr, bool) else "LOWER"
+    weights = (f" --weights {os.path.join(run_dir, 'last.pt')}"
+               if os.path.isfile(os.path.join(run_dir, "last.pt")) else "")
+    raise UserError(f"--resume {run_dir}: the run diverged ({stop.get('message', 'see its stop.json')}); resuming "
+                    f"replays the same steps into the same failure. Go on in a new run at a lower rate: cnnkit train "
+                    f"--config {os.path.join(run_dir, 'config.json')}{weights} --lr {lower} --out NEW_DIR")
+
+
 def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:
     """The run folders directly under ``root`` (or ``root`` itself, if it is one), oldest first."""
     if not os.path.isdir(root):

@@ -10,11 +10,16 @@ nothing else) because they draw on report/ and tta.py:
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import IO, Any
 
+from cnnkit.errors import NonFiniteLoss
 from cnnkit.report.html import show_run
 from cnnkit.report.plots import plot_lr_find
 from cnnkit.report.tensorboard import TensorBoardLog, open_tensorboard, require_tensorboard
+from cnnkit.runs import refuse_resuming_divergence
 from cnnkit.train import loop
 from cnnkit.train import lr_find as range_test
 from cnnkit.train.config import TrainConfig, TrainResult
@@ -31,11 +36,34 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     ``overrides`` say; returns the run's results. ``resume=RUN_DIR`` continues an interrupted run from its
     ``last.pt`` with the run's own configuration. Options merge as cnnkit/train/options.py says: defaults <
     recipe < config file < overrides. Example: ``cnnkit.train(model="simple_cnn", data="cifar10", epochs=15)``.
+
+    A run that diverges raises NonFiniteLoss after writing its result.json; the exception's ``result`` holds
+    that TrainResult (its ``stop_reason`` "diverged: ..."), or None when the run folder was never made. A diverged
+    run is not resumed (UserError): it would replay the same steps into the same failure.
     """
+    if resume:
+        refuse_resuming_divergence(resume)
     steps = ShowRun()
-    result = loop.train(config, log=log, resume=resume, callbacks=steps, **overrides)
+    try:
+        result = loop.train(config, log=log, resume=resume, callbacks=steps, **overrides)
+    except NonFiniteLoss as e:
+        e.result = _written_result(steps.run.run_dir) if steps.run is not None else None
+        if e.result is not None:  # its report shows why it stopped and the losses up to it (--plots, --report)
+            steps.after(e.result)
+        raise
     steps.after(result)
     return result
+
+
+def _written_result(run_dir: str) -> TrainResult | None:
+    """The TrainResult in ``run_dir/result.json``, or None where there is none (another process of the run)."""
+    try:
+        with open(os.path.join(run_dir, "result.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainResult)}
+    return TrainResult(**{k: v for k, v in data.items() if k in names})
 
 
 def lr_find(config: TrainConfig | str | None = None, **options: Any) -> LrFindResult:

@@ -109,7 +109,7 @@ def _pct(x: float | None) -> str:
 
 # --- sections ------------------------------------------------------------------------------------------------
 
-def _metrics_section(result: dict | None, history: list[dict], pred: Predictions) -> str:
+def _metrics_section(result: dict | None, history: list[dict], pred: Predictions | None) -> str:
     last = history[-1] if history else {}
     best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default={})
     cards = [
@@ -120,11 +120,13 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
         _card(f"{last['val_loss']:.3f}" if last.get("val_loss") is not None else "-", "final validation loss"),
         _card(_pct(last.get("train_acc")), "final training accuracy"),
     ]
-    top5 = len(pred.classes) > 5  # with 5 classes or fewer top-5 accuracy is 1 by definition: not shown
+    # with 5 classes or fewer top-5 accuracy is 1 by definition: not shown (nor without best.pt: no epoch ran)
+    top5 = pred is not None and len(pred.classes) > 5
     if top5:
         cards.append(_card(_pct(last.get("val_top5")), "final top-5 accuracy"))
-    if result:
-        cards += [_card(f"{result['images_per_s']:,.0f}", "training images per second"),
+    if result:  # a run that diverged in its first epoch has no images_per_s
+        cards += [_card(f"{result['images_per_s']:,.0f}" if result.get("images_per_s") is not None else "-",
+                        "training images per second"),
                   _card(f"{result['train_time_s']:.0f} s", "training time"),
                   _card(f"{result['params']:,}", "parameters")]
     columns = ("train_loss", "train_acc", "val_loss", "val_acc") + (("val_top5",) if top5 else ())
@@ -133,10 +135,11 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
              f"{r['images_per_s']:,.0f}" if r.get("images_per_s") is not None else "-") for r in history]
     per_epoch = _table(("epoch", "lr", "train loss", "train acc", "val loss", "val acc")
                        + (("val top-5",) if top5 else ()) + ("images/s",), rows, text_columns=0)
-    return (f'<div class="cards">{"".join(cards)}</div>'
-            f'<p class="note">The confusion matrix, per-class table, top losses and class activation maps below '
-            f'are of <code>best.pt</code> on the {len(pred.labels):,} validation images: accuracy '
-            f'{_pct(pred.acc)}, loss {pred.loss:.4f}.</p>'
+    about = (f'<p class="note">The confusion matrix, per-class table, top losses and class activation maps below '
+             f'are of <code>best.pt</code> on the {len(pred.labels):,} validation images: accuracy '
+             f'{_pct(pred.acc)}, loss {pred.loss:.4f}.</p>' if pred is not None else
+             '<p class="note">The run diverged before its first epoch ended, so there is no <code>best.pt</code> to measure.</p>')
+    return (f'<div class="cards">{"".join(cards)}</div>{about}'
             f"<details open><summary>Every epoch</summary>{per_epoch}</details>")
 
 
@@ -263,7 +266,9 @@ def _config_section(config: dict) -> str:
 # --- the page ----------------------------------------------------------------------------------------------
 
 def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam_images: int = 4) -> ReportResult:
-    """Write ``out`` (default ``<run_dir>/report.html``) and the run's plots; see the module doc."""
+    """Write ``out`` (default ``<run_dir>/report.html``) and the run's plots; see the module doc. A run that
+    diverged opens with why it stopped; one that did before its first epoch ended has no ``best.pt``, and its page
+    leaves out what needs it (``ReportResult.notes`` says so). Any other run without ``best.pt`` is a UserError."""
     from cnnkit import __version__
     from cnnkit.inspect.receptive_field import receptive_field
     from cnnkit.inspect.summary import summary
@@ -276,7 +281,12 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     if config is None:
         raise UserError(f"{run_dir} is not a cnnkit run folder (no config.json); pass a folder `cnnkit train` wrote")
     best_pt = os.path.join(run_dir, "best.pt")
-    if not os.path.isfile(best_pt):
+    stop = plots.read_json(run_dir, "stop.json") or {}  # a diverged run writes result.json too
+    diverged = stop.get("status") == "diverged"
+    has_best = os.path.isfile(best_pt)
+    # A run that diverged before its first epoch ended has no best.pt, and resuming it would replay the failure:
+    # its report shows what there is (the steps' losses, why it stopped), without the parts that need a model.
+    if not has_best and not diverged:
         raise UserError(f"{run_dir} has no best.pt yet: the run has not finished an epoch; train or resume it first")
     out = out or os.path.join(run_dir, "report.html")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
@@ -284,32 +294,49 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
 
     result = plots.read_json(run_dir, "result.json")
     history = plots.read_metrics(run_dir)
-    pred = predict_validation(load_checkpoint(best_pt), device)
+    pred = predict_validation(load_checkpoint(best_pt), device) if has_best else None
     written = plots.write_plots(run_dir, pred, device)
-    model_summary = summary(best_pt)
-    fields = receptive_field(best_pt)
+    # the model's layers from any checkpoint there is: last.pt where a --save-every save came before the failure
+    model_pt = next((p for p in (best_pt, os.path.join(run_dir, "last.pt")) if os.path.isfile(p)), None)
+    model_summary = summary(model_pt) if model_pt is not None else None  # of best.pt wherever there are predictions
     notes: list[str] = []
 
-    sections: list[tuple[str, str, str]] = [
+    sections: list[tuple[str, str, str]] = []
+    if diverged:
+        sections.append(("diverged", "The run diverged",
+                         f'<p>{_e(stop.get("message", "see its stop.json"))}</p><p class="note">Resuming it would '
+                         f"replay the same steps into the same failure; start a new run from its settings with a "
+                         f"lower <code>--lr</code> (<code>cnnkit train --resume</code> says how).</p>"))
+    sections += [
         ("metrics", "Results", _metrics_section(result, history, pred)),
         ("curves", "Training curves", _img(written["curves"], "loss and accuracy curves") +
          _img(written["lr"], "learning rate")),
-        ("classes", "Confusion matrix and per-class metrics", _per_class_section(pred, written["confusion"])),
     ]
+    if pred is not None:
+        sections.append(("classes", "Confusion matrix and per-class metrics",
+                         _per_class_section(pred, written["confusion"])))
+    else:
+        notes.append("confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the run diverged "
+                     "before its first epoch ended, so there is no best.pt")
     with tempfile.TemporaryDirectory(prefix="cnnkit-report-") as folder:
-        if pred.has_images and len(pred.labels):
+        if pred is None:
+            pass
+        elif pred.has_images and len(pred.labels):
             sections.append(("top-losses", "Top losses", _img(written["top_losses"], "top losses")))
             sections.append(("cam", "Where the model looks (Grad-CAM)",
                              _cam_section(best_pt, pred, cam_images, folder)))
-            sections.append(("features", "Feature maps", _feature_maps_section(best_pt, pred, folder, model_summary)))
+            sections.append(("features", "Feature maps",
+                             _feature_maps_section(best_pt, pred, folder, model_summary)))
         else:
             notes.append("top losses, Grad-CAM and feature maps left out: the validation images could not be "
                          "matched to their files (one broke after training)")
-        sections.append(("model", "Model", _summary_section(model_summary, fields)))
+        if model_pt is not None:
+            sections.append(("model", "Model", _summary_section(model_summary, receptive_field(model_pt))))
+        else:
+            notes.append("the model's layers: no checkpoint was written before the run diverged")
         sections.append(("config", "Configuration", _config_section(config)))
 
-        stop = plots.read_json(run_dir, "stop.json") or {}  # a diverged run writes result.json too
-        status = (f"diverged in epoch {stop.get('epoch')}" if stop.get("status") == "diverged" else "finished"
+        status = (f"diverged in epoch {stop.get('epoch')}" if diverged else "finished"
                   if result else f"not finished ({len(history)} of {config.get('epochs')} epochs)")
         title = f"{config.get('model')} on {config.get('data')}"
         created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

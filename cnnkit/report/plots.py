@@ -2,7 +2,8 @@
 no pyplot state, so it works on a server and from threads):
 
 - ``curves.png``: loss and accuracy per epoch, training and validation; each step's training loss faintly
-  behind, and the best epoch marked.
+  behind, and the best epoch marked. Where a run diverged, the loss axis is logarithmic and the non-finite
+  step is marked along its top edge.
 - ``lr.png``: the learning rate of every step as the schedule set it (recomputed from the run's configuration
   with the function the training used), and the rate ``metrics.csv`` recorded at the start of each epoch.
 - ``confusion.png``: the confusion matrix of ``best.pt`` on the validation set, class names on the axes,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 DPI = 100
 TRAIN_COLOUR, VAL_COLOUR, LR_COLOUR = "#1f77b4", "#d62728", "#2ca02c"
 PLOT_NAMES = ("curves", "lr", "confusion", "top_losses")
+BLOWN_UP = 1e3  # ratio of the largest to the smallest step loss from which the loss axis is logarithmic
 
 
 # --- reading a run folder ------------------------------------------------------------------------------------
@@ -112,19 +114,28 @@ def _epoch_axis(ax: Any, epochs: int) -> None:
 
 
 def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | None = None,
-                  best_epoch: int | None = None) -> "Figure":
-    """Loss (left) and accuracy (right) against epochs, training and validation."""
+                  best_epoch: int | None = None, steps_per_epoch: int | None = None) -> "Figure":
+    """Loss (left) and accuracy (right) against epochs, training and validation. ``steps_per_epoch``: the
+    training batches of an epoch, where steps.csv does not show them (a run that stopped in its first epoch)."""
     fig = new_figure(11, 4)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [int(r["epoch"]) for r in history]
     last = max(epochs, default=0)
+    blown_up = False
     if steps:
         # x = epochs of training done after the step, so a step's loss sits left of its epoch's mean
-        per_epoch = _steps_per_epoch(steps)
+        per_epoch = max(_steps_per_epoch(steps), steps_per_epoch or 0)
         xs = [e - 1 + s / per_epoch for e, s, _ in steps]
         ax_loss.plot(xs, [v for _, _, v in steps], color=TRAIN_COLOUR, alpha=0.4, linewidth=0.7,
                      label="train (each step)")
         last = max(last, math.ceil(max(xs)))
+        finite = [v for _, _, v in steps if math.isfinite(v) and v > 0]
+        # A run that diverged: its last losses can be 1e30 times its first; only a log scale shows them all.
+        blown_up = bool(finite) and max(finite) > BLOWN_UP * min(finite)
+        bad = [x for x, (_, _, v) in zip(xs, steps) if not math.isfinite(v)]
+        if bad:  # NaN or inf has no place on the axis: marked along its top edge instead
+            ax_loss.plot(bad, [1.0] * len(bad), "x", color=VAL_COLOUR, markersize=8, clip_on=False,
+                         transform=ax_loss.get_xaxis_transform(), label="non-finite loss (NaN or inf)")
     for ax, key, title in ((ax_loss, "loss", "Loss (cross-entropy)"), (ax_acc, "acc", "Accuracy")):
         for split, colour in (("train", TRAIN_COLOUR), ("val", VAL_COLOUR)):
             ys = [r.get(f"{split}_{key}") for r in history]
@@ -137,7 +148,10 @@ def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | Non
         ax.legend(fontsize=8)
     ax_acc.set_ylim(0, 1.01)
     ax_acc.set_ylabel("share of images right")
-    if history and steps:
+    if blown_up:
+        ax_loss.set_yscale("log")
+        ax_loss.set_title("Loss (cross-entropy, log scale)")
+    elif history and steps:
         # per-step losses of the first steps can be far above the rest; keep the epoch figures readable
         top = max(v for r in history for v in (r.get("train_loss"), r.get("val_loss")) if v is not None)
         ax_loss.set_ylim(0, max(top * 1.6, 1e-3))
@@ -172,13 +186,14 @@ def scheduled_lr(config: dict, stages: list[dict], steps_per_epoch: int, steps_d
 
 
 def lr_figure(history: list[dict], config: dict | None, stages: list[dict] | None,
-              steps: list[tuple[int, int, float]] | None) -> "Figure":
-    """The learning rate against epochs: every step as scheduled, and each epoch's recorded start value."""
+              steps: list[tuple[int, int, float]] | None, steps_per_epoch: int | None = None) -> "Figure":
+    """The learning rate against epochs: every step as scheduled, and each epoch's recorded start value
+    (``steps_per_epoch`` as for ``curves_figure``)."""
     fig = new_figure(7, 3.6)
     ax = fig.subplots()
     last = max([int(r["epoch"]) for r in history], default=1)
     if config and stages and steps:
-        per_epoch = _steps_per_epoch(steps)
+        per_epoch = max(_steps_per_epoch(steps), steps_per_epoch or 0)
         done = max((e - 1) * per_epoch + s for e, s, _ in steps)
         xs, ys = scheduled_lr(config, stages, per_epoch, done)
         ax.plot(xs, ys, color=LR_COLOUR, linewidth=1.5, label=f"each step ({config['schedule']} schedule)")
@@ -310,9 +325,10 @@ def write_plots(run_dir: str, predictions: "Predictions | None" = None, device: 
     config, stages, result = read_json(run_dir, "config.json"), read_json(run_dir, "stages.json"), \
         read_json(run_dir, "result.json")
     best = (result or {}).get("best_epoch") or _best_epoch(history)
+    per_epoch = None if history else _batches_per_epoch(config, result)
     paths = {
-        "curves": save_figure(curves_figure(history, steps, best), os.path.join(folder, "curves.png")),
-        "lr": save_figure(lr_figure(history, config, stages, steps), os.path.join(folder, "lr.png")),
+        "curves": save_figure(curves_figure(history, steps, best, per_epoch), os.path.join(folder, "curves.png")),
+        "lr": save_figure(lr_figure(history, config, stages, steps, per_epoch), os.path.join(folder, "lr.png")),
     }
     if predictions is None and os.path.isfile(os.path.join(run_dir, "best.pt")):
         from cnnkit.report.predictions import predict_validation
@@ -326,6 +342,16 @@ def write_plots(run_dir: str, predictions: "Predictions | None" = None, device: 
         if predictions.has_images and len(predictions.labels):
             paths["top_losses"] = save_figure(top_losses_figure(predictions), os.path.join(folder, "top_losses.png"))
     return paths
+
+
+def _batches_per_epoch(config: dict | None, result: dict | None) -> int | None:
+    """The training batches of an epoch, from the run's training images and (global) batch size, as the loader
+    counts them (the last, partial batch dropped); None where either is missing. Only for a run with no finished
+    epoch: steps.csv then ends inside its first, so its steps cannot say how long an epoch is."""
+    images, batch = (result or {}).get("num_train"), (config or {}).get("batch_size")
+    if not isinstance(images, int) or not isinstance(batch, int) or images <= 0 or batch <= 0:
+        return None
+    return images // batch if images >= batch else 1
 
 
 def _best_epoch(history: list[dict]) -> int | None:

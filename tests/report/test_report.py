@@ -201,8 +201,71 @@ def test_a_diverged_run_is_called_diverged_though_it_has_a_result(run, tmp_path)
     with open(os.path.join(folder, "stop.json"), "w") as f:
         json.dump({"status": "diverged", "epoch": 2, "message": message}, f)
     assert list_runs(folder)[0].status == "diverged"
-    page = open(write_report(folder).path).read()
+    report = write_report(folder)
+    page = open(report.path).read()
     assert "diverged in epoch 2" in page and "finished" not in page
+    assert report.sections[:2] == ["diverged", "metrics"] and "classes" in report.sections  # best.pt is kept
+    assert f"<p>{message}</p>" in page
+
+
+def test_a_run_that_diverged_in_its_first_epoch_is_reported_without_a_model(tmp_path):
+    # No epoch finished and no checkpoint was written, yet the steps' losses and why the run stopped are there:
+    # bare `cnnkit report` (the newest run) shows them, and leaves out, naming why, what needs best.pt.
+    import html
+
+    from cnnkit.errors import NonFiniteLoss
+
+    out = tmp_path / "runs" / "diverged"
+    with pytest.raises(NonFiniteLoss):
+        cnnkit.train(data="shapes", num_samples=256, batch_size=32, epochs=2, lr=1e4, schedule="constant",
+                     progress=False, out=str(out))
+    assert not [name for name in os.listdir(out) if name.endswith(".pt")]
+    proc = run_cli("report", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(f"wrote {os.path.join('runs', 'diverged', 'report.html')}")
+    assert "left out: confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the run " \
+           "diverged before its first epoch ended, so there is no best.pt" in proc.stdout
+    page = (out / "report.html").read_text()
+    stop = json.loads((out / "stop.json").read_text())
+    assert "diverged in epoch 1" in page and f"<p>{html.escape(stop['message'])}</p>" in page
+    assert sorted(os.listdir(out / "plots")) == ["curves.png", "lr.png"]
+    report = write_report(str(out))
+    assert report.sections == ["diverged", "metrics", "curves", "config"]
+    from cnnkit.report.plots import _batches_per_epoch
+
+    result = json.loads((out / "result.json").read_text())
+    assert _batches_per_epoch(json.loads((out / "config.json").read_text()), result) == result["num_train"] // 32
+
+
+def test_train_report_draws_a_run_that_diverged(tmp_path):
+    from cnnkit.errors import NonFiniteLoss
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(data="shapes", num_samples=256, batch_size=32, epochs=2, lr=1e4, schedule="constant",
+                     progress=False, report=True, out=str(out))
+    assert e.value.result.stop_reason == "diverged: " + str(e.value)  # the API's caller gets the result too
+    page = (out / "report.html").read_text()
+    assert "diverged in epoch 1" in page and (out / "plots" / "curves.png").exists()
+    for uri in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        assert_picture(base64.b64decode(uri))
+
+
+def test_a_blown_up_loss_is_drawn_on_a_log_scale_with_its_non_finite_step_marked():
+    from cnnkit.report.plots import curves_figure
+
+    steps = [(1, 1, 2.3), (1, 2, 7e12), (1, 3, float("nan"))]
+    loss_axis = curves_figure([], steps).axes[0]
+    assert loss_axis.get_yscale() == "log"
+    marked = [line for line in loss_axis.get_lines() if line.get_label() == "non-finite loss (NaN or inf)"]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == [1.0]
+    # stopped at batch 3 of an epoch of 12: steps.csv alone would put it at the epoch's end
+    marked = [line for line in curves_figure([], steps, steps_per_epoch=12).axes[0].get_lines()
+              if line.get_label() == "non-finite loss (NaN or inf)"]
+    assert list(marked[0].get_xdata()) == [0.25]
+    finished = curves_figure([{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_acc": 0.3, "val_acc": 0.3}],
+                             [(1, 1, 2.3), (1, 2, 2.0)]).axes[0]
+    assert finished.get_yscale() == "linear" and finished.get_ylim()[0] == 0
 
 
 def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path):

@@ -422,3 +422,52 @@ def test_json_on_the_command_line_is_strict_even_for_a_blown_up_model(tmp_path):
     r = run_cli("predict", tmp_path / "nan.pt", images, "--json")
     results = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
     assert results and all(t["prob"] is None for p in results for t in p["top"])
+
+
+def test_resuming_a_diverged_run_is_refused_naming_the_new_run_that_goes_on(tmp_path, capsys):
+    # last.pt holds the state, random generators included, from before the failure: resuming would replay the same
+    # steps into it. The refusal quotes stop.json and names a command that works: run here, in-process, where the
+    # test's model is registered.
+    import shlex
+
+    from cnnkit.cli import main
+    from cnnkit.errors import UserError
+
+    @register_model
+    def nan_in_epoch2(num_classes=10, in_channels=3, input_size=32):
+        return _NaNInEpoch2(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(NonFiniteLoss):
+            cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, lr=0.05, out=str(out))
+        before = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}
+        with pytest.raises(UserError) as e:
+            cnnkit.train(resume=str(out))
+        message = str(e.value)
+        stop = json.loads((out / "stop.json").read_text())["message"]
+        assert message.startswith(f"--resume {out}: the run diverged ({stop}); resuming replays the same steps")
+        command = message.split("Go on in a new run at a lower rate: ")[1]
+        assert command == (f"cnnkit train --config {out / 'config.json'} --weights {out / 'last.pt'} --lr 0.005 "
+                           "--out NEW_DIR")
+        assert {name: (out / name).read_bytes() for name in before} == before  # stop.json, result.json kept
+        assert main(["train", "--resume", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cnnkit train: error: {message}"]
+        argv = shlex.split(command)[1:] + ["--epochs", "1", "--quiet"]
+        argv[argv.index("NEW_DIR")] = str(tmp_path / "new")
+        assert main(argv) == 0, capsys.readouterr().err  # one epoch: the test model's NaN starts in the second
+    finally:
+        _FACTORIES.pop("nan_in_epoch2")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["weights"] == str(out / "last.pt")
+    assert json.loads((tmp_path / "new" / "result.json").read_text())["stop_reason"] == "completed"
+
+
+def test_train_json_prints_a_diverged_runs_result(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", "shapes", "--num-samples", 256, "--batch-size", 32, "--epochs", 2,
+                   "--lr", "1e4", "--schedule", "constant", "--json", "--out", out)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("cnnkit train: error: epoch 1: the loss became non-finite")
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed == json.loads((out / "result.json").read_text())
+    assert printed["stop_reason"].startswith("diverged: epoch 1:") and printed["val_acc"] is None
