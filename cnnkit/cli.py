@@ -721,7 +721,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(args.config, log=log, resume=args.resume, **given)
     except NonFiniteLoss as e:
         # a diverged run wrote its result.json: --json prints it as for any run, the error still goes to stderr
-        if args.json and os.environ.get("RANK", "0") == "0" and getattr(e, "result", None) is not None:
+        if args.json and os.environ.get("RANK", "0") == "0" and e.result is not None:
             print(strict_json.dumps(dataclasses.asdict(e.result)))
         raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports

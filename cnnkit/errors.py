@@ -35,6 +35,7 @@ class NonFiniteLoss(UserError):
     """The loss or the model's outputs became NaN or infinite; nothing after that is saved. Exit code 1."""
 
     exit_code = 1
+    result = None  # from training: the run's TrainResult, as its result.json holds it (None before its folder)
 
 
 def shown(value: object, limit: int = 80) -> str:

@@ -10,9 +10,6 @@ nothing else) because they draw on report/ and tta.py:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from typing import IO, Any
 
 from cnnkit.errors import NonFiniteLoss
@@ -47,23 +44,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     try:
         result = loop.train(config, log=log, resume=resume, callbacks=steps, **overrides)
     except NonFiniteLoss as e:
-        e.result = _written_result(steps.run.run_dir) if steps.run is not None else None
         if e.result is not None:  # its report shows why it stopped and the losses up to it (--plots, --report)
             steps.after(e.result)
         raise
     steps.after(result)
     return result
-
-
-def _written_result(run_dir: str) -> TrainResult | None:
-    """The TrainResult in ``run_dir/result.json``, or None where there is none (another process of the run)."""
-    try:
-        with open(os.path.join(run_dir, "result.json")) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    names = {f.name for f in dataclasses.fields(TrainResult)}
-    return TrainResult(**{k: v for k, v in data.items() if k in names})
 
 
 def lr_find(config: TrainConfig | str | None = None, **options: Any) -> LrFindResult:

@@ -725,8 +725,11 @@ def _divergence(t: Training, start: float, wall_start: float) -> Iterator[None]:
             message += (f"; the rate came from --lr auto (the range test's suggestion {lr_search.suggestion:.3g}, "
                         f"rule '{lr_search.method}', in lr_find.json): pass a lower fixed --lr")
         _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
-        _write_json(run_dir, "result.json", dataclasses.asdict(_result(t, start, wall_start, f"diverged: {message}")))
-        raise NonFiniteLoss(message) from None
+        result = _result(t, start, wall_start, f"diverged: {message}")
+        _write_json(run_dir, "result.json", dataclasses.asdict(result))
+        error = NonFiniteLoss(message)
+        error.result = result  # what result.json holds, for the caller's report and --json
+        raise error from None
 
 
 def _kept_checkpoints(run_dir: str) -> str:
