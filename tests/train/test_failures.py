@@ -1,5 +1,6 @@
 """Numerical failures, failed writes and hostile checkpoints."""
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,20 @@ from cnnkit.runs import list_runs
 from tests.conftest import run_cli, write_malicious_checkpoint
 
 TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
+
+
+@contextlib.contextmanager
+def _registered(name, module_class):
+    """``module_class(num_classes, in_channels)`` registered as the model ``name`` for the block only."""
+    def factory(num_classes=10, in_channels=3, input_size=32):
+        return module_class(num_classes, in_channels)
+
+    factory.__name__ = name
+    register_model(factory)
+    try:
+        yield name
+    finally:
+        _FACTORIES.pop(name)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -176,16 +191,9 @@ class _BatchNormOverflow(_SometimesNaN):
 def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path, nan):
     # The loss stays finite, so neither --nan mode sees anything: the mid-epoch save (--save-every) must check
     # the buffers it writes, not only the parameters, and stop the run naming the checkpoint it kept.
-    @register_model
-    def bn_overflow(num_classes=10, in_channels=3, input_size=32):
-        return _BatchNormOverflow(num_classes, in_channels)
-
     out = tmp_path / "run"
-    try:
-        with pytest.raises(NonFiniteLoss) as e:
-            cnnkit.train(**TINY, model="bn_overflow", epochs=3, nan=nan, save_every=1, out=str(out))
-    finally:
-        _FACTORIES.pop("bn_overflow")
+    with _registered("bn_overflow", _BatchNormOverflow), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="bn_overflow", epochs=3, nan=nan, save_every=1, out=str(out))
     assert str(e.value) == (
         f"epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so {out / 'last.pt'} was not "
         "written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and best.pt "
@@ -202,16 +210,9 @@ def test_an_epoch_whose_batchnorm_statistics_overflowed_is_neither_validated_nor
     # inf statistics (one class for every image) must not reach metrics.csv or result.json as an epoch that ran.
     import csv
 
-    @register_model
-    def bn_overflow(num_classes=10, in_channels=3, input_size=32):
-        return _BatchNormOverflow(num_classes, in_channels)
-
     out = tmp_path / "run"
-    try:
-        with pytest.raises(NonFiniteLoss) as e:
-            cnnkit.train(**TINY, model="bn_overflow", epochs=3, out=str(out))
-    finally:
-        _FACTORIES.pop("bn_overflow")
+    with _registered("bn_overflow", _BatchNormOverflow), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="bn_overflow", epochs=3, out=str(out))
     assert str(e.value).startswith("epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so "
                                    "this epoch was neither validated nor saved; lower --lr or add --clip-grad 1.0; "
                                    "kept: last.pt")
@@ -292,16 +293,9 @@ class _OneInfiniteGradient(_SometimesNaN):
 def test_nan_skip_mid_epoch_save_refuses_weights_a_finite_loss_spoiled(tmp_path):
     # --nan skip skips the update of a non-finite loss only: this step's loss was finite, its update was not.
     # The next mid-epoch save must not replace last.pt, and the run stops naming what it kept and the fix.
-    @register_model
-    def one_inf_gradient(num_classes=10, in_channels=3, input_size=32):
-        return _OneInfiniteGradient(num_classes, in_channels)
-
     out = tmp_path / "run"
-    try:
-        with pytest.raises(NonFiniteLoss) as e:
-            cnnkit.train(**TINY, model="one_inf_gradient", epochs=3, nan="skip", save_every=1, out=str(out))
-    finally:
-        _FACTORIES.pop("one_inf_gradient")
+    with _registered("one_inf_gradient", _OneInfiniteGradient), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="one_inf_gradient", epochs=3, nan="skip", save_every=1, out=str(out))
     assert str(e.value) == (
         f"epoch 2: the weights are no longer finite (NaN or inf in conv.weight, conv.bias), so {out / 'last.pt'} "
         "was not written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and "
