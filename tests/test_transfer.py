@@ -317,3 +317,18 @@ def test_stages_the_head_never_reads_never_train():
     assert not model.layer4[0].conv1.weight.requires_grad
     with pytest.raises(UserError, match="layer4 never runs: the head reads up to layer3"):
         set_trainable(model, ["layer4", "fc"])
+
+
+def test_freezing_layers_that_start_random_is_warned_about(tmp_path):
+    # Only the head learns, over features that never will: a new user's --freeze backbone without weights.
+    import io
+
+    log = io.StringIO()
+    cnnkit.train(data="shapes", num_samples=128, epochs=1, freeze="backbone", progress=False,
+                 out=str(tmp_path / "random"), log=log)
+    assert ("warning: --freeze backbone keeps the other layers at their random initial weights (neither "
+            "--pretrained nor --weights was given)") in log.getvalue()
+    log = io.StringIO()
+    cnnkit.train(data="shapes", num_samples=128, epochs=1, freeze="backbone", progress=False,
+                 weights=str(tmp_path / "random" / "last.pt"), out=str(tmp_path / "tuned"), log=log)
+    assert "random initial weights" not in log.getvalue()

@@ -128,6 +128,12 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
             balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats)
         for warning in data_check.warnings:
             print(f"cnnkit: warning: {warning}", file=log)
+    if (cfg.freeze or cfg.unfreeze) and not (cfg.pretrained or cfg.weights) and ctx.main and not saved:
+        # Frozen layers keep the weights they start with: random ones learn nothing and pass noise on.
+        option = "--freeze backbone" if cfg.freeze else f"--unfreeze {cfg.unfreeze}"
+        print(f"cnnkit: warning: {option} keeps the other layers at their random initial weights (neither "
+              "--pretrained nor --weights was given); add one of them to fine-tune, or drop it to train them all",
+              file=log)
 
     augment = None if cfg.overfit_batches else Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
