@@ -80,17 +80,24 @@ def set_torch_threads(threads: int | None, workers: int = 0) -> int:
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None, workers: int = 0) -> Iterator[int]:
-    """Inside the block torch computes with ``resolve_threads(threads, workers)`` threads (yielded); on leaving
-    it, torch's count is what it was before, so that a library call leaves the process's setting as it found it."""
+def _restoring_torch_threads() -> Iterator[None]:
+    """Inside the block torch's thread count may change; on leaving it, it is what it was before."""
     import torch
 
     before = torch.get_num_threads()
     try:
-        yield set_torch_threads(threads, workers)
+        yield
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None, workers: int = 0) -> Iterator[int]:
+    """Inside the block torch computes with ``resolve_threads(threads, workers)`` threads (yielded); on leaving
+    it, torch's count is what it was before, so that a library call leaves the process's setting as it found it."""
+    with _restoring_torch_threads():
+        yield set_torch_threads(threads, workers)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,13 +109,7 @@ def keeps_torch_threads(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        before = torch.get_num_threads()
-        try:
+        with _restoring_torch_threads():
             return fn(*args, **kwargs)
-        finally:
-            if torch.get_num_threads() != before:
-                torch.set_num_threads(before)
 
     return wrapper  # type: ignore[return-value]
