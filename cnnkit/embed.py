@@ -12,9 +12,9 @@ import torch.nn as nn
 
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
-from cnnkit.evaluate import DEFAULT_FOLDER_SPLIT, held_out_fraction, scores_training_images
+from cnnkit.evaluate import held_out_fraction, scores_training_images
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode

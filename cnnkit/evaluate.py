@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
@@ -124,7 +124,6 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     return load_splits(spec)[1]
 
 
-DEFAULT_FOLDER_SPLIT = 0.1  # the fraction training holds out of a folder without --val-split (data.sources.load_splits)
 
 
 def held_out_fraction(cfg: dict) -> float | None:

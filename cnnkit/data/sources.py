@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS
+from cnnkit.choices import BUILTIN, FORMATS, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS
 from cnnkit.data import cache
 from cnnkit.data.images import image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
 
+DEFAULT_FOLDER_SPLIT = 0.1  # the fraction of a folder held out for validation when no --val-split is given
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -94,7 +95,7 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
                 "both folders need the same class sub-folders"
             )
     elif val is None:
-        train, val = split(train, spec.val_split if spec.val_split is not None else 0.1)
+        train, val = split(train, spec.val_split if spec.val_split is not None else DEFAULT_FOLDER_SPLIT)
     if spec.num_samples and name != "shapes" and spec.num_samples < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED))[: spec.num_samples]
         train = train.subset(keep.sort().values)
@@ -236,7 +237,8 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ts", ".onnx")
+# a checkpoint's, or an export's (FORMATS), in any case
+MODEL_SUFFIXES = tuple(dict.fromkeys((".pt", ".pth", *(suffix for suffixes in FORMATS.values() for suffix in suffixes))))
 
 
 def _run_or_checkpoint(root: str) -> str | None:
@@ -257,7 +259,7 @@ def _run_or_checkpoint(root: str) -> str | None:
                     f"class folders of images; pass the data instead: a folder with one sub-folder of images per "
                     f"class, or {', '.join(BUILTIN)} (each run's config.json names its data)")
         what = f"{root} is a training run's folder (config.json, {', '.join(found)}), not images"
-    elif root.endswith(CHECKPOINT_SUFFIXES):
+    elif root.lower().endswith(MODEL_SUFFIXES):
         run = run_info(os.path.dirname(root) or ".")
         what = f"{root} is a model file, not images"
     else:
