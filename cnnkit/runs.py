@@ -64,9 +64,8 @@ def run_info(run_dir: str) -> RunInfo | None:
     best = max(scored, key=lambda s: (s[0], -s[1]), default=(None, None))
     if result:
         best = (result.get("best_val_acc", best[0]), result.get("best_epoch", best[1]))
-    stop = _read_json(os.path.join(run_dir, "stop.json")) or {}
     # a diverged run writes result.json too (its stop_reason says why it stopped): stop.json decides first
-    status = "diverged" if stop.get("status") == "diverged" else "finished" if result else "stopped"
+    status = "diverged" if divergence(run_dir) else "finished" if result else "stopped"
     planned = (result or {}).get("epochs") or config.get("epochs") or 0
     started = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json")))
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),

@@ -28,6 +28,7 @@ from cnnkit.atomic import atomic_write
 from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
+from cnnkit.runs import divergence
 
 FEATURE_CHANNELS = 16  # tiles per feature-map grid
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -281,8 +282,8 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     if config is None:
         raise UserError(f"{run_dir} is not a cnnkit run folder (no config.json); pass a folder `cnnkit train` wrote")
     best_pt = os.path.join(run_dir, "best.pt")
-    stop = plots.read_json(run_dir, "stop.json") or {}  # a diverged run writes result.json too
-    diverged = stop.get("status") == "diverged"
+    stop = divergence(run_dir)  # a diverged run writes result.json too: stop.json decides
+    diverged = stop is not None
     has_best = os.path.isfile(best_pt)
     # A run that diverged before its first epoch ended has no best.pt, and resuming it would replay the failure:
     # its report shows what there is (the steps' losses, why it stopped), without the parts that need a model.
@@ -319,15 +320,13 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
         notes.append("confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the run diverged "
                      "before its first epoch ended, so there is no best.pt")
     with tempfile.TemporaryDirectory(prefix="cnnkit-report-") as folder:
-        if pred is None:
-            pass
-        elif pred.has_images and len(pred.labels):
+        if pred is not None and pred.has_images and len(pred.labels):
             sections.append(("top-losses", "Top losses", _img(written["top_losses"], "top losses")))
             sections.append(("cam", "Where the model looks (Grad-CAM)",
                              _cam_section(best_pt, pred, cam_images, folder)))
             sections.append(("features", "Feature maps",
                              _feature_maps_section(best_pt, pred, folder, model_summary)))
-        else:
+        elif pred is not None:
             notes.append("top losses, Grad-CAM and feature maps left out: the validation images could not be "
                          "matched to their files (one broke after training)")
         if model_pt is not None:
