@@ -82,8 +82,7 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         refuse("lr", f"must be positive or 'auto', got {cfg.lr}", "learning rate")
     if not 0 <= cfg.label_smoothing < 1:
         refuse("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing}", "label smoothing")
-    for name, label in (("weight_decay", "weight decay"), ("warmup_epochs", "warm-up"), ("momentum", "momentum"),
-                        ("save_every", "--save-every")):
+    for name, label in (("weight_decay", "weight decay"), ("warmup_epochs", "warm-up"), ("save_every", "--save-every")):
         if getattr(cfg, name) < 0:
             refuse(name, f"cannot be negative, got {getattr(cfg, name)}", label)
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
@@ -125,7 +124,7 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
         if getattr(cfg, name) not in choices:
             refuse(name, f"must be one of {', '.join(choices)}, not '{getattr(cfg, name)}'")
-    if not cfg.momentum < 1:  # a momentum of 1 or more never forgets a gradient: the steps grow without bound
-        refuse("momentum", f"must be below 1, got {cfg.momentum}")
+    if not 0 <= cfg.momentum < 1:  # a momentum of 1 or more never forgets a gradient: the steps grow without bound
+        refuse("momentum", f"must be in [0, 1), got {cfg.momentum}")
     if cfg.val_split is not None and not 0 < cfg.val_split < 1:
         refuse("val_split", f"must be between 0 and 1 (exclusive), got {cfg.val_split}")
