@@ -194,8 +194,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
                           _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
                           time.perf_counter() - start, lrs, losses, smoothed, blowup_lr=blowup_lr)
     if method.startswith(FLAT_METHOD):
-        share = "a third" if cfg.schedule == "onecycle" else "a tenth"
-        kept = (f"keeping the {cfg.optimizer} default {default:g}" if suggestion == default else
+        share = {3: "a third", 10: "a tenth"}.get(_margin(cfg.schedule), f"1/{_margin(cfg.schedule)}")
+        kept = (f"keeping the {cfg.optimizer} default {default:g}" if method == FLAT_METHOD else
                 f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, {share} of the {blowup_lr:.3g} "
                 "at which the loss blew up")
         if not diverged:  # the sweep may simply have stopped below the rates that move the loss
@@ -250,7 +250,7 @@ def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: flo
     settled = max(1, len(lrs) // 10)
     low = min(range(settled, len(smoothed)), key=smoothed.__getitem__)
     edge = _valley_edge(smoothed, low, smoothed[settled])
-    margin = ONE_CYCLE_MARGIN if schedule == "onecycle" else 10
+    margin = _margin(schedule)
     if smoothed[settled] - smoothed[low] < FLAT_DROP * smoothed[settled]:
         suggestion, method = default, FLAT_METHOD
     else:
@@ -258,6 +258,12 @@ def suggest(lrs: list[float], smoothed: list[float], schedule: str, default: flo
     if blowup_lr is not None and suggestion > blowup_lr / margin:
         suggestion, method = blowup_lr / margin, f"{method}, {BLOWUP_METHOD.format(margin=margin)}"
     return suggestion, method, edge, low
+
+
+def _margin(schedule: str) -> int:
+    """How far below the valley's end (and the blow-up) the suggestion sits: one-cycle's warm-up reaches the peak
+    gradually, other schedules start at it."""
+    return ONE_CYCLE_MARGIN if schedule == "onecycle" else 10
 
 
 def _valley_edge(smoothed: list[float], low: int, settled_level: float) -> int:
