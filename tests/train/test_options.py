@@ -102,6 +102,7 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     ("schedule: cosin\n", "schedule must be one of onecycle, cosine, linear, step, constant, not 'cosin'"),
     ("precision: fp8\n", "precision must be one of auto, fp32, bf16, fp16, not 'fp8'"),
     ("momentum: 1.5\n", "momentum must be in [0, 1), got 1.5"),
+    ("momentum: -0.1\n", "momentum must be in [0, 1), got -0.1"),
     ("val_split: 1.0\n", "val_split must be between 0 and 1 (exclusive), got 1.0"),
 ])
 def test_a_config_files_value_out_of_range_names_the_file_and_its_key(tmp_path, text, words):
