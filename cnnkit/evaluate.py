@@ -117,7 +117,9 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
-    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
+    # A run from before --val-split beside --val-data was refused took its validation images from val_data.
+    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"),
+                    cfg.get("val_split") if cfg.get("val_data") is None else None,
                     ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
     if val_split is not None:
         spec = replace(spec, val_data=None, val_split=val_split)

@@ -128,6 +128,9 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
 
 
 def _check_spec(spec: DataSpec) -> None:
+    if spec.val_split is not None and spec.val_data is not None:  # else the split would be dropped unseen
+        raise UserError(f"--val-split {spec.val_split} splits --data, but with --val-data {spec.val_data} the "
+                        "validation images are that folder: drop one of the two")
     if spec.val_split is not None and not 0 < spec.val_split < 1:
         raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
     if spec.input_size is not None and spec.input_size < 1:
