@@ -77,7 +77,8 @@ def evaluate(
         if val_split is not None:
             raise UserError(f"--val-split splits --data, but --val-data {val_data} alone is scored whole; "
                             "pass --val-data DIR or --data DIR --val-split F, not both")
-        eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels))
+        eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels),
+                                 "--val-data")
         scored = (val_data, None, "--val-data")
     elif data is None:
         if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):

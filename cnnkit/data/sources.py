@@ -88,7 +88,7 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
         train = _folder(name, spec)
         val = None
     if spec.val_data is not None:
-        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels))
+        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels), "--val-data")
         if val.classes != train.classes:
             raise UserError(
                 f"--val-data {spec.val_data} has classes {val.classes} but the training data has {train.classes}; "
@@ -102,12 +102,13 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
     return train, val
 
 
-def load_eval_set(spec: DataSpec) -> ImageSet:
+def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     """The set ``cnnkit eval`` measures: the validation part under the same rules as training
-    (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder."""
+    (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder.
+    ``option``: the flag that named ``spec.data``, for the errors about that folder."""
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
         return load_splits(spec)[1]
-    return _folder(spec.data, spec)
+    return _folder(spec.data, spec, None if option == "--data" else option)
 
 
 def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
@@ -196,28 +197,33 @@ def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return images
 
 
-def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
+def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
     """Image files, labels and class names of an ImageFolder-layout directory (one sub-folder per class).
 
     Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored; files are sorted so the
-    order, and with it every split, is the same on every machine.
+    order, and with it every split, is the same on every machine. ``option``: the flag that named ``root``
+    where it is not ``--data`` (``--val-data``), so that an error says which of the two paths is wrong.
     """
+    named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
-        raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
-                        f"or one of: {', '.join(BUILTIN)}")
+        if option is None:
+            raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
+                            f"or one of: {', '.join(BUILTIN)}")
+        raise UserError(f"{named} does not exist; pass a folder with one sub-folder of images per class")
     mistaken = _run_or_checkpoint(root)
     if mistaken:
-        raise UserError(mistaken)
+        raise UserError(mistaken if option is None else f"{option} {mistaken}")
     if not os.path.isdir(root):
-        raise UserError(f"data path {root} is not a folder; pass a folder with one sub-folder per class")
+        raise UserError(f"{'data path ' + root if option is None else named} is not a folder; pass a folder with "
+                        "one sub-folder per class")
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if not classes:
         loose = [e for e in entries if is_image_file(e)]
         if loose:
-            raise UserError(f"{root} holds images but no class sub-folders; put each class's images in "
+            raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
-        raise UserError(f"{root} is empty: expected one sub-folder per class with images in it")
+        raise UserError(f"{named} is empty: expected one sub-folder per class with images in it")
     files: list[str] = []
     labels: list[int] = []
     empty = []
@@ -231,10 +237,10 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
         files += found
         labels += [c] * len(found)
     if not files:
-        raise UserError(f"no images found under {root}'s class folders ({', '.join(classes[:5])}...); "
+        raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
     if empty:
-        raise UserError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
+        raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (class indices must not shift silently)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
@@ -272,8 +278,9 @@ def _run_or_checkpoint(root: str) -> str | None:
     return f"{what}; pass the data instead: a folder with one sub-folder of images per class, or {', '.join(BUILTIN)}"
 
 
-def _folder(root: str, spec: DataSpec) -> ImageSet:
-    files, labels, classes = scan_folder(root)
+def _folder(root: str, spec: DataSpec, option: str | None = None) -> ImageSet:
+    """The images of folder ``root``; ``option``: the flag that named it, where not ``--data`` (see scan_folder)."""
+    files, labels, classes = scan_folder(root, option)
     channels = spec.channels or 3
     size = spec.input_size or _default_size(files)
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
