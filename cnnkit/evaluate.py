@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
@@ -93,9 +93,10 @@ def evaluate(
         scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
     if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
         warnings.append(_training_images_warning(cfg, *scored))
-    if eval_set.classes != ckpt.classes:
-        raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
-                        f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
+    # A folder of some of the run's classes is scored with its labels matched to the checkpoint's by name.
+    named = (f"--val-data {val_data}" if val_data is not None else f"--data {data}" if data is not None
+             else f"the run's validation data {cfg.get('val_data') or cfg.get('data')}")
+    eval_set = by_class_name(eval_set, list(ckpt.classes), named, f"the checkpoint {ckpt.path}")
     if eval_set.images is None:  # decoded per batch by loader processes: leave them their cores
         threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)

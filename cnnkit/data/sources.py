@@ -89,11 +89,7 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
         val = None
     if spec.val_data is not None:
         val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels), "--val-data")
-        if val.classes != train.classes:
-            raise UserError(
-                f"--val-data {spec.val_data} has classes {val.classes} but the training data has {train.classes}; "
-                "both folders need the same class sub-folders"
-            )
+        val = by_class_name(val, train.classes, f"--val-data {spec.val_data}", f"the training data {name}")
     elif val is None:
         train, val = split(train, spec.val_split if spec.val_split is not None else DEFAULT_FOLDER_SPLIT)
     if spec.num_samples and name != "shapes" and spec.num_samples < len(train):
@@ -109,6 +105,27 @@ def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
         return load_splits(spec)[1]
     return _folder(spec.data, spec, None if option == "--data" else option)
+
+
+def by_class_name(data: ImageSet, classes: list[str], what: str, against: str) -> ImageSet:
+    """``data`` with its labels mapped by class name onto ``classes`` (the training classes, or a checkpoint's),
+    as its set of classes: a folder may hold only some of them. ImageFolder alone would number a folder's classes
+    0, 1, ... by its own sub-folders, so a validation folder without ``cat`` would score its ``dog`` images as
+    ``cat``. A class of ``data`` that is not among ``classes`` is a UserError naming it (``what``: the data, as the
+    user gave it; ``against``: whose classes ``classes`` are)."""
+    if data.classes == classes:
+        return data
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise UserError(f"{what} has class(es) {_names(unknown)} that {against} does not have (its classes: "
+                        f"{_names(classes)}); rename or remove those class folders: classes are matched by name")
+    index = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
+    return replace(data, labels=index[data.labels], classes=list(classes))
+
+
+def _names(names: list[str], most: int = 20) -> str:
+    """``names`` for a one-line message: the first ``most`` of them, and how many there are in all."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
