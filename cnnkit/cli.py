@@ -832,7 +832,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
     print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c in r.per_class:
-        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
+        # a class without images here (a folder of some of the classes) has no recall or F1 to show: "-"
+        recall, f1 = (f"{c['recall']:.4f}", f"{c['f1']:.4f}") if c["support"] else ("-", "-")
+        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{recall:>10}{f1:>10}{c['support']:>9}")
     print(confusion_text(r))
     return 0
 
