@@ -268,9 +268,11 @@ def _data_options(p: argparse.ArgumentParser, default_data: str | None) -> None:
                    help=f"{', '.join(BUILTIN)}, or a folder with one sub-folder of images per class"
                         + (f" (default: {default_data})" if default_data else ""))
     p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
-    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder, its sub-folders named after "
+                                                     "the training classes (all or some of them); not with --val-split")
     p.add_argument("--val-split", type=_fraction, metavar="F",
-                   help="hold out this fraction of each class for validation (default for folders: 0.1)")
+                   help="hold out this fraction of each class of --data for validation (default for folders: 0.1); "
+                        "not with --val-data")
 
 
 def _threads_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -530,7 +532,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                                   f"--val-split or --val-data is given; or {', '.join(BUILTIN)} (its validation "
                                   "or test split) (default: the run's own validation images)")
     p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
-    p.add_argument("--val-data", metavar="DIR", help="score this folder, all of it (the run's class sub-folders)")
+    p.add_argument("--val-data", metavar="DIR", help="score this folder, all of it (sub-folders named after the run's "
+                                                     "classes, all or some of them)")
     p.add_argument("--val-split", type=_fraction, metavar="F",
                    help="score only the part training holds out with this fraction of each class of --data "
                         "(default: all of --data); without --data, of the run's training data, at most the "
@@ -573,7 +576,8 @@ def _probe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=_fraction, metavar="F",
                    help="hold out this fraction of each class of DATA to measure the probe (default for folders: "
                         "0.1; a warning says when that part includes images a run's backbone trained on)")
-    p.add_argument("--val-data", metavar="DIR", help="measure the probe on this folder instead (the same class sub-folders)")
+    p.add_argument("--val-data", metavar="DIR", help="measure the probe on this folder instead (sub-folders named "
+                                                     "after DATA's classes, all or some of them)")
     p.add_argument("--json", action="store_true")
 
 
@@ -676,9 +680,11 @@ def _runs_options(p: argparse.ArgumentParser) -> None:
 def _check_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help=f"a folder with one sub-folder per class, or {', '.join(BUILTIN)}")
     p.add_argument("--data-dir", help="where torchvision datasets are (default: $CNNKIT_DATA or ~/.cache/cnnkit/datasets)")
-    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder with the same class sub-folders")
+    p.add_argument("--val-data", metavar="DIR", help="a separate validation folder, its sub-folders named after "
+                                                     "DATA's classes (all or some of them); not with --val-split")
     p.add_argument("--val-split", type=_fraction, metavar="F",
-                   help="the validation fraction training would hold out (default for folders: 0.1)")
+                   help="the validation fraction training would hold out (default for folders: 0.1); not with "
+                        "--val-data")
     p.add_argument("--input-size", type=_positive_int, metavar="PIXELS", help="square size to decode at (default: the data's)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: the data's)")
     p.add_argument("--model", metavar="MODEL_OR_RUN", help="check channels, sizes and normalisation against this "
@@ -832,7 +838,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
     print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c in r.per_class:
-        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>9}")
+        # a class without images here (a folder of some of the classes) has no recall or F1 to show: "-"
+        recall, f1 = (f"{c['recall']:.4f}", f"{c['f1']:.4f}") if c["support"] else ("-", "-")
+        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{recall:>10}{f1:>10}{c['support']:>9}")
     print(confusion_text(r))
     return 0
 

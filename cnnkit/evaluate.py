@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set, load_splits
 from cnnkit.errors import UserError
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
@@ -77,7 +77,8 @@ def evaluate(
         if val_split is not None:
             raise UserError(f"--val-split splits --data, but --val-data {val_data} alone is scored whole; "
                             "pass --val-data DIR or --data DIR --val-split F, not both")
-        eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels))
+        eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels),
+                                 "--val-data")
         scored = (val_data, None, "--val-data")
     elif data is None:
         if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):
@@ -92,9 +93,10 @@ def evaluate(
         scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
     if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
         warnings.append(_training_images_warning(cfg, *scored))
-    if eval_set.classes != ckpt.classes:
-        raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
-                        f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
+    # A folder of some of the run's classes is scored with its labels matched to the checkpoint's by name.
+    named = (f"--val-data {val_data}" if val_data is not None else f"--data {data}" if data is not None
+             else f"the run's validation data {cfg.get('val_data') or cfg.get('data')}")
+    eval_set = by_class_name(eval_set, list(ckpt.classes), named, f"the checkpoint {ckpt.path}")
     if eval_set.images is None:  # decoded per batch by loader processes: leave them their cores
         threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
@@ -117,7 +119,9 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
-    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), cfg.get("val_split"),
+    # A run from before --val-split beside --val-data was refused took its validation images from val_data.
+    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"),
+                    cfg.get("val_split") if cfg.get("val_data") is None else None,
                     ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
     if val_split is not None:
         spec = replace(spec, val_data=None, val_split=val_split)

@@ -88,12 +88,8 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
         train = _folder(name, spec)
         val = None
     if spec.val_data is not None:
-        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels))
-        if val.classes != train.classes:
-            raise UserError(
-                f"--val-data {spec.val_data} has classes {val.classes} but the training data has {train.classes}; "
-                "both folders need the same class sub-folders"
-            )
+        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels), "--val-data")
+        val = by_class_name(val, train.classes, f"--val-data {spec.val_data}", f"the training data {name}")
     elif val is None:
         train, val = split(train, spec.val_split if spec.val_split is not None else DEFAULT_FOLDER_SPLIT)
     if spec.num_samples and name != "shapes" and spec.num_samples < len(train):
@@ -102,12 +98,34 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
     return train, val
 
 
-def load_eval_set(spec: DataSpec) -> ImageSet:
+def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     """The set ``cnnkit eval`` measures: the validation part under the same rules as training
-    (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder."""
+    (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder.
+    ``option``: the flag that named ``spec.data``, for the errors about that folder."""
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
         return load_splits(spec)[1]
-    return _folder(spec.data, spec)
+    return _folder(spec.data, spec, None if option == "--data" else option)
+
+
+def by_class_name(data: ImageSet, classes: list[str], what: str, against: str) -> ImageSet:
+    """``data`` with its labels mapped by class name onto ``classes`` (the training classes, or a checkpoint's),
+    as its set of classes: a folder may hold only some of them. ImageFolder alone would number a folder's classes
+    0, 1, ... by its own sub-folders, so a validation folder without ``cat`` would score its ``dog`` images as
+    ``cat``. A class of ``data`` that is not among ``classes`` is a UserError naming it (``what``: the data, as the
+    user gave it; ``against``: whose classes ``classes`` are)."""
+    if data.classes == classes:
+        return data
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise UserError(f"{what} has class(es) {_names(unknown)} that {against} does not have (its classes: "
+                        f"{_names(classes)}); rename or remove those class folders: classes are matched by name")
+    index = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
+    return replace(data, labels=index[data.labels], classes=list(classes))
+
+
+def _names(names: list[str], most: int = 20) -> str:
+    """``names`` for a one-line message: the first ``most`` of them, and how many there are in all."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
@@ -128,6 +146,9 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
 
 
 def _check_spec(spec: DataSpec) -> None:
+    if spec.val_split is not None and spec.val_data is not None:  # else the split would be dropped unseen
+        raise UserError(f"--val-split {spec.val_split} splits --data, but with --val-data {spec.val_data} the "
+                        "validation images are that folder: drop one of the two")
     if spec.val_split is not None and not 0 < spec.val_split < 1:
         raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
     if spec.input_size is not None and spec.input_size < 1:
@@ -193,28 +214,33 @@ def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return images
 
 
-def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
+def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
     """Image files, labels and class names of an ImageFolder-layout directory (one sub-folder per class).
 
     Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored; files are sorted so the
-    order, and with it every split, is the same on every machine.
+    order, and with it every split, is the same on every machine. ``option``: the flag that named ``root``
+    where it is not ``--data`` (``--val-data``), so that an error says which of the two paths is wrong.
     """
+    named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
-        raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
-                        f"or one of: {', '.join(BUILTIN)}")
+        if option is None:
+            raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
+                            f"or one of: {', '.join(BUILTIN)}")
+        raise UserError(f"{named} does not exist; pass a folder with one sub-folder of images per class")
     mistaken = _run_or_checkpoint(root)
     if mistaken:
-        raise UserError(mistaken)
+        raise UserError(mistaken if option is None else f"{option} {mistaken}")
     if not os.path.isdir(root):
-        raise UserError(f"data path {root} is not a folder; pass a folder with one sub-folder per class")
+        raise UserError(f"{'data path ' + root if option is None else named} is not a folder; pass a folder with "
+                        "one sub-folder per class")
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if not classes:
         loose = [e for e in entries if is_image_file(e)]
         if loose:
-            raise UserError(f"{root} holds images but no class sub-folders; put each class's images in "
+            raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
-        raise UserError(f"{root} is empty: expected one sub-folder per class with images in it")
+        raise UserError(f"{named} is empty: expected one sub-folder per class with images in it")
     files: list[str] = []
     labels: list[int] = []
     empty = []
@@ -228,10 +254,10 @@ def scan_folder(root: str) -> tuple[list[str], torch.Tensor, list[str]]:
         files += found
         labels += [c] * len(found)
     if not files:
-        raise UserError(f"no images found under {root}'s class folders ({', '.join(classes[:5])}...); "
+        raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
     if empty:
-        raise UserError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
+        raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (class indices must not shift silently)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
@@ -269,8 +295,9 @@ def _run_or_checkpoint(root: str) -> str | None:
     return f"{what}; pass the data instead: a folder with one sub-folder of images per class, or {', '.join(BUILTIN)}"
 
 
-def _folder(root: str, spec: DataSpec) -> ImageSet:
-    files, labels, classes = scan_folder(root)
+def _folder(root: str, spec: DataSpec, option: str | None = None) -> ImageSet:
+    """The images of folder ``root``; ``option``: the flag that named it, where not ``--data`` (see scan_folder)."""
+    files, labels, classes = scan_folder(root, option)
     channels = spec.channels or 3
     size = spec.input_size or _default_size(files)
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))

@@ -146,12 +146,19 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
 
 def _per_class_section(pred: Predictions, confusion_png: str) -> str:
     metrics = pred.per_class()
-    worst = sorted(metrics, key=lambda m: m.f1)[: max(1, len(metrics) // 5)]
-    rows = [(m.name, f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", m.support) for m in metrics]
+    # A class without validation images (--val-data of some of the classes) has no recall or F1: "-" in its row,
+    # and it is not among the hardest. The macro average is over the classes in the images or the predictions,
+    # as eval's and metrics.csv's are.
+    measured = [m for m in metrics if m.support]
+    worst = sorted(measured, key=lambda m: m.f1)[: max(1, len(measured) // 5)]
+    rows = [(m.name, f"{m.precision:.3f}", f"{m.recall:.3f}" if m.support else "-",
+             f"{m.f1:.3f}" if m.support else "-", m.support) for m in metrics]
     css = ["" for _ in metrics]
-    n = max(len(metrics), 1)
-    rows.append(("macro average", f"{sum(m.precision for m in metrics) / n:.3f}",
-                 f"{sum(m.recall for m in metrics) / n:.3f}", f"{sum(m.f1 for m in metrics) / n:.3f}",
+    cm = pred.confusion()
+    present = [m for c, m in enumerate(metrics) if cm[c, :].sum() or cm[:, c].sum()]
+    n = max(len(present), 1)
+    rows.append(("macro average", f"{sum(m.precision for m in present) / n:.3f}",
+                 f"{sum(m.recall for m in present) / n:.3f}", f"{sum(m.f1 for m in present) / n:.3f}",
                  sum(m.support for m in metrics)))
     css.append("total")
     table = _table(("class", "precision", "recall", "F1", "support"), rows, classes=css)

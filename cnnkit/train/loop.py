@@ -190,7 +190,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     wall_start = time.perf_counter()
     callbacks = callbacks or Callbacks()
     saved = _resume_payload(resume) if resume else None
-    cfg = make_config(TrainConfig(**saved["config"])) if saved else make_config(config, overrides)
+    cfg = make_config(TrainConfig(**_as_run(saved["config"]))) if saved else make_config(config, overrides)
     callbacks.check(cfg)
     t = _set_up(cfg, log or sys.stdout, saved)
     _open_run_folder(t, saved, resume, callbacks)
@@ -877,6 +877,12 @@ def _prune_best_files(run_dir: str, kept: list) -> None:
     for name in os.listdir(run_dir):
         if name.startswith("best-epoch") and name.endswith(".pt") and name not in keep:
             os.unlink(os.path.join(run_dir, name))
+
+
+def _as_run(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's configuration as the run used it: one from before val_split beside val_data was refused
+    took its validation images from val_data alone, and resumes so."""
+    return {**config, "val_split": None} if config.get("val_data") is not None else config
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:

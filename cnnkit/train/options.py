@@ -128,3 +128,12 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         refuse("momentum", f"must be in [0, 1), got {cfg.momentum}")
     if cfg.val_split is not None and not 0 < cfg.val_split < 1:
         refuse("val_split", f"must be between 0 and 1 (exclusive), got {cfg.val_split}")
+    if cfg.val_split is not None and cfg.val_data is not None:  # the validation images would come from val_data,
+        # and the split would be dropped unseen: named where each was set, as a flag or a config file's key
+        def named(name: str, value: Any) -> str:
+            if name in sources:
+                return f"{name} {value} (in --config {sources[name]})"
+            return f"--{name.replace('_', '-')} {value}"
+
+        raise UserError(f"{named('val_split', cfg.val_split)} splits --data, but with {named('val_data', cfg.val_data)} "
+                        "the validation images are that folder: drop one of the two")
