@@ -714,18 +714,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
                         "[changed flags] --out NEW_DIR)")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    diverged = None
     try:
         result = train(args.config, log=log, resume=args.resume, **given)
     except NonFiniteLoss as e:
-        # a diverged run wrote its result.json: --json prints it as for any run, the error still goes to stderr
-        if args.json and os.environ.get("RANK", "0") == "0" and e.result is not None:
-            print(strict_json.dumps(dataclasses.asdict(e.result)))
-        raise
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
-        return 0
-    if args.json:
+        # a diverged run wrote its result.json (unless it had no run folder yet): --json prints it as for any run,
+        # then the error still goes to stderr
+        result, diverged = e.result, e
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    if args.json and reports and result is not None:
         print(strict_json.dumps(dataclasses.asdict(result)))
-    else:
+    if diverged is not None:
+        raise diverged
+    if not reports:
+        return 0
+    if not args.json:
         tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
         # The best epoch is the monitored metric's: name it, so that a lower accuracy there does not read as a mistake
         best = (f"best {result.best_val_acc:.4f} at epoch {result.best_epoch}" if result.monitor == "val_acc" else
