@@ -11,8 +11,8 @@ Parts, each run in its own child process (so its peak resident memory is its own
 - ``seed``: the seed-style loop, written plainly below: SimpleCNN, torchvision ImageFolder with per-sample
   PIL transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader
   with 2 workers, fp32, SGD lr 0.01 momentum 0.9, batch 64;
-- ``cnnkit``: ``cnnkit.train`` on the same model, data, validation images, batch size and epochs, with its
-  defaults (uint8 cache, batched augmentation, bf16 where the CPU has bf16 matrix instructions,
+- ``cnnkit``: ``cnnkit.train``'s loop (with the benchmark's callbacks, which time each epoch) on the same model,
+  data, validation images, batch size and epochs, with its defaults (uint8 cache, batched augmentation, bf16 where the CPU has bf16 matrix instructions,
   channels_last, SGD with a one-cycle schedule); ``cnnkit_fp32`` the same in fp32; ``cnnkit_compile``
   the same with ``--compile``;
 - ``fast``: ``cnnkit train --recipe fast`` on the same data: validation accuracy (with test-time
@@ -45,8 +45,12 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
+
+from cnnkit.train.evaluation import EvalStats
+from cnnkit.train.loop import Callbacks, Training
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg", "train")
@@ -134,38 +138,37 @@ def run_seed(root: str, epochs: int) -> dict:
 # cnnkit, the machine's peak, the fast recipe.
 # ---------------------------------------------------------------------------------------------------------
 
-class EpochClock:
-    """A log for ``cnnkit.train`` that passes its lines on to stderr and notes the process's CPU time at the run's
-    header line and at each epoch's line: the CPU seconds of each epoch (training, then validation), which a
-    neighbour's load on a shared machine does not stretch the way it stretches wall time."""
+class EpochClock(Callbacks):
+    """cnnkit's training loop's callbacks that note each epoch's training images per second (its metrics.csv
+    row) and the process's CPU time from the start of training to each epoch's end: the CPU seconds of each epoch
+    (training, then validation), which a neighbour's load on a shared machine does not stretch the way it
+    stretches wall time."""
 
     def __init__(self) -> None:
-        self.marks: list[float] = []
+        self.images_per_s: list[float] = []
         self.epoch_cpu_s: list[float] = []
+        self.mark = 0.0  # the process's CPU time at the start of the epoch running, seconds
 
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if " parameters) on " in line and not self.marks:  # the header, printed just before training starts
-                self.marks.append(time.process_time())
-            elif line.startswith("epoch ") and self.marks:
-                self.marks.append(time.process_time())
-                self.epoch_cpu_s.append(self.marks[-1] - self.marks[-2])
-        return sys.stderr.write(text)
+    def on_start(self, run: Training) -> None:
+        self.mark = time.process_time()
 
-    def flush(self) -> None:
-        sys.stderr.flush()
+    def on_epoch(self, run: Training, row: dict[str, Any], val: EvalStats) -> None:
+        now = time.process_time()
+        self.epoch_cpu_s.append(now - self.mark)
+        self.mark = now
+        self.images_per_s.append(row["images_per_s"])
 
 
 def run_cnnkit(root: str, epochs: int, out: str, **options) -> dict:
-    import csv
-
     import cnnkit
+    from cnnkit.train import loop
 
     clock = EpochClock()
-    result = cnnkit.train(model="simple_cnn", data=root, val_split=0.1, epochs=epochs, batch_size=64, out=out,
-                          progress=False, log=clock, **options)
-    with open(os.path.join(out, "metrics.csv")) as f:
-        speeds = [float(row["images_per_s"]) for row in csv.DictReader(f)]
+    # What cnnkit.train runs, with these callbacks instead of its own (TensorBoard, test-time augmentation, plots),
+    # which these options leave off.
+    result = loop.train(model="simple_cnn", data=root, val_split=0.1, epochs=epochs, batch_size=64, out=out,
+                        progress=False, log=sys.stderr, callbacks=clock, **options)
+    speeds = clock.images_per_s
     # Per CPU-second, each epoch's training and validation together; the first epoch also compiles the fused loops.
     per_cpu = [result.num_train / s for s in clock.epoch_cpu_s]
     summary = cnnkit.summary("simple_cnn", input_size=(3, 32, 32))
@@ -252,6 +255,14 @@ def train_flop_per_image(layer_macs: list[int]) -> int:
     except the first layer's: nothing asks for the images' gradient, so 6 x MACs less 2 x the first layer's.
     """
     return 6 * sum(layer_macs) - 2 * (layer_macs[0] if layer_macs else 0)
+
+
+def part_flop_per_image(part: dict) -> float | None:
+    """The FLOPs of one image's training step in a part's result (cnnkit's parts; None for the others): its
+    ``flop_per_image``, or for results written before that was recorded, the count used then, 6 x MACs."""
+    if "flop_per_image" in part:
+        return part["flop_per_image"]
+    return 6 * part["macs_per_image"] if "macs_per_image" in part else None
 
 
 def percent_of(images_per_s: float, flop_per_image: float, gflops: float) -> float:
@@ -371,27 +382,27 @@ def combine_peak(runs: list[dict]) -> dict:
 
 def percent_rounds(part: dict, peak: dict) -> list[float] | None:
     """A part's share of the fp32 peak in each round, against the peak measured in that same round."""
-    if "rounds" not in part or len(peak.get("rounds", [])) != len(part["rounds"]) or "macs_per_image" not in part:
+    flop = part_flop_per_image(part)
+    if "rounds" not in part or len(peak.get("rounds", [])) != len(part["rounds"]) or flop is None:
         return None
-    flop = part.get("flop_per_image", 6 * part["macs_per_image"])
     return [percent_of(q["images_per_s"], flop, pk["fp32_gflops"]) for q, pk in zip(part["rounds"], peak["rounds"])]
 
 
 def product_share(part: dict, peak: dict, cpu: bool = False) -> str:
     """', X% of the 2048x2048 product's rate alone' (the kernel issue 22 measured other CPUs with), or ''."""
     key = "fp32_matmul_cpu_gflops" if cpu else "fp32_matmul_gflops"
-    if key not in peak or "macs_per_image" not in part:
+    flop = part_flop_per_image(part)
+    if key not in peak or flop is None:
         return ""
-    flop = part.get("flop_per_image", 6 * part["macs_per_image"])
     rate = part["images_per_cpu_s" if cpu else "images_per_s"] * flop / 1e9
     return f"; {100 * rate / peak[key]:.0f}% of the 2048x2048 product's {peak[key]:.1f} alone"
 
 
 def cpu_time_line(part: dict, peak: dict) -> str | None:
     """The fp32 part's share of the peak counted per second of CPU time instead of wall time."""
-    if not part.get("images_per_cpu_s") or not peak.get("fp32_cpu_gflops"):
+    flop = part_flop_per_image(part)
+    if not part.get("images_per_cpu_s") or not peak.get("fp32_cpu_gflops") or flop is None:
         return None
-    flop = part.get("flop_per_image", 6 * part["macs_per_image"])
     gflops = part["images_per_cpu_s"] * flop / 1e9
     rounds = [r["fp32_cpu_gflops"] for r in peak.get("rounds", [])]
     spread = f" (rounds: {', '.join(f'{x:.0f}' for x in rounds)})" if len(rounds) > 1 else ""
@@ -422,9 +433,9 @@ def peak_line(peak: dict) -> str:
 
 def achieved(p: dict, peak: dict) -> tuple[float, float, float | None] | None:
     """A cnnkit part's achieved GFLOP/s, its percentage of the fp32 peak and of its own precision's peak."""
-    if "macs_per_image" not in p or not peak:
+    flop = part_flop_per_image(p)
+    if flop is None or not peak:
         return None
-    flop = p.get("flop_per_image", 6 * p["macs_per_image"])  # results from before flop_per_image: the old count
     gflops = p["images_per_s"] * flop / 1e9
     own = peak.get(f"{p['precision']}_gflops")
     return (gflops, percent_of(p["images_per_s"], flop, peak["fp32_gflops"]),
@@ -467,7 +478,7 @@ def table(r: dict) -> str:
                  "each round against the peak measured in it)" if per_round else f"**{got[1]:.0f}%**")
         lines += ["", f"simple_cnn end to end in fp32 runs at {share} of the fp32 matrix-product rate "
                       f"measured in this run ({fp32['images_per_s']:,.0f} images/s x "
-                      f"{fp32.get('flop_per_image', 6 * fp32['macs_per_image']) / 1e6:.1f} MFLOP per image / "
+                      f"{part_flop_per_image(fp32) / 1e6:.1f} MFLOP per image / "
                       f"{peak['fp32_gflops']:.0f} GFLOP/s: {got[1]:.0f}% of the medians; the target on AVX2-only "
                       "CPUs is 90% or more)" + product_share(fp32, peak) + "."]
         per_cpu = cpu_time_line(fp32, peak)

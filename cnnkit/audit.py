@@ -23,6 +23,7 @@ from typing import Iterator
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cnnkit.choices import is_model_file
 from cnnkit.errors import UserError
 from cnnkit.modes import preserve_modes
 from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable
@@ -151,7 +152,7 @@ def audit(model_or_run: str | nn.Module, freeze: str | None = None, unfreeze: st
         if not plan_given:
             freeze, unfreeze, stages = cfg.get("freeze"), cfg.get("unfreeze"), cfg.get("stages")
         epochs = cfg.get("epochs")
-    elif os.sep in model_or_run or model_or_run.endswith((".pt", ".pth", ".safetensors")):
+    elif os.sep in model_or_run or is_model_file(model_or_run):
         raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
     else:
         from cnnkit.models.registry import create_model

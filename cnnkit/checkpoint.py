@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.atomic import atomic_torch_save
+from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
@@ -159,10 +160,10 @@ def read_payload(path: str) -> dict[str, Any]:
     path = resolve_checkpoint_path(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely — use another")
-    if path.lower().endswith(".safetensors"):
+    if is_format(path, "safetensors"):
         return _read_safetensors(path)
     # An export given where the checkpoint goes is a usage error (exit code 2), not a file that failed to load.
-    if path.lower().endswith(".onnx"):
+    if is_format(path, "onnx"):
         raise UserError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
                               "checkpoint (.pt or .safetensors) it was exported from")
     if _is_torchscript(path):

@@ -26,8 +26,22 @@ BUILTIN = ("shapes", *TORCHVISION_DATASETS)
 SHAPES_TRAIN, SHAPES_VAL = 8000, 2000
 # The endings a file of each format must have: `cnnkit predict` and `load_checkpoint` recognise formats by them.
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}  # cnnkit/export.py
+# The endings of a file that holds a model: a checkpoint's (.pt, and .pth, which state dicts are often saved as)
+# or an export's (FORMATS).
+MODEL_SUFFIXES = tuple(dict.fromkeys((".pt", ".pth", *(end for ends in FORMATS.values() for end in ends))))
 # Near-duplicates (cnnkit/data/checks.py), bits of 64, measured on CIFAR-10 (benchmarks/duplicate_threshold.py):
 # within 6 bits lie 99% of copies brightened 1.2x and re-saved at JPEG quality 80 (94% within 4) and 95% of copies
 # brightened 1.3x and saved at 70, while at most 0.35% of distinct photos had a different photo within 6 bits among
 # 50,000 (1.3% within 8, 7% within 10). Hashes have 32 bits set, so distances are even: 6 and 7 are the same.
 DEFAULT_THRESHOLD = 6
+
+
+def is_model_file(path: str) -> bool:
+    """Whether ``path`` ends as a checkpoint or an exported model does (MODEL_SUFFIXES), in any case (MODEL.PT is one):
+    the test for "a model file was meant" where a name or data was expected, whether or not the file exists."""
+    return path.lower().endswith(MODEL_SUFFIXES)
+
+
+def is_format(path: str, format: str) -> bool:
+    """Whether ``path`` ends as an export of ``format`` (a FORMATS key) does, in any case (model.ONNX is one)."""
+    return path.lower().endswith(FORMATS[format])

@@ -15,7 +15,7 @@ from cnnkit.choices import (
     AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
     SCHEDULES, SHAPES_TRAIN,
 )
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, did_you_mean
 from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
@@ -109,18 +109,15 @@ class _Parser(argparse.ArgumentParser):
 def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """The error for ``extras``, the words ``parser`` does not know, with the nearest option to the first unknown
     option where one is close."""
-    import difflib
-
     message = f"unrecognized arguments: {' '.join(extras)}"
+    word = next((w for w in extras if w.startswith("-")), None)
+    if word is None:
+        return message
     # Compared without their dashes, which every option shares and which would make unrelated names look close.
-    known = {o.lstrip("-"): o for a in parser._actions for o in a.option_strings}
-    for word in extras:
-        if word.startswith("-"):
-            close = difflib.get_close_matches(word.split("=", 1)[0].lstrip("-"), list(known), n=1, cutoff=0.7)
-            if close:
-                return f"{message}; did you mean {known[close[0]]}?"
-            break
-    return message
+    # A stricter cutoff than elsewhere: option names are short and share their hyphenated parts, so at the usual
+    # 0.6 --lrate would get --layer, --out-dir --data-dir and --threads --threshold.
+    options = [o for a in parser._actions for o in a.option_strings]
+    return message + did_you_mean(word.split("=", 1)[0].lstrip("-"), options, cutoff=0.7, key=lambda o: o.lstrip("-"))
 
 
 def _positive_int(text: str) -> int:
@@ -723,18 +720,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
                         "[changed flags] --out NEW_DIR)")
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    diverged = None
     try:
         result = train(args.config, log=log, resume=args.resume, **given)
     except NonFiniteLoss as e:
-        # a diverged run wrote its result.json: --json prints it as for any run, the error still goes to stderr
-        if args.json and os.environ.get("RANK", "0") == "0" and e.result is not None:
-            print(strict_json.dumps(dataclasses.asdict(e.result)))
-        raise
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
-        return 0
-    if args.json:
+        # a diverged run wrote its result.json (unless it had no run folder yet): --json prints it as for any run,
+        # then the error still goes to stderr
+        result, diverged = e.result, e
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    if args.json and reports and result is not None:
         print(strict_json.dumps(dataclasses.asdict(result)))
-    else:
+    if diverged is not None:
+        raise diverged
+    if not reports:
+        return 0
+    if not args.json:
         tta = f", with test-time augmentation {result.tta_val_acc:.4f}" if result.tta_val_acc is not None else ""
         # The best epoch is the monitored metric's: name it, so that a lower accuracy there does not read as a mistake
         best = (f"best {result.best_val_acc:.4f} at epoch {result.best_epoch}" if result.monitor == "val_acc" else

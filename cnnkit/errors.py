@@ -4,6 +4,10 @@ The CLI prints a UserError as one line on stderr and exits with its ``exit_code`
 and shows a traceback with ``--debug``.
 """
 
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
 
 class UserError(Exception):
     """Bad input: a wrong option, a missing path, an unknown name. Exit code 2."""
@@ -48,3 +52,22 @@ def shown(value: object, limit: int = 80) -> str:
     r.maxstring, r.maxother, r.maxlong = 40, 40, 40
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, known: Iterable[str], most: int = 1, cutoff: float = 0.6,
+                 key: Callable[[str], str] | None = None) -> str:
+    """The end of an error message about an unknown ``word``: ``"; did you mean X?"`` naming the entries of
+    ``known`` closest to it (up to ``most`` of them, ``"X, Y or Z"``, closest first), or ``""`` when none is close.
+
+    ``cutoff``: the similarity a name needs, difflib's ratio from 0 to 1 (the share of matching characters);
+    ``key``: what of each name is compared (the name itself by default), while the name is what is shown.
+    """
+    import difflib
+
+    names = list(known)
+    compared = [key(n) for n in names] if key else names
+    close = difflib.get_close_matches(word, compared, n=most, cutoff=cutoff)
+    if not close:
+        return ""
+    found = [names[compared.index(c)] for c in close]
+    return f"; did you mean {found[0] if len(found) == 1 else ', '.join(found[:-1]) + ' or ' + found[-1]}?"

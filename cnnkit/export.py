@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.atomic import atomic_path
-from cnnkit.choices import FORMATS
+from cnnkit.choices import FORMATS, is_format
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
 from cnnkit.modes import eval_mode
@@ -133,7 +133,7 @@ def _check_out(out: str, format: str, source: str) -> None:
     endings = FORMATS[format]
     if os.path.isdir(out):
         raise UserError(f"--out {out} is a folder; give a file path such as {os.path.join(out, 'model' + endings[0])}")
-    if not out.lower().endswith(endings):
+    if not is_format(out, format):
         raise UserError(f"--out {out}: {format} exports must end in {' or '.join(endings)}, "
                         "which is how cnnkit recognises them")
     if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from cnnkit.choices import is_format
 from cnnkit.data.images import image_paths, load_batch_array
 from cnnkit.errors import UserError
 from cnnkit.runtime import OnnxModel
@@ -40,7 +41,7 @@ def predict(
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
     threads = resolve_threads(threads)
-    if isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx"):
+    if isinstance(checkpoint, str) and is_format(checkpoint, "onnx"):
         if ema:
             raise UserError(f"--ema picks the EMA weights of a run folder; {checkpoint} is an ONNX file with one set "
                             "of weights (export best_ema.pt to ONNX for the EMA's)")

@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 
 from cnnkit.checkpoint import read_payload, unpickling_refused
+from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
-    if path.endswith(".safetensors"):
+    if is_format(path, "safetensors"):
         from safetensors.torch import load_file
 
         try:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from benchmarks.train_speed import achieved, parse_cpuinfo, peak_line, percent_of, train_flop_per_image
+from benchmarks.train_speed import (achieved, cpu_time_line, parse_cpuinfo, peak_line, percent_of, percent_rounds,
+                                    product_share, train_flop_per_image)
 
 # simple_cnn at 3x32x32: conv 3->32, conv 32->64, conv 64->128, linear 2048->256, linear 256->10
 SIMPLE_CNN_MACS = [884_736, 4_718_592, 4_718_592, 524_288, 2_560]
@@ -71,18 +72,35 @@ def test_each_round_is_compared_with_the_peak_measured_in_it():
     assert percent_rounds(part, {"fp32_gflops": 80.0}) is None  # a peak measured once: no pairs
 
 
-def test_epoch_clock_notes_cpu_time_from_the_header_to_each_epoch_line(capsys):
+def test_epoch_clock_notes_each_epochs_speed_and_cpu_time_through_cnnkits_callbacks(tmp_path):
+    import csv
+    import io
+
     from benchmarks.train_speed import EpochClock
+    from cnnkit.train import loop
 
     clock = EpochClock()
-    clock.write("cnnkit: a warning first\n")
-    assert clock.marks == []
-    clock.write("cnnkit: simple_cnn (620,362 parameters) on 45,000 training and 5,000 validation images\n")
-    sum(i * i for i in range(200_000))  # some CPU time
-    clock.write("epoch 1/2  train loss 1.8 acc 0.3  val loss 1.4 acc 0.5  138 images/s\n")
-    clock.write("epoch 2/2  train loss 1.5 acc 0.4  val loss 1.3 acc 0.5  140 images/s\n")
-    assert len(clock.epoch_cpu_s) == 2 and clock.epoch_cpu_s[0] > 0 and clock.epoch_cpu_s[1] >= 0
-    assert "epoch 2/2" in capsys.readouterr().err  # the lines still reach stderr
+    log = io.StringIO()
+    result = loop.train(model="simple_cnn", data="shapes", num_samples=128, batch_size=32, epochs=2,
+                        out=str(tmp_path / "run"), progress=False, log=log, callbacks=clock)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert clock.images_per_s == pytest.approx([float(row["images_per_s"]) for row in csv.DictReader(f)])
+    assert len(clock.images_per_s) == result.epochs == 2
+    assert len(clock.epoch_cpu_s) == 2 and all(s > 0 for s in clock.epoch_cpu_s)
+    assert "epoch 2/2" in log.getvalue()  # the log still gets cnnkit's lines
+
+
+def test_old_results_count_the_flops_they_counted_then():
+    from benchmarks.train_speed import part_flop_per_image
+
+    flop = train_flop_per_image(SIMPLE_CNN_MACS)
+    assert part_flop_per_image({"macs_per_image": sum(SIMPLE_CNN_MACS), "flop_per_image": flop}) == flop
+    assert part_flop_per_image({"macs_per_image": 10}) == 60  # written before flop_per_image was recorded
+    assert part_flop_per_image({"images_per_s": 100.0}) is None  # the seed loop: no MACs counted
+    peak = {"fp32_gflops": 100.0, "fp32_matmul_gflops": 50.0, "fp32_cpu_gflops": 80.0}
+    seed = {"images_per_s": 100.0, "images_per_cpu_s": 90.0, "rounds": [{"images_per_s": 100.0}]}
+    assert achieved(seed, peak) is None and percent_rounds(seed, {**peak, "rounds": [peak]}) is None
+    assert product_share(seed, peak) == "" and cpu_time_line(seed, peak) is None
 
 
 def test_the_share_of_the_product_alone_is_given_beside_the_peaks():

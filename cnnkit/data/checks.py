@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.checkpoint import load_checkpoint
-from cnnkit.choices import DEFAULT_THRESHOLD
+from cnnkit.choices import DEFAULT_THRESHOLD, is_model_file
 from cnnkit.data import cache
 from cnnkit.data.loader import channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
@@ -96,7 +96,7 @@ def check_data(
         ckpt = load_checkpoint(model)  # its own input size and channels, as eval and predict use them
         input_size, channels = input_size or ckpt.input_size, channels or ckpt.channels
     elif model is not None:
-        if os.sep in model or model.endswith((".pt", ".pth", ".safetensors")):
+        if os.sep in model or is_model_file(model):
             raise UserError(f"--model {model} does not exist; pass a model name, a run folder or a checkpoint")
         check_model_name(model)  # before minutes of decoding
     train, val = load_splits(DataSpec(data, data_dir, False, val_data, val_split, input_size, channels))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from cnnkit.choices import BUILTIN, FORMATS, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS
+from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
 from cnnkit.data import cache
 from cnnkit.data.images import image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
@@ -263,8 +263,6 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's
-# a checkpoint's, or an export's (FORMATS), in any case
-MODEL_SUFFIXES = tuple(dict.fromkeys((".pt", ".pth", *(suffix for suffixes in FORMATS.values() for suffix in suffixes))))
 
 
 def _run_or_checkpoint(root: str) -> str | None:
@@ -285,7 +283,7 @@ def _run_or_checkpoint(root: str) -> str | None:
                     f"class folders of images; pass the data instead: a folder with one sub-folder of images per "
                     f"class, or {', '.join(BUILTIN)} (each run's config.json names its data)")
         what = f"{root} is a training run's folder (config.json, {', '.join(found)}), not images"
-    elif root.lower().endswith(MODEL_SUFFIXES):
+    elif is_model_file(root):
         run = run_info(os.path.dirname(root) or ".")
         what = f"{root} is a model file, not images"
     else:

@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, did_you_mean
 from cnnkit.modes import eval_mode
 
 
@@ -30,10 +29,8 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UserError(f"the model has no layer '{name}'{hint}; `cnnkit features MODEL --list-layers` shows the "
-                    f"{len(modules) - 1} names")
+    raise UserError(f"the model has no layer '{name}'{did_you_mean(name, modules, most=3)} (`cnnkit features MODEL "
+                    f"--list-layers` shows the {len(modules) - 1} names)")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cnnkit.choices import is_model_file
 from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
@@ -116,7 +117,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
                             f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
                               ckpt.config)
-    if os.sep in model_or_run or model_or_run.endswith((".pt", ".pth")):
+    if os.sep in model_or_run or is_model_file(model_or_run):
         raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
     check_model_name(model_or_run)
     size = default_input_size(model_or_run)

@@ -8,7 +8,6 @@ num_classes, in_channels, input_size), which is what a checkpoint stores to rebu
 from __future__ import annotations
 
 import collections.abc
-import difflib
 import inspect
 import numbers
 import types
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from cnnkit.errors import UserError, shown
+from cnnkit.errors import UserError, did_you_mean, shown
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -70,9 +69,8 @@ def check_model_name(name: str) -> None:
     """Raise a UserError, with close matches, unless ``name`` is a registered model."""
     _ensure_loaded(name)
     if name not in _FACTORIES:
-        close = difflib.get_close_matches(name, list(_FACTORIES), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown model '{name}'{hint}; `cnnkit models` lists the {len(_FACTORIES)} available")
+        raise UserError(f"unknown model '{name}'{did_you_mean(name, _FACTORIES, most=3)} (`cnnkit models` lists "
+                        f"the {len(_FACTORIES)} available)")
 
 
 def create_model(

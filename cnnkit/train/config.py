@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from cnnkit.errors import UserError, shown
+from cnnkit.errors import UserError, did_you_mean, shown
 
 
 @dataclass
@@ -200,13 +200,11 @@ def read_config_file(path: str) -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted((key for key in values if key not in hints), key=str)
     if unknown:
-        import difflib
-
         names = ", ".join(k if isinstance(k, str) and len(k) <= 40 else shown(k) for k in unknown[:5])
         names += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         first = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 40 else ""
-        close = difflib.get_close_matches(first, hints, n=1) if first else []
-        hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(f.name for f in fields(TrainConfig))}"
+        hint = ((did_you_mean(first, hints) if first else "")
+                or f"; known keys: {', '.join(f.name for f in fields(TrainConfig))}")
         raise UserError(f"--config {path}: unknown key(s) {names}{hint}")
     checked = {name: _checked(name, value, hints[name], path) for name, value in values.items()}
     if "model_options" in checked:  # as --model-opt reads them: lists become tuples
