@@ -619,6 +619,10 @@ def train_one_epoch(
     # read as non-finite too, long after training has diverged): no per-step work, which a small CPU model's
     # step notices (see docs/design.md). nan="skip" must decide per step, so it reads each one.
     checked = state.batch  # every batch before this one had a finite loss
+    # nan="stop": (loss, rate) of each batch since the last check, so that a failed check can name the batch whose
+    # loss first went non-finite and the rate it ran at (a schedule has moved on by the time the check runs).
+    # The rate is a Python float the optimizer holds: keeping it reads nothing from the device.
+    window: list[tuple[torch.Tensor, float]] = []
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
@@ -630,6 +634,8 @@ def train_one_epoch(
             loss = criterion(logits, targets)
         if step_losses is not None:
             step_losses.append(loss.detach())
+        if nan == "stop":
+            window.append((loss.detach(), optimizer.param_groups[0]["lr"]))
         if nan == "skip" and not _all_finite(loss):
             for b, saved in zip(bn_buffers, bn_before):
                 b.copy_(saved)
@@ -648,7 +654,7 @@ def train_one_epoch(
         state.batch += 1
         if nan == "stop" and (state.batch % NAN_CHECK_EVERY == 0 or state.batch == len(loader)
                               or (save_every and state.batch % (save_every * accum_steps) == 0)):
-            checked = _check_finite(loss_sum, checked, state, optimizer)
+            checked = _check_finite(loss_sum, checked, state, window)
         if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
             if pending:
                 norm = _optimizer_step(model, optimizer, scaler, clip_grad, ema)
@@ -660,7 +666,7 @@ def train_one_epoch(
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
             if stop is not None and _any_process_stopping(stop):
                 if nan == "stop":
-                    _check_finite(loss_sum, checked, state, optimizer)  # the caller saves what it has: it must be good
+                    _check_finite(loss_sum, checked, state, window)  # the caller saves what it has: it must be good
                 break
             if save_every and save and state.batch % (save_every * accum_steps) == 0 and state.batch < len(loader):
                 save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
@@ -693,19 +699,32 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
     return norm
 
 
-def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optimizer: torch.optim.Optimizer) -> int:
+def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState,
+                  window: list[tuple[torch.Tensor, float]]) -> int:
     """Raise NonFiniteLoss if the running loss sum has become non-finite on any process since batch ``checked``
-    (before which all was finite); else return the batch up to which all is now known finite."""
+    (before which all was finite); else empty ``window`` and return the batch up to which all is now known finite.
+    ``window``: (loss, learning rate) of each batch after ``checked``; the message names the first batch whose
+    loss is non-finite on any process and its rate."""
     bad = distributed.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.int32).reshape(1))
-    if bad.item():
+    if not bad.item():
+        window.clear()
+        return state.batch
+    # Only here, once the run has failed, are the window's losses read: summed over processes (in float64, so
+    # that the sum of finite losses does not overflow), a non-finite loss on any of them shows.
+    losses = distributed.all_reduce_sum(torch.stack([loss for loss, _ in window]).double()) if window else None
+    first = (~torch.isfinite(losses)).nonzero() if losses is not None else []
+    if len(first):
+        i = int(first[0])
+        where, rate = f"at batch {checked + 1 + i}", f"lr {window[i][1]:.3g}"
+    else:  # every loss finite, their running sum not (over 3e38): no one batch to name
         where = f"at batch {state.batch}" if checked + 1 == state.batch else \
             f"between batches {checked + 1} and {state.batch}"
-        raise NonFiniteLoss(
-            f"the loss became non-finite {where} of this epoch (lr {optimizer.param_groups[0]['lr']:.3g}); likely "
-            "causes: a learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
-            "--clip-grad 1.0, or pass --nan skip"
-        )
-    return state.batch
+        rates = [r for _, r in window] or [float("nan")]
+        rate = f"lr {min(rates):.3g}" + (f" to {max(rates):.3g}" if max(rates) != min(rates) else "")
+    raise NonFiniteLoss(
+        f"the loss became non-finite {where} of this epoch ({rate}); likely causes: a learning rate too high, "
+        "exploding gradients, or bad input values. Lower --lr, add --clip-grad 1.0, or pass --nan skip"
+    )
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
             cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, out=str(tmp_path / "run"))
     finally:
         _FACTORIES.pop("nan_in_epoch2")
-    assert str(e.value).startswith("epoch 2: the loss became non-finite between batches 1 and 6 of this epoch")
+    assert str(e.value).startswith("epoch 2: the loss became non-finite at batch 2 of this epoch")
     assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1), both from" in str(e.value)
     # steps.csv, last written at the end of epoch 1, also holds epoch 2's steps up to the poisoned one (its 2nd)
     rows = [row.split(",") for row in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
@@ -342,9 +342,10 @@ def test_a_diverged_auto_lr_run_says_where_the_rate_came_from(tmp_path):
             f"'{found['method']}', in lr_find.json)") in str(e.value)
 
 
-def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
-    # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: the message names the
-    # batches since the last good check, the poisoned one among them (the third: NaN on every third batch).
+def test_nan_stop_names_the_first_non_finite_batch_whatever_the_checks_interval(tmp_path, monkeypatch):
+    # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: once it has failed, the
+    # message names the batch whose loss first went non-finite (the third: NaN on every third batch), not the
+    # stretch since the last good check.
     from cnnkit.train import loop
 
     @register_model
@@ -352,13 +353,29 @@ def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
         return _SometimesNaN(num_classes, in_channels)
 
     try:
-        cases = ((1, "at batch 3 of"), (2, "between batches 3 and 4 of"), (4, "between batches 1 and 4 of"))
-        for every, where in cases:
+        for every in (1, 2, 4):
             monkeypatch.setattr(loop, "NAN_CHECK_EVERY", every)
-            with pytest.raises(NonFiniteLoss, match=where):
+            with pytest.raises(NonFiniteLoss, match="non-finite at batch 3 of this epoch"):
                 cnnkit.train(**TINY, model="sometimes_nan", epochs=1, out=str(tmp_path / f"run{every}"))
     finally:
         _FACTORIES.pop("sometimes_nan")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "onecycle"])
+def test_nan_stop_quotes_the_rate_of_the_step_that_went_non_finite(tmp_path, schedule):
+    # The loss goes NaN at batch 2 of epoch 2 (the schedule's step 7 of 3 x 6); the check runs after batch 6, when
+    # the schedule has moved on to step 11. The rate quoted, in the message and so in stop.json and result.json,
+    # is step 7's.
+    from cnnkit.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    with _registered("nan_in_epoch2", _NaNInEpoch2), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, lr=0.1, schedule=schedule, out=str(out))
+    failing, at_check = 0.1 * lr_factor(schedule, 7, 18, 0), 0.1 * lr_factor(schedule, 11, 18, 0)
+    assert f"{failing:.3g}" != f"{at_check:.3g}"  # else the test could not tell them apart
+    assert str(e.value).startswith(f"epoch 2: the loss became non-finite at batch 2 of this epoch (lr {failing:.3g});")
+    assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
+    assert json.loads((out / "result.json").read_text())["stop_reason"] == "diverged: " + str(e.value)
 
 
 def test_clip_grad_logs_the_norm_before_clipping(tmp_path):
