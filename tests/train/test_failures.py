@@ -482,3 +482,81 @@ def test_train_json_prints_a_diverged_runs_result(tmp_path):
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads((out / "result.json").read_text())
     assert printed["stop_reason"].startswith("diverged: epoch 1:") and printed["val_acc"] is None
+
+
+def test_an_epochs_weights_are_scanned_once_for_all_its_saves(tmp_path, monkeypatch):
+    # best.pt, best-epochNNN.pt, last_ema.pt, best_ema.pt and last.pt of an epoch hold the weights the end-of-epoch
+    # check has just found finite (the model's and the EMA's, in one scan): the saves do not scan them again.
+    from cnnkit.train import loop
+
+    scans = []
+    real = loop.non_finite_tensors
+    monkeypatch.setattr(loop, "non_finite_tensors", lambda state_dict: scans.append(len(state_dict)) or real(state_dict))
+    out = tmp_path / "run"
+    cnnkit.train(**TINY, model="cnn_bn", epochs=2, ema=0.9, keep_best=2, out=str(out))
+    assert {"best.pt", "best-epoch001.pt", "last_ema.pt", "best_ema.pt", "last.pt"} <= set(os.listdir(out))
+    tensors = len(cnnkit.create_model("cnn_bn").state_dict())
+    assert scans == [2 * tensors] * 2  # one scan an epoch, of the model's and the EMA's tensors together
+
+
+def _finite_files(out):
+    """Whether every checkpoint in ``out`` holds finite weights, its EMA's (to resume from) included."""
+    def finite(state_dict):
+        return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+    for name in [f for f in os.listdir(out) if f.endswith(".pt")]:
+        payload = torch.load(out / name, weights_only=True)
+        ema = (payload.get("resume") or {}).get("ema")
+        if not finite(payload["state_dict"]) or (ema and not finite(ema["state_dict"])):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("save", ["end of epoch", "save every", "signal"])
+def test_an_ema_that_is_no_longer_finite_never_reaches_a_checkpoint(tmp_path, monkeypatch, save):
+    # The weight EMA goes NaN at the second step of epoch 2 (6 steps an epoch) while the model stays finite:
+    # last.pt carries the EMA to resume from, so every save of it (mid-epoch, on a signal, at the epoch's end)
+    # must refuse it, and an epoch whose EMA is not finite is neither validated nor saved.
+    import signal
+
+    from cnnkit.train import loop
+
+    class BreakingEMA(loop.WeightEMA):
+        def update(self, model):
+            super().update(model)
+            if self.updates == 8:
+                with torch.no_grad():
+                    next(self.module.parameters()).fill_(float("nan"))
+                if save == "signal":
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "WeightEMA", BreakingEMA)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="cnn_bn", epochs=3, ema=0.9, save_every=1 if save == "save every" else 0,
+                     out=str(out))
+    consequence = "this epoch was neither validated nor saved" if save == "end of epoch" else \
+        f"{out / 'last.pt'} was not written"
+    assert str(e.value).startswith(
+        f"epoch 2: the weights are no longer finite (NaN or inf in ema.features.0.weight), so {consequence}; ")
+    assert _finite_files(out) and (out / "last.pt").exists()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # epoch 1's row only
+
+
+def test_weights_changed_after_the_epochs_check_are_checked_again_by_the_saves(tmp_path):
+    # The saves skip the scan only for the very weights the end-of-epoch check passed, unchanged since: a caller's
+    # step that spoils them in place afterwards (here the epoch's callback) is caught before best.pt is written.
+    from cnnkit.train.loop import Callbacks, train
+
+    class Spoil(Callbacks):
+        def on_epoch(self, run, row, val):
+            if row["epoch"] == 2:
+                with torch.no_grad():
+                    run.model.features[1].running_var.fill_(float("inf"))
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        train(None, callbacks=Spoil(), **TINY, model="cnn_bn", epochs=3, out=str(out))
+    assert "(NaN or inf in features.1.running_var), so " in str(e.value) and "was not written" in str(e.value)
+    assert _finite_files(out)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
