@@ -578,9 +578,10 @@ def _refuse_non_finite(t: Training, parts: dict[str, dict[str, Any]], consequenc
     """Raise NonFiniteLoss, on every process alike, if a state dict of ``parts`` (the prefix its tensors are named
     with in the message, "" for the model's and "ema." for the weight EMA's: the state dict) holds a NaN or an
     infinity on any process: each decides from the count summed over processes, so none is left waiting at a
-    barrier for a save that will not come (BatchNorm statistics can differ between processes). A state dict the end-of-epoch check found finite
-    (``t.finite_weights``), whose tensors are the same and unchanged since, is not scanned again; every process
-    skips alike, since each ran the same check and nothing trains between it and the epoch's saves."""
+    barrier for a save that will not come (BatchNorm statistics can differ between processes). A state dict the
+    end-of-epoch check found finite (``t.finite_weights``), whose tensors are the same and unchanged since, is not
+    scanned again; every process skips alike, since each ran the same check and nothing trains between it and
+    the epoch's saves."""
     todo = {prefix: sd for prefix, sd in parts.items()
             if (f := _fingerprint(sd)) is None or f not in t.finite_weights}
     if not todo:
