@@ -491,7 +491,7 @@ def test_an_epochs_weights_are_scanned_once_for_all_its_saves(tmp_path, monkeypa
 
     scans = []
     real = loop.non_finite_tensors
-    monkeypatch.setattr(loop, "non_finite_tensors", lambda state_dict: scans.append(len(state_dict)) or real(state_dict))
+    monkeypatch.setattr(loop, "non_finite_tensors", lambda sd: scans.append(len(sd)) or real(sd))
     out = tmp_path / "run"
     cnnkit.train(**TINY, model="cnn_bn", epochs=2, ema=0.9, keep_best=2, out=str(out))
     assert {"best.pt", "best-epoch001.pt", "last_ema.pt", "best_ema.pt", "last.pt"} <= set(os.listdir(out))
