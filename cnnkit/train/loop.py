@@ -206,8 +206,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
             row = _validate(t, callbacks)
             _save_epoch(t, row)
             if t.state.stop_reason:
-                print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
-                      f"{t.state.best_epoch}", file=t.log)
+                if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
+                    print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
+                          f"{t.state.best_epoch}", file=t.log)
                 break
     return _finish(t, callbacks, start, wall_start)
 
@@ -366,7 +367,7 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
     if t.ema is not None:
         t.ema.load_state_dict(state["ema"])
     if run.stop_reason:
-        raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
+        raise UserError(f"{run_dir} ended early ({run.stop_reason}); there is nothing to resume")
     if run.epoch > t.plan.total_epochs:
         raise UserError(f"{run_dir} finished all {t.plan.total_epochs} epochs already; there is nothing to resume")
     if run.best_score is None and run.best_epoch and t.cfg.monitor == "val_acc":  # a run saved before --monitor
@@ -471,7 +472,9 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
         run.stop_best, run.bad_epochs = score, 0
     else:
         run.bad_epochs += 1
-    if cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
+    if _all_memorised(t) and epoch < t.plan.total_epochs:  # --overfit-batches has shown what it is for
+        run.stop_reason = f"memorised the {cfg.overfit_batches} batches at epoch {epoch}"
+    elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
     _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt")
@@ -485,7 +488,8 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
     cfg, p, last = t.cfg, t.pieces, t.last
     measured = callbacks.on_end(t)
     if cfg.overfit_batches:
-        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches), file=t.log)
+        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches, t.epoch,
+                              t.plan.total_epochs), file=t.log)
     result = _result(t, start, wall_start, t.state.stop_reason or "completed", **measured)
     _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(t.ctx)
@@ -610,12 +614,25 @@ def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: Epoc
     _save(t, _checkpoint(t, state, t.epoch), "last.pt")
 
 
-def overfit_verdict(acc: float, loss: float, images: int, batches: int) -> str:
+def _all_memorised(t: Training) -> bool:
+    """Whether an --overfit-batches run's last epoch got every one of its images right, in eval mode (its
+    validation images are its training images): the model and the loss can fit them, so training on is moot."""
+    return bool(t.cfg.overfit_batches) and t.last is not None and t.last.val.acc == 1.0
+
+
+def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: int, epochs: int) -> str:
     """Whether ``--overfit-batches`` memorised its batches: ``acc`` and ``loss`` in eval mode on the very
-    ``images`` it trained on."""
+    ``images`` it trained on, after ``epoch`` of the run's ``epochs`` (the run stops at the first epoch that
+    gets all of them right)."""
     head = f"cnnkit: --overfit-batches {batches}: "
+    if acc == 1.0:
+        early = f"; stopped there, {epochs - epoch} of {epochs} epochs early" if epoch < epochs else ""
+        return head + (f"memorised the {batches} batches at epoch {epoch}: the model and loss can fit; all "
+                       f"{images} images it trained on right in eval mode (loss {loss:.3g}){early}")
     if acc >= MEMORISED_ACC:
-        return head + f"memorised: accuracy {acc:.4f} on the {images} images it trained on (in eval mode)"
+        wrong = images - round(acc * images)
+        return head + (f"memorised: accuracy {acc:.4f} on the {images} images it trained on (in eval mode), all but "
+                       f"{wrong} right after {epoch} epochs: the model and loss can fit")
     return head + (f"NOT memorised: accuracy {acc:.4f} (loss {loss:.3f}) on the {images} images it trained on, where "
                    f"a healthy model and data pipeline reach {MEMORISED_ACC} or more. If the loss is still falling, "
                    "give it more --epochs or a higher --lr; if not, suspect labels that do not match the images, "
