@@ -367,7 +367,7 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
     if t.ema is not None:
         t.ema.load_state_dict(state["ema"])
     if run.stop_reason:
-        raise UserError(f"{run_dir} ended early ({run.stop_reason}); there is nothing to resume")
+        raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
     if run.epoch > t.plan.total_epochs:
         raise UserError(f"{run_dir} finished all {t.plan.total_epochs} epochs already; there is nothing to resume")
     if run.best_score is None and run.best_epoch and t.cfg.monitor == "val_acc":  # a run saved before --monitor
