@@ -149,8 +149,6 @@ class Training:
     epoch: int = 1  # the epoch under way
     last: EpochFigures | None = None
     step_losses: list[torch.Tensor] = field(default_factory=list)  # the epoch's step losses not yet in steps.csv
-    # _fingerprint()s of the state dicts the end-of-epoch check found finite; emptied when training steps start
-    finite_weights: list[tuple] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -202,7 +200,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
             t.epoch = epoch
             _train_epoch(t, stop)
-            _check_epoch_weights(t)
+            _check_epoch_weights(t, "this epoch was neither validated nor saved")
             row = _validate(t, callbacks)
             _save_epoch(t, row)
             if t.state.stop_reason:
@@ -386,7 +384,6 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
         t.stage = _start_stage(t, t.stage.index + 1)
         _write_json(t.run_dir, "stages.json", t.stage_log)
     t.pieces.train_loader.set_epoch(epoch)
-    t.finite_weights = []  # the steps change the weights: every save until the epoch's end checks them again
     if t.epoch_state.lr is None:
         t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
     step_losses = t.step_losses  # emptied by each write to steps.csv
@@ -417,7 +414,6 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
     run.train_seconds += es.seconds
     run.images_seen += es.seen
     run.skipped_batches += es.skipped
-    checked = bool(t.finite_weights) and t.finite_weights == _fingerprints(t)
     val = evaluate_model(t.model, p.val_loader, len(p.classes), device, amp)
     if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
         largest = max(w.detach().abs().max().item() for w in t.model.parameters())
@@ -425,8 +421,6 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
         raise NonFiniteLoss(f"the model's outputs on the validation images are no longer finite (its largest "
                             f"weight is {largest:.3g}{skipped_all}); lower --lr or add --clip-grad 1.0")
     ema_val = evaluate_model(t.ema.module, p.val_loader, len(p.classes), device, amp) if t.ema else None
-    if checked:  # evaluation runs BatchNorm in eval mode, whose kernel PyTorch counts as an in-place change of
-        _mark_checked(t)  # the running statistics although none changes: the weights checked are still these
     t.last = EpochFigures(train_loss, train_acc, val, ema_val)
     per_class = per_class_metrics(val.confusion, p.classes)
     macro = macro_averages(val.confusion, per_class)
@@ -451,22 +445,25 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
 def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     """The checkpoints after an epoch (best.pt, best-epochNNN.pt, the EMA's, last.pt) and early stopping's count."""
     cfg, run, epoch = t.cfg, t.state, t.epoch
+    # One scan for all of the epoch's files, which hold these same weights (the model's and the EMA's; last.pt
+    # both), made here rather than trusted from before validation: the epoch's callbacks ran since.
+    _check_epoch_weights(t, "this epoch's checkpoints were not written")
     # best.pt, best-epochNNN.pt and best_ema.pt are written before last.pt: a crash in between replays
     # this epoch on resume, which writes them again.
     score = row[cfg.monitor]
     if run.best_score is None or _better(score, run.best_score, cfg.monitor):
-        _save(t, _weights(t, t.model, epoch), "best.pt")  # first: a refused save (weights not finite) is no best
+        _save(t, _weights(t, t.model, epoch), "best.pt", checked=True)
         run.best_score, run.best_acc, run.best_epoch = score, row["val_acc"], epoch
     if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
-        _save(t, _weights(t, t.model, epoch), _best_file(epoch))
+        _save(t, _weights(t, t.model, epoch), _best_file(epoch), checked=True)
         run.kept_best = sorted(run.kept_best + [[score, epoch]],
                                key=lambda k: (-MONITORS[cfg.monitor] * k[0], k[1]))[: cfg.keep_best]
     if t.ema is not None:
-        _save(t, _weights(t, t.ema.module, epoch), "last_ema.pt")
+        _save(t, _weights(t, t.ema.module, epoch), "last_ema.pt", checked=True)
         ema_score = row["ema_" + cfg.monitor]
         if run.best_ema_score is None or _better(ema_score, run.best_ema_score, cfg.monitor):
             run.best_ema_score = ema_score
-            _save(t, _weights(t, t.ema.module, epoch), "best_ema.pt")
+            _save(t, _weights(t, t.ema.module, epoch), "best_ema.pt", checked=True)
     # Early stopping: patience counts epochs since the monitored metric last improved by more than min_delta.
     if run.stop_best is None or _better(score, run.stop_best, cfg.monitor, cfg.min_delta):
         run.stop_best, run.bad_epochs = score, 0
@@ -477,7 +474,7 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
-    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt")
+    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt", checked=True)
     if t.ctx.main:
         _prune_best_files(t.run_dir, run.kept_best)
     t.epoch_state = EpochState()
@@ -537,75 +534,42 @@ def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[s
                        "ema": t.ema.state_dict() if t.ema is not None else None}}
 
 
-def _save(t: Training, payload: dict[str, Any], name: str) -> str:
+def _save(t: Training, payload: dict[str, Any], name: str, checked: bool = False) -> str:
     """Write ``payload`` to the run folder's ``name``; its path. Weights that are no longer finite are refused:
-    a good checkpoint is never replaced by NaNs."""
+    a good checkpoint is never replaced by NaNs. ``checked``: the caller has just checked these weights
+    (``_check_epoch_weights``), so they are not scanned again."""
     path = os.path.join(t.run_dir, name)
-    parts = {"": payload["state_dict"]}
-    if (payload.get("resume") or {}).get("ema"):  # last.pt: the weight EMA's, to resume from, are weights too
-        parts["ema."] = payload["resume"]["ema"]["state_dict"]
-    _refuse_non_finite(t, parts, f"{path} was not written")
+    if not checked:
+        parts = {"": payload["state_dict"]}
+        if (payload.get("resume") or {}).get("ema"):  # last.pt: the weight EMA's, to resume from, are weights too
+            parts["ema."] = payload["resume"]["ema"]["state_dict"]
+        _refuse_non_finite(t, parts, f"{path} was not written")
     if t.ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
         save_checkpoint(payload, path)
     distributed.barrier(t.ctx)
     return path
 
 
-def _check_epoch_weights(t: Training) -> None:
-    """After an epoch's steps, before it is validated: raise NonFiniteLoss if the weights it would save, the
-    model's and the weight EMA's, are no longer finite. Its saves (best.pt, best-epochNNN.pt, the EMA's files,
-    last.pt) then skip the scan of these same weights, unless they changed in between (``_refuse_non_finite``):
-    one scan and one all-reduce an epoch instead of one per file."""
-    _refuse_non_finite(t, _epoch_weights(t), "this epoch was neither validated nor saved")
-    _mark_checked(t)
-
-
-def _epoch_weights(t: Training) -> dict[str, dict[str, Any]]:
-    """The state dicts an epoch's saves write, by the prefix ``_refuse_non_finite`` names their tensors with."""
+def _check_epoch_weights(t: Training, consequence: str) -> None:
+    """Raise NonFiniteLoss if the weights an epoch's files hold, the model's and the weight EMA's, are no longer
+    finite: one scan and one all-reduce for all of them."""
     parts = {"": t.model.state_dict()}
     if t.ema is not None:
         parts["ema."] = t.ema.module.state_dict()
-    return parts
-
-
-def _mark_checked(t: Training) -> None:
-    """Record the epoch's weights, as they are now, as found finite (``t.finite_weights``)."""
-    t.finite_weights = _fingerprints(t)
-
-
-def _fingerprints(t: Training) -> list[tuple]:
-    """The ``_fingerprint`` of each of the epoch's state dicts that has one."""
-    return [f for f in map(_fingerprint, _epoch_weights(t).values()) if f is not None]
+    _refuse_non_finite(t, parts, consequence)
 
 
 def _refuse_non_finite(t: Training, parts: dict[str, dict[str, Any]], consequence: str) -> None:
-    """Raise NonFiniteLoss, on every process alike, if a state dict of ``parts`` (the prefix its tensors are named
-    with in the message, "" for the model's and "ema." for the weight EMA's: the state dict) holds a NaN or an
-    infinity on any process: each decides from the count summed over processes, so none is left waiting at a
-    barrier for a save that will not come (BatchNorm statistics can differ between processes). A state dict the
-    end-of-epoch check found finite (``t.finite_weights``), whose tensors are the same and unchanged since, is not
-    scanned again; every process skips alike, since each ran the same check and nothing trains between it and
-    the epoch's saves."""
-    todo = {prefix: sd for prefix, sd in parts.items()
-            if (f := _fingerprint(sd)) is None or f not in t.finite_weights}
-    if not todo:
-        return
-    bad = non_finite_tensors({prefix + name: v for prefix, sd in todo.items() for name, v in sd.items()})
+    """Raise NonFiniteLoss, on every process alike, if a state dict of ``parts`` (by the prefix its tensors are
+    named with in the message: "" for the model's, "ema." for the weight EMA's) holds a NaN or an infinity on any
+    process: each decides from the count summed over processes, so none is left waiting at a barrier for a save
+    that will not come (BatchNorm statistics can differ between processes)."""
+    bad = non_finite_tensors({prefix + name: v for prefix, sd in parts.items() for name, v in sd.items()})
     if distributed.all_reduce_sum(torch.tensor([len(bad)], dtype=torch.int32, device=t.machine.device)).item():
         where = (", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")) if bad else \
             "another process's copy"
         raise NonFiniteLoss(f"the weights are no longer finite (NaN or inf in {where}), so {consequence}; lower "
                             "--lr or add --clip-grad 1.0")
-
-
-def _fingerprint(state_dict: dict[str, Any]) -> tuple | None:
-    """Which tensors ``state_dict`` holds and how many in-place changes each has had (PyTorch's version counter,
-    which a state dict's detached tensors share with the parameters and buffers): equal fingerprints, the same
-    unchanged weights. None where a tensor keeps no counter (made under inference mode): always scanned."""
-    try:
-        return tuple((name, v.data_ptr(), v._version) for name, v in state_dict.items() if torch.is_tensor(v))
-    except RuntimeError:
-        return None
 
 
 def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: EpochState) -> None:

@@ -484,9 +484,10 @@ def test_train_json_prints_a_diverged_runs_result(tmp_path):
     assert printed["stop_reason"].startswith("diverged: epoch 1:") and printed["val_acc"] is None
 
 
-def test_an_epochs_weights_are_scanned_once_for_all_its_saves(tmp_path, monkeypatch):
-    # best.pt, best-epochNNN.pt, last_ema.pt, best_ema.pt and last.pt of an epoch hold the weights the end-of-epoch
-    # check has just found finite (the model's and the EMA's, in one scan): the saves do not scan them again.
+def test_an_epochs_weights_are_scanned_twice_not_once_per_file(tmp_path, monkeypatch):
+    # An epoch's weights (the model's and the EMA's, in one scan) are checked after its steps, before validation,
+    # and once more for all of its files (best.pt, best-epochNNN.pt, last_ema.pt, best_ema.pt and last.pt),
+    # which then are not scanned one by one.
     from cnnkit.train import loop
 
     scans = []
@@ -496,7 +497,7 @@ def test_an_epochs_weights_are_scanned_once_for_all_its_saves(tmp_path, monkeypa
     cnnkit.train(**TINY, model="cnn_bn", epochs=2, ema=0.9, keep_best=2, out=str(out))
     assert {"best.pt", "best-epoch001.pt", "last_ema.pt", "best_ema.pt", "last.pt"} <= set(os.listdir(out))
     tensors = len(cnnkit.create_model("cnn_bn").state_dict())
-    assert scans == [2 * tensors] * 2  # one scan an epoch, of the model's and the EMA's tensors together
+    assert scans == [2 * tensors] * 4  # two scans an epoch, of the model's and the EMA's tensors together
 
 
 def _finite_files(out):
@@ -544,8 +545,8 @@ def test_an_ema_that_is_no_longer_finite_never_reaches_a_checkpoint(tmp_path, mo
 
 
 def test_weights_changed_after_the_epochs_check_are_checked_again_by_the_saves(tmp_path):
-    # The saves skip the scan only for the very weights the end-of-epoch check passed, unchanged since: a caller's
-    # step that spoils them in place afterwards (here the epoch's callback) is caught before best.pt is written.
+    # The epoch's files are checked after its callbacks ran: one that spoils the weights in place after the
+    # end-of-epoch check is caught before best.pt is written.
     from cnnkit.train.loop import Callbacks, train
 
     class Spoil(Callbacks):
@@ -557,6 +558,6 @@ def test_weights_changed_after_the_epochs_check_are_checked_again_by_the_saves(t
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss) as e:
         train(None, callbacks=Spoil(), **TINY, model="cnn_bn", epochs=3, out=str(out))
-    assert "(NaN or inf in features.1.running_var), so " in str(e.value) and "was not written" in str(e.value)
+    assert "(NaN or inf in features.1.running_var), so this epoch's checkpoints were not written" in str(e.value)
     assert _finite_files(out)
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
