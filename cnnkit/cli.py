@@ -444,7 +444,8 @@ def _regularisation_options(p: argparse._ArgumentGroup, d: TrainConfig) -> None:
     p.add_argument("--keep-best", type=int, default=d.keep_best, metavar="N",
                    help="also keep the N best epochs as best-epochNNN.pt")
     p.add_argument("--overfit-batches", type=_positive_int, default=d.overfit_batches, metavar="N",
-                   help="sanity check: train and validate on the same N batches, without augmentation")
+                   help="sanity check: train and validate on the same N batches, without augmentation; stops "
+                        "once every image is right")
     p.add_argument("--smoke", action="store_true",
                    help="a quick sanity run of this command line: at most 2 epochs of 5 batches, small validation")
 

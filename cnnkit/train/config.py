@@ -120,7 +120,8 @@ class TrainResult:
     tta_val_acc: float | None = None  # the last epoch's validation accuracy with test-time augmentation
     wall_time_s: float = 0.0  # from the call to train() to its return: data loading, set-up and evaluation included
     epochs_run: int = 0  # fewer than `epochs` when early stopping ended the run
-    stop_reason: str = ""  # why the run ended: "completed", the early-stopping rule that fired, or "diverged: ..."
+    stop_reason: str = ""  # why the run ended: "completed", the early-stopping rule that fired, "memorised the N
+    # batches at epoch E" (--overfit-batches got every image right), or "diverged: ..."
     # (a diverged run's result.json holds the last finished epoch's figures, null where no epoch finished)
     monitor: str = "val_acc"  # the metric that picked best.pt (best_epoch; best_val_acc is that epoch's val acc)
     best_score: float = 0.0  # the monitored metric at best_epoch

@@ -200,12 +200,13 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
             t.epoch = epoch
             _train_epoch(t, stop)
-            _refuse_non_finite(t, t.model.state_dict(), "this epoch was neither validated nor saved")
+            _check_epoch_weights(t, "this epoch was neither validated nor saved")
             row = _validate(t, callbacks)
             _save_epoch(t, row)
             if t.state.stop_reason:
-                print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
-                      f"{t.state.best_epoch}", file=t.log)
+                if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
+                    print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
+                          f"{t.state.best_epoch}", file=t.log)
                 break
     return _finish(t, callbacks, start, wall_start)
 
@@ -444,31 +445,36 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
 def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     """The checkpoints after an epoch (best.pt, best-epochNNN.pt, the EMA's, last.pt) and early stopping's count."""
     cfg, run, epoch = t.cfg, t.state, t.epoch
+    # One scan for all of the epoch's files, which hold these same weights (the model's and the EMA's; last.pt
+    # both), made here rather than trusted from before validation: the epoch's callbacks ran since.
+    _check_epoch_weights(t, "this epoch's checkpoints were not written")
     # best.pt, best-epochNNN.pt and best_ema.pt are written before last.pt: a crash in between replays
     # this epoch on resume, which writes them again.
     score = row[cfg.monitor]
     if run.best_score is None or _better(score, run.best_score, cfg.monitor):
-        _save(t, _weights(t, t.model, epoch), "best.pt")  # first: a refused save (weights not finite) is no best
+        _save(t, _weights(t, t.model, epoch), "best.pt", checked=True)
         run.best_score, run.best_acc, run.best_epoch = score, row["val_acc"], epoch
     if cfg.keep_best and _ranks_in(score, run.kept_best, cfg.keep_best, cfg.monitor):
-        _save(t, _weights(t, t.model, epoch), _best_file(epoch))
+        _save(t, _weights(t, t.model, epoch), _best_file(epoch), checked=True)
         run.kept_best = sorted(run.kept_best + [[score, epoch]],
                                key=lambda k: (-MONITORS[cfg.monitor] * k[0], k[1]))[: cfg.keep_best]
     if t.ema is not None:
-        _save(t, _weights(t, t.ema.module, epoch), "last_ema.pt")
+        _save(t, _weights(t, t.ema.module, epoch), "last_ema.pt", checked=True)
         ema_score = row["ema_" + cfg.monitor]
         if run.best_ema_score is None or _better(ema_score, run.best_ema_score, cfg.monitor):
             run.best_ema_score = ema_score
-            _save(t, _weights(t, t.ema.module, epoch), "best_ema.pt")
+            _save(t, _weights(t, t.ema.module, epoch), "best_ema.pt", checked=True)
     # Early stopping: patience counts epochs since the monitored metric last improved by more than min_delta.
     if run.stop_best is None or _better(score, run.stop_best, cfg.monitor, cfg.min_delta):
         run.stop_best, run.bad_epochs = score, 0
     else:
         run.bad_epochs += 1
-    if cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
+    if _all_memorised(t) and epoch < t.plan.total_epochs:  # --overfit-batches has shown what it is for
+        run.stop_reason = f"memorised the {cfg.overfit_batches} batches at epoch {epoch}"
+    elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
-    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt")
+    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt", checked=True)
     if t.ctx.main:
         _prune_best_files(t.run_dir, run.kept_best)
     t.epoch_state = EpochState()
@@ -479,7 +485,8 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
     cfg, p, last = t.cfg, t.pieces, t.last
     measured = callbacks.on_end(t)
     if cfg.overfit_batches:
-        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches), file=t.log)
+        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches, t.epoch,
+                              t.plan.total_epochs), file=t.log)
     result = _result(t, start, wall_start, t.state.stop_reason or "completed", **measured)
     _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(t.ctx)
@@ -527,22 +534,37 @@ def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[s
                        "ema": t.ema.state_dict() if t.ema is not None else None}}
 
 
-def _save(t: Training, payload: dict[str, Any], name: str) -> str:
+def _save(t: Training, payload: dict[str, Any], name: str, checked: bool = False) -> str:
     """Write ``payload`` to the run folder's ``name``; its path. Weights that are no longer finite are refused:
-    a good checkpoint is never replaced by NaNs."""
+    a good checkpoint is never replaced by NaNs. ``checked``: the caller has just checked these weights
+    (``_check_epoch_weights``), so they are not scanned again."""
     path = os.path.join(t.run_dir, name)
-    _refuse_non_finite(t, payload["state_dict"], f"{path} was not written")
+    if not checked:
+        parts = {"": payload["state_dict"]}
+        if (payload.get("resume") or {}).get("ema"):  # last.pt: the weight EMA's, to resume from, are weights too
+            parts["ema."] = payload["resume"]["ema"]["state_dict"]
+        _refuse_non_finite(t, parts, f"{path} was not written")
     if t.ctx.main:  # one writer; the others wait, so nobody reads a checkpoint before it exists
         save_checkpoint(payload, path)
     distributed.barrier(t.ctx)
     return path
 
 
-def _refuse_non_finite(t: Training, state_dict: dict[str, Any], consequence: str) -> None:
-    """Raise NonFiniteLoss, on every process alike, if ``state_dict`` holds a NaN or an infinity on any of them:
-    each decides from the count summed over processes, so none is left waiting at a barrier for a save that
-    will not come (BatchNorm statistics can differ between processes)."""
-    bad = non_finite_tensors(state_dict)
+def _check_epoch_weights(t: Training, consequence: str) -> None:
+    """Raise NonFiniteLoss if the weights an epoch's files hold, the model's and the weight EMA's, are no longer
+    finite: one scan and one all-reduce for all of them."""
+    parts = {"": t.model.state_dict()}
+    if t.ema is not None:
+        parts["ema."] = t.ema.module.state_dict()
+    _refuse_non_finite(t, parts, consequence)
+
+
+def _refuse_non_finite(t: Training, parts: dict[str, dict[str, Any]], consequence: str) -> None:
+    """Raise NonFiniteLoss, on every process alike, if a state dict of ``parts`` (by the prefix its tensors are
+    named with in the message: "" for the model's, "ema." for the weight EMA's) holds a NaN or an infinity on any
+    process: each decides from the count summed over processes, so none is left waiting at a barrier for a save
+    that will not come (BatchNorm statistics can differ between processes)."""
+    bad = non_finite_tensors({prefix + name: v for prefix, sd in parts.items() for name, v in sd.items()})
     if distributed.all_reduce_sum(torch.tensor([len(bad)], dtype=torch.int32, device=t.machine.device)).item():
         where = (", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")) if bad else \
             "another process's copy"
@@ -556,12 +578,25 @@ def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: Epoc
     _save(t, _checkpoint(t, state, t.epoch), "last.pt")
 
 
-def overfit_verdict(acc: float, loss: float, images: int, batches: int) -> str:
+def _all_memorised(t: Training) -> bool:
+    """Whether an --overfit-batches run's last epoch got every one of its images right, in eval mode (its
+    validation images are its training images): the model and the loss can fit them, so training on is moot."""
+    return bool(t.cfg.overfit_batches) and t.last is not None and t.last.val.acc == 1.0
+
+
+def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: int, epochs: int) -> str:
     """Whether ``--overfit-batches`` memorised its batches: ``acc`` and ``loss`` in eval mode on the very
-    ``images`` it trained on."""
+    ``images`` it trained on, after ``epoch`` of the run's ``epochs`` (the run stops at the first epoch that
+    gets all of them right)."""
     head = f"cnnkit: --overfit-batches {batches}: "
+    if acc == 1.0:
+        early = f"; stopped there, {epochs - epoch} of {epochs} epochs early" if epoch < epochs else ""
+        return head + (f"memorised the {batches} batches at epoch {epoch}: the model and loss can fit; all "
+                       f"{images} images it trained on right in eval mode (loss {loss:.3g}){early}")
     if acc >= MEMORISED_ACC:
-        return head + f"memorised: accuracy {acc:.4f} on the {images} images it trained on (in eval mode)"
+        wrong = images - round(acc * images)
+        return head + (f"memorised: accuracy {acc:.4f} on the {images} images it trained on (in eval mode), all but "
+                       f"{wrong} right after {epoch} epochs: the model and loss can fit")
     return head + (f"NOT memorised: accuracy {acc:.4f} (loss {loss:.3f}) on the {images} images it trained on, where "
                    f"a healthy model and data pipeline reach {MEMORISED_ACC} or more. If the loss is still falling, "
                    "give it more --epochs or a higher --lr; if not, suspect labels that do not match the images, "
@@ -619,6 +654,10 @@ def train_one_epoch(
     # read as non-finite too, long after training has diverged): no per-step work, which a small CPU model's
     # step notices (see docs/design.md). nan="skip" must decide per step, so it reads each one.
     checked = state.batch  # every batch before this one had a finite loss
+    # nan="stop": (loss, rate) of each batch since the last check, so that a failed check can name the batch whose
+    # loss first went non-finite and the rate it ran at (a schedule has moved on by the time the check runs).
+    # The rate is a Python float the optimizer holds: keeping it reads nothing from the device.
+    window: list[tuple[torch.Tensor, float]] = []
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
@@ -630,6 +669,8 @@ def train_one_epoch(
             loss = criterion(logits, targets)
         if step_losses is not None:
             step_losses.append(loss.detach())
+        if nan == "stop":
+            window.append((loss.detach(), optimizer.param_groups[0]["lr"]))
         if nan == "skip" and not _all_finite(loss):
             for b, saved in zip(bn_buffers, bn_before):
                 b.copy_(saved)
@@ -648,7 +689,7 @@ def train_one_epoch(
         state.batch += 1
         if nan == "stop" and (state.batch % NAN_CHECK_EVERY == 0 or state.batch == len(loader)
                               or (save_every and state.batch % (save_every * accum_steps) == 0)):
-            checked = _check_finite(loss_sum, checked, state, optimizer)
+            checked = _check_finite(loss_sum, checked, state, window)
         if state.batch % accum_steps == 0 or state.batch == len(loader):  # an optimizer step
             if pending:
                 norm = _optimizer_step(model, optimizer, scaler, clip_grad, ema)
@@ -660,7 +701,7 @@ def train_one_epoch(
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
             if stop is not None and _any_process_stopping(stop):
                 if nan == "stop":
-                    _check_finite(loss_sum, checked, state, optimizer)  # the caller saves what it has: it must be good
+                    _check_finite(loss_sum, checked, state, window)  # the caller saves what it has: it must be good
                 break
             if save_every and save and state.batch % (save_every * accum_steps) == 0 and state.batch < len(loader):
                 save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
@@ -693,19 +734,32 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
     return norm
 
 
-def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState, optimizer: torch.optim.Optimizer) -> int:
+def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState,
+                  window: list[tuple[torch.Tensor, float]]) -> int:
     """Raise NonFiniteLoss if the running loss sum has become non-finite on any process since batch ``checked``
-    (before which all was finite); else return the batch up to which all is now known finite."""
+    (before which all was finite); else empty ``window`` and return the batch up to which all is now known finite.
+    ``window``: (loss, learning rate) of each batch after ``checked``; the message names the first batch whose
+    loss is non-finite on any process and its rate."""
     bad = distributed.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.int32).reshape(1))
-    if bad.item():
+    if not bad.item():
+        window.clear()
+        return state.batch
+    # Only here, once the run has failed, are the window's losses read: summed over processes (in float64, so
+    # that the sum of finite losses does not overflow), a non-finite loss on any of them shows.
+    losses = distributed.all_reduce_sum(torch.stack([loss for loss, _ in window]).double()) if window else None
+    first = (~torch.isfinite(losses)).nonzero() if losses is not None else []
+    if len(first):
+        i = int(first[0])
+        where, rate = f"at batch {checked + 1 + i}", f"lr {window[i][1]:.3g}"
+    else:  # every loss finite, their running sum not (over 3e38): no one batch to name
         where = f"at batch {state.batch}" if checked + 1 == state.batch else \
             f"between batches {checked + 1} and {state.batch}"
-        raise NonFiniteLoss(
-            f"the loss became non-finite {where} of this epoch (lr {optimizer.param_groups[0]['lr']:.3g}); likely "
-            "causes: a learning rate too high, exploding gradients, or bad input values. Lower --lr, add "
-            "--clip-grad 1.0, or pass --nan skip"
-        )
-    return state.batch
+        rates = [r for _, r in window] or [float("nan")]
+        rate = f"lr {min(rates):.3g}" + (f" to {max(rates):.3g}" if max(rates) != min(rates) else "")
+    raise NonFiniteLoss(
+        f"the loss became non-finite {where} of this epoch ({rate}); likely causes: a learning rate too high, "
+        "exploding gradients, or bad input values. Lower --lr, add --clip-grad 1.0, or pass --nan skip"
+    )
 
 
 @contextlib.contextmanager

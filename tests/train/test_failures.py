@@ -135,7 +135,7 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
             cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, out=str(tmp_path / "run"))
     finally:
         _FACTORIES.pop("nan_in_epoch2")
-    assert str(e.value).startswith("epoch 2: the loss became non-finite between batches 1 and 6 of this epoch")
+    assert str(e.value).startswith("epoch 2: the loss became non-finite at batch 2 of this epoch")
     assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1), both from" in str(e.value)
     # steps.csv, last written at the end of epoch 1, also holds epoch 2's steps up to the poisoned one (its 2nd)
     rows = [row.split(",") for row in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
@@ -342,9 +342,10 @@ def test_a_diverged_auto_lr_run_says_where_the_rate_came_from(tmp_path):
             f"'{found['method']}', in lr_find.json)") in str(e.value)
 
 
-def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
-    # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: the message names the
-    # batches since the last good check, the poisoned one among them (the third: NaN on every third batch).
+def test_nan_stop_names_the_first_non_finite_batch_whatever_the_checks_interval(tmp_path, monkeypatch):
+    # The finite-loss check reads the running loss sum every NAN_CHECK_EVERY batches: once it has failed, the
+    # message names the batch whose loss first went non-finite (the third: NaN on every third batch), not the
+    # stretch since the last good check.
     from cnnkit.train import loop
 
     @register_model
@@ -352,13 +353,29 @@ def test_nan_stop_names_the_batches_between_two_checks(tmp_path, monkeypatch):
         return _SometimesNaN(num_classes, in_channels)
 
     try:
-        cases = ((1, "at batch 3 of"), (2, "between batches 3 and 4 of"), (4, "between batches 1 and 4 of"))
-        for every, where in cases:
+        for every in (1, 2, 4):
             monkeypatch.setattr(loop, "NAN_CHECK_EVERY", every)
-            with pytest.raises(NonFiniteLoss, match=where):
+            with pytest.raises(NonFiniteLoss, match="non-finite at batch 3 of this epoch"):
                 cnnkit.train(**TINY, model="sometimes_nan", epochs=1, out=str(tmp_path / f"run{every}"))
     finally:
         _FACTORIES.pop("sometimes_nan")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "onecycle"])
+def test_nan_stop_quotes_the_rate_of_the_step_that_went_non_finite(tmp_path, schedule):
+    # The loss goes NaN at batch 2 of epoch 2 (the schedule's step 7 of 3 x 6); the check runs after batch 6, when
+    # the schedule has moved on to step 11. The rate quoted, in the message and so in stop.json and result.json,
+    # is step 7's.
+    from cnnkit.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    with _registered("nan_in_epoch2", _NaNInEpoch2), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, lr=0.1, schedule=schedule, out=str(out))
+    failing, at_check = 0.1 * lr_factor(schedule, 7, 18, 0), 0.1 * lr_factor(schedule, 11, 18, 0)
+    assert f"{failing:.3g}" != f"{at_check:.3g}"  # else the test could not tell them apart
+    assert str(e.value).startswith(f"epoch 2: the loss became non-finite at batch 2 of this epoch (lr {failing:.3g});")
+    assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
+    assert json.loads((out / "result.json").read_text())["stop_reason"] == "diverged: " + str(e.value)
 
 
 def test_clip_grad_logs_the_norm_before_clipping(tmp_path):
@@ -465,3 +482,82 @@ def test_train_json_prints_a_diverged_runs_result(tmp_path):
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads((out / "result.json").read_text())
     assert printed["stop_reason"].startswith("diverged: epoch 1:") and printed["val_acc"] is None
+
+
+def test_an_epochs_weights_are_scanned_twice_not_once_per_file(tmp_path, monkeypatch):
+    # An epoch's weights (the model's and the EMA's, in one scan) are checked after its steps, before validation,
+    # and once more for all of its files (best.pt, best-epochNNN.pt, last_ema.pt, best_ema.pt and last.pt),
+    # which then are not scanned one by one.
+    from cnnkit.train import loop
+
+    scans = []
+    real = loop.non_finite_tensors
+    monkeypatch.setattr(loop, "non_finite_tensors", lambda sd: scans.append(len(sd)) or real(sd))
+    out = tmp_path / "run"
+    cnnkit.train(**TINY, model="cnn_bn", epochs=2, ema=0.9, keep_best=2, out=str(out))
+    assert {"best.pt", "best-epoch001.pt", "last_ema.pt", "best_ema.pt", "last.pt"} <= set(os.listdir(out))
+    tensors = len(cnnkit.create_model("cnn_bn").state_dict())
+    assert scans == [2 * tensors] * 4  # two scans an epoch, of the model's and the EMA's tensors together
+
+
+def _finite_files(out):
+    """Whether every checkpoint in ``out`` holds finite weights, its EMA's (to resume from) included."""
+    def finite(state_dict):
+        return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+    for name in [f for f in os.listdir(out) if f.endswith(".pt")]:
+        payload = torch.load(out / name, weights_only=True)
+        ema = (payload.get("resume") or {}).get("ema")
+        if not finite(payload["state_dict"]) or (ema and not finite(ema["state_dict"])):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("save", ["end of epoch", "save every", "signal"])
+def test_an_ema_that_is_no_longer_finite_never_reaches_a_checkpoint(tmp_path, monkeypatch, save):
+    # The weight EMA goes NaN at the second step of epoch 2 (6 steps an epoch) while the model stays finite:
+    # last.pt carries the EMA to resume from, so every save of it (mid-epoch, on a signal, at the epoch's end)
+    # must refuse it, and an epoch whose EMA is not finite is neither validated nor saved.
+    import signal
+
+    from cnnkit.train import loop
+
+    class BreakingEMA(loop.WeightEMA):
+        def update(self, model):
+            super().update(model)
+            if self.updates == 8:
+                with torch.no_grad():
+                    next(self.module.parameters()).fill_(float("nan"))
+                if save == "signal":
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "WeightEMA", BreakingEMA)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="cnn_bn", epochs=3, ema=0.9, save_every=1 if save == "save every" else 0,
+                     out=str(out))
+    consequence = "this epoch was neither validated nor saved" if save == "end of epoch" else \
+        f"{out / 'last.pt'} was not written"
+    assert str(e.value).startswith(
+        f"epoch 2: the weights are no longer finite (NaN or inf in ema.features.0.weight), so {consequence}; ")
+    assert _finite_files(out) and (out / "last.pt").exists()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # epoch 1's row only
+
+
+def test_weights_changed_after_the_epochs_check_are_checked_again_by_the_saves(tmp_path):
+    # The epoch's files are checked after its callbacks ran: one that spoils the weights in place after the
+    # end-of-epoch check is caught before best.pt is written.
+    from cnnkit.train.loop import Callbacks, train
+
+    class Spoil(Callbacks):
+        def on_epoch(self, run, row, val):
+            if row["epoch"] == 2:
+                with torch.no_grad():
+                    run.model.features[1].running_var.fill_(float("inf"))
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        train(None, callbacks=Spoil(), **TINY, model="cnn_bn", epochs=3, out=str(out))
+    assert "(NaN or inf in features.1.running_var), so this epoch's checkpoints were not written" in str(e.value)
+    assert _finite_files(out)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1

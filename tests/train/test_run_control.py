@@ -85,8 +85,45 @@ def test_overfit_batches_defaults_memorise_and_the_run_says_so(tmp_path):
                      out=str(tmp_path / "run"), log=log)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["optimizer"], config["schedule"], config["weight_decay"]) == ("adamw", "constant", 0.0)
-    assert r.val_acc >= 0.99, (r.val_acc, r.val_loss)
-    assert "--overfit-batches 2: memorised: accuracy" in log.getvalue()
+    # It stops at the first epoch that gets every image right (in eval mode), and says so in one line
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(row["val_acc"]) == 1.0 for row in rows] == [False] * (len(rows) - 1) + [True]
+    epoch = len(rows)
+    assert r.val_acc == 1.0 and r.epochs_run == epoch < r.epochs == 60
+    assert r.stop_reason == f"memorised the 2 batches at epoch {epoch}"
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["stop_reason"] == r.stop_reason
+    (line,) = [x for x in log.getvalue().splitlines() if "--overfit-batches 2:" in x]
+    assert line.startswith(f"cnnkit: --overfit-batches 2: memorised the 2 batches at epoch {epoch}: the model and "
+                           "loss can fit; all 64 images it trained on right in eval mode")
+    assert line.endswith(f"stopped there, {60 - epoch} of 60 epochs early")
+    assert "early stop" not in log.getvalue()  # the one line says why it stopped
+
+
+def test_overfit_verdict_counts_the_images_a_nearly_memorised_run_still_gets_wrong():
+    from cnnkit.train.loop import overfit_verdict
+
+    assert overfit_verdict(0.995, 0.05, 200, 4, 60, 60) == (
+        "cnnkit: --overfit-batches 4: memorised: accuracy 0.9950 on the 200 images it trained on (in eval mode), all "
+        "but 1 right after 60 epochs: the model and loss can fit")
+    assert overfit_verdict(1.0, 0.01, 200, 4, 60, 60).endswith("right in eval mode (loss 0.01)")  # not stopped early
+
+
+def test_overfit_batches_stop_keeps_train_json_and_the_done_line_right(tmp_path):
+    from tests.conftest import run_cli
+
+    args = ["train", "--overfit-batches", 2, "--model", "cnn_bn", "--num-samples", 128, "--input-size", 16,
+            "--batch-size", 16, "--epochs", 10, "--lr", 3e-3, "--precision", "fp32"]
+    proc = run_cli(*args, "--json", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)  # stdout holds the result only: the verdict went to stderr
+    assert printed == json.loads((tmp_path / "run" / "result.json").read_text())
+    epoch = printed["epochs_run"]
+    assert printed["stop_reason"] == f"memorised the 2 batches at epoch {epoch}" and epoch < 10
+    assert printed["val_acc"] == 1.0 and printed["best_epoch"] == epoch
+    assert f"--overfit-batches 2: memorised the 2 batches at epoch {epoch}: the model and loss can fit" in proc.stderr
+    proc = run_cli(*args, "--out", tmp_path / "plain")
+    done = proc.stdout.strip().splitlines()[-2]
+    assert done.startswith(f"done: val acc 1.0000 (best 1.0000 at epoch {epoch})"), proc.stdout
 
 
 def test_overfit_batches_says_when_it_did_not_memorise(tmp_path):
