@@ -14,7 +14,7 @@ from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
-from cnnkit.evaluate import held_out_fraction, scores_training_images
+from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
@@ -108,11 +108,10 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
     scored = (val_data, None) if val_data is not None else (
         data, val_split if val_split is not None or data in BUILTIN else DEFAULT_FOLDER_SPLIT)
     if backbone.config and scores_training_images(backbone.config, *scored):
-        held = held_out_fraction(backbone.config)
-        fix = f"pass --val-split {held:g} (or less), or " if held is not None and val_data is None else ""
-        warnings.append(f"{scored[0]} is the training data of the backbone {model_or_run}, so the probe's validation "
-                        f"images include images the backbone trained on and its val acc overstates; {fix}probe on "
-                        "data the backbone did not train on")
+        # --val-data is scored whole: no fraction of it picks held-out images (DATA is what the probe trains on)
+        warnings.append(training_images_warning(backbone.config, *scored,
+                                                "probe on data the backbone did not train on",
+                                                "--val-split" if val_data is None else None))
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)
