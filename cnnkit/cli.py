@@ -565,7 +565,9 @@ def _features_of_data_options(p: argparse.ArgumentParser) -> None:
 
 def _embed_options(p: argparse.ArgumentParser) -> None:
     _features_of_data_options(p)
-    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--out", required=True, metavar="FILE.npy",
+                   help="the features, one row per image; beside it FILE.labels.npy (class indices) and "
+                        "FILE.paths.csv (each row's image file, label and class)")
 
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
@@ -859,7 +861,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size,
               head_from=args.head_from, device=args.device)
-    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']} (labels beside it)")
+    rows = "image file, label and class" if r["files"] else "label and class"
+    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels to {r['labels']} and each "
+          f"row's {rows} to {r['paths']}")
     return 0
 
 
