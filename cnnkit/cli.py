@@ -517,8 +517,9 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
     _output_options(p)
     p.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
     p.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
-    p.add_argument("--steps", type=_positive_int, default=200,
-                   help="steps of the test; it stops earlier when the loss blows up (default: 200)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="steps of the test; it stops earlier when the loss blows up (default: 200, but at most 4 "
+                        "passes over the training images and at least 50 steps)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
 
