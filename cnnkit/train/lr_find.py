@@ -51,12 +51,12 @@ passes over 900 training images: the test then mostly measures how well the mode
 shorter sweep grows the rate faster per step, so the moving average remembers fewer steps (``default_smoothing``: a
 quarter of the sweep, as at 200 steps) and lags the curve by the same span of rates that the margins above were
 measured with; with 0.98, a 39-step sweep (810 images) ended at lr 10 without its smoothed loss showing the blow-up
-that the losses themselves showed from 0.51. On the first 300 and 600 images a class of ``cifar3a``
-(benchmarks/lr_find_rules.py; 810 and 1,620 training images, batch 64), ``convnet``'s suggestion from the shorter
-default sweep was somewhat lower than from 200 steps: 0.033, 0.033 and 0.046 (50 steps, seeds 0-2) against 0.046,
-0.074 and 0.063 on 810 images, 0.035 (100 steps) against 0.046 on 1,620, where fixed rates 0.01, 0.03 and 0.1
-trained ``convnet`` to within two validation images of each other (benchmarks/results/lr_find_rules.md);
-``simple_cnn``'s curve stayed flat, and its default kept, at every length.
+that the losses themselves showed from 0.51. On the first 300 and 600 images a class of ``cifar3a`` (810 and 1,620
+training images, batch 64; benchmarks/results/lr_find_steps.md), ``convnet``'s suggestion from the shorter default
+sweep was somewhat lower than from 200 steps: 0.033, 0.033 and 0.046 (50 steps, seeds 0-2) against 0.046, 0.074 and
+0.063 on 810 images, 0.035 (100 steps) against 0.046 on 1,620, where fixed rates 0.01, 0.03 and 0.1 trained
+``convnet`` to within two validation images of each other (benchmarks/results/lr_find_rules.md); ``simple_cnn``'s
+curve stayed flat, and its default kept, at every length.
 
 The test runs on its own freshly built model and optimizer, so nothing it does reaches a later training run;
 ``train(lr="auto")`` runs it first with the same configuration and trains with the suggestion (``config.json``
