@@ -91,10 +91,7 @@ def evaluate(
         eval_set = load_eval_set(spec)
         scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
     if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
-        data_scored, split_scored, option = scored
-        warnings.append(training_images_warning(cfg, data_scored, split_scored,
-                                                f"drop {option} to score the run's own validation images",
-                                                f"--data {data_scored} --val-split"))
+        warnings.append(_training_images_warning(cfg, *scored))
     if eval_set.classes != ckpt.classes:
         raise UserError(f"the data's classes {eval_set.classes[:10]} differ from the checkpoint's "
                         f"{ckpt.classes[:10]}; evaluate on data with the same class folders")
@@ -163,6 +160,12 @@ def _held_out_text(cfg: dict) -> str:
     if held is not None:
         return f"it held out {held:g} of each class"
     return f"its validation images were {cfg['val_data'] if cfg.get('val_data') else 'a separate set'}"
+
+
+def _training_images_warning(cfg: dict, data: str, val_split: float | None, option: str) -> str:
+    """Eval's ``training_images_warning``: the images ``option`` (--data or --val-data) and ``val_split`` picked."""
+    return training_images_warning(cfg, data, val_split, f"drop {option} to score the run's own validation images",
+                                   f"--data {data} --val-split")
 
 
 def training_images_warning(cfg: dict, data: str, val_split: float | None, alternative: str,
