@@ -123,7 +123,8 @@ def main() -> None:
         for pair in args.pairs:
             data_name, model = pair.split(":")
             data = datasets[data_name]
-            found = lr_find(model=model, **data, seed=0, progress=False, log=io.StringIO())
+            # 200 steps, as measured: on these 1,620 images the default would now be 4 passes, 100 steps
+            found = lr_find(model=model, **data, steps=200, seed=0, progress=False, log=io.StringIO())
             suggested = rules(found)
             print(data_name, model, {k: f"{v:.3g}" for k, v in suggested.items()}, flush=True)
             rows.append({"data": data_name, "model": model, "setting": "min/10", "lr": suggested.pop("min/10"),

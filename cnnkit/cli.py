@@ -517,8 +517,9 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
     _output_options(p)
     p.add_argument("--start-lr", type=_positive_float, default=1e-6, metavar="LR", help="(default: 1e-6)")
     p.add_argument("--end-lr", type=_positive_float, default=10.0, metavar="LR", help="(default: 10)")
-    p.add_argument("--steps", type=_positive_int, default=200,
-                   help="steps of the test; it stops earlier when the loss blows up (default: 200)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="steps of the test; it stops earlier when the loss blows up (default: 200, but at most 4 "
+                        "passes over the training images and at least 50 steps)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
 
@@ -566,7 +567,9 @@ def _features_of_data_options(p: argparse.ArgumentParser) -> None:
 
 def _embed_options(p: argparse.ArgumentParser) -> None:
     _features_of_data_options(p)
-    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--out", required=True, metavar="FILE.npy",
+                   help="the features, one row per image; beside it FILE.labels.npy (class indices) and "
+                        "FILE.paths.csv (each row's image file, label and class)")
 
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
@@ -868,7 +871,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size,
               head_from=args.head_from, device=args.device)
-    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']} (labels beside it)")
+    rows = "image file, label and class" if r["files"] else "label and class"
+    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels to {r['labels']} and each "
+          f"row's {rows} to {r['paths']}")
     return 0
 
 

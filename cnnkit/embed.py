@@ -3,6 +3,8 @@ good a backbone is for a new dataset, without fine-tuning anything."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass, field
 
@@ -10,11 +12,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cnnkit.atomic import atomic_write
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
 from cnnkit.errors import UserError
-from cnnkit.evaluate import held_out_fraction, scores_training_images
+from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import create_model
 from cnnkit.modes import eval_mode
@@ -75,16 +78,34 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
 
 def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, input_size: int | None = None,
           head_from: str | None = None, device: str = "cpu") -> dict:
-    """Write the penultimate features of every image in ``data`` to ``out`` (.npy) and the labels beside it
-    (``<out>.labels.npy``); returns a summary."""
+    """Write the penultimate features of every image in ``data`` to ``out`` (.npy, N x D float32), their labels
+    beside it (``<out>.labels.npy``, N class indices) and which image each row is (``<out>.paths.csv``, see
+    ``rows_csv``), each file written atomically; returns a summary with the three paths."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
     backbone = load_backbone(model_or_run, pretrained, head_from, device)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     feats = features(backbone, images)
-    np.save(out, feats)
-    np.save(out[:-4] + ".labels.npy", images.labels.numpy())
-    return {"out": out, "images": len(images), "dim": int(feats.shape[1]), "classes": images.classes}
+    labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
+    atomic_write(out, lambda f: np.save(f, feats))
+    atomic_write(labels, lambda f: np.save(f, images.labels.numpy()))
+    text = rows_csv(images).encode()
+    atomic_write(paths, lambda f: f.write(text))
+    return {"out": out, "labels": labels, "paths": paths, "images": len(images), "dim": int(feats.shape[1]),
+            "classes": images.classes, "files": images.paths is not None}
+
+
+def rows_csv(images: ImageSet) -> str:
+    """One CSV line per image of ``images``, in their order (that of the feature rows): ``row`` (from 0),
+    ``path`` (the image file as the folder's scan named it; empty for a built-in dataset, whose images are no
+    files), ``label`` (the class index) and ``class`` (its name)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["row", "path", "label", "class"])
+    paths = images.paths or [""] * len(images)
+    for row, (path, label) in enumerate(zip(paths, images.labels.tolist())):
+        writer.writerow([row, path, label, images.classes[label]])
+    return buffer.getvalue()
 
 
 @dataclass
@@ -108,11 +129,10 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
     scored = (val_data, None) if val_data is not None else (
         data, val_split if val_split is not None or data in BUILTIN else DEFAULT_FOLDER_SPLIT)
     if backbone.config and scores_training_images(backbone.config, *scored):
-        held = held_out_fraction(backbone.config)
-        fix = f"pass --val-split {held:g} (or less), or " if held is not None and val_data is None else ""
-        warnings.append(f"{scored[0]} is the training data of the backbone {model_or_run}, so the probe's validation "
-                        f"images include images the backbone trained on and its val acc overstates; {fix}probe on "
-                        "data the backbone did not train on")
+        # --val-data is scored whole: no fraction of it picks held-out images (DATA is what the probe trains on)
+        warnings.append(training_images_warning(backbone.config, *scored,
+                                                "probe on data the backbone did not train on",
+                                                "--val-split" if val_data is None else None))
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)

@@ -167,18 +167,27 @@ def _held_out_text(cfg: dict) -> str:
 
 
 def _training_images_warning(cfg: dict, data: str, val_split: float | None, option: str) -> str:
-    """One line: the images ``option`` (--data or --val-data) and ``val_split`` picked include training images."""
+    """Eval's ``training_images_warning``: the images ``option`` (--data or --val-data) and ``val_split`` picked."""
+    return training_images_warning(cfg, data, val_split, f"drop {option} to score the run's own validation images",
+                                   f"--data {data} --val-split")
+
+
+def training_images_warning(cfg: dict, data: str, val_split: float | None, alternative: str,
+                            held_out_options: str | None = None) -> str:
+    """One line, for eval and probe alike: the images ``data`` and ``val_split`` picked for measuring include
+    images the run configured by ``cfg`` trained on (``scores_training_images``). ``held_out_options``: the options
+    that, followed by the fraction the run held out, pick only its held-out images (None: no such fix there);
+    ``alternative``: the other way out, for the command at hand."""
     held = held_out_fraction(cfg)
     what = f"the --val-split {val_split:g} part" if val_split is not None else "all"
     if held is None:
         share = "all of those images are"
     else:  # each class is rounded to whole images, hence "about"
         share = f"about {1 - held / (val_split if val_split is not None else 1):.0%} of those images are"
-    fix = (f"pass --data {data} --val-split {held:g} (or less) to score only its held-out images, or "
-           if held is not None else "")
+    fix = (f"pass {held_out_options} {held:g} (or less) to score only its held-out images, or "
+           if held is not None and held_out_options else "")
     return (f"{data} is the run's training data: {what} of it is scored, and {share} in the run's training split "
-            f"({_held_out_text(cfg)}), so these figures overstate accuracy; {fix}drop {option} to score the "
-            "run's own validation images")
+            f"({_held_out_text(cfg)}), so these figures overstate accuracy; {fix}{alternative}")
 
 
 def confusion_text(result: EvalResult) -> str:

@@ -96,7 +96,14 @@ def test_probe_warns_when_its_validation_images_trained_the_backbone(run):
     assert probe(out, other, val_split=0.4).warnings == []
     assert probe("simple_cnn", data, val_split=0.4, input_size=32).warnings == []  # a model name trained on nothing
     warning, = probe(out, data, val_split=0.4).warnings
-    assert "backbone" in warning and "--val-split 0.1 (or less)" in warning
+    assert "--val-split 0.1 (or less)" in warning and warning.endswith("probe on data the backbone did not train on")
+    # The same situation as eval's, in the same words (one function writes both); only the ways out differ.
+    eval_warning, = evaluate(out, data, val_split=0.4).warnings
+    assert warning.split(";")[0] == eval_warning.split(";")[0]
+    assert "about 75% of those images are in the run's training split" in warning
+    # --val-data is scored whole: no --val-split fix, and the same sentence as eval's for --val-data
+    whole, = probe(out, other, val_data=data).warnings
+    assert "--val-split" not in whole and whole.split(";")[0] == evaluate(out, val_data=data).warnings[0].split(";")[0]
     proc = run_cli("probe", out, data, "--val-split", "0.4", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["warnings"] == [warning]

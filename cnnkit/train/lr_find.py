@@ -45,6 +45,19 @@ epochs at peaks 0.03 / 0.05 / 0.1 / 0.2 / 0.3 reached mean val accuracies of 0.3
 over seeds 0-2 (``benchmarks/lr_find_shapes.py --sweep``): when the plateau ends is close to chance, and above
 about 0.2 the network dies (every output alike) instead.
 
+How many steps: 200 (DEFAULT_STEPS), but on a small data set no more than 4 passes over its training images
+(MAX_PASSES) and no fewer than 50 steps (MIN_STEPS); ``--steps`` is taken as given. 200 steps of 64 images are 14
+passes over 900 training images: the test then mostly measures how well the model memorises them, and takes long. A
+shorter sweep grows the rate faster per step, so the moving average remembers fewer steps (``default_smoothing``: a
+quarter of the sweep, as at 200 steps) and lags the curve by the same span of rates that the margins above were
+measured with; with 0.98, a 39-step sweep (810 images) ended at lr 10 without its smoothed loss showing the blow-up
+that the losses themselves showed from 0.51. On the first 300 and 600 images a class of ``cifar3a`` (810 and 1,620
+training images, batch 64; benchmarks/results/lr_find_steps.md), ``convnet``'s suggestion from the shorter default
+sweep was somewhat lower than from 200 steps: 0.033, 0.033 and 0.046 (50 steps, seeds 0-2) against 0.046, 0.074 and
+0.063 on 810 images, 0.035 (100 steps) against 0.046 on 1,620, where fixed rates 0.01, 0.03 and 0.1 trained
+``convnet`` to within two validation images of each other (benchmarks/results/lr_find_rules.md); ``simple_cnn``'s
+curve stayed flat, and its default kept, at every length.
+
 The test runs on its own freshly built model and optimizer, so nothing it does reaches a later training run;
 ``train(lr="auto")`` runs it first with the same configuration and trains with the suggestion (``config.json``
 records the rate, so replaying the run with ``--config`` uses it again; ``lr_find.json`` the test's figures,
@@ -80,6 +93,10 @@ BLOWUP_METHOD = "capped at blow-up/{margin}"  # added to the method when the cap
 ONE_CYCLE_MARGIN = 3  # one-cycle's peak: the valley's edge divided by this (see the module doc)
 EDGE_SHARE = 0.1  # the valley ends where the smoothed loss is this share of the descent above its minimum
 FLAT_DROP = 0.05  # the smoothed loss must fall by 5% of its level for the curve to count as a descent
+# How many steps: DEFAULT_STEPS, but on a small data set at most MAX_PASSES passes over its training images and
+# at least MIN_STEPS (see the module doc, "How many steps").
+DEFAULT_STEPS, MAX_PASSES, MIN_STEPS = 200, 4, 50
+SMOOTHING = 0.98  # the loss's moving average at DEFAULT_STEPS or more: it remembers about a quarter of the sweep
 DrawCurve = Callable[["LrFindResult", str], "str | None"]  # draws a test's curve into a PNG file; returns its path
 
 
@@ -107,11 +124,14 @@ class LrFindResult:
                                               "blowup_lr", "steps", "plot")}
 
 
-def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 200,
-            smoothing: float = 0.98, diverge: float = 4.0, out: str | None = None, log: IO[str] | None = None,
-            progress: bool | None = None, draw: DrawCurve | None = None, **overrides) -> LrFindResult:
+def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0,
+            steps: int | None = None, smoothing: float | None = None, diverge: float = 4.0, out: str | None = None,
+            log: IO[str] | None = None, progress: bool | None = None, draw: DrawCurve | None = None,
+            **overrides) -> LrFindResult:
     """Run the range test for ``config`` (or keyword overrides of the training defaults): ``steps`` steps from
-    ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``out``: a
+    ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``steps``
+    None: ``default_steps`` (DEFAULT_STEPS, fewer on a small data set); ``smoothing`` (the moving average's
+    factor per step) None: ``default_smoothing(steps)``. ``out``: a
     folder (made if missing, as train's ``out``) that receives the figures, ``lr_find.json``, and the curve,
     ``lr_find.png``, drawn by ``draw`` (``cnnkit.lr_find`` passes ``cnnkit.report.plots.plot_lr_find``).
     ``config`` and ``overrides`` are merged as train's (cnnkit/train/options.py).
@@ -120,9 +140,9 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     cfg = make_config(config, overrides)
     if not 0 < start_lr < end_lr:
         raise UserError(f"the range test needs 0 < start lr < end lr, got {start_lr:g} and {end_lr:g}")
-    if steps < 10:
+    if steps is not None and steps < 10:
         raise UserError(f"the range test needs at least 10 steps to draw a curve, got {steps}")
-    if not 0 <= smoothing < 1 or not diverge > 1:
+    if smoothing is not None and not 0 <= smoothing < 1 or not diverge > 1:
         raise UserError("smoothing must be in [0, 1) and the divergence factor above 1")
     if cfg.stages:
         raise UserError("the range test finds one learning rate; with --stages give each stage its rate")
@@ -141,9 +161,13 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     # Groups may run at their own multiple of the rate (Muon's biases and head): the sweep keeps those ratios.
     ratios = [group["lr"] / start_lr for group in optimizer.param_groups]
 
+    batches = len(run.train_loader)  # per pass over the training images
+    given = steps is not None
+    steps = steps if given else default_steps(batches)
+    smoothing = default_smoothing(steps) if smoothing is None else smoothing
     print(f"cnnkit: learning-rate range test for {cfg.model} on {cfg.data}: up to {steps} steps of "
-          f"{cfg.batch_size} images, lr {start_lr:g} -> {end_lr:g}; {threads} CPU thread{'s' if threads > 1 else ''}",
-          file=log)
+          f"{cfg.batch_size} images {_passes_text(steps, batches, len(run.train_set), given)}, lr {start_lr:g} -> "
+          f"{end_lr:g}; {threads} CPU thread{'s' if threads > 1 else ''}", file=log)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, losses, smoothed = [], [], []
     average, best, diverged, blowup_lr = 0.0, math.inf, False, None
@@ -151,12 +175,12 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     start = time.perf_counter()
     model.train()
     freeze_batchnorm_stats(model)
-    batches = _endless(run.train_loader)
+    endless = _endless(run.train_loader)
     for i in range(steps):
         lr = start_lr * factor**i
         for group, ratio in zip(optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
-        images, labels = next(batches)
+        images, labels = next(endless)
         with autocast(device, amp_dtype):
             loss = criterion(model(images), labels)
         value = loss.item()  # the stop test needs it every step; a few hundred syncs are nothing here
@@ -217,6 +241,30 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     if out:
         write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out, draw))
     return result
+
+
+def default_steps(batches: int) -> int:
+    """The range test's steps when none are asked for, given the ``batches`` of one pass over the training
+    images: DEFAULT_STEPS, or MAX_PASSES passes where that is fewer, but never fewer than MIN_STEPS."""
+    return max(MIN_STEPS, min(DEFAULT_STEPS, MAX_PASSES * batches))
+
+
+def default_smoothing(steps: int) -> float:
+    """The moving average's factor per step for a sweep of ``steps``: SMOOTHING, which remembers about 50 steps
+    (1 / (1 - 0.98)), a quarter of DEFAULT_STEPS; in a shorter sweep, less, so that it still remembers a quarter
+    of the sweep, the same span of learning rates the suggestion's margin was measured with (module doc)."""
+    return min(SMOOTHING, 1 - 4 / steps)
+
+
+def _passes_text(steps: int, batches: int, images: int, given: bool) -> str:
+    """In parentheses: what ``steps`` are against the ``batches`` of one pass over the ``images`` training images,
+    and why fewer than DEFAULT_STEPS when cnnkit chose fewer (``given``: the caller asked for ``steps``)."""
+    passes = f"{steps / batches:.1f} passes over the {images:,} training images"
+    if given or steps == DEFAULT_STEPS:
+        return f"({passes})"
+    floor = f", nor fewer than {MIN_STEPS}, which a readable curve needs" if MAX_PASSES * batches < MIN_STEPS else ""
+    return (f"({passes}: not the default {DEFAULT_STEPS} steps, {DEFAULT_STEPS / batches:.1f} passes that would "
+            f"mostly measure how well the model memorises them{floor}; --steps N to choose)")
 
 
 def _make_folder(out: str) -> None:

@@ -8,7 +8,8 @@ import torch
 import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import UserError
-from cnnkit.train.lr_find import EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, TENTH_METHOD, suggest
+from cnnkit.train.lr_find import (EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, MAX_PASSES, MIN_STEPS, TENTH_METHOD,
+                                  default_smoothing, default_steps, suggest)
 from cnnkit.training import lr_find
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
@@ -28,6 +29,39 @@ def test_range_test_sweeps_exponentially_and_stops_when_the_loss_blows_up(tmp_pa
     assert r.method == EDGE_METHOD and r.suggestion == pytest.approx(r.edge_lr / 3)
     assert r.edge_lr >= r.min_loss_lr >= r.steepest_lr > r.lrs[0]
     assert (tmp_path / "lr_find.png").stat().st_size > 10_000 and r.plot == str(tmp_path / "lr_find.png")
+
+
+def test_default_steps_are_at_most_a_few_passes_over_a_small_data_set_and_enough_for_a_curve():
+    assert [default_steps(b) for b in (1, 12, 13, 25, 50, 51, 10_000)] == [50, 50, 52, 100, 200, 200, 200]
+    assert (MAX_PASSES, MIN_STEPS) == (4, 50)
+    # the moving average remembers a quarter of the sweep: 0.98 from 200 steps up, as the rules were measured with
+    assert [default_smoothing(s) for s in (50, 100, 200, 1000)] == pytest.approx([0.92, 0.96, 0.98, 0.98])
+    text = " ".join(run_cli("lr-find", "--help").stdout.split())
+    assert f"(default: 200, but at most {MAX_PASSES} passes over the training images and at least {MIN_STEPS} steps)" \
+        in text
+
+
+def test_a_small_data_set_gets_fewer_steps_and_about_the_same_suggestion():
+    # 128 images of 32: 4 batches a pass, so 50 steps (the fewest for a curve; 12.5 passes) instead of 200
+    log = io.StringIO()
+    short = lr_find(**dict(TINY, model="linear"), log=log)
+    assert ("up to 50 steps of 32 images (12.5 passes over the 128 training images: not the default 200 steps, 50.0 "
+            "passes that would mostly measure how well the model memorises them, nor fewer than 50, which a "
+            "readable curve needs; --steps N to choose), lr 1e-06 -> 10") in log.getvalue(), log.getvalue()
+    assert short.steps <= 50 and short.method == EDGE_METHOD
+    # --steps is taken as given, and says how many passes it makes; the short sweep's suggestion is about the same
+    # (the linear model's valley ends at 0.019 there and at 0.032 in 200 steps, seeds 0 and 1 alike)
+    log = io.StringIO()
+    full = lr_find(**dict(TINY, model="linear"), steps=200, log=log)
+    assert "up to 200 steps of 32 images (50.0 passes over the 128 training images), lr" in log.getvalue()
+    assert full.steps > 50 and full.method == EDGE_METHOD
+    assert full.suggestion / 3 < short.suggestion < full.suggestion * 3, (short.suggestion, full.suggestion)
+    # 640 images: 20 batches a pass, so 4 passes, 80 steps
+    log = io.StringIO()
+    assert lr_find(**dict(TINY, model="linear", num_samples=640), log=log).steps <= 80
+    assert ("up to 80 steps of 32 images (4.0 passes over the 640 training images: not the default 200 steps, 10.0 "
+            "passes that would mostly measure how well the model memorises them; --steps N to choose)"
+            ) in log.getvalue()
 
 
 def test_suggestion_is_a_third_of_the_valleys_end_for_one_cycle_and_a_tenth_of_it_otherwise():

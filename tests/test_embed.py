@@ -1,0 +1,54 @@
+"""`cnnkit embed` says which image each feature row is: ``<out>.paths.csv`` beside ``<out>`` and its labels."""
+
+import csv
+import os
+import shutil
+
+import numpy as np
+import torch
+
+import cnnkit
+from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set
+from cnnkit.embed import features, load_backbone, rows_csv
+from tests.conftest import run_cli
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_embed_writes_each_rows_image_beside_the_features(tmp_path, image_folder):
+    run = cnnkit.train(model="cnn_bn", data=image_folder, epochs=1, batch_size=8, progress=False,
+                       out=str(tmp_path / "run"))
+    out = tmp_path / "emb" / "f.npy"
+    os.makedirs(out.parent)
+    proc = run_cli("embed", run.run_dir, image_folder, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    paths = tmp_path / "emb" / "f.paths.csv"
+    assert f"to {out}, their labels to {tmp_path / 'emb' / 'f.labels.npy'}" in proc.stdout
+    assert f"each row's image file, label and class to {paths}" in proc.stdout
+    assert sorted(os.listdir(out.parent)) == ["f.labels.npy", "f.npy", "f.paths.csv"]  # no temp file left behind
+
+    feats, labels, rows = np.load(out), np.load(tmp_path / "emb" / "f.labels.npy"), read_rows(paths)
+    assert list(rows[0]) == ["row", "path", "label", "class"]
+    assert len(rows) == len(feats) == len(labels) == 32
+    assert [int(r["row"]) for r in rows] == list(range(32)) and [int(r["label"]) for r in rows] == labels.tolist()
+    for r in rows:  # each file is in its class's folder
+        assert os.path.isfile(r["path"]) and os.path.basename(os.path.dirname(r["path"])) == r["class"]
+    # Row k is the features of the file the CSV names in row k: that image alone gives the same features.
+    backbone = load_backbone(run.run_dir)
+    for k in (0, 13, 31):
+        single = tmp_path / f"single{k}" / rows[k]["class"]
+        os.makedirs(single)
+        shutil.copy(rows[k]["path"], single)
+        alone = features(backbone, load_eval_set(DataSpec(str(single.parent), input_size=backbone.input_size,
+                                                          channels=backbone.channels)))
+        np.testing.assert_allclose(alone[0], feats[k], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(feats[k], feats[(k + 1) % 32], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_of_a_builtin_dataset_have_no_path_but_their_label_and_class():
+    images = ImageSet(labels=torch.tensor([2, 0, 1]), classes=["a", "b, with a comma", "c"])
+    text = rows_csv(images)
+    assert text.splitlines() == ["row,path,label,class", "0,,2,c", '1,,0,a', '2,,1,"b, with a comma"']
