@@ -561,7 +561,9 @@ def _features_of_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS",
+                   help="square size to read the images at (default: a run's own; for a model name, the data's, "
+                        "which the model is built for)")
     p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
