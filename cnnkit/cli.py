@@ -835,7 +835,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
     top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
-    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  {top5}"
+    print(f"{r.checkpoint} on {r.count:,} {r.scored}{views}: acc {r.acc:.4f}  {top5}"
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
     print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
