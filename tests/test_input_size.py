@@ -59,3 +59,11 @@ def test_check_input_size_lets_a_global_pool_head_take_other_sizes():
                                         r"leave out --input-size, or pass --input-size 32"):
         check_input_size(flat, (3, 16, 16), (3, 32, 32), "simple_cnn")
     assert flat.training  # the check leaves the model's mode as it found it
+
+
+def test_weights_of_a_run_trained_at_another_size_name_that_size(folders, tmp_path):
+    data, run = folders  # simple_cnn at 16x16: its flatten head does not fit a simple_cnn built for 32x32
+    with pytest.raises(UserError, match=r"shape mismatch .*; .* was trained on 16x16 images and this model is built "
+                                        r"for 32x32: pass --input-size 16"):
+        cnnkit.train(model="simple_cnn", data=data, weights=run, input_size=32, epochs=1, progress=False,
+                     out=str(tmp_path / "run"))
