@@ -27,21 +27,24 @@ from cnnkit.models.pretrained import normalization
 
 @dataclass
 class Backbone:
-    model: nn.Module
+    model: nn.Module | None  # None for a model name until ``features`` builds it for the size of its images
     mean: list[float]
     std: list[float]
-    input_size: int | None
+    input_size: int | None  # square pixels the model is built for; None for a model name not built yet
     channels: int
     config: dict = field(default_factory=dict)  # a run's training configuration; empty for a model name
+    label: str = "the backbone"  # the run, checkpoint or model name, for messages
+    build: Callable[[int], nn.Module] | None = None  # a model name's: its model for square images of that size
 
 
 def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
-                  device: str = "cpu", input_size: int = 32) -> Backbone:
+                  device: str = "cpu") -> Backbone:
     """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
-    weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25), built
-    for square images of ``input_size`` pixels (a run's model keeps the size it was trained at).
+    weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25).
     ``head_from`` (a ResNet's stages, e.g. ``layer2,layer3,layer4``): the features are those stages' pooled
-    outputs side by side (see ``MultiStageResNet``) instead of the last stage's."""
+    outputs side by side (see ``MultiStageResNet``) instead of the last stage's.
+    A model name is built by ``features`` when it sees the images, for their size: a flatten head (simple_cnn)
+    built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read."""
     if os.path.exists(model_or_run):
         ckpt = load_checkpoint(model_or_run)
         if head_from is not None:
@@ -49,37 +52,31 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels,
-                        ckpt.config or {})
+                        ckpt.config or {}, model_or_run)
+    check_model_name(model_or_run)  # now, not after the images are read
     options = {"head_from": head_from} if head_from is not None else {}
-    model = create_model(model_or_run, input_size=input_size, pretrained=pretrained, **options)
+
+    def build(size: int) -> nn.Module:
+        model = create_model(model_or_run, input_size=size, pretrained=pretrained, **options)
+        return model.eval().to(resolve_device(device))
+
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:
         mean, std = [0.5] * 3, [0.25] * 3
-    return Backbone(model.eval().to(resolve_device(device)), mean, std, input_size, 3)
-
-
-def _backbone_and_data(model_or_run: str, pretrained: bool, head_from: str | None, device: str,
-                       input_size: int | None, read: Callable[[int | None, int], tuple[ImageSet, ...]]
-                       ) -> tuple[Backbone, tuple[ImageSet, ...]]:
-    """The backbone and the images it reads (``read(input_size, channels)``) at one size: ``input_size``, else a
-    run's own, else the data's own. A model name is built after its data is read, for the size the images have:
-    a flatten head (simple_cnn) built for 32 pixels cannot take a batch of 16-pixel images. A run's model is
-    checked against ``input_size``: a one-line error if it cannot take that size."""
-    if os.path.exists(model_or_run):
-        backbone = load_backbone(model_or_run, pretrained, head_from, device)
-        size = input_size or backbone.input_size
-        check_input_size(backbone.model, (backbone.channels, size, size),
-                         (backbone.channels, backbone.input_size, backbone.input_size), model_or_run)
-        return backbone, read(size, backbone.channels)
-    check_model_name(model_or_run)  # before the images are read: a misspelt name should not wait for them
-    images = read(input_size, 3)
-    return load_backbone(model_or_run, pretrained, head_from, device, images[0].size), images
+    return Backbone(None, mean, std, None, 3, label=model_or_run, build=build)
 
 
 @torch.no_grad()
 def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.ndarray:
-    """The inputs of the classifier head for every image of ``data`` (N x D, float32), in eval mode."""
+    """The inputs of the classifier head for every image of ``data`` (N x D, float32), in eval mode. Builds a
+    model name's model for the size of ``data``; a model built for another size that cannot take this one (a
+    flatten head) is a UserError naming the size it takes."""
+    if backbone.model is None:
+        backbone.model, backbone.input_size = backbone.build(data.size), data.size
+    elif backbone.input_size is not None:
+        own = (backbone.channels, backbone.input_size, backbone.input_size)
+        check_input_size(backbone.model, (data.channels, data.size, data.size), own, backbone.label)
     model = backbone.model
     head_name, head = find_head(model)
     parent = model.get_submodule(head_name.rpartition(".")[0]) if "." in head_name else model
@@ -100,9 +97,8 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     (``<out>.labels.npy``); returns a summary."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
-    backbone, (images,) = _backbone_and_data(
-        model_or_run, pretrained, head_from, device, input_size,
-        lambda size, channels: (load_eval_set(DataSpec(data, input_size=size, channels=channels)),))
+    backbone = load_backbone(model_or_run, pretrained, head_from, device)
+    images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     feats = features(backbone, images)
     np.save(out, feats)
     np.save(out[:-4] + ".labels.npy", images.labels.numpy())
@@ -124,10 +120,7 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
           head_from: str | None = None, device: str = "cpu") -> ProbeResult:
     """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features.
     ``warnings`` says when the validation images include images a run's backbone trained on."""
-    backbone, (train_set, val_set) = _backbone_and_data(
-        model_or_run, pretrained, head_from, device, input_size,
-        lambda size, channels: load_splits(DataSpec(data, val_split=val_split, val_data=val_data, input_size=size,
-                                                    channels=channels)))
+    backbone = load_backbone(model_or_run, pretrained, head_from, device)
     warnings = []
     # The probe's validation images: --val-data whole, else the split load_splits makes (0.1 of a folder by default).
     scored = (val_data, None) if val_data is not None else (
@@ -138,6 +131,9 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
         warnings.append(f"{scored[0]} is the training data of the backbone {model_or_run}, so the probe's validation "
                         f"images include images the backbone trained on and its val acc overstates; {fix}probe on "
                         "data the backbone did not train on")
+    spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
+                    channels=backbone.channels)
+    train_set, val_set = load_splits(spec)
     x_train, x_val = torch.from_numpy(features(backbone, train_set)), torch.from_numpy(features(backbone, val_set))
     mu, sigma = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised features condition L-BFGS well
     x_train, x_val = (x_train - mu) / sigma, (x_val - mu) / sigma
