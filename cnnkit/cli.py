@@ -560,7 +560,9 @@ def _features_of_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS")
+    p.add_argument("--input-size", type=_positive_int, metavar="PIXELS",
+                   help="square size to read the images at (default: a run's own; for a model name, the data's, "
+                        "which the model is built for)")
     p.add_argument("--head-from", metavar="STAGES", help=HEAD_FROM_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -837,7 +839,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
     top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
-    print(f"{r.checkpoint} on {r.count:,} images of {r.data}{views}: acc {r.acc:.4f}  {top5}"
+    print(f"{r.checkpoint} on {r.count:,} {r.scored}{views}: acc {r.acc:.4f}  {top5}"
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
     print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")

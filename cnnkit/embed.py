@@ -7,6 +7,7 @@ import csv
 import io
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_e
 from cnnkit.errors import UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
-from cnnkit.models.registry import create_model
+from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.models.sizes import check_input_size
 from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.train.precision import resolve_device
@@ -28,12 +30,14 @@ from cnnkit.models.pretrained import normalization
 
 @dataclass
 class Backbone:
-    model: nn.Module
+    model: nn.Module | None  # None for a model name until ``features`` builds it for the size of its images
     mean: list[float]
     std: list[float]
-    input_size: int | None
+    input_size: int | None  # square pixels the model is built for; None for a model name not built yet
     channels: int
     config: dict = field(default_factory=dict)  # a run's training configuration; empty for a model name
+    label: str = "the backbone"  # the run, checkpoint or model name, for messages
+    build: Callable[[int], nn.Module] | None = None  # a model name's: its model for square images of that size
 
 
 def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
@@ -41,7 +45,9 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
     """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
     weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25).
     ``head_from`` (a ResNet's stages, e.g. ``layer2,layer3,layer4``): the features are those stages' pooled
-    outputs side by side (see ``MultiStageResNet``) instead of the last stage's."""
+    outputs side by side (see ``MultiStageResNet``) instead of the last stage's.
+    A model name is built by ``features`` when it sees the images, for their size: a flatten head (simple_cnn)
+    built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read."""
     if os.path.exists(model_or_run):
         ckpt = load_checkpoint(model_or_run)
         if head_from is not None:
@@ -49,19 +55,31 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels,
-                        ckpt.config or {})
+                        ckpt.config or {}, model_or_run)
+    check_model_name(model_or_run)  # now, not after the images are read
     options = {"head_from": head_from} if head_from is not None else {}
-    model = create_model(model_or_run, pretrained=pretrained, **options)
+
+    def build(size: int) -> nn.Module:
+        model = create_model(model_or_run, input_size=size, pretrained=pretrained, **options)
+        return model.eval().to(resolve_device(device))
+
     if pretrained:
         mean, std, _ = normalization(model_or_run)
     else:
         mean, std = [0.5] * 3, [0.25] * 3
-    return Backbone(model.eval().to(resolve_device(device)), mean, std, None, 3)
+    return Backbone(None, mean, std, None, 3, label=model_or_run, build=build)
 
 
 @torch.no_grad()
 def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.ndarray:
-    """The inputs of the classifier head for every image of ``data`` (N x D, float32), in eval mode."""
+    """The inputs of the classifier head for every image of ``data`` (N x D, float32), in eval mode. Builds a
+    model name's model for the size of ``data``; a model built for another size that cannot take this one (a
+    flatten head) is a UserError naming the size it takes."""
+    if backbone.model is None:
+        backbone.model, backbone.input_size = backbone.build(data.size), data.size
+    elif backbone.input_size is not None:
+        own = (backbone.channels, backbone.input_size, backbone.input_size)
+        check_input_size(backbone.model, (data.channels, data.size, data.size), own, backbone.label)
     model = backbone.model
     head_name, head = find_head(model)
     parent = model.get_submodule(head_name.rpartition(".")[0]) if "." in head_name else model

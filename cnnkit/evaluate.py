@@ -29,13 +29,15 @@ class EvalResult:
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     classes: list[str]
     checkpoint: str
-    data: str
+    data: str  # the folder (or built-in dataset) the scored images came from
     precision: str
     macro_recall: float = 0.0  # unweighted means over the classes (every class counts the same)
     macro_f1: float = 0.0
     tta_views: int = 1  # views averaged per image (test-time augmentation; 1: none)
     threads: int = 0  # CPU threads torch computed with
     warnings: list[str] = field(default_factory=list)  # e.g. that the images scored include training images
+    val_split: float | None = None  # the share of each class of ``data`` scored; None: all of it (a dataset's test set)
+    scored: str = ""  # the images, for a line after their count: "held-out images of photos/ (0.1 of each class)"
 
 
 @keeps_torch_threads  # torch's thread count is the caller's again afterwards
@@ -107,10 +109,12 @@ def evaluate(
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)
+    source, part = scored_images(cfg, data, val_data, val_split)
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
-                      data=val_data or data or cfg["data"], precision=precision_name(amp_dtype), **macro,
-                      tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings)
+                      data=source, precision=precision_name(amp_dtype), **macro,
+                      tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings,
+                      val_split=part, scored=describe_scored(cfg, source, part))
 
 
 def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) -> ImageSet:
@@ -128,6 +132,35 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     return load_splits(spec)[1]
 
 
+
+
+def scored_images(cfg: dict, data: str | None, val_data: str | None, val_split: float | None
+                  ) -> tuple[str, float | None]:
+    """Where ``evaluate``'s images come from, for its arguments and a run's configuration ``cfg``: (the folder or
+    built-in dataset, the share of each of its classes taken as training splits, or None for all of a folder or a
+    dataset's own test or validation set). A run trained with ``--val-data V`` was validated on all of V."""
+    if val_data is not None:
+        return val_data, None
+    if data is not None:
+        return data, val_split
+    if val_split is not None:
+        return cfg["data"], val_split
+    if cfg.get("val_data") is not None:
+        return cfg["val_data"], None
+    return cfg["data"], held_out_fraction(cfg)
+
+
+def describe_scored(cfg: dict, data: str, val_split: float | None) -> str:
+    """The images ``scored_images`` names, for a line after their count: "images of val/", "held-out images of
+    photos/ (0.1 of each class)" (what the run configured by ``cfg`` held out of its training data, or part of
+    it), "images of photos/ (its --val-split 0.3 part)", "images of the cifar10 test split"."""
+    if val_split is None:
+        if data == "shapes":
+            return "images of the shapes validation set"
+        return f"images of the {data} test split" if data in BUILTIN else f"images of {data}"
+    if cfg.get("data") and _same_data(data, cfg["data"]) and not scores_training_images(cfg, data, val_split):
+        return f"held-out images of {data} ({val_split:g} of each class)"
+    return f"images of {data} (its --val-split {val_split:g} part)"
 
 
 def held_out_fraction(cfg: dict) -> float | None:

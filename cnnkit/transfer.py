@@ -86,6 +86,10 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in state if k in own and state[k].shape != own[k].shape]
+    # A flatten head's first linear layer is sized for the input size: a run trained at another size says so.
+    trained, built = (payload or {}).get("input_size"), (getattr(model, "cnnkit_config", None) or {}).get("input_size")
+    size_fix = (f"; {path} was trained on {trained}x{trained} images and this model is built for {built}x{built}: "
+                f"pass --input-size {trained}" if mismatched and trained and built and trained != built else "")
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"weights in {path} do not fit the model: "
@@ -93,6 +97,7 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
                 f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
                 f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "",
                 f"shape mismatch {'; '.join(mismatched[:3])}" if mismatched else "") if part)
+            + size_fix
         )
     model.load_state_dict(state, strict=False)
     if fresh:

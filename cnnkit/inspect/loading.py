@@ -25,6 +25,7 @@ from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
 from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
+from cnnkit.models.sizes import check_input_size
 from cnnkit.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -115,6 +116,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
         if shape[0] != ckpt.channels:
             raise UserError(f"{model_or_run} takes {ckpt.channels}-channel images, not {shape[0]}; "
                             f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
+        check_input_size(ckpt.model, shape, (ckpt.channels, ckpt.input_size, ckpt.input_size), ckpt.path)
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
                               ckpt.config)
     if os.sep in model_or_run or is_model_file(model_or_run):

@@ -1,0 +1,36 @@
+"""Whether a built model runs on images of a given size.
+
+A model built for one input size may not run on another: a flatten head (``simple_cnn``, ``cnn_bn``,
+``linear``, ``mlp``) has its first linear layer sized for the input size it was built for, so a trained run's
+model takes that size only, while a global-average-pool head (ResNet, fastnet) takes any size large enough.
+Commands that run a trained model at a user's ``--input-size`` check it here first, so a size the model cannot
+take is a one-line error, not a shape mismatch deep in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from cnnkit.errors import UserError
+from cnnkit.modes import eval_mode
+
+
+def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[int, int, int], label: str) -> None:
+    """Raise a UserError unless ``model`` runs on one image of ``shape`` (C, H, W pixels). ``own`` is the shape it
+    was built or trained for (not tried again: it runs on that); ``label`` names the model (a checkpoint's path)
+    in the message. One forward pass of zeros, in eval mode, without gradients; the model is left as it was."""
+    if tuple(shape) == tuple(own):
+        return
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *shape, dtype=param.dtype if param is not None and param.is_floating_point() else None,
+                    device=param.device if param is not None else None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except RuntimeError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        c, h, w = own
+        size = f"{h}" if h == w else f"{c} {h} {w}"
+        raise UserError(f"{label} takes {c}x{h}x{w} images and cannot run on {'x'.join(map(str, shape))} "
+                        f"({reason}); leave out --input-size, or pass --input-size {size}") from None

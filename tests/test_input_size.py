@@ -1,0 +1,69 @@
+"""--input-size on commands that run a model on images: a model name is built for the size asked for (or the
+data's own), and a run's model that cannot take the size asked for is a one-line error naming the size it takes."""
+
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.embed import embed, probe
+from cnnkit.errors import UserError
+from cnnkit.inspect.feature_maps import feature_maps
+from cnnkit.models.sizes import check_input_size
+from tests.conftest import run_cli, write_image_folder
+from tests.test_cli import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A folder of 16-pixel images and a simple_cnn run trained on it (a flatten head sized for 16x16)."""
+    root = tmp_path_factory.mktemp("input_size")
+    data = write_image_folder(str(root / "images"), n_per_class=6)
+    run = cnnkit.train(model="simple_cnn", data=data, epochs=1, batch_size=8, progress=False, out=str(root / "run"))
+    return data, run.run_dir
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_embed_and_probe_build_a_model_name_for_the_size_asked_for(folders, tmp_path, size):
+    data, _ = folders
+    out = str(tmp_path / "f.npy")
+    assert embed("simple_cnn", data, out, input_size=size)["dim"] == 256  # simple_cnn's penultimate width
+    assert np.load(out).shape == (24, 256)
+    r = probe("simple_cnn", data, val_split=0.25, input_size=size)
+    assert (r.feature_dim, r.num_train, r.num_val) == (256, 16, 8)
+
+
+def test_a_model_name_without_input_size_is_built_for_the_datas_own_size(folders, tmp_path):
+    data, _ = folders  # 16-pixel images: simple_cnn's flatten head would be sized for 32 by default
+    assert embed("simple_cnn", data, str(tmp_path / "f.npy"))["images"] == 24
+    assert probe("simple_cnn", data, val_split=0.25).num_val == 8
+
+
+def test_a_run_at_a_size_its_flatten_head_cannot_take_is_one_line_naming_the_size_it_takes(folders, tmp_path):
+    data, run = folders
+    assert embed(run, data, str(tmp_path / "f.npy"), input_size=16)["images"] == 24  # its own size: fine
+    for size, args in ((32, ("probe", run, data)), (8, ("embed", run, data, "--out", tmp_path / "f.npy"))):
+        assert_one_line_error(run_cli(*args, "--input-size", size), 2,
+                              f"takes 3x16x16 images and cannot run on 3x{size}x{size}", "pass --input-size 16")
+    image = f"{data}/circle/001.png"
+    with pytest.raises(UserError, match="takes 3x16x16 images and cannot run on 3x32x32"):
+        feature_maps(run, ["features.0"], image, str(tmp_path / "maps"), input_size=32)
+
+
+def test_check_input_size_lets_a_global_pool_head_take_other_sizes():
+    pooled = cnnkit.create_model("resnet18", num_classes=4)
+    for size in (16, 64):
+        check_input_size(pooled, (3, size, size), (3, 32, 32), "resnet18")
+    flat = cnnkit.create_model("simple_cnn", num_classes=4, input_size=32)
+    check_input_size(flat, (3, 32, 32), (3, 32, 32), "simple_cnn")
+    with pytest.raises(UserError, match=r"simple_cnn takes 3x32x32 images and cannot run on 3x16x16 .*"
+                                        r"leave out --input-size, or pass --input-size 32"):
+        check_input_size(flat, (3, 16, 16), (3, 32, 32), "simple_cnn")
+    assert flat.training  # the check leaves the model's mode as it found it
+
+
+def test_weights_of_a_run_trained_at_another_size_name_that_size(folders, tmp_path):
+    data, run = folders  # simple_cnn at 16x16: its flatten head does not fit a simple_cnn built for 32x32
+    with pytest.raises(UserError, match=r"shape mismatch .*; .* was trained on 16x16 images and this model is built "
+                                        r"for 32x32: pass --input-size 16"):
+        cnnkit.train(model="simple_cnn", data=data, weights=run, input_size=32, epochs=1, progress=False,
+                     out=str(tmp_path / "run"))
