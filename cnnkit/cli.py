@@ -891,6 +891,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
               f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cnnkit.export import export
 
