@@ -38,12 +38,12 @@ import time
 
 import torch
 
+from benchmarks.record import write_json, write_markdown
 import cnnkit
 from cnnkit.errors import NonFiniteLoss
 from cnnkit.train.lr_find import _valley_edge, lr_find, suggest
 from cnnkit.train.optim import DEFAULT_LR
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CIFAR = os.environ.get("CIFAR10_JPEG", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets",
                                                     "cifar10-jpeg", "train"))
 SUBSETS, PER_CLASS = {"cifar3a": ("airplane", "automobile", "bird"), "cifar3b": ("cat", "ship", "truck")}, 600
@@ -140,9 +140,7 @@ def main() -> None:
     meta = {"epochs": args.epochs, "cpu": cpu_name(), "cpus": os.cpu_count(), "machine": platform.machine(),
             "torch": torch.__version__, "torch_threads": 1, "load_before": load_before,
             "load_after": os.getloadavg()[0], "seconds": time.perf_counter() - start}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "lr_find_rules.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json("lr_find_rules", {"meta": meta, "rows": rows})
     lines = [
         "# Range-test rules against fixed learning rates",
         "",
@@ -160,9 +158,7 @@ def main() -> None:
         outcome = (f"{r['val_acc']:.4f}" if r["val_acc"] is not None else "(not trained)" if not r["diverged_epoch"]
                    else f"**diverged** in epoch {r['diverged_epoch']}")
         lines.append(f"| {r['data']} | {r['model']} | {r['setting']} | {r['lr']:.3g} | {outcome} |")
-    with open(os.path.join(RESULTS, "lr_find_rules.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("lr_find_rules", lines)
 
 
 def cpu_name() -> str:

@@ -26,10 +26,10 @@ import time
 
 import torch
 
+from benchmarks.record import write_json, write_markdown
 import cnnkit
 from cnnkit.train.optim import DEFAULT_LR
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def setting(lr: float | str | None) -> str:
@@ -74,9 +74,7 @@ def main() -> None:
     meta = {"epochs": args.epochs, "num_samples": args.num_samples, "data": "shapes", "default_lr": DEFAULT_LR["sgd"],
             "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__, "torch_threads": 1,
             "load_before": load_before, "load_after": os.getloadavg()[0], "seconds": time.perf_counter() - start}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "lr_find_shapes.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json("lr_find_shapes", {"meta": meta, "rows": rows})
     lines = [
         "# `--lr auto` (learning-rate range test) against the default learning rate on `shapes`",
         "",
@@ -108,9 +106,7 @@ def main() -> None:
         lrs = sorted({f"{r['lr']:.3g}" for r in group})
         lines.append(f"| {model} | {name} ({', '.join(lrs)}) | {statistics.mean(accs):.3f} | "
                      f"{statistics.median(accs):.3f} | {' / '.join(f'{a:.3f}' for a in accs)} |")
-    with open(os.path.join(RESULTS, "lr_find_shapes.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("lr_find_shapes", lines)
 
 
 if __name__ == "__main__":

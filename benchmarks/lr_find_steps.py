@@ -26,9 +26,9 @@ import time
 import torch
 
 from benchmarks.lr_find_rules import CIFAR, SUBSETS, cpu_name
+from benchmarks.record import write_json, write_markdown
 from cnnkit.train.lr_find import lr_find
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def subset(folder: str, per_class: int) -> str:
@@ -63,9 +63,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     meta = {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__, "torch_threads": 1,
             "seconds": time.perf_counter() - start}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "lr_find_steps.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json("lr_find_steps", {"meta": meta, "rows": rows})
     lines = [
         "# Range-test length on a small data set",
         "",
@@ -83,9 +81,7 @@ def main() -> None:
         lines.append(f"| {r['per_class']} | {r['model']} | {r['seed']} | {r['steps']} | {r['smoothing']} | "
                      f"{r['taken']} | {r['suggestion']:.3g} | {r['method']} | {r['edge_lr']:.3g} | {blowup} | "
                      f"{r['seconds']:.0f} |")
-    with open(os.path.join(RESULTS, "lr_find_steps.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("lr_find_steps", lines)
 
 
 if __name__ == "__main__":
