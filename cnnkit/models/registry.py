@@ -97,7 +97,11 @@ def create_model(
     if unknown:
         names = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise UserError(f"model '{name}' has no option {names}{more}")
+        own = [k for k, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and k not in ("num_classes", "in_channels", "input_size", "pretrained")]  # set by cnnkit itself
+        hint = did_you_mean(unknown[0], own) if len(unknown) == 1 else ""
+        listing = f"its options: {', '.join(own)}" if own else "it takes no options"
+        raise UserError(f"model '{name}' has no option {names}{more}{hint} ({listing})")
     _check_option_types(name, factory, options)
     if pretrained:
         if "pretrained" not in accepted:

@@ -90,6 +90,15 @@ def test_unknown_model_and_option_are_user_errors():
         cnnkit.create_model("simple_cnn", input_size=4)
 
 
+def test_an_unknown_model_option_names_a_close_one_and_the_models_options():
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model("convnet", width=(8, 16))
+    assert str(e.value) == ("model 'convnet' has no option width; did you mean widths? (its options: widths, depth, "
+                            "downsample, head, conv1x1, batchnorm, dropout, hidden)")
+    with pytest.raises(UserError, match=r"has no option width \(its options: dropout\)$"):
+        cnnkit.create_model("simple_cnn", width=3)
+
+
 def test_model_carries_its_config():
     model = cnnkit.create_model("convnet", num_classes=3, in_channels=1, input_size=28, head="flatten")
     assert model.cnnkit_config == {"name": "convnet", "options": {"head": "flatten"}, "num_classes": 3,
