@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from cnnkit.inspect.hooks import inspecting
 from cnnkit.inspect.loading import load_model
-from cnnkit.inspect.trace import TensorInfo, trace
+from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, TensorInfo, trace
 
 
 @dataclass
@@ -123,5 +123,5 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     out.append(f"Activation memory: {human(s.activation_bytes, 'B')} for one image; "
                f"parameter memory: {human(s.param_bytes, 'B')}")
     if any(r.whole for r in rows):
-        out.append("RF*: the layer also sees every input pixel, through global pooling, a gate or attention")
+        out.append(WHOLE_INPUT_NOTE)
     return "\n".join(out)

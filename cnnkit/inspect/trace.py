@@ -38,6 +38,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field
 
+# The footnote of a receptive field marked "*": which layers make a unit see every pixel, simple_cnn's
+# flattened-map linear layer as much as a global pool.
+WHOLE_INPUT_NOTE = ("RF*: the layer also sees every input pixel, through a layer that mixes all positions (a linear "
+                    "layer on the flattened map, global pooling, a gate or attention)")
+
 AXES = ("h", "w")
 NO_TAGS: frozenset[str] = frozenset()
 

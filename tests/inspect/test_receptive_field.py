@@ -67,6 +67,8 @@ def test_small_network_does_not_see_the_whole_input():
     assert r.final_layer == "features" and r.final_rf == 22 and not r.covers_input
     assert (rf_of(r, "features").jump, rf_of(r, "features").start) == (8, 3.5)
     assert "does not see the whole input" in r.table()
+    # its classifier's linear layer on the flattened map sees every pixel, and the footnote says why
+    assert rf_of(r, "classifier.1").whole and "a linear layer on the flattened map" in r.table().splitlines()[-1]
 
 
 def test_verify_simple_cnn_every_distinct_field():
