@@ -102,7 +102,7 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     model.load_state_dict(state, strict=False)
     if fresh:
         reset_head(model.get_submodule(head_name))
-        why = ("it was trained on other classes" if other_classes else
+        why = (_other_classes(list(payload["classes"]), list(classes)) if other_classes else
                "the file has no head" if not file_head else
                "the file's head is built differently" if other_structure else
                "the file's head read other stages (head_from)" if other_features else
@@ -111,6 +111,15 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     print(f"cnnkit: loaded {len(state)} tensors from {path}"
           + (f"; the head {head_name}{shown} starts fresh, at zero: {why}" if fresh else ""), file=log or sys.stdout)
     return payload
+
+
+def _other_classes(trained: list[str], here: list[str]) -> str:
+    """Why a head trained on the classes ``trained`` does not fit ``here``: its outputs are numbered, so a class
+    at another number, or a set with other classes in it, would read them wrongly."""
+    if sorted(trained) == sorted(here):
+        return "it was trained on the same classes in another order"
+    common = len(set(trained) & set(here))
+    return f"it was trained on other classes ({len(trained)} in the file, {len(here)} here, {common} in common)"
 
 
 def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:

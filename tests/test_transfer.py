@@ -159,8 +159,14 @@ def test_a_head_trained_on_other_classes_starts_fresh_even_when_its_shape_fits(t
     other = cnnkit.create_model("simple_cnn", num_classes=10)
     load_weights(other, run.run_dir, classes=[f"class{i}" for i in range(10)])
     out = capsys.readouterr().out
-    assert "the head classifier.4" in out and "trained on other classes" in out
+    assert "the head classifier.4" in out and "trained on other classes (10 in the file, 10 here, 0 in common)" in out
     assert not other.classifier[4].weight.any()
+    # Three of the run's classes, matched by name, would still be read by the wrong outputs: the message says so.
+    load_weights(cnnkit.create_model("simple_cnn", num_classes=3), run.run_dir, classes=list(saved["classes"])[:3])
+    assert "trained on other classes (10 in the file, 3 here, 3 in common)" in capsys.readouterr().out
+    shuffled = list(reversed(saved["classes"]))
+    load_weights(cnnkit.create_model("simple_cnn", num_classes=10), run.run_dir, classes=shuffled)
+    assert "trained on the same classes in another order" in capsys.readouterr().out
     assert torch.equal(other.features[0].weight, saved["state_dict"]["features.0.weight"])
 
 
