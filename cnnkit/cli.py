@@ -874,8 +874,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     r = embed(args.model, args.data, args.out, pretrained=args.pretrained, input_size=args.input_size,
               head_from=args.head_from, device=args.device)
     rows = "image file, label and class" if r["files"] else "label and class"
-    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels to {r['labels']} and each "
-          f"row's {rows} to {r['paths']}")
+    # Which classes the labels number: a run's own (so embeds of one run combine), or the data's.
+    whose = {"run": " (the run's class indices)",
+             "new": f" ({args.data}'s own classes: the run has none of them)"}.get(r["labelled_by"], "")
+    print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels{whose} to {r['labels']} and "
+          f"each row's {rows} to {r['paths']}")
     return 0
 
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 from cnnkit.atomic import atomic_write
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, load_eval_set, load_splits
+from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set,
+                                 load_splits)
 from cnnkit.errors import UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
@@ -38,6 +39,7 @@ class Backbone:
     config: dict = field(default_factory=dict)  # a run's training configuration; empty for a model name
     label: str = "the backbone"  # the run, checkpoint or model name, for messages
     build: Callable[[int], nn.Module] | None = None  # a model name's: its model for square images of that size
+    classes: list[str] | None = None  # a run's or checkpoint's classes, in its order; None for a model name
 
 
 def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
@@ -55,7 +57,7 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
 
             pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
         return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels,
-                        ckpt.config or {}, model_or_run)
+                        ckpt.config or {}, model_or_run, classes=list(ckpt.classes))
     check_model_name(model_or_run)  # now, not after the images are read
     options = {"head_from": head_from} if head_from is not None else {}
 
@@ -98,11 +100,18 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
           head_from: str | None = None, device: str = "cpu") -> dict:
     """Write the penultimate features of every image in ``data`` to ``out`` (.npy, N x D float32), their labels
     beside it (``<out>.labels.npy``, N class indices) and which image each row is (``<out>.paths.csv``, see
-    ``rows_csv``), each file written atomically; returns a summary with the three paths."""
+    ``rows_csv``), each file written atomically; returns a summary with the three paths.
+    A run's labels are its own class indices and names, matched by name (as ``eval`` does), so that embeds of
+    several folders of one run combine; a class the run does not have is a UserError naming it, unless ``data``
+    shares no class with the run (a new dataset, whose own classes label it). A model name has no classes:
+    ``data``'s own label the rows. The summary's ``labelled_by``: "run", "new" (a run's new dataset) or "data"."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
     backbone = load_backbone(model_or_run, pretrained, head_from, device)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
+    whose = "data" if backbone.classes is None else "run" if set(images.classes) & set(backbone.classes) else "new"
+    if whose == "run":
+        images = by_class_name(images, backbone.classes, f"DATA {data}", f"the run {model_or_run}")
     feats = features(backbone, images)
     labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
     atomic_write(out, lambda f: np.save(f, feats))
@@ -110,7 +119,7 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     text = rows_csv(images).encode()
     atomic_write(paths, lambda f: f.write(text))
     return {"out": out, "labels": labels, "paths": paths, "images": len(images), "dim": int(feats.shape[1]),
-            "classes": images.classes, "files": images.paths is not None}
+            "classes": images.classes, "files": images.paths is not None, "labelled_by": whose}
 
 
 def rows_csv(images: ImageSet) -> str:

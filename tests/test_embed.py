@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import cnnkit
+from cnnkit.checkpoint import load_checkpoint
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set
 from cnnkit.embed import features, load_backbone, rows_csv
 from tests.conftest import run_cli
@@ -26,7 +27,7 @@ def test_embed_writes_each_rows_image_beside_the_features(tmp_path, image_folder
     proc = run_cli("embed", run.run_dir, image_folder, "--out", out)
     assert proc.returncode == 0, proc.stderr
     paths = tmp_path / "emb" / "f.paths.csv"
-    assert f"to {out}, their labels to {tmp_path / 'emb' / 'f.labels.npy'}" in proc.stdout
+    assert f"to {out}, their labels (the run's class indices) to {tmp_path / 'emb' / 'f.labels.npy'}" in proc.stdout
     assert f"each row's image file, label and class to {paths}" in proc.stdout
     assert sorted(os.listdir(out.parent)) == ["f.labels.npy", "f.npy", "f.paths.csv"]  # no temp file left behind
 
@@ -52,3 +53,45 @@ def test_rows_of_a_builtin_dataset_have_no_path_but_their_label_and_class():
     images = ImageSet(labels=torch.tensor([2, 0, 1]), classes=["a", "b, with a comma", "c"])
     text = rows_csv(images)
     assert text.splitlines() == ["row,path,label,class", "0,,2,c", '1,,0,a', '2,,1,"b, with a comma"']
+
+
+def test_a_runs_embed_labels_rows_by_the_runs_classes(tmp_path, image_folder):
+    """A folder holding some of a run's classes gets the run's indices and names, so two embeds of one run combine;
+    a class the run does not have is a one-line error naming it; a model name keeps the folder's own classes."""
+    run = cnnkit.train(model="cnn_bn", data=image_folder, epochs=1, batch_size=8, progress=False,
+                       out=str(tmp_path / "run"))
+    assert load_checkpoint(run.run_dir).classes == ["circle", "square", "star", "triangle"]
+    some = tmp_path / "some"
+    for name in ("square", "triangle"):
+        shutil.copytree(os.path.join(image_folder, name), some / name)
+    proc = run_cli("embed", run.run_dir, some, "--out", tmp_path / "f.npy")
+    assert proc.returncode == 0, proc.stderr
+    rows, labels = read_rows(tmp_path / "f.paths.csv"), np.load(tmp_path / "f.labels.npy")
+    assert [(r["class"], int(r["label"])) for r in rows] == [("square", 1)] * 8 + [("triangle", 3)] * 8
+    assert labels.tolist() == [1] * 8 + [3] * 8
+    assert "their labels (the run's class indices)" in proc.stdout
+
+    shutil.copytree(os.path.join(image_folder, "circle"), some / "ellipse")
+    proc = run_cli("embed", run.run_dir, some, "--out", tmp_path / "g.npy")
+    assert proc.returncode == 2 and "ellipse" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "g.npy")
+
+    # A model name has no classes of its own: the folder's are the labels, numbered by its sub-folders.
+    proc = run_cli("embed", "cnn_bn", some, "--out", tmp_path / "h.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["class"], int(r["label"])) for r in read_rows(tmp_path / "h.paths.csv")][::8] == \
+        [("ellipse", 0), ("square", 1), ("triangle", 2)]
+
+
+def test_a_runs_embed_of_a_new_dataset_keeps_its_own_classes(tmp_path, image_folder):
+    """Features of a run's backbone for a dataset that shares no class with it (a new dataset) are labelled by
+    the dataset's own classes, and the summary says so."""
+    run = cnnkit.train(model="cnn_bn", data=image_folder, epochs=1, batch_size=8, progress=False,
+                       out=str(tmp_path / "run"))
+    other = tmp_path / "other"
+    for old, new in (("circle", "b"), ("square", "a")):
+        shutil.copytree(os.path.join(image_folder, old), other / new)
+    proc = run_cli("embed", run.run_dir, other, "--out", tmp_path / "f.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["class"], int(r["label"])) for r in read_rows(tmp_path / "f.paths.csv")][::8] == [("a", 0), ("b", 1)]
+    assert f"their labels ({other}'s own classes: the run has none of them)" in proc.stdout

@@ -127,11 +127,14 @@ def check_splits(
     imbalance_ratio: float = IMBALANCE_RATIO,
     hash_files: bool = True,
     stats: tuple[list[float], list[float]] | None = None,
+    same_images: bool = False,
 ) -> DataCheck:
     """Check loaded splits. ``weights_norm``: the (mean, std) the starting weights expect, named ``weights_label``
     (a label without a normalisation means weights that record none); ``balanced``: training already compensates
     the class imbalance; ``hash_files=False`` skips the duplicate search for sets too large for memory (it decodes
-    every file); ``stats``: the training set's channel (mean, std), where the caller has computed them already."""
+    every file); ``stats``: the training set's channel (mean, std), where the caller has computed them already;
+    ``same_images``: ``val`` is ``train`` on purpose (``--overfit-batches`` validates on the few batches it trains
+    on), so their duplicates, the balance of so few images and a class neither holds are no warnings."""
     if not 0 <= threshold <= 64:
         raise UserError(f"--threshold is a number of differing bits of 64, from 0 to 64; got {threshold}")
     k = len(train.classes)
@@ -141,7 +144,7 @@ def check_splits(
     mean, std = stats or channel_stats(train)
     warnings: list[str] = []
     notes: list[str] = []
-    if imbalance >= imbalance_ratio:
+    if imbalance >= imbalance_ratio and not same_images:
         big, small = int(np.argmax(train_counts)), int(np.argmin(train_counts))
         text = (f"classes are imbalanced: {train.classes[big]} has {train_counts[big]:,} training images, "
                 f"{train.classes[small]} {train_counts[small]:,} ({imbalance:.1f}x)")
@@ -151,13 +154,16 @@ def check_splits(
             warnings.append(text + "; pass --class-weights auto (loss weights) or --balanced-sampler, and judge the "
                             "run by per-class recall rather than accuracy")
     empty = [c for c, n in zip(train.classes, val_counts) if n == 0]
-    if empty:
+    if empty and not same_images:
         warnings.append(f"no validation images of {', '.join(empty[:5])}: their recall cannot be measured; "
                         "use a larger --val-split or add them to --val-data")
 
     duplicates: list[Duplicate] = []
     checked = (hash_files or (train.images is not None and val.images is not None)) and train.source != "shapes"
-    if train.source == "shapes":
+    if same_images:
+        checked = False
+        notes.append("validation images are the training images on purpose: not checked for duplicates")
+    elif train.source == "shapes":
         # The hash is colour-blind, and the generator draws the same shape at the same place in other colours
         # often enough (2% of its validation set) that every demo run would warn about its own data.
         notes.append("the generated shapes data is not checked for duplicates (independent random draws)")

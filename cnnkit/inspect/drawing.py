@@ -72,9 +72,23 @@ def labelled(tile: np.ndarray, label: str) -> np.ndarray:
     return np.concatenate([np.asarray(band), tile])
 
 
+def image_format(path: str) -> str:
+    """The format PIL writes for ``path``'s suffix ("PNG" for .png, "JPEG" for .jpg): a picture named cam.jpg
+    holds JPEG bytes. A suffix that names no format PIL can write is a UserError."""
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        what = f"its suffix '{suffix}'" if suffix else "a name without a suffix"
+        raise UserError(f"cannot write {path}: {what} names no image format cnnkit writes; end it in .png "
+                        "(or .jpg, .webp, ...)")
+    return fmt
+
+
 def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
     """Write ``image`` (H x W x 3 uint8) under ``title`` (one band of TITLE_HEIGHT pixels per line) to
-    ``path``; returns (width, height). The picture widens only if a title line is wider than the image."""
+    ``path``, in the format its suffix names (see ``image_format``; PNG for cnnkit's own names); returns
+    (width, height). The picture widens only if a title line is wider than the image."""
+    fmt = image_format(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
@@ -89,7 +103,7 @@ def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
         draw.text((4, 3 + i * TITLE_HEIGHT), line, fill=(0, 0, 0), font=font)
     canvas.paste(Image.fromarray(image), (0, band))
     try:
-        canvas.save(path, format="PNG")
+        canvas.save(path, format=fmt)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
     return canvas.size

@@ -470,7 +470,7 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     else:
         run.bad_epochs += 1
     if _all_memorised(t) and epoch < t.plan.total_epochs:  # --overfit-batches has shown what it is for
-        run.stop_reason = f"memorised the {cfg.overfit_batches} batches at epoch {epoch}"
+        run.stop_reason = f"memorised the {_overfit_batches(t)} batches at epoch {epoch}"
     elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
@@ -485,8 +485,8 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
     cfg, p, last = t.cfg, t.pieces, t.last
     measured = callbacks.on_end(t)
     if cfg.overfit_batches:
-        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), cfg.overfit_batches, t.epoch,
-                              t.plan.total_epochs), file=t.log)
+        print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), _overfit_batches(t), t.epoch,
+                              t.plan.total_epochs, cfg.overfit_batches), file=t.log)
     result = _result(t, start, wall_start, t.state.stop_reason or "completed", **measured)
     _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(t.ctx)
@@ -584,11 +584,17 @@ def _all_memorised(t: Training) -> bool:
     return bool(t.cfg.overfit_batches) and t.last is not None and t.last.val.acc == 1.0
 
 
-def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: int, epochs: int) -> str:
+def _overfit_batches(t: Training) -> int:
+    """The batches an --overfit-batches run trains on: fewer than it asked for where its data has fewer."""
+    return min(t.cfg.overfit_batches, -(-len(t.pieces.val_set) // t.cfg.batch_size))
+
+
+def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: int, epochs: int,
+                    asked: int | None = None) -> str:
     """Whether ``--overfit-batches`` memorised its batches: ``acc`` and ``loss`` in eval mode on the very
-    ``images`` it trained on, after ``epoch`` of the run's ``epochs`` (the run stops at the first epoch that
-    gets all of them right)."""
-    head = f"cnnkit: --overfit-batches {batches}: "
+    ``images`` (``batches``) it trained on, after ``epoch`` of the run's ``epochs`` (the run stops at the first
+    epoch that gets all of them right); ``asked``: the option's value, where the data had fewer batches."""
+    head = f"cnnkit: --overfit-batches {asked or batches}: "
     if acc == 1.0:
         early = f"; stopped there, {epochs - epoch} of {epochs} epochs early" if epoch < epochs else ""
         return head + (f"memorised the {batches} batches at epoch {epoch}: the model and loss can fit; all "

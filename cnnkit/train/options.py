@@ -137,3 +137,10 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
 
         raise UserError(f"{named('val_split', cfg.val_split)} splits --data, but with {named('val_data', cfg.val_data)} "
                         "the validation images are that folder: drop one of the two")
+    if cfg.overfit_batches and cfg.val_data is not None:  # it validates on its training batches, on purpose
+        def where(name: str) -> str:
+            return f" (in --config {sources[name]})" if name in sources else ""
+
+        raise UserError(f"--overfit-batches {cfg.overfit_batches}{where('overfit_batches')} validates on the very "
+                        f"batches it trains on, so --val-data {cfg.val_data}{where('val_data')} would be ignored: "
+                        "drop one of the two")

@@ -96,6 +96,10 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     device = machine.device
     train_set, val_set = _load_data(cfg, machine)
     classes = train_set.classes
+    if cfg.overfit_batches and ctx.main and not saved and len(train_set) < cfg.overfit_batches * cfg.batch_size:
+        batches = -(-len(train_set) // cfg.batch_size)
+        print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
+              f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
     if saved and saved["classes"] != classes:
         raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
                               f"{saved['classes'][:10]}; resume with the data the run was started on")
@@ -125,7 +129,8 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
             train_set, val_set, cfg.model, cfg.pretrained,
             weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
             weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
-            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats)
+            balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats,
+            same_images=bool(cfg.overfit_batches))
         for warning in data_check.warnings:
             print(f"cnnkit: warning: {warning}", file=log)
     if (cfg.freeze or cfg.unfreeze) and not (cfg.pretrained or cfg.weights) and ctx.main and not saved:

@@ -110,3 +110,19 @@ def test_cam_errors(trained_run, shape_image, tmp_path):
         cnnkit.class_activation_map(trained_run, shape_image, method="lime", out=out)
     with pytest.raises(UserError, match="folder .* does not exist"):
         cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / "no" / "c.png"))
+
+
+def test_pictures_are_written_in_the_format_their_suffix_names(trained_run, shape_image, tmp_path):
+    """cam.jpg holds JPEG bytes (PNG bytes before), filters.webp WebP; a suffix that is no image format is a
+    one-line error before anything is written."""
+    c = cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / "cam.jpg"))
+    with Image.open(c.path) as img:
+        assert img.format == "JPEG" and img.size == (c.width, c.height)
+    f = cnnkit.filters(trained_run, out=str(tmp_path / "f.webp"))
+    with Image.open(f.path) as img:
+        assert img.format == "WEBP"
+    for name, what in (("cam.txt", "its suffix '.txt'"), ("cam", "a name without a suffix")):
+        with pytest.raises(UserError, match=f"cannot write .*{name}: {what} names no image format cnnkit writes; "
+                                            r"end it in \.png"):
+            cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / name))
+        assert not (tmp_path / name).exists()

@@ -171,3 +171,46 @@ def test_the_done_line_names_the_monitored_metric_of_the_best_epoch(tmp_path):
     done = next(line for line in r.stdout.splitlines() if line.startswith("done:"))
     assert (f"(best val_loss {result['best_score']:.4g} at epoch {result['best_epoch']}, val acc "
             f"{result['best_val_acc']:.4f} there)") in done, done
+
+
+def test_overfit_batches_on_a_folder_gives_no_warning_its_mode_makes_moot(tmp_path):
+    """Validation IS the training batches, on purpose: no "duplicate training images" warning, and no class
+    imbalance warning about a sample of a few batches (2 batches of 4 images of 4 classes: 3 of one, 1 of
+    another, 3.0x, which warned before)."""
+    from tests.conftest import run_cli, write_image_folder
+
+    data = write_image_folder(str(tmp_path / "images"))
+    common = ["--model", "cnn_bn", "--data", data, "--batch-size", 4, "--epochs", 1, "--precision", "fp32"]
+    proc = run_cli("train", *common, "--overfit-batches", 2, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout + proc.stderr  # the log goes to stdout, or to stderr with --json
+    assert "on 8 training and 8 validation images" in printed
+    assert "warning" not in printed, printed
+    # Validating on training images in a plain run: the warning is real there.
+    proc = run_cli("train", *common, "--val-data", data, "--num-samples", 8, "--out", tmp_path / "plain")
+    assert "duplicate training images" in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_overfit_batches_says_when_the_data_has_fewer_batches(tmp_path):
+    """--overfit-batches 20 on 7 batches overfits those 7: a note says so at the start, the verdict counts 7."""
+    from tests.conftest import run_cli, write_image_folder
+
+    data = write_image_folder(str(tmp_path / "images"))  # 32 images: 28 training, 7 batches of 4
+    proc = run_cli("train", "--model", "cnn_bn", "--data", data, "--batch-size", 4, "--epochs", 20, "--precision",
+                   "fp32", "--overfit-batches", 20, "--json", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert ("cnnkit: note: --overfit-batches 20: the training data has only 7 batch(es) of 4 (28 images); it "
+            "overfits all of them") in proc.stderr.splitlines()
+    epoch = json.loads(proc.stdout)["epochs_run"]
+    assert json.loads(proc.stdout)["stop_reason"] == f"memorised the 7 batches at epoch {epoch}"
+    assert f"--overfit-batches 20: memorised the 7 batches at epoch {epoch}" in proc.stderr
+
+
+def test_overfit_batches_refuses_val_data_before_any_work(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("train", "--overfit-batches", 1, "--val-data", tmp_path / "nowhere", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"cnnkit train: error: --overfit-batches 1 validates on the very batches it "
+                                   f"trains on, so --val-data {tmp_path / 'nowhere'} would be ignored: drop one of the two")
+    assert not (tmp_path / "run").exists()
