@@ -29,6 +29,9 @@ from cnnkit.train.mix import Mix
 from cnnkit.train.precision import resolve_device, resolve_precision
 from cnnkit.transfer import load_weights
 
+# Fewer batches an epoch than this get a note: so few steps barely move the weights.
+FEW_STEPS = 10
+
 SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
 
 
@@ -100,6 +103,12 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         batches = -(-len(train_set) // cfg.batch_size)
         print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
               f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
+    steps, left = divmod(len(train_set), cfg.batch_size)  # a full last batch only: drop_last, below
+    if ctx.main and not saved and not cfg.overfit_batches and steps < FEW_STEPS:
+        # A recipe's batch size (--recipe fast: 1000) on a small folder leaves one or two updates an epoch.
+        dropped = f", the {left} images left over in each shuffled epoch unused" if steps and left else ""
+        print(f"cnnkit: note: {len(train_set):,} training images in batches of {cfg.batch_size}: "
+              f"{max(steps, 1)} batch(es) an epoch{dropped}; a smaller --batch-size gives more steps", file=log)
     if saved and saved["classes"] != classes:
         raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
                               f"{saved['classes'][:10]}; resume with the data the run was started on")

@@ -214,3 +214,16 @@ def test_overfit_batches_refuses_val_data_before_any_work(tmp_path):
     assert proc.stderr.strip() == (f"cnnkit train: error: --overfit-batches 1 validates on the very batches it "
                                    f"trains on, so --val-data {tmp_path / 'nowhere'} would be ignored: drop one of the two")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_size_that_leaves_few_steps_an_epoch_is_noted(tmp_path):
+    # --recipe fast's batches of 1000 on a folder of ~1,000 images made one step an epoch, in silence.
+    log = io.StringIO()
+    cnnkit.train(data="shapes", num_samples=300, batch_size=128, epochs=1, progress=False, out=str(tmp_path / "a"),
+                 log=log)
+    assert ("cnnkit: note: 300 training images in batches of 128: 2 batch(es) an epoch, the 44 images left over in "
+            "each shuffled epoch unused; a smaller --batch-size gives more steps") in log.getvalue()
+    log = io.StringIO()
+    cnnkit.train(data="shapes", num_samples=320, batch_size=32, epochs=1, progress=False, out=str(tmp_path / "b"),
+                 log=log)
+    assert "batch(es) an epoch" not in log.getvalue()  # 10 batches: enough to say nothing
