@@ -139,7 +139,7 @@ def check_splits(
     val_counts = torch.bincount(val.labels, minlength=k).tolist()
     imbalance = max(train_counts) / max(min(train_counts), 1)
     mean, std = stats or channel_stats(train)
-    warnings: list[str] = []
+    warnings: list[str] = list(train.warnings)
     notes: list[str] = []
     if imbalance >= imbalance_ratio:
         big, small = int(np.argmax(train_counts)), int(np.argmin(train_counts))
