@@ -152,8 +152,9 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
 
 def _check_spec(spec: DataSpec) -> None:
     if spec.val_split is not None and spec.val_data is not None:  # else the split would be dropped unseen
-        raise UserError(f"--val-split {spec.val_split} splits --data, but with --val-data {spec.val_data} the "
-                        "validation images are that folder: drop one of the two")
+        # DATA is named by its path: check-data and probe take it as an argument, train and eval as --data
+        raise UserError(f"--val-split {spec.val_split} splits {spec.data} into training and validation images, but "
+                        f"with --val-data {spec.val_data} the validation images are that folder: drop one of the two")
     if spec.val_split is not None and not 0 < spec.val_split < 1:
         raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
     if spec.input_size is not None and spec.input_size < 1:
@@ -261,9 +262,15 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
-    if empty:
+    if empty and option == "--val-data":
+        # Its classes are matched to the training classes by name (by_class_name): an empty folder is a class
+        # without validation images, as a missing folder is, and the data check warns about those.
+        kept = [c for c in classes if c not in empty]
+        labels = [kept.index(classes[label]) for label in labels]
+        classes = kept
+    elif empty:
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
-                        "add images or remove the folder (class indices must not shift silently)")
+                        "add images or remove the folder (a class without images cannot be learnt)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
