@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cnnkit
+from cnnkit.data.checks import check_data
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
 from cnnkit.evaluate import evaluate
@@ -82,10 +83,13 @@ def test_the_python_api_refuses_both(folders, tmp_path):
 
 def test_eval_and_check_data_refuse_both_too(folders, tmp_path):
     # load_splits is what train, eval --data, check-data and probe load through: none drops the split unseen
-    with pytest.raises(UserError, match="--val-split 0.2 splits --data"):
+    with pytest.raises(UserError, match=re.escape(f"--val-split 0.2 splits {folders['data']} into training and")):
         load_splits(DataSpec(folders["data"], val_data=folders["val"], val_split=0.2))
-    proc = run_cli("check-data", folders["data"], "--val-data", folders["val"], "--val-split", "0.2")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--val-split 0.2" in proc.stderr
+    # check-data and probe take DATA as an argument, not as --data: the message names it by its path
+    for args in (("check-data", folders["data"]), ("probe", "simple_cnn", folders["data"])):
+        proc = run_cli(*args, "--val-data", folders["val"], "--val-split", "0.2")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"--val-split 0.2 splits {folders['data']} into" in proc.stderr and "--data" not in proc.stderr
 
 
 # --- 2. a --val-data path that is wrong is named as --val-data ------------------------------------------------
@@ -110,6 +114,34 @@ def test_val_data_of_some_classes_is_labelled_by_class_name(folders):
     names = [os.path.basename(os.path.dirname(p)) for p in val.paths]
     assert val.labels.tolist() == [CLASSES.index(n) for n in names]  # triangle is 2, not its folder's 1
     assert torch.bincount(val.labels, minlength=3)[1] == 0
+
+
+def test_an_empty_class_folder_in_val_data_is_a_class_without_validation_images(folders, run, tmp_path):
+    # classes are matched by name, so an empty folder is what a missing one is: no validation images of it
+    empty = tmp_path / "empty"
+    shutil.copytree(folders["some"], empty)
+    os.makedirs(empty / "square")
+    train, val = load_splits(DataSpec(folders["data"], val_data=str(empty)))
+    assert val.classes == CLASSES and torch.bincount(val.labels, minlength=3)[1] == 0
+    names = [os.path.basename(os.path.dirname(p)) for p in val.paths]
+    assert val.labels.tolist() == [CLASSES.index(n) for n in names]
+    # the advice fits --val-data: --val-split cannot be combined with it
+    proc = run_cli("check-data", folders["data"], "--val-data", empty)
+    assert proc.returncode == 0, proc.stderr
+    warning, = [line for line in proc.stdout.splitlines() if "no validation images of" in line]
+    assert warning.endswith(f"no validation images of square: their recall cannot be measured; add images of them "
+                            f"to --val-data {empty}") and "--val-split" not in warning
+    missing = [w for w in check_data(folders["data"], val_data=folders["some"]).warnings if "of square" in w]
+    assert missing == [f"no validation images of square: their recall cannot be measured; add images of them to "
+                       f"--val-data {folders['some']}"]  # a missing folder: the same
+    r = evaluate(run, val_data=str(empty))  # eval's --val-data alone takes it too
+    assert r.count == count_images(folders["some"]) and r.per_class[1]["support"] == 0
+    # an empty class folder in the training data is still refused, for a reason that holds
+    os.makedirs(tmp_path / "data")
+    shutil.copytree(folders["data"], tmp_path / "data" / "d")
+    os.makedirs(tmp_path / "data" / "d" / "zebra")
+    with pytest.raises(UserError, match="zebra; add images or remove the folder \\(a class without images cannot be"):
+        load_splits(DataSpec(str(tmp_path / "data" / "d")))
 
 
 def test_val_data_with_a_class_the_training_data_lacks_is_refused(folders):
@@ -161,7 +193,7 @@ def test_eval_scores_a_folder_of_some_classes_by_name(folders, run):
     proc = run_cli("eval", run, "--val-data", folders["root"] / "nothing")
     assert proc.returncode == 2 and "--val-data" in proc.stderr and "nothing" in proc.stderr
     proc = run_cli("eval", run, "--data", folders["data"], "--val-data", folders["val"], "--val-split", "0.2")
-    assert proc.returncode == 2 and "--val-split 0.2 splits --data" in proc.stderr
+    assert proc.returncode == 2 and f"--val-split 0.2 splits {folders['data']}" in proc.stderr
 
 
 def test_a_run_from_before_the_refusal_still_evaluates_and_resumes(folders, run, tmp_path):

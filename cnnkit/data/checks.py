@@ -2,7 +2,8 @@
 run's numbers wrong before any training starts.
 
 - **Class balance**: the images per class in training and validation; a warning when the largest training class
-  is ``imbalance_ratio`` times the smallest or more (``--class-weights auto`` or ``--balanced-sampler`` help).
+  is ``imbalance_ratio`` times the smallest or more (``--class-weights auto`` or ``--balanced-sampler`` help), for
+  a class without validation images, and for a validation set under ``SMALL_VAL`` images (a coarse accuracy).
 - **Leaks between training and validation**: every validation image that is a duplicate or near-duplicate of a
   training image, by a 64-bit perceptual hash (pHash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey
   version against their median; a re-encoded JPEG or a brightness change moves a few bits, a different picture
@@ -36,6 +37,9 @@ from cnnkit.models.pretrained import normalization
 from cnnkit.models.registry import check_model_name, default_weights
 
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which the imbalance is worth acting on
+# Validation images below which accuracy is too coarse to compare by: one image moves it by more than 0.02, and
+# at 0.8 accuracy its standard error, sqrt(0.8 * 0.2 / 50), is 0.057: differences between runs drown in it.
+SMALL_VAL = 50
 HASH_SIZE = 32  # the grey image the DCT is taken of, pixels (pHash's usual size)
 LOW_FREQUENCIES = 8  # 8 x 8 DCT coefficients -> 64 bits
 NORMALISED_MEAN_LIMIT = 1.0  # |mean| of the normalised data per channel beyond which it is far from the weights'
@@ -142,7 +146,7 @@ def check_splits(
     val_counts = torch.bincount(val.labels, minlength=k).tolist()
     imbalance = max(train_counts) / max(min(train_counts), 1)
     mean, std = stats or channel_stats(train)
-    warnings: list[str] = []
+    warnings: list[str] = list(train.warnings)
     notes: list[str] = []
     if imbalance >= imbalance_ratio and not same_images:
         big, small = int(np.argmax(train_counts)), int(np.argmin(train_counts))
@@ -153,10 +157,23 @@ def check_splits(
         else:
             warnings.append(text + "; pass --class-weights auto (loss weights) or --balanced-sampler, and judge the "
                             "run by per-class recall rather than accuracy")
+    val_data = val.source != train.source  # a --val-data folder, not a split or a dataset's own validation set
     empty = [c for c, n in zip(train.classes, val_counts) if n == 0]
     if empty and not same_images:
-        warnings.append(f"no validation images of {', '.join(empty[:5])}: their recall cannot be measured; "
-                        "use a larger --val-split or add them to --val-data")
+        if val_data:
+            advice = f"add images of them to --val-data {val.source}"
+        elif all(train_counts[train.classes.index(c)] <= 1 for c in empty):
+            # split() keeps a class's only image for training: no --val-split fraction gives it a validation image
+            advice = ("the split keeps a class's only image for training: add images of them, or pass --val-data "
+                      "DIR with images of every class in place of the split")
+        else:
+            advice = "add images of them to the validation data"
+        warnings.append(f"no validation images of {', '.join(empty[:5])}: their recall cannot be measured; {advice}")
+    if 0 < len(val) < SMALL_VAL and not same_images:
+        more = (f"add images to --val-data {val.source}" if val_data else
+                "hold out more with a larger --val-split, or pass --val-data DIR with more images")
+        warnings.append(f"only {len(val)} validation image(s): one image moves validation accuracy by "
+                        f"{1 / len(val):.4f}, too coarse to compare epochs or runs by; {more}")
 
     duplicates: list[Duplicate] = []
     checked = (hash_files or (train.images is not None and val.images is not None)) and train.source != "shapes"

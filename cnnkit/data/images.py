@@ -153,6 +153,17 @@ def image_size(path: str) -> tuple[int, int]:
     return open_image(path).size
 
 
+def header_size(path: str) -> tuple[int, int]:
+    """(width, height) of ``path`` as stored (before EXIF rotation), read from its header without decoding the
+    pixels; a DataError names the file if it cannot be opened."""
+    try:
+        with Image.open(path, formats=sorted(ALLOWED_FORMATS)) as img:
+            return img.size
+    except Exception as e:  # hostile bytes are the file's fault, reported with its path
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot decode image {path}: {reason}") from None
+
+
 def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:
     """``path`` as a uint8 array C x H x W; resized and centre-cropped to ``size`` unless it is None."""
     img = convert_mode(open_image(path), channels)

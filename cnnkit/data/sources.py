@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
 from cnnkit.data import cache
-from cnnkit.data.images import image_size, is_image_file, load_image
+from cnnkit.data.images import header_size, image_size, is_image_file, load_image
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
@@ -25,6 +25,9 @@ DEFAULT_FOLDER_SPLIT = 0.1  # the fraction of a folder held out for validation w
 SPLIT_SEED = 0  # the validation split never depends on the training seed: changing --seed must not leak val into train
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 BAD_IMAGE_POLICIES = ("skip", "error")
+SIZE_SAMPLE = 64  # images whose sizes choose a folder's input size (read from their headers: cheap)
+MAX_DEFAULT_SIZE = 224  # a folder of larger images is read at ImageNet's size unless --input-size says otherwise
+MIXED_SIZES = 2  # largest / smallest (capped) shorter side in that sample from which the choice is warned about
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ImageSet:
     source: str = ""
     skipped: list[str] = field(default_factory=list)  # one message per image left out because it is broken
     paths: list[str] | None = None  # each image's file, for a folder (also when decoded in memory), to name it
+    warnings: list[str] = field(default_factory=list)  # what loading found worth acting on (mixed image sizes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -142,13 +146,15 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
     tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
     if len(va) == 0:
         raise UserError("--val-split leaves no validation images; use a larger fraction or --val-data DIR")
-    return data.subset(tr), replace(data.subset(va), skipped=[])  # broken files are reported once, with train
+    # broken files and warnings are reported once, with train
+    return data.subset(tr), replace(data.subset(va), skipped=[], warnings=[])
 
 
 def _check_spec(spec: DataSpec) -> None:
     if spec.val_split is not None and spec.val_data is not None:  # else the split would be dropped unseen
-        raise UserError(f"--val-split {spec.val_split} splits --data, but with --val-data {spec.val_data} the "
-                        "validation images are that folder: drop one of the two")
+        # DATA is named by its path: check-data and probe take it as an argument, train and eval as --data
+        raise UserError(f"--val-split {spec.val_split} splits {spec.data} into training and validation images, but "
+                        f"with --val-data {spec.val_data} the validation images are that folder: drop one of the two")
     if spec.val_split is not None and not 0 < spec.val_split < 1:
         raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
     if spec.input_size is not None and spec.input_size < 1:
@@ -256,9 +262,15 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
-    if empty:
+    if empty and option == "--val-data":
+        # Its classes are matched to the training classes by name (by_class_name): an empty folder is a class
+        # without validation images, as a missing folder is, and the data check warns about those.
+        kept = [c for c in classes if c not in empty]
+        labels = [kept.index(classes[label]) for label in labels]
+        classes = kept
+    elif empty:
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
-                        "add images or remove the folder (class indices must not shift silently)")
+                        "add images or remove the folder (a class without images cannot be learnt)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
@@ -297,7 +309,7 @@ def _folder(root: str, spec: DataSpec, option: str | None = None) -> ImageSet:
     """The images of folder ``root``; ``option``: the flag that named it, where not ``--data`` (see scan_folder)."""
     files, labels, classes = scan_folder(root, option)
     channels = spec.channels or 3
-    size = spec.input_size or _default_size(files)
+    size, warnings = (spec.input_size, []) if spec.input_size else _default_size(files, root)
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
@@ -315,16 +327,31 @@ def _folder(root: str, spec: DataSpec, option: str | None = None) -> ImageSet:
         if missing:
             raise DataError(f"every image of class {classes[missing[0]]} in {root} is broken; fix them or remove the folder")
     return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors),
-                    paths=files)
+                    paths=files, warnings=warnings)
 
 
-def _default_size(files: list[str]) -> int:
-    for f in files[:20]:  # the first image that opens decides; broken ones are reported later
+def _default_size(files: list[str], root: str) -> tuple[int, list[str]]:
+    """A folder's input size, pixels: the median shorter side, at most MAX_DEFAULT_SIZE, of up to SIZE_SAMPLE
+    images spread evenly over ``files`` (sorted by class, so over the classes), with a one-line warning when the
+    sample's sizes differ widely. The first image alone used to decide: one photo among thumbnails made every
+    image 224 pixels (49x the compute of 32), one thumbnail among photos shrank them all."""
+    step = max(len(files) / SIZE_SAMPLE, 1)
+    sides = []
+    for i in range(min(SIZE_SAMPLE, len(files))):
         try:
-            return min(min(image_size(f)), 224)
-        except DataError:
+            sides.append(min(header_size(files[int(i * step)])))
+        except DataError:  # broken images are reported when the folder is decoded
             continue
-    return 224
+    if not sides:
+        return MAX_DEFAULT_SIZE, []
+    sides.sort()
+    size = min(sides[(len(sides) - 1) // 2], MAX_DEFAULT_SIZE)  # the lower median: a size the images have
+    if min(sides[-1], MAX_DEFAULT_SIZE) < MIXED_SIZES * min(sides[0], MAX_DEFAULT_SIZE):
+        return size, []
+    sample = f"{len(sides)} of its {len(files):,} images" if len(sides) < len(files) else f"its {len(sides)} images"
+    return size, [f"the images of {root} differ in size (shorter sides {sides[0]} to {sides[-1]} pixels in "
+                  f"{sample}): all are resized to {size}x{size}, the median (at most {MAX_DEFAULT_SIZE}); pass "
+                  "--input-size N to choose the size"]
 
 
 def _apply_policy(errors: list[str], policy: str, root: str) -> None:

@@ -190,7 +190,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     wall_start = time.perf_counter()
     callbacks = callbacks or Callbacks()
     saved = _resume_payload(resume) if resume else None
-    cfg = make_config(TrainConfig(**_as_run(saved["config"]))) if saved else make_config(config, overrides)
+    cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"]))) if saved else make_config(config, overrides)
     callbacks.check(cfg)
     t = _set_up(cfg, log or sys.stdout, saved)
     _open_run_folder(t, saved, resume, callbacks)
@@ -939,10 +939,12 @@ def _prune_best_files(run_dir: str, kept: list) -> None:
             os.unlink(os.path.join(run_dir, name))
 
 
-def _as_run(config: dict[str, Any]) -> dict[str, Any]:
+def _as_run(config: dict[str, Any], input_size: int) -> dict[str, Any]:
     """A saved run's configuration as the run used it: one from before val_split beside val_data was refused
-    took its validation images from val_data alone, and resumes so."""
-    return {**config, "val_split": None} if config.get("val_data") is not None else config
+    took its validation images from val_data alone, and resumes so; and at the input size it trained at (pixels),
+    which for a folder without --input-size was chosen from the images by a rule that has changed since."""
+    config = {**config, "val_split": None} if config.get("val_data") is not None else config
+    return {**config, "input_size": config.get("input_size") or input_size}
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:

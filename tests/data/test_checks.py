@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from cnnkit.data.checks import check_data, check_splits, class_weights, format_check, perceptual_hashes
+from cnnkit.data.checks import SMALL_VAL, check_data, check_splits, class_weights, format_check, perceptual_hashes
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from tests.conftest import run_cli, write_image_folder
 
@@ -88,6 +88,31 @@ def test_a_near_duplicate_hashes_close_and_a_different_image_far():
     assert distance[1] <= 4 < 16 <= distance[2]
 
 
+def test_a_small_validation_set_is_warned_about_with_its_accuracy_step(tmp_path):
+    folder = write_image_folder(str(tmp_path / "small"), n_per_class=20, size=16)  # 80 images, 4 classes
+    (warning,) = [w for w in check_data(folder, val_split=0.05).warnings if "validation image" in w]
+    assert warning.startswith("only 4 validation image(s): one image moves validation accuracy by 0.2500,")
+    assert "a larger --val-split" in warning and "--val-data DIR" in warning
+    val = write_image_folder(str(tmp_path / "val"), n_per_class=3, size=16, seed=1)
+    (warning,) = [w for w in check_data(folder, val_data=val).warnings if "validation image" in w]
+    assert warning.startswith("only 12 validation image(s): one image moves validation accuracy by 0.0833,")
+    assert warning.endswith(f"add images to --val-data {val}") and "--val-split" not in warning
+    assert not [w for w in check_data(folder, val_split=0.7).warnings if "validation image" in w]  # 56 images
+    # train prints it before training
+    proc = run_cli("train", "--data", folder, "--val-split", "0.05", "--epochs", "1", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert "cnnkit: warning: only 4 validation image(s): one image moves validation accuracy by 0.2500" in proc.stdout
+
+
+def test_a_class_of_one_image_gets_no_validation_image_from_any_split(tmp_path):
+    folder = write_image_folder(str(tmp_path / "one"), n_per_class=12, size=16)
+    for name in sorted(os.listdir(os.path.join(folder, "circle")))[1:]:
+        os.unlink(os.path.join(folder, "circle", name))
+    (warning,) = [w for w in check_data(folder, val_split=0.5).warnings if "no validation images" in w]
+    # a larger --val-split would not help: split() keeps a class's only image for training
+    assert "circle" in warning and "only image" in warning and "larger --val-split" not in warning
+
+
 def test_imbalance_warning_suggests_class_weights(tmp_path):
     folder = write_image_folder(str(tmp_path / "imbalanced"), n_per_class=12, size=16)
     for name in sorted(os.listdir(os.path.join(folder, "circle")))[:9]:
@@ -118,7 +143,8 @@ def test_data_against_the_model():
     assert any("at least 75x75" in w for w in small.warnings)
     unknown = check_splits(train, val, "simple_cnn", weights_label="weights.pth")
     assert any("records no input normalisation" in w for w in unknown.warnings)
-    assert not check_splits(train, val, "simple_cnn").warnings  # own statistics, balanced, no leaks
+    # own statistics, balanced, no leaks, and validation images enough for a fine-grained accuracy
+    assert not check_splits(train, grey_set(SMALL_VAL), "simple_cnn").warnings
 
 
 def test_check_data_bad_input_is_one_line(tmp_path):
