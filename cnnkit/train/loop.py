@@ -190,7 +190,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     wall_start = time.perf_counter()
     callbacks = callbacks or Callbacks()
     saved = _resume_payload(resume) if resume else None
-    cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"]))) if saved else make_config(config, overrides)
+    if saved:
+        cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"])))
+    else:
+        cfg = make_config(config, overrides)
     callbacks.check(cfg)
     t = _set_up(cfg, log or sys.stdout, saved)
     _open_run_folder(t, saved, resume, callbacks)
