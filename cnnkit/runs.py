@@ -81,7 +81,8 @@ def divergence(run_dir: str) -> dict | None:
 def refuse_resuming_divergence(run_dir: str) -> None:
     """Raise a UserError when ``run_dir`` diverged: its last.pt, RNG state included, holds the state from before
     the failure, so resuming it replays the same steps into the same failure. The message names what does go on:
-    a new run from its settings at a lower rate, from last.pt's weights where there is one."""
+    a new run from its settings at a lower rate, from last.pt's weights where there is one, or at the rate --lr auto
+    picks (a tenth may diverge again)."""
     stop = divergence(run_dir)
     if stop is None:
         return
@@ -90,9 +91,13 @@ def refuse_resuming_divergence(run_dir: str) -> None:
     lower = f"{lr / 10:.3g}".replace("e+0", "e").replace("e-0", "e-") if isinstance(lr, (int, float)) and not isinstance(lr, bool) else "LOWER"
     weights = (f" --weights {os.path.join(run_dir, 'last.pt')}"
                if os.path.isfile(os.path.join(run_dir, "last.pt")) else "")
+    # a tenth of the rate may diverge again; a run whose rate --lr auto picked (lr_find.json) needs a fixed one
+    auto = ("" if os.path.isfile(os.path.join(run_dir, "lr_find.json")) else
+            f" (or with --lr auto in place of --lr {lower}, to have a range test pick it; cnnkit lr-find draws its "
+            "curve)")
     raise UserError(f"--resume {run_dir}: the run diverged ({stop.get('message', 'see its stop.json')}); resuming "
-                    f"replays the same steps into the same failure. Go on in a new run at a lower rate: cnnkit train "
-                    f"--config {os.path.join(run_dir, 'config.json')}{weights} --lr {lower} --out NEW_DIR")
+                    f"replays the same steps into the same failure. Go on in a new run at a lower rate{auto}: "
+                    f"cnnkit train --config {os.path.join(run_dir, 'config.json')}{weights} --lr {lower} --out NEW_DIR")
 
 
 def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:

@@ -73,6 +73,10 @@ class EpochState:
     skipped: int = 0
     seconds: float = 0.0
     lr: float | None = None  # the rate at the epoch's first step: metrics.csv logs it, resumed mid-epoch or not
+    # The rate of the run's last optimizer step before batch ``batch`` (this epoch's or an earlier one's; None: no
+    # step yet, nan: a step whose rate a checkpoint from before this field did not record): the weights a
+    # non-finite loss was computed on came from that step.
+    last_step_lr: float | None = None
 
     def plain(self) -> dict[str, Any]:
         return {k: (v.item() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -148,7 +152,8 @@ class Training:
     epoch_state: EpochState = field(default_factory=EpochState)
     epoch: int = 1  # the epoch under way
     last: EpochFigures | None = None
-    step_losses: list[torch.Tensor] = field(default_factory=list)  # the epoch's step losses not yet in steps.csv
+    # (loss, rate) of the epoch's steps not yet in steps.csv
+    step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -363,7 +368,7 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
         t.stage.scheduler.load_state_dict(state["scheduler"])
     t.pieces.scaler.load_state_dict(state["scaler"])
     t.state = run = RunState(**state["run"])
-    t.epoch_state = EpochState(**state["epoch_state"])
+    t.epoch_state = EpochState(**{"last_step_lr": math.nan, **state["epoch_state"]})  # nan: an older last.pt's
     set_rng_state(state["rng"])
     if t.ema is not None:
         t.ema.load_state_dict(state["ema"])
@@ -477,10 +482,11 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
-    _save(t, _checkpoint(t, EpochState(), epoch + 1), "last.pt", checked=True)
+    next_epoch = EpochState(last_step_lr=t.epoch_state.last_step_lr)  # the next epoch's first loss follows that step
+    _save(t, _checkpoint(t, next_epoch, epoch + 1), "last.pt", checked=True)
     if t.ctx.main:
         _prune_best_files(t.run_dir, run.kept_best)
-    t.epoch_state = EpochState()
+    t.epoch_state = next_epoch
 
 
 def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) -> TrainResult:
@@ -575,7 +581,7 @@ def _refuse_non_finite(t: Training, parts: dict[str, dict[str, Any]], consequenc
                             "--lr or add --clip-grad 1.0")
 
 
-def _save_within_epoch(t: Training, step_losses: list[torch.Tensor], state: EpochState) -> None:
+def _save_within_epoch(t: Training, step_losses: list[tuple[torch.Tensor, float]], state: EpochState) -> None:
     # steps.csv first: last.pt never holds steps whose rows are missing (a resume drops rows beyond last.pt)
     _write_step_losses(t.run_dir, t.epoch, state.batch, step_losses)
     _save(t, _checkpoint(t, state, t.epoch), "last.pt")
@@ -629,7 +635,7 @@ def train_one_epoch(
     stop: "StopSignals | None" = None,
     save_every: int = 0,
     save: Callable[[EpochState], None] | None = None,
-    step_losses: list[torch.Tensor] | None = None,
+    step_losses: list[tuple[torch.Tensor, float]] | None = None,
     mix: Mix | None = None,
     accum_steps: int = 1,
     ema: WeightEMA | None = None,
@@ -663,10 +669,13 @@ def train_one_epoch(
     # read as non-finite too, long after training has diverged): no per-step work, which a small CPU model's
     # step notices (see docs/design.md). nan="skip" must decide per step, so it reads each one.
     checked = state.batch  # every batch before this one had a finite loss
-    # nan="stop": (loss, rate) of each batch since the last check, so that a failed check can name the batch whose
-    # loss first went non-finite and the rate it ran at (a schedule has moved on by the time the check runs).
+    # nan="stop": (loss, rate of the last optimizer step before it, that step's batch) of each batch since the last
+    # check, so that a failed check can name the batch whose loss first went non-finite and the step whose weights
+    # it was computed on (a schedule has moved on by the time the check runs). The step's batch is 0 when it was
+    # in an earlier epoch; a save or a stop comes right after a step, so a resumed epoch's last one is its batch.
     # The rate is a Python float the optimizer holds: keeping it reads nothing from the device.
-    window: list[tuple[torch.Tensor, float]] = []
+    window: list[tuple[torch.Tensor, float | None, int]] = []
+    last_step_batch = state.batch
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
@@ -676,10 +685,10 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, targets)
-        if step_losses is not None:
-            step_losses.append(loss.detach())
+        if step_losses is not None:  # with the rate of the optimizer step this batch's gradient goes into
+            step_losses.append((loss.detach(), optimizer.param_groups[0]["lr"]))
         if nan == "stop":
-            window.append((loss.detach(), optimizer.param_groups[0]["lr"]))
+            window.append((loss.detach(), state.last_step_lr, last_step_batch))
         if nan == "skip" and not _all_finite(loss):
             for b, saved in zip(bn_buffers, bn_before):
                 b.copy_(saved)
@@ -706,6 +715,7 @@ def train_one_epoch(
                     grad_norm_sum += norm
                     state.clipped_steps += 1
                 pending = 0
+                state.last_step_lr, last_step_batch = optimizer.param_groups[0]["lr"], state.batch
             scheduler.step()  # the schedule counts steps, skipped ones too, so it ends where it was planned to
             # Stopping and saving only between optimizer steps: accumulated gradients are not in a checkpoint.
             if stop is not None and _any_process_stopping(stop):
@@ -744,30 +754,42 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def _check_finite(loss_sum: torch.Tensor, checked: int, state: EpochState,
-                  window: list[tuple[torch.Tensor, float]]) -> int:
+                  window: list[tuple[torch.Tensor, float | None, int]]) -> int:
     """Raise NonFiniteLoss if the running loss sum has become non-finite on any process since batch ``checked``
     (before which all was finite); else empty ``window`` and return the batch up to which all is now known finite.
-    ``window``: (loss, learning rate) of each batch after ``checked``; the message names the first batch whose
-    loss is non-finite on any process and its rate."""
+    ``window``: (loss, rate of the last optimizer step before it, that step's batch: 0 for an earlier epoch's) of
+    each batch after ``checked``; the message names the first batch whose loss is non-finite on any process and
+    the step before it, whose weights gave that loss: the rate that did the damage is that step's (or an earlier
+    one's), not the rate the failing batch would have stepped at."""
     bad = distributed.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.int32).reshape(1))
     if not bad.item():
         window.clear()
         return state.batch
     # Only here, once the run has failed, are the window's losses read: summed over processes (in float64, so
     # that the sum of finite losses does not overflow), a non-finite loss on any of them shows.
-    losses = distributed.all_reduce_sum(torch.stack([loss for loss, _ in window]).double()) if window else None
+    losses = distributed.all_reduce_sum(torch.stack([loss for loss, _, _ in window]).double()) if window else None
     first = (~torch.isfinite(losses)).nonzero() if losses is not None else []
     if len(first):
         i = int(first[0])
-        where, rate = f"at batch {checked + 1 + i}", f"lr {window[i][1]:.3g}"
+        _, rate, step = window[i]
+        where = f"at batch {checked + 1 + i} of this epoch"
+        if rate is None:
+            where += ", before any optimizer step (so on the starting weights: the rate played no part)"
+        else:
+            which = f"at batch {step}" if step else "the previous epoch's last"
+            at = f"lr {rate:.3g}" if math.isfinite(rate) else "a rate the last.pt it resumed from did not record"
+            where += f"; the last optimizer step before it, {which}, ran at {at}"
     else:  # every loss finite, their running sum not (over 3e38): no one batch to name
         where = f"at batch {state.batch}" if checked + 1 == state.batch else \
             f"between batches {checked + 1} and {state.batch}"
-        rates = [r for _, r in window] or [float("nan")]
-        rate = f"lr {min(rates):.3g}" + (f" to {max(rates):.3g}" if max(rates) != min(rates) else "")
+        where += " of this epoch"
+        rates = [r for _, r, _ in window if r is not None and math.isfinite(r)]
+        if rates:
+            where += (f"; the optimizer steps before ran at lr {min(rates):.3g}"
+                      + (f" to {max(rates):.3g}" if max(rates) != min(rates) else ""))
     raise NonFiniteLoss(
-        f"the loss became non-finite {where} of this epoch ({rate}); likely causes: a learning rate too high, "
-        "exploding gradients, or bad input values. Lower --lr, add --clip-grad 1.0, or pass --nan skip"
+        f"the loss became non-finite {where} (steps.csv has each step's lr); likely causes: a learning rate too "
+        "high, exploding gradients, or bad input values. Lower --lr, add --clip-grad 1.0, or pass --nan skip"
     )
 
 
@@ -787,6 +809,8 @@ def _divergence(t: Training, start: float, wall_start: float) -> Iterator[None]:
         if lr_search is not None:
             message += (f"; the rate came from --lr auto (the range test's suggestion {lr_search.suggestion:.3g}, "
                         f"rule '{lr_search.method}', in lr_find.json): pass a lower fixed --lr")
+        else:  # a guessed lower rate may diverge again
+            message += "; --lr auto picks a rate with a range test (cnnkit lr-find draws its curve)"
         _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
         result = _result(t, start, wall_start, f"diverged: {message}")
         _write_json(run_dir, "result.json", dataclasses.asdict(result))
@@ -869,18 +893,20 @@ def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[torch.Tensor],
+def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[tuple[torch.Tensor, float]],
                        stop_at_non_finite: bool = False) -> None:
-    """steps.csv: the loss of every step (averaged over processes), appended at the end of each epoch and before
-    each save, so that no step waits for its loss to be read; ``losses`` end at step ``last_step`` and are
-    emptied. ``stop_at_non_finite`` (a run that diverged): the rows end at the first non-finite loss, written
-    as nan or inf, since the steps after it ran on weights that step spoiled (or, with accumulation, added to
-    its spoiled gradient)."""
+    """steps.csv: the loss of every step (averaged over processes) and the rate of the optimizer step its
+    gradient went into (lr), appended at the end of each epoch and before each save, so that no step waits for
+    its loss to be read; ``losses``, (loss, rate) pairs, end at step ``last_step`` and are emptied.
+    ``stop_at_non_finite`` (a run that diverged): the rows end at the first non-finite loss, written as nan or
+    inf, since the steps after it ran on weights that step spoiled (or, with accumulation, added to its spoiled
+    gradient). A steps.csv from before the lr column (a resumed older run) gets rows without it."""
     if not losses:
         return
     first_step = last_step - len(losses) + 1
-    values = distributed.all_reduce_sum(torch.stack(losses).float().detach().clone())
+    values = distributed.all_reduce_sum(torch.stack([loss for loss, _ in losses]).float().detach().clone())
     values /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rates = [rate for _, rate in losses]
     losses.clear()
     if stop_at_non_finite:
         bad = (~torch.isfinite(values)).nonzero()
@@ -889,10 +915,18 @@ def _write_step_losses(run_dir: str, epoch: int, last_step: int, losses: list[to
         return
     path = os.path.join(run_dir, "steps.csv")
     new = not os.path.exists(path)
+    with_lr = new or _steps_columns(path) > 3
     with open(path, "a") as f:
         if new:
-            f.write("epoch,step,loss\n")
-        f.writelines(f"{epoch},{first_step + i},{v:.8g}\n" for i, v in enumerate(values.tolist()))
+            f.write("epoch,step,loss,lr\n")
+        f.writelines(f"{epoch},{first_step + i},{v:.8g}" + (f",{rates[i]:.8g}\n" if with_lr else "\n")
+                     for i, v in enumerate(values.tolist()))
+
+
+def _steps_columns(path: str) -> int:
+    """The number of columns in steps.csv's header: 3 in files from before the lr column, 4 since."""
+    with open(path) as f:
+        return len(f.readline().split(","))
 
 
 def _drop_steps_after(run_dir: str, epoch: int, step: int) -> None:
@@ -905,16 +939,20 @@ def _drop_steps_after(run_dir: str, epoch: int, step: int) -> None:
     if not lines:
         return
     header, *rows = lines
-    keep = [row for row in rows if _step_of(row) <= (epoch, step)]
+    keep = [row for row in rows if _step_of(row, len(header.split(","))) <= (epoch, step)]
     if len(keep) < len(rows):
         atomic_write(path, lambda f: f.write("".join([header, *keep]).encode()))
 
 
-def _step_of(row: str) -> tuple[int, int]:
-    """(epoch, step) of a steps.csv row; past any real step for a row a killed process left half-written."""
+def _step_of(row: str, columns: int = 3) -> tuple[int, int]:
+    """(epoch, step) of a steps.csv row of ``columns`` numbers; past any real step for a row a killed process
+    left half-written."""
     try:
-        epoch, step, loss = row.split(",")
-        float(loss)
+        epoch, step, *numbers = row.split(",")
+        if len(numbers) != columns - 2:
+            raise ValueError(row)
+        for number in numbers:
+            float(number)
         return int(epoch), int(step)
     except ValueError:
         return (sys.maxsize, 0)

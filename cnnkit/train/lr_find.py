@@ -127,14 +127,15 @@ class LrFindResult:
 def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0,
             steps: int | None = None, smoothing: float | None = None, diverge: float = 4.0, out: str | None = None,
             log: IO[str] | None = None, progress: bool | None = None, draw: DrawCurve | None = None,
-            **overrides) -> LrFindResult:
+            for_train: bool = False, **overrides) -> LrFindResult:
     """Run the range test for ``config`` (or keyword overrides of the training defaults): ``steps`` steps from
     ``start_lr`` to ``end_lr``, stopping once the smoothed loss exceeds ``diverge`` times its minimum. ``steps``
     None: ``default_steps`` (DEFAULT_STEPS, fewer on a small data set); ``smoothing`` (the moving average's
     factor per step) None: ``default_smoothing(steps)``. ``out``: a
     folder (made if missing, as train's ``out``) that receives the figures, ``lr_find.json``, and the curve,
     ``lr_find.png``, drawn by ``draw`` (``cnnkit.lr_find`` passes ``cnnkit.report.plots.plot_lr_find``).
-    ``config`` and ``overrides`` are merged as train's (cnnkit/train/options.py).
+    ``config`` and ``overrides`` are merged as train's (cnnkit/train/options.py). ``for_train``: the test runs
+    for ``train --lr auto``, which has no --end-lr: its messages name ``cnnkit lr-find`` for a longer sweep.
     Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``.
     """
     cfg = make_config(config, overrides)
@@ -224,7 +225,7 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
                 "at which the loss blew up")
         if not diverged:  # the sweep may simply have stopped below the rates that move the loss
             print(f"cnnkit: the loss neither fell nor blew up by lr {lrs[-1]:.3g}, where the range test ended: the "
-                  f"rates that move it may lie beyond (raise --end-lr); {kept}", file=log)
+                  f"rates that move it may lie beyond ({_beyond(end_lr, for_train)}); {kept}", file=log)
         else:
             chance, typical = math.log(len(run.classes)), sorted(smoothed)[len(smoothed) // 2]
             level = (f"loss about ln({len(run.classes)}) = {chance:.2f}, every prediction alike"
@@ -236,11 +237,36 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
                   + ("" if has_bn else "; networks with BatchNorm and global average pooling (cnnkit's convnet) "
                                        "leave it sooner"), file=log)
     elif not diverged:
-        print(f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it "
-              "(raise --end-lr)", file=log)
+        print(_no_blowup_message(lrs, smoothed, low, edge, diverge, _beyond(end_lr, for_train)), file=log)
     if out:
         write_json(os.path.join(out, "lr_find.json"), lr_find_record(result, out, draw))
     return result
+
+
+def _beyond(end_lr: float, for_train: bool) -> str:
+    """How to sweep past ``end_lr``: an option of ``cnnkit lr-find``, which ``train --lr auto`` does not have."""
+    if for_train:
+        return f"run cnnkit lr-find with this run's options and --end-lr {end_lr * 10:g} to see further"
+    return "raise --end-lr"
+
+
+def _no_blowup_message(lrs: list[float], smoothed: list[float], low: int, edge: int, diverge: float,
+                       beyond: str) -> str:
+    """What a test that ended without the loss blowing up (``diverge`` times its smoothed minimum, at ``low``)
+    saw: a curve still in its valley at the end (the valley's edge, ``edge``, is the last step), whose minimum
+    may lie beyond (``beyond``: how to see), or one that climbed out of it, which is no blow-up by the test's
+    measure but is the rise the suggestion reads: with few classes the loss starts near ln(classes) and a
+    blown-up network's loss stays within a few times that, short of ``diverge`` times the minimum."""
+    settled = max(1, len(lrs) // 10)
+    if edge == len(lrs) - 1:
+        return f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it ({beyond})"
+    peak = max(range(low, len(smoothed)), key=smoothed.__getitem__)
+    start = smoothed[settled]
+    above = f" (above its {start:.3g} at the start)" if smoothed[peak] > start else ""
+    return (f"cnnkit: the smoothed loss fell to its minimum {smoothed[low]:.3g} at lr {lrs[low]:.3g}, then rose "
+            f"to {smoothed[peak]:.3g} by lr {lrs[peak]:.3g}{above}, so the valley ends inside the test, at lr "
+            f"{lrs[edge]:.3g}; the test ran on to lr {lrs[-1]:.3g} because it stops early only once the loss "
+            f"passes {diverge:g}x its minimum")
 
 
 def default_steps(batches: int) -> int:
@@ -341,7 +367,7 @@ def resolve_auto_lr(cfg: TrainConfig, log: IO[str], ctx: "distributed.Dist") -> 
         return cfg, None
     if cfg.stages:
         raise UserError("--lr auto finds one learning rate; with --stages give each stage its rate")
-    result = lr_find(dataclasses.replace(cfg, lr=None), log=log) if ctx.main else None
+    result = lr_find(dataclasses.replace(cfg, lr=None), log=log, for_train=True) if ctx.main else None
     lr = float(distributed.broadcast_text(repr(result.suggestion) if result else None, ctx))
     print(f"cnnkit: --lr auto: {lr:.3g} (range test: {result.method if result else 'rank 0'})", file=log)
     seed_everything(cfg.seed)  # the test drew from the generators: training starts as it would with --lr {lr}

@@ -139,8 +139,8 @@ def test_nan_stop_names_the_epoch_and_the_checkpoint_that_is_kept(tmp_path):
     assert "kept: last.pt (the state at the end of epoch 1) and best.pt (epoch 1), both from" in str(e.value)
     # steps.csv, last written at the end of epoch 1, also holds epoch 2's steps up to the poisoned one (its 2nd)
     rows = [row.split(",") for row in (tmp_path / "run" / "steps.csv").read_text().splitlines()[1:]]
-    assert [(int(epoch), int(step)) for epoch, step, _ in rows] == [(1, i) for i in range(1, 7)] + [(2, 1), (2, 2)]
-    assert all(math.isfinite(float(loss)) for _, _, loss in rows[:-1]) and rows[-1][2] == "nan"
+    assert [(int(epoch), int(step)) for epoch, step, _, _ in rows] == [(1, i) for i in range(1, 7)] + [(2, 1), (2, 2)]
+    assert all(math.isfinite(float(loss)) for _, _, loss, _ in rows[:-1]) and rows[-1][2] == "nan"
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert result["stop_reason"] == "diverged: " + str(e.value) and result["epochs_run"] == len(metrics) - 1 == 1
@@ -197,7 +197,8 @@ def test_a_save_refuses_batchnorm_statistics_that_are_no_longer_finite(tmp_path,
     assert str(e.value) == (
         f"epoch 2: the weights are no longer finite (NaN or inf in bn.running_var), so {out / 'last.pt'} was not "
         "written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and best.pt "
-        "(epoch 1), both from before the failure")
+        "(epoch 1), both from before the failure; --lr auto picks a rate with a range test (cnnkit lr-find draws "
+        "its curve)")
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / name, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -299,7 +300,8 @@ def test_nan_skip_mid_epoch_save_refuses_weights_a_finite_loss_spoiled(tmp_path)
     assert str(e.value) == (
         f"epoch 2: the weights are no longer finite (NaN or inf in conv.weight, conv.bias), so {out / 'last.pt'} "
         "was not written; lower --lr or add --clip-grad 1.0; kept: last.pt (the state at epoch 2, batch 1) and "
-        "best.pt (epoch 1), both from before the failure")
+        "best.pt (epoch 1), both from before the failure; --lr auto picks a rate with a range test (cnnkit lr-find "
+        "draws its curve)")
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["resume"]["epoch_state"]["batch"] == 1
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -361,21 +363,97 @@ def test_nan_stop_names_the_first_non_finite_batch_whatever_the_checks_interval(
         _FACTORIES.pop("sometimes_nan")
 
 
-@pytest.mark.parametrize("schedule", ["linear", "onecycle"])
-def test_nan_stop_quotes_the_rate_of_the_step_that_went_non_finite(tmp_path, schedule):
-    # The loss goes NaN at batch 2 of epoch 2 (the schedule's step 7 of 3 x 6); the check runs after batch 6, when
-    # the schedule has moved on to step 11. The rate quoted, in the message and so in stop.json and result.json,
-    # is step 7's.
+class _NaNFrom(_SometimesNaN):
+    """NaN from training batch ``FROM`` on (counting over the run, from 1)."""
+
+    FROM = 1
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.FROM:
+                x = x * float("nan")
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def _steps_csv_lr(out, epoch, step):
+    """steps.csv's lr of one row, as written."""
+    for row in (out / "steps.csv").read_text().splitlines()[1:]:
+        e, s, _, lr = row.split(",")
+        if (int(e), int(s)) == (epoch, step):
+            return float(lr)
+    raise AssertionError(f"no row for epoch {epoch}, step {step}")
+
+
+@pytest.mark.parametrize("schedule, every", [("linear", 50), ("onecycle", 50), ("linear", 1)])
+def test_nan_stop_quotes_the_rate_of_the_last_step_before_the_non_finite_loss(tmp_path, monkeypatch, schedule, every):
+    # The loss goes NaN at batch 2 of epoch 2 (the run's 8th batch of 3 x 6): computed on the weights of the
+    # optimizer step of batch 1 (the schedule's step 6, from 0), whose rate the message quotes, not the rate batch 2
+    # would have stepped at (step 7), nor the one the schedule has reached when the check runs (after batch 6).
+    # Checked after every batch, the check window starts at batch 2: the step before it lies outside.
+    from cnnkit.train import loop
     from cnnkit.train.optim import lr_factor
 
+    monkeypatch.setattr(loop, "NAN_CHECK_EVERY", every)
     out = tmp_path / "run"
     with _registered("nan_in_epoch2", _NaNInEpoch2), pytest.raises(NonFiniteLoss) as e:
         cnnkit.train(**TINY, model="nan_in_epoch2", epochs=3, lr=0.1, schedule=schedule, out=str(out))
-    failing, at_check = 0.1 * lr_factor(schedule, 7, 18, 0), 0.1 * lr_factor(schedule, 11, 18, 0)
-    assert f"{failing:.3g}" != f"{at_check:.3g}"  # else the test could not tell them apart
-    assert str(e.value).startswith(f"epoch 2: the loss became non-finite at batch 2 of this epoch (lr {failing:.3g});")
+    before, failing = 0.1 * lr_factor(schedule, 6, 18, 0), 0.1 * lr_factor(schedule, 7, 18, 0)
+    assert f"{before:.3g}" != f"{failing:.3g}"  # else the test could not tell them apart
+    assert str(e.value).startswith(f"epoch 2: the loss became non-finite at batch 2 of this epoch; the last optimizer "
+                                   f"step before it, at batch 1, ran at lr {before:.3g} (steps.csv has each step's lr)")
+    assert _steps_csv_lr(out, 2, 1) == pytest.approx(before, rel=1e-7)  # the user can check it there
+    assert _steps_csv_lr(out, 2, 2) == pytest.approx(failing, rel=1e-7)
     assert json.loads((out / "stop.json").read_text())["message"] == str(e.value)
     assert json.loads((out / "result.json").read_text())["stop_reason"] == "diverged: " + str(e.value)
+
+
+def test_nan_stop_at_an_epochs_first_batch_quotes_the_previous_epochs_last_step(tmp_path):
+    # NaN from the 7th batch, the first of epoch 2: the step before it was epoch 1's last (the schedule's step 5).
+    from cnnkit.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    with _registered("nan_at_epoch2", type("_NaNAt7", (_NaNFrom,), {"FROM": 7})), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="nan_at_epoch2", epochs=3, lr=0.1, schedule="linear", out=str(out))
+    before = 0.1 * lr_factor("linear", 5, 18, 0)
+    assert str(e.value).startswith(f"epoch 2: the loss became non-finite at batch 1 of this epoch; the last optimizer "
+                                   f"step before it, the previous epoch's last, ran at lr {before:.3g} ")
+    # the end of epoch 1's last.pt carries that rate, for a run resumed from it
+    state = torch.load(out / "last.pt", weights_only=True)["resume"]["epoch_state"]
+    assert state["batch"] == 0 and state["last_step_lr"] == pytest.approx(before, rel=1e-7)
+
+
+def test_nan_stop_at_the_first_batch_says_no_step_ran(tmp_path):
+    with _registered("nan_at_once", _NaNFrom), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="nan_at_once", epochs=1, lr=0.1, out=str(tmp_path / "run"))
+    assert str(e.value).startswith("epoch 1: the loss became non-finite at batch 1 of this epoch, before any "
+                                   "optimizer step (so on the starting weights: the rate played no part)")
+
+
+def test_nan_stop_with_accumulation_quotes_the_step_before_the_group(tmp_path):
+    # Two batches a step: batch 4's loss (NaN) came from the weights of the step after batch 2 (the schedule's
+    # step 0), not from batch 3's, which was accumulated, nor batch 4's own step (step 1).
+    from cnnkit.train.optim import lr_factor
+
+    with _registered("nan_at_4", type("_NaNAt4", (_NaNFrom,), {"FROM": 4})), pytest.raises(NonFiniteLoss) as e:
+        cnnkit.train(**TINY, model="nan_at_4", epochs=1, lr=0.1, schedule="linear", accum_steps=2,
+                     out=str(tmp_path / "run"))
+    before, own = 0.1 * lr_factor("linear", 0, 3, 0), 0.1 * lr_factor("linear", 1, 3, 0)
+    assert f"{before:.3g}" != f"{own:.3g}"
+    assert (f"at batch 4 of this epoch; the last optimizer step before it, at batch 2, ran at lr {before:.3g} "
+            in str(e.value))
+
+
+def test_nan_stop_after_resuming_an_older_checkpoint_says_the_rate_is_unknown():
+    # A last.pt from before EpochState.last_step_lr restores it as nan: the step is named, its rate is not made up.
+    from cnnkit.train.loop import EpochState, _check_finite
+
+    state = EpochState(batch=1, last_step_lr=math.nan)
+    with pytest.raises(NonFiniteLoss) as e:
+        _check_finite(torch.tensor(math.nan), 0, state, [(torch.tensor(math.nan), math.nan, 0)])
+    assert str(e.value).startswith("the loss became non-finite at batch 1 of this epoch; the last optimizer step "
+                                   "before it, the previous epoch's last, ran at a rate the last.pt it resumed from "
+                                   "did not record")
 
 
 def test_clip_grad_logs_the_norm_before_clipping(tmp_path):
@@ -458,7 +536,10 @@ def test_resuming_a_diverged_run_is_refused_naming_the_new_run_that_goes_on(tmp_
         message = str(e.value)
         stop = json.loads((out / "stop.json").read_text())["message"]
         assert message.startswith(f"--resume {out}: the run diverged ({stop}); resuming replays the same steps")
-        command = message.split("Go on in a new run at a lower rate: ")[1]
+        # a tenth of the rate may diverge again: the message offers --lr auto too
+        assert "Go on in a new run at a lower rate (or with --lr auto in place of --lr 0.005, to have a range " \
+            "test pick it; cnnkit lr-find draws its curve): cnnkit train" in message
+        command = message.split("cnnkit lr-find draws its curve): ")[1]
         assert command == (f"cnnkit train --config {out / 'config.json'} --weights {out / 'last.pt'} --lr 0.005 "
                            "--out NEW_DIR")
         assert {name: (out / name).read_bytes() for name in before} == before  # stop.json, result.json kept

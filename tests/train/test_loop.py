@@ -31,7 +31,7 @@ def test_run_folder_contents_and_result(tmp_path):
     assert files == ["best.pt", "config.json", "confusion", "last.pt", "metrics.csv", "per_class.csv", "result.json",
                      "stages.json", "steps.csv"]
     steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
-    assert steps[0] == "epoch,step,loss" and len(steps) == 1 + 2 * (256 // 32)  # one row per training step
+    assert steps[0] == "epoch,step,loss,lr" and len(steps) == 1 + 2 * (256 // 32)  # one row per training step
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,lr,train_loss") and len(lines) == 3
     assert r.epochs == 2 and 0 <= r.val_acc <= 1 and r.images_per_s > 0 and r.params == 620_362

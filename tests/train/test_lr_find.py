@@ -9,7 +9,7 @@ import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import UserError
 from cnnkit.train.lr_find import (EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, MAX_PASSES, MIN_STEPS, TENTH_METHOD,
-                                  default_smoothing, default_steps, suggest)
+                                  _beyond, _no_blowup_message, default_smoothing, default_steps, suggest)
 from cnnkit.training import lr_find
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
@@ -89,6 +89,40 @@ def test_flat_curve_keeps_the_default_learning_rate():
     text = log.getvalue()
     assert "the loss neither fell nor blew up by lr 1e-06, where the range test ended" in text, text
     assert "raise --end-lr); keeping the sgd default 0.05" in text and "plateau" not in text
+
+
+def test_a_curve_that_rose_short_of_the_blow_up_test_says_what_it_did():
+    # convnet on 128 shapes images: the smoothed loss bottoms out near lr 0.02 and climbs back above where it
+    # started, but not to 4x its minimum, where the test stops early (with 10 classes the loss starts near
+    # ln(10) = 2.3): the minimum lies inside the test, and the message says so instead of "raise --end-lr".
+    log = io.StringIO()
+    r = lr_find(model="convnet", **TINY, log=log)
+    assert not r.diverged and r.method == EDGE_METHOD
+    low, peak = r.smoothed.index(min(r.smoothed)), max(r.smoothed[r.smoothed.index(min(r.smoothed)):])
+    assert r.lrs[low] == r.min_loss_lr and peak > r.smoothed[len(r.lrs) // 10]  # it did rise, above its start
+    text = log.getvalue()
+    assert "did not blow up" not in text and "--end-lr" not in text, text
+    assert (f"the smoothed loss fell to its minimum {min(r.smoothed):.3g} at lr {r.min_loss_lr:.3g}, then rose to "
+            f"{peak:.3g} by lr ") in text
+    assert (f", so the valley ends inside the test, at lr {r.edge_lr:.3g}; the test ran on to lr {r.lrs[-1]:.3g} "
+            "because it stops early only once the loss passes 4x its minimum") in text
+
+
+def test_a_curve_still_in_its_valley_says_how_to_sweep_further_in_lr_find_and_in_train():
+    lrs = [10 ** (-4 + i / 10) for i in range(50)]
+    smoothed = [2.3] * 10 + [2.3 - 0.05 * i for i in range(20)] + [1.3 + 0.001 * (i % 2) for i in range(20)]
+    _, _, edge, low = suggest(lrs, smoothed, "onecycle", 0.05)
+    assert edge == len(lrs) - 1  # the valley had not ended where the test did
+    assert _no_blowup_message(lrs, smoothed, low, edge, 4.0, _beyond(10, False)) == (
+        f"cnnkit: the loss did not blow up by lr {lrs[-1]:.3g}; the minimum may lie beyond it (raise --end-lr)")
+    # train --lr auto has no --end-lr: its message names the command that has
+    assert "--end-lr" not in run_cli("train", "--help").stdout
+    assert _no_blowup_message(lrs, smoothed, low, edge, 4.0, _beyond(10, True)).endswith(
+        "(run cnnkit lr-find with this run's options and --end-lr 100 to see further)")
+    log = io.StringIO()  # the flat curve's message too, as train's range test prints it
+    lr_find(model="cnn_bn", **TINY, start_lr=1e-8, end_lr=1e-6, steps=20, log=log, for_train=True)
+    assert ("may lie beyond (run cnnkit lr-find with this run's options and --end-lr 1e-05 to see further); keeping "
+            "the sgd default 0.05") in log.getvalue(), log.getvalue()
 
 
 def test_a_flat_curve_that_blew_up_below_the_default_suggests_a_third_of_that_rate():

@@ -204,3 +204,35 @@ def test_resume_before_the_first_checkpoint_removes_the_half_written_one(tmp_pat
         cnnkit.train(resume=str(tmp_path))
     assert "first checkpoint" in str(e.value) and not os.path.exists(partial)
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_resume_of_a_run_from_before_the_lr_column_keeps_its_steps_csv_readable(tmp_path):
+    # A run stopped (SIGTERM, in-process) after epoch 2's first step, its steps.csv and last.pt turned into what an
+    # older cnnkit wrote (no lr column, no last_step_lr): resumed, it drops the replayed rows and appends rows
+    # without lr, which every reader of steps.csv still reads.
+    from cnnkit.errors import TrainingStopped
+    from cnnkit.report.plots import read_steps
+    from cnnkit.train import loop
+
+    class StopAfterEpoch1(loop.Callbacks):
+        def on_epoch(self, run, row, val):
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: the run stops after epoch 2's first step
+
+    out = tmp_path / "run"
+    tiny = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, epochs=2, progress=False)
+    with pytest.raises(TrainingStopped):
+        loop.train(callbacks=StopAfterEpoch1(), out=str(out), **tiny)
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,loss,lr" and len(rows) == 1 + 6 + 1
+    # an older run's files; one row past last.pt, which the resumed run replays
+    old = [",".join(row.split(",")[:3]) for row in rows] + ["2,2,2.5"]
+    (out / "steps.csv").write_text("\n".join(old) + "\n")
+    payload = torch.load(out / "last.pt", weights_only=True)
+    assert payload["resume"]["epoch_state"].pop("last_step_lr") is not None
+    torch.save(payload, out / "last.pt")
+    result = loop.train(resume=str(out), log=open(os.devnull, "w"))
+    assert result.stop_reason == "completed"
+    lines = (out / "steps.csv").read_text().splitlines()
+    assert lines[0] == "epoch,step,loss" and all(len(line.split(",")) == 3 for line in lines)
+    assert [(e, s) for e, s, _ in read_steps(str(out))] == [(e, s) for e in (1, 2) for s in range(1, 7)]
+    assert lines[8] != "2,2,2.5"  # the replayed step's row was dropped and written again
