@@ -84,8 +84,9 @@ def evaluate(
                                  "--val-data")
         scored = (val_data, None, "--val-data")
     elif data is None:
-        check_recorded_paths(cfg or {}, _run_folder(ckpt), "cnnkit eval", "pass the images to score: --val-data DIR (all of it), "
-                             "or --data DIR (with --val-split F, that part of it)")
+        check_recorded_paths(cfg or {}, _run_folder(ckpt), "cnnkit eval",
+                             "pass the images to score: --val-data DIR (all of it), or --data DIR (with --val-split F, "
+                             "that part of it)")
         if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):
             raise UserError(f"--val-split {val_split:g} without --data re-splits the run's training data "
                             f"{cfg['data']}, and would score images the run trained on ({_held_out_text(cfg)}); "

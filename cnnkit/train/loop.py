@@ -954,7 +954,8 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
     payload = read_payload(path)
     if "resume" not in payload:
         raise CheckpointError(f"{path} holds no training state to resume from")
-    check_recorded_paths(payload.get("config") or {}, run_dir, "cnnkit train --resume")  # a run that recorded relative paths
+    # a run from before runs recorded their paths absolute, resumed from another folder
+    check_recorded_paths(payload.get("config") or {}, run_dir, "cnnkit train --resume")
     return payload
 
 

@@ -54,7 +54,7 @@ def _as_recorded_before(run):
 def test_a_run_that_recorded_relative_paths_says_where_they_came_from(trained, monkeypatch):
     work, run = trained
     _as_recorded_before(run)
-    came_from = f'"data": "data" in the run\'s config.json is relative to the folder the run was trained in'
+    came_from = '"data": "data" in the run\'s config.json is relative to the folder the run was trained in'
     with pytest.raises(UserError, match=came_from) as e:
         evaluate(str(run))
     assert f"run cnnkit eval from {work}, the folder it was trained in, or pass" in str(e.value)
