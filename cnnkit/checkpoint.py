@@ -25,6 +25,7 @@ from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
+from cnnkit.runs import divergence, lower_rate
 
 FORMAT_VERSION = 1
 # torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
@@ -102,10 +103,24 @@ def resolve_checkpoint_path(path: str, ema: bool = False) -> str:
                 return os.path.join(path, name)
         if ema:
             raise UserError(f"{path} holds no EMA weights (best_ema.pt); they exist for runs trained with --ema DECAY")
+        if os.path.isfile(os.path.join(path, "config.json")):  # a run that never wrote a checkpoint
+            raise UserError(f"{path} is a run folder without a checkpoint (best.pt or last.pt): {_no_checkpoint(path)}")
         raise UserError(f"{path} is a folder without best.pt or last.pt; pass a run folder or a checkpoint file")
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; pass a run folder (runs/...), a .pt or a .safetensors file")
     return path
+
+
+def _no_checkpoint(run_dir: str) -> str:
+    """Why run folder ``run_dir`` holds no checkpoint, and what to do: a run that diverged (runs.divergence) or
+    stopped before the end of its first epoch (or of its first --save-every steps), or one still running."""
+    again = f"cnnkit train --config {os.path.join(run_dir, 'config.json')}"
+    stop = divergence(run_dir)
+    if stop is not None:
+        return (f"the run diverged in epoch {stop.get('epoch', '?')}, before its first checkpoint, so there are no "
+                f"weights to use; train it again at a lower rate: {again} --lr {lower_rate(run_dir)} --out NEW_DIR")
+    return ("the run stopped before its first checkpoint (written at the end of epoch 1, or after --save-every "
+            f"steps), or is still running; wait for it, or start it again: {again} --out NEW_DIR")
 
 
 def remove_stale_temp_files(folder: str) -> list[str]:

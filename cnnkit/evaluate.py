@@ -11,6 +11,7 @@ from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_cla
 from cnnkit.errors import UserError
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
+from cnnkit.train.config import check_recorded_paths
 from cnnkit.train.evaluation import evaluate_model
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
@@ -83,6 +84,9 @@ def evaluate(
                                  "--val-data")
         scored = (val_data, None, "--val-data")
     elif data is None:
+        check_recorded_paths(cfg or {}, _run_folder(ckpt), "cnnkit eval",
+                             "pass the images to score: --val-data DIR (all of it), or --data DIR (with --val-split F, "
+                             "that part of it)")
         if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):
             raise UserError(f"--val-split {val_split:g} without --data re-splits the run's training data "
                             f"{cfg['data']}, and would score images the run trained on ({_held_out_text(cfg)}); "
@@ -123,6 +127,7 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
+    check_recorded_paths(cfg, _run_folder(ckpt))
     # A run from before --val-split beside --val-data was refused took its validation images from val_data.
     spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"),
                     cfg.get("val_split") if cfg.get("val_data") is None else None,
@@ -132,6 +137,12 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) ->
     return load_splits(spec)[1]
 
 
+
+
+def _run_folder(ckpt: Checkpoint) -> str | None:
+    """The run folder ``ckpt`` was loaded from (its best.pt, last.pt, ...), or None for a file outside one."""
+    folder = os.path.dirname(os.path.abspath(ckpt.path))
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
 def scored_images(cfg: dict, data: str | None, val_data: str | None, val_split: float | None

@@ -86,9 +86,7 @@ def refuse_resuming_divergence(run_dir: str) -> None:
     stop = divergence(run_dir)
     if stop is None:
         return
-    config = _read_json(os.path.join(run_dir, "config.json")) or {}
-    lr = config.get("lr")
-    lower = f"{lr / 10:.3g}".replace("e+0", "e").replace("e-0", "e-") if isinstance(lr, (int, float)) and not isinstance(lr, bool) else "LOWER"
+    lower = lower_rate(run_dir)
     weights = (f" --weights {os.path.join(run_dir, 'last.pt')}"
                if os.path.isfile(os.path.join(run_dir, "last.pt")) else "")
     # a tenth of the rate may diverge again; a run whose rate --lr auto picked (lr_find.json) needs a fixed one
@@ -98,6 +96,15 @@ def refuse_resuming_divergence(run_dir: str) -> None:
     raise UserError(f"--resume {run_dir}: the run diverged ({stop.get('message', 'see its stop.json')}); resuming "
                     f"replays the same steps into the same failure. Go on in a new run at a lower rate{auto}: "
                     f"cnnkit train --config {os.path.join(run_dir, 'config.json')}{weights} --lr {lower} --out NEW_DIR")
+
+
+def lower_rate(run_dir: str) -> str:
+    """A tenth of the peak rate in ``run_dir``'s config.json, as --lr takes it, for a run that diverged; "LOWER"
+    where it records none."""
+    lr = (_read_json(os.path.join(run_dir, "config.json")) or {}).get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        return "LOWER"
+    return f"{lr / 10:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:

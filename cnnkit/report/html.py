@@ -281,6 +281,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     from cnnkit.inspect.receptive_field import receptive_field
     from cnnkit.inspect.summary import summary
     from cnnkit.checkpoint import load_checkpoint
+    from cnnkit.train.config import check_recorded_paths
 
     start = time.perf_counter()
     if not os.path.isdir(run_dir):
@@ -296,6 +297,8 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     # its report shows what there is (the steps' losses, why it stopped), without the parts that need a model.
     if not has_best and not diverged:
         raise UserError(f"{run_dir} has no best.pt yet: the run has not finished an epoch; train or resume it first")
+    if has_best:  # its figures come from the run's validation images: a run recording relative paths needs them
+        check_recorded_paths(config, run_dir, "cnnkit report")
     out = out or os.path.join(run_dir, "report.html")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"cannot write {out}: its folder does not exist")

@@ -10,9 +10,10 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from cnnkit.choices import BUILTIN, TORCHVISION_DATASETS
 from cnnkit.errors import UserError, did_you_mean, shown
 
 
@@ -161,6 +162,60 @@ def with_data_defaults(config: TrainConfig) -> TrainConfig:
     """``config`` with each option it leaves to the data (None) set to the data's default or the general one."""
     defaults = {**GENERAL_DEFAULTS, **DATA_DEFAULTS.get(config.data, {})}
     return replace(config, **{name: value for name, value in defaults.items() if getattr(config, name) is None})
+
+
+# The options that name a file or folder. A run records them absolute (``recorded``), so that eval, report and
+# --resume work from any folder; "data" may be a built-in dataset's name instead, recorded as it is.
+PATH_OPTIONS = ("data", "val_data", "data_dir", "weights")
+
+
+def recorded(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as a run records it (config.json, its checkpoints' config): its PATH_OPTIONS absolute."""
+    values = asdict(config)
+    for name in PATH_OPTIONS:
+        value = values[name]
+        if isinstance(value, str) and value and not (name == "data" and value in BUILTIN):
+            values[name] = os.path.abspath(value)
+    return values
+
+
+def check_recorded_paths(config: dict[str, Any], run_dir: str | None, command: str = "the command",
+                         fix: str | None = None) -> None:
+    """Raise a UserError when a folder that a run's recorded ``config`` reads its images from is a relative path
+    that does not exist from the current folder: a run from before paths were recorded absolute, used from
+    another folder than the one it was trained in. ``run_dir``: the run's folder (its config.json's "out" then
+    names that folder, where it can); ``command``: the one at hand, as typed ("cnnkit eval"); ``fix``: what else
+    it can do, e.g. "pass --data DIR"."""
+    for name in ("data", "val_data", "data_dir"):
+        value = config.get(name)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or os.path.exists(value):
+            continue
+        if name == "data" and value in BUILTIN or name == "data_dir" and config.get("data") not in TORCHVISION_DATASETS:
+            continue
+        folder = _trained_in(run_dir, value)
+        where = f"from {folder}, the folder it was trained in" if folder else "from the folder it was trained in"
+        raise UserError(f'"{name}": "{value}" in the run\'s config.json is relative to the folder the run was trained '
+                        f"in, and {value} does not exist from this folder ({os.getcwd()}); run {command} {where}"
+                        + (f", or {fix}" if fix else ""))
+
+
+def _trained_in(run_dir: str | None, path: str) -> str | None:
+    """The folder a run in ``run_dir`` was started from, when its config.json's relative "out" tells and
+    ``path`` exists there; else None."""
+    if not run_dir:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            out = json.load(f).get("out")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(out, str) or not out or os.path.isabs(out):
+        return None
+    run, out = os.path.abspath(run_dir), os.path.normpath(out)
+    if not run.endswith(os.sep + out):
+        return None
+    folder = run[: -len(out) - 1] or os.sep
+    return folder if os.path.exists(os.path.join(folder, path)) else None
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -33,12 +33,13 @@ from cnnkit.atomic import atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
+from cnnkit.runs import list_runs
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
     make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
     set_rng_state,
 )
-from cnnkit.train.config import TrainConfig, TrainResult
+from cnnkit.train.config import TrainConfig, TrainResult, check_recorded_paths, recorded
 from cnnkit.train.ema import WeightEMA
 from cnnkit.train.evaluation import EvalStats, evaluate_model
 from cnnkit.train.lr_find import LrFindResult, lr_find_record, resolve_auto_lr
@@ -309,7 +310,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         t.run_dir = distributed.broadcast_text(make_run_dir(cfg) if t.ctx.main else None, t.ctx)
         # threads as asked (None: this machine's default), so that a replayed config fits the machine it runs on;
         # the count used is in the run's header and its result.
-        _write_json(t.run_dir, "config.json", {**dataclasses.asdict(cfg), "out": t.run_dir, "lr": t.plan.lr})
+        _write_json(t.run_dir, "config.json", {**recorded(cfg), "out": t.run_dir, "lr": t.plan.lr})
         if t.lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(t.run_dir, "lr_find.json", lr_find_record(t.lr_search, t.run_dir, callbacks.plot_lr_find))
         if p.loss_weights is not None:
@@ -530,7 +531,7 @@ def _weights(t: Training, net: nn.Module, epoch: int) -> dict[str, Any]:
     """A checkpoint of ``net`` that rebuilds the model and its preprocessing (no training state)."""
     p = t.pieces
     return make_payload(net, p.classes, p.train_set.size, p.train_set.channels, p.mean, p.std, epoch=epoch,
-                        metrics=t.state.history[-1] if t.state.history else {}, config=dataclasses.asdict(t.cfg))
+                        metrics=t.state.history[-1] if t.state.history else {}, config=recorded(t.cfg))
 
 
 def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
@@ -989,8 +990,7 @@ def _as_run(config: dict[str, Any], input_size: int) -> dict[str, Any]:
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:
-    if not os.path.isdir(run_dir):
-        raise UserError(f"--resume {run_dir}: not a run folder; pass the folder a previous `cnnkit train` wrote")
+    _refuse_not_a_run(run_dir)
     path = os.path.join(run_dir, "last.pt")
     if not os.path.exists(path):
         # A run killed during its first checkpoint write leaves a temporary file and nothing else to resume from.
@@ -1003,7 +1003,33 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
     payload = read_payload(path)
     if "resume" not in payload:
         raise CheckpointError(f"{path} holds no training state to resume from")
+    # a run from before runs recorded their paths absolute, resumed from another folder
+    check_recorded_paths(payload.get("config") or {}, run_dir, "cnnkit train --resume")
     return payload
+
+
+def _refuse_not_a_run(path: str) -> None:
+    """Raise a UserError saying what ``path`` is when it is not a run folder (one with config.json): missing, a
+    file of a run (its folder is named), the folder holding runs (a few are named) or any other folder. A folder
+    with last.pt alone is taken as one: the checkpoint holds the run's configuration."""
+    if any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "last.pt")):
+        return
+    wrote = "pass the folder a previous `cnnkit train` wrote"
+    if not os.path.exists(path):
+        raise UserError(f"--resume {path}: no such folder; {wrote}")
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path) or "."
+        if os.path.isfile(os.path.join(parent, "config.json")):
+            raise UserError(f"--resume {path}: a file of the run {parent}; pass the run folder: --resume {parent}")
+        raise UserError(f"--resume {path}: a file, not a run folder; {wrote}")
+    runs = list_runs(path)
+    if runs:
+        names = [os.path.basename(r.path) for r in runs]  # oldest first
+        held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        newest = max(runs, key=lambda r: os.path.getmtime(os.path.join(r.path, "config.json"))).path
+        raise UserError(f"--resume {path}: not a run folder (no config.json); it holds runs: {held}; pass one of "
+                        f"them, e.g. --resume {newest} (the newest)")
+    raise UserError(f"--resume {path}: not a run folder (no config.json); {wrote}")
 
 
 def make_run_dir(cfg: TrainConfig) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, NoReturn
 
 from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from cnnkit.errors import UserError
-from cnnkit.train.config import TrainConfig, read_config_file, with_data_defaults
+from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
 
 NAN_POLICIES = ("stop", "skip")
@@ -40,6 +40,13 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     else:
         values = read_config_file(os.fspath(config)) if config is not None else {}
         sources = {name: os.fspath(config) for name in values if name not in overrides}
+        run_dir = os.path.dirname(os.fspath(config)) if config is not None else None
+        if run_dir is not None and os.path.basename(os.fspath(config)) == "config.json" \
+                and os.path.isfile(os.path.join(run_dir, "stages.json")):
+            # a run's configuration, replayed: one from before runs recorded their paths absolute names them
+            # relative to the folder the run was trained in
+            check_recorded_paths({name: values[name] for name in sources}, run_dir,
+                                 fix="pass --data DIR (and --val-data DIR), which override the file's")
         # The recipe sets its options first; the file's values and then the options given win over it.
         recipe = overrides["recipe"] if "recipe" in overrides else values.get("recipe")
         overfit = overrides["overfit_batches"] if "overfit_batches" in overrides else values.get("overfit_batches", 0)
