@@ -868,6 +868,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _note_random_weights(model: str, pretrained: bool, shows: str, fix: str) -> None:
+    """A one-line note on stderr when ``model`` is a model name built with random weights (no run, checkpoint or
+    --pretrained): what the command ``shows`` then is an untrained network's."""
+    if not pretrained and not os.path.exists(model):
+        print(f"cnnkit: note: {model} is a model name, built with random weights: {shows}; {fix}", file=sys.stderr)
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from cnnkit.embed import embed
 
@@ -879,6 +886,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
              "new": f" ({args.data}'s own classes: the run has none of them)"}.get(r["labelled_by"], "")
     print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels{whose} to {r['labels']} and "
           f"each row's {rows} to {r['paths']}")
+    _note_random_weights(args.model, args.pretrained, "its features are an untrained network's",
+                         "add --pretrained or pass a run folder or checkpoint")
     return 0
 
 
@@ -894,6 +903,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
               f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
+    _note_random_weights(args.model, args.pretrained, "the probe measured an untrained network's features",
+                         "add --pretrained or pass a run folder or checkpoint")
     return 0
 
 
@@ -1034,6 +1045,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         name = f" '{c.class_name}'" if c.class_name else ""
         print(f"{', '.join(c.methods)} on {c.layer} for class {c.class_index}{name} (p={c.probability:.3f}; "
               f"predicted {c.predicted}) -> {c.path} ({c.width}x{c.height} px)")
+    _note_random_weights(args.model, False, "the map shows no learned evidence", "pass a run folder or checkpoint")
     return 0
 
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_image_folder
 from tests.inspect.conftest import assert_picture
 from tests.test_cli import assert_one_line_error
 
@@ -63,6 +63,18 @@ def test_features_filters_cam_and_effective_field_of_a_run(trained_run, shape_im
     assert proc.returncode == 0, proc.stderr
     assert "effective field of features" in proc.stdout
     assert_picture(tmp_path / "erf.png")
+
+
+def test_cam_and_embed_of_a_model_name_note_its_random_weights(trained_run, shape_image, tmp_path):
+    note = "cnnkit: note: simple_cnn is a model name, built with random weights: the map shows no learned evidence"
+    proc = run_cli("cam", "simple_cnn", "--image", shape_image, "--out", tmp_path / "cam.png")
+    assert proc.returncode == 0 and proc.stderr.startswith(note), proc.stderr
+    proc = run_cli("cam", trained_run, "--image", shape_image, "--out", tmp_path / "cam2.png")
+    assert proc.returncode == 0 and "random weights" not in proc.stderr, proc.stderr
+    write_image_folder(tmp_path / "data", n_per_class=4, size=32, classes=2)
+    proc = run_cli("embed", "simple_cnn", tmp_path / "data", "--out", tmp_path / "f.npy")
+    assert proc.returncode == 0 and "simple_cnn is a model name, built with random weights: its features are an " \
+        "untrained network's; add --pretrained or pass a run folder or checkpoint" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("args, words", [
