@@ -223,7 +223,7 @@ def training_images_warning(cfg: dict, data: str, val_split: float | None, alter
     that, followed by the fraction the run held out, pick only its held-out images (None: no such fix there);
     ``alternative``: the other way out, for the command at hand."""
     held = held_out_fraction(cfg)
-    what = f"the --val-split {val_split:g} part" if val_split is not None else "all"
+    what = f"a {val_split:g} share" if val_split is not None else "all"  # probe's default split as much as one given
     if held is None:
         share = "all of those images are"
     else:  # each class is rounded to whole images, hence "about"

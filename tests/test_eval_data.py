@@ -101,6 +101,8 @@ def test_probe_warns_when_its_validation_images_trained_the_backbone(run):
     eval_warning, = evaluate(out, data, val_split=0.4).warnings
     assert warning.split(";")[0] == eval_warning.split(";")[0]
     assert "about 75% of those images are in the run's training split" in warning
+    # a share, not "--val-split 0.4": probe's default split (0.1 of a folder) is worded alike though nobody typed it
+    assert warning.startswith(f"{data} is the run's training data: a 0.4 share of it is scored, and about 75%")
     # --val-data is scored whole: no --val-split fix, and the same sentence as eval's for --val-data
     whole, = probe(out, other, val_data=data).warnings
     assert "--val-split" not in whole and whole.split(";")[0] == evaluate(out, val_data=data).warnings[0].split(";")[0]
