@@ -1107,7 +1107,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"cnnkit {args.command}: {e.label}: {e}", file=sys.stderr)
+        _error_line(f"cnnkit {args.command}: {e.label}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
@@ -1117,9 +1117,17 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as e:  # a bug, not the user's fault: one line, the traceback behind --debug
         if args.debug:
             raise
-        print(f"cnnkit {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        _error_line(f"cnnkit {args.command}: internal error: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback, and please "
+                    "report it)")
         return 1
+
+
+def _error_line(line: str) -> None:
+    """``line`` and its newline on stderr in one write: under torchrun every process may fail at once into the same
+    pipe, and print's two writes (text, then newline) let their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
