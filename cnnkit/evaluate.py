@@ -76,29 +76,26 @@ def evaluate(
     ckpt.model.to(dev)
     cfg = ckpt.config
     warnings = []
+    source, part = scored_images(cfg, data, val_data, val_split)  # where the scored images come from
     if data is None and val_data is not None:
         if val_split is not None:
             raise UserError(f"--val-split splits --data, but --val-data {val_data} alone is scored whole; "
                             "pass --val-data DIR or --data DIR --val-split F, not both")
         eval_set = load_eval_set(DataSpec(val_data, data_dir, False, None, None, ckpt.input_size, ckpt.channels),
                                  "--val-data")
-        scored = (val_data, None, "--val-data")
     elif data is None:
-        check_recorded_paths(cfg or {}, _run_folder(ckpt), "cnnkit eval",
-                             "pass the images to score: --val-data DIR (all of it), or --data DIR (with --val-split F, "
-                             "that part of it)")
         if val_split is not None and cfg and scores_training_images(cfg, cfg["data"], val_split):
             raise UserError(f"--val-split {val_split:g} without --data re-splits the run's training data "
                             f"{cfg['data']}, and would score images the run trained on ({_held_out_text(cfg)}); "
                             "drop --val-split to score the run's held-out images, or pass --data DIR")
-        eval_set = training_validation_set(ckpt, val_split)
-        scored = None
+        eval_set = training_validation_set(ckpt, val_split, "cnnkit eval", "pass the images to score: --val-data DIR "
+                                           "(all of it), or --data DIR (with --val-split F, that part of it)")
     else:
         spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
         eval_set = load_eval_set(spec)
-        scored = (val_data, None, "--val-data") if val_data is not None else (data, val_split, "--data")
-    if scored is not None and cfg and scores_training_images(cfg, *scored[:2]):
-        warnings.append(_training_images_warning(cfg, *scored))
+    # Images the user pointed at (the run's own validation images are held out by construction) may be trained on.
+    if (data is not None or val_data is not None) and cfg and scores_training_images(cfg, source, part):
+        warnings.append(_training_images_warning(cfg, source, part, "--val-data" if val_data is not None else "--data"))
     # A folder of some of the run's classes is scored with its labels matched to the checkpoint's by name.
     named = (f"--val-data {val_data}" if val_data is not None else f"--data {data}" if data is not None
              else f"the run's validation data {cfg.get('val_data') or cfg.get('data')}")
@@ -113,7 +110,6 @@ def evaluate(
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)
-    source, part = scored_images(cfg, data, val_data, val_split)
     return EvalResult(acc=stats.acc, top5=stats.top5, loss=stats.loss, count=stats.count, per_class=per_class,
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=source, precision=precision_name(amp_dtype), **macro,
@@ -121,13 +117,15 @@ def evaluate(
                       val_split=part, scored=describe_scored(cfg, source, part))
 
 
-def training_validation_set(ckpt: Checkpoint, val_split: float | None = None) -> ImageSet:
+def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, command: str = "the command",
+                            fix: str | None = None) -> ImageSet:
     """The validation set ``ckpt`` was trained with, rebuilt from the configuration it records; with
-    ``val_split``, that fraction of its training data instead (split as training splits)."""
+    ``val_split``, that fraction of its training data instead (split as training splits). ``command`` and ``fix``:
+    for the message when the run's recorded data paths are relative and missing (``check_recorded_paths``)."""
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
-    check_recorded_paths(cfg, _run_folder(ckpt))
+    check_recorded_paths(cfg, _run_folder(ckpt), command, fix)
     # A run from before --val-split beside --val-data was refused took its validation images from val_data.
     spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"),
                     cfg.get("val_split") if cfg.get("val_data") is None else None,
