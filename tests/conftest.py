@@ -2,8 +2,16 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# `make test` runs the tests in two processes (pytest-xdist, `-n 2` in the Makefile). Each computes with one
+# thread, and so do the commands the tests start (OMP_NUM_THREADS is cnnkit's default --threads where set): two
+# processes of two threads each on a 2-core machine wait for each other's time slices at every parallel
+# operation, and a training test ran 7x slower so. Set before torch is imported; the tests of the default thread
+# count take OMP_NUM_THREADS out of their commands' environment themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
@@ -14,7 +22,7 @@ def _isolated_cache(tmp_path_factory):
     # Tests never read or write the user's cache.
     os.environ["CNNKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["CNNKIT_DATA"] = str(tmp_path_factory.mktemp("datasets"))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 def write_image_folder(root, n_per_class=8, size=16, classes=4, seed=0):
