@@ -9,10 +9,11 @@ first maximum in both orders, and ReLU's backward zeroes it in both when that ma
 ``fuse_pool_relu``: the reordered 2x2 max-pool and ReLU as one layer, ``PoolReLU``, whose forward and backward
 passes are each one loop compiled by torch.compile on a CPU. PyTorch's CPU pool writes a 64-bit index per
 output value, and its backward pass zero-fills the whole input gradient and then scatters into it. The fused
-forward pass writes the output and a one-byte code per output value instead: which of the window's four
+forward pass writes the output and a small code per output value instead: which of the window's four
 positions holds its first maximum (the one PyTorch's pool picks: ties go up, then left), or that the maximum is
 not positive, so ReLU's backward zeroes it. The backward pass writes every input gradient value once from that
-code. The one difference: a window whose maximum is NaN passes no gradient here, where PyTorch's pair passes
+code. The code is one byte where ATen runs AVX-512 code, a value of the input's dtype elsewhere
+(``code_dtype``). The one difference: a window whose maximum is NaN passes no gradient here, where PyTorch's pair passes
 one to its last NaN; a step with a NaN is stopped or skipped anyway (``--nan``).
 
 ``rand_dropout``: every ``nn.Dropout`` draws its mask from ``torch.rand`` instead of ``bernoulli_``. Each value is
@@ -100,10 +101,22 @@ class PoolReLU(nn.Module):
         return self.relu(self.pool(x))
 
 
+# The dtype the fused pool's codes are stored in. One byte is a quarter of a float32's memory traffic, but the
+# compiled loops load bytes well only with AVX-512: built for AVX2, each load of a few bytes into a vector goes
+# through a slow partial load, and the loops ran several times slower than with codes of the input's dtype
+# (docs/design.md, "The training step"). ATen's capability is fixed when torch loads.
+BYTE_CODES = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def code_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What ``_pool_relu`` stores the codes of an input of ``dtype`` in: uint8 on AVX-512, ``dtype`` elsewhere."""
+    return torch.uint8 if BYTE_CODES else dtype
+
+
 def _pool_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """relu(max_pool2d(x, 2)) of a channels-last ``x``, and each output value's code (uint8, N x H/2 x W/2 x C):
-    0-3, the window position of its first maximum in the order top left, top right, bottom left, bottom right;
-    4 where the maximum is not positive (ReLU's gradient is zero there)."""
+    """relu(max_pool2d(x, 2)) of a channels-last ``x``, and each output value's code (``code_dtype``,
+    N x H/2 x W/2 x C): 0-3, the window position of its first maximum in the order top left, top right, bottom
+    left, bottom right; 4 where the maximum is not positive (ReLU's gradient is zero there)."""
     n, c, h, w = x.shape
     windows = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
     a, b = windows[:, :, 0, :, 0], windows[:, :, 0, :, 1]  # top row of each window
@@ -111,7 +124,7 @@ def _pool_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top, bottom = torch.maximum(a, b), torch.maximum(d, e)
     highest = torch.maximum(top, bottom)
     code = torch.where(top >= bottom, torch.where(a >= b, 0, 1), torch.where(d >= e, 2, 3))
-    code = torch.where(highest > 0, code, 4).to(torch.uint8)
+    code = torch.where(highest > 0, code, 4).to(code_dtype(x.dtype))
     return torch.relu(highest).permute(0, 3, 1, 2), code
 
 
@@ -120,7 +133,8 @@ def _pool_relu_grad(code: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     gets ``grad`` where the code names it, zero elsewhere."""
     n, h2, w2, c = code.shape
     grad = grad.permute(0, 2, 3, 1).reshape(n, h2, 1, w2, 1, c)
-    # Compared in the gradient's dtype: a uint8 comparison kept the compiled loop from being vectorised.
+    # Compared in the gradient's dtype (a no-op conversion where the codes are stored in it): a uint8 comparison
+    # kept the compiled loop from being vectorised.
     position = torch.arange(4, dtype=grad.dtype).view(1, 1, 2, 1, 2, 1)
     routed = torch.where(code.to(grad.dtype).view(n, h2, 1, w2, 1, c) == position, grad, torch.zeros((), dtype=grad.dtype))
     return routed.reshape(n, 2 * h2, 2 * w2, c).permute(0, 3, 1, 2)

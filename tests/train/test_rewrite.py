@@ -169,3 +169,41 @@ def test_rand_dropout_keeps_each_value_with_probability_one_minus_p_and_scales_i
         assert layer.training and torch.equal(layer(x), x)
     for unchanged in (nn.Sequential(nn.Dropout(0.0)), nn.Sequential(nn.Dropout(1.0)), nn.Sequential(nn.Dropout2d())):
         assert rand_dropout(unchanged) is unchanged
+
+
+def test_fused_pools_built_for_avx2_keep_their_codes_in_the_inputs_dtype_and_match_the_layers():
+    # Built for AVX2, the compiled loops loaded one-byte codes several times slower than codes of the input's
+    # dtype; the AVX2 code path (an AVX-512 CPU held to AVX2, in a fresh process: the capability is read when torch
+    # loads) must store them so and still give the two layers' output and gradient bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    with open("/proc/cpuinfo") as f:
+        if "avx512f" not in f.read().split():
+            pytest.skip("needs a CPU with AVX-512 to lower its capability to AVX2")
+    code = """
+import torch, torch.nn as nn, torch.nn.functional as F
+from cnnkit import compiled
+from cnnkit.train import rewrite
+assert torch.backends.cpu.get_cpu_capability() == "AVX2" and not rewrite.BYTE_CODES
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    # 2x2 blocks of equal values: tied maxima in every window, and windows of negative values only
+    x = F.interpolate(torch.randn(8, 16, 32, 32), scale_factor=2).to(dtype).contiguous(memory_format=torch.channels_last)
+    out, codes = rewrite._pool_relu(x)
+    assert codes.dtype == dtype, codes.dtype
+    results = []
+    for layer in (rewrite.PoolReLU(nn.MaxPool2d(2), nn.ReLU()), nn.Sequential(nn.MaxPool2d(2), nn.ReLU())):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.arange(y.numel(), dtype=torch.float32).view_as(y).to(dtype) / y.numel())
+        results.append((y.detach(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), dtype
+assert rewrite._pool_relu in compiled._compiled and rewrite._pool_relu_grad in compiled._compiled
+print("same")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_MARCH"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "ATEN_CPU_CAPABILITY": "avx2"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "same" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
