@@ -127,6 +127,12 @@ def latest_run(root: str = DEFAULT_ROOT) -> str:
     runs = list_runs(root)
     if not runs:
         raise UserError(f"no run folders in {root}/; pass a run folder")
+    return newest(runs)
+
+
+def newest(runs: list[RunInfo]) -> str:
+    """The folder of the most recently started of ``runs`` (non-empty), by config.json's time to the second and
+    below: ``RunInfo.started`` keeps only the minute."""
     return max(runs, key=lambda r: os.path.getmtime(os.path.join(r.path, "config.json"))).path
 
 

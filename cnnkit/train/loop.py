@@ -33,7 +33,7 @@ from cnnkit.atomic import atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
-from cnnkit.runs import list_runs
+from cnnkit.runs import list_runs, newest
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
     make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
@@ -1026,9 +1026,8 @@ def _refuse_not_a_run(path: str) -> None:
     if runs:
         names = [os.path.basename(r.path) for r in runs]  # oldest first
         held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        newest = max(runs, key=lambda r: os.path.getmtime(os.path.join(r.path, "config.json"))).path
         raise UserError(f"--resume {path}: not a run folder (no config.json); it holds runs: {held}; pass one of "
-                        f"them, e.g. --resume {newest} (the newest)")
+                        f"them, e.g. --resume {newest(runs)} (the newest)")
     raise UserError(f"--resume {path}: not a run folder (no config.json); {wrote}")
 
 
