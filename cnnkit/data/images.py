@@ -144,8 +144,7 @@ def open_image(path: str) -> Image.Image:
     except DataError:
         raise
     except Exception as e:  # any decoder failure on hostile bytes is the file's fault, reported with its path
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot decode image {path}: {reason}") from None
+        raise _undecodable(path, e) from None
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -160,8 +159,13 @@ def header_size(path: str) -> tuple[int, int]:
         with Image.open(path, formats=sorted(ALLOWED_FORMATS)) as img:
             return img.size
     except Exception as e:  # hostile bytes are the file's fault, reported with its path
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot decode image {path}: {reason}") from None
+        raise _undecodable(path, e) from None
+
+
+def _undecodable(path: str, e: Exception) -> DataError:
+    """The one-line error for image ``path`` that PIL failed on with ``e``."""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DataError(f"cannot decode image {path}: {reason}")
 
 
 def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:
