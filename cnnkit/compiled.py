@@ -67,6 +67,21 @@ def quiet_cuda_home_note() -> None:
     logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_RUNTIME_NOTE)
 
 
+# A loop is built for one input shape and one thread count (torch.compile guards on torch's count): a model's
+# fused layers of several shapes, times the counts that training may move between (cnnkit/threads.py), can pass
+# torch.compile's default of 8 builds per function, which with fullgraph=True is an error, not a fallback.
+BUILDS_PER_LOOP = 64
+
+
+def allow_builds() -> None:
+    """Let each compiled function keep at least ``BUILDS_PER_LOOP`` builds in this process."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo, name) < BUILDS_PER_LOOP:
+        setattr(dynamo, name, BUILDS_PER_LOOP)
+
+
 def available() -> bool:
     """Whether compiled loops can run: False once compiling has failed in this process (no C++ compiler)."""
     return _compiled is not None
@@ -84,6 +99,7 @@ def run(fn: Callable, *args, what: str):
             # machines without it: not ours to show.
             quiet_cuda_home_note()
             build_for_aten_capability()
+            allow_builds()
             _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
             return _compiled[fn](*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same result, computed eagerly

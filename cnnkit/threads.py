@@ -10,6 +10,11 @@ quota, and leaves one core to each DataLoader worker process. ``OMP_NUM_THREADS`
 torch's thread count is one setting for the whole process: library calls that compute for a while (evaluate,
 predict) set it for their own work and put the caller's back when they return (``torch_threads``,
 ``keeps_torch_threads``).
+
+Other processes may start computing on the same cores at any time, and then the default count can be ruinous:
+each operation of a step waits at its end for every thread, and a thread the system has paused for another
+process holds up the rest for a whole time slice. So training with the default count times its batches and tries
+fewer threads when that might pay (``ThreadGovernor``), keeping whichever runs faster.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 from cnnkit.errors import UserError
@@ -69,6 +77,12 @@ def resolve_threads(threads: int | None, workers: int = 0) -> int:
     return max(1, usable_cores() - workers)
 
 
+def default_threads(threads: int | None) -> bool:
+    """Whether ``threads`` leaves the count to cnnkit: None, and no ``OMP_NUM_THREADS`` that names one."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return threads is None and not (omp.isdigit() and int(omp) > 0)
+
+
 def set_torch_threads(threads: int | None, workers: int = 0) -> int:
     """Make torch compute with ``resolve_threads(threads, workers)`` threads (for the whole process); returns it."""
     import torch
@@ -113,3 +127,128 @@ def keeps_torch_threads(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class ThreadChange:
+    """A change of the thread count during training: after ``batch`` batches (counted from the start of this
+    process's training) from ``before`` threads to ``threads``, and the median seconds per batch with each."""
+
+    batch: int
+    before: int
+    threads: int
+    s_before: float
+    s_after: float
+
+    def note(self) -> str:
+        why = "other processes are busy on these cores" if self.threads < self.before else "the cores are free again"
+        return (f"batches took {self.s_before * 1e3:,.0f} ms with {_threads(self.before)} and "
+                f"{self.s_after * 1e3:,.0f} ms with {self.threads} ({why}): training goes on with "
+                f"{_threads(self.threads)} (--threads N fixes the count)")
+
+
+def _threads(n: int) -> str:
+    return f"{n} CPU thread{'s' if n > 1 else ''}"
+
+
+class ThreadGovernor:
+    """Chooses torch's thread count for training on a CPU that other processes may be busy on.
+
+    Over each window of ``WINDOW`` batches it measures the batches' median time and the share of the window's
+    wall time its threads got to run (process CPU time / wall time / threads; about 1 where the cores are free,
+    since waiting threads spin). Where other processes took a good part of it (below ``BUSY_SHARE``), it tries
+    half the threads for a window; below the full count, it tries twice as many now and then, since the other
+    processes may have finished. A count tried is kept only where its batches are clearly faster; a try ends at
+    its first batch far slower than the current count's, and a try that lost waits ``RECHECK_S`` seconds before
+    the next of its kind, twice as long after each further loss. On free cores it never tries anything.
+
+    Call ``start()`` when a stretch of batches begins (the time before it, validation or saving, is not a
+    batch's) and ``step()`` after each batch; ``changes`` lists what changed."""
+
+    WARMUP = 10  # batches not timed at the start: the first ones compile loops and build kernels
+    WINDOW = 8  # batches whose median is a count's time
+    BUSY_SHARE = 0.8  # below this share of the wall time running, other processes hold the cores: try fewer threads
+    FASTER = 0.8  # a count tried is kept where its median is at most this share of the current count's
+    ABORT = 3.0  # a try ends at its first batch slower than this many times the current count's median
+    RECHECK_S = 30.0  # seconds before trying again what lost last time (doubled after each further loss)
+
+    def __init__(self, threads: int, clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.process_time,
+                 set_threads: Callable[[int], None] | None = None) -> None:
+        self.most = self.count = threads
+        self.clock, self.cpu_clock = clock, cpu_clock
+        self.set_threads = set_threads or _set_torch_num_threads
+        self.changes: list[ThreadChange] = []
+        self.batches = 0
+        self._skip = self.WARMUP
+        self._last: tuple[float, float] | None = None  # (wall, CPU) clocks at the end of the last batch
+        self._times: list[float] = []  # this window's batches, seconds
+        self._window_start = (0.0, 0.0)  # (wall, CPU) clocks at the window's first batch
+        self._trying: int | None = None  # the count being tried
+        self._base = 0.0  # the current count's median when the try began
+        self._wait = {"fewer": 0.0, "more": self.RECHECK_S}  # seconds after a decision before the next such try
+        self._next = {"fewer": 0.0, "more": 0.0}  # the clock time from which each kind of try may run
+
+    def start(self) -> None:
+        self._last = (self.clock(), self.cpu_clock())
+        self._times = []  # a window spans no pause
+
+    def step(self) -> None:
+        now, last = self.clock(), self._last
+        self._last = (now, self.cpu_clock())
+        self.batches += 1
+        if self.most < 2 or last is None:
+            return
+        seconds = now - last[0]
+        if self._skip:  # compiling, or the first batch at a new count (its kernels are built then)
+            self._skip -= 1
+            return
+        if self._trying is not None:
+            self._times.append(seconds)
+            if seconds > self.ABORT * self._base or len(self._times) == self.WINDOW:
+                self._decide(now)
+            return
+        if not self._times:
+            self._window_start = last
+        self._times.append(seconds)
+        if len(self._times) < self.WINDOW:
+            return
+        median = statistics.median(self._times)
+        wall, cpu = now - self._window_start[0], self._last[1] - self._window_start[1]
+        share = cpu / max(wall, 1e-9) / self.count
+        self._times = []
+        if self.count > 1 and share < self.BUSY_SHARE and now >= self._next["fewer"]:
+            self._try(self.count // 2, median)
+        elif self.count < self.most and now >= self._next["more"]:
+            self._try(min(self.most, self.count * 2), median)
+
+    def _try(self, count: int, median: float) -> None:
+        self._trying, self._base, self._times = count, median, []
+        self._switch(count)
+
+    def _decide(self, now: float) -> None:
+        count, self._trying = self._trying, None
+        assert count is not None
+        kind = "fewer" if count < self.count else "more"
+        median, full = statistics.median(self._times), len(self._times) == self.WINDOW
+        self._times = []
+        if full and median <= self.FASTER * self._base:
+            self.changes.append(ThreadChange(self.batches, self.count, count, self._base, median))
+            self.count = count
+            # Going down may go further at once; going up may go up again after the usual wait.
+            self._wait = {"fewer": 0.0, "more": self.RECHECK_S}
+            self._next = {"fewer": now, "more": now + self.RECHECK_S}
+        else:
+            self._switch(self.count)
+            self._wait[kind] = max(self._wait[kind] * 2, self.RECHECK_S)
+            self._next[kind] = now + self._wait[kind]
+
+    def _switch(self, count: int) -> None:
+        self.set_threads(count)
+        self._skip = 1
+
+
+def _set_torch_num_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)

@@ -10,7 +10,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
-from cnnkit.threads import resolve_threads, usable_cores
+from cnnkit.threads import ThreadGovernor, resolve_threads, usable_cores
 
 
 def test_explicit_threads_win_and_bad_ones_are_user_errors(monkeypatch):
@@ -87,3 +87,124 @@ def test_eval_and_predict_compute_with_their_threads_and_leave_the_callers_count
             assert set(seen) == {expected} and torch.get_num_threads() == callers
     finally:
         torch.set_num_threads(before)
+
+
+class Machine:
+    """A simulated CPU for ThreadGovernor: ``batch_ms(batch, threads)`` is how long a batch takes and
+    ``share(batch, threads)`` the share of that time the process's threads run (1.0: the cores are free)."""
+
+    def __init__(self, batch_ms, share=lambda batch, threads: 1.0, cores=2):
+        self.batch_ms, self.share = batch_ms, share
+        self.wall = self.cpu = 0.0
+        self.threads = cores
+        self.switches: list[int] = []  # set_threads calls
+        self.run_at: list[int] = []  # the thread count of each batch
+        self.governor = ThreadGovernor(cores, clock=lambda: self.wall, cpu_clock=lambda: self.cpu,
+                                       set_threads=self.set_threads)
+
+    def set_threads(self, n):
+        self.threads = n
+        self.switches.append(n)
+
+    def train(self, batches):
+        self.governor.start()
+        for b in range(batches):
+            seconds = self.batch_ms(b, self.threads) / 1e3
+            self.wall += seconds
+            self.cpu += seconds * self.threads * self.share(b, self.threads)
+            self.run_at.append(self.threads)
+            self.governor.step()
+        return self
+
+
+def busy_share(batch, threads):  # another process computes on both cores: two threads run half the time
+    return 0.5 if threads == 2 else 1.0
+
+
+def test_governor_leaves_the_count_alone_on_free_cores():
+    m = Machine(lambda b, n: 15 if n == 2 else 26).train(3000)
+    assert m.switches == [] and m.governor.changes == []
+
+
+def test_governor_drops_to_one_thread_while_other_processes_hold_the_cores_and_comes_back_after():
+    busy_until = 5000  # batches: 2 threads wait for each other at every operation, one thread runs on
+    m = Machine(lambda b, n: (900 if n == 2 else 27) if b < busy_until else (15 if n == 2 else 26),
+                lambda b, n: busy_share(b, n) if b < busy_until else 1.0).train(15000)
+    down, up = m.governor.changes
+    assert (down.before, down.threads) == (2, 1) and down.batch < 40  # at once: warm-up, a window, the try
+    assert (down.s_before, down.s_after) == pytest.approx((0.9, 0.027))
+    assert "900 ms with 2 CPU threads and 27 ms with 1 (other processes are busy" in down.note()
+    assert (up.before, up.threads) == (1, 2) and up.batch > busy_until
+    assert "the cores are free again" in up.note() and m.threads == 2
+    # While busy, each try of two threads ended at its first timed batch (after the one that builds kernels)
+    twos_while_busy = sum(1 for b, n in enumerate(m.run_at[down.batch:busy_until]) if n == 2)
+    tries = sum(1 for a, b in zip(m.switches, m.switches[1:]) if (a, b) == (1, 2)) - 1  # less the one that won
+    assert tries >= 2 and twos_while_busy == 2 * tries
+
+
+def test_governor_keeps_the_count_where_fewer_threads_are_no_faster_and_tries_less_often():
+    m = Machine(lambda b, n: 30 if n == 2 else 29, busy_share).train(20000)  # 10 minutes of busy cores
+    assert m.governor.changes == [] and m.threads == 2
+    starts = [b for b, (x, y) in enumerate(zip(m.run_at, m.run_at[1:])) if (x, y) == (2, 1)]
+    gaps = [(b - a) * 0.03 for a, b in zip(starts, starts[1:])]  # seconds between tries
+    assert len(starts) >= 3 and gaps[0] >= 30 and all(later > 1.9 * earlier for earlier, later in zip(gaps, gaps[1:]))
+
+
+def test_governor_halves_step_by_step_on_more_cores():
+    ms = {8: 500, 4: 300, 2: 40, 1: 60}
+    share = {8: 0.3, 4: 0.5, 2: 0.9, 1: 1.0}
+    m = Machine(lambda b, n: ms[n], lambda b, n: share[n], cores=8).train(3000)
+    assert [(c.before, c.threads) for c in m.governor.changes] == [(8, 4), (4, 2)] and m.threads == 2
+
+
+def test_training_changes_the_thread_count_between_batches(tmp_path):
+    """The loop times each batch through the governor; its count is torch's from the next batch on."""
+    from cnnkit.train import loop
+
+    before = torch.get_num_threads()
+    seen = []  # torch's thread count at each forward pass
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+
+    class Batches:
+        def __len__(self):
+            return 40
+
+        def batches(self, start=0):
+            for _ in range(start, 40):
+                yield torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+
+    def tick():  # each batch takes 0.9 s with 2 threads running half the time, 0.03 s with one running all of it
+        n = torch.get_num_threads()
+        clock["wall"] += 0.9 if n == 2 else 0.03
+        clock["cpu"] += 0.9 if n == 2 else 0.03
+        return clock["wall"]
+
+    governor = ThreadGovernor(2, clock=tick, cpu_clock=lambda: clock["cpu"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        torch.set_num_threads(2)
+        loop.train_one_epoch(model, Batches(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                             torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+                             torch.device("cpu"), None, progress=False, governor=governor)
+        change = governor.changes[0]
+        assert (change.before, change.threads) == (2, 1) and torch.get_num_threads() == 1
+        tried = change.batch - 1 - governor.WINDOW  # the try's first batch: its kernels' build, then a window
+        assert set(seen[:tried]) == {2} and set(seen[tried:]) == {1}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_loops_keep_more_builds_than_torch_compiles_default(recwarn):
+    """A compiled loop is built per shape and thread count: more than torch.compile's default of 8 must not
+    turn the compiled loops off (with fullgraph=True, going past the limit is an error)."""
+    from cnnkit import compiled
+
+    def double_relu(x):
+        return (x * 2).relu()
+
+    for n in range(1, 11):
+        assert torch.equal(compiled.run(double_relu, torch.arange(n) - 3.0, what="test loop"), (torch.arange(n) * 2 - 6.0).relu())
+    assert compiled.available(), [str(w.message) for w in recwarn]

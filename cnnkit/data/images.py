@@ -148,7 +148,8 @@ def open_image(path: str) -> Image.Image:
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) of ``path`` after EXIF rotation, read from the header where possible."""
+    """(width, height) of ``path`` after EXIF rotation. Decodes every pixel (a file whose header reads but whose
+    data is cut short must fail here, as it would in training); ``header_size`` reads the header alone."""
     return open_image(path).size
 
 

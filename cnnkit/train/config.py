@@ -128,6 +128,9 @@ class TrainResult:
     best_score: float = 0.0  # the monitored metric at best_epoch
     ema_val_acc: float | None = None  # the weight EMA's validation accuracy after the last epoch
     threads: int = 0  # CPU threads torch computed with (config.json's threads: the request, None for the default)
+    # where the default count changed during the run, because other processes were busy on the cores or no longer
+    # were (cnnkit/threads.py, ThreadGovernor): {batch, before, threads, s_before, s_after} each
+    thread_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 

@@ -34,6 +34,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest
+from cnnkit.threads import ThreadGovernor, default_threads
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
     make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
@@ -155,6 +156,7 @@ class Training:
     last: EpochFigures | None = None
     # (loss, rate) of the epoch's steps not yet in steps.csv
     step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+    governor: ThreadGovernor | None = None  # the CPU thread count, where cnnkit chooses it
 
     @property
     def model(self) -> nn.Module:
@@ -246,6 +248,10 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         torch.backends.cudnn.benchmark = True
     step_model = _step_model(pieces.model, cfg, machine.device, pieces.train_loader, plan.total_epochs)
     t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search)
+    if machine.device.type == "cpu" and ctx.world == 1 and default_threads(cfg.threads) and machine.threads > 1:
+        # Other processes may compute on the same cores, and then fewer threads can be many times faster: with
+        # the default count, training chooses it from the time its batches take (cnnkit/threads.py).
+        t.governor = ThreadGovernor(machine.threads)
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
     t.stage = _start_stage(t, max(i for i, first in enumerate(plan.first_epochs) if first <= next_epoch))
     return t
@@ -396,13 +402,17 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     if t.epoch_state.lr is None:
         t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
     step_losses = t.step_losses  # emptied by each write to steps.csv
+    changes = len(t.governor.changes) if t.governor else 0
     t.epoch_state = train_one_epoch(
         t.stage.net, t.pieces.train_loader, t.stage.optimizer, t.stage.scheduler, t.pieces.scaler, t.pieces.criterion,
         t.machine.device, t.machine.amp_dtype, t.epoch_state, clip_grad=cfg.clip_grad, nan=cfg.nan,
         desc=f"epoch {epoch}/{total}", progress=cfg.progress and t.ctx.main, stop=stop, save_every=cfg.save_every,
         save=functools.partial(_save_within_epoch, t, step_losses), step_losses=step_losses,
         mix=t.pieces.mix if epoch <= total - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps, ema=t.ema,
+        governor=t.governor,
     )
+    for change in t.governor.changes[changes:] if t.governor else []:  # here, not under the epoch's progress bar
+        print(f"cnnkit: note: epoch {epoch}: {change.note()}", file=t.log)
     _write_step_losses(t.run_dir, epoch, t.epoch_state.batch, step_losses)
     if stop.signal is not None:
         last_path = _save(t, _checkpoint(t, t.epoch_state, epoch), "last.pt")
@@ -523,7 +533,8 @@ def _result(t: Training, start: float, wall_start: float, stop_reason: str, **me
         skipped_images=len(p.train_set.skipped + p.val_set.skipped), skipped_batches=run.skipped_batches,
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
         stop_reason=stop_reason, monitor=cfg.monitor, best_score=run.best_score,
-        ema_val_acc=figure("ema_val_acc"), threads=t.machine.threads, **measured,
+        ema_val_acc=figure("ema_val_acc"), threads=t.machine.threads,
+        thread_changes=[dataclasses.asdict(c) for c in t.governor.changes] if t.governor else [], **measured,
     )
 
 
@@ -640,13 +651,15 @@ def train_one_epoch(
     mix: Mix | None = None,
     accum_steps: int = 1,
     ema: WeightEMA | None = None,
+    governor: ThreadGovernor | None = None,
 ) -> EpochState:
     """One pass over ``loader`` (from ``state.batch`` on, for a resumed epoch); returns the epoch's sums.
 
     The optimizer steps once every ``accum_steps`` batches (and after the epoch's last batch) on the mean
     gradient of those batches; the schedule counts optimizer steps. ``mix`` (mixup/CutMix) blends each batch and
     trains on soft targets: train accuracy then counts a prediction as right when it names the class with the
-    larger share of the blended image. ``ema`` follows the weights after every optimizer step.
+    larger share of the blended image. ``ema`` follows the weights after every optimizer step. ``governor`` times
+    each batch and may change the CPU thread count between two.
     Stops early, between two optimizer steps, when ``stop`` has caught a signal.
     """
     state = state or EpochState()
@@ -677,6 +690,8 @@ def train_one_epoch(
     # The rate is a Python float the optimizer holds: keeping it reads nothing from the device.
     window: list[tuple[torch.Tensor, float | None, int]] = []
     last_step_batch = state.batch
+    if governor is not None:
+        governor.start()
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
@@ -727,6 +742,8 @@ def train_one_epoch(
                 save(dataclasses.replace(state, loss_sum=loss_sum.item(), correct=correct.item(),
                                          grad_norm_sum=grad_norm_sum.item(),
                                          seconds=state.seconds + time.perf_counter() - t0))
+        if governor is not None:
+            governor.step()
         if not bar.disable and (state.batch % 20 == 0 or state.batch == len(loader)):
             bar.set_postfix(loss=f"{loss_sum.item() / max(state.seen, 1):.3f}",
                             acc=f"{correct.item() / max(state.seen, 1):.3f}",
