@@ -154,77 +154,94 @@ def _threads(n: int) -> str:
 class ThreadGovernor:
     """Chooses torch's thread count for training on a CPU that other processes may be busy on.
 
-    Over each window of ``WINDOW`` batches it measures the batches' median time and the share of the window's
-    wall time its threads got to run (process CPU time / wall time / threads; about 1 where the cores are free,
-    since waiting threads spin). Where other processes took a good part of it (below ``BUSY_SHARE``), it tries
-    half the threads for a window; below the full count, it tries twice as many now and then, since the other
-    processes may have finished. A count tried is kept only where its batches are clearly faster; a try ends at
-    its first batch far slower than the current count's, and a try that lost waits ``RECHECK_S`` seconds before
-    the next of its kind, twice as long after each further loss. On free cores it never tries anything.
+    Over each window of ``WINDOW`` batches it measures the batches' median time and how long the training thread
+    waited, ready to run, for a core another process held (Linux's run-queue delay, ``/proc/thread-self/schedstat``;
+    elsewhere one less the share of the wall time the threads ran, which counts idle waits too). Where that wait
+    passes ``BUSY_WAIT`` of the window, it tries half the threads for a window; below the full count, it tries
+    twice as many now and then, since the other processes may have finished. A count tried is kept only where its
+    batches are clearly faster; a try of more threads ends at its first batch far slower than the current count's,
+    and a try that lost waits ``RECHECK_S`` seconds before the next of its kind, twice as long after each further
+    loss. On free cores it never tries anything, so that a run there stays bit for bit what it was.
 
     Call ``start()`` when a stretch of batches begins (the time before it, validation or saving, is not a
     batch's) and ``step()`` after each batch; ``changes`` lists what changed."""
 
-    WARMUP = 10  # batches not timed at the start: the first ones compile loops and build kernels
-    WINDOW = 8  # batches whose median is a count's time
-    BUSY_SHARE = 0.8  # below this share of the wall time running, other processes hold the cores: try fewer threads
+    # Beside another process's threads a batch can take 50 times as long as on free cores: the sooner a try,
+    # the less that costs (warm-up, a window, settling and a try: 18 batches).
+    WARMUP = 3  # batches not timed at the start: the first ones compile loops and build kernels
+    # Batches not timed after a change to fewer threads: the loops compile for the new count, and the first few
+    # batches run slow. A try of more threads is judged from its first batch: its count's loops are built (it ran
+    # before), and beside a busy process each of its batches can cost 50 times the current count's.
+    SETTLE = 3
+    WINDOW = 6  # batches whose median is a count's time
+    BUSY_WAIT = 0.2  # waiting for a core this share of the window: other processes hold the cores, try fewer threads
     FASTER = 0.8  # a count tried is kept where its median is at most this share of the current count's
-    ABORT = 3.0  # a try ends at its first batch slower than this many times the current count's median
-    RECHECK_S = 30.0  # seconds before trying again what lost last time (doubled after each further loss)
+    ABORT = 3.0  # a try of more threads ends at its first batch slower than this many times the current median
+    # Seconds before trying again what lost last time, doubled after each further loss. Fewer threads cost little
+    # when they lose (at most the share of the cores they leave); more, beside a busy process, can cost 50 times.
+    RECHECK_S = {"fewer": 5.0, "more": 30.0}
 
     def __init__(self, threads: int, clock: Callable[[], float] = time.perf_counter,
+                 wait_clock: Callable[[], float | None] | None = None,
                  cpu_clock: Callable[[], float] = time.process_time,
                  set_threads: Callable[[int], None] | None = None) -> None:
         self.most = self.count = threads
         self.clock, self.cpu_clock = clock, cpu_clock
+        self.wait_clock = wait_clock or run_queue_wait
         self.set_threads = set_threads or _set_torch_num_threads
         self.changes: list[ThreadChange] = []
         self.batches = 0
         self._skip = self.WARMUP
-        self._last: tuple[float, float] | None = None  # (wall, CPU) clocks at the end of the last batch
+        self._last: float | None = None  # the wall clock at the end of the last batch
         self._times: list[float] = []  # this window's batches, seconds
-        self._window_start = (0.0, 0.0)  # (wall, CPU) clocks at the window's first batch
+        self._window_start: tuple[float, float, float | None] = (0.0, 0.0, None)  # (wall, CPU, wait) clocks
         self._trying: int | None = None  # the count being tried
         self._base = 0.0  # the current count's median when the try began
-        self._wait = {"fewer": 0.0, "more": self.RECHECK_S}  # seconds after a decision before the next such try
+        self._wait = {"fewer": 0.0, "more": self.RECHECK_S["more"]}  # seconds after a decision before the next try
         self._next = {"fewer": 0.0, "more": 0.0}  # the clock time from which each kind of try may run
 
     def start(self) -> None:
-        self._last = (self.clock(), self.cpu_clock())
+        self._last = self.clock()
         self._times = []  # a window spans no pause
 
     def step(self) -> None:
         now, last = self.clock(), self._last
-        self._last = (now, self.cpu_clock())
+        self._last = now
         self.batches += 1
         if self.most < 2 or last is None:
             return
-        seconds = now - last[0]
-        if self._skip:  # compiling, or the first batch at a new count (its kernels are built then)
+        seconds = now - last
+        if self._skip:  # compiling, or the first batches at a new count (its kernels are built then)
             self._skip -= 1
             return
+        self._times.append(seconds)
         if self._trying is not None:
-            self._times.append(seconds)
-            if seconds > self.ABORT * self._base or len(self._times) == self.WINDOW:
+            if (self._trying > self.count and seconds > self.ABORT * self._base) or len(self._times) == self.WINDOW:
                 self._decide(now)
             return
-        if not self._times:
-            self._window_start = last
-        self._times.append(seconds)
+        if len(self._times) == 1:  # the window's waits are measured from here, over its other batches
+            self._window_start = (now, self.cpu_clock(), self.wait_clock())
+            return
         if len(self._times) < self.WINDOW:
             return
         median = statistics.median(self._times)
-        wall, cpu = now - self._window_start[0], self._last[1] - self._window_start[1]
-        share = cpu / max(wall, 1e-9) / self.count
         self._times = []
-        if self.count > 1 and share < self.BUSY_SHARE and now >= self._next["fewer"]:
+        if self.count > 1 and self._busy(now) and now >= self._next["fewer"]:
             self._try(self.count // 2, median)
         elif self.count < self.most and now >= self._next["more"]:
             self._try(min(self.most, self.count * 2), median)
 
+    def _busy(self, now: float) -> bool:
+        """Whether other processes held the cores for a good part of the window just ended."""
+        wall0, cpu0, wait0 = self._window_start
+        wall, wait = max(now - wall0, 1e-9), self.wait_clock()
+        if wait is not None and wait0 is not None:
+            return (wait - wait0) / wall > self.BUSY_WAIT
+        return 1 - (self.cpu_clock() - cpu0) / wall / self.count > self.BUSY_WAIT
+
     def _try(self, count: int, median: float) -> None:
         self._trying, self._base, self._times = count, median, []
-        self._switch(count)
+        self._switch(count, settle=self.SETTLE if count < self.count else 0)
 
     def _decide(self, now: float) -> None:
         count, self._trying = self._trying, None
@@ -236,19 +253,29 @@ class ThreadGovernor:
             self.changes.append(ThreadChange(self.batches, self.count, count, self._base, median))
             self.count = count
             # Going down may go further at once; going up may go up again after the usual wait.
-            self._wait = {"fewer": 0.0, "more": self.RECHECK_S}
-            self._next = {"fewer": now, "more": now + self.RECHECK_S}
+            self._wait = {"fewer": 0.0, "more": self.RECHECK_S["more"]}
+            self._next = {"fewer": now, "more": now + self.RECHECK_S["more"]}
         else:
-            self._switch(self.count)
-            self._wait[kind] = max(self._wait[kind] * 2, self.RECHECK_S)
+            self._switch(self.count, settle=1)
+            self._wait[kind] = max(self._wait[kind] * 2, self.RECHECK_S[kind])
             self._next[kind] = now + self._wait[kind]
 
-    def _switch(self, count: int) -> None:
+    def _switch(self, count: int, settle: int) -> None:
         self.set_threads(count)
-        self._skip = 1
+        self._skip = settle
 
 
 def _set_torch_num_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(count)
+
+
+def run_queue_wait() -> float | None:
+    """Seconds the calling thread has spent ready to run but waiting for a CPU (Linux's run-queue delay, the
+    second field of /proc/thread-self/schedstat); None where the system does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None

@@ -93,18 +93,23 @@ class Machine:
     """A simulated CPU for ThreadGovernor: ``batch_ms(batch, threads)`` is how long a batch takes and
     ``share(batch, threads)`` the share of that time the process's threads run (1.0: the cores are free)."""
 
-    def __init__(self, batch_ms, share=lambda batch, threads: 1.0, cores=2):
+    def __init__(self, batch_ms, share=lambda batch, threads: 1.0, cores=2, schedstat=True, wait=None):
         self.batch_ms, self.share = batch_ms, share
-        self.wall = self.cpu = 0.0
+        # the share of the time the training thread waits for a core: the time it does not run, unless it idles
+        self.wait = wait or (lambda batch, threads: 1 - share(batch, threads))
+        self.wall = self.cpu = self.waited = 0.0
         self.threads = cores
         self.switches: list[int] = []  # set_threads calls
         self.run_at: list[int] = []  # the thread count of each batch
+        # schedstat=False: a system that does not report run-queue waits (the CPU share stands in for them)
         self.governor = ThreadGovernor(cores, clock=lambda: self.wall, cpu_clock=lambda: self.cpu,
+                                       wait_clock=(lambda: self.waited) if schedstat else (lambda: None),
                                        set_threads=self.set_threads)
 
     def set_threads(self, n):
         self.threads = n
         self.switches.append(n)
+        self.switched_at = len(self.run_at)  # the first batch at the new count
 
     def train(self, batches):
         self.governor.start()
@@ -112,6 +117,7 @@ class Machine:
             seconds = self.batch_ms(b, self.threads) / 1e3
             self.wall += seconds
             self.cpu += seconds * self.threads * self.share(b, self.threads)
+            self.waited += seconds * self.wait(b, self.threads)
             self.run_at.append(self.threads)
             self.governor.step()
         return self
@@ -124,6 +130,15 @@ def busy_share(batch, threads):  # another process computes on both cores: two t
 def test_governor_leaves_the_count_alone_on_free_cores():
     m = Machine(lambda b, n: 15 if n == 2 else 26).train(3000)
     assert m.switches == [] and m.governor.changes == []
+    # Threads that idle between operations (short batches, Python in between) run 60% of the time but wait for no
+    # core: no try, which would change the run's numbers for nothing
+    assert Machine(lambda b, n: 5 if n == 2 else 8, lambda b, n: 0.6, wait=lambda b, n: 0.0).train(3000).switches == []
+
+
+def test_governor_without_run_queue_figures_judges_by_the_cpu_share():
+    m = Machine(lambda b, n: 900 if n == 2 else 27, busy_share, schedstat=False).train(500)
+    assert [(c.before, c.threads) for c in m.governor.changes] == [(2, 1)]
+    assert Machine(lambda b, n: 15 if n == 2 else 26, schedstat=False).train(3000).switches == []
 
 
 def test_governor_drops_to_one_thread_while_other_processes_hold_the_cores_and_comes_back_after():
@@ -131,15 +146,15 @@ def test_governor_drops_to_one_thread_while_other_processes_hold_the_cores_and_c
     m = Machine(lambda b, n: (900 if n == 2 else 27) if b < busy_until else (15 if n == 2 else 26),
                 lambda b, n: busy_share(b, n) if b < busy_until else 1.0).train(15000)
     down, up = m.governor.changes
-    assert (down.before, down.threads) == (2, 1) and down.batch < 40  # at once: warm-up, a window, the try
+    assert (down.before, down.threads) == (2, 1) and down.batch <= 20  # at once: warm-up, a window, the try (18 batches)
     assert (down.s_before, down.s_after) == pytest.approx((0.9, 0.027))
     assert "900 ms with 2 CPU threads and 27 ms with 1 (other processes are busy" in down.note()
     assert (up.before, up.threads) == (1, 2) and up.batch > busy_until
     assert "the cores are free again" in up.note() and m.threads == 2
-    # While busy, each try of two threads ended at its first timed batch (after the one that builds kernels)
+    # While busy, each try of two threads ended at its first batch: a 900 ms batch, where one thread takes 27
     twos_while_busy = sum(1 for b, n in enumerate(m.run_at[down.batch:busy_until]) if n == 2)
     tries = sum(1 for a, b in zip(m.switches, m.switches[1:]) if (a, b) == (1, 2)) - 1  # less the one that won
-    assert tries >= 2 and twos_while_busy == 2 * tries
+    assert tries >= 2 and twos_while_busy == tries
 
 
 def test_governor_keeps_the_count_where_fewer_threads_are_no_faster_and_tries_less_often():
@@ -147,7 +162,20 @@ def test_governor_keeps_the_count_where_fewer_threads_are_no_faster_and_tries_le
     assert m.governor.changes == [] and m.threads == 2
     starts = [b for b, (x, y) in enumerate(zip(m.run_at, m.run_at[1:])) if (x, y) == (2, 1)]
     gaps = [(b - a) * 0.03 for a, b in zip(starts, starts[1:])]  # seconds between tries
-    assert len(starts) >= 3 and gaps[0] >= 30 and all(later > 1.9 * earlier for earlier, later in zip(gaps, gaps[1:]))
+    assert len(starts) >= 3 and gaps[0] >= 5 and all(later > 1.9 * earlier for earlier, later in zip(gaps, gaps[1:]))
+
+
+def test_a_try_of_fewer_threads_runs_its_whole_window():
+    # The first batches at a new count can be slow (caches, a burst of the other process): fewer threads cannot be
+    # ruinous, so their try is judged on its window, not ended at its first slow batch.
+    def ms(b, n):
+        if n == 2:
+            return 60
+        return 200 if b - m.switched_at < 5 else 19  # the kernels' build, then slow batches
+
+    m = Machine(ms, busy_share)
+    m.train(200)
+    assert [(c.before, c.threads) for c in m.governor.changes] == [(2, 1)]
 
 
 def test_governor_halves_step_by_step_on_more_cores():
@@ -174,15 +202,15 @@ def test_training_changes_the_thread_count_between_batches(tmp_path):
             for _ in range(start, 40):
                 yield torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
 
-    clock = {"wall": 0.0, "cpu": 0.0}
+    clock = {"wall": 0.0, "wait": 0.0}
 
-    def tick():  # each batch takes 0.9 s with 2 threads running half the time, 0.03 s with one running all of it
+    def tick():  # each batch takes 0.9 s with 2 threads waiting half the time for a core, 0.03 s with one
         n = torch.get_num_threads()
         clock["wall"] += 0.9 if n == 2 else 0.03
-        clock["cpu"] += 0.9 if n == 2 else 0.03
+        clock["wait"] += 0.45 if n == 2 else 0.0
         return clock["wall"]
 
-    governor = ThreadGovernor(2, clock=tick, cpu_clock=lambda: clock["cpu"])
+    governor = ThreadGovernor(2, clock=tick, wait_clock=lambda: clock["wait"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
         torch.set_num_threads(2)
@@ -191,7 +219,7 @@ def test_training_changes_the_thread_count_between_batches(tmp_path):
                              torch.device("cpu"), None, progress=False, governor=governor)
         change = governor.changes[0]
         assert (change.before, change.threads) == (2, 1) and torch.get_num_threads() == 1
-        tried = change.batch - 1 - governor.WINDOW  # the try's first batch: its kernels' build, then a window
+        tried = change.batch - governor.SETTLE - governor.WINDOW  # the try: settling, then a window
         assert set(seen[:tried]) == {2} and set(seen[tried:]) == {1}
     finally:
         torch.set_num_threads(before)
