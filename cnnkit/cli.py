@@ -15,7 +15,7 @@ from cnnkit.choices import (
     AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
     SCHEDULES, SHAPES_TRAIN,
 )
-from cnnkit.errors import UserError, did_you_mean
+from cnnkit.errors import TrainingStopped, UserError, did_you_mean
 from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
@@ -712,10 +712,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnkit.errors import NonFiniteLoss
     from cnnkit.training import train
 
-    if args.nproc > 1:
-        from cnnkit.train import distributed
-
-        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     if args.config and args.resume:
         raise UserError("--resume continues a run with its own settings; drop --config")
     given = _given_train_options(args)
@@ -725,6 +721,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
                         "[changed flags] --out NEW_DIR)")
+    if args.nproc > 1:
+        from cnnkit.train import distributed
+
+        if not args.resume:  # once here, rather than from every process, each line under torchrun's report
+            _check_before_launch(args.config, given)
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
     diverged = None
     try:
@@ -752,6 +754,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):
             print(f"see it: cnnkit report {result.run_dir}")
     return 0
+
+
+def _check_before_launch(config: str | None, given: dict) -> None:
+    """The options, the device and the data paths of a run about to start in several processes: a UserError for
+    what each process would refuse."""
+    from cnnkit.choices import BUILTIN
+    from cnnkit.data.sources import scan_folder
+    from cnnkit.train.options import make_config
+    from cnnkit.train.precision import resolve_device
+
+    cfg = make_config(config, given)
+    resolve_device(cfg.device)
+    if cfg.data not in BUILTIN:
+        scan_folder(cfg.data)
+    if cfg.val_data is not None:
+        scan_folder(cfg.val_data, "--val-data")
 
 
 class _NotGiven:
@@ -920,10 +938,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         if r.checks:
             diffs = ", ".join(f"{c.inputs} x{c.batch_size} {c.max_abs_diff:.1e}" for c in r.checks)
             print(f"largest difference from PyTorch: {diffs}; {'ok' if r.verified else 'FAILED'} "
-                  f"(tolerance {r.tolerance:g}; logits up to {max(c.max_abs_logit for c in r.checks):.3g})")
+                  f"(tolerance {r.tolerance:g} of the largest logit, at least {r.tolerance:g}; logits up to "
+                  f"{max(c.max_abs_logit for c in r.checks):.3g})")
     if r.verified is False:
-        print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {r.max_abs_diff:.2e} "
-              f"(tolerance {r.tolerance:g}); do not deploy it, and please report it", file=sys.stderr)
+        bad = max(r.checks, key=lambda c: c.max_abs_diff / c.allowed(r.tolerance))
+        print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {bad.max_abs_diff:.2e} on "
+              f"logits up to {bad.max_abs_logit:.3g} (allowed {bad.allowed(r.tolerance):.2e}); do not deploy it, and "
+              "please report it", file=sys.stderr)
         return 1
     return 0
 
@@ -1107,7 +1128,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        _error_line(f"cnnkit {args.command}: {e.label}: {e}")
+        if not (isinstance(e, TrainingStopped) and os.environ.get("RANK", "0") != "0"):  # every rank stopped alike
+            _error_line(f"cnnkit {args.command}: {e.label}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)

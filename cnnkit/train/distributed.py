@@ -11,6 +11,7 @@ same command with torchrun's rendezvous options, e.g. on each of two machines:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: Dist) -> None:
+    """Rank 0's buffers of ``module`` (BatchNorm's running statistics) on every process. DistributedDataParallel
+    sends them out at the start of each training forward pass, which then updates each process's own copy: after
+    the last one they differ, and validation, each process scoring its share of the images, must use the model
+    rank 0 saves."""
+    if ctx.world > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def broadcast_text(text: str | None, ctx: Dist) -> str:
     """Rank 0's ``text`` on every process (the run folder only rank 0 creates)."""
     if ctx.world == 1:
@@ -70,11 +81,31 @@ def cleanup(ctx: Dist) -> None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """``cnnkit train --nproc N ...``: run the same command under torchrun with N local processes."""
+    """``cnnkit train --nproc N ...``: run the same command under torchrun with N local processes; its exit code.
+
+    torchrun starts its workers in sessions of their own, so a signal reaches them only through torchrun, which
+    passes on what it receives: this process forwards SIGINT, SIGTERM and SIGHUP to it, once each time it gets one
+    (torchrun runs in a session of its own too, so a terminal's Ctrl-C is not delivered to it twice), and waits for
+    the workers to save and stop. Killed instead, torchrun would leave them training with nobody to stop them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cnnkit", *argv]
     from cnnkit.threads import usable_cores
 
     # Each process computes with its share of the cores (cnnkit/threads.py reads OMP_NUM_THREADS as the default).
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))}
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        code = proc.wait()  # resumed after each forwarded signal (PEP 475)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    # Stopped by a signal: the shell's convention (130 for Ctrl-C, 143 for SIGTERM), as a single process gives.
+    return 128 + received[0] if received else code

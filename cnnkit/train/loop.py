@@ -53,7 +53,7 @@ from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, ran
 from cnnkit.train.setup import (
     SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, RunPieces, build_run, start_machine,
 )
-from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable
+from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable, trainable_modules
 
 MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -241,6 +241,8 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         cfg = dataclasses.replace(cfg, decode="device" if pieces.train_loader.decode_on_device else "cpu")
     ema = WeightEMA(pieces.model, cfg.ema) if cfg.ema else None  # the moving average of the weights, beside them
     plan = _plan(cfg, len(pieces.train_loader))
+    for stage in plan.stages:  # a misspelt module of a later stage fails now, not after the earlier ones trained
+        trainable_modules(pieces.model, stage.modules)
     if machine.device.type == "cuda" and plan.total_epochs * len(pieces.train_loader) >= CUDNN_AUTOTUNE_MIN_BATCHES:
         # Every batch has the same shapes, so cuDNN may time its algorithms once and keep the fastest (timm's
         # setting). The timing takes about a second per run, and on the fast recipe it bought nothing (docs/design.md):
@@ -330,10 +332,13 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
               f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
     params = sum(w.numel() for w in t.model.parameters())
+    trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)  # the first stage's
     threads = t.machine.threads
-    print(f"cnnkit: {cfg.model} ({params:,} parameters) on {len(p.train_set):,} training and {len(p.val_set):,} "
+    processes = f"{t.ctx.world} processes x " if t.ctx.world > 1 else ""
+    print(f"cnnkit: {cfg.model} ({params:,} parameters{f', {trainable:,} trainable' if trainable < params else ''}) "
+          f"on {len(p.train_set):,} training and {len(p.val_set):,} "
           f"validation images of {p.train_set.channels}x{p.train_set.size}x{p.train_set.size} from {cfg.data}; "
-          f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {threads} CPU "
+          f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {processes}{threads} CPU "
           f"thread{'s' if threads > 1 else ''}{_streaming(t)}; run folder {t.run_dir}", file=log)
     if cfg.smoke:
         print(f"cnnkit: smoke run: {t.plan.total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on "
@@ -398,6 +403,11 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     if t.stage.index + 1 < len(t.plan.stages) and epoch == t.plan.first_epochs[t.stage.index + 1]:
         t.stage = _start_stage(t, t.stage.index + 1)
         _write_json(t.run_dir, "stages.json", t.stage_log)
+        stage = t.plan.stages[t.stage.index]
+        trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)
+        print(f"cnnkit: stage {t.stage.index + 1} of {len(t.plan.stages)} from epoch {epoch}: training "
+              f"{', '.join(stage.modules or ['all'])} ({trainable:,} parameters) at lr {stage.lr:g} for "
+              f"{stage.epochs} epoch(s)", file=t.log)
     t.pieces.train_loader.set_epoch(epoch)
     if t.epoch_state.lr is None:
         t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
@@ -417,9 +427,20 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     if stop.signal is not None:
         last_path = _save(t, _checkpoint(t, t.epoch_state, epoch), "last.pt")
         stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {t.epoch_state.batch}; saved "
-                                  f"{last_path}. Continue with: cnnkit train --resume {t.run_dir}")
+                                  f"{last_path}. Continue with: {_resume_command(t)}")
         stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
         raise stopped
+
+
+def _resume_command(t: Training) -> str:
+    """The command that continues run ``t`` exactly: with as many processes as it had (its data shards and
+    batches per step depend on them)."""
+    command = f"cnnkit train --resume {t.run_dir}"
+    if t.ctx.world == 1:
+        return command
+    if int(os.environ.get("LOCAL_WORLD_SIZE", t.ctx.world)) == t.ctx.world:  # one machine: cnnkit starts them
+        return f"{command} --nproc {t.ctx.world}"
+    return f"{command}, under torchrun as before ({t.ctx.world} processes)"
 
 
 def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
@@ -433,6 +454,9 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
     run.train_seconds += es.seconds
     run.images_seen += es.seen
     run.skipped_batches += es.skipped
+    distributed.broadcast_buffers(t.model, t.ctx)  # every process scores its share with the model rank 0 saves
+    if t.ema:
+        distributed.broadcast_buffers(t.ema.module, t.ctx)
     val = evaluate_model(t.model, p.val_loader, len(p.classes), device, amp)
     if not math.isfinite(val.loss):  # --nan skip trains on past a blow-up: such weights are no result
         largest = max(w.detach().abs().max().item() for w in t.model.parameters())

@@ -133,3 +133,56 @@ def test_weights_refused_on_one_process_stop_every_process_with_one_line(tmp_pat
     assert "internal error" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
     refusals = [line for line in proc.stderr.splitlines() if "the weights are no longer finite" in line]
     assert len(refusals) == 2, proc.stderr[-3000:]  # one line from each process
+
+
+def test_validation_of_a_batchnorm_model_is_that_of_the_saved_weights(tmp_path):
+    # Each process's last training forward pass updates its own BatchNorm statistics; validation, each process
+    # scoring its share of the images, must use rank 0's, which are saved: the figures must be best.pt's.
+    import json
+
+    args = ["--model", "cnn_bn", "--data", "shapes", "--num-samples", "503", "--val-split", "0.21", "--epochs", "1",
+            "--batch-size", "32", "--precision", "fp32", "--seed", "3", "--out", tmp_path / "run"]
+    proc = torchrun(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = json.load(open(tmp_path / "run" / "result.json"))
+    single = cnnkit.evaluate(str(tmp_path / "run" / "best.pt"), precision="fp32")
+    assert single.count == 103 and single.acc == reported["val_acc"]
+    assert abs(single.loss - reported["val_loss"]) < 1e-5, (single.loss, reported["val_loss"])
+
+
+def test_sigterm_to_cnnkit_train_nproc_stops_every_process_and_saves(tmp_path):
+    # torchrun runs its workers in sessions of their own: the signal must travel through cnnkit and torchrun,
+    # or the workers train on with nobody to stop them.
+    run = tmp_path / "run"
+    args = [*ARGS[:-6], "--epochs", "50", "--num-samples", "2500", "--precision", "fp32", "--seed", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *args, "--nproc", "2", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    t0 = time.time()
+    while not (run / "metrics.csv").exists():  # an epoch done: the workers are training
+        assert proc.poll() is None and time.time() - t0 < 200, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    try:
+        assert proc.returncode == 143, err[-3000:]
+        stopped = [line for line in err.splitlines() if "stopped: SIGTERM" in line]
+        assert len(stopped) == 1 and f"cnnkit train --resume {run} --nproc 2" in stopped[0], err[-3000:]
+        assert read_payload(str(run / "last.pt"))["resume"]["run"]["epoch"] >= 1
+    finally:
+        left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+        subprocess.run(["pkill", "-KILL", "-f", str(run)])
+    assert not left, "processes left training after cnnkit train stopped"
+
+
+def test_nproc_refuses_bad_input_once_before_starting_processes(tmp_path):
+    for args, expected in ((["--data", tmp_path / "nothere"], "does not exist"),
+                           (["--epochs", "0"], "epochs"),
+                           (["--device", "cuda"], "no CUDA GPU") if not torch.cuda.is_available() else ((), None)):
+        if expected is None:
+            continue
+        proc = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--nproc", "2", *map(str, args), "--out",
+                               str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and "torch.distributed" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
