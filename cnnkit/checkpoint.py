@@ -181,9 +181,13 @@ def read_payload(path: str) -> dict[str, Any]:
     if is_format(path, "onnx"):
         raise UserError(f"{path} is an ONNX export: `cnnkit predict` runs it; everything else needs the "
                               "checkpoint (.pt or .safetensors) it was exported from")
-    if _is_torchscript(path):
+    if is_torchscript(path):
         raise UserError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
                               "checkpoint or run folder it was exported from, or an .onnx or .safetensors export")
+    kind = not_a_torch_file(path)
+    if kind:
+        raise UserError(f"{path} is {kind}, not a checkpoint; pass a run folder, a checkpoint file (.pt) or a "
+                        ".safetensors export")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -195,7 +199,35 @@ def read_payload(path: str) -> dict[str, Any]:
     return payload
 
 
-def _is_torchscript(path: str) -> bool:
+# What a file is, from its first bytes, where it cannot be one torch.save wrote (a zip archive, or in the format
+# before torch 1.6 a pickle, whose first byte is the PROTO opcode).
+_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP image?)"), (b"II*\x00", "a TIFF image"),
+          (b"MM\x00*", "a TIFF image"), (b"\x93NUMPY", "a NumPy array file"))
+
+
+def not_a_torch_file(path: str) -> str | None:
+    """What ``path`` is ('a JPEG image', 'JSON', 'an ONNX export', ...) where it cannot be a file torch.save
+    wrote; None where it may be one."""
+    if is_format(path, "onnx"):
+        return "an ONNX export"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    if kind:
+        return kind
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON"
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "not a file that torch.save wrote"
+
+
+def is_torchscript(path: str) -> bool:
     """A TorchScript archive: a zip with the compiled code beside the data (torch.jit.save's layout)."""
     try:
         with zipfile.ZipFile(path) as z:

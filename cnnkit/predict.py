@@ -6,6 +6,7 @@ is imported only for a checkpoint or for test-time augmentation.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -40,6 +41,11 @@ def predict(
     ``Checkpoint`` passed in where its model is); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    if not isinstance(checkpoint, (str, os.PathLike, OnnxModel)) and not hasattr(checkpoint, "classes"):
+        # a bare nn.Module carries no classes and no preprocessing: there is nothing to name its outputs by
+        raise UserError(f"predict takes a run folder, a checkpoint or .onnx file, or a cnnkit Checkpoint, not a "
+                        f"{type(checkpoint).__name__}; save the model with its classes (a run folder) first")
+    checkpoint = os.fspath(checkpoint) if isinstance(checkpoint, os.PathLike) else checkpoint
     threads = resolve_threads(threads)
     if isinstance(checkpoint, str) and is_format(checkpoint, "onnx"):
         if ema:

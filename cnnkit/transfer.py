@@ -18,26 +18,36 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import read_payload, unpickling_refused
+from cnnkit.checkpoint import is_torchscript, not_a_torch_file, read_payload, unpickling_refused
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
+from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.heads import find_head, replace_head, reset_head
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
     if is_format(path, "safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(path), None
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as e:
             raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
+        # cnnkit's own export describes its model, classes and normalisation, as its checkpoint does
+        cnnkit_export = "cnnkit_checkpoint" in metadata
+        return state, {**payload_from_metadata(metadata, path), "state_dict": state} if cnnkit_export else None
     if os.path.isdir(path):
         payload = read_payload(path)
         return payload["state_dict"], payload
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} does not exist")
+    kind = "a TorchScript export" if is_torchscript(path) else not_a_torch_file(path)
+    if kind:
+        raise UserError(f"weights file {path} is {kind}, not weights; pass a state dict (.pt/.pth), a .safetensors "
+                        "file or a cnnkit run")
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -90,6 +100,11 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     trained, built = (payload or {}).get("input_size"), (getattr(model, "cnnkit_config", None) or {}).get("input_size")
     size_fix = (f"; {path} was trained on {trained}x{trained} images and this model is built for {built}x{built}: "
                 f"pass --input-size {trained}" if mismatched and trained and built and trained != built else "")
+    # A cnnkit run or export names its model: another one here is the likelier mistake than a damaged file.
+    file_model = ((payload or {}).get("model") or {}).get("name")
+    built_model = (getattr(model, "cnnkit_config", None) or {}).get("name")
+    if (missing or unexpected or mismatched) and file_model and built_model and file_model != built_model:
+        size_fix += f"; {path} holds a {file_model} and this model is a {built_model}: pass --model {file_model}"
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"weights in {path} do not fit the model: "
@@ -122,27 +137,34 @@ def _other_classes(trained: list[str], here: list[str]) -> str:
     return f"it was trained on other classes ({len(trained)} in the file, {len(here)} here, {common} in common)"
 
 
-def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
-    """Train only the modules named in ``names`` (qualified names such as ``layer4`` or ``classifier.6``;
-    ``head`` means the classifier head, ``all`` everything); ``None`` trains everything.
-    Returns the names of the parameters left trainable. Modules the model never runs (``unused_stages`` of a
-    ResNet whose head reads earlier stages, ``head_from``) never train: they would get no gradient, and
-    DistributedDataParallel stops on parameters that get none."""
+def trainable_modules(model: nn.Module, names: list[str] | None) -> list[str]:
+    """The qualified module names ``names`` asks to train (see ``set_trainable``; [""] for the whole model),
+    checked: a UserError names a module the model lacks or never runs."""
     never_run = tuple(getattr(model, "unused_stages", ()))
     asked = [n for n in names or [] if n.split(".")[0] in never_run]
     if asked:
         raise UserError(f"{', '.join(asked)} never runs: the head reads up to {model.head_from[-1]} (head_from); "
                         f"add {asked[0].split('.')[0]} to head_from to train it")
     if names is None or "all" in names:
-        wanted = [""]
-    else:
-        modules = dict(model.named_modules())
-        head = find_head(model)[0]
-        wanted = [head if n == "head" else n for n in names]
-        unknown = [n for n in wanted if n not in modules]
-        if unknown:
-            top = ", ".join(n for n, _ in model.named_children())
-            raise UserError(f"no module named {', '.join(unknown)} in this model; its top-level modules are {top}")
+        return [""]
+    modules = dict(model.named_modules())
+    head = find_head(model)[0]
+    wanted = [head if n == "head" else n for n in names]
+    unknown = [n for n in wanted if n not in modules]
+    if unknown:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise UserError(f"no module named {', '.join(unknown)} in this model; its top-level modules are {top}")
+    return wanted
+
+
+def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Train only the modules named in ``names`` (qualified names such as ``layer4`` or ``classifier.6``;
+    ``head`` means the classifier head, ``all`` everything); ``None`` trains everything.
+    Returns the names of the parameters left trainable. Modules the model never runs (``unused_stages`` of a
+    ResNet whose head reads earlier stages, ``head_from``) never train: they would get no gradient, and
+    DistributedDataParallel stops on parameters that get none."""
+    wanted = trainable_modules(model, names)
+    never_run = tuple(getattr(model, "unused_stages", ()))
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad = (any(w == "" or name == w or name.startswith(w + ".") for w in wanted)

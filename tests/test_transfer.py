@@ -59,6 +59,20 @@ def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path / "empty" / "hub" / "checkpoints")  # nothing half-downloaded left behind
 
 
+def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = checkpoints / "resnet18-f37072fd.pth"
+    torch.save(cnnkit.create_model("resnet18", num_classes=1000).state_dict(), cached)
+    cached.write_bytes(cached.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(UserError, match=f"pretrained weights for resnet18 \\({cached}\\) cannot be read .*delete"):
+        cnnkit.create_model("resnet18", pretrained=True)
+    torch.save(torchvision.models.resnet34().state_dict(), cached)  # another model's weights under that name
+    with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete"):
+        cnnkit.create_model("resnet18", pretrained=True)
+
+
 def test_no_pretrained_weights_for_own_models():
     with pytest.raises(UserError, match="no pretrained weights"):
         cnnkit.create_model("simple_cnn", pretrained=True)
@@ -147,6 +161,18 @@ def test_weights_from_plain_state_dict_and_safetensors_with_new_head(tmp_path, c
         assert torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).item() == pytest.approx(math.log(5))
 
 
+def test_weights_from_cnnkits_safetensors_export_keep_the_runs_normalisation(tmp_path, capsys):
+    # The export carries the run's description as the checkpoint does: the file format must not change training.
+    run = cnnkit.train(**TINY, model="simple_cnn", epochs=1, out=str(tmp_path / "run"))
+    cnnkit.export(run.run_dir, "safetensors", str(tmp_path / "model.safetensors"))
+    saved = torch.load(os.path.join(run.run_dir, "last.pt"), weights_only=True)
+    for source in (run.run_dir, str(tmp_path / "model.safetensors")):
+        model = cnnkit.create_model("simple_cnn", num_classes=10)
+        payload = load_weights(model, source, classes=list(saved["classes"]))
+        assert payload is not None and payload["mean"] == saved["mean"] and payload["std"] == saved["std"], source
+        assert torch.equal(model.classifier[4].weight, saved["state_dict"]["classifier.4.weight"])
+
+
 def test_a_head_trained_on_other_classes_starts_fresh_even_when_its_shape_fits(tmp_path, capsys):
     """A run on airplane..deer fine-tuned on dog..truck: five outputs each, but the old head's answers mean
     nothing for the new classes; loading it kept a confidently wrong head (first loss 5.7 for 5 classes)."""
@@ -194,6 +220,10 @@ def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
     torch.save(cnnkit.create_model("simple_cnn", input_size=64).state_dict(), tmp_path / "s64.pth")
     with pytest.raises(CheckpointError, match=r"classifier.1.weight: file \(256, 8192\) vs model \(256, 2048\)"):
         load_weights(cnnkit.create_model("simple_cnn"), str(tmp_path / "s64.pth"))
+    run = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "bn"))  # a run of another model
+    with pytest.raises(CheckpointError, match=f"{run.run_dir} holds a cnn_bn and this model is a simple_cnn: pass "
+                                              "--model cnn_bn"):
+        load_weights(cnnkit.create_model("simple_cnn"), run.run_dir)
 
 
 def test_bad_transfer_options():

@@ -10,7 +10,9 @@
 The last convolutional layer is used by default: the feature maps of the last ``Conv2d`` the forward pass
 runs, taken after what follows it at the same resolution (BatchNorm, the activation, a residual addition),
 since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
-part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. The map is
+part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. Only
+convolutions whose maps keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
+channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there. The map is
 upsampled to the input size (bilinear) and scaled to 0..1. A ResNet whose head also reads earlier stages
 (``head_from``) takes part of its evidence from them, which a map of one layer does not show: ``--layer layer3``
 maps that stage's share.
@@ -56,6 +58,10 @@ def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     convs = [x for x in t.layers if isinstance(x.module, nn.Conv2d) and x.output_shape and len(x.output_shape) == 3]
     if not convs:
         raise UserError("the model has no Conv2d layer; name a layer with a C x H x W output with --layer")
+    convs = [x for x in convs if x.output_shape[1] * x.output_shape[2] > 1]  # a 1x1 map has nothing to show
+    if not convs:
+        raise UserError(f"every convolution's output is 1x1 at {input_shape[1]}x{input_shape[2]}: there is no "
+                        "place in the image to show; use larger images")
     conv = max(convs, key=lambda x: x.done)
     run = []
     for x in sorted((x for x in t.layers if x.done >= conv.done), key=lambda x: x.done):

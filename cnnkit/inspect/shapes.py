@@ -71,14 +71,18 @@ def conv_arithmetic(
         raise UserError(f"pooling padding {padding} is more than half the kernel ({kernel}); PyTorch refuses it — "
                         f"use --padding {kernel // 2} or less")
     numerator = size + 2 * padding - k_eff
-    out = (-(-numerator // stride) if ceil_mode else numerator // stride) + 1
-    if ceil_mode and out > 0 and (out - 1) * stride >= size + padding:
-        out -= 1  # PyTorch drops a last window that would start in the right padding
+    by_formula = (-(-numerator // stride) if ceil_mode else numerator // stride) + 1
+    # PyTorch drops a last window that would start in the right padding (possible only with ceil_mode)
+    dropped = ceil_mode and by_formula > 0 and (by_formula - 1) * stride >= size + padding
+    out = by_formula - 1 if dropped else by_formula
     d_term = f"{dilation}*({kernel}-1)" if dilation != 1 else f"({kernel}-1)"
     name = "ceil" if ceil_mode else "floor"
     formula = f"{name}((H + 2p - d(k-1) - 1) / s) + 1"
     steps = (f"{name}(({size} + 2*{padding} - {d_term} - 1) / {stride}) + 1 = {name}({numerator} / {stride}) + 1 "
-             f"= {out}")
+             f"= {by_formula}")
+    if dropped:
+        steps += (f", less the last window: it would start at padded position {(by_formula - 1) * stride}, in the "
+                  f"right padding (the input covers positions {padding}-{padding + size - 1}) = {out}")
     if out < 1:
         raise UserError(
             f"impossible {kind}: the {'dilated ' if dilation > 1 else ''}kernel ({k_eff}) is larger than the padded "

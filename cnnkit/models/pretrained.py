@@ -26,17 +26,26 @@ def pretrained_weights(name: str):
     return weights
 
 
+def cached_weights_path(name: str) -> str:
+    """Where torch.hub keeps torchvision's default weights for ``name``: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(pretrained_weights(name).url))
+
+
 def pretrained_state(name: str) -> dict[str, torch.Tensor]:
     """The state dict of torchvision's default weights for ``name``: downloaded when online (checked against
     the hash prefix in the file name; a failed check leaves no file behind), else read from the cache under
     ``$TORCH_HOME/hub/checkpoints``. Loaded with ``weights_only=True``."""
     weights = pretrained_weights(name)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    cached = cached_weights_path(name)
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
                                                   map_location="cpu", weights_only=True)
     except Exception as e:  # offline, refused, or a bad download: say where the file has to go
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if os.path.exists(cached):  # there, but torch could not read it: a cut-off download or another file
+            raise UserError(f"the cached pretrained weights for {name} ({cached}) cannot be read ({reason}); delete "
+                            f"the file and run once with internet access, or download {weights.url} to that path "
+                            "again") from None
         raise UserError(
             f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason}); "
             f"run once with internet access, or download {weights.url} and put it at that path"

@@ -17,7 +17,7 @@ import torchvision
 
 from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
-from cnnkit.models.pretrained import pretrained_state
+from cnnkit.models.pretrained import cached_weights_path, pretrained_state
 from cnnkit.models.registry import _FACTORIES
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
@@ -169,7 +169,12 @@ def _factory(tv_name: str):
                 own = model.state_dict()
                 # Auxiliary classifiers (Inception, GoogLeNet) are not built for fine-tuning: their weights go.
                 state = {k: v for k, v in state.items() if k in own or not k.lower().startswith("aux")}
-                model.load_state_dict(state)
+                try:
+                    model.load_state_dict(state)
+                except RuntimeError:
+                    raise UserError(f"the cached pretrained weights for {tv_name} ({cached_weights_path(tv_name)}) do "
+                                    f"not fit torchvision's {tv_name}: they are another model's; delete the file and "
+                                    "run once with internet access to download the right one") from None
                 # A head_from model gets its own, wider head below.
                 if head_from is None and find_head(model)[1].weight.shape[0] != num_classes:
                     replace_head(model, num_classes)

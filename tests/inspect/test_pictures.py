@@ -67,6 +67,15 @@ def test_default_cam_layer_is_the_last_convolution_after_its_activation():
         assert last_conv_layer(target.model, target.input_shape) == expected, name
 
 
+def test_default_cam_layer_skips_maps_of_one_position():
+    # At 32x32 a ResNet's layer4 (and the average pool after it) is 1x1: a map of it is one flat colour.
+    model = cnnkit.create_model("resnet18", num_classes=3)
+    assert last_conv_layer(model, (3, 32, 32)) == "layer3"
+    assert last_conv_layer(model, (3, 64, 64)) == "layer4"  # 2x2
+    with pytest.raises(UserError, match="every convolution's output is 1x1 at 1x1"):
+        last_conv_layer(model, (3, 1, 1))
+
+
 def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
     target = load_model(trained_run)
     x, shown = prepare_image(target, shape_image)

@@ -77,3 +77,12 @@ def test_field_arithmetic():
     assert whole.through_window(3, 1, 1) == whole  # once global, a field stops growing
     assert Field.of_input().through_adaptive(7, 3).jump == Fraction(7, 3)
     assert f.extent(0) == (-5.0, 5.0)
+
+
+def test_ceil_mode_steps_show_the_dropped_last_window():
+    # ceil(5 / 2) + 1 is 4, but PyTorch drops a last window that would start in the right padding: 3
+    r = conv_arithmetic(5, 2, 2, 1, 1, "maxpool", True)
+    assert r.output_size == 3 == nn.MaxPool2d(2, 2, 1, ceil_mode=True)(torch.zeros(1, 1, 5, 5)).shape[-1]
+    assert r.steps.startswith("ceil((5 + 2*1 - (2-1) - 1) / 2) + 1 = ceil(5 / 2) + 1 = 4, less the last window")
+    assert r.steps.endswith("= 3")
+    assert "less" not in conv_arithmetic(6, 2, 2, 1, 1, "maxpool", True).steps  # nothing dropped: no such step

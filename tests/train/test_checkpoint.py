@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 import pytest
 import torch
@@ -52,6 +53,10 @@ def test_predict_gives_sorted_probabilities(run, image_folder):
     for r in results:
         probs = [t["prob"] for t in r["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert cnnkit.predict(pathlib.Path(out), [image_folder], topk=3) == results  # a Path is a path
+    with pytest.raises(UserError, match="predict takes a run folder, a checkpoint or .onnx file, or a cnnkit "
+                                        "Checkpoint, not a ConvNet"):
+        cnnkit.predict(cnnkit.create_model("simple_cnn"), [image_folder])
 
 
 def test_bad_checkpoints_are_refused_with_their_path(tmp_path, run):
@@ -70,6 +75,31 @@ def test_bad_checkpoints_are_refused_with_their_path(tmp_path, run):
     torch.save({"weights": torch.zeros(2)}, plain)
     with pytest.raises(CheckpointError, match="not a cnnkit checkpoint"):
         cnnkit.load_checkpoint(str(plain))
+
+
+def test_files_that_are_no_checkpoint_at_all_are_named_for_what_they_are(tmp_path, run, image_folder):
+    # Not pickles, so not "objects that unpickling could run": a usage error (exit 2) that says what the file is.
+    from tests.conftest import run_cli
+
+    image = sorted(pathlib.Path(image_folder).rglob("*.png"))[0]
+    for path, kind in ((os.path.join(run[1], "config.json"), "is JSON, not a checkpoint"),
+                       (str(image), "is a PNG image, not a checkpoint")):
+        with pytest.raises(UserError, match=kind) as caught:
+            cnnkit.load_checkpoint(path)
+        assert not isinstance(caught.value, CheckpointError)
+    proc = run_cli("predict", image, run[1])  # the arguments the wrong way round
+    assert proc.returncode == 2 and "is a PNG image, not a checkpoint" in proc.stderr, proc.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    proc = run_cli("train", "--data", "shapes", "--num-samples", "64", "--epochs", "1", "--weights", notes,
+                   "--out", tmp_path / "w")
+    assert proc.returncode == 2 and f"weights file {notes} is text, not weights" in proc.stderr, proc.stderr
+    from cnnkit.transfer import load_weights
+
+    script = tmp_path / "model.ts"
+    cnnkit.export(run[1], "torchscript", str(script))
+    with pytest.raises(UserError, match="is a TorchScript export, not weights"):
+        load_weights(cnnkit.create_model("cnn_bn"), str(script))
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
