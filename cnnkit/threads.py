@@ -156,45 +156,47 @@ class ThreadGovernor:
 
     Over each window of ``WINDOW`` batches it measures the batches' median time and how long the training thread
     waited, ready to run, for a core another process held (Linux's run-queue delay, ``/proc/thread-self/schedstat``;
-    elsewhere one less the share of the wall time the threads ran, which counts idle waits too). Where that wait
-    passes ``BUSY_WAIT`` of the window, it tries half the threads for a window; below the full count, it tries
-    twice as many now and then, since the other processes may have finished. A count tried is kept only where its
-    batches are clearly faster; a try of more threads ends at its first batch far slower than the current count's,
-    and a try that lost waits ``RECHECK_S`` seconds before the next of its kind, twice as long after each further
-    loss. On free cores it never tries anything, so that a run there stays bit for bit what it was.
+    where the system does not report it, the governor does nothing). Where that wait passes ``BUSY_WAIT`` of the
+    window, it tries half the threads for a window; below the full count, it goes back now and then to the count
+    it came from, since the other processes may have finished. A count tried is kept only where its batches are
+    clearly faster; a try of more threads ends at its first batch far slower than the current count's, and a try
+    that lost waits ``RECHECK_S`` seconds before the next of its kind, twice as long after each further loss, at
+    most ``MAX_WAIT_S``. On free cores it never tries anything, so that a run there stays bit for bit what it was.
 
     Call ``start()`` when a stretch of batches begins (the time before it, validation or saving, is not a
-    batch's) and ``step()`` after each batch; ``changes`` lists what changed."""
+    batch's), ``step()`` after each batch and ``finish()`` after the last; ``changes`` lists what changed."""
 
     # Beside another process's threads a batch can take 50 times as long as on free cores: the sooner a try,
-    # the less that costs (warm-up, a window, settling and a try: 18 batches).
+    # the less that costs (warm-up and a window: the first try starts 9 batches in and is decided at 18).
     WARMUP = 3  # batches not timed at the start: the first ones compile loops and build kernels
     # Batches not timed after a change to fewer threads: the loops compile for the new count, and the first few
-    # batches run slow. A try of more threads is judged from its first batch: its count's loops are built (it ran
-    # before), and beside a busy process each of its batches can cost 50 times the current count's.
+    # batches run slow. A try of more threads goes back to a count the run had (``_path``), whose loops are built,
+    # and is judged from its first batch: beside a busy process each can cost 50 times the current count's.
     SETTLE = 3
     WINDOW = 6  # batches whose median is a count's time
     BUSY_WAIT = 0.2  # waiting for a core this share of the window: other processes hold the cores, try fewer threads
     FASTER = 0.8  # a count tried is kept where its median is at most this share of the current count's
     ABORT = 3.0  # a try of more threads ends at its first batch slower than this many times the current median
-    # Seconds before trying again what lost last time, doubled after each further loss. Fewer threads cost little
-    # when they lose (at most the share of the cores they leave); more, beside a busy process, can cost 50 times.
+    # Seconds before trying again what lost last time, doubled after each further loss up to MAX_WAIT_S (the
+    # other processes may stop, or start, at any time). Fewer threads cost little when they lose (at most the share
+    # of the cores they leave); more, beside a busy process, can cost 50 times.
     RECHECK_S = {"fewer": 5.0, "more": 30.0}
+    MAX_WAIT_S = 120.0
 
     def __init__(self, threads: int, clock: Callable[[], float] = time.perf_counter,
                  wait_clock: Callable[[], float | None] | None = None,
-                 cpu_clock: Callable[[], float] = time.process_time,
                  set_threads: Callable[[int], None] | None = None) -> None:
         self.most = self.count = threads
-        self.clock, self.cpu_clock = clock, cpu_clock
+        self.clock = clock
         self.wait_clock = wait_clock or run_queue_wait
         self.set_threads = set_threads or _set_torch_num_threads
         self.changes: list[ThreadChange] = []
         self.batches = 0
+        self._path = [threads]  # the counts gone down through, the current one last
         self._skip = self.WARMUP
         self._last: float | None = None  # the wall clock at the end of the last batch
         self._times: list[float] = []  # this window's batches, seconds
-        self._window_start: tuple[float, float, float | None] = (0.0, 0.0, None)  # (wall, CPU, wait) clocks
+        self._window_start: tuple[float, float | None] = (0.0, None)  # (wall, run-queue wait) clocks
         self._trying: int | None = None  # the count being tried
         self._base = 0.0  # the current count's median when the try began
         self._wait = {"fewer": 0.0, "more": self.RECHECK_S["more"]}  # seconds after a decision before the next try
@@ -203,6 +205,12 @@ class ThreadGovernor:
     def start(self) -> None:
         self._last = self.clock()
         self._times = []  # a window spans no pause
+
+    def finish(self) -> None:
+        """After the last batch: a try under way ends, and the count is the one the run had chosen."""
+        if self._trying is not None:
+            self._trying, self._times = None, []
+            self.set_threads(self.count)
 
     def step(self) -> None:
         now, last = self.clock(), self._last
@@ -220,7 +228,7 @@ class ThreadGovernor:
                 self._decide(now)
             return
         if len(self._times) == 1:  # the window's waits are measured from here, over its other batches
-            self._window_start = (now, self.cpu_clock(), self.wait_clock())
+            self._window_start = (now, self.wait_clock())
             return
         if len(self._times) < self.WINDOW:
             return
@@ -228,16 +236,16 @@ class ThreadGovernor:
         self._times = []
         if self.count > 1 and self._busy(now) and now >= self._next["fewer"]:
             self._try(self.count // 2, median)
-        elif self.count < self.most and now >= self._next["more"]:
-            self._try(min(self.most, self.count * 2), median)
+        elif len(self._path) > 1 and now >= self._next["more"]:
+            self._try(self._path[-2], median)
 
     def _busy(self, now: float) -> bool:
-        """Whether other processes held the cores for a good part of the window just ended."""
-        wall0, cpu0, wait0 = self._window_start
-        wall, wait = max(now - wall0, 1e-9), self.wait_clock()
-        if wait is not None and wait0 is not None:
-            return (wait - wait0) / wall > self.BUSY_WAIT
-        return 1 - (self.cpu_clock() - cpu0) / wall / self.count > self.BUSY_WAIT
+        """Whether other processes held the cores for a good part of the window just ended (never, where the
+        system does not say: the CPU time a process gets counts idle waits too, and tries on free cores would
+        change a run's numbers for nothing)."""
+        wall0, wait0 = self._window_start
+        wait = self.wait_clock()
+        return wait is not None and wait0 is not None and (wait - wait0) / max(now - wall0, 1e-9) > self.BUSY_WAIT
 
     def _try(self, count: int, median: float) -> None:
         self._trying, self._base, self._times = count, median, []
@@ -252,12 +260,16 @@ class ThreadGovernor:
         if full and median <= self.FASTER * self._base:
             self.changes.append(ThreadChange(self.batches, self.count, count, self._base, median))
             self.count = count
+            if kind == "fewer":
+                self._path.append(count)
+            else:
+                self._path.pop()
             # Going down may go further at once; going up may go up again after the usual wait.
             self._wait = {"fewer": 0.0, "more": self.RECHECK_S["more"]}
             self._next = {"fewer": now, "more": now + self.RECHECK_S["more"]}
         else:
             self._switch(self.count, settle=1)
-            self._wait[kind] = max(self._wait[kind] * 2, self.RECHECK_S[kind])
+            self._wait[kind] = min(max(self._wait[kind] * 2, self.RECHECK_S[kind]), self.MAX_WAIT_S)
             self._next[kind] = now + self._wait[kind]
 
     def _switch(self, count: int, settle: int) -> None:

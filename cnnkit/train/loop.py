@@ -332,7 +332,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
               f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
     params = sum(w.numel() for w in t.model.parameters())
-    trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)  # the first stage's
+    trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)  # the current stage's
     threads = t.machine.threads
     processes = f"{t.ctx.world} processes x " if t.ctx.world > 1 else ""
     print(f"cnnkit: {cfg.model} ({params:,} parameters{f', {trainable:,} trainable' if trainable < params else ''}) "
@@ -421,6 +421,8 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
         mix=t.pieces.mix if epoch <= total - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps, ema=t.ema,
         governor=t.governor,
     )
+    if t.governor:
+        t.governor.finish()  # validation and what follows run at the count chosen, not at one being tried
     for change in t.governor.changes[changes:] if t.governor else []:  # here, not under the epoch's progress bar
         print(f"cnnkit: note: epoch {epoch}: {change.note()}", file=t.log)
     _write_step_losses(t.run_dir, epoch, t.epoch_state.batch, step_losses)
