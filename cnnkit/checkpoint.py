@@ -190,41 +190,56 @@ def read_payload(path: str) -> dict[str, Any]:
                         ".safetensors export")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise unpickling_refused(f"checkpoint {path}", e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        kind = looks_like_text(path)
+        if kind:
+            raise UserError(f"{path} is {kind}, not a checkpoint; pass a run folder, a checkpoint file (.pt) or a "
+                            ".safetensors export") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise unpickling_refused(f"checkpoint {path}", e) from None
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it)")
     return payload
 
 
-# What a file is, from its first bytes, where it cannot be one torch.save wrote (a zip archive, or in the format
-# before torch 1.6 a pickle, whose first byte is the PROTO opcode).
+# What a file is, from its first bytes, where that cannot be a file torch.save wrote.
 _MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
           (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP image?)"), (b"II*\x00", "a TIFF image"),
           (b"MM\x00*", "a TIFF image"), (b"\x93NUMPY", "a NumPy array file"))
 
 
 def not_a_torch_file(path: str) -> str | None:
-    """What ``path`` is ('a JPEG image', 'JSON', 'an ONNX export', ...) where it cannot be a file torch.save
-    wrote; None where it may be one."""
+    """What ``path`` is ('a JPEG image', 'an ONNX export', 'empty', ...) where its name or first bytes show that it
+    is no file torch.save wrote; None where it may be one (``looks_like_text`` names a file torch then fails on)."""
     if is_format(path, "onnx"):
         return "an ONNX export"
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return None
+    if not head:
+        return "empty (0 bytes)"
     kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
     if kind:
         return kind
+    # safetensors: an 8-byte little-endian header length, then the header's JSON
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file without the .safetensors suffix (rename it so)"
+    return None
+
+
+def looks_like_text(path: str) -> str | None:
+    """'JSON' or 'text' for a file whose first bytes read as such (asked once torch has failed to load it: the
+    oldest pickle protocols are text too); None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(64)
     if head.lstrip()[:1] in (b"{", b"["):
         return "JSON"
     try:
-        head.decode("utf-8")
-        return "text"
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return "not a file that torch.save wrote"
+        return None
+    # torch.save's zip (a damaged one included) names its members in plain letters after control bytes
+    return "text" if text and all(c.isprintable() or c in "\t\n\r" for c in text) else None
 
 
 def is_torchscript(path: str) -> bool:

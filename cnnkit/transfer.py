@@ -18,7 +18,9 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, not_a_torch_file, read_payload, unpickling_refused
+from cnnkit.checkpoint import (
+    is_torchscript, looks_like_text, not_a_torch_file, read_payload, unpickling_refused,
+)
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
@@ -50,9 +52,13 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
                         "file or a cnnkit run")
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise unpickling_refused(f"weights file {path}", e) from None
     except Exception as e:
+        text = looks_like_text(path)
+        if text:
+            raise UserError(f"weights file {path} is {text}, not weights; pass a state dict (.pt/.pth), a "
+                            ".safetensors file or a cnnkit run") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise unpickling_refused(f"weights file {path}", e) from None
         raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
                               "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:

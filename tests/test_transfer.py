@@ -71,6 +71,12 @@ def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path
     torch.save(torchvision.models.resnet34().state_dict(), cached)  # another model's weights under that name
     with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete"):
         cnnkit.create_model("resnet18", pretrained=True)
+    # Right weights, but options that change the architecture: the options are named, not the file
+    from cnnkit.models.pretrained import cached_weights_path
+
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), cached_weights_path("mobilenet_v3_small"))
+    with pytest.raises(UserError, match=r"for its default architecture, which these options change \(width_mult=0.5"):
+        cnnkit.create_model("mobilenet_v3_small", pretrained=True, width_mult=0.5)
 
 
 def test_no_pretrained_weights_for_own_models():

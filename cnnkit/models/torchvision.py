@@ -172,9 +172,7 @@ def _factory(tv_name: str):
                 try:
                     model.load_state_dict(state)
                 except RuntimeError:
-                    raise UserError(f"the cached pretrained weights for {tv_name} ({cached_weights_path(tv_name)}) do "
-                                    f"not fit torchvision's {tv_name}: they are another model's; delete the file and "
-                                    "run once with internet access to download the right one") from None
+                    raise _unfit_pretrained(tv_name, state, kwargs) from None
                 # A head_from model gets its own, wider head below.
                 if head_from is None and find_head(model)[1].weight.shape[0] != num_classes:
                     replace_head(model, num_classes)
@@ -197,6 +195,21 @@ def _factory(tv_name: str):
     build.__name__ = tv_name
     build.__doc__ = f"torchvision.models.{tv_name}, head sized to num_classes."
     return build
+
+
+def _unfit_pretrained(tv_name: str, state: dict, options: dict) -> UserError:
+    """Why torchvision's pretrained weights for ``tv_name`` did not load into the model built with ``options``:
+    the options change the architecture (the weights fit the default one), or the file is another model's."""
+    try:
+        torchvision.models.get_model(tv_name, weights=None).load_state_dict(state)
+    except RuntimeError:
+        return UserError(f"the cached pretrained weights for {tv_name} ({cached_weights_path(tv_name)}) do not fit "
+                         f"torchvision's {tv_name}: they are another model's; delete the file and run once with "
+                         "internet access to download the right one")
+    changed = ", ".join(f"{k}={v}" for k, v in options.items() if k != "num_classes")
+    size = "; image_size follows --input-size" if "image_size" in options else ""
+    return UserError(f"torchvision's pretrained weights for {tv_name} are for its default architecture, which "
+                     f"these options change ({changed}{size}): drop them, or --pretrained")
 
 
 def torchvision_model_names() -> list[str]:

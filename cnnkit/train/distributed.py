@@ -80,30 +80,49 @@ def cleanup(ctx: Dist) -> None:
         dist.destroy_process_group()
 
 
+# Seconds torchrun lets its workers take to stop after it passes a signal on, before it kills them (its own
+# default is 30): a worker finishes its optimizer step (with --accum-steps, several batches), the validation under
+# way and rank 0's save of last.pt first.
+SHUTDOWN_TIMEOUT_S = 600
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """``cnnkit train --nproc N ...``: run the same command under torchrun with N local processes; its exit code.
 
     torchrun starts its workers in sessions of their own, so a signal reaches them only through torchrun, which
-    passes on what it receives: this process forwards SIGINT, SIGTERM and SIGHUP to it, once each time it gets one
-    (torchrun runs in a session of its own too, so a terminal's Ctrl-C is not delivered to it twice), and waits for
-    the workers to save and stop. Killed instead, torchrun would leave them training with nobody to stop them."""
+    passes on what it receives: this process runs torchrun in a session of its own too (a terminal's Ctrl-C then
+    reaches it once, from here) and forwards SIGINT as SIGINT, and SIGTERM, SIGHUP and SIGQUIT as SIGTERM, the
+    signals cnnkit's training stops on, saving. Killed instead, torchrun would leave the workers training with
+    nobody to stop them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cnnkit", *argv]
     from cnnkit.threads import usable_cores
 
     # Each process computes with its share of the cores (cnnkit/threads.py reads OMP_NUM_THREADS as the default).
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc))),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))}
     received: list[int] = []
+    pending: list[int] = []  # arrived before torchrun ran
+    running: list[subprocess.Popen] = []
+
+    def send(signum: int) -> None:
+        running[0].send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
-        proc.send_signal(signum)
+        if running:
+            send(signum)
+        else:
+            pending.append(signum)
 
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # Handlers first: a signal while torchrun starts is forwarded once it runs, not lost with this process.
+    forwarded = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
-        code = proc.wait()  # resumed after each forwarded signal (PEP 475)
+        running.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        while pending:
+            send(pending.pop(0))
+        code = running[0].wait()  # resumed after each forwarded signal (PEP 475)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -95,6 +95,20 @@ def test_files_that_are_no_checkpoint_at_all_are_named_for_what_they_are(tmp_pat
                    "--out", tmp_path / "w")
     assert proc.returncode == 2 and f"weights file {notes} is text, not weights" in proc.stderr, proc.stderr
     from cnnkit.transfer import load_weights
+    from safetensors.torch import save_file
+
+    named_wrong = tmp_path / "weights.bin"  # a safetensors file under another suffix
+    save_file({"w": torch.zeros(2)}, str(named_wrong))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    for path, kind in ((named_wrong, "a safetensors file without the .safetensors suffix"), (empty, "empty")):
+        with pytest.raises(UserError, match=f"weights file {path} is {kind}"):
+            load_weights(cnnkit.create_model("cnn_bn"), str(path))
+    legacy = tmp_path / "legacy.pt"  # the oldest pickle protocol starts as text: torch reads it first, not cnnkit
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False, pickle_protocol=1)
+    with pytest.raises(CheckpointError) as caught:
+        cnnkit.load_checkpoint(str(legacy))
+    assert "is text" not in str(caught.value)
 
     script = tmp_path / "model.ts"
     cnnkit.export(run[1], "torchscript", str(script))

@@ -1,11 +1,13 @@
 """Multi-process training with torchrun (gloo on CPU): same losses as one process, exact evaluation counts."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import cnnkit
@@ -150,9 +152,11 @@ def test_validation_of_a_batchnorm_model_is_that_of_the_saved_weights(tmp_path):
     assert abs(single.loss - reported["val_loss"]) < 1e-5, (single.loss, reported["val_loss"])
 
 
-def test_sigterm_to_cnnkit_train_nproc_stops_every_process_and_saves(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_cnnkit_train_nproc_stops_every_process_and_saves(tmp_path, sig):
     # torchrun runs its workers in sessions of their own: the signal must travel through cnnkit and torchrun,
-    # or the workers train on with nobody to stop them.
+    # or the workers train on with nobody to stop them. SIGHUP (a closed terminal) reaches them as SIGTERM, the
+    # signal they stop on with a save.
     run = tmp_path / "run"
     args = [*ARGS[:-6], "--epochs", "50", "--num-samples", "2500", "--precision", "fp32", "--seed", "3"]
     proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *args, "--nproc", "2", "--out", str(run)],
@@ -162,10 +166,10 @@ def test_sigterm_to_cnnkit_train_nproc_stops_every_process_and_saves(tmp_path):
     while not (run / "metrics.csv").exists():  # an epoch done: the workers are training
         assert proc.poll() is None and time.time() - t0 < 200, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-    proc.terminate()
+    proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=120)
     try:
-        assert proc.returncode == 143, err[-3000:]
+        assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
         stopped = [line for line in err.splitlines() if "stopped: SIGTERM" in line]
         assert len(stopped) == 1 and f"cnnkit train --resume {run} --nproc 2" in stopped[0], err[-3000:]
         assert read_payload(str(run / "last.pt"))["resume"]["run"]["epoch"] >= 1
