@@ -184,20 +184,15 @@ def read_payload(path: str) -> dict[str, Any]:
     if is_torchscript(path):
         raise UserError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
                               "checkpoint or run folder it was exported from, or an .onnx or .safetensors export")
-    kind = not_a_torch_file(path)
-    if kind:
-        raise UserError(f"{path} is {kind}, not a checkpoint; pass a run folder, a checkpoint file (.pt) or a "
-                        ".safetensors export")
+    instead = "a run folder, a checkpoint file (.pt) or a .safetensors export"
+    refused = refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead)
+    if refused:
+        raise refused
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        kind = looks_like_text(path)
-        if kind:
-            raise UserError(f"{path} is {kind}, not a checkpoint; pass a run folder, a checkpoint file (.pt) or a "
-                            ".safetensors export") from None
-        if isinstance(e, pickle.UnpicklingError):
-            raise unpickling_refused(f"checkpoint {path}", e) from None
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
+        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})")
+        raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it)")
     return payload
@@ -240,6 +235,19 @@ def looks_like_text(path: str) -> str | None:
         return None
     # torch.save's zip (a damaged one included) names its members in plain letters after control bytes
     return "text" if text and all(c.isprintable() or c in "\t\n\r" for c in text) else None
+
+
+def refused_torch_file(path: str, name: str, not_what: str, instead: str, error: Exception | None = None
+                       ) -> Exception | None:
+    """The one-line error for ``path`` (called ``name`` in it) given as ``not_what``: before torch.load (``error``
+    None) where its name or first bytes show what else it is; after torch.load failed with ``error``, where it reads
+    as text or JSON, or where the unpickler refused it. None where neither says more."""
+    kind = not_a_torch_file(path) if error is None else looks_like_text(path)
+    if kind:
+        return UserError(f"{name} is {kind}, not {not_what}; pass {instead}")
+    if isinstance(error, pickle.UnpicklingError):
+        return unpickling_refused(name, error)
+    return None
 
 
 def is_torchscript(path: str) -> bool:

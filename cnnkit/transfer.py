@@ -10,7 +10,6 @@ cnnkit run), ``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
@@ -18,9 +17,7 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import (
-    is_torchscript, looks_like_text, not_a_torch_file, read_payload, unpickling_refused,
-)
+from cnnkit.checkpoint import is_torchscript, read_payload, refused_torch_file
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
@@ -46,19 +43,18 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         return payload["state_dict"], payload
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} does not exist")
-    kind = "a TorchScript export" if is_torchscript(path) else not_a_torch_file(path)
-    if kind:
-        raise UserError(f"weights file {path} is {kind}, not weights; pass a state dict (.pt/.pth), a .safetensors "
-                        "file or a cnnkit run")
+    instead = "a state dict (.pt/.pth), a .safetensors file or a cnnkit run"
+    if is_torchscript(path):
+        raise UserError(f"weights file {path} is a TorchScript export, not weights; pass {instead}")
+    refused = refused_torch_file(path, f"weights file {path}", "weights", instead)
+    if refused:
+        raise refused
     try:  # one read, then decide what the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        text = looks_like_text(path)
-        if text:
-            raise UserError(f"weights file {path} is {text}, not weights; pass a state dict (.pt/.pth), a "
-                            ".safetensors file or a cnnkit run") from None
-        if isinstance(e, pickle.UnpicklingError):
-            raise unpickling_refused(f"weights file {path}", e) from None
+        refused = refused_torch_file(path, f"weights file {path}", "weights", instead, e)
+        if refused:
+            raise refused from None
         raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
                               "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
