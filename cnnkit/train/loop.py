@@ -426,7 +426,9 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     for change in t.governor.changes[changes:] if t.governor else []:  # here, not under the epoch's progress bar
         print(f"cnnkit: note: epoch {epoch}: {change.note()}", file=t.log)
     _write_step_losses(t.run_dir, epoch, t.epoch_state.batch, step_losses)
-    if stop.signal is not None:
+    # Decided by all processes together: a signal that reached one after the epoch's last step, and another not
+    # yet, would send one to save and the other to validate, each waiting in a different collective.
+    if _any_process_stopping(stop):
         last_path = _save(t, _checkpoint(t, t.epoch_state, epoch), "last.pt")
         stopped = TrainingStopped(f"{stop.signal} at epoch {epoch}, batch {t.epoch_state.batch}; saved "
                                   f"{last_path}. Continue with: {_resume_command(t)}")
