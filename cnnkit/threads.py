@@ -71,16 +71,18 @@ def resolve_threads(threads: int | None, workers: int = 0) -> int:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserError(f"--threads must be a whole number, 1 or more, got {threads!r}")
         return threads
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    return max(1, usable_cores() - workers)
+    return _omp_threads() or max(1, usable_cores() - workers)
 
 
 def default_threads(threads: int | None) -> bool:
     """Whether ``threads`` leaves the count to cnnkit: None, and no ``OMP_NUM_THREADS`` that names one."""
+    return threads is None and _omp_threads() is None
+
+
+def _omp_threads() -> int | None:
+    """The count ``OMP_NUM_THREADS`` names, None where it names none."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    return threads is None and not (omp.isdigit() and int(omp) > 0)
+    return int(omp) if omp.isdigit() and int(omp) > 0 else None
 
 
 def set_torch_threads(threads: int | None, workers: int = 0) -> int:
