@@ -94,7 +94,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     reaches it once, from here) and forwards SIGINT as SIGINT, and SIGTERM, SIGHUP and SIGQUIT as SIGTERM, the
     signals cnnkit's training stops on, saving. Killed instead, torchrun would leave the workers training with
     nobody to stop them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "cnnkit.train.distributed", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cnnkit", *argv]
     from cnnkit.threads import usable_cores
 
@@ -128,3 +128,23 @@ def launch(nproc: int, argv: list[str]) -> int:
             signal.signal(s, handler)
     # Stopped by a signal: the shell's convention (130 for Ctrl-C, 143 for SIGTERM), as a single process gives.
     return 128 + received[0] if received else code
+
+
+def torchrun(args: list[str]) -> int:
+    """torchrun with the command-line arguments ``args``, as ``launch`` runs it in its child process; its exit code.
+
+    torchrun stops on a signal by passing it on to the workers, waiting for them, then raising its SignalException
+    out of its main function, a traceback under the stop line that rank 0 prints (where the run was saved and how
+    to continue it). Caught here: the same shell code as ``launch`` gives, 128 + the signal's number."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun(sys.argv[1:]))
