@@ -17,6 +17,7 @@ import torch.nn as nn
 from cnnkit.inspect.hooks import inspecting
 from cnnkit.inspect.loading import load_model
 from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, TensorInfo, trace
+from cnnkit.transfer import plan_stages, set_trainable
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Summary:
     param_bytes: int
     output_shape: list[int]
     unknown_ops: list[str] = field(default_factory=list)  # ops without a receptive-field rule (largest field kept)
+    trained: str | None = None  # a run that trained part of the model: what its last stage trained
 
     def table(self, depth: int | None = None) -> str:
         """The summary as text: a row per layer (down to ``depth``), then the totals."""
@@ -75,6 +77,7 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
     a square, or None for the model's own size). The model is left as it was (modes, BatchNorm statistics)."""
     target = load_model(model_or_run, input_size, num_classes, meta=True, **options)
     model = target.model
+    trained = _as_trained(model, target.config) if target.config is not None else None
     with inspecting(model):
         t = trace(model, target.input_shape)
     rows = []
@@ -90,7 +93,20 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
                  if id(p) not in called and id(p) not in own)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return Summary(target.label, list(target.input_shape), rows, total, trainable, total - trainable, unused,
-                   t.macs, t.activation_bytes, param_bytes, t.output_shape, t.unknown_ops)
+                   t.macs, t.activation_bytes, param_bytes, t.output_shape, t.unknown_ops, trained)
+
+
+def _as_trained(model: nn.Module, config: dict[str, Any]) -> str | None:
+    """A checkpoint's freshly loaded ``model`` with the parameters its run's last stage trained (``--freeze``,
+    ``--unfreeze``, ``--stages``) as the trainable ones, the others frozen, as training left them; what that stage
+    trained, or None when it trained everything."""
+    plan = plan_stages(config.get("stages"), config.get("freeze"), config.get("unfreeze"), 1, 1.0)
+    modules = plan[-1].modules
+    if modules is None or "all" in modules:
+        return None
+    set_trainable(model, modules)
+    which = f"the run's stage {len(plan)} of {len(plan)}" if len(plan) > 1 else "the run"
+    return f"as {which} trained them: {'+'.join(modules)}"
 
 
 def human(n: float, unit: str = "") -> str:
@@ -116,7 +132,8 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     out += [fmt.format(*line) for line in lines]
     out.append("-" * len(out[1]))
     size = "x".join(map(str, s.input_size))
-    out.append(f"Parameters: {s.total_params:,} (trainable {s.trainable_params:,}, frozen {s.frozen_params:,})")
+    trained = f", {s.trained}" if s.trained else ""
+    out.append(f"Parameters: {s.total_params:,} (trainable {s.trainable_params:,}, frozen {s.frozen_params:,}{trained})")
     if s.unused_params:
         out.append(f"  of which {s.unused_params:,} are in layers this forward pass does not use")
     out.append(f"MACs: {human(s.total_macs)} multiply-accumulates for one {size} image (FLOPs ~ 2 x MACs)")
