@@ -65,6 +65,21 @@ def test_features_filters_cam_and_effective_field_of_a_run(trained_run, shape_im
     assert_picture(tmp_path / "erf.png")
 
 
+def test_features_and_filters_of_a_model_name_note_its_random_weights(trained_run, shape_image, tmp_path):
+    proc = run_cli("features", "simple_cnn", "--layer", "features.0", "--image", shape_image, "--out", tmp_path / "m")
+    assert proc.returncode == 0 and proc.stderr.startswith(
+        "cnnkit: note: simple_cnn is a model name, built with random weights: the maps show an untrained network's "
+        "response, nothing learned; pass a run folder or checkpoint"), proc.stderr
+    proc = run_cli("filters", "simple_cnn", "--out", tmp_path / "f.png")
+    assert proc.returncode == 0 and proc.stderr.startswith(
+        "cnnkit: note: simple_cnn is a model name, built with random weights: its kernels are the random initial "
+        "values, nothing learned"), proc.stderr
+    for args in (["features", trained_run, "--layer", "features.0", "--image", shape_image, "--out", tmp_path / "m2"],
+                 ["features", "simple_cnn", "--list-layers"], ["filters", trained_run, "--out", tmp_path / "f2.png"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 0 and "random weights" not in proc.stderr, (args, proc.stderr)
+
+
 def test_cam_and_embed_of_a_model_name_note_its_random_weights(trained_run, shape_image, tmp_path):
     note = "cnnkit: note: simple_cnn is a model name, built with random weights: the map shows no learned evidence"
     proc = run_cli("cam", "simple_cnn", "--image", shape_image, "--out", tmp_path / "cam.png")
