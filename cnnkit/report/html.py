@@ -281,7 +281,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     from cnnkit.inspect.receptive_field import receptive_field
     from cnnkit.inspect.summary import summary
     from cnnkit.checkpoint import load_checkpoint
-    from cnnkit.train.config import check_recorded_paths
+    from cnnkit.train.config import check_recorded_paths, moved_data
 
     start = time.perf_counter()
     if not os.path.isdir(run_dir):
@@ -297,7 +297,10 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     # its report shows what there is (the steps' losses, why it stopped), without the parts that need a model.
     if not has_best and not diverged:
         raise UserError(f"{run_dir} has no best.pt yet: the run has not finished an epoch; train or resume it first")
-    if has_best:  # its figures come from the run's validation images: a run recording relative paths needs them
+    # Its figures come from the run's validation images: a run recording relative paths needs them. A data folder
+    # moved or deleted since leaves them out, not the rest of the page.
+    gone = moved_data(config) if has_best else None
+    if has_best and gone is None:
         check_recorded_paths(config, run_dir, "cnnkit report")
     out = out or os.path.join(run_dir, "report.html")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
@@ -305,7 +308,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
 
     result = plots.read_json(run_dir, "result.json")
     history = plots.read_metrics(run_dir)
-    pred = predict_validation(load_checkpoint(best_pt), device) if has_best else None
+    pred = predict_validation(load_checkpoint(best_pt), device) if has_best and gone is None else None
     written = plots.write_plots(run_dir, pred, device)
     # the model's layers from any checkpoint there is: last.pt where a --save-every save came before the failure
     model_pt = next((p for p in (best_pt, os.path.join(run_dir, "last.pt")) if os.path.isfile(p)), None)
@@ -326,6 +329,10 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     if pred is not None:
         sections.append(("classes", "Confusion matrix and per-class metrics",
                          _per_class_section(pred, written["confusion"])))
+    elif gone is not None:
+        notes.append(f"confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the run's "
+                     f"validation images went with its \"{gone}\" folder {config[gone]}, which is not there any more "
+                     "(moved or deleted); put it back and run cnnkit report again")
     else:
         notes.append("confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the run diverged "
                      "before its first epoch ended, so there is no best.pt")

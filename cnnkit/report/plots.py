@@ -316,7 +316,8 @@ def write_plots(run_dir: str, predictions: "Predictions | None" = None, device: 
     """Write every plot of ``run_dir`` into ``run_dir/plots/``; returns {name: path}.
 
     ``predictions`` (of ``best.pt`` on the validation set) are computed when not given; without ``best.pt``
-    (a run stopped in its first epoch) the confusion matrix and top losses are left out.
+    (a run stopped in its first epoch) or the run's images (their folder moved or deleted since) the confusion
+    matrix and top losses are left out.
     """
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"{run_dir} is not a cnnkit run folder (no config.json); pass a folder `cnnkit train` wrote")
@@ -330,7 +331,9 @@ def write_plots(run_dir: str, predictions: "Predictions | None" = None, device: 
         "curves": save_figure(curves_figure(history, steps, best, per_epoch), os.path.join(folder, "curves.png")),
         "lr": save_figure(lr_figure(history, config, stages, steps, per_epoch), os.path.join(folder, "lr.png")),
     }
-    if predictions is None and os.path.isfile(os.path.join(run_dir, "best.pt")):
+    from cnnkit.train.config import moved_data
+
+    if predictions is None and os.path.isfile(os.path.join(run_dir, "best.pt")) and moved_data(config) is None:
         from cnnkit.report.predictions import predict_validation
         from cnnkit.checkpoint import load_checkpoint
 

@@ -189,6 +189,11 @@ def check_recorded_paths(config: dict[str, Any], run_dir: str | None, command: s
     another folder than the one it was trained in. ``run_dir``: the run's folder (its config.json's "out" then
     names that folder, where it can); ``command``: the one at hand, as typed ("cnnkit eval"); ``fix``: what else
     it can do, e.g. "pass --data DIR"."""
+    gone = moved_data(config)
+    if gone is not None:
+        raise UserError(f'the run\'s "{gone}" folder {config[gone]} (its config.json) is not there any more: moved '
+                        f"or deleted; put it back to run {command} on the run's own images"
+                        + (f", or {fix}" if fix else ""))
     for name in ("data", "val_data", "data_dir"):
         value = config.get(name)
         if not isinstance(value, str) or not value or os.path.isabs(value) or os.path.exists(value):
@@ -200,6 +205,17 @@ def check_recorded_paths(config: dict[str, Any], run_dir: str | None, command: s
         raise UserError(f'"{name}": "{value}" in the run\'s config.json is relative to the folder the run was trained '
                         f"in, and {value} does not exist from this folder ({os.getcwd()}); run {command} {where}"
                         + (f", or {fix}" if fix else ""))
+
+
+def moved_data(config: dict[str, Any]) -> str | None:
+    """Which of a run's recorded image folders, "data" or "val_data", is an absolute path that no longer exists
+    (the folder was moved or deleted since training), or None. A built-in dataset's name is no folder."""
+    for name in ("data", "val_data"):
+        value = config.get(name)
+        if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value) \
+                and not (name == "data" and value in BUILTIN):
+            return name
+    return None
 
 
 def _trained_in(run_dir: str | None, path: str) -> str | None:

@@ -3,6 +3,7 @@ folder, and folders that are not runs (or runs without a checkpoint) are refused
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -74,6 +75,28 @@ def test_a_run_that_recorded_relative_paths_says_where_they_came_from(trained, m
     assert evaluate(str(run), precision="fp32").count == 32
     with pytest.raises(UserError, match="finished all 1 epochs already"):
         cnnkit.train(resume=str(run))
+
+
+def test_a_run_whose_data_moved_says_so_and_its_report_leaves_out_what_needs_the_images(trained):
+    work, run = trained
+    os.rename(work / "val", work / "val_moved")
+    gone = re.escape(f'the run\'s "val_data" folder {work / "val"} (its config.json) is not there any more: moved or '
+                     "deleted")
+    with pytest.raises(UserError, match=gone) as e:
+        evaluate(str(run))
+    assert "put it back to run cnnkit eval on the run's own images, or pass the images to score: --val-data DIR" \
+        in str(e.value)
+    report = write_report(str(run), cam_images=0)
+    assert report.notes == [f"confusion matrix, per-class metrics, top losses, Grad-CAM and feature maps: the "
+                            f"run's validation images went with its \"val_data\" folder {work / 'val'}, which is not "
+                            "there any more (moved or deleted); put it back and run cnnkit report again"]
+    assert "classes" not in report.sections and {"metrics", "curves", "model", "config"} <= set(report.sections)
+    with pytest.raises(UserError, match=gone):
+        cnnkit.train(resume=str(run))
+    assert evaluate(str(run), val_data=str(work / "val_moved"), precision="fp32").count == 32  # eval's own images
+    os.rename(work / "data", work / "data_moved")
+    with pytest.raises(UserError, match=f'the run\'s "data" folder {work / "data"}'):
+        evaluate(str(run))
 
 
 def _fake_run(folder, **files):
