@@ -735,7 +735,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # a diverged run wrote its result.json (unless it had no run folder yet): --json prints it as for any run,
         # then the error still goes to stderr
         result, diverged = e.result, e
-    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    reports = _reports()  # under torchrun, rank 0 alone
     if args.json and reports and result is not None:
         print(strict_json.dumps(dataclasses.asdict(result)))
     if diverged is not None:
@@ -1132,7 +1132,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        if not (isinstance(e, TrainingStopped) and os.environ.get("RANK", "0") != "0"):  # every rank stopped alike
+        if not isinstance(e, TrainingStopped) or _reports():  # every rank stopped alike: rank 0 says so
             _error_line(f"cnnkit {args.command}: {e.label}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
@@ -1147,6 +1147,12 @@ def _main(argv: Sequence[str] | None) -> int:
                     f"{str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback, and please "
                     "report it)")
         return 1
+
+
+def _reports() -> bool:
+    from cnnkit.train.distributed import reports
+
+    return reports()
 
 
 def _error_line(line: str) -> None:

@@ -31,6 +31,12 @@ class Dist:
         return self.rank == 0
 
 
+def reports() -> bool:
+    """Whether this process speaks for the run on the terminal: any process but the workers other than rank 0 of a
+    multi-process run (a RANK left in the environment of a single process does not silence it)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def setup(device: torch.device) -> Dist:
     """Join the process group when started by torchrun with more than one process; else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

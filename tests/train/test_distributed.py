@@ -191,3 +191,12 @@ def test_nproc_refuses_bad_input_once_before_starting_processes(tmp_path):
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1 and "torch.distributed" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_single_process_with_rank_in_its_environment_still_reports(tmp_path):
+    # RANK alone (left exported by a cluster's shell, no WORLD_SIZE) is no worker of a multi-process run.
+    from tests.conftest import run_cli
+
+    proc = run_cli("train", "--data", "shapes", "--num-samples", "100", "--epochs", "1", "--precision", "fp32",
+                   "--out", tmp_path / "run", env={"RANK": "3"})
+    assert proc.returncode == 0 and "done: val acc" in proc.stdout, proc.stdout + proc.stderr
