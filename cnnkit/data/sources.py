@@ -8,8 +8,10 @@ memory, decoded per batch by loader workers).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,18 @@ class ImageSet:
             files=None if self.files is None else [self.files[i] for i in idx.tolist()],
             paths=None if self.paths is None else [self.paths[i] for i in idx.tolist()],
         )
+
+
+def fingerprint(data: ImageSet) -> dict[str, Any]:
+    """Which images ``data`` holds: their count and a hash of their files' paths below the folder and their labels
+    (for a set without files, a built-in one generated or read the same each time, of the labels alone). A resumed
+    run compares its splits' with those it started with: a folder changed since would redraw the split."""
+    h = hashlib.sha256()
+    if data.paths is not None:
+        prefix = os.path.join(data.source, "")
+        h.update("\n".join(p[len(prefix):] if p.startswith(prefix) else p for p in data.paths).encode())
+    h.update(data.labels.to(torch.int64).numpy().tobytes())
+    return {"images": len(data), "hash": h.hexdigest()[:16]}
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.nn as nn
 from cnnkit import compiled
 from cnnkit.data.checks import check_splits, class_weights
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
-from cnnkit.data.sources import DataSpec, ImageSet, load_splits
+from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
@@ -61,6 +61,26 @@ class RunPieces:
     loss_weights: list[float] | None  # --class-weights auto
     criterion: nn.Module
     scaler: torch.amp.GradScaler
+
+
+def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageSet) -> None:
+    """Refuse to resume a run (its last.pt: ``saved``) on data other than it started with: other classes, or other
+    images in either split (a folder changed since draws another validation split, which may hold images the run
+    trained on). Checkpoints from before the splits were recorded are checked on their classes alone."""
+    fix = "resume with the data the run was started on, or start a new run on this data"
+    classes, before = train_set.classes, list(saved["classes"])
+    if classes != before:
+        new, gone = [c for c in classes if c not in before], [c for c in before if c not in classes]
+        what = "; ".join(x for x in (f"new: {', '.join(new[:5])}{', ...' if len(new) > 5 else ''}" if new else "",
+                                     f"gone: {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}" if gone else "")
+                         if x) or "the same names in another order"
+        raise CheckpointError(f"the data's classes differ from the checkpoint's ({what}); {fix}")
+    recorded = (saved.get("resume") or {}).get("data")
+    if recorded and (recorded["train"] != fingerprint(train_set) or recorded["val"] != fingerprint(val_set)):
+        then, now = (recorded["train"]["images"], recorded["val"]["images"]), (len(train_set), len(val_set))
+        counts = (f"{then[0]:,} training and {then[1]:,} validation images then, {now[0]:,} and {now[1]:,} now"
+                  if then != now else f"as many images as then ({now[0]:,} and {now[1]:,}), but other files or labels")
+        raise CheckpointError(f"the data changed since the run started: {counts}; {fix}")
 
 
 def seed_everything(seed: int) -> None:
@@ -109,9 +129,8 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         dropped = f", the {left} images left over in each shuffled epoch unused" if steps and left else ""
         print(f"cnnkit: note: {len(train_set):,} training images in batches of {cfg.batch_size}: "
               f"{max(steps, 1)} batch(es) an epoch{dropped}; a smaller --batch-size gives more steps", file=log)
-    if saved and saved["classes"] != classes:
-        raise CheckpointError(f"the data's classes {classes[:10]} differ from the checkpoint's "
-                              f"{saved['classes'][:10]}; resume with the data the run was started on")
+    if saved:
+        _check_same_data(saved, train_set, val_set)
 
     # Model and the weights it starts from; the input normalisation follows the weights.
     model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,

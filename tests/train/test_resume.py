@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from cnnkit.errors import UserError
 from cnnkit.runs import list_runs
 from cnnkit.checkpoint import read_payload
 
@@ -126,12 +127,33 @@ def test_resume_refuses_data_with_other_classes(tmp_path, image_folder):
     out = tmp_path / "run"
     proc = start("--data", image_folder, "--epochs", "1", "--out", out)
     assert proc.wait(timeout=120) == 0
-    for name in os.listdir(image_folder):
-        if name == "circle":
-            os.rename(os.path.join(image_folder, name), os.path.join(image_folder, "disk"))
+    os.rename(os.path.join(image_folder, "circle"), os.path.join(image_folder, "disk"))
     proc = start("--resume", out)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "classes" in err and "Traceback" not in err
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "the data's classes differ from the checkpoint's (new: disk; gone: circle); resume with the data the run " \
+        "was started on" in err, err
+
+
+def test_resume_refuses_a_folder_whose_images_changed(tmp_path, image_folder):
+    # The split is drawn from the files found: with one file fewer, or another in its place, the validation images
+    # would be others, some of them trained on. (The check runs before the finished run's "nothing to resume".)
+    import cnnkit
+    from cnnkit.errors import CheckpointError
+
+    out = str(tmp_path / "run")
+    cnnkit.train(data=image_folder, epochs=1, out=out, precision="fp32", progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):  # the same data passes the check
+        cnnkit.train(resume=out)
+    square = os.path.join(image_folder, "square")
+    os.rename(os.path.join(square, "001.png"), os.path.join(square, "100.png"))
+    with pytest.raises(CheckpointError, match=r"the data changed since the run started: as many images as then "
+                                              r"\(\d+ and \d+\), but other files or labels; resume with the data"):
+        cnnkit.train(resume=out)
+    os.remove(os.path.join(square, "100.png"))
+    with pytest.raises(CheckpointError, match=r"the data changed since the run started: (\d+) training and (\d+) "
+                                              r"validation images then, \d+ and \d+ now"):
+        cnnkit.train(resume=out)
 
 
 def test_resuming_a_finished_run_says_so(reference):
