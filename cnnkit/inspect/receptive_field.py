@@ -141,8 +141,8 @@ class _AveragePooling(TorchFunctionMode):
 
 def _positive_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Replacement parameters and buffers for ``torch.func.functional_call``: weights 1 / fan-in (so every
-    layer averages and nothing overflows or cancels), biases 0, BatchNorm an identity. Expanded scalars:
-    they take no memory, whatever the model's size."""
+    layer averages and nothing overflows or cancels), biases 0, BatchNorm an identity. The weights are expanded
+    scalars: they take no memory, whatever the model's size."""
     values: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
@@ -153,12 +153,19 @@ def _positive_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 v = 1.0 / max(1, math.prod(p.shape[1:]))
             else:
                 v = 1.0
-            values[prefix + name] = torch.tensor(v, dtype=dtype, device=p.device).expand(p.shape)
+            values[prefix + name] = _filled(v, p, dtype)
         for name, b in module.named_buffers(recurse=False):
             if name in ("running_mean", "running_var"):
-                v = 0.0 if name == "running_mean" else 1.0
-                values[prefix + name] = torch.tensor(v, dtype=dtype, device=b.device).expand(b.shape)
+                values[prefix + name] = _filled(0.0 if name == "running_mean" else 1.0, b, dtype)
     return values
+
+
+def _filled(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``like``'s shape: a weight's expanded scalar; a vector (biases, BatchNorm's parameters and
+    statistics) as real memory, a few values per channel: BatchNorm's CPU backward pass read expanded statistics
+    wrongly for a 1x1 map (gradients of 1e247 at a strided network's last layer, torch 2.14)."""
+    filled = torch.tensor(value, dtype=dtype, device=like.device).expand(like.shape)
+    return filled.contiguous() if like.dim() <= 1 else filled
 
 
 def _footprint(grad: torch.Tensor) -> list[list[int]]:

@@ -141,3 +141,20 @@ def test_functional_graph_concat_pad_slice_and_gate():
     after = rf_of(r, "after")
     assert (after.rf, after.jump, after.start, after.whole) == (5, 2, 0, True)
     assert r.covers_input  # through the gate
+
+
+def test_a_network_that_downsamples_to_1x1_ends_its_features_there():
+    # The final feature layer is the conv stack's 1x1 output (no global operation made it), not the last layer
+    # with several positions before it; global pooling's 1x1 output is not one.
+    strided = cnnkit.receptive_field("convnet", widths=(32, 64, 128, 256, 512), downsample="stride")
+    assert (strided.final_layer, strided.final_rf, strided.covers_input) == ("features", 63, True)
+    pooled = cnnkit.receptive_field("convnet", widths=(32, 64, 128, 256, 512))
+    assert (pooled.final_layer, pooled.final_rf, pooled.covers_input) == ("features", 94, True)
+    small = cnnkit.receptive_field("resnet18", input_size=32)
+    assert (small.final_layer, small.final_rf, small.covers_input) == ("layer4", 435, True)
+    gap = cnnkit.receptive_field("convnet", widths=(32, 64))  # 8x8 features, then global average pooling
+    assert gap.final_layer == "features" and rf_of(gap, "classifier.0").whole
+    # measured too: the 1x1 layer's BatchNorm passes the gradient on (its statistics as real memory)
+    checks = cnnkit.verify_receptive_field(load_model("convnet", widths=(32, 64, 128, 256, 512), downsample="stride"))
+    assert checks[-1].layer == "features" and checks[-1].measured == [[0, 31], [0, 31]]
+    assert all(c.agrees for c in checks), checks
