@@ -1034,9 +1034,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     for option, value in (("--image IMG", args.image), ("--out DIR", args.out)):
         if not value:
             raise UserError(f"features needs {option} (or --list-layers to see the layer names)")
+    maps = feature_maps(args.model, args.layer, args.image, args.out, args.input_size, args.max_channels)
     _note_random_weights(args.model, False, "the maps show an untrained network's response, nothing learned",
                          "pass a run folder or checkpoint")
-    maps = feature_maps(args.model, args.layer, args.image, args.out, args.input_size, args.max_channels)
     if args.json:
         _print_json([dataclasses.asdict(m) for m in maps])
     for m in maps if not args.json else []:
@@ -1048,9 +1048,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_filters(args: argparse.Namespace) -> int:
     from cnnkit.inspect.filters import filters
 
+    f = filters(args.model, args.layer, args.out, args.mode, args.max_filters, args.input_size)
     _note_random_weights(args.model, False, "its kernels are the random initial values, nothing learned",
                          "pass a run folder or checkpoint")
-    f = filters(args.model, args.layer, args.out, args.mode, args.max_filters, args.input_size)
     if args.json:
         _print_json(f)
     else:
