@@ -214,7 +214,8 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
         no_bn = " or --model-opt batchnorm=false" if cfg.model == "convnet" else ""
         if cfg.batch_size // world == 1:
             cause = f"--batch-size {cfg.batch_size}" + (f" over {world} processes" if world > 1 else "")
-            fix = f"use a --batch-size of {2 * world} or more (or a larger --input-size, fewer downsampling stages{no_bn})"
+            fix = (f"use a --batch-size of {2 * world} or more (or a larger --input-size, fewer downsampling "
+                   f"stages{no_bn})")
         else:
             cause = f"{len(train_set)} training image(s)" + (f" over {world} processes" if world > 1 else "")
             fix = f"add training images (or use a larger --input-size, fewer downsampling stages{no_bn})"
