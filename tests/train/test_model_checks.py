@@ -46,7 +46,8 @@ def test_batches_of_one_image_on_a_1x1_batchnorm_map_are_refused_before_the_run_
                  "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "BatchNorm layer features." in err and not out.exists(), err
-    # without BatchNorm the same batches train
-    result = cnnkit.train(**{**SMALL, **options, "out": str(tmp_path / "no_bn"), "lr": 1e-3,
+    # without BatchNorm the same batches train (in fp32: CPU bf16 made these 1x1 stages' weights non-finite for
+    # some seeds, which is not what this test is about)
+    result = cnnkit.train(**{**SMALL, **options, "out": str(tmp_path / "no_bn"), "lr": 1e-3, "precision": "fp32",
                              "model_options": dict(widths=[8] * 6, downsample="stride", batchnorm=False)})
     assert result is not None and (tmp_path / "no_bn" / "config.json").exists()
