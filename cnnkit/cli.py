@@ -6,6 +6,7 @@ import argparse
 import os
 import dataclasses
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -179,17 +180,28 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _model_options(pairs: list[str]) -> dict:
-    """``--model-opt key=value``: values parsed as JSON where they are JSON (numbers, lists, true), else text."""
+# A number as Python writes it but JSON does not: .5, 5., -.5, 1.e-3 (JSON wants 0.5); not nan or inf.
+_PY_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?")
+
+# The options that summary and rf pass to the model's factory themselves, and the flag that sets each.
+_BUILD_FLAGS = {"num_classes": "--num-classes", "input_size": "--input-size", "in_channels": "--input-size C H W"}
+
+
+def _model_options(pairs: list[str], set_by: dict[str, str] | None = None) -> dict:
+    """``--model-opt key=value``: values parsed as JSON where they are JSON (numbers, lists, true), or as a Python
+    number (.5), else text. ``set_by`` maps the options the command sets itself to the flag that sets them: the
+    factory would get them twice."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--model-opt wants key=value, got '{pair}'")
+        if key in (set_by or {}):
+            raise UserError(f"--model-opt {key}: this option is set by {set_by[key]}; use that instead")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = value
+            options[key] = float(value) if _PY_NUMBER.fullmatch(value.strip()) else value
         if isinstance(options[key], list):
             options[key] = tuple(options[key])
     return options
@@ -981,7 +993,7 @@ def cmd_shape(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from cnnkit.inspect.summary import summary
 
-    s = summary(args.model, args.input_size, args.num_classes, **_model_options(args.model_opt))
+    s = summary(args.model, args.input_size, args.num_classes, **_model_options(args.model_opt, _BUILD_FLAGS))
     if args.json:
         _print_json(s)
     else:
@@ -995,7 +1007,7 @@ def cmd_rf(args: argparse.Namespace) -> int:
         effective_receptive_field, format_receptive_field, receptive_field, verify_receptive_field,
     )
 
-    options = _model_options(args.model_opt)
+    options = _model_options(args.model_opt, _BUILD_FLAGS)
     r = receptive_field(args.model, args.input_size, args.num_classes, **options)
     effective = None
     if args.verify or args.verify_layer or args.effective:

@@ -26,6 +26,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
 from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
 from cnnkit.models.sizes import check_input_size
+from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -125,7 +126,38 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     size = default_input_size(model_or_run)
     shape = parse_input_shape(input_size, (3, size, size))
     model = build_model(model_or_run, shape, num_classes, meta, **options)
+    if shape[1] != shape[2]:
+        _check_non_square(model, model_or_run, shape)
     return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _check_non_square(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:
+    """Raise a UserError unless ``model``, built from ``name`` for a non-square ``shape`` (C, H, W), runs on it.
+    A model name is built for a square input of side H: a flatten head's first linear layer is sized for it, so
+    a model that runs on no other size (tried at 2H x 2H) is told to take a square size, not a larger one.
+    Forward passes of zeros, in eval mode, on the model's device (the meta device costs nothing)."""
+    param = next(model.parameters(), None)
+    c, h, w = shape
+
+    def runs(size: tuple[int, int, int]) -> None:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, *size, device=param.device if param is not None else None))
+
+    try:
+        runs(shape)
+    except NotImplementedError:  # an operation the meta device lacks: the trace runs it for real
+        return
+    except RuntimeError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        try:
+            runs((c, 2 * h, 2 * h))
+        except (RuntimeError, NotImplementedError):
+            side = max(h, w)
+            raise UserError(f"model '{name}' is built for a square input ({h}x{h}, from the height of --input-size "
+                            f"{c} {h} {w}) and cannot take {c}x{h}x{w} ({reason}); use a square size, e.g. "
+                            f"--input-size {c} {side} {side}") from None
+        raise UserError(f"model '{name}' cannot take a {c}x{h}x{w} input ({reason}); use a larger --input-size") \
+            from None
 
 
 def prepare_image(target: InspectedModel, path: str) -> tuple[torch.Tensor, np.ndarray]:

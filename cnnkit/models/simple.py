@@ -84,6 +84,8 @@ def linear(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) ->
 @register_model
 def mlp(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, hidden: int = 512) -> ConvNet:
     """A two-hidden-layer perceptron on raw pixels: no weight sharing, no translation invariance."""
+    if hidden < 1:
+        raise UserError(f"mlp: hidden must be a positive whole number, got {hidden}")
     return ConvNet(
         nn.Identity(),
         nn.Sequential(
@@ -124,8 +126,16 @@ def convnet(
         raise UserError(f"convnet: downsample must be one of {', '.join(DOWNSAMPLING)}, not '{downsample}'")
     if head not in HEADS:
         raise UserError(f"convnet: head must be one of {', '.join(HEADS)}, not '{head}'")
-    if not widths or depth < 1:
-        raise UserError("convnet: widths needs at least one stage and depth must be at least 1")
+    if not widths:
+        raise UserError("convnet: widths needs at least one stage, e.g. widths=[32,64,128]")
+    if depth < 1:
+        raise UserError(f"convnet: depth must be a positive whole number, got {depth}")
+    # Checked here, in the builder's words: torch builds a layer of 0 channels and fails at the first forward
+    # pass (after a run folder exists), and words a negative one as "negative dimension".
+    if any(w < 1 for w in widths):
+        raise UserError(f"convnet: widths must be positive whole numbers, got {list(widths)}")
+    if hidden < 0:
+        raise UserError(f"convnet: hidden must be 0 (no hidden layer) or a positive whole number, got {hidden}")
 
     def conv(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=not batchnorm)]
@@ -152,7 +162,10 @@ def convnet(
 
     head_layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if head == "gap" else []
     head_layers.append(nn.Flatten(1))
-    flat = cin if head == "gap" else _flat_features(features, in_channels, input_size)
+    # Probed for both heads: global average pooling takes any size, but pooling stages that halve the input
+    # below one pixel fail inside the first forward pass, so a size too small is refused here, before training.
+    probed = _flat_features(features, in_channels, input_size)
+    flat = cin if head == "gap" else probed
     if hidden:
         head_layers += [nn.Linear(flat, hidden), nn.ReLU(inplace=True)]
         flat = hidden

@@ -16,6 +16,9 @@ from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_f
 from cnnkit.train.recipes import recipe_options
 
 NAN_POLICIES = ("stop", "skip")
+# The options training hands the model's factory itself, and what sets each.
+MODEL_OPTIONS_SET_BY = {"num_classes": "the data (one class per class folder)", "in_channels": "--channels",
+                        "input_size": "--input-size", "pretrained": "--pretrained"}
 MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
 
 
@@ -78,6 +81,10 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
             raise UserError(f"--config {sources[name]}: {name} {problem}")
         raise UserError(f"{label or '--' + name.replace('_', '-')} {problem}")
 
+    for key in cfg.model_options:  # the factory would get them twice: create_model's own, set from these
+        if key in MODEL_OPTIONS_SET_BY:
+            refuse("model_options", f"{key}: this option is set by {MODEL_OPTIONS_SET_BY[key]}; use that instead",
+                   "--model-opt")
     for f in dataclasses.fields(cfg):  # nan slips through the range checks below, inf through some: both fail mid-run
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not -float("inf") < value < float("inf"):

@@ -22,6 +22,7 @@ from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.modes import eval_mode
 from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
 from cnnkit.train.config import NO_FLIP_DATA, TrainConfig
@@ -151,6 +152,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
                             "normalises its own share of the batch")
         model = sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
     if cfg.check_data and ctx.main and not saved:
         data_check = check_splits(
@@ -196,6 +198,48 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     scaler = torch.amp.GradScaler(device.type, enabled=machine.amp_dtype == torch.float16)
     return RunPieces(train_set, val_set, classes, model, start_payload, mean, std, train_loader, val_loader, mix,
                      loss_weights, criterion, scaler)
+
+
+def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set: ImageSet, device: torch.device,
+                                  world: int) -> None:
+    """Raise a UserError when training batches of one image (per process) would reach a BatchNorm layer as a 1x1
+    map: its batch statistics need more than one value per channel, and torch refuses that at the first step,
+    after the run folder exists. One forward pass of zeros in eval mode finds the map sizes; only then is it run.
+    Runs that freeze layers are left alone: a frozen BatchNorm uses its running statistics and takes one value."""
+    if min(cfg.batch_size, len(train_set)) // world != 1 or cfg.freeze or cfg.unfreeze or cfg.stages:
+        return
+    names = {m: name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not names:
+        return
+    single: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if not single and inputs[0][0, 0].numel() == 1:  # one image: one value per channel
+            single.append((names[module], tuple(inputs[0].shape[2:])))
+
+    handles = [m.register_forward_pre_hook(record) for m in names]
+    try:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, train_set.channels, train_set.size, train_set.size, device=device,
+                        dtype=param.dtype if param is not None and param.is_floating_point() else None)
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if single:
+        name, shape = single[0]
+        where = f"a {'x'.join(map(str, shape))} map" if shape else "a single value per channel"
+        no_bn = " or --model-opt batchnorm=false" if cfg.model == "convnet" else ""
+        if cfg.batch_size // world == 1:
+            cause = f"--batch-size {cfg.batch_size}" + (f" over {world} processes" if world > 1 else "")
+            fix = (f"use a --batch-size of {2 * world} or more (or a larger --input-size, fewer downsampling "
+                   f"stages{no_bn})")
+        else:
+            cause = f"{len(train_set)} training image(s)" + (f" over {world} processes" if world > 1 else "")
+            fix = f"add training images (or use a larger --input-size, fewer downsampling stages{no_bn})"
+        raise UserError(f"{cause} gives batches of one image, which BatchNorm layer {name} would see as {where}: "
+                        f"training needs more than one value per channel; {fix}")
 
 
 def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:

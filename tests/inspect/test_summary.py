@@ -123,3 +123,44 @@ def test_unknown_model_and_missing_checkpoint(tmp_path):
         cnnkit.summary("resnet81")
     with pytest.raises(UserError, match="does not exist"):
         cnnkit.summary(str(tmp_path / "nothing" / "best.pt"))
+
+
+def test_a_model_name_at_a_non_square_size_is_told_to_take_a_square_one():
+    # it said "cannot take a 3x28x40 input (...); use a larger --input-size": no larger size helps a flatten head
+    with pytest.raises(UserError) as e:
+        cnnkit.summary("simple_cnn", input_size=(3, 28, 40))
+    assert "model 'simple_cnn' is built for a square input (28x28" in str(e.value)
+    assert str(e.value).endswith("use a square size, e.g. --input-size 3 40 40")
+    assert cnnkit.summary("simple_cnn", input_size=(3, 40, 40)).output_shape == [10]
+    with pytest.raises(UserError) as e:  # a global-pool head takes other sizes: this one is too small
+        cnnkit.summary("alexnet", input_size=(3, 224, 8))
+    assert "cannot take a 3x224x8 input" in str(e.value) and "use a larger --input-size" in str(e.value)
+
+
+@pytest.mark.parametrize("downsample", ["max", "avg"])
+def test_a_gap_convnet_too_small_for_its_input_is_a_user_error(downsample):
+    with pytest.raises(UserError, match="input size 16 is too small for this network.*fewer downsampling stages"):
+        cnnkit.summary("convnet", input_size=16, widths=[8] * 5, downsample=downsample)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model-opt", "num_classes=3"], "--model-opt num_classes: this option is set by --num-classes"),
+    (["--model-opt", "input_size=64"], "--model-opt input_size: this option is set by --input-size"),
+    (["--model-opt", "in_channels=1"], "--model-opt in_channels: this option is set by --input-size C H W"),
+    (["--model-opt", "widths=[0,8]"], "convnet: widths must be positive whole numbers, got [0, 8]"),
+    (["--model-opt", "widths=[-1,8]"], "convnet: widths must be positive whole numbers, got [-1, 8]"),
+])
+def test_summary_model_opt_errors_are_one_line(capsys, args, words):
+    from cnnkit.cli import main
+
+    for command in ("summary", "rf"):
+        assert main([command, "convnet", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "internal error" not in err, err
+
+
+def test_summary_takes_a_dropout_written_as_python_writes_it(capsys):
+    from cnnkit.cli import main
+
+    assert main(["summary", "convnet", "--model-opt", "dropout=.5", "--json"]) == 0
+    assert '"Dropout"' in capsys.readouterr().out

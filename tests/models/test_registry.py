@@ -52,6 +52,25 @@ def test_gap_head_takes_any_size_but_flatten_head_is_sized_to_input():
     assert flat.classifier[-1].in_features == 128 * 8 * 8
 
 
+@pytest.mark.parametrize("downsample", ["max", "avg"])
+@pytest.mark.parametrize("head", ["gap", "flatten"])
+def test_convnet_refuses_an_input_too_small_for_its_pooling_stages_whatever_its_head(downsample, head):
+    # five halvings of 16 pixels: the fifth stage has a 1x1 map to pool
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model("convnet", input_size=16, widths=[8] * 5, downsample=downsample, head=head)
+    assert "input size 16 is too small for this network" in str(e.value)
+    assert "use a larger --input-size or fewer downsampling stages" in str(e.value) and "\n" not in str(e.value)
+    model = cnnkit.create_model("convnet", input_size=32, widths=[8] * 5, downsample=downsample, head=head).eval()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_convnet_with_strided_stages_runs_down_to_a_1x1_map():
+    # a stride-2 convolution padded by 1 keeps a 1x1 map 1x1: nothing to refuse, whatever the head
+    for head in ("gap", "flatten"):
+        model = cnnkit.create_model("convnet", input_size=16, widths=[8] * 6, downsample="stride", head=head).eval()
+        assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
 def test_flatten_head_works_on_channels_last():
     model = cnnkit.create_model("simple_cnn").to(memory_format=torch.channels_last).eval()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -150,7 +169,11 @@ def test_training_cnnkits_own_model_does_not_import_torchvision(tmp_path):
     ("fastnet", {"widths": (8, 16)}, "option widths must be a list of 3 whole numbers"),
     ("resnet18", {"head_from": 5}, "option head_from must be text or a list of texts or null, got 5"),
     ("convnet", {"dropout": 2.0}, "cannot be built with dropout=2.0: dropout probability"),
-    ("convnet", {"widths": (-3,)}, "cannot be built with widths=(-3,)"),
+    ("convnet", {"widths": (-3,)}, "convnet: widths must be positive whole numbers, got [-3]"),
+    ("convnet", {"widths": (0, 8)}, "convnet: widths must be positive whole numbers, got [0, 8]"),
+    ("convnet", {"depth": 0}, "convnet: depth must be a positive whole number, got 0"),
+    ("convnet", {"hidden": -4}, "convnet: hidden must be 0 (no hidden layer) or a positive whole number, got -4"),
+    ("mlp", {"hidden": 0}, "mlp: hidden must be a positive whole number, got 0"),
 ])
 def test_wrong_model_options_are_a_user_error_naming_them(name, options, words):
     with pytest.raises(UserError) as e:

@@ -120,3 +120,28 @@ def test_a_flag_over_a_config_files_value_is_named_as_the_flag(tmp_path):
     with pytest.raises(UserError) as e:  # the Python API's keyword names the option, not the file under it
         make_config(str(path), {"epochs": 2, "clip_grad": -1.0})
     assert str(e.value) == "--clip-grad must be positive, got -1.0"
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num_classes", "3", "--model-opt num_classes: this option is set by the data (one class per class folder)"),
+    ("in_channels", "1", "--model-opt in_channels: this option is set by --channels"),
+    ("input_size", "64", "--model-opt input_size: this option is set by --input-size"),
+    ("pretrained", "true", "--model-opt pretrained: this option is set by --pretrained"),
+])
+def test_a_model_option_that_training_sets_itself_is_refused_naming_what_sets_it(tmp_path, key, value, words):
+    # create_model got it twice: "internal error: TypeError: ... got multiple values for keyword argument"
+    with pytest.raises(UserError) as e:
+        make_config(None, given("train", "--model-opt", f"{key}={value}"))
+    assert str(e.value) == f"{words}; use that instead"
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_options: {{{key}: {value}}}\n")
+    with pytest.raises(UserError) as e:
+        make_config(str(path), given("train", "--config", str(path)))
+    assert str(e.value).startswith(f"--config {path}: model_options {key}: this option is set by")
+
+
+def test_model_opt_takes_numbers_as_python_writes_them():
+    options = given("train", "--model-opt", "dropout=.5", "--model-opt", "a=5.", "--model-opt", "b=-.25",
+                    "--model-opt", "c=1.e-3", "--model-opt", "d=nan", "--model-opt", "e=layer2")["model_options"]
+    assert options == {"dropout": 0.5, "a": 5.0, "b": -0.25, "c": 0.001, "d": "nan", "e": "layer2"}
+    assert make_config(None, given("train", "--model-opt", "dropout=.5")).model_options == {"dropout": 0.5}
