@@ -26,7 +26,7 @@ class EvalResult:
     top5: float
     loss: float
     count: int
-    per_class: list[dict]  # {class, precision, recall, f1, support}
+    per_class: list[dict]  # {class, precision, recall, f1, support}; recall and f1 None for a class without images
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     classes: list[str]
     checkpoint: str

@@ -2,6 +2,7 @@
 dropped), an error about --val-data names it, and a --val-data folder may hold only some of the training classes,
 labelled by class name."""
 
+import csv
 import json
 import os
 import re
@@ -171,6 +172,11 @@ def test_a_run_validated_on_some_classes_measures_all_of_them(folders, run):
     square = r.per_class[1]
     assert square["support"] == 0 and sum(r.confusion_matrix[1]) == 0
     assert all(v == v for row in r.per_class for v in row.values() if isinstance(v, float))  # no NaN
+    # no recall or F1 to give, rather than a 0 that a mean over the classes would take in: null, empty in the CSV
+    assert square["recall"] is None and square["f1"] is None
+    assert json.loads(run_cli("eval", run, "--json").stdout)["per_class"][1]["recall"] is None
+    rows = [row for row in csv.DictReader(open(os.path.join(run, "per_class.csv"))) if row["class"] == "square"]
+    assert rows and all(row["recall"] == "" and row["f1"] == "" for row in rows), rows
     # shown as a class without images: "-" for its recall and F1, in eval's table and in the report's
     proc = run_cli("eval", run)
     assert proc.returncode == 0, proc.stderr

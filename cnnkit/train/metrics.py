@@ -16,13 +16,15 @@ PER_CLASS_COLUMNS = ["epoch", "class", "precision", "recall", "f1", "support"]
 
 def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
     """For each class: precision (of the images predicted as it), recall (of its images), F1 and support
-    (its number of images). A class never predicted has precision 0; one without images, recall 0."""
+    (its number of images). A class never predicted has precision 0; one without images has no recall or F1
+    (None: null in JSON, empty in per_class.csv, "-" in eval's table), which a mean over the rows must not take
+    for 0."""
     rows = []
     for c, name in enumerate(classes):
         hits, predicted, support = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c, :].sum())
         precision = hits / predicted if predicted else 0.0
-        recall = hits / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        recall = hits / support if support else None
+        f1 = None if recall is None else 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return rows
 
@@ -32,7 +34,9 @@ def macro_averages(confusion: torch.Tensor, rows: list[dict]) -> dict[str, float
     scikit-learn's ``average="macro"``): every class counts the same, however rare."""
     present = [r for c, r in enumerate(rows) if confusion[c, :].sum() or confusion[:, c].sum()]
     n = max(len(present), 1)
-    return {"macro_recall": sum(r["recall"] for r in present) / n, "macro_f1": sum(r["f1"] for r in present) / n}
+    # A class predicted but without images counts 0, as scikit-learn's zero_division=0 does.
+    return {"macro_recall": sum(r["recall"] or 0.0 for r in present) / n,
+            "macro_f1": sum(r["f1"] or 0.0 for r in present) / n}
 
 
 def write_epoch_files(run_dir: str, epoch: int, confusion: torch.Tensor, classes: list[str], rows: list[dict]) -> None:
