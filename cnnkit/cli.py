@@ -615,13 +615,14 @@ def _models_options(p: argparse.ArgumentParser) -> None:
 
 def _shape_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, required=True, help="input size along one axis (pixels or units)")
-    p.add_argument("--kernel", type=int, required=True)
-    p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--padding", type=int, default=0)
-    p.add_argument("--dilation", type=int, default=1)
+    p.add_argument("--kernel", type=int, required=True, help="kernel (window) size along that axis")
+    p.add_argument("--stride", type=int, help="step between windows (default: 1 for a convolution, the kernel size "
+                                              "for pooling, as PyTorch's layers)")
+    p.add_argument("--padding", type=int, default=0, help="zeros added on each side (default: 0)")
+    p.add_argument("--dilation", type=int, default=1, help="spacing between kernel taps (default: 1)")
     p.add_argument("--pool", choices=("max", "avg"), help="a pooling layer instead of a convolution")
     p.add_argument("--ceil-mode", action="store_true", help="pooling: round up instead of down")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
 
 
 def _summary_options(p: argparse.ArgumentParser) -> None:

@@ -48,19 +48,23 @@ class ConvArithmetic:
 
 
 def conv_arithmetic(
-    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, kind: str = "conv",
+    size: int, kernel: int, stride: int | None = None, padding: int = 0, dilation: int = 1, kind: str = "conv",
     ceil_mode: bool = False,
 ) -> ConvArithmetic:
     """Output size of a convolution (``kind="conv"``) or pooling layer (``maxpool``, ``avgpool``) along one axis.
+    ``stride`` None: PyTorch's layers' own default, 1 for a convolution and the kernel size for pooling
+    (``nn.MaxPool2d(2)`` halves the input).
 
     Raises a UserError for settings PyTorch refuses: an output smaller than one unit, a pooling padding over
     half the kernel, dilation for average pooling, non-positive sizes.
     """
     if kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, not '{kind}'")
+    if stride is None:
+        stride = 1 if kind == "conv" else kernel
     for label, value, least in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
                                 ("dilation", dilation, 1), ("padding", padding, 0)):
-        if not isinstance(value, int) or value < least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise UserError(f"{label} must be a whole number >= {least}, got {value}")
     if kind == "conv" and ceil_mode:
         raise UserError("convolutions have no ceil_mode; it is an option of pooling layers (--pool max or avg)")

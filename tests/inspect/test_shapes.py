@@ -8,6 +8,7 @@ import torch.nn as nn
 import cnnkit
 from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field, conv_arithmetic
+from tests.conftest import run_cli
 
 
 def test_the_issue_example_with_the_formula_filled_in():
@@ -86,3 +87,15 @@ def test_ceil_mode_steps_show_the_dropped_last_window():
     assert r.steps.startswith("ceil((5 + 2*1 - (2-1) - 1) / 2) + 1 = ceil(5 / 2) + 1 = 4, less the last window")
     assert r.steps.endswith("= 3")
     assert "less" not in conv_arithmetic(6, 2, 2, 1, 1, "maxpool", True).steps  # nothing dropped: no such step
+
+
+def test_pooling_strides_by_its_kernel_unless_told_as_pytorchs_layers_do():
+    x = torch.zeros(1, 1, 32, 32)
+    assert conv_arithmetic(32, 2, kind="maxpool").output_size == torch.nn.MaxPool2d(2)(x).shape[-1] == 16
+    assert conv_arithmetic(32, 3, kind="avgpool").output_size == torch.nn.AvgPool2d(3)(x).shape[-1] == 10
+    assert conv_arithmetic(32, 3).output_size == torch.nn.Conv2d(1, 1, 3)(x).shape[-1] == 30
+    assert conv_arithmetic(32, 2, 1, kind="maxpool").output_size == 31  # a stride given is kept
+    proc = run_cli("shape", "--size", "32", "--kernel", "2", "--pool", "max")
+    assert proc.returncode == 0 and proc.stdout.startswith("maxpool output size: 16"), proc.stdout + proc.stderr
+    with pytest.raises(UserError, match="size must be a whole number >= 1, got True"):
+        cnnkit.conv_output_size(True, 3)
