@@ -66,6 +66,10 @@ class Audit:
     views: list[AuditView]
     warnings: list[str]  # every view's, with the view's label in front
 
+    def table(self) -> str:
+        """The audit as text, as ``cnnkit audit`` prints it."""
+        return format_audit(self)
+
 
 def inspect_modes(model: nn.Module, label: str = "as given") -> AuditView:
     """The modes, BatchNorm states and frozen-but-updating warnings of ``model`` as it is now."""

@@ -54,6 +54,7 @@ def test_a_run_is_audited_stage_by_stage(tmp_path):
     assert len(result["views"]) == 2 and len(result["warnings"]) == 1  # only stage 1 freezes anything
     assert result["warnings"][0].startswith("stage 1 of 2")
     text = format_audit(audit(str(path)))
+    assert audit(str(path)).table() == text  # as Summary and ReceptiveField print themselves
     assert "of which 0 update their running statistics" in text and "warning" not in text
 
 
