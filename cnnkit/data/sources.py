@@ -159,7 +159,9 @@ def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
         train_idx.append(idx[k:])
     tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
     if len(va) == 0:
-        raise UserError("--val-split leaves no validation images; use a larger fraction or --val-data DIR")
+        # (each class of two or more images gives one at least: these have one image each, or none)
+        raise UserError("no class has two images, so --val-split can hold none out for validation; add images "
+                        "(two or more per class) or pass --val-data DIR")
     # broken files and warnings are reported once, with train
     return data.subset(tr), replace(data.subset(va), skipped=[], warnings=[])
 

@@ -213,3 +213,13 @@ def test_the_folder_key_is_relpaths_for_every_spelling_of_the_root(tmp_path, mon
             reference.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         assert files_fingerprint(root, files) == reference.hexdigest(), root
     assert len(keys) == 1
+
+
+def test_a_split_of_classes_with_one_image_each_says_why_none_is_held_out():
+    data = ImageSet(torch.arange(3), ["a", "b", "c"], torch.zeros(3, 3, 8, 8, dtype=torch.uint8), size=8)
+    from cnnkit.data.sources import split
+    from cnnkit.errors import UserError
+
+    with pytest.raises(UserError, match="no class has two images, so --val-split can hold none out for validation; "
+                                        r"add images \(two or more per class\) or pass --val-data DIR"):
+        split(data, 0.5)
