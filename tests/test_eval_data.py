@@ -6,6 +6,7 @@ import os
 import pytest
 
 from cnnkit.embed import probe
+from cnnkit.errors import UserError
 from cnnkit.evaluate import evaluate
 from tests.conftest import run_cli, write_image_folder
 
@@ -40,6 +41,12 @@ def test_val_data_that_does_not_exist_is_an_error(run, tmp_path):
     proc = run_cli("eval", run[0], "--val-data", tmp_path / "nothing")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "nothing" in proc.stderr
+
+
+def test_a_built_in_dataset_of_other_classes_is_no_folder_to_rename(run):
+    with pytest.raises(UserError, match="that the checkpoint .* does not have .*; pass images of the checkpoint "
+                                        ".*'s classes: shapes is another dataset"):
+        evaluate(run[0], data="shapes")
 
 
 def test_val_split_without_data_splits_the_runs_training_data(run):

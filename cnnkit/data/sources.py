@@ -135,8 +135,10 @@ def by_class_name(data: ImageSet, classes: list[str], what: str, against: str) -
         return data
     unknown = [c for c in data.classes if c not in classes]
     if unknown:
+        fix = ("rename or remove those class folders: classes are matched by name" if data.source not in BUILTIN
+               else f"pass images of {against}'s classes: {data.source} is another dataset")
         raise UserError(f"{what} has class(es) {_names(unknown)} that {against} does not have (its classes: "
-                        f"{_names(classes)}); rename or remove those class folders: classes are matched by name")
+                        f"{_names(classes)}); {fix}")
     index = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
     return replace(data, labels=index[data.labels], classes=list(classes))
 
