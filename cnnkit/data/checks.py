@@ -185,6 +185,12 @@ def check_splits(
         # often enough (2% of its validation set) that every demo run would warn about its own data.
         notes.append("the generated shapes data is not checked for duplicates (independent random draws)")
     elif checked:
+        conflicts = label_conflicts(train, val)
+        if conflicts:
+            (a, ca), (b, cb) = conflicts[0][:2]
+            warnings.append(f"{len(conflicts)} image(s) appear under two or more classes with identical pixels, e.g. "
+                            f"{a} ({ca}) = {b} ({cb}): training is told both labels, at most one of them right; "
+                            "keep each image in the folder of its class")
         duplicates = find_duplicates(train, val, threshold)
         if duplicates:
             exact = sum(d.exact for d in duplicates)
@@ -274,6 +280,19 @@ def _popcount(x: np.ndarray) -> np.ndarray:
         return np.bitwise_count(x)
     table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
     return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
+
+
+def label_conflicts(train: ImageSet, val: ImageSet) -> list[list[tuple[str, str]]]:
+    """Images held under two or more classes: for each set of identical images (the same pixels after decoding)
+    whose labels differ, across both splits, its (image, class) pairs, one per class. Sets in memory only (a
+    streamed one is compared by thumbnails in ``find_duplicates``, too coarse to call two labels a conflict)."""
+    if train.images is None or val.images is None:
+        return []
+    seen: dict[bytes, dict[str, str]] = {}
+    for data, split in ((train, "train"), (val, "val")):
+        for i, digest in enumerate(_digests(data.images)):
+            seen.setdefault(digest, {}).setdefault(data.classes[int(data.labels[i])], _name(data, i, split))
+    return [[(image, c) for c, image in by_class.items()] for by_class in seen.values() if len(by_class) > 1]
 
 
 def _name(data: ImageSet, index: int, split: str) -> str:

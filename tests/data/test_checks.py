@@ -223,3 +223,16 @@ def test_a_split_of_classes_with_one_image_each_says_why_none_is_held_out():
     with pytest.raises(UserError, match="no class has two images, so --val-split can hold none out for validation; "
                                         r"add images \(two or more per class\) or pass --val-data DIR"):
         split(data, 0.5)
+
+
+def test_an_image_filed_under_two_classes_is_a_label_conflict(tmp_path):
+    root = write_image_folder(str(tmp_path / "data"), n_per_class=10, classes=3)
+    clean = check_data(root)
+    assert not any("two or more classes" in w for w in clean.warnings), clean.warnings
+    classes = sorted(os.listdir(root))
+    shutil.copy(os.path.join(root, classes[0], "001.png"), os.path.join(root, classes[1], "copy.png"))
+    c = check_data(root)
+    conflict = [w for w in c.warnings if "two or more classes" in w]
+    assert len(conflict) == 1 and conflict[0].startswith("1 image(s) appear under two or more classes with identical "
+                                                         "pixels, e.g. "), c.warnings
+    assert f"{classes[0]}/001.png ({classes[0]})" in conflict[0] and f"{classes[1]}/copy.png ({classes[1]})" in conflict[0]
