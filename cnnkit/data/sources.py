@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import pickle
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -182,15 +183,22 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
 
     cls_name, native_channels, native_size, folder = TORCHVISION_DATASETS[name]
     root = spec.data_dir or default_data_dir()
+    where = os.path.join(root, folder)
+    # Files there that torchvision refuses (a failed checksum, a truncated or altered file) are damaged, not
+    # missing: the fix is to fetch them again, which torchvision skips while the folder passes its own check.
+    damaged = (f"delete {where} and run with --download to fetch {name} again (needs internet), or copy intact "
+               f"torchvision {cls_name} files there")
     try:
         ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=spec.download)
-    except (RuntimeError, OSError) as e:
-        where = os.path.join(root, folder)
+    except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as e:
         if spec.download:
             raise DataError(
                 f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
                 f"check the network, or copy the dataset files to {where} and pass --data-dir {root}"
             ) from None
+        if os.path.isdir(where) and any(not f.startswith(".") for f in os.listdir(where)):
+            raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
+                            f"{damaged}") from None
         raise UserError(
             f"{name} not found in {where}; run with --download to fetch it (needs internet), "
             f"or pass --data-dir DIR where DIR/{folder} holds torchvision's {cls_name} files"
@@ -198,6 +206,14 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    bad = ((labels < 0) | (labels >= len(ds.classes))).nonzero().flatten()
+    if len(bad):  # else a label indexes past the class names wherever they are looked up
+        raise UserError(f"{name} in {where} is damaged: its {'training' if train else 'test'} labels include "
+                        f"{int(labels[bad[0]])}, outside its {len(ds.classes)} classes (0 to {len(ds.classes) - 1}); "
+                        f"{damaged}")
+    if len(labels) != len(images):
+        raise UserError(f"{name} in {where} is damaged: {len(images):,} {'training' if train else 'test'} images "
+                        f"but {len(labels):,} labels; {damaged}")
     images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
     return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)
 

@@ -141,3 +141,42 @@ def test_cache_entry_of_another_layout_is_rebuilt(image_folder):
         torch.save({"images": torch.zeros(1)}, os.path.join(cache.cache_dir(), name))
     train, val = load_splits(DataSpec(image_folder))
     assert len(train) + len(val) == 32 and train.images.shape[1:] == (3, 16, 16)
+
+
+def test_damaged_cifar_files_are_named_damaged_not_missing(tmp_path):
+    # the right file names in the right folder, but not torchvision's bytes (its MD5 check fails)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("cifar10", data_dir=str(tmp_path)))
+    text = str(e.value)
+    assert "damaged" in text and "failed torchvision's check" in text and "not found in" not in text
+    assert f"delete {folder}" in text and "--download" in text and "\n" not in text
+
+
+def test_truncated_mnist_file_is_named_damaged(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(str(raw), "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
+    _write_idx(str(raw), "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("mnist", data_dir=str(tmp_path)))
+    text = str(e.value)
+    assert "damaged" in text and f"delete {raw}" in text and "--download" in text and "\n" not in text
+
+
+def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = str(tmp_path / "MNIST" / "raw")
+    labels = (np.arange(50) % 10).astype(np.uint8)
+    labels[7] = 12
+    _write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), labels)
+    _write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("mnist", data_dir=raw.rsplit("/MNIST", 1)[0]))
+    text = str(e.value)
+    assert "labels include 12" in text and "10 classes" in text and f"delete {raw}" in text and "--download" in text
