@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit import compiled
-from cnnkit.data.checks import check_splits, class_weights
+from cnnkit.data.checks import check_splits, class_weights, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, load_splits
 from cnnkit.errors import CheckpointError, UserError
@@ -188,6 +188,9 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
+    single = one_class(train_set)
+    if single:  # else it trains to accuracy 1.0 without a word: every image is the one class
+        raise UserError(single)
     if cfg.smoke:
         val_set = sample_images(val_set, SMOKE_VAL_IMAGES, cfg.seed)
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
