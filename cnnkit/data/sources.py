@@ -263,6 +263,9 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
             raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
         raise UserError(f"{named} is empty: expected one sub-folder per class with images in it")
+    splits = _split_folders(root, classes)
+    if splits:
+        raise UserError(splits if option is None else f"{option} {splits}")
     files: list[str] = []
     labels: list[int] = []
     empty = []
@@ -288,6 +291,34 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (a class without images cannot be learnt)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
+
+
+# Folder names of a dataset's splits, each holding the class folders: taken for classes they would make a
+# "train" and a "val" class of every image.
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation", "dev", "test", "testing", "eval")
+
+
+def _split_folders(root: str, classes: list[str]) -> str | None:
+    """The error for a folder whose class folders are a dataset's splits (``train/``, ``val/``, ... each holding
+    sub-folders and no images of its own), with the options that name them; None for anything else."""
+    if not all(c.lower() in TRAIN_NAMES + VAL_NAMES for c in classes):
+        return None
+    for c in classes:
+        entries = [e for e in os.listdir(os.path.join(root, c)) if not e.startswith(".")]
+        if any(is_image_file(e) for e in entries) or not any(os.path.isdir(os.path.join(root, c, e)) for e in entries):
+            return None
+    train = next((c for c in classes if c.lower() in TRAIN_NAMES), None)
+    val = min((c for c in classes if c.lower() in VAL_NAMES), key=lambda c: VAL_NAMES.index(c.lower()), default=None)
+    problem = (f"{root} holds the splits {', '.join(classes)}, each a folder of class folders, not one folder per "
+               f"class (they would be taken as classes {', '.join(classes)})")
+    if train is None:
+        return f"{problem}; pass one of them as the data, e.g. {os.path.join(root, classes[0])}"
+    train, val = os.path.join(root, train), val and os.path.join(root, val)
+    if val is None:
+        return f"{problem}; pass {train} as the data (cnnkit train --data {train})"
+    # check-data takes the data as its argument, train and eval as --data
+    return f"{problem}; pass {train} as the data and {val} as --val-data (cnnkit train --data {train} --val-data {val})"
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's

@@ -180,3 +180,21 @@ def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
         load_splits(DataSpec("mnist", data_dir=raw.rsplit("/MNIST", 1)[0]))
     text = str(e.value)
     assert "labels include 12" in text and "10 classes" in text and f"delete {raw}" in text and "--download" in text
+
+
+def test_a_folder_of_train_and_val_splits_is_not_taken_as_two_classes(tmp_path):
+    ds = tmp_path / "ds"
+    write_image_folder(str(ds / "train"), n_per_class=4, classes=2)
+    write_image_folder(str(ds / "val"), n_per_class=2, classes=2, seed=1)
+    fix = f"pass {ds / 'train'} as the data and {ds / 'val'} as --val-data"
+    with pytest.raises(UserError, match=f"holds the splits train, val, each a folder of class folders.*; {fix}"):
+        load_splits(DataSpec(str(ds)))
+    with pytest.raises(UserError, match=f"^--val-data {ds} holds the splits"):
+        load_splits(DataSpec(str(ds / "train"), val_data=str(ds)))
+    train, val = load_splits(DataSpec(str(ds / "train"), val_data=str(ds / "val")))  # as the message says
+    assert train.classes == val.classes == ["circle", "square"]
+    # classes that happen to be called so, holding their images, are classes
+    write_image_folder(str(tmp_path / "named"), n_per_class=4, classes=2)
+    os.rename(tmp_path / "named" / "circle", tmp_path / "named" / "train")
+    os.rename(tmp_path / "named" / "square", tmp_path / "named" / "test")
+    assert scan_folder(str(tmp_path / "named"))[2] == ["test", "train"]
