@@ -47,11 +47,12 @@ from cnnkit.train.lr_find import LrFindResult, lr_find_record, resolve_auto_lr
 from cnnkit.train.metrics import macro_averages, per_class_metrics, write_epoch_files
 from cnnkit.train.mix import Mix
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
-from cnnkit.train.options import MONITORS, make_config
+from cnnkit.train.options import MONITORS, make_config, model_options_error
 from cnnkit.train.precision import autocast, precision_name
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.train.setup import (
-    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, RunPieces, build_run, start_machine,
+    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
+    start_machine,
 )
 from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable, trainable_modules
 
@@ -203,7 +204,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     else:
         cfg = make_config(config, overrides)
     callbacks.check(cfg)
-    t = _set_up(cfg, log or sys.stdout, saved)
+    try:
+        t = _set_up(cfg, log or sys.stdout, saved)
+    except ModelOptionsError as e:
+        raise model_options_error(e, None if saved else config, overrides) from None
     _open_run_folder(t, saved, resume, callbacks)
     callbacks.on_start(t)
     start = time.perf_counter()

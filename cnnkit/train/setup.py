@@ -90,6 +90,11 @@ def range_test_config(cfg: TrainConfig) -> TrainConfig:
                                check_data=False)
 
 
+class ModelOptionsError(UserError):
+    """The model refused the run's ``model_options``: the caller names where they were set (a config file's key,
+    as the other options' errors do; see cnnkit/train/options.py model_options_error)."""
+
+
 def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed.Dist | None = None,
               saved: dict[str, Any] | None = None) -> RunPieces:
     """The pieces of the run ``cfg`` describes, on ``machine``; ``ctx``: this process's place among several
@@ -114,8 +119,14 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
                               f"{saved['classes'][:10]}; resume with the data the run was started on")
 
     # Model and the weights it starts from; the input normalisation follows the weights.
-    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                         input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    try:
+        model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
+                             input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    except UserError as e:
+        # the options' own errors ("convnet: head must be one of ..."), not the pretrained weights' (their cache)
+        if cfg.model_options and not (cfg.pretrained and "pretrained" in str(e)):
+            raise ModelOptionsError(str(e)) from None
+        raise
     start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
     data_stats = None  # the training images' own (mean, std), when the normalisation is theirs
     if saved:
