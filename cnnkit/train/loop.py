@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit import compiled
-from cnnkit.atomic import atomic_write, write_json
+from cnnkit.atomic import atomic_path, atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
@@ -926,7 +926,9 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
     """metrics.csv, rewritten whole from the run's history (so a resumed run never holds a duplicated row)."""
     if not _is_main_process():
         return
-    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+    # through a temporary file: `cnnkit runs` and `cnnkit report` reading it meanwhile never see half a file,
+    # which they would call damaged
+    with atomic_path(os.path.join(run_dir, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
