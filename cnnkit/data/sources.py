@@ -191,12 +191,15 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     try:
         ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=spec.download)
     except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as e:
-        if spec.download:
+        present = os.path.isdir(where) and any(not f.startswith(".") for f in os.listdir(where))
+        # torchvision downloads only what is missing (MNIST) or fails its checksum (CIFAR): with files there, an
+        # error that is no network error came from reading them
+        if spec.download and not (present and not isinstance(e, OSError) and "download" not in str(e).lower()):
             raise DataError(
                 f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
                 f"check the network, or copy the dataset files to {where} and pass --data-dir {root}"
             ) from None
-        if os.path.isdir(where) and any(not f.startswith(".") for f in os.listdir(where)):
+        if present:
             raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
                             f"{damaged}") from None
         raise UserError(

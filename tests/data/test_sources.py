@@ -163,10 +163,11 @@ def test_truncated_mnist_file_is_named_damaged(tmp_path):
     _write_idx(str(raw), "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
     images = raw / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    with pytest.raises(UserError) as e:
-        load_splits(DataSpec("mnist", data_dir=str(tmp_path)))
-    text = str(e.value)
-    assert "damaged" in text and f"delete {raw}" in text and "--download" in text and "\n" not in text
+    for download in (False, True):  # with --download too: torchvision downloads only the files that are missing
+        with pytest.raises(UserError) as e:
+            load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=download))
+        text = str(e.value)
+        assert "damaged" in text and f"delete {raw}" in text and "--download" in text and "\n" not in text
 
 
 def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
