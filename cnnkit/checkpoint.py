@@ -146,8 +146,19 @@ def _read_safetensors(path: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
             state_dict = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)})") from None
     return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
+
+
+def reason(error: BaseException, most: int = 160) -> str:
+    """``error``'s text for the brackets of a one-line message: its first sentence (PyTorch's loader goes on with
+    advice for its own developers, "If you are seeing this error, there is a high ..."), cut at a word and marked
+    with "..." where it is longer than ``most`` characters."""
+    lines = str(error).strip().splitlines()
+    text = re.split(r"(?<=[^.\s]{2})\.\s", lines[0] if lines else "", maxsplit=1)[0].rstrip(".") or type(error).__name__
+    if len(text) > most:
+        text = text[:most].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return text
 
 
 def unpickling_refused(what: str, error: pickle.UnpicklingError) -> CheckpointError:
@@ -191,7 +202,7 @@ def read_payload(path: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({str(e).splitlines()[0][:160]})")
+        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)})")
         raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it)")

@@ -689,7 +689,8 @@ def _report_options(p: argparse.ArgumentParser) -> None:
 
 
 def _runs_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="the folder holding the runs (default: runs)")
+    # None: the default folder, whose absence only means no run has started here yet (a DIR given must exist)
+    p.add_argument("root", nargs="?", default=None, metavar="DIR", help="the folder holding the runs (default: runs)")
     p.add_argument("--json", action="store_true")
 
 
@@ -844,13 +845,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from cnnkit.runs import format_runs, list_runs
+    from cnnkit.runs import DEFAULT_ROOT, format_runs, list_runs
 
-    runs = list_runs(args.root)
+    root = DEFAULT_ROOT if args.root is None else args.root
+    runs = [] if args.root is None and not os.path.exists(root) else list_runs(root)
     if args.json:
         print(strict_json.dumps([dataclasses.asdict(r) for r in runs]))
     elif not runs:
-        print(f"no runs in {args.root}/ yet; start one with: cnnkit train")
+        print(f"no runs in {root}/ yet; start one with: cnnkit train")
     else:
         print(format_runs(runs))
     return 0
@@ -1157,8 +1159,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             raise
         _error_line(f"cnnkit {args.command}: internal error: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback, and please "
-                    "report it)")
+                    f"{str(e).splitlines()[0] if str(e) else ''} (rerun as cnnkit --debug {args.command} ... "
+                    "for the traceback, and please report it)")
         return 1
 
 

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cnnkit.errors import UserError
 
@@ -26,8 +27,9 @@ class RunInfo:
     best_val_acc: float | None  # None before the first epoch ends
     best_epoch: int | None
     started: str  # local time, YYYY-MM-DD HH:MM (config.json is written when the run starts)
-    status: str  # "finished", "diverged" (stop.json: the loss or outputs became non-finite), or "stopped"
-    # (Ctrl-C, SIGTERM, a killed process; also while it is still running)
+    status: str  # "finished", "diverged" (stop.json: the loss or outputs became non-finite), "stopped"
+    # (Ctrl-C, SIGTERM, a killed process; also while it is still running), or "damaged: FILE" (config.json,
+    # result.json or metrics.csv there but unreadable: `cnnkit report` says what is wrong with it)
 
 
 def _read_json(path: str) -> dict | None:
@@ -39,21 +41,93 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _history(run_dir: str) -> list[dict]:
+# What to do about a damaged file of a run, by name: config.json holds the settings nothing else records in full;
+# the others can go (a run without result.json is reported as stopped, one without metrics.csv without its curves).
+_DAMAGE_FIX = {
+    "config.json": "restore it from a copy (it holds the run's settings; best.pt still serves cnnkit eval and predict)",
+    "result.json": "delete it to report the run as stopped, or restore it from a copy",
+    "metrics.csv": "delete it to report the run without its per-epoch figures, or restore it from a copy",
+}
+METRICS_NEEDED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what every run's metrics.csv holds
+
+
+def damaged(path: str, what: str) -> UserError:
+    """The error for a run's file ``path`` that is there but unreadable (``what``: what is wrong with it)."""
+    fix = _DAMAGE_FIX.get(os.path.basename(path), "restore it from a copy or delete it")
+    return UserError(f"{path} is damaged: {what}; {fix}")
+
+
+def load_json(path: str, want_object: bool = True) -> Any:
+    """A run's JSON file (a dict, or any JSON value with ``want_object=False``); None when there is none. A file
+    that is there but is not valid JSON (cut short by a full disk or a killed copy, edited by hand) or, where one is
+    wanted, not a JSON object is a UserError naming it and what is wrong."""
     try:
-        with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error):
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = " (cut short?)" if e.pos >= len(text.rstrip()) else ""
+        raise damaged(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}{cut})") from None
+    except ValueError:  # not UTF-8 text
+        raise damaged(path, "not JSON text (not UTF-8)") from None
+    if want_object and not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__} where a JSON object is expected")
+    return data
+
+
+def load_history(run_dir: str) -> list[dict[str, str]]:
+    """``metrics.csv`` of ``run_dir`` as one dict of text cells per epoch; [] when there is none. One that lacks a
+    column every run writes, or has a row with another number of cells or no whole epoch number, is a UserError
+    naming the file, the line and what is wrong."""
+    path = os.path.join(run_dir, "metrics.csv")
+    rows: list[dict[str, str]] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in METRICS_NEEDED if c not in header]
+            if header and missing:
+                raise damaged(path, f"its header has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}")
+            for row in reader:
+                extra, short = row.pop(None, None) or [], sum(v is None for v in row.values())
+                if extra or short:
+                    raise damaged(path, f"line {reader.line_num} has {len(header) + len(extra) - short} cells, "
+                                        f"its header {len(header)}")
+                if not row["epoch"].isdigit():
+                    raise damaged(path, f"line {reader.line_num} has epoch {row['epoch']!r}, not a whole number")
+                rows.append(row)
+    except FileNotFoundError:
         return []
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+    except (csv.Error, ValueError) as e:  # a NUL byte, text that is not UTF-8
+        raise damaged(path, f"not CSV text ({e})") from None
+    return rows
 
 
 def run_info(run_dir: str) -> RunInfo | None:
-    """What ``run_dir`` holds, or None when it is not a run folder (no readable config.json)."""
-    config = _read_json(os.path.join(run_dir, "config.json"))
-    if config is None:
+    """What ``run_dir`` holds, or None when it is not a run folder (no config.json). A run whose config.json,
+    result.json or metrics.csv is there but unreadable is listed with the status "damaged: FILE"."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
         return None
-    result = _read_json(os.path.join(run_dir, "result.json"))
-    history = _history(run_dir)
+    broken: list[str] = []
+
+    def read(name: str, load, empty):
+        try:
+            return load()
+        except UserError:
+            broken.append(name)
+            return empty
+
+    config = read("config.json", lambda: load_json(config_path), None) or {}
+    result = read("result.json", lambda: load_json(os.path.join(run_dir, "result.json")), None)
+    history = read("metrics.csv", lambda: load_history(run_dir), [])
     scored = []
     for row in history:
         try:
@@ -66,8 +140,10 @@ def run_info(run_dir: str) -> RunInfo | None:
         best = (result.get("best_val_acc", best[0]), result.get("best_epoch", best[1]))
     # a diverged run writes result.json too (its stop_reason says why it stopped): stop.json decides first
     status = "diverged" if divergence(run_dir) else "finished" if result else "stopped"
+    if broken:
+        status = f"damaged: {', '.join(broken)}"
     planned = (result or {}).get("epochs") or config.get("epochs") or 0
-    started = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json")))
+    started = datetime.datetime.fromtimestamp(os.path.getmtime(config_path))
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
                    best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), status)
 

@@ -229,6 +229,31 @@ def test_cnnkits_own_option_after_the_command_says_where_it_goes(tmp_path):
                                    "cnnkit --debug runs ... (see cnnkit runs --help)")
 
 
+def test_the_internal_error_hint_puts_debug_where_it_is_accepted(monkeypatch, capsys, tmp_path):
+    import cnnkit.runs
+    from cnnkit.cli import main
+
+    def broken(root):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cnnkit.runs, "list_runs", broken)  # a stand-in for any bug behind a command
+    assert main(["runs", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("cnnkit runs: internal error: RuntimeError: a bug (rerun as cnnkit --debug runs ... for the "
+                   "traceback, and please report it)\n")
+
+
+def test_runs_without_a_runs_folder_is_no_error_but_a_missing_dir_given_is(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("runs", cwd=tmp_path)  # nothing trained here yet, as with an empty runs/
+    assert proc.returncode == 0 and proc.stdout == "no runs in runs/ yet; start one with: cnnkit train\n", proc.stderr
+    proc = run_cli("runs", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    assert_one_line_error(run_cli("runs", "runs", cwd=tmp_path), 2, "runs is not a folder")
+    assert_one_line_error(run_cli("runs", "experiments", cwd=tmp_path), 2, "experiments is not a folder")
+
+
 def test_a_models_pattern_that_matches_nothing_says_so(tmp_path):
     from tests.conftest import run_cli
 

@@ -148,6 +148,9 @@ def check_splits(
     mean, std = stats or channel_stats(train)
     warnings: list[str] = list(train.warnings)
     notes: list[str] = []
+    single = one_class(train)
+    if single:  # `cnnkit train` refuses such data; check-data shows its counts and says why
+        warnings.append(single)
     if imbalance >= imbalance_ratio and not same_images:
         big, small = int(np.argmax(train_counts)), int(np.argmin(train_counts))
         text = (f"classes are imbalanced: {train.classes[big]} has {train_counts[big]:,} training images, "
@@ -213,6 +216,15 @@ def check_splits(
     return DataCheck(train.source, list(train.classes), train_counts, val_counts, round(imbalance, 3), train.channels,
                      train.size, mean, std, duplicates, checked, threshold, model, warnings, notes,
                      train.skipped + val.skipped)
+
+
+def one_class(data: ImageSet) -> str | None:
+    """The problem with training data of a single class (every image is that class: accuracy 1.0 from the first
+    epoch, learning nothing), or None when it has two or more."""
+    if len(data.classes) != 1:
+        return None
+    return (f"{data.source} has one class, {data.classes[0]}; a classifier needs two or more: add a folder per "
+            "class, each holding that class's images")
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
@@ -377,8 +389,9 @@ def format_check(c: DataCheck, max_duplicates: int = 20) -> str:
     """The check as text: class counts, broken images and duplicates (up to ``max_duplicates`` of each), then
     warnings and notes."""
     width = max(len(n) for n in c.classes + ["class"])
+    classes = f"{len(c.classes)} class{'es' if len(c.classes) != 1 else ''}"
     lines = [f"{c.data}: {sum(c.train_counts):,} training and {sum(c.val_counts):,} validation images of "
-             f"{c.channels}x{c.size}x{c.size}, {len(c.classes)} classes; mean {_fmt(c.mean)}, std {_fmt(c.std)}",
+             f"{c.channels}x{c.size}x{c.size}, {classes}; mean {_fmt(c.mean)}, std {_fmt(c.std)}",
              f"  {'class':<{width}}  {'train':>8}  {'val':>7}"]
     lines += [f"  {n:<{width}}  {t:>8,}  {v:>7,}" for n, t, v in zip(c.classes, c.train_counts, c.val_counts)]
     lines.append(f"  largest / smallest training class: {c.imbalance:.2f}")

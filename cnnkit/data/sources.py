@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -200,15 +201,25 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
 
     cls_name, native_channels, native_size, folder = TORCHVISION_DATASETS[name]
     root = spec.data_dir or default_data_dir()
+    where = os.path.join(root, folder)
+    # Files there that torchvision refuses (a failed checksum, a truncated or altered file) are damaged, not
+    # missing: the fix is to fetch them again, which torchvision skips while the folder passes its own check.
+    damaged = (f"delete {where} and run with --download to fetch {name} again (needs internet), or copy intact "
+               f"torchvision {cls_name} files there")
     try:
         ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=spec.download)
-    except (RuntimeError, OSError) as e:
-        where = os.path.join(root, folder)
-        if spec.download:
+    except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as e:
+        present = os.path.isdir(where) and any(not f.startswith(".") for f in os.listdir(where))
+        # torchvision downloads only what is missing (MNIST) or fails its checksum (CIFAR): with files there, an
+        # error that is no network error came from reading them
+        if spec.download and not (present and not isinstance(e, OSError) and "download" not in str(e).lower()):
             raise DataError(
                 f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
                 f"check the network, or copy the dataset files to {where} and pass --data-dir {root}"
             ) from None
+        if present:
+            raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
+                            f"{damaged}") from None
         raise UserError(
             f"{name} not found in {where}; run with --download to fetch it (needs internet), "
             f"or pass --data-dir DIR where DIR/{folder} holds torchvision's {cls_name} files"
@@ -216,6 +227,14 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    bad = ((labels < 0) | (labels >= len(ds.classes))).nonzero().flatten()
+    if len(bad):  # else a label indexes past the class names wherever they are looked up
+        raise UserError(f"{name} in {where} is damaged: its {'training' if train else 'test'} labels include "
+                        f"{int(labels[bad[0]])}, outside its {len(ds.classes)} classes (0 to {len(ds.classes) - 1}); "
+                        f"{damaged}")
+    if len(labels) != len(images):
+        raise UserError(f"{name} in {where} is damaged: {len(images):,} {'training' if train else 'test'} images "
+                        f"but {len(labels):,} labels; {damaged}")
     images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
     return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)
 
@@ -265,6 +284,9 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
             raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
         raise UserError(f"{named} is empty: expected one sub-folder per class with images in it")
+    splits = _split_folders(root, classes)
+    if splits:
+        raise UserError(splits if option is None else f"{option} {splits}")
     files: list[str] = []
     labels: list[int] = []
     empty = []
@@ -290,6 +312,34 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (a class without images cannot be learnt)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
+
+
+# Folder names of a dataset's splits, each holding the class folders: taken for classes they would make a
+# "train" and a "val" class of every image.
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation", "dev", "test", "testing", "eval")
+
+
+def _split_folders(root: str, classes: list[str]) -> str | None:
+    """The error for a folder whose class folders are a dataset's splits (``train/``, ``val/``, ... each holding
+    sub-folders and no images of its own), with the options that name them; None for anything else."""
+    if not all(c.lower() in TRAIN_NAMES + VAL_NAMES for c in classes):
+        return None
+    for c in classes:
+        entries = [e for e in os.listdir(os.path.join(root, c)) if not e.startswith(".")]
+        if any(is_image_file(e) for e in entries) or not any(os.path.isdir(os.path.join(root, c, e)) for e in entries):
+            return None
+    train = next((c for c in classes if c.lower() in TRAIN_NAMES), None)
+    val = min((c for c in classes if c.lower() in VAL_NAMES), key=lambda c: VAL_NAMES.index(c.lower()), default=None)
+    problem = (f"{root} holds the splits {', '.join(classes)}, each a folder of class folders, not one folder per "
+               f"class (they would be taken as classes {', '.join(classes)})")
+    if train is None:
+        return f"{problem}; pass one of them as the data, e.g. {os.path.join(root, classes[0])}"
+    train, val = os.path.join(root, train), val and os.path.join(root, val)
+    if val is None:
+        return f"{problem}; pass {train} as the data (cnnkit train --data {train})"
+    # check-data takes the data as its argument, train and eval as --data
+    return f"{problem}; pass {train} as the data and {val} as --val-data (cnnkit train --data {train} --val-data {val})"
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's

@@ -18,7 +18,6 @@ no pyplot state, so it works on a server and from threads):
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import textwrap
@@ -28,6 +27,7 @@ import numpy as np
 
 from cnnkit.atomic import atomic_write
 from cnnkit.errors import UserError
+from cnnkit.runs import damaged, load_history, load_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,11 +52,8 @@ def _number(text: str) -> float | None:
 
 def read_metrics(run_dir: str) -> list[dict[str, float | None]]:
     """``metrics.csv`` as one dict of numbers per epoch (empty cells as None); [] when there is none yet."""
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    # a damaged file is a UserError naming it and what is wrong, as `cnnkit runs` marks it
+    return [{k: _number(v) for k, v in row.items()} for row in load_history(run_dir)]
 
 
 def read_steps(run_dir: str) -> list[tuple[int, int, float]]:
@@ -65,15 +62,18 @@ def read_steps(run_dir: str) -> list[tuple[int, int, float]]:
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        try:
+            return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in reader]
+        except (KeyError, TypeError, ValueError, csv.Error) as e:
+            what = f"no {e} column" if isinstance(e, KeyError) else f"line {reader.line_num} is not epoch,step,loss,..."
+            raise damaged(path, what) from None
 
 
 def read_json(run_dir: str, name: str) -> Any:
-    path = os.path.join(run_dir, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The run's JSON file ``name``; None when there is none, a UserError naming it when it is damaged (config.json
+    and result.json: also when they are not a JSON object)."""
+    return load_json(os.path.join(run_dir, name), want_object=name in ("config.json", "result.json"))
 
 
 # --- drawing ---------------------------------------------------------------------------------------------------
@@ -153,8 +153,10 @@ def curves_figure(history: list[dict], steps: list[tuple[int, int, float]] | Non
         ax_loss.set_title("Loss (cross-entropy, log scale)")
     elif history and steps:
         # per-step losses of the first steps can be far above the rest; keep the epoch figures readable
-        top = max(v for r in history for v in (r.get("train_loss"), r.get("val_loss")) if v is not None)
-        ax_loss.set_ylim(0, max(top * 1.6, 1e-3))
+        top = max((v for r in history for v in (r.get("train_loss"), r.get("val_loss")) if v is not None),
+                  default=None)  # None: epochs with empty loss cells, the steps' losses set the axis
+        if top is not None:
+            ax_loss.set_ylim(0, max(top * 1.6, 1e-3))
     return fig
 
 

@@ -261,7 +261,10 @@ def read_config_file(path: str) -> dict[str, Any]:
                         "save it as UTF-8") from None
     if kind == ".json":
         try:
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise UserError(f"--config {path}: key {e.key} is given twice{e.where}; keep one (the last would "
+                            "silently win)") from None
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         except RecursionError:
@@ -287,6 +290,54 @@ def read_config_file(path: str) -> dict[str, Any]:
     return checked
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a config file that gives one key twice: JSON and YAML parsers keep the last, unseen."""
+
+    def __init__(self, key: Any, line: int | None = None) -> None:
+        super().__init__(key)
+        self.key = key if isinstance(key, str) and len(key) <= 40 else shown(key)
+        self.where = f" (the second at line {line})" if line is not None else ""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object, unless it gives a key twice."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+_YAML_LOADER = None
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (keys merged in with ``<<`` may be
+    overridden: that is what a merge is for)."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        import yaml
+
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: the safe loader refuses it in its own words
+                        pass
+                return super().construct_mapping(node, deep)
+
+        _YAML_LOADER = UniqueKeyLoader
+    return _YAML_LOADER
+
+
 def _load_yaml(text: str, path: str) -> Any:
     """``text`` parsed as YAML, after a pass over its events that refuses too many values or too deep a nesting
     before PyYAML builds anything (its composer recurses once per level)."""
@@ -306,7 +357,10 @@ def _load_yaml(text: str, path: str) -> Any:
                 if count > MAX_CONFIG_VALUES:
                     raise UserError(f"--config {path}: more than {MAX_CONFIG_VALUES:,} values, too many for a file "
                                     "of training options")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise UserError(f"--config {path}: key {e.key} is given twice{e.where}; keep one (the last would silently "
+                        "win)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit import compiled
-from cnnkit.atomic import atomic_write, write_json
+from cnnkit.atomic import atomic_path, atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import fingerprint
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
@@ -48,11 +48,12 @@ from cnnkit.train.lr_find import LrFindResult, lr_find_record, resolve_auto_lr
 from cnnkit.train.metrics import macro_averages, per_class_metrics, write_epoch_files
 from cnnkit.train.mix import Mix
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer, make_scheduler
-from cnnkit.train.options import MONITORS, make_config
+from cnnkit.train.options import MONITORS, make_config, model_options_error
 from cnnkit.train.precision import autocast, precision_name
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.train.setup import (
-    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, RunPieces, build_run, start_machine,
+    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
+    start_machine,
 )
 from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable, trainable_modules
 
@@ -205,7 +206,10 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     else:
         cfg = make_config(config, overrides)
     callbacks.check(cfg)
-    t = _set_up(cfg, log or sys.stdout, saved)
+    try:
+        t = _set_up(cfg, log or sys.stdout, saved)
+    except ModelOptionsError as e:
+        raise model_options_error(e, None if saved else config, overrides) from None
     _open_run_folder(t, saved, resume, callbacks)
     callbacks.on_start(t)
     start = time.perf_counter()
@@ -925,7 +929,9 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
     """metrics.csv, rewritten whole from the run's history (so a resumed run never holds a duplicated row)."""
     if not _is_main_process():
         return
-    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+    # through a temporary file: `cnnkit runs` and `cnnkit report` reading it meanwhile never see half a file,
+    # which they would call damaged
+    with atomic_path(os.path.join(run_dir, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(history)

@@ -83,9 +83,9 @@ from cnnkit.progress import progress_bar
 from cnnkit.train import distributed
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer
-from cnnkit.train.options import make_config
+from cnnkit.train.options import make_config, model_options_error
 from cnnkit.train.precision import autocast
-from cnnkit.train.setup import build_run, range_test_config, seed_everything, start_machine
+from cnnkit.train.setup import ModelOptionsError, build_run, range_test_config, seed_everything, start_machine
 from cnnkit.transfer import freeze_batchnorm_stats, plan_stages, set_trainable
 
 EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge/3", "edge/10", "default: flat curve"
@@ -154,7 +154,10 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     machine = start_machine(cfg)
     device, amp_dtype = machine.device, machine.amp_dtype
     # Data, model, loader and loss as `train` builds them, so the test measures the run it advises.
-    run = build_run(range_test_config(cfg), machine, log)
+    try:
+        run = build_run(range_test_config(cfg), machine, log)
+    except ModelOptionsError as e:
+        raise model_options_error(e, config, overrides) from None
     model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads
     set_trainable(model, plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0].modules)
     optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,

@@ -70,6 +70,16 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     return cfg
 
 
+def model_options_error(error: UserError, config: TrainConfig | str | os.PathLike | None,
+                        overrides: Mapping[str, Any] | None = None) -> UserError:
+    """``error``, the model's refusal of a run's ``model_options``, naming the config file and its key where the
+    file set them ("--config run.yaml: model_options: convnet: head must be one of ..."), as check_config's errors
+    name a file's options; as it is where they were given as options (``--model-opt``, keyword arguments)."""
+    if config is None or isinstance(config, TrainConfig) or "model_options" in (overrides or {}):
+        return error
+    return UserError(f"--config {os.fspath(config)}: model_options: {error}")
+
+
 def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
     """Raise a UserError naming the first option of ``cfg`` that is out of range. ``sources`` maps the options a
     config file set to its path: their error names the file and the key as written there ("--config run.yaml:

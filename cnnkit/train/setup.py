@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit import compiled
-from cnnkit.data.checks import check_splits, class_weights
+from cnnkit.data.checks import check_splits, class_weights, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
 from cnnkit.errors import CheckpointError, UserError
@@ -111,6 +111,11 @@ def range_test_config(cfg: TrainConfig) -> TrainConfig:
                                check_data=False)
 
 
+class ModelOptionsError(UserError):
+    """The model refused the run's ``model_options``: the caller names where they were set (a config file's key,
+    as the other options' errors do; see cnnkit/train/options.py model_options_error)."""
+
+
 def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed.Dist | None = None,
               saved: dict[str, Any] | None = None) -> RunPieces:
     """The pieces of the run ``cfg`` describes, on ``machine``; ``ctx``: this process's place among several
@@ -134,8 +139,14 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         _check_same_data(saved, train_set, val_set)
 
     # Model and the weights it starts from; the input normalisation follows the weights.
-    model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                         input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    try:
+        model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
+                             input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+    except UserError as e:
+        # the options' own errors ("convnet: head must be one of ..."), not the pretrained weights' (their cache)
+        if cfg.model_options and not (cfg.pretrained and "pretrained" in str(e)):
+            raise ModelOptionsError(str(e)) from None
+        raise
     start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
     data_stats = None  # the training images' own (mean, std), when the normalisation is theirs
     if saved:
@@ -251,6 +262,9 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
+    single = one_class(train_set)
+    if single:  # else it trains to accuracy 1.0 without a word: every image is the one class
+        raise UserError(single)
     if cfg.smoke:
         val_set = sample_images(val_set, SMOKE_VAL_IMAGES, cfg.seed)
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.

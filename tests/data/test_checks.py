@@ -236,3 +236,19 @@ def test_an_image_filed_under_two_classes_is_a_label_conflict(tmp_path):
     assert len(conflict) == 1 and conflict[0].startswith("1 image(s) appear under two or more classes with identical "
                                                          "pixels, e.g. "), c.warnings
     assert f"{classes[0]}/001.png ({classes[0]})" in conflict[0] and f"{classes[1]}/copy.png ({classes[1]})" in conflict[0]
+
+
+def test_one_class_is_refused_by_train_and_named_by_check_data(tmp_path):
+    # every image is the one class: training "reaches" accuracy 1.0 learning nothing
+    folder = str(tmp_path / "one")
+    write_image_folder(str(tmp_path / "all"), n_per_class=8, size=16)
+    shutil.copytree(os.path.join(tmp_path, "all", "circle"), os.path.join(folder, "circle"))
+    message = f"{folder} has one class, circle; a classifier needs two or more: add a folder per class"
+    proc = run_cli("train", "--data", folder, "--epochs", "1", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"cnnkit train: error: {message}, each holding that " \
+        "class's images", proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()
+    check = check_data(folder)
+    assert [w for w in check.warnings if "one class" in w] == [message + ", each holding that class's images"]
+    text = format_check(check)
+    assert ", 1 class; mean" in text and "1 classes" not in text

@@ -141,3 +141,61 @@ def test_cache_entry_of_another_layout_is_rebuilt(image_folder):
         torch.save({"images": torch.zeros(1)}, os.path.join(cache.cache_dir(), name))
     train, val = load_splits(DataSpec(image_folder))
     assert len(train) + len(val) == 32 and train.images.shape[1:] == (3, 16, 16)
+
+
+def test_damaged_cifar_files_are_named_damaged_not_missing(tmp_path):
+    # the right file names in the right folder, but not torchvision's bytes (its MD5 check fails)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("cifar10", data_dir=str(tmp_path)))
+    text = str(e.value)
+    assert "damaged" in text and "failed torchvision's check" in text and "not found in" not in text
+    assert f"delete {folder}" in text and "--download" in text and "\n" not in text
+
+
+def test_truncated_mnist_file_is_named_damaged(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(str(raw), "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
+    _write_idx(str(raw), "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    for download in (False, True):  # with --download too: torchvision downloads only the files that are missing
+        with pytest.raises(UserError) as e:
+            load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=download))
+        text = str(e.value)
+        assert "damaged" in text and f"delete {raw}" in text and "--download" in text and "\n" not in text
+
+
+def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = str(tmp_path / "MNIST" / "raw")
+    labels = (np.arange(50) % 10).astype(np.uint8)
+    labels[7] = 12
+    _write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), labels)
+    _write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("mnist", data_dir=raw.rsplit("/MNIST", 1)[0]))
+    text = str(e.value)
+    assert "labels include 12" in text and "10 classes" in text and f"delete {raw}" in text and "--download" in text
+
+
+def test_a_folder_of_train_and_val_splits_is_not_taken_as_two_classes(tmp_path):
+    ds = tmp_path / "ds"
+    write_image_folder(str(ds / "train"), n_per_class=4, classes=2)
+    write_image_folder(str(ds / "val"), n_per_class=2, classes=2, seed=1)
+    fix = f"pass {ds / 'train'} as the data and {ds / 'val'} as --val-data"
+    with pytest.raises(UserError, match=f"holds the splits train, val, each a folder of class folders.*; {fix}"):
+        load_splits(DataSpec(str(ds)))
+    with pytest.raises(UserError, match=f"^--val-data {ds} holds the splits"):
+        load_splits(DataSpec(str(ds / "train"), val_data=str(ds)))
+    train, val = load_splits(DataSpec(str(ds / "train"), val_data=str(ds / "val")))  # as the message says
+    assert train.classes == val.classes == ["circle", "square"]
+    # classes that happen to be called so, holding their images, are classes
+    write_image_folder(str(tmp_path / "named"), n_per_class=4, classes=2)
+    os.rename(tmp_path / "named" / "circle", tmp_path / "named" / "train")
+    os.rename(tmp_path / "named" / "square", tmp_path / "named" / "test")
+    assert scan_folder(str(tmp_path / "named"))[2] == ["test", "train"]

@@ -339,3 +339,54 @@ def test_confusion_plot_title_fits_the_picture(classes):
     fig = confusion_figure(np.eye(k, dtype=int) * 3, classes,
                            "Confusion matrix of best.pt on 24 validation images (acc 0.292)")
     assert_text_inside(fig)
+
+
+def test_damaged_run_files_are_named_by_report_and_listed_by_runs(run, tmp_path):
+    # A file cut short (a full disk, a killed copy) or edited by hand: report names it and what is wrong with it,
+    # and `cnnkit runs` lists the run as damaged instead of leaving it out or calling it stopped.
+    import shutil
+
+    root = tmp_path / "runs"
+    damage = {
+        "config.json": lambda text: text[: len(text) // 2],
+        "result.json": lambda text: text[: len(text) // 2],
+        "metrics.csv": lambda text: "epoch,lr,train_loss\n1,0.1,\n",
+    }
+    for name, cut in damage.items():
+        folder = root / name.replace(".", "_")
+        shutil.copytree(run[0], folder, ignore=shutil.ignore_patterns("report.html", "plots", "tensorboard"))
+        (folder / name).write_text(cut((folder / name).read_text()))
+    with pytest.raises(UserError, match=r"config.json is damaged: not valid JSON \(.* \(cut short\?\)\); restore it"):
+        write_report(str(root / "config_json"))
+    with pytest.raises(UserError, match=r"result.json is damaged: not valid JSON .*; delete it to report the run as"):
+        write_report(str(root / "result_json"))
+    with pytest.raises(UserError, match="metrics.csv is damaged: its header has no train_acc, val_loss, val_acc "
+                                        "columns; delete it"):
+        write_report(str(root / "metrics_csv"))
+    metrics = root / "metrics_csv" / "metrics.csv"
+    metrics.write_text("epoch,train_loss,train_acc,val_loss,val_acc\n1,2.3,0.1\n")
+    with pytest.raises(UserError, match="metrics.csv is damaged: line 2 has 3 cells, its header 5"):
+        write_report(str(root / "metrics_csv"))
+    assert_one_line_error(run_cli("report", root / "config_json"), 2, f"{root / 'config_json' / 'config.json'} "
+                          "is damaged: not valid JSON")
+    proc = run_cli("runs", root)
+    assert proc.returncode == 0, proc.stderr
+    status = {line.split()[0]: line.split("  ")[-1].strip() for line in proc.stdout.splitlines()[1:]}
+    assert status == {str(root / "config_json"): "damaged: config.json", str(root / "metrics_csv"): "damaged: metrics.csv",
+                      str(root / "result_json"): "damaged: result.json"}, proc.stdout
+
+
+def test_a_loss_column_left_empty_does_not_break_the_curves(run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "empty_losses"
+    shutil.copytree(run[0], folder, ignore=shutil.ignore_patterns("report.html", "plots", "tensorboard"))
+    lines = (folder / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    for row in rows:
+        row["train_loss"] = row["val_loss"] = ""
+    (folder / "metrics.csv").write_text("\n".join([lines[0], *(",".join(r[h] for h in header) for r in rows)]) + "\n")
+    from cnnkit.report.plots import write_plots
+
+    assert sorted(write_plots(str(folder))) == ["confusion", "curves", "lr", "top_losses"]

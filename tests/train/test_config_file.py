@@ -153,13 +153,35 @@ def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
     ("epochs: 0\n", "run.yaml: epochs must be a positive whole number, got 0"),
     ("model: convnet\nmodel_options: {widths: [x, y]}\nnum_samples: 64\n",
      "option widths must be a list of whole numbers, got ('x', 'y')"),
+    # the model's own check of its options, named as the file's key as the checks above are
+    ("model: convnet\nmodel_options: {head: flaten}\nnum_samples: 64\n",
+     "--config {path}: model_options: convnet: head must be one of flatten, gap, not 'flaten'"),
 ])
 def test_bad_values_in_a_config_file_exit_2_with_one_line(tmp_path, text, words):
     (tmp_path / "run.yaml").write_text(text)
     proc = run_cli("train", "--config", tmp_path / "run.yaml", "--smoke", "--out", tmp_path / "run",
                    env={"CNNKIT_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert words in proc.stderr
+    assert words.format(path=tmp_path / "run.yaml") in proc.stderr
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("run.json", '{"epochs": 1, "epochs": 2}', "run.json: key epochs is given twice; keep one"),
+    ("run.yaml", "epochs: 1\nlr: 0.1\nepochs: 2\n", "run.yaml: key epochs is given twice (the second at line 3); keep one"),
+    ("run.json", '{"model_options": {"head": "gap", "head": "flatten"}}', "run.json: key head is given twice"),
+    ("run.yaml", "model_options:\n  head: gap\n  head: flatten\n", "run.yaml: key head is given twice (the second at line 3)"),
+])
+def test_a_key_given_twice_is_refused_naming_the_file_and_the_key(tmp_path, name, text, words):
+    # JSON and YAML parsers keep the last of the two, unseen: the run would not be the one the file seems to describe
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError) as e:
+        read_config_file(str(tmp_path / name))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    (tmp_path / "run.yaml").write_text("model_options:\n  <<: {head: gap, widths: [8, 16]}\n  head: flatten\n")
+    assert read_config_file(str(tmp_path / "run.yaml"))["model_options"] == {"head": "flatten", "widths": (8, 16)}
 
 
 @pytest.mark.parametrize("text, words", [
