@@ -71,8 +71,10 @@ def load_json(path: str, want_object: bool = True) -> Any:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        cut = " (cut short?)" if e.pos >= len(text.rstrip()) else ""
-        raise damaged(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}{cut})") from None
+        # It ends where the text does, or in a string the text ends inside.
+        cut = " (cut short?)" if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string") else ""
+        what = e.msg.removesuffix(" at")  # "Unterminated string starting at" (at the line and column)
+        raise damaged(path, f"not valid JSON ({what} at line {e.lineno}, column {e.colno}{cut})") from None
     except ValueError:  # not UTF-8 text
         raise damaged(path, "not JSON text (not UTF-8)") from None
     if want_object and not isinstance(data, dict):
