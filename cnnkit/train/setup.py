@@ -129,6 +129,10 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         batches = -(-len(train_set) // cfg.batch_size)
         print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
               f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
+    if cfg.num_samples and not cfg.smoke and ctx.main and not saved and cfg.data != "shapes" \
+            and len(train_set) < cfg.num_samples:
+        print(f"cnnkit: note: --num-samples {cfg.num_samples:,}: the training data has only {len(train_set):,} "
+              "images; it trains on all of them", file=log)
     steps, left = divmod(len(train_set), cfg.batch_size)  # a full last batch only: drop_last, below
     if ctx.main and not saved and not cfg.overfit_batches and steps < FEW_STEPS:
         # A recipe's batch size (--recipe fast: 1000) on a small folder leaves one or two updates an epoch.

@@ -206,6 +206,19 @@ def test_overfit_batches_says_when_the_data_has_fewer_batches(tmp_path):
     assert f"--overfit-batches 20: memorised the 7 batches at epoch {epoch}" in proc.stderr
 
 
+def test_num_samples_beyond_the_data_says_it_trains_on_all(tmp_path):
+    import cnnkit
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(str(tmp_path / "images"))  # 32 images: 28 training
+    log = io.StringIO()
+    result = cnnkit.train(data=data, num_samples=5000, epochs=1, out=str(tmp_path / "run"), precision="fp32",
+                          progress=False, log=log)
+    assert result.num_train == 28
+    assert "cnnkit: note: --num-samples 5,000: the training data has only 28 images; it trains on all of them" \
+        in log.getvalue().splitlines(), log.getvalue()
+
+
 def test_overfit_batches_refuses_val_data_before_any_work(tmp_path):
     from tests.conftest import run_cli
 
