@@ -741,7 +741,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.resume:  # once here, rather than from every process, each line under torchrun's report
             _check_before_launch(args.config, given)
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
-    log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    log = open(os.devnull, "w", errors="ignore") if args.quiet else sys.stderr if args.json else sys.stdout
     diverged = None
     try:
         result = train(args.config, log=log, resume=args.resume, **given)
@@ -816,7 +816,7 @@ def _given_train_options(args: argparse.Namespace) -> dict:
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from cnnkit.training import lr_find
 
-    log = open(os.devnull, "w") if args.quiet else sys.stderr if args.json else sys.stdout
+    log = open(os.devnull, "w", errors="ignore") if args.quiet else sys.stderr if args.json else sys.stdout
     r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out, log=log,
                 **_given_train_options(args))
     if args.json:
@@ -1126,6 +1126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     import warnings
+
+    # A file name that is not UTF-8 comes from the file system with surrogate escapes; printed (a warning naming
+    # the image, a prediction's row), strict encoding would fail the command: its bytes are shown escaped instead.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "strict") == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
     # An image over the pixel limit gets cnnkit's one line naming the file; Pillow's two-line warning about the same
     # image (DecompressionBombWarning, matched by its text so that PIL need not be imported here) would precede it.

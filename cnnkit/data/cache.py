@@ -45,7 +45,7 @@ def files_fingerprint(root: str, files: list[str]) -> str:
         except OSError as e:  # a dangling link or a link loop: part of the key, reported when decoding
             stamp = f"error {e.errno}"
         relative = f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)
-        h.update(f"{relative}\0{stamp}\n".encode())
+        h.update(f"{relative}\0{stamp}\n".encode("utf-8", "surrogateescape"))  # names that are not UTF-8 too
     return h.hexdigest()
 
 

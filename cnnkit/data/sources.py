@@ -68,7 +68,9 @@ def fingerprint(data: ImageSet) -> dict[str, Any]:
     h = hashlib.sha256()
     if data.paths is not None:
         prefix = os.path.join(data.source, "")
-        h.update("\n".join(p[len(prefix):] if p.startswith(prefix) else p for p in data.paths).encode())
+        # (a name that is not UTF-8 comes back from os.walk with surrogate escapes: encoded back to its bytes)
+        h.update("\n".join(p[len(prefix):] if p.startswith(prefix) else p for p in data.paths)
+                 .encode("utf-8", "surrogateescape"))
     h.update(data.labels.to(torch.int64).numpy().tobytes())
     return {"images": len(data), "hash": h.hexdigest()[:16]}
 
@@ -337,9 +339,10 @@ def _split_folders(root: str, classes: list[str]) -> str | None:
         return f"{problem}; pass one of them as the data, e.g. {os.path.join(root, classes[0])}"
     train, val = os.path.join(root, train), val and os.path.join(root, val)
     if val is None:
-        return f"{problem}; pass {train} as the data (cnnkit train --data {train})"
+        return f"{problem}; pass {train} as the data (to train: cnnkit train --data {train})"
     # check-data takes the data as its argument, train and eval as --data
-    return f"{problem}; pass {train} as the data and {val} as --val-data (cnnkit train --data {train} --val-data {val})"
+    return (f"{problem}; pass {train} as the data and {val} as --val-data (to train: cnnkit train --data {train} "
+            f"--val-data {val}; to score a run on {val}: cnnkit eval RUN --val-data {val})")
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's

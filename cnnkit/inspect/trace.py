@@ -62,8 +62,9 @@ class TensorInfo:
 
     def spatial(self, shape: torch.Size) -> bool:
         """Whether the tensor still has a spatial layout: a dimension of positions (not mixed with channels,
-        as after ``flatten``) with more than one of them, or one position along each axis that no global operation
-        made (a network that downsamples to 1x1 before its head, unlike global pooling's output)."""
+        as after ``flatten``) with more than one of them, or a single position in a network no global operation
+        has reached yet (one that downsamples to 1x1 before its head, unlike global pooling's output). After a
+        squeeze-and-excitation gate every field is global, and a 1x1 map there does not count."""
         positions = [n for tag, n in zip(self.tags, shape) if tag and tag <= set(AXES)]
         return any(n > 1 for n in positions) or bool(positions) and not any(f.whole for f in self.fields.values())
 

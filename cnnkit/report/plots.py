@@ -18,6 +18,7 @@ no pyplot state, so it works on a server and from threads):
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import textwrap
@@ -62,12 +63,15 @@ def read_steps(run_dir: str) -> list[tuple[int, int, float]]:
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in reader]
-        except (KeyError, TypeError, ValueError, csv.Error) as e:
-            what = f"no {e} column" if isinstance(e, KeyError) else f"line {reader.line_num} is not epoch,step,loss,..."
-            raise damaged(path, what) from None
+        text = f.read()
+    # A run appends its steps at each epoch's end while it trains: a last line without its newline is one being
+    # written now, not damage (a report made during training draws the steps before it).
+    reader = csv.DictReader(io.StringIO(text if text.endswith("\n") else text[: text.rfind("\n") + 1], newline=""))
+    try:
+        return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in reader]
+    except (KeyError, TypeError, ValueError, csv.Error) as e:
+        what = f"no {e} column" if isinstance(e, KeyError) else f"line {reader.line_num} is not epoch,step,loss,..."
+        raise damaged(path, what) from None
 
 
 def read_json(run_dir: str, name: str) -> Any:

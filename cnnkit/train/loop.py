@@ -237,7 +237,7 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
     machine = start_machine(cfg)
     ctx = distributed.setup(machine.device)  # one process, or one of torchrun's: only rank 0 prints and writes
     if not ctx.main:
-        log = open(os.devnull, "w")
+        log = open(os.devnull, "w", errors="ignore")
     cfg, lr_search = resolve_auto_lr(cfg, log, ctx)  # --lr auto: the range test's suggestion, before anything else
     pieces = build_run(cfg, machine, log, ctx, saved)
     if cfg.decode == "auto" and pieces.train_set.images is None:

@@ -129,8 +129,8 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         batches = -(-len(train_set) // cfg.batch_size)
         print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
               f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
-    if cfg.num_samples and not cfg.smoke and ctx.main and not saved and cfg.data != "shapes" \
-            and len(train_set) < cfg.num_samples:
+    if cfg.num_samples and not cfg.smoke and not cfg.overfit_batches and ctx.main and not saved \
+            and cfg.data != "shapes" and len(train_set) < cfg.num_samples:
         print(f"cnnkit: note: --num-samples {cfg.num_samples:,}: the training data has only {len(train_set):,} "
               "images; it trains on all of them", file=log)
     steps, left = divmod(len(train_set), cfg.batch_size)  # a full last batch only: drop_last, below
@@ -147,8 +147,10 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
                              input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
     except UserError as e:
-        # the options' own errors ("convnet: head must be one of ..."), not the pretrained weights' (their cache)
-        if cfg.model_options and not (cfg.pretrained and "pretrained" in str(e)):
+        # the options' own errors ("convnet: head must be one of ..."), which name the model or the option; not
+        # those of other settings (--input-size too small) or of the pretrained weights (their cache)
+        about_options = str(e).startswith(f"{cfg.model}:") or any(key in str(e) for key in cfg.model_options)
+        if cfg.model_options and about_options and not (cfg.pretrained and "pretrained" in str(e)):
             raise ModelOptionsError(str(e)) from None
         raise
     start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
@@ -246,7 +248,7 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
         name, shape = single[0]
         where = f"a {'x'.join(map(str, shape))} map" if shape else "a single value per channel"
         no_bn = " or --model-opt batchnorm=false" if cfg.model == "convnet" else ""
-        if cfg.batch_size // world == 1:
+        if cfg.batch_size // world == 1 and len(train_set) // world > 1:
             cause = f"--batch-size {cfg.batch_size}" + (f" over {world} processes" if world > 1 else "")
             fix = (f"use a --batch-size of {2 * world} or more (or a larger --input-size, fewer downsampling "
                    f"stages{no_bn})")

@@ -255,3 +255,22 @@ def test_hostile_input_gets_one_line_and_exit_2_within_time_and_memory(tmp_path,
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert words in proc.stderr and "internal error" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("budget", [None, "100"])  # decoded in memory, and streamed from the files
+def test_file_names_that_are_not_utf8_train_with_their_warnings_printed(tmp_path, budget):
+    # os.walk gives such a name (a Latin-1 archive's) with surrogate escapes: hashing it for the cache or the run's
+    # data fingerprint, or printing a warning that names it, must not fail the run.
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=6, size=16, classes=2)
+    first, second = sorted(os.listdir(data))
+    source = os.path.join(data, first, sorted(os.listdir(os.path.join(data, first)))[0])
+    for folder in (first, second):  # the same image in both classes: a warning that names the two files
+        with open(source, "rb") as f, open(os.path.join(data.encode(), folder.encode(), b"caf\xe9.png"), "wb") as g:
+            g.write(f.read())
+    env = {"CNNKIT_MEMORY_BUDGET": budget} if budget else {}
+    for quiet in ([], ["--quiet"]):
+        proc = run_cli("train", "--data", data, "--epochs", "1", "--precision", "fp32", *quiet,
+                       "--out", tmp_path / f"run{len(quiet)}", env={**env, "PYTHONIOENCODING": "utf-8:strict"})
+        assert proc.returncode == 0, proc.stderr
+        if not quiet and not budget:
+            assert "caf\\udce9.png" in proc.stdout + proc.stderr  # the warning, its bytes shown escaped

@@ -390,3 +390,14 @@ def test_a_loss_column_left_empty_does_not_break_the_curves(run, tmp_path):
     from cnnkit.report.plots import write_plots
 
     assert sorted(write_plots(str(folder))) == ["confusion", "curves", "lr", "top_losses"]
+
+
+def test_a_steps_file_being_appended_is_read_up_to_its_last_whole_line(tmp_path):
+    # a report made while the run writes an epoch's steps: the line being written is no damage
+    from cnnkit.report.plots import read_steps
+
+    (tmp_path / "steps.csv").write_text("epoch,step,loss,lr\n1,1,2.3,0.1\n1,2,2.2,0.")
+    assert read_steps(str(tmp_path)) == [(1, 1, 2.3)]
+    (tmp_path / "steps.csv").write_text("epoch,step,loss,lr\n1,1,2.3,0.1\n1,x,2.2,0.1\n")
+    with pytest.raises(UserError, match="steps.csv is damaged: line 3 is not epoch,step,loss"):
+        read_steps(str(tmp_path))

@@ -194,3 +194,11 @@ def test_long_texts_and_many_keys_give_a_short_message(tmp_path, text, words):
         cnnkit.train(config=str(tmp_path / "run.yaml"), num_samples=64, smoke=True, out=str(tmp_path / "run"),
                      progress=False)
     assert words in str(e.value) and len(str(e.value)) < 300, str(e.value)[:500]
+
+
+def test_an_error_of_another_option_is_not_blamed_on_the_files_model_options(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: convnet\nmodel_options: {head: gap}\n")
+    proc = run_cli("train", "--config", tmp_path / "run.yaml", "--data", "shapes", "--input-size", "3", "--epochs", "1",
+                   "--out", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stderr.startswith("cnnkit train: error: input size 3 is too small"), proc.stderr
+    assert "model_options" not in proc.stderr
