@@ -28,7 +28,7 @@ from cnnkit.train import distributed
 from cnnkit.train.config import NO_FLIP_DATA, TrainConfig
 from cnnkit.train.mix import Mix
 from cnnkit.train.precision import resolve_device, resolve_precision
-from cnnkit.transfer import load_weights
+from cnnkit.transfer import load_weights, plan_stages, trainable_modules
 
 # Fewer batches an epoch than this get a note: so few steps barely move the weights.
 FEW_STEPS = 10
@@ -222,10 +222,14 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
     """Raise a UserError when training batches of one image (per process) would reach a BatchNorm layer as a 1x1
     map: its batch statistics need more than one value per channel, and torch refuses that at the first step,
     after the run folder exists. One forward pass of zeros in eval mode finds the map sizes; only then is it run.
-    Runs that freeze layers are left alone: a frozen BatchNorm uses its running statistics and takes one value."""
-    if min(cfg.batch_size, len(train_set)) // world != 1 or cfg.freeze or cfg.unfreeze or cfg.stages:
+    Only the BatchNorm layers some stage trains count: a frozen one uses its running statistics and takes one value
+    (``train_one_epoch`` puts it in eval mode)."""
+    if min(cfg.batch_size, len(train_set)) // world != 1:
         return
-    names = {m: name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    trained = [trainable_modules(model, stage.modules) for stage in plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze,
+                                                                               1, 1.0)]
+    names = {m: name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and any(w == "" or name == w or name.startswith(w + ".") for wanted in trained for w in wanted)}
     if not names:
         return
     single: list[tuple[str, tuple[int, ...]]] = []

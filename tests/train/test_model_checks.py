@@ -51,3 +51,13 @@ def test_batches_of_one_image_on_a_1x1_batchnorm_map_are_refused_before_the_run_
     result = cnnkit.train(**{**SMALL, **options, "out": str(tmp_path / "no_bn"), "lr": 1e-3, "precision": "fp32",
                              "model_options": dict(widths=[8] * 6, downsample="stride", batchnorm=False)})
     assert result is not None and (tmp_path / "no_bn" / "config.json").exists()
+
+
+def test_batches_of_one_image_count_only_the_batchnorm_layers_a_stage_trains(tmp_path):
+    # A frozen BatchNorm takes its running statistics (eval mode): one value per channel is fine there; a layer
+    # that --unfreeze trains needs more, and torch refused it at the first step, after the run folder existed.
+    options = dict(model="convnet", input_size=16, batch_size=1, model_options=dict(widths=[8] * 6, downsample="stride"))
+    words = refused(tmp_path, **options, unfreeze="features.5,head")
+    assert words.startswith("--batch-size 1 gives batches of one image, which BatchNorm layer features.5.1 would see")
+    result = cnnkit.train(**{**SMALL, **options, "freeze": "backbone", "precision": "fp32", "out": str(tmp_path / "r")})
+    assert result.epochs_run == 1
