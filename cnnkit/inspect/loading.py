@@ -42,6 +42,7 @@ class InspectedModel:
     std: list[float]
     classes: list[str] | None = None  # None for an untrained model built from its name
     config: dict[str, Any] | None = None  # the training configuration of a checkpoint
+    epoch: int | None = None  # a checkpoint's: the epochs trained when it was saved
 
 
 def default_input_size(name: str) -> int:
@@ -119,7 +120,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
                             f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
         check_input_size(ckpt.model, shape, (ckpt.channels, ckpt.input_size, ckpt.input_size), ckpt.path)
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
-                              ckpt.config)
+                              ckpt.config, ckpt.epoch)
     if os.sep in model_or_run or is_model_file(model_or_run):
         raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
     check_model_name(model_or_run)

@@ -77,7 +77,7 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
     a square, or None for the model's own size). The model is left as it was (modes, BatchNorm statistics)."""
     target = load_model(model_or_run, input_size, num_classes, meta=True, **options)
     model = target.model
-    trained = _as_trained(model, target.config) if target.config is not None else None
+    trained = _as_trained(model, target.config, target.epoch) if target.config is not None else None
     with inspecting(model):
         t = trace(model, target.input_shape)
     rows = []
@@ -96,16 +96,20 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
                    t.macs, t.activation_bytes, param_bytes, t.output_shape, t.unknown_ops, trained)
 
 
-def _as_trained(model: nn.Module, config: dict[str, Any]) -> str | None:
-    """A checkpoint's freshly loaded ``model`` with the parameters its run's last stage trained (``--freeze``,
-    ``--unfreeze``, ``--stages``) as the trainable ones, the others frozen, as training left them; what that stage
-    trained, or None when it trained everything."""
+def _as_trained(model: nn.Module, config: dict[str, Any], epoch: int | None) -> str | None:
+    """A checkpoint's freshly loaded ``model`` with the parameters that the stage of its run (``--freeze``,
+    ``--unfreeze``, ``--stages``) which trained its ``epoch`` trained as the trainable ones, the others frozen, as
+    training left them; what that stage trained, or None when it trained everything."""
     plan = plan_stages(config.get("stages"), config.get("freeze"), config.get("unfreeze"), 1, 1.0)
-    modules = plan[-1].modules
+    index, last_epoch = 0, plan[0].epochs
+    while index < len(plan) - 1 and (epoch or 1) > last_epoch:  # best.pt of stage 1 is no later stage's
+        index += 1
+        last_epoch += plan[index].epochs
+    modules = plan[index].modules
     if modules is None or "all" in modules:
         return None
     set_trainable(model, modules)
-    which = f"the run's stage {len(plan)} of {len(plan)}" if len(plan) > 1 else "the run"
+    which = f"the run's stage {index + 1} of {len(plan)}" if len(plan) > 1 else "the run"
     return f"as {which} trained them: {'+'.join(modules)}"
 
 

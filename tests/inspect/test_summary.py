@@ -57,21 +57,23 @@ def test_frozen_parameters_and_checkpoints(trained_run):
     assert cnnkit.summary(trained_run).total_params == 620_362
 
 
-@pytest.mark.parametrize("config, trainable, note", [
-    ({"freeze": "backbone"}, 40_970, "as the run trained them: head"),
-    ({"stages": "classifier:2@1e-3,features.4+classifier:3@1e-4"}, 40_970 + 18_432,
+@pytest.mark.parametrize("config, epoch, trainable, note", [
+    ({"freeze": "backbone"}, 5, 40_970, "as the run trained them: head"),
+    ({"stages": "classifier:2@1e-3,features.4+classifier:3@1e-4"}, 5, 40_970 + 18_432,
      "as the run's stage 2 of 2 trained them: features.4+classifier"),
-    ({"stages": "classifier:2@1e-3,all:3@1e-4"}, 60_458, None),
+    ({"stages": "classifier:2@1e-3,features.4+classifier:3@1e-4"}, 2, 40_970,  # a best.pt of stage 1
+     "as the run's stage 1 of 2 trained them: classifier"),
+    ({"stages": "classifier:2@1e-3,all:3@1e-4"}, 3, 60_458, None),
 ])
-def test_a_run_that_froze_part_of_the_model_is_summarised_as_it_trained(tmp_path, config, trainable, note):
-    # A checkpoint's parameters load trainable; the run trained only what its (last) stage unfroze.
+def test_a_run_that_froze_part_of_the_model_is_summarised_as_it_trained(tmp_path, config, epoch, trainable, note):
+    # A checkpoint's parameters load trainable; the run trained only what the stage of its epoch unfroze.
     from cnnkit.checkpoint import make_payload, save_checkpoint
 
     model = cnnkit.create_model("cnn_bn")
     config = {"stages": None, "freeze": None, "unfreeze": None, "epochs": 5, **config}
     path = tmp_path / "run.pt"
-    save_checkpoint(make_payload(model, [str(i) for i in range(10)], 32, 3, [0.5] * 3, [0.25] * 3, config=config),
-                    str(path))
+    save_checkpoint(make_payload(model, [str(i) for i in range(10)], 32, 3, [0.5] * 3, [0.25] * 3, config=config,
+                                 epoch=epoch), str(path))
     s = cnnkit.summary(str(path))
     assert (s.total_params, s.trainable_params, s.frozen_params) == (60_458, trainable, 60_458 - trainable)
     assert s.trained == note
