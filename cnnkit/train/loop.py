@@ -210,21 +210,26 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         t = _set_up(cfg, log or sys.stdout, saved)
     except ModelOptionsError as e:
         raise model_options_error(e, None if saved else config, overrides) from None
-    _open_run_folder(t, saved, resume, callbacks)
-    callbacks.on_start(t)
-    start = time.perf_counter()
-    with StopSignals() as stop, _divergence(t, start, wall_start):
-        for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
-            t.epoch = epoch
-            _train_epoch(t, stop)
-            _check_epoch_weights(t, "this epoch was neither validated nor saved")
-            row = _validate(t, callbacks)
-            _save_epoch(t, row)
-            if t.state.stop_reason:
-                if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
-                    print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at epoch "
-                          f"{t.state.best_epoch}", file=t.log)
-                break
+    with StopSignals() as stop:
+        # Every process catches the signals before any of them writes the run folder: a signal that reached one
+        # still on its way ended it at once (the default handler), and the others failed in their next collective
+        # ("Connection reset by peer") instead of stopping with a save.
+        distributed.barrier(t.ctx)
+        _open_run_folder(t, saved, resume, callbacks)
+        callbacks.on_start(t)
+        start = time.perf_counter()
+        with _divergence(t, start, wall_start):
+            for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
+                t.epoch = epoch
+                _train_epoch(t, stop)
+                _check_epoch_weights(t, "this epoch was neither validated nor saved")
+                row = _validate(t, callbacks)
+                _save_epoch(t, row)
+                if t.state.stop_reason:
+                    if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
+                        print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at "
+                              f"epoch {t.state.best_epoch}", file=t.log)
+                    break
     return _finish(t, callbacks, start, wall_start)
 
 
