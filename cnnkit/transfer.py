@@ -159,6 +159,21 @@ def trainable_modules(model: nn.Module, names: list[str] | None) -> list[str]:
     return wanted
 
 
+def is_within(name: str, modules: list[str]) -> bool:
+    """Whether the parameter or module ``name`` lies in one of ``modules`` (qualified names; "" is the model)."""
+    return any(m == "" or name == m or name.startswith(m + ".") for m in modules)
+
+
+def stage_at(stages: list[Stage], epoch: int) -> int:
+    """The index of the stage that trains ``epoch`` (1-based; the last stage for any epoch past the plan)."""
+    last = 0
+    for index, stage in enumerate(stages):
+        last += stage.epochs
+        if epoch <= last:
+            return index
+    return len(stages) - 1
+
+
 def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
     """Train only the modules named in ``names`` (qualified names such as ``layer4`` or ``classifier.6``;
     ``head`` means the classifier head, ``all`` everything); ``None`` trains everything.
@@ -169,8 +184,7 @@ def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:
     never_run = tuple(getattr(model, "unused_stages", ()))
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad = (any(w == "" or name == w or name.startswith(w + ".") for w in wanted)
-                           and name.split(".")[0] not in never_run)
+        p.requires_grad = is_within(name, wanted) and name.split(".")[0] not in never_run
         if p.requires_grad:
             trainable.append(name)
     return trainable

@@ -17,7 +17,7 @@ import torch.nn as nn
 from cnnkit.inspect.hooks import inspecting
 from cnnkit.inspect.loading import load_model
 from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, TensorInfo, trace
-from cnnkit.transfer import plan_stages, set_trainable
+from cnnkit.transfer import plan_stages, set_trainable, stage_at
 
 
 @dataclass
@@ -101,10 +101,7 @@ def _as_trained(model: nn.Module, config: dict[str, Any], epoch: int | None) -> 
     ``--unfreeze``, ``--stages``) which trained its ``epoch`` trained as the trainable ones, the others frozen, as
     training left them; what that stage trained, or None when it trained everything."""
     plan = plan_stages(config.get("stages"), config.get("freeze"), config.get("unfreeze"), 1, 1.0)
-    index, last_epoch = 0, plan[0].epochs
-    while index < len(plan) - 1 and (epoch or 1) > last_epoch:  # best.pt of stage 1 is no later stage's
-        index += 1
-        last_epoch += plan[index].epochs
+    index = stage_at(plan, epoch or 1)  # a best.pt of stage 1 is no later stage's
     modules = plan[index].modules
     if modules is None or "all" in modules:
         return None

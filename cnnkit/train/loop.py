@@ -55,7 +55,9 @@ from cnnkit.train.setup import (
     SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
     start_machine,
 )
-from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable, trainable_modules
+from cnnkit.transfer import (
+    Stage, freeze_batchnorm_stats, plan_stages, set_trainable, stage_at, trainable_modules,
+)
 
 MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
@@ -267,7 +269,7 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         # the default count, training chooses it from the time its batches take (cnnkit/threads.py).
         t.governor = ThreadGovernor(machine.threads)
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
-    t.stage = _start_stage(t, max(i for i, first in enumerate(plan.first_epochs) if first <= next_epoch))
+    t.stage = _start_stage(t, stage_at(plan.stages, next_epoch))
     return t
 
 
@@ -344,7 +346,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
               f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
     params = sum(w.numel() for w in t.model.parameters())
-    trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)  # the current stage's
+    trainable = _trainable_count(t.model)  # the current stage's
     threads = t.machine.threads
     processes = f"{t.ctx.world} processes x " if t.ctx.world > 1 else ""
     print(f"cnnkit: {cfg.model} ({params:,} parameters{f', {trainable:,} trainable' if trainable < params else ''}) "
@@ -416,7 +418,7 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
         t.stage = _start_stage(t, t.stage.index + 1)
         _write_json(t.run_dir, "stages.json", t.stage_log)
         stage = t.plan.stages[t.stage.index]
-        trainable = sum(w.numel() for w in t.model.parameters() if w.requires_grad)
+        trainable = _trainable_count(t.model)
         print(f"cnnkit: stage {t.stage.index + 1} of {len(t.plan.stages)} from epoch {epoch}: training "
               f"{', '.join(stage.modules or ['all'])} ({trainable:,} parameters) at lr {stage.lr:g} for "
               f"{stage.epochs} epoch(s)", file=t.log)
@@ -446,6 +448,11 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
                                   f"{last_path}. Continue with: {_resume_command(t)}")
         stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
         raise stopped
+
+
+def _trainable_count(model: nn.Module) -> int:
+    """The parameters the current stage trains."""
+    return sum(w.numel() for w in model.parameters() if w.requires_grad)
 
 
 def _resume_command(t: Training) -> str:

@@ -28,7 +28,7 @@ from cnnkit.train import distributed
 from cnnkit.train.config import NO_FLIP_DATA, TrainConfig
 from cnnkit.train.mix import Mix
 from cnnkit.train.precision import resolve_device, resolve_precision
-from cnnkit.transfer import load_weights, plan_stages, trainable_modules
+from cnnkit.transfer import is_within, load_weights, plan_stages, trainable_modules
 
 # Fewer batches an epoch than this get a note: so few steps barely move the weights.
 FEW_STEPS = 10
@@ -229,7 +229,7 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
     trained = [trainable_modules(model, stage.modules) for stage in plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze,
                                                                                1, 1.0)]
     names = {m: name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and any(w == "" or name == w or name.startswith(w + ".") for wanted in trained for w in wanted)}
+             and any(is_within(name, wanted) for wanted in trained)}
     if not names:
         return
     single: list[tuple[str, tuple[int, ...]]] = []
