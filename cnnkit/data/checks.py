@@ -188,13 +188,14 @@ def check_splits(
         # often enough (2% of its validation set) that every demo run would warn about its own data.
         notes.append("the generated shapes data is not checked for duplicates (independent random draws)")
     elif checked:
-        conflicts = label_conflicts(train, val)
+        prints = (_fingerprints(train), _fingerprints(val))  # the images hashed once, for both searches
+        conflicts = label_conflicts(train, val, prints[0][1], prints[1][1])
         if conflicts:
             (a, ca), (b, cb) = conflicts[0][:2]
             warnings.append(f"{len(conflicts)} image(s) appear under two or more classes with identical pixels, e.g. "
                             f"{a} ({ca}) = {b} ({cb}): training is told both labels, at most one of them right; "
                             "keep each image in the folder of its class")
-        duplicates = find_duplicates(train, val, threshold)
+        duplicates = find_duplicates(train, val, threshold, prints)
         if duplicates:
             exact = sum(d.exact for d in duplicates)
             first = duplicates[0]
@@ -294,15 +295,16 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
 
 
-def label_conflicts(train: ImageSet, val: ImageSet) -> list[list[tuple[str, str]]]:
-    """Images held under two or more classes: for each set of identical images (the same pixels after decoding)
-    whose labels differ, across both splits, its (image, class) pairs, one per class. Sets in memory only (a
-    streamed one is compared by thumbnails in ``find_duplicates``, too coarse to call two labels a conflict)."""
+def label_conflicts(train: ImageSet, val: ImageSet, train_digests: list[bytes],
+                    val_digests: list[bytes]) -> list[list[tuple[str, str]]]:
+    """Images held under two or more classes: for each set of identical images (the same pixels after decoding:
+    ``_fingerprints``' digests) whose labels differ, across both splits, its (image, class) pairs, one per class.
+    Sets in memory only (a streamed one's digests are of thumbnails, too coarse to call two labels a conflict)."""
     if train.images is None or val.images is None:
         return []
     seen: dict[bytes, dict[str, str]] = {}
-    for data, split in ((train, "train"), (val, "val")):
-        for i, digest in enumerate(_digests(data.images)):
+    for data, split, digests in ((train, "train", train_digests), (val, "val", val_digests)):
+        for i, digest in enumerate(digests):
             seen.setdefault(digest, {}).setdefault(data.classes[int(data.labels[i])], _name(data, i, split))
     return [[(image, c) for c, image in by_class.items()] for by_class in seen.values() if len(by_class) > 1]
 
@@ -311,11 +313,12 @@ def _name(data: ImageSet, index: int, split: str) -> str:
     return data.paths[index] if data.paths is not None else f"{data.source} {split} #{index}"
 
 
-def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THRESHOLD) -> list[Duplicate]:
+def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THRESHOLD,
+                    prints: tuple[tuple[np.ndarray, list[bytes]], ...] | None = None) -> list[Duplicate]:
     """Every validation image with a training image within ``threshold`` bits (or identical pixels), closest
-    first: an exact match if there is one, else the nearest by Hamming distance."""
-    train_hash, train_digest = _fingerprints(train)
-    val_hash, val_digest = _fingerprints(val)
+    first: an exact match if there is one, else the nearest by Hamming distance. ``prints``: both sets'
+    ``_fingerprints``, where the caller has them."""
+    (train_hash, train_digest), (val_hash, val_digest) = prints or (_fingerprints(train), _fingerprints(val))
     same_pixels = {d: i for i, d in enumerate(train_digest)}
     found = []
     for start in range(0, len(val_hash), _COMPARE_ROWS):
