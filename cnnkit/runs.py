@@ -32,14 +32,6 @@ class RunInfo:
     # result.json or metrics.csv there but unreadable: `cnnkit report` says what is wrong with it)
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
 
 # What to do about a damaged file of a run, by name: config.json holds the settings nothing else records in full;
 # the others can go (a run without result.json is reported as stopped, one without metrics.csv without its curves).
@@ -80,6 +72,15 @@ def load_json(path: str, want_object: bool = True) -> Any:
     if want_object and not isinstance(data, dict):
         raise damaged(path, f"a JSON {type(data).__name__} where a JSON object is expected")
     return data
+
+
+def _read_json(path: str) -> dict | None:
+    """``load_json`` for readers a damaged file must not stop (whether a run diverged, its rate): None for it,
+    as for a missing one; ``cnnkit report`` names what is wrong with it."""
+    try:
+        return load_json(path)
+    except UserError:
+        return None
 
 
 def load_history(run_dir: str) -> list[dict[str, str]]:

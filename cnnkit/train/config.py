@@ -263,8 +263,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         try:
             values = json.loads(text, object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
-            raise UserError(f"--config {path}: key {e.key} is given twice{e.where}; keep one (the last would "
-                            "silently win)") from None
+            raise e.error(path) from None
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         except RecursionError:
@@ -297,6 +296,10 @@ class _DuplicateKey(Exception):
         super().__init__(key)
         self.key = key if isinstance(key, str) and len(key) <= 40 else shown(key)
         self.where = f" (the second at line {line})" if line is not None else ""
+
+    def error(self, path: str) -> UserError:
+        return UserError(f"--config {path}: key {self.key} is given twice{self.where}; keep one (the last would "
+                         "silently win)")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -359,8 +362,7 @@ def _load_yaml(text: str, path: str) -> Any:
                                     "of training options")
         return yaml.load(text, Loader=_unique_key_loader())
     except _DuplicateKey as e:
-        raise UserError(f"--config {path}: key {e.key} is given twice{e.where}; keep one (the last would silently "
-                        "win)") from None
+        raise e.error(path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
