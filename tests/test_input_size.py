@@ -3,6 +3,7 @@ data's own), and a run's model that cannot take the size asked for is a one-line
 
 import numpy as np
 import pytest
+import torch
 
 import cnnkit
 from cnnkit.embed import embed, probe
@@ -67,3 +68,23 @@ def test_weights_of_a_run_trained_at_another_size_name_that_size(folders, tmp_pa
                                         r"for 32x32: pass --input-size 16"):
         cnnkit.train(model="simple_cnn", data=data, weights=run, input_size=32, epochs=1, progress=False,
                      out=str(tmp_path / "run"))
+
+
+class _WidthChecked(torch.nn.Module):
+    """A model that checks its input width with `assert`, as torchvision's ViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        assert x.shape[-1] == 16, f"Wrong image width! Expected 16 but got {x.shape[-1]}!"
+        return self.conv(x).mean((2, 3))
+
+
+def test_a_model_asserting_its_size_is_a_one_line_error_not_an_internal_one():
+    # an AssertionError from the model's forward pass was "internal error: ... please report it"
+    with pytest.raises(UserError, match=r"cannot run on 3x16x20 \(Wrong image width! Expected 16 but got 20!\)"):
+        check_input_size(_WidthChecked(), (3, 16, 20), (3, 16, 16), "run r")
+    with pytest.raises(UserError, match=r"cannot take a 3x16x20 input \(Wrong image width"):
+        cnnkit.summary(_WidthChecked(), input_size=(3, 16, 20))

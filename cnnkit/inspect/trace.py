@@ -37,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field
+from cnnkit.models.sizes import SIZE_ERRORS
 
 # The footnote of a receptive field marked "*": which layers make a unit see every pixel, simple_cnn's
 # flattened-map linear layer as much as a global pool.
@@ -500,7 +501,7 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
         with tracer:
             tracer.info[x] = input_info(input_shape)
             out = model(x)
-    except RuntimeError as e:
+    except SIZE_ERRORS as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if meta and "meta" in message.lower():
             return trace(model, input_shape, meta=False)

@@ -15,6 +15,9 @@ import torch.nn as nn
 from cnnkit.errors import UserError
 from cnnkit.modes import eval_mode
 
+# What a model's forward pass raises for an input size it cannot take: PyTorch's shape errors, and the `assert` or
+# ValueError with which some models check the size themselves (torchvision's ViT: "Wrong image width!").
+SIZE_ERRORS = (RuntimeError, AssertionError, ValueError)
 
 def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[int, int, int], label: str) -> None:
     """Raise a UserError unless ``model`` runs on one image of ``shape`` (C, H, W pixels). ``own`` is the shape it
@@ -28,7 +31,7 @@ def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[i
     try:
         with torch.no_grad(), eval_mode(model):
             model(x)
-    except RuntimeError as e:
+    except SIZE_ERRORS as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
         c, h, w = own
         size = f"{h}" if h == w else f"{c} {h} {w}"

@@ -139,6 +139,14 @@ def test_a_model_name_at_a_non_square_size_is_told_to_take_a_square_one():
     assert "cannot take a 3x224x8 input" in str(e.value) and "use a larger --input-size" in str(e.value)
 
 
+def test_a_model_that_asserts_its_input_size_gets_the_square_size_advice():
+    # torchvision's ViT checks the size with `assert`: that was "internal error: AssertionError ... please report it"
+    with pytest.raises(UserError) as e:
+        cnnkit.summary("vit_b_16", input_size=(3, 224, 160))
+    assert "model 'vit_b_16' is built for a square input (224x224" in str(e.value)
+    assert "Wrong image width" in str(e.value) and str(e.value).endswith("--input-size 3 224 224")
+
+
 @pytest.mark.parametrize("downsample", ["max", "avg"])
 def test_a_gap_convnet_too_small_for_its_input_is_a_user_error(downsample):
     with pytest.raises(UserError, match="input size 16 is too small for this network.*fewer downsampling stages"):
