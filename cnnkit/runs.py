@@ -55,11 +55,15 @@ def load_json(path: str, want_object: bool = True) -> Any:
     wanted, not a JSON object is a UserError naming it and what is wrong."""
     try:
         with open(path, "rb") as f:
-            text = f.read()
+            raw = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+    try:
+        text = raw.decode(json.detect_encoding(raw))  # decoded here, so that positions count characters
+    except UnicodeDecodeError:
+        raise damaged(path, "not JSON text (not UTF-8)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -67,8 +71,6 @@ def load_json(path: str, want_object: bool = True) -> Any:
         cut = " (cut short?)" if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string") else ""
         what = e.msg.removesuffix(" at")  # "Unterminated string starting at" (at the line and column)
         raise damaged(path, f"not valid JSON ({what} at line {e.lineno}, column {e.colno}{cut})") from None
-    except ValueError:  # not UTF-8 text
-        raise damaged(path, "not JSON text (not UTF-8)") from None
     if want_object and not isinstance(data, dict):
         raise damaged(path, f"a JSON {type(data).__name__} where a JSON object is expected")
     return data
