@@ -226,9 +226,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
         kept = (f"keeping the {cfg.optimizer} default {default:g}" if method == FLAT_METHOD else
                 f"the {cfg.optimizer} default {default:g} capped at {suggestion:.3g}, {share} of the {blowup_lr:.3g} "
                 "at which the loss blew up")
-        if not diverged:  # the sweep may simply have stopped below the rates that move the loss
-            print(f"cnnkit: the loss neither fell nor blew up by lr {lrs[-1]:.3g}, where the range test ended: the "
-                  f"rates that move it may lie beyond ({_beyond(end_lr, for_train)}); {kept}", file=log)
+        if not diverged:
+            print(_flat_message(lrs, smoothed, diverge, _beyond(end_lr, for_train), kept), file=log)
         else:
             chance, typical = math.log(len(run.classes)), sorted(smoothed)[len(smoothed) // 2]
             level = (f"loss about ln({len(run.classes)}) = {chance:.2f}, every prediction alike"
@@ -251,6 +250,25 @@ def _beyond(end_lr: float, for_train: bool) -> str:
     if for_train:
         return f"run cnnkit lr-find with this run's options and --end-lr {end_lr * 10:g} to see further"
     return "raise --end-lr"
+
+
+def _flat_message(lrs: list[float], smoothed: list[float], diverge: float, beyond: str, kept: str) -> str:
+    """What a flat curve that did not blow up saw: a loss that never moved, where the sweep may simply have stopped
+    below the rates that move it (``beyond``: how to see further), or one that rose without falling first, short
+    of ``diverge`` times its minimum (a network with few classes, whose loss starts near ln(classes)): the rates
+    that move it were inside the test, and they only made it worse. ``kept``: the rate kept."""
+    settled = max(1, len(lrs) // 10)
+    start = smoothed[settled]
+    above = [v > (1 + FLAT_DROP) * start for v in smoothed]
+    if not above[-1]:  # (a rise that does not last to the end is noise: a short sweep's smoothed loss wanders)
+        return (f"cnnkit: the loss neither fell nor blew up by lr {lrs[-1]:.3g}, where the range test ended: the "
+                f"rates that move it may lie beyond ({beyond}); {kept}")
+    rise = next(i for i in range(len(above), 0, -1) if not above[i - 1])  # from here on, above to the end
+    peak = max(range(rise, len(smoothed)), key=smoothed.__getitem__)
+    return (f"cnnkit: the loss did not fall at any rate of the range test: the smoothed loss stayed near {start:.3g} "
+            f"up to lr {lrs[rise - 1]:.3g}, then rose to {smoothed[peak]:.3g} by lr {lrs[peak]:.3g}, so the curve "
+            f"cannot rank the rates (the test ran on to lr {lrs[-1]:.3g} because it stops early only once the loss "
+            f"passes {diverge:g}x its minimum); {kept}")
 
 
 def _no_blowup_message(lrs: list[float], smoothed: list[float], low: int, edge: int, diverge: float,

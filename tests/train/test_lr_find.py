@@ -9,7 +9,7 @@ import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import UserError
 from cnnkit.train.lr_find import (EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, MAX_PASSES, MIN_STEPS, TENTH_METHOD,
-                                  _beyond, _no_blowup_message, default_smoothing, default_steps, suggest)
+                                  _beyond, _flat_message, _no_blowup_message, default_smoothing, default_steps, suggest)
 from cnnkit.training import lr_find
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
@@ -106,6 +106,24 @@ def test_a_curve_that_rose_short_of_the_blow_up_test_says_what_it_did():
             f"{peak:.3g} by lr ") in text
     assert (f", so the valley ends inside the test, at lr {r.edge_lr:.3g}; the test ran on to lr {r.lrs[-1]:.3g} "
             "because it stops early only once the loss passes 4x its minimum") in text
+
+
+def test_a_flat_curve_that_rose_without_blowing_up_does_not_send_the_user_past_the_end():
+    # simple_cnn on 108 images of 3 CIFAR-10 classes: the loss sat at ln(3) = 1.1 up to lr 0.19, then rose to 1.36,
+    # short of 4x its minimum; the message said it "neither fell nor blew up by lr 10 ... (raise --end-lr)"
+    lrs = [10 ** (-6 + i / 7) for i in range(50)]  # 1e-6 .. 10
+    smoothed = [1.1 + 0.002 * (i % 3) for i in range(37)] + [1.1 + 0.02 * i for i in range(1, 14)]
+    assert suggest(lrs, smoothed, "onecycle", 0.05)[:2] == (0.05, FLAT_METHOD)
+    rise = next(i for i, v in enumerate(smoothed) if v > 1.05 * smoothed[5])
+    text = _flat_message(lrs, smoothed, 4.0, _beyond(10, False), "keeping the sgd default 0.05")
+    assert text == (f"cnnkit: the loss did not fall at any rate of the range test: the smoothed loss stayed near 1.1 "
+                    f"up to lr {lrs[rise - 1]:.3g}, then rose to 1.36 by lr 10, so the curve cannot rank the rates "
+                    "(the test ran on to lr 10 because it stops early only once the loss passes 4x its minimum); "
+                    "keeping the sgd default 0.05")
+    flat = [1.1 + 0.002 * (i % 3) for i in range(50)]  # never moved: the rates that move it may lie beyond
+    assert _flat_message(lrs, flat, 4.0, _beyond(10, False), "keeping the sgd default 0.05") == (
+        "cnnkit: the loss neither fell nor blew up by lr 10, where the range test ended: the rates that move it may "
+        "lie beyond (raise --end-lr); keeping the sgd default 0.05")
 
 
 def test_a_curve_still_in_its_valley_says_how_to_sweep_further_in_lr_find_and_in_train():
