@@ -74,6 +74,27 @@ def resolve_threads(threads: int | None, workers: int = 0) -> int:
     return _omp_threads() or max(1, usable_cores() - workers)
 
 
+def oversubscribed(threads: int | None) -> str | None:
+    """A warning when ``threads`` (an explicit --threads) is more than the CPUs this process may run on (its
+    affinity mask, at most the cgroup's CPU quota, rounded up): threads beyond them take turns on the same CPUs
+    and every operation waits for the last of them. None when it fits, or when cnnkit chooses the count."""
+    if threads is None:
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity masks
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, -(-quota // 1)))
+    cpus = int(cpus)
+    if threads <= cpus:
+        return None
+    return (f"--threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} this process may run on: "
+            "the extra threads take turns on them and every step waits for the last one; leave out --threads for "
+            f"the default ({resolve_threads(None)} here)")
+
+
 def default_threads(threads: int | None) -> bool:
     """Whether ``threads`` leaves the count to cnnkit: None, and no ``OMP_NUM_THREADS`` that names one."""
     return threads is None and _omp_threads() is None

@@ -10,7 +10,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
-from cnnkit.threads import ThreadGovernor, resolve_threads, usable_cores
+from cnnkit.threads import ThreadGovernor, oversubscribed, resolve_threads, usable_cores
 
 
 def test_explicit_threads_win_and_bad_ones_are_user_errors(monkeypatch):
@@ -29,6 +29,24 @@ def test_default_counts_allowed_cores_less_loader_workers(monkeypatch):
     assert resolve_threads(None, workers=cores) == 1  # never fewer than one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert resolve_threads(None) == 1
+
+
+def test_more_threads_than_cpus_is_warned_about(monkeypatch, tmp_path):
+    # --threads 64 on 2 CPUs was taken without a word, and oversubscribed threads slow every step
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr("cnnkit.threads._cgroup_cpu_quota", lambda: None)
+    assert oversubscribed(None) is None and oversubscribed(1) is None and oversubscribed(2) is None
+    assert oversubscribed(3).startswith("--threads 3 is more than the 2 CPUs this process may run on: the extra "
+                                        "threads take turns on them")
+    monkeypatch.setattr("cnnkit.threads._cgroup_cpu_quota", lambda: 0.5)  # half a CPU's time: one CPU's worth
+    assert "more than the 1 CPU this process" in oversubscribed(2)
+    monkeypatch.undo()
+    one_cpu = {min(os.sched_getaffinity(0))}
+    proc = run_pinned(["train", "--threads", 2, "--epochs", 1, "--num-samples", 64, "--batch-size", 32,
+                       "--out", tmp_path / "run"], one_cpu, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("cnnkit: warning: --threads 2 is more than the 1 CPU this process may run on" in proc.stdout
+            and "leave out --threads for the default (1 here)" in proc.stdout), proc.stdout
 
 
 def run_pinned(args, cpus, tmp_path):

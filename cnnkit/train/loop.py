@@ -35,7 +35,7 @@ from cnnkit.data.sources import fingerprint
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest
-from cnnkit.threads import ThreadGovernor, default_threads
+from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
     make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
@@ -354,6 +354,8 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
           f"validation images of {p.train_set.channels}x{p.train_set.size}x{p.train_set.size} from {cfg.data}; "
           f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {processes}{threads} CPU "
           f"thread{'s' if threads > 1 else ''}{_streaming(t)}; run folder {t.run_dir}", file=log)
+    if t.machine.device.type == "cpu" and (too_many := oversubscribed(cfg.threads)):
+        print(f"cnnkit: warning: {too_many}", file=log)
     if cfg.smoke:
         print(f"cnnkit: smoke run: {t.plan.total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on "
               f"at most {SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model "
