@@ -538,7 +538,7 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     else:
         run.bad_epochs += 1
     if _all_memorised(t) and epoch < t.plan.total_epochs:  # --overfit-batches has shown what it is for
-        run.stop_reason = f"memorised the {_overfit_batches(t)} batches at epoch {epoch}"
+        run.stop_reason = f"memorised the {_batches(_overfit_batches(t))} at epoch {epoch}"
     elif cfg.early_stop and run.bad_epochs >= cfg.early_stop and epoch < t.plan.total_epochs:
         run.stop_reason = (f"early stop after epoch {epoch}: {cfg.monitor} has not improved on "
                            f"{run.stop_best:.4g} by more than {cfg.min_delta:g} for {run.bad_epochs} epochs")
@@ -659,6 +659,10 @@ def _overfit_batches(t: Training) -> int:
     return min(t.cfg.overfit_batches, -(-len(t.pieces.val_set) // t.cfg.batch_size))
 
 
+def _batches(n: int) -> str:
+    return f"{n} batch{'es' if n != 1 else ''}"
+
+
 def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: int, epochs: int,
                     asked: int | None = None) -> str:
     """Whether ``--overfit-batches`` memorised its batches: ``acc`` and ``loss`` in eval mode on the very
@@ -667,7 +671,7 @@ def overfit_verdict(acc: float, loss: float, images: int, batches: int, epoch: i
     head = f"cnnkit: --overfit-batches {asked or batches}: "
     if acc == 1.0:
         early = f"; stopped there, {epochs - epoch} of {epochs} epochs early" if epoch < epochs else ""
-        return head + (f"memorised the {batches} batches at epoch {epoch}: the model and loss can fit; all "
+        return head + (f"memorised the {_batches(batches)} at epoch {epoch}: the model and loss can fit; all "
                        f"{images} images it trained on right in eval mode (loss {loss:.3g}){early}")
     if acc >= MEMORISED_ACC:
         wrong = images - round(acc * images)

@@ -106,6 +106,7 @@ def test_overfit_verdict_counts_the_images_a_nearly_memorised_run_still_gets_wro
         "cnnkit: --overfit-batches 4: memorised: accuracy 0.9950 on the 200 images it trained on (in eval mode), all "
         "but 1 right after 60 epochs: the model and loss can fit")
     assert overfit_verdict(1.0, 0.01, 200, 4, 60, 60).endswith("right in eval mode (loss 0.01)")  # not stopped early
+    assert "memorised the 1 batch at epoch 4: " in overfit_verdict(1.0, 0.5, 8, 1, 4, 60)  # not "the 1 batches"
 
 
 def test_overfit_batches_stop_keeps_train_json_and_the_done_line_right(tmp_path):
