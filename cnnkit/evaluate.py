@@ -107,6 +107,11 @@ def evaluate(
                          channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS, decode=cfg.get("decode", "auto"))
     model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg, tta, tta_shift)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
+    broken = len(eval_set.skipped) + loader.skipped  # found when the folder was read, or when a batch decoded it
+    if broken:  # not scored: the figures are over fewer images than the folder holds
+        first = f": {eval_set.skipped[0]}" + (f" (and {broken - 1} more)" if broken > 1 else "") if eval_set.skipped else ""
+        warnings.append(f"left out {broken} broken image(s) of {source}, which these figures do not count{first}; "
+                        "fix or remove them")
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -117,3 +118,21 @@ def test_probe_warns_when_its_validation_images_trained_the_backbone(run):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["warnings"] == [warning]
     assert proc.stderr.strip() == f"cnnkit: warning: {warning}"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_broken_images_left_out_of_the_scores_are_named(run, tmp_path, monkeypatch, streamed):
+    # They used to be dropped without a word: "on 15 images of val/" for a folder of 17 images.
+    out, _, other = run
+    folder = tmp_path / "val"
+    shutil.copytree(other, folder)
+    first = sorted(os.listdir(folder))[0]
+    good = sorted(os.listdir(folder / first))[0]
+    whole = (folder / first / good).read_bytes()
+    (folder / first / "empty.png").write_bytes(b"")
+    (folder / first / "cut.png").write_bytes(whole[: len(whole) // 2])
+    if streamed:  # too large for memory: decoded batch by batch
+        monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")
+    r = evaluate(out, val_data=str(folder))
+    assert r.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder)) - 2
+    assert len(r.warnings) == 1 and "left out 2 broken image(s)" in r.warnings[0], r.warnings
