@@ -229,6 +229,12 @@ def parse_stages(text: str) -> list[Stage]:
 
 def plan_stages(stages: str | None, freeze: str | None, unfreeze: str | None, epochs: int, lr: float) -> list[Stage]:
     """The run's stages: ``--stages`` as written, or one stage from ``--freeze``/``--unfreeze`` and ``--epochs``."""
+    if stages and (freeze or unfreeze):  # else they would be dropped unseen
+        raise UserError(f"--stages sets what trains in each stage, so {'--freeze' if freeze else '--unfreeze'} "
+                        "would be ignored; drop it, or make it a stage of --stages")
+    if freeze and unfreeze:
+        raise UserError(f"--freeze backbone trains only the head and --unfreeze {unfreeze} only those modules: pass "
+                        "one of the two (--unfreeze NAMES,head trains those modules and the head)")
     if stages:
         return parse_stages(stages)
     if freeze not in (None, "backbone"):

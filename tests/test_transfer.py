@@ -11,7 +11,7 @@ import cnnkit
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head
 from cnnkit.train.optim import make_optimizer
-from cnnkit.transfer import load_weights, parse_stages, set_trainable
+from cnnkit.transfer import load_weights, parse_stages, plan_stages, set_trainable
 from tests.conftest import run_cli
 
 TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
@@ -374,3 +374,15 @@ def test_freezing_layers_that_start_random_is_warned_about(tmp_path):
     cnnkit.train(data="shapes", num_samples=128, epochs=1, freeze="backbone", progress=False,
                  weights=str(tmp_path / "random" / "last.pt"), out=str(tmp_path / "tuned"), log=log)
     assert "random initial weights" not in log.getvalue()
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(freeze="backbone", unfreeze="layer4"), ["--freeze backbone", "--unfreeze layer4", "one of the two"]),
+    (dict(freeze="backbone", stages="fc:1@0.01"), ["--stages", "--freeze", "ignored"]),
+    (dict(unfreeze="layer4,fc", stages="fc:1@0.01"), ["--stages", "--unfreeze", "ignored"]),
+])
+def test_options_that_would_override_each_other_unseen_are_refused(options, words):
+    # --stages won over --freeze/--unfreeze, and --unfreeze over --freeze, without a word.
+    with pytest.raises(UserError) as e:
+        plan_stages(options.get("stages"), options.get("freeze"), options.get("unfreeze"), 1, 0.01)
+    assert all(w in str(e.value) for w in words), str(e.value)
