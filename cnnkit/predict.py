@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def predict(
-    checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
+    checkpoint: str | Checkpoint | OnnxModel, paths: list[str | os.PathLike] | str | os.PathLike, topk: int = 5,
+    batch_size: int = 64,
     ema: bool = False, tta: bool = False, tta_shift: int = 0, threads: int | None = None,
     device: "str | torch.device | None" = None,
 ) -> list[dict]:
@@ -41,6 +42,8 @@ def predict(
     ``Checkpoint`` passed in where its model is); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if not isinstance(checkpoint, (str, os.PathLike, OnnxModel)) and not hasattr(checkpoint, "classes"):
         # a bare nn.Module carries no classes and no preprocessing: there is nothing to name its outputs by
         raise UserError(f"predict takes a run folder, a checkpoint or .onnx file, or a cnnkit Checkpoint, not a "
@@ -91,13 +94,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _classify(
-    prep: Checkpoint | OnnxModel, probabilities: Callable[[np.ndarray], np.ndarray], paths: list[str] | str,
-    topk: int, batch_size: int,
+    prep: Checkpoint | OnnxModel, probabilities: Callable[[np.ndarray], np.ndarray],
+    paths: list[str | os.PathLike] | str | os.PathLike, topk: int, batch_size: int,
 ) -> list[dict]:
     """The one preprocessing and top-k path for every kind of model: ``probabilities`` maps a normalised float
     batch to class probabilities, ``prep`` says how to prepare images for it (channels, input size, mean, std,
     classes)."""
-    files = image_paths([paths] if isinstance(paths, str) else list(paths))
+    files = image_paths([os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths])
     k = min(topk, len(prep.classes))
     results: list[dict] = []
     for i in range(0, len(files), batch_size):
