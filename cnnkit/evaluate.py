@@ -76,6 +76,9 @@ def evaluate(
     ckpt.model.to(dev)
     cfg = ckpt.config
     warnings = []
+    if data is None and val_data is None and not (cfg or {}).get("data"):  # an export, or a bare state's checkpoint
+        raise UserError(f"{ckpt.path} does not record its training data, so it has no validation images of its own; "
+                        "pass the images to score: --val-data DIR (all of it), or --data DIR")
     source, part = scored_images(cfg, data, val_data, val_split)  # where the scored images come from
     if data is None and val_data is not None:
         if val_split is not None:

@@ -136,3 +136,16 @@ def test_broken_images_left_out_of_the_scores_are_named(run, tmp_path, monkeypat
     r = evaluate(out, val_data=str(folder))
     assert r.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder)) - 2
     assert len(r.warnings) == 1 and "left out 2 broken image(s)" in r.warnings[0], r.warnings
+
+
+def test_an_export_without_data_asks_for_the_images_to_score(run, tmp_path):
+    # A .safetensors export records no training data: eval without --data failed with "internal error: KeyError".
+    import cnnkit
+
+    exported = cnnkit.export(run[0], "safetensors", str(tmp_path / "model.safetensors")).path
+    proc = run_cli("eval", exported)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "does not record its training data" in proc.stderr and "--val-data DIR" in proc.stderr
+    with pytest.raises(UserError, match="does not record its training data"):
+        evaluate(exported, val_split=0.05)
+    assert evaluate(exported, val_data=run[2]).count == evaluate(run[0], val_data=run[2]).count
