@@ -154,3 +154,10 @@ def test_what_trains_is_checked_with_the_other_options_before_the_data_loads(opt
     # folder), where the other options are checked before.
     with pytest.raises(UserError, match="--stages|--freeze"):
         make_config(overrides=dict(model="resnet18", data="/no/such/folder", **options))
+
+
+def test_a_backbone_rate_for_a_frozen_backbone_is_refused():
+    # --freeze backbone --lr-backbone 1e-4 trained with the rate unused, without a word.
+    with pytest.raises(UserError, match="--lr-backbone 0.0001 sets the rate .* --freeze backbone keeps frozen"):
+        make_config(overrides=dict(model="resnet18", freeze="backbone", lr_backbone=1e-4))
+    make_config(overrides=dict(model="resnet18", unfreeze="layer4,fc", lr_backbone=1e-4))
