@@ -58,16 +58,24 @@ def _shifted(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Ten
     return out
 
 
+def trained_with_flips(config: dict) -> bool | None:
+    """Whether the run configured by ``config`` mirrored its training images: its ``flip`` option, else whether
+    its data is any but digits; None when ``config`` says neither (a checkpoint saved outside a run)."""
+    flips = config.get("flip")
+    if flips is None and config.get("data") is not None:
+        return config["data"] not in NO_FLIP_DATA
+    return flips
+
+
 def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int) -> Any:
     """``model`` wrapped for test-time augmentation as asked (``tta``: add the mirror image; ``shift``: add four
     shifted views), or ``model`` itself when neither is asked. ``config``: the run's training configuration,
-    which says whether it trained with flips."""
+    which says whether it trained with flips (for an export, ``{"flip": ...}`` from its metadata)."""
     if shift < 0:
         raise UserError(f"--tta-shift takes a number of pixels, 0 or more, got {shift}")
     if not tta and not shift:
         return model
-    flips = config.get("flip")
-    if tta and (flips is False or flips is None and config.get("data") in NO_FLIP_DATA):
+    if tta and trained_with_flips(config) is False:
         raise UserError("this model trained without horizontal flips (mirrored digits are other symbols), so a "
                         "mirrored view is an image it never learned; use --tta-shift N alone")
     return TTAModel(model, mean, std, flip=tta, shift=shift)
