@@ -18,7 +18,7 @@ from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set,
                                  load_splits)
-from cnnkit.errors import UserError
+from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import check_model_name, create_model
@@ -93,6 +93,9 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
             out = [model(x).flatten(1).float().cpu() for x, _ in loader]
     finally:
         setattr(parent, head_name.rpartition(".")[2], head)
+    if loader.skipped:  # a row short: every later row would be paired with the wrong file and label
+        raise DataError(f"{loader.skipped} image(s) of {data.source} read when the folder was scanned could not be "
+                        "decoded now (changed since?); run the command again")
     return torch.cat(out).numpy()
 
 
@@ -119,7 +122,16 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     text = rows_csv(images).encode()
     atomic_write(paths, lambda f: f.write(text))
     return {"out": out, "labels": labels, "paths": paths, "images": len(images), "dim": int(feats.shape[1]),
-            "classes": images.classes, "files": images.paths is not None, "labelled_by": whose}
+            "classes": images.classes, "files": images.paths is not None, "labelled_by": whose,
+            "warnings": left_out_warning(images.skipped, data)}
+
+
+def left_out_warning(skipped: list[str], data: str) -> list[str]:
+    """The warning, if any, that the broken images ``skipped`` (one message each) of ``data`` have no row."""
+    if not skipped:
+        return []
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return [f"left out {len(skipped)} broken image(s) of {data}: {skipped[0]}{more}; fix or remove them"]
 
 
 def rows_csv(images: ImageSet) -> str:
@@ -163,6 +175,8 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)
+    warnings += left_out_warning(train_set.skipped + val_set.skipped,
+                                 data if val_data is None else f"{data} and {val_data}")
     x_train, x_val = torch.from_numpy(features(backbone, train_set)), torch.from_numpy(features(backbone, val_set))
     mu, sigma = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised features condition L-BFGS well
     x_train, x_val = (x_train - mu) / sigma, (x_val - mu) / sigma
