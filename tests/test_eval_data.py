@@ -149,3 +149,18 @@ def test_an_export_without_data_asks_for_the_images_to_score(run, tmp_path):
     with pytest.raises(UserError, match="does not record its training data"):
         evaluate(exported, val_split=0.05)
     assert evaluate(exported, val_data=run[2]).count == evaluate(run[0], val_data=run[2]).count
+
+
+def test_a_scored_folder_may_have_an_empty_class_folder_as_val_data_may(run, tmp_path):
+    # eval --data refused it: "a class without images cannot be learnt", though eval learns nothing, and the same
+    # folder passed as --val-data was scored.
+    out, _, other = run
+    folder = tmp_path / "scored"
+    shutil.copytree(other, folder)
+    emptied = sorted(os.listdir(folder))[0]
+    shutil.rmtree(folder / emptied)
+    (folder / emptied).mkdir()
+    by_data, by_val_data = evaluate(out, data=str(folder)), evaluate(out, val_data=str(folder))
+    assert by_data.count == by_val_data.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder))
+    assert by_data.per_class == by_val_data.per_class
+    assert [r["support"] for r in by_data.per_class if r["class"] == emptied] == [0]
