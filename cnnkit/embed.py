@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,13 +111,14 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     ``data``'s own label the rows. The summary's ``labelled_by``: "run", "new" (a run's new dataset) or "data"."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
+    labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
+    _check_writable([out, labels, paths])  # before the features are computed, and before any of the three is written
     backbone = load_backbone(model_or_run, pretrained, head_from, device)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     whose = "data" if backbone.classes is None else "run" if set(images.classes) & set(backbone.classes) else "new"
     if whose == "run":
         images = by_class_name(images, backbone.classes, f"DATA {data}", f"the run {model_or_run}")
     feats = features(backbone, images)
-    labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
     atomic_write(out, lambda f: np.save(f, feats))
     atomic_write(labels, lambda f: np.save(f, images.labels.numpy()))
     text = rows_csv(images).encode()
@@ -124,6 +126,21 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     return {"out": out, "labels": labels, "paths": paths, "images": len(images), "dim": int(feats.shape[1]),
             "classes": images.classes, "files": images.paths is not None, "labelled_by": whose,
             "warnings": left_out_warning(images.skipped, data)}
+
+
+def _check_writable(files: list[str]) -> None:
+    """A UserError, naming the fix, when one of ``files`` is a folder or their folder cannot be written."""
+    for path in files:
+        if os.path.isdir(path):
+            raise UserError(f"--out: {path} is a folder; choose another --out")
+    folder = os.path.dirname(os.path.abspath(files[0]))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cnnkit-write-test."):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write --out {files[0]} ({e.strerror}: {e.filename}); "
+                        "choose a path in a writable folder") from None
 
 
 def left_out_warning(skipped: list[str], data: str) -> list[str]:

@@ -124,3 +124,19 @@ def test_broken_images_are_named_and_a_file_that_breaks_later_is_no_shifted_row(
     first.write_bytes(b"not a png any more")
     with pytest.raises(DataError, match="could not be decoded now"):
         features(backbone, images)
+
+
+def test_an_out_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_path, image_folder):
+    # It was an internal error (FileNotFoundError, IsADirectoryError), after every feature had been computed.
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "best.pt", "cnn_bn", classes=sorted(os.listdir(image_folder)))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.npy").mkdir()
+    for out, words in ((tmp_path / "a_file" / "f.npy", "cannot write --out"),
+                       (tmp_path / "folder.npy", "is a folder")):
+        proc = run_cli("embed", ckpt, image_folder, "--out", out)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert words in proc.stderr and "internal error" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "best.pt", "folder.npy", "images"]
+    assert os.listdir(tmp_path / "folder.npy") == []
