@@ -406,3 +406,18 @@ def test_options_that_would_override_each_other_unseen_are_refused(options, word
     with pytest.raises(UserError) as e:
         plan_stages(options.get("stages"), options.get("freeze"), options.get("unfreeze"), 1, 0.01)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_weights_beside_pretrained_keep_their_own_normalisation_and_need_no_torchvision_file(tmp_path, torch_home):
+    # --pretrained --weights RUN normalised with ImageNet's statistics the weights of a run trained with its data's,
+    # and read torchvision's file only for --weights to replace every weight of it.
+    home, _ = torch_home
+    options = dict(TINY, num_samples=64, model="resnet18", input_size=32, epochs=1, precision="fp32",
+                   log=open(os.devnull, "w"))
+    scratch = cnnkit.train(**options, out=str(tmp_path / "scratch"))
+    first = torch.load(os.path.join(scratch.run_dir, "last.pt"), weights_only=True)
+    os.environ["TORCH_HOME"] = str(tmp_path / "no_cache")  # monkeypatched by torch_home: restored after the test
+    again = cnnkit.train(**options, pretrained=True, weights=scratch.run_dir, out=str(tmp_path / "again"))
+    second = torch.load(os.path.join(again.run_dir, "last.pt"), weights_only=True)
+    assert (second["mean"], second["std"]) == (first["mean"], first["std"])
+    assert second["mean"] != pytest.approx([0.485, 0.456, 0.406])
