@@ -52,6 +52,9 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
     A model name is built by ``features`` when it sees the images, for their size: a flatten head (simple_cnn)
     built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read."""
     if os.path.exists(model_or_run):
+        if pretrained:  # else dropped unseen: the file's weights are the ones used
+            raise UserError(f"--pretrained loads torchvision's weights into a model name, but {model_or_run} has "
+                            "weights of its own; drop --pretrained, or pass the model's name instead")
         ckpt = load_checkpoint(model_or_run)
         if head_from is not None:
             from cnnkit.models.torchvision import pool_stages

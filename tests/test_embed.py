@@ -140,3 +140,14 @@ def test_an_out_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_p
         assert words in proc.stderr and "internal error" not in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["a_file", "best.pt", "folder.npy", "images"]
     assert os.listdir(tmp_path / "folder.npy") == []
+
+
+def test_pretrained_beside_a_checkpoint_is_refused(tmp_path, image_folder):
+    # The checkpoint's weights were used and --pretrained dropped without a word.
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "best.pt", "cnn_bn", classes=sorted(os.listdir(image_folder)))
+    for command in (["embed", ckpt, image_folder, "--out", tmp_path / "f.npy"], ["probe", ckpt, image_folder]):
+        proc = run_cli(*command, "--pretrained")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--pretrained loads torchvision's weights into a model name" in proc.stderr
