@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cnnkit.atomic import atomic_write
+from cnnkit.atomic import atomic_write, check_writable
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set,
@@ -136,11 +135,8 @@ def _check_writable(files: list[str]) -> None:
     for path in files:
         if os.path.isdir(path):
             raise UserError(f"--out: {path} is a folder; choose another --out")
-    folder = os.path.dirname(os.path.abspath(files[0]))
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cnnkit-write-test."):
-            pass
+        check_writable(files[0])
     except OSError as e:
         raise UserError(f"cannot write --out {files[0]} ({e.strerror}: {e.filename}); "
                         "choose a path in a writable folder") from None
