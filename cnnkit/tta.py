@@ -67,12 +67,17 @@ def trained_with_flips(config: dict) -> bool | None:
     return flips
 
 
-def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int) -> Any:
+def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int,
+             input_size: int | None = None) -> Any:
     """``model`` wrapped for test-time augmentation as asked (``tta``: add the mirror image; ``shift``: add four
     shifted views), or ``model`` itself when neither is asked. ``config``: the run's training configuration,
-    which says whether it trained with flips (for an export, ``{"flip": ...}`` from its metadata)."""
+    which says whether it trained with flips (for an export, ``{"flip": ...}`` from its metadata); ``input_size``:
+    its input's side in pixels, which a shift must stay below."""
     if shift < 0:
         raise UserError(f"--tta-shift takes a number of pixels, 0 or more, got {shift}")
+    if input_size is not None and shift >= input_size:  # each shifted view would be black from edge to edge
+        raise UserError(f"--tta-shift {shift} moves the model's {input_size}x{input_size} input out of view; "
+                        "shift by a few pixels, as training's random crops did")
     if not tta and not shift:
         return model
     if tta and trained_with_flips(config) is False:

@@ -100,3 +100,16 @@ def test_an_export_of_a_model_trained_without_flips_refuses_the_mirror_as_its_ru
                                          batch_size=32, progress=False, out=str(tmp_path / "flipped"),
                                          log=open(os.devnull, "w")).run_dir, format, str(tmp_path / f"f{ending}"))
     assert cnnkit.predict(flipped.path, image_folder, tta=True)
+
+
+def test_a_shift_as_large_as_the_input_is_refused():
+    # --tta-shift 100 on a 32-pixel model averaged in four all-black views without a word.
+    with pytest.raises(UserError, match="--tta-shift 32 moves the model's 32x32 input out of view"):
+        with_tta(random_model(), MEAN, STD, {}, tta=False, shift=32, input_size=32)
+    assert with_tta(random_model(), MEAN, STD, {}, tta=False, shift=31, input_size=32).num_views == 5
+
+
+def test_predict_and_eval_refuse_a_shift_beyond_the_input(run, image_folder):
+    for call in (lambda: cnnkit.predict(run, image_folder, tta_shift=100), lambda: cnnkit.evaluate(run, tta_shift=100)):
+        with pytest.raises(UserError, match="--tta-shift 100 moves"):
+            call()
