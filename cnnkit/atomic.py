@@ -61,6 +61,16 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def check_writable(path: str) -> None:
+    """Raise OSError unless ``atomic_path(path)`` can write there: its folder is made if missing, and a temporary
+    file is created in it and removed. For a command to fail before its work rather than after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
     """``torch.save(obj)`` to ``path`` through ``atomic_path`` (``durable``: fsynced). A failed write raises
     OSError and leaves no temp file."""

@@ -46,6 +46,7 @@ class Checkpoint:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    flip: bool | None = None  # an export's record of whether training mirrored the images (a run's: its config)
 
 
 def make_payload(
@@ -296,6 +297,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = F
         model=model, classes=payload["classes"], input_size=payload["input_size"], channels=payload["channels"],
         mean=payload["mean"], std=payload["std"], path=resolve_checkpoint_path(path),
         epoch=payload.get("epoch", 0), metrics=payload.get("metrics", {}), config=payload.get("config", {}),
+        flip=payload.get("flip"),
     )
 
 

@@ -917,6 +917,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Which classes the labels number: a run's own (so embeds of one run combine), or the data's.
     whose = {"run": " (the run's class indices)",
              "new": f" ({args.data}'s own classes: the run has none of them)"}.get(r["labelled_by"], "")
+    for w in r["warnings"]:
+        print(f"cnnkit: warning: {w}", file=sys.stderr)
     print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels{whose} to {r['labels']} and "
           f"each row's {rows} to {r['paths']}")
     _note_random_weights(args.model, args.pretrained, "its features are an untrained network's",

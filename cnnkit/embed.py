@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cnnkit.atomic import atomic_write
+from cnnkit.atomic import atomic_write, check_writable
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set,
                                  load_splits)
-from cnnkit.errors import UserError
+from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import check_model_name, create_model
@@ -51,6 +51,9 @@ def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | 
     A model name is built by ``features`` when it sees the images, for their size: a flatten head (simple_cnn)
     built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read."""
     if os.path.exists(model_or_run):
+        if pretrained:  # else dropped unseen: the file's weights are the ones used
+            raise UserError(f"--pretrained loads torchvision's weights into a model name, but {model_or_run} has "
+                            "weights of its own; drop --pretrained, or pass the model's name instead")
         ckpt = load_checkpoint(model_or_run)
         if head_from is not None:
             from cnnkit.models.torchvision import pool_stages
@@ -93,6 +96,9 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
             out = [model(x).flatten(1).float().cpu() for x, _ in loader]
     finally:
         setattr(parent, head_name.rpartition(".")[2], head)
+    if loader.skipped:  # a row short: every later row would be paired with the wrong file and label
+        raise DataError(f"{loader.skipped} image(s) of {data.source} read when the folder was scanned could not be "
+                        "decoded now (changed since?); run the command again")
     return torch.cat(out).numpy()
 
 
@@ -107,19 +113,41 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
     ``data``'s own label the rows. The summary's ``labelled_by``: "run", "new" (a run's new dataset) or "data"."""
     if not out.endswith(".npy"):
         raise UserError(f"--out must end in .npy, got {out}")
+    labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
+    _check_writable([out, labels, paths])  # before the features are computed, and before any of the three is written
     backbone = load_backbone(model_or_run, pretrained, head_from, device)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     whose = "data" if backbone.classes is None else "run" if set(images.classes) & set(backbone.classes) else "new"
     if whose == "run":
         images = by_class_name(images, backbone.classes, f"DATA {data}", f"the run {model_or_run}")
     feats = features(backbone, images)
-    labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
     atomic_write(out, lambda f: np.save(f, feats))
     atomic_write(labels, lambda f: np.save(f, images.labels.numpy()))
     text = rows_csv(images).encode()
     atomic_write(paths, lambda f: f.write(text))
     return {"out": out, "labels": labels, "paths": paths, "images": len(images), "dim": int(feats.shape[1]),
-            "classes": images.classes, "files": images.paths is not None, "labelled_by": whose}
+            "classes": images.classes, "files": images.paths is not None, "labelled_by": whose,
+            "warnings": left_out_warning(images.skipped, data)}
+
+
+def _check_writable(files: list[str]) -> None:
+    """A UserError, naming the fix, when one of ``files`` is a folder or their folder cannot be written."""
+    for path in files:
+        if os.path.isdir(path):
+            raise UserError(f"--out: {path} is a folder; choose another --out")
+    try:
+        check_writable(files[0])
+    except OSError as e:
+        raise UserError(f"cannot write --out {files[0]} ({e.strerror}: {e.filename}); "
+                        "choose a path in a writable folder") from None
+
+
+def left_out_warning(skipped: list[str], data: str) -> list[str]:
+    """The warning, if any, that the broken images ``skipped`` (one message each) of ``data`` have no row."""
+    if not skipped:
+        return []
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return [f"left out {len(skipped)} broken image(s) of {data}: {skipped[0]}{more}; fix or remove them"]
 
 
 def rows_csv(images: ImageSet) -> str:
@@ -163,6 +191,8 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
     spec = DataSpec(data, val_split=val_split, val_data=val_data, input_size=input_size or backbone.input_size,
                     channels=backbone.channels)
     train_set, val_set = load_splits(spec)
+    warnings += left_out_warning(train_set.skipped + val_set.skipped,
+                                 data if val_data is None else f"{data} and {val_data}")
     x_train, x_val = torch.from_numpy(features(backbone, train_set)), torch.from_numpy(features(backbone, val_set))
     mu, sigma = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised features condition L-BFGS well
     x_train, x_val = (x_train - mu) / sigma, (x_val - mu) / sigma

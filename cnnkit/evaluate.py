@@ -76,6 +76,9 @@ def evaluate(
     ckpt.model.to(dev)
     cfg = ckpt.config
     warnings = []
+    if data is None and val_data is None and not (cfg or {}).get("data"):  # an export, or a bare state's checkpoint
+        raise UserError(f"{ckpt.path} does not record its training data, so it has no validation images of its own; "
+                        "pass the images to score: --val-data DIR (all of it), or --data DIR")
     source, part = scored_images(cfg, data, val_data, val_split)  # where the scored images come from
     if data is None and val_data is not None:
         if val_split is not None:
@@ -105,8 +108,13 @@ def evaluate(
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
     loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
                          channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS, decode=cfg.get("decode", "auto"))
-    model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg, tta, tta_shift)
+    model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg or {"flip": ckpt.flip}, tta, tta_shift, ckpt.input_size)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
+    broken = len(eval_set.skipped) + loader.skipped  # found when the folder was read, or when a batch decoded it
+    if broken:  # not scored: the figures are over fewer images than the folder holds
+        first = f": {eval_set.skipped[0]}" + (f" (and {broken - 1} more)" if broken > 1 else "") if eval_set.skipped else ""
+        warnings.append(f"left out {broken} broken image(s) of {source}, which these figures do not count{first}; "
+                        "fix or remove them")
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)

@@ -30,6 +30,7 @@ from cnnkit.choices import FORMATS, is_format
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
 from cnnkit.modes import eval_mode
+from cnnkit.tta import trained_with_flips
 from cnnkit.metadata import payload_metadata
 from cnnkit.runtime import OnnxModel
 from cnnkit.checkpoint import Checkpoint, load_checkpoint, make_payload
@@ -147,10 +148,10 @@ def _check_out(out: str, format: str, source: str) -> None:
         raise UserError(f"--out {out} is the checkpoint being exported; choose another path")
 
 
-@torch.no_grad()
-def _compare(
-    model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], ckpt: Checkpoint, images: list[str] | None,
-) -> list[VerifyCheck]:
+def _verify_inputs(ckpt: Checkpoint, images: list[str] | None) -> list[tuple[str, torch.Tensor]]:
+    """The batches verify compares on: random ones at ``VERIFY_BATCH_SIZES``, then the first 64 of ``images``.
+    Made before the export is written, so a missing or undecodable image fails the command without replacing
+    a file already at ``--out``."""
     generator = torch.Generator().manual_seed(0)
     size = (ckpt.channels, ckpt.input_size, ckpt.input_size)
     inputs = [("random", torch.randn(n, *size, generator=generator)) for n in VERIFY_BATCH_SIZES]
@@ -160,6 +161,13 @@ def _compare(
         if errors:
             raise DataError(next(iter(errors.values())))
         inputs.append(("images", x))
+    return inputs
+
+
+@torch.no_grad()
+def _compare(
+    model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], inputs: list[tuple[str, torch.Tensor]],
+) -> list[VerifyCheck]:
     device = next(model.parameters()).device
     checks = []
     for kind, x in inputs:
@@ -191,8 +199,10 @@ def export(
     verify = verify or bool(images)
     if format == "onnx":
         _require("onnx", "onnxscript", *(["onnxruntime"] if verify else []), purpose="ONNX export")
+    inputs = _verify_inputs(ckpt, images) if verify else []
     model = ckpt.model
-    metadata = payload_metadata(make_payload(model, ckpt.classes, ckpt.input_size, ckpt.channels, ckpt.mean, ckpt.std))
+    metadata = payload_metadata(make_payload(model, ckpt.classes, ckpt.input_size, ckpt.channels, ckpt.mean, ckpt.std,
+                                             flip=trained_with_flips(ckpt.config or {"flip": ckpt.flip})))
     example = torch.randn(EXAMPLE_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size,
                           device=next(model.parameters()).device)
     with eval_mode(model):
@@ -200,7 +210,7 @@ def export(
         with _output_file(out) as tmp:
             _WRITERS[format](model, metadata, example, tmp)
         export_time = time.perf_counter() - start
-        checks = _compare(model, _READERS[format](out), ckpt, images) if verify else []
+        checks = _compare(model, _READERS[format](out), inputs) if verify else []
     worst = max((c.max_abs_diff for c in checks), default=None)
     return ExportResult(
         path=out, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def predict(
-    checkpoint: str | Checkpoint | OnnxModel, paths: list[str] | str, topk: int = 5, batch_size: int = 64,
+    checkpoint: str | Checkpoint | OnnxModel, paths: list[str | os.PathLike] | str | os.PathLike, topk: int = 5,
+    batch_size: int = 64,
     ema: bool = False, tta: bool = False, tta_shift: int = 0, threads: int | None = None,
     device: "str | torch.device | None" = None,
 ) -> list[dict]:
@@ -41,6 +42,8 @@ def predict(
     ``Checkpoint`` passed in where its model is); an ONNX file always runs on the CPU."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if not isinstance(checkpoint, (str, os.PathLike, OnnxModel)) and not hasattr(checkpoint, "classes"):
         # a bare nn.Module carries no classes and no preprocessing: there is nothing to name its outputs by
         raise UserError(f"predict takes a run folder, a checkpoint or .onnx file, or a cnnkit Checkpoint, not a "
@@ -68,14 +71,16 @@ def predict(
 
     with torch_threads(threads):  # torch's count, one for the whole process, is the caller's again afterwards
         if isinstance(checkpoint, OnnxModel):  # test-time augmentation: the views are made by torch
-            forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {}, tta, tta_shift)
+            forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {"flip": checkpoint.flip}, tta, tta_shift,
+                               checkpoint.input_size)
             return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths,
                              topk, batch_size)
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
         model = ckpt.model if device is None else ckpt.model.to(resolve_device(device) if isinstance(device, str)
                                                                 else device)
         device = next(model.parameters()).device
-        forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config, tta, tta_shift)
+        forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config or {"flip": ckpt.flip}, tta, tta_shift,
+                           ckpt.input_size)
 
         def probabilities(x: np.ndarray) -> np.ndarray:
             return forward(torch.from_numpy(x).to(device)).float().softmax(1).cpu().numpy()
@@ -91,13 +96,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _classify(
-    prep: Checkpoint | OnnxModel, probabilities: Callable[[np.ndarray], np.ndarray], paths: list[str] | str,
-    topk: int, batch_size: int,
+    prep: Checkpoint | OnnxModel, probabilities: Callable[[np.ndarray], np.ndarray],
+    paths: list[str | os.PathLike] | str | os.PathLike, topk: int, batch_size: int,
 ) -> list[dict]:
     """The one preprocessing and top-k path for every kind of model: ``probabilities`` maps a normalised float
     batch to class probabilities, ``prep`` says how to prepare images for it (channels, input size, mean, std,
     classes)."""
-    files = image_paths([paths] if isinstance(paths, str) else list(paths))
+    files = image_paths([os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths])
     k = min(topk, len(prep.classes))
     results: list[dict] = []
     for i in range(0, len(files), batch_size):

@@ -44,6 +44,7 @@ class OnnxModel:
         self.channels: int = payload["channels"]
         self.mean: list[float] = payload["mean"]
         self.std: list[float] = payload["std"]
+        self.flip: bool | None = payload.get("flip")  # whether training mirrored the images; None: not recorded
         self._input = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -164,6 +164,19 @@ def is_within(name: str, modules: list[str]) -> bool:
     return any(m == "" or name == m or name.startswith(m + ".") for m in modules)
 
 
+def check_head_trains(model: nn.Module, stage: Stage, option: str) -> None:
+    """A UserError when ``stage`` leaves the head frozen while it is all zero, as a new head starts
+    (``reset_head``): its zero weights pass no gradient to the layers below, so nothing at all would train.
+    ``option``: how the user chose the stage's modules, for the message."""
+    name, head = find_head(model)
+    wanted = trainable_modules(model, stage.modules)
+    if is_within(name, wanted) or bool(head.weight.detach().any()):
+        return
+    raise UserError(f"{option} leaves the classifier head {name} frozen, but it is new for these classes and starts "
+                    f"at zero, which passes no gradient back: nothing would train; train it too, adding {name} "
+                    "to the modules (or 'head')")
+
+
 def stage_at(stages: list[Stage], epoch: int) -> int:
     """The index of the stage that trains ``epoch`` (1-based; the last stage for any epoch past the plan)."""
     last = 0
@@ -229,6 +242,12 @@ def parse_stages(text: str) -> list[Stage]:
 
 def plan_stages(stages: str | None, freeze: str | None, unfreeze: str | None, epochs: int, lr: float) -> list[Stage]:
     """The run's stages: ``--stages`` as written, or one stage from ``--freeze``/``--unfreeze`` and ``--epochs``."""
+    if stages and (freeze or unfreeze):  # else they would be dropped unseen
+        raise UserError(f"--stages sets what trains in each stage, so {'--freeze' if freeze else '--unfreeze'} "
+                        "would be ignored; drop it, or make it a stage of --stages")
+    if freeze and unfreeze:
+        raise UserError(f"--freeze backbone trains only the head and --unfreeze {unfreeze} only those modules: pass "
+                        "one of the two (--unfreeze NAMES,head trains those modules and the head)")
     if stages:
         return parse_stages(stages)
     if freeze not in (None, "backbone"):

@@ -58,16 +58,29 @@ def _shifted(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Ten
     return out
 
 
-def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int) -> Any:
+def trained_with_flips(config: dict) -> bool | None:
+    """Whether the run configured by ``config`` mirrored its training images: its ``flip`` option, else whether
+    its data is any but digits; None when ``config`` says neither (a checkpoint saved outside a run)."""
+    flips = config.get("flip")
+    if flips is None and config.get("data") is not None:
+        return config["data"] not in NO_FLIP_DATA
+    return flips
+
+
+def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int,
+             input_size: int | None = None) -> Any:
     """``model`` wrapped for test-time augmentation as asked (``tta``: add the mirror image; ``shift``: add four
     shifted views), or ``model`` itself when neither is asked. ``config``: the run's training configuration,
-    which says whether it trained with flips."""
+    which says whether it trained with flips (for an export, ``{"flip": ...}`` from its metadata); ``input_size``:
+    its input's side in pixels, which a shift must stay below."""
     if shift < 0:
         raise UserError(f"--tta-shift takes a number of pixels, 0 or more, got {shift}")
+    if input_size is not None and shift >= input_size:  # each shifted view would be black from edge to edge
+        raise UserError(f"--tta-shift {shift} moves the model's {input_size}x{input_size} input out of view; "
+                        "shift by a few pixels, as training's random crops did")
     if not tta and not shift:
         return model
-    flips = config.get("flip")
-    if tta and (flips is False or flips is None and config.get("data") in NO_FLIP_DATA):
+    if tta and trained_with_flips(config) is False:
         raise UserError("this model trained without horizontal flips (mirrored digits are other symbols), so a "
                         "mirrored view is an image it never learned; use --tta-shift N alone")
     return TTAModel(model, mean, std, flip=tta, shift=shift)

@@ -5,12 +5,14 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 import cnnkit
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.data.sources import DataSpec, ImageSet, load_eval_set
-from cnnkit.embed import features, load_backbone, rows_csv
+from cnnkit.errors import DataError
+from cnnkit.embed import embed, features, load_backbone, rows_csv
 from tests.conftest import run_cli
 
 
@@ -95,3 +97,57 @@ def test_a_runs_embed_of_a_new_dataset_keeps_its_own_classes(tmp_path, image_fol
     assert proc.returncode == 0, proc.stderr
     assert [(r["class"], int(r["label"])) for r in read_rows(tmp_path / "f.paths.csv")][::8] == [("a", 0), ("b", 1)]
     assert f"their labels ({other}'s own classes: the run has none of them)" in proc.stdout
+
+
+def test_broken_images_are_named_and_a_file_that_breaks_later_is_no_shifted_row(tmp_path, image_folder,
+                                                                                 monkeypatch):
+    # Broken images were left out without a word; and one that decoded at the scan but not when its batch was
+    # read made the feature rows one short, every later row paired with the next file's path and label.
+    ckpt = str(tmp_path / "best.pt")
+    from tests.test_export import write_checkpoint
+
+    write_checkpoint(ckpt, "cnn_bn", classes=sorted(os.listdir(image_folder)))
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    first = sorted(p for p in data.rglob("*.png"))[0]
+    (first.parent / "empty.png").write_bytes(b"")
+    r = embed(ckpt, str(data), str(tmp_path / "f.npy"))
+    assert len(r["warnings"]) == 1 and "left out 1 broken image(s)" in r["warnings"][0]
+    assert "empty.png" in r["warnings"][0]
+    proc = run_cli("embed", ckpt, data, "--out", tmp_path / "g.npy")
+    assert proc.returncode == 0 and "cnnkit: warning: left out 1 broken image(s)" in proc.stderr, proc.stderr
+
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")  # streamed: decoded batch by batch
+    backbone = load_backbone(ckpt)
+    images = load_eval_set(DataSpec(str(data), input_size=backbone.input_size, channels=backbone.channels))
+    assert images.images is None
+    first.write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match="could not be decoded now"):
+        features(backbone, images)
+
+
+def test_an_out_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_path, image_folder):
+    # It was an internal error (FileNotFoundError, IsADirectoryError), after every feature had been computed.
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "best.pt", "cnn_bn", classes=sorted(os.listdir(image_folder)))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.npy").mkdir()
+    for out, words in ((tmp_path / "a_file" / "f.npy", "cannot write --out"),
+                       (tmp_path / "folder.npy", "is a folder")):
+        proc = run_cli("embed", ckpt, image_folder, "--out", out)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert words in proc.stderr and "internal error" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "best.pt", "folder.npy", "images"]
+    assert os.listdir(tmp_path / "folder.npy") == []
+
+
+def test_pretrained_beside_a_checkpoint_is_refused(tmp_path, image_folder):
+    # The checkpoint's weights were used and --pretrained dropped without a word.
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "best.pt", "cnn_bn", classes=sorted(os.listdir(image_folder)))
+    for command in (["embed", ckpt, image_folder, "--out", tmp_path / "f.npy"], ["probe", ckpt, image_folder]):
+        proc = run_cli(*command, "--pretrained")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--pretrained loads torchvision's weights into a model name" in proc.stderr

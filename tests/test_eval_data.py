@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -117,3 +118,49 @@ def test_probe_warns_when_its_validation_images_trained_the_backbone(run):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["warnings"] == [warning]
     assert proc.stderr.strip() == f"cnnkit: warning: {warning}"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_broken_images_left_out_of_the_scores_are_named(run, tmp_path, monkeypatch, streamed):
+    # They used to be dropped without a word: "on 15 images of val/" for a folder of 17 images.
+    out, _, other = run
+    folder = tmp_path / "val"
+    shutil.copytree(other, folder)
+    first = sorted(os.listdir(folder))[0]
+    good = sorted(os.listdir(folder / first))[0]
+    whole = (folder / first / good).read_bytes()
+    (folder / first / "empty.png").write_bytes(b"")
+    (folder / first / "cut.png").write_bytes(whole[: len(whole) // 2])
+    if streamed:  # too large for memory: decoded batch by batch
+        monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1")
+    r = evaluate(out, val_data=str(folder))
+    assert r.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder)) - 2
+    assert len(r.warnings) == 1 and "left out 2 broken image(s)" in r.warnings[0], r.warnings
+
+
+def test_an_export_without_data_asks_for_the_images_to_score(run, tmp_path):
+    # A .safetensors export records no training data: eval without --data failed with "internal error: KeyError".
+    import cnnkit
+
+    exported = cnnkit.export(run[0], "safetensors", str(tmp_path / "model.safetensors")).path
+    proc = run_cli("eval", exported)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "does not record its training data" in proc.stderr and "--val-data DIR" in proc.stderr
+    with pytest.raises(UserError, match="does not record its training data"):
+        evaluate(exported, val_split=0.05)
+    assert evaluate(exported, val_data=run[2]).count == evaluate(run[0], val_data=run[2]).count
+
+
+def test_a_scored_folder_may_have_an_empty_class_folder_as_val_data_may(run, tmp_path):
+    # eval --data refused it: "a class without images cannot be learnt", though eval learns nothing, and the same
+    # folder passed as --val-data was scored.
+    out, _, other = run
+    folder = tmp_path / "scored"
+    shutil.copytree(other, folder)
+    emptied = sorted(os.listdir(folder))[0]
+    shutil.rmtree(folder / emptied)
+    (folder / emptied).mkdir()
+    by_data, by_val_data = evaluate(out, data=str(folder)), evaluate(out, val_data=str(folder))
+    assert by_data.count == by_val_data.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder))
+    assert by_data.per_class == by_val_data.per_class
+    assert [r["support"] for r in by_data.per_class if r["class"] == emptied] == [0]

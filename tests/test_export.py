@@ -9,7 +9,7 @@ import torch
 
 import cnnkit
 from cnnkit.data.shapes import SHAPE_CLASSES
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.errors import CheckpointError, DataError, UserError
 from cnnkit.checkpoint import make_payload, save_checkpoint
 from tests.conftest import run_cli, write_image_folder
 from tests.test_cli import assert_one_line_error
@@ -279,3 +279,20 @@ def test_a_torchscript_export_given_where_a_checkpoint_goes_is_named_as_one(tmp_
     r = run_cli("predict", path, image)
     assert r.returncode == 2 and "TorchScript export" in r.stderr and "damaged" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("bad", ["missing", "undecodable"])
+def test_bad_verify_images_fail_before_an_existing_export_is_replaced(tmp_path, checkpoints, bad):
+    # The export used to be written over --out first and the images read afterwards: the command failed, and the
+    # file it had been asked to replace was gone all the same.
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the export a server is reading")
+    images = tmp_path / "images"
+    images.mkdir()
+    if bad == "undecodable":
+        (images / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises((UserError, DataError)):
+        cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(out), images=[str(images / "none.png")
+                      if bad == "missing" else str(images)])
+    assert out.read_bytes() == b"the export a server is reading"
+    assert sorted(os.listdir(tmp_path)) == ["images", "model.safetensors"]

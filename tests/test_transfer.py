@@ -11,8 +11,9 @@ import cnnkit
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head
 from cnnkit.train.optim import make_optimizer
-from cnnkit.transfer import load_weights, parse_stages, set_trainable
+from cnnkit.transfer import load_weights, parse_stages, plan_stages, set_trainable
 from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
 
 TINY = dict(data="shapes", num_samples=256, val_split=0.25, batch_size=32, progress=False)
 
@@ -374,3 +375,49 @@ def test_freezing_layers_that_start_random_is_warned_about(tmp_path):
     cnnkit.train(data="shapes", num_samples=128, epochs=1, freeze="backbone", progress=False,
                  weights=str(tmp_path / "random" / "last.pt"), out=str(tmp_path / "tuned"), log=log)
     assert "random initial weights" not in log.getvalue()
+
+
+def test_a_new_head_left_frozen_is_refused_before_a_run_that_could_not_learn(tmp_path, torch_home):
+    # --unfreeze layer4 without fc kept the new head at zero, which passes no gradient back: the loss stayed at
+    # ln(10) for the whole run and nothing said why.
+    home, _ = torch_home
+    common = ["train", "--model", "resnet18", "--pretrained", "--data", "shapes", "--num-samples", "64",
+              "--input-size", "32", "--epochs", "1", "--precision", "fp32"]
+    for options in (["--unfreeze", "layer4"], ["--stages", "layer4:1@0.01,fc:1@0.01"]):
+        proc = run_cli(*common, *options, "--out", tmp_path / "run", env={"TORCH_HOME": str(home)})
+        assert_one_line_error(proc, 2, "head fc frozen", "starts at zero", "nothing would train")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="head fc frozen"):
+        cnnkit.lr_find(model="resnet18", pretrained=True, data="shapes", num_samples=64, input_size=32,
+                       unfreeze="layer4", progress=False, log=open(os.devnull, "w"))
+    # A head trained on these classes (a run's own, same classes) may stay frozen: it passes gradients back.
+    base = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "base"))
+    cnnkit.train(**TINY, model="cnn_bn", epochs=1, weights=base.run_dir, unfreeze="features.4",
+                 out=str(tmp_path / "same_classes"), log=open(os.devnull, "w"))
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(freeze="backbone", unfreeze="layer4"), ["--freeze backbone", "--unfreeze layer4", "one of the two"]),
+    (dict(freeze="backbone", stages="fc:1@0.01"), ["--stages", "--freeze", "ignored"]),
+    (dict(unfreeze="layer4,fc", stages="fc:1@0.01"), ["--stages", "--unfreeze", "ignored"]),
+])
+def test_options_that_would_override_each_other_unseen_are_refused(options, words):
+    # --stages won over --freeze/--unfreeze, and --unfreeze over --freeze, without a word.
+    with pytest.raises(UserError) as e:
+        plan_stages(options.get("stages"), options.get("freeze"), options.get("unfreeze"), 1, 0.01)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_weights_beside_pretrained_keep_their_own_normalisation_and_need_no_torchvision_file(tmp_path, torch_home):
+    # --pretrained --weights RUN normalised with ImageNet's statistics the weights of a run trained with its data's,
+    # and read torchvision's file only for --weights to replace every weight of it.
+    home, _ = torch_home
+    options = dict(TINY, num_samples=64, model="resnet18", input_size=32, epochs=1, precision="fp32",
+                   log=open(os.devnull, "w"))
+    scratch = cnnkit.train(**options, out=str(tmp_path / "scratch"))
+    first = torch.load(os.path.join(scratch.run_dir, "last.pt"), weights_only=True)
+    os.environ["TORCH_HOME"] = str(tmp_path / "no_cache")  # monkeypatched by torch_home: restored after the test
+    again = cnnkit.train(**options, pretrained=True, weights=scratch.run_dir, out=str(tmp_path / "again"))
+    second = torch.load(os.path.join(again.run_dir, "last.pt"), weights_only=True)
+    assert (second["mean"], second["std"]) == (first["mean"], first["std"])
+    assert second["mean"] != pytest.approx([0.485, 0.456, 0.406])

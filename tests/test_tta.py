@@ -1,6 +1,7 @@
 """Test-time augmentation: the averaged views, a flip-invariant case, and eval/predict with --tta."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +79,37 @@ def test_tta_flip_is_refused_for_a_model_trained_without_flips(config):
     with pytest.raises(UserError, match="without horizontal flips"):
         with_tta(random_model(), MEAN, STD, config, tta=True, shift=0)
     assert with_tta(random_model(), MEAN, STD, config, tta=False, shift=1).num_views == 5  # shifts alone are fine
+
+
+@pytest.mark.parametrize("format, ending", [("onnx", ".onnx"), ("safetensors", ".safetensors")])
+def test_an_export_of_a_model_trained_without_flips_refuses_the_mirror_as_its_run_does(tmp_path, image_folder,
+                                                                                      format, ending):
+    # Exports did not record the flips: `predict model.onnx --tta` of a digits model averaged in mirrored digits,
+    # which `predict RUN --tta` refuses.
+    run = cnnkit.train(model="cnn_bn", data="shapes", num_samples=64, val_split=0.25, epochs=1, batch_size=32,
+                       flip=False, progress=False, out=str(tmp_path / "run"), log=open(os.devnull, "w")).run_dir
+    exported = cnnkit.export(run, format, str(tmp_path / f"model{ending}")).path
+    for model in (run, exported):
+        with pytest.raises(UserError, match="without horizontal flips"):
+            cnnkit.predict(model, image_folder, tta=True)
+        assert len(cnnkit.predict(model, image_folder, tta_shift=1)) == len(cnnkit.predict(model, image_folder))
+    if format == "safetensors":  # eval takes checkpoints only
+        with pytest.raises(UserError, match="without horizontal flips"):
+            cnnkit.evaluate(exported, val_data=image_folder, tta=True)
+    flipped = cnnkit.export(cnnkit.train(model="cnn_bn", data="shapes", num_samples=64, val_split=0.25, epochs=1,
+                                         batch_size=32, progress=False, out=str(tmp_path / "flipped"),
+                                         log=open(os.devnull, "w")).run_dir, format, str(tmp_path / f"f{ending}"))
+    assert cnnkit.predict(flipped.path, image_folder, tta=True)
+
+
+def test_a_shift_as_large_as_the_input_is_refused():
+    # --tta-shift 100 on a 32-pixel model averaged in four all-black views without a word.
+    with pytest.raises(UserError, match="--tta-shift 32 moves the model's 32x32 input out of view"):
+        with_tta(random_model(), MEAN, STD, {}, tta=False, shift=32, input_size=32)
+    assert with_tta(random_model(), MEAN, STD, {}, tta=False, shift=31, input_size=32).num_views == 5
+
+
+def test_predict_and_eval_refuse_a_shift_beyond_the_input(run, image_folder):
+    for call in (lambda: cnnkit.predict(run, image_folder, tta_shift=100), lambda: cnnkit.evaluate(run, tta_shift=100)):
+        with pytest.raises(UserError, match="--tta-shift 100 moves"):
+            call()

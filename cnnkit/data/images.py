@@ -32,14 +32,18 @@ def is_image_file(name: str) -> bool:
 
 
 def image_paths(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped); a file
+    """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped), through
+    symbolic links to folders too (as training reads a class folder that is one), each folder once; a file
     reached twice (named and inside a folder given too, say) is listed once, where it is first reached."""
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
             found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            visited = set()  # a link back up the tree would otherwise be walked forever
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                visited.add(os.path.realpath(dirpath))
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                     and os.path.realpath(os.path.join(dirpath, d)) not in visited)
                 found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
             if not found:
                 raise UserError(f"folder {p} holds no images")

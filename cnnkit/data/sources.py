@@ -125,7 +125,7 @@ def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     ``option``: the flag that named ``spec.data``, for the errors about that folder."""
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
         return load_splits(spec)[1]
-    return _folder(spec.data, spec, None if option == "--data" else option)
+    return _folder(spec.data, spec, None if option == "--data" else option, scored=True)
 
 
 def by_class_name(data: ImageSet, classes: list[str], what: str, against: str) -> ImageSet:
@@ -259,12 +259,15 @@ def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return images
 
 
-def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
+def scan_folder(root: str, option: str | None = None,
+                scored: bool = False) -> tuple[list[str], torch.Tensor, list[str]]:
     """Image files, labels and class names of an ImageFolder-layout directory (one sub-folder per class).
 
     Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored; files are sorted so the
     order, and with it every split, is the same on every machine. ``option``: the flag that named ``root``
     where it is not ``--data`` (``--val-data``), so that an error says which of the two paths is wrong.
+    ``scored``: the folder is only scored, never trained on, so an empty class folder is a class without images
+    (left out of the classes, as for ``--val-data``), not an error.
     """
     named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
@@ -304,7 +307,7 @@ def scan_folder(root: str, option: str | None = None) -> tuple[list[str], torch.
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
-    if empty and option == "--val-data":
+    if empty and (option == "--val-data" or scored):
         # Its classes are matched to the training classes by name (by_class_name): an empty folder is a class
         # without validation images, as a missing folder is, and the data check warns about those.
         kept = [c for c in classes if c not in empty]
@@ -376,9 +379,10 @@ def _run_or_checkpoint(root: str) -> str | None:
     return f"{what}; pass the data instead: a folder with one sub-folder of images per class, or {', '.join(BUILTIN)}"
 
 
-def _folder(root: str, spec: DataSpec, option: str | None = None) -> ImageSet:
-    """The images of folder ``root``; ``option``: the flag that named it, where not ``--data`` (see scan_folder)."""
-    files, labels, classes = scan_folder(root, option)
+def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool = False) -> ImageSet:
+    """The images of folder ``root``; ``option``: the flag that named it, where not ``--data``, and ``scored``:
+    see scan_folder."""
+    files, labels, classes = scan_folder(root, option, scored)
     channels = spec.channels or 3
     size, warnings = (spec.input_size, []) if spec.input_size else _default_size(files, root)
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))

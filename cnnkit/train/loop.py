@@ -56,7 +56,7 @@ from cnnkit.train.setup import (
     start_machine,
 )
 from cnnkit.transfer import (
-    Stage, freeze_batchnorm_stats, plan_stages, set_trainable, stage_at, trainable_modules,
+    Stage, check_head_trains, freeze_batchnorm_stats, plan_stages, set_trainable, stage_at, trainable_modules,
 )
 
 MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
@@ -269,7 +269,10 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         # the default count, training chooses it from the time its batches take (cnnkit/threads.py).
         t.governor = ThreadGovernor(machine.threads)
     next_epoch = saved["resume"]["run"]["epoch"] if saved else 1
-    t.stage = _start_stage(t, stage_at(plan.stages, next_epoch))
+    first = stage_at(plan.stages, next_epoch)
+    check_head_trains(pieces.model, plan.stages[first], f"stage {first + 1} of --stages" if cfg.stages else
+                      "--freeze backbone" if cfg.freeze else f"--unfreeze {cfg.unfreeze}")
+    t.stage = _start_stage(t, first)
     return t
 
 

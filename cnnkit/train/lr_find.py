@@ -86,7 +86,7 @@ from cnnkit.train.optim import DEFAULT_LR, make_optimizer
 from cnnkit.train.options import make_config, model_options_error
 from cnnkit.train.precision import autocast
 from cnnkit.train.setup import ModelOptionsError, build_run, range_test_config, seed_everything, start_machine
-from cnnkit.transfer import freeze_batchnorm_stats, plan_stages, set_trainable
+from cnnkit.transfer import check_head_trains, freeze_batchnorm_stats, plan_stages, set_trainable
 
 EDGE_METHOD, TENTH_METHOD, FLAT_METHOD = "edge/3", "edge/10", "default: flat curve"
 BLOWUP_METHOD = "capped at blow-up/{margin}"  # added to the method when the cap below the blow-up decided
@@ -159,7 +159,9 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     except ModelOptionsError as e:
         raise model_options_error(e, config, overrides) from None
     model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads
-    set_trainable(model, plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0].modules)
+    stage = plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0]
+    check_head_trains(model, stage, f"--unfreeze {cfg.unfreeze}")  # else a flat curve, every gradient zero
+    set_trainable(model, stage.modules)
     optimizer = make_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                batch_size=cfg.batch_size)
     # Groups may run at their own multiple of the rate (Muon's biases and head): the sweep keeps those ratios.

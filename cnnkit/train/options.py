@@ -14,6 +14,7 @@ from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTI
 from cnnkit.errors import UserError
 from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
+from cnnkit.transfer import plan_stages
 
 NAN_POLICIES = ("stop", "skip")
 # The options training hands the model's factory itself, and what sets each.
@@ -138,6 +139,10 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
     if cfg.mix_off_epochs and not cfg.stages and cfg.mix_off_epochs >= cfg.epochs:
         raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
                         "make it smaller than --epochs")
+    plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read, and --freeze beside it
+    if cfg.lr_backbone is not None and cfg.freeze == "backbone":  # the rate of layers that never train
+        raise UserError(f"--lr-backbone {cfg.lr_backbone:g} sets the rate of the layers below the head, which "
+                        "--freeze backbone keeps frozen: drop one of the two (--unfreeze NAMES,head trains some)")
     if cfg.ema is not None and not (isinstance(cfg.ema, (int, float)) and 0 < cfg.ema < 1):
         refuse("ema", f"takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
     if cfg.early_stop is not None and (not isinstance(cfg.early_stop, int) or cfg.early_stop < 1):

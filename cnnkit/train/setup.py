@@ -142,10 +142,13 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     if saved:
         _check_same_data(saved, train_set, val_set)
 
-    # Model and the weights it starts from; the input normalisation follows the weights.
+    # Model and the weights it starts from; the input normalisation follows the weights. --weights replaces every
+    # weight --pretrained would load (all but a fresh head, which starts at zero either way), so it alone is read:
+    # `--config RUN/config.json --weights RUN/last.pt` goes on from a pretrained run without torchvision's file.
     try:
         model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                             input_size=train_set.size, pretrained=cfg.pretrained and not saved, **cfg.model_options)
+                             input_size=train_set.size, pretrained=cfg.pretrained and not saved and not cfg.weights,
+                             **cfg.model_options)
     except UserError as e:
         # the options' own errors ("convnet: head must be one of ..."), which name the model or the option; not
         # those of other settings (--input-size too small) or of the pretrained weights (their cache)
@@ -157,10 +160,10 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     data_stats = None  # the training images' own (mean, std), when the normalisation is theirs
     if saved:
         mean, std = saved["mean"], saved["std"]
+    elif start_payload is not None:  # the run's own, whatever --pretrained says: its filters expect those
+        mean, std = start_payload["mean"], start_payload["std"]
     elif cfg.pretrained:
         mean, std, _ = normalization(cfg.model, train_set.channels)  # ImageNet statistics, which the pretrained filters expect
-    elif start_payload is not None:
-        mean, std = start_payload["mean"], start_payload["std"]
     else:
         mean, std = data_stats = channel_stats(train_set)
     if cfg.sync_bn and ctx.world > 1:
@@ -175,7 +178,8 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         data_check = check_splits(
             train_set, val_set, cfg.model, cfg.pretrained,
             weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
-            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained else cfg.weights,
+            weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained and start_payload is None
+            else cfg.weights,
             balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats,
             same_images=bool(cfg.overfit_batches))
         for warning in data_check.warnings:

@@ -97,3 +97,20 @@ def test_the_numpy_batch_is_the_torch_batch_bit_for_bit(image_folder):
     assert good == files and not errors and x.dtype == torch.float32 and torch.equal(x, want)
     array, _, _ = load_batch_array(files, 3, 20, mean, std)
     assert array.dtype == np.float32 and np.array_equal(array, want.numpy())
+
+
+def test_image_paths_follow_linked_folders_as_training_does_and_stop_at_loops(tmp_path):
+    # predict on a folder whose class folders are symbolic links found "no images", where train and eval read them.
+    import os
+
+    from cnnkit.data.images import image_paths
+
+    real = tmp_path / "real" / "cat"
+    real.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(real / "1.png")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    os.symlink(real, photos / "cat")
+    os.symlink(photos, photos / "cat_again")  # back up the tree
+    os.symlink("..", real / "up")
+    assert image_paths([str(photos)]) == [str(photos / "cat" / "1.png")]

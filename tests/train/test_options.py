@@ -145,3 +145,19 @@ def test_model_opt_takes_numbers_as_python_writes_them():
                     "--model-opt", "c=1.e-3", "--model-opt", "d=nan", "--model-opt", "e=layer2")["model_options"]
     assert options == {"dropout": 0.5, "a": 5.0, "b": -0.25, "c": 0.001, "d": "nan", "e": "layer2"}
     assert make_config(None, given("train", "--model-opt", "dropout=.5")).model_options == {"dropout": 0.5}
+
+
+@pytest.mark.parametrize("options", [dict(freeze="backbone", unfreeze="layer4"), dict(stages="fc:1"),
+                                     dict(unfreeze="fc", stages="fc:1@0.01")])
+def test_what_trains_is_checked_with_the_other_options_before_the_data_loads(options):
+    # --stages was read, and --freeze set beside it refused, only once the data had loaded (minutes for a large
+    # folder), where the other options are checked before.
+    with pytest.raises(UserError, match="--stages|--freeze"):
+        make_config(overrides=dict(model="resnet18", data="/no/such/folder", **options))
+
+
+def test_a_backbone_rate_for_a_frozen_backbone_is_refused():
+    # --freeze backbone --lr-backbone 1e-4 trained with the rate unused, without a word.
+    with pytest.raises(UserError, match="--lr-backbone 0.0001 sets the rate .* --freeze backbone keeps frozen"):
+        make_config(overrides=dict(model="resnet18", freeze="backbone", lr_backbone=1e-4))
+    make_config(overrides=dict(model="resnet18", unfreeze="layer4,fc", lr_backbone=1e-4))
