@@ -960,8 +960,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if r.verified is False:
         bad = max(r.checks, key=lambda c: c.max_abs_diff / c.allowed(r.tolerance))
         print(f"cnnkit export: error: {r.path} differs from the PyTorch model by up to {bad.max_abs_diff:.2e} on "
-              f"logits up to {bad.max_abs_logit:.3g} (allowed {bad.allowed(r.tolerance):.2e}); do not deploy it, and "
-              "please report it", file=sys.stderr)
+              f"logits up to {bad.max_abs_logit:.3g} (allowed {bad.allowed(r.tolerance):.2e}); do not deploy it "
+              f"({args.out} was left as it was), and please report it", file=sys.stderr)
         return 1
     return 0
 

@@ -205,15 +205,34 @@ def export(
                                              flip=trained_with_flips(ckpt.config or {"flip": ckpt.flip})))
     example = torch.randn(EXAMPLE_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size,
                           device=next(model.parameters()).device)
+    # A verified export is written beside --out first and replaces it only once it has passed: one that fails
+    # stays there, named unverified, and a good file already at --out is not lost to it.
+    path = unverified_path(out) if verify else out
     with eval_mode(model):
         start = time.perf_counter()
-        with _output_file(out) as tmp:
+        with _output_file(path) as tmp:
             _WRITERS[format](model, metadata, example, tmp)
         export_time = time.perf_counter() - start
-        checks = _compare(model, _READERS[format](out), inputs) if verify else []
+        try:
+            checks = _compare(model, _READERS[format](path), inputs) if verify else []
+        except BaseException:
+            os.unlink(path)
+            raise
     worst = max((c.max_abs_diff for c in checks), default=None)
+    verified = None if worst is None else all(c.max_abs_diff < c.allowed(tolerance) for c in checks)
+    if verified:
+        os.replace(path, out)
+        path = out
     return ExportResult(
-        path=out, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],
-        size_bytes=os.path.getsize(out), export_time_s=round(export_time, 3), checks=checks, max_abs_diff=worst,
-        tolerance=tolerance, verified=None if worst is None else all(c.max_abs_diff < c.allowed(tolerance) for c in checks),
+        path=path, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],
+        size_bytes=os.path.getsize(path), export_time_s=round(export_time, 3), checks=checks, max_abs_diff=worst,
+        tolerance=tolerance, verified=verified,
     )
+
+
+def unverified_path(out: str) -> str:
+    """Where an export being verified is written before it replaces ``out``: ``model.onnx`` -> ``model.unverified.onnx``
+    (the same ending, by which cnnkit recognises the format)."""
+    folder, name = os.path.split(out)
+    stem, dot, ending = name.rpartition(".")
+    return os.path.join(folder, f"{stem}.unverified.{ending}" if dot else f"{name}.unverified")

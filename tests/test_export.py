@@ -133,6 +133,19 @@ def test_a_model_left_in_train_mode_exports_eval_behaviour_and_keeps_its_modes(t
         assert batch == 1 or (leaked - want).abs().max() > 1e-2  # the check above can tell the two apart
 
 
+def test_an_export_that_fails_verify_does_not_replace_the_file_at_out(tmp_path, checkpoints):
+    # It replaced it, though the message said "do not deploy it": the good export there was lost
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"the export that is deployed")
+    r = cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(out), verify=True, tolerance=0.0)  # nothing passes
+    assert r.verified is False and r.path == str(tmp_path / "m.unverified.safetensors")
+    assert out.read_bytes() == b"the export that is deployed"
+    assert cnnkit.load_checkpoint(r.path).classes == CLASSES  # kept whole, to look into
+    r = cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(out), verify=True)
+    assert r.verified and r.path == str(out) and cnnkit.load_checkpoint(str(out)).classes == CLASSES
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # the passing export went through the same name
+
+
 def test_safetensors_round_trip_rebuilds_the_checkpoint(tmp_path, checkpoints, image_folder):
     out = tmp_path / "m.safetensors"
     r = cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(out), verify=True)
