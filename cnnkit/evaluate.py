@@ -70,6 +70,11 @@ def evaluate(
     loader process when the images are decoded per batch (cnnkit/threads.py). torch's thread count, one setting
     for the whole process, is put back as it was when this returns.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"batch_size must be a whole number, 1 or more, got {batch_size!r}")
+    if ema and isinstance(checkpoint, Checkpoint):  # its weights are the ones it was loaded with
+        raise UserError("ema=True picks a run folder's EMA weights when it loads them; this Checkpoint is loaded "
+                        "already: load it with cnnkit.load_checkpoint(run, ema=True), or pass the run folder")
     threads_used = set_torch_threads(threads)
     dev = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev, ema=ema)

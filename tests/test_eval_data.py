@@ -164,3 +164,14 @@ def test_a_scored_folder_may_have_an_empty_class_folder_as_val_data_may(run, tmp
     assert by_data.count == by_val_data.count == sum(len(os.listdir(folder / c)) for c in os.listdir(folder))
     assert by_data.per_class == by_val_data.per_class
     assert [r["support"] for r in by_data.per_class if r["class"] == emptied] == [0]
+
+
+def test_the_library_refuses_an_ema_it_cannot_give_and_a_batch_size_below_one(run):
+    # ema=True beside a loaded Checkpoint scored the checkpoint's own weights without a word; batch_size=0 was taken
+    import cnnkit
+
+    with pytest.raises(UserError, match=r"load it with cnnkit.load_checkpoint\(run, ema=True\)"):
+        evaluate(cnnkit.load_checkpoint(run[0]), ema=True)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(UserError, match="batch_size must be a whole number, 1 or more"):
+            evaluate(run[0], batch_size=bad)
