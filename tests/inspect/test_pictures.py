@@ -1,5 +1,9 @@
 """Feature maps, filters and class activation maps: real PNG files of the expected size, not blank."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,3 +139,28 @@ def test_pictures_are_written_in_the_format_their_suffix_names(trained_run, shap
                                             r"end it in \.png"):
             cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / name))
         assert not (tmp_path / name).exists()
+
+
+def test_a_picture_written_only_in_part_leaves_the_one_there_before(tmp_path):
+    """A write stopped midway (the file-size limit standing in for a full disk) keeps the picture that was there
+    whole and leaves no partial or temporary file: Pillow wrote over it in place, leaving half a PNG."""
+    path = tmp_path / "cam.png"
+    script = ("import resource, sys\n"
+              "import numpy as np\n"
+              "from cnnkit.errors import UserError\n"
+              "from cnnkit.inspect.drawing import save_png\n"
+              "noise = np.random.default_rng(int(sys.argv[2])).integers(0, 256, (256, 256, 3), dtype=np.uint8)\n"
+              "if sys.argv[2] == '1':\n"
+              "    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    save_png(noise, 'title', sys.argv[1])\n"
+              "except UserError as e:\n"
+              "    print(e)\n")
+    first = subprocess.run([sys.executable, "-c", script, str(path), "0"], capture_output=True, text=True)
+    assert first.returncode == 0 and first.stdout == "", first.stderr
+    before = path.read_bytes()
+    assert len(before) > 100_000  # noise does not compress: far over the limit below
+    second = subprocess.run([sys.executable, "-c", script, str(path), "1"], capture_output=True, text=True)
+    assert second.returncode == 0 and second.stdout.startswith(f"cannot write {path}"), (second.stdout, second.stderr)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["cam.png"]
