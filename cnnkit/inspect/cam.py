@@ -32,6 +32,7 @@ from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
 from cnnkit.inspect.trace import trace
+from cnnkit.progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
@@ -90,23 +91,30 @@ def grad_cam_plus_plus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return _weighted(acts, (alpha * F.relu(grads)).sum(dim=(2, 3)))
 
 
-def score_cam(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, target: int, batch: int = 32) -> torch.Tensor:
-    """Score-CAM (h x w): forward passes of the image masked by each channel, weighted by the class probability."""
+def score_cam(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, target: int, batch: int = 32,
+              progress: bool = False) -> torch.Tensor:
+    """Score-CAM (h x w): forward passes of the image masked by each channel, weighted by the class probability.
+    One pass per channel (2,048 for a ResNet-50's ``layer4``: minutes on a CPU), so ``progress`` shows a bar
+    (plain lines now and then when stderr is no terminal)."""
     masks = drawing.normalise(F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=False))[0]
     scores = []
+    bar = progress_bar(len(masks), desc="Score-CAM", unit="channel", enabled=progress)
     with torch.no_grad():
         for i in range(0, len(masks), batch):
             masked = x * masks[i:i + batch].unsqueeze(1).to(x.device, x.dtype)
             scores.append(model(masked).float().softmax(dim=1)[:, target].cpu())
+            bar.update(len(scores[-1]))
+    bar.close()
     weights = torch.cat(scores).softmax(dim=0).to(acts.dtype)
     return _weighted(acts.cpu(), weights.unsqueeze(0))
 
 
 def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None,
-                 methods: tuple[str, ...] = ("gradcam",)) -> tuple[dict[str, torch.Tensor], int, float, int]:
+                 methods: tuple[str, ...] = ("gradcam",), progress: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], int, float, int]:
     """Heat maps (input size, 0..1) of ``methods`` for class ``target`` (default: the predicted one) at
     ``layer``; returns them with the class, its probability and the predicted class. Leaves the model as it was
-    and its parameters' ``.grad`` untouched."""
+    and its parameters' ``.grad`` untouched. ``progress``: a bar for Score-CAM's forward passes."""
     with inspecting(model, grad=True), capture(model, [layer], detach=False) as captured:
         logits = model(x.requires_grad_(True))
         if layer not in captured:
@@ -128,7 +136,7 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
             elif method == "gradcam++":
                 small = grad_cam_plus_plus(acts.detach(), grads)
             else:
-                small = score_cam(model, x.detach(), acts.detach(), k)
+                small = score_cam(model, x.detach(), acts.detach(), k, progress=progress)
             big = F.interpolate(small[None, None].float().cpu(), size=x.shape[-2:], mode="bilinear",
                                 align_corners=False)[0, 0]
             maps[method] = drawing.normalise(big)
@@ -137,10 +145,11 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
 
 def class_activation_map(model_or_run: str | nn.Module, image: str, target_class: int | str | None = None,
                          layer: str | None = None, method: str = "gradcam", out: str = "cam.png",
-                         input_size: Any = None) -> CamResult:
+                         input_size: Any = None, progress: bool = True) -> CamResult:
     """Write ``out``: the image, then each method's map overlaid on it. ``method``: gradcam, gradcam++,
     scorecam or all; ``target_class``: an index or a class name (default: the predicted class); ``layer``:
-    default the last convolutional layer (see the module doc)."""
+    default the last convolutional layer (see the module doc). ``progress``: a bar on stderr while Score-CAM
+    runs its forward pass per channel of the layer."""
     methods = METHODS if method == "all" else (method,)
     if any(m not in METHODS for m in methods):
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
@@ -154,7 +163,8 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
         target_class = target.classes.index(target_class)
     x, shown = prepare_image(target, image)
     maps, k, prob, predicted = cam_heatmaps(target.model, x, name,
-                                            None if target_class is None else int(target_class), methods)
+                                            None if target_class is None else int(target_class), methods,
+                                            progress)
     factor = drawing.tile_factor(shown.shape[0], 224)
     panels = [shown] + [drawing.overlay(shown, maps[m].numpy()) for m in methods]
     class_name = target.classes[k] if target.classes and k < len(target.classes) else None

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import cnnkit
+import cnnkit.progress
 from cnnkit.errors import UserError
 from cnnkit.inspect.cam import cam_heatmaps, last_conv_layer
 from cnnkit.inspect.loading import load_model, prepare_image
@@ -164,3 +165,15 @@ def test_a_picture_written_only_in_part_leaves_the_one_there_before(tmp_path):
     assert second.returncode == 0 and second.stdout.startswith(f"cannot write {path}"), (second.stdout, second.stderr)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["cam.png"]
+
+
+def test_score_cam_shows_its_progress(trained_run, shape_image, tmp_path, monkeypatch, capsys):
+    """Score-CAM runs a forward pass per channel (2,048 for resnet50's layer4: ten minutes on a 2-core CPU), and
+    ran them without a word; stderr, no terminal here, gets plain progress lines (every 0 s for the test)."""
+    monkeypatch.setattr(cnnkit.progress, "PLAIN_EVERY_S", 0.0)
+    cnnkit.class_activation_map(trained_run, shape_image, method="scorecam", out=str(tmp_path / "cam.png"))
+    err = capsys.readouterr().err
+    assert "Score-CAM  32/128 channel" in err and "Score-CAM  96/128 channel" in err, err
+    cnnkit.class_activation_map(trained_run, shape_image, method="scorecam", out=str(tmp_path / "cam.png"),
+                                progress=False)
+    assert "Score-CAM" not in capsys.readouterr().err
