@@ -10,7 +10,8 @@
 The last convolutional layer is used by default: the feature maps of the last ``Conv2d`` the forward pass
 runs, taken after what follows it at the same resolution (BatchNorm, the activation, a residual addition),
 since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
-part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. Only
+part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features`` for ConvNeXt (not its last
+block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
 convolutions whose maps keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
 channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there. The map is
 upsampled to the input size (bilinear) and scaled to 0..1. A ResNet whose head also reads earlier stages
@@ -31,7 +32,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
-from cnnkit.inspect.trace import trace
+from cnnkit.inspect.trace import TracedLayer, trace
 from cnnkit.progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -51,9 +52,16 @@ class CamResult:
     height: int
 
 
+# Outputs before the activation: a map of them is mostly negative, and Grad-CAM keeps only the positive part.
+PRE_ACTIVATION = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     """The default layer (see the module doc): of the layers that end after the last ``Conv2d`` and before
-    the resolution changes, the last; where several return that same tensor, the outermost."""
+    the resolution changes (or the next convolution starts), the last that is no convolution or normalisation;
+    where several return that same tensor, the outermost. When a shared activation module (a ResNet
+    Bottleneck's one ``relu``, called three times) leaves only the convolution and its BatchNorm at that
+    resolution, the convolution before is taken instead."""
     with inspecting(model):
         t = trace(model, input_shape)
     convs = [x for x in t.layers if isinstance(x.module, nn.Conv2d) and x.output_shape and len(x.output_shape) == 3]
@@ -63,14 +71,39 @@ def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     if not convs:
         raise UserError(f"every convolution's output is 1x1 at {input_shape[1]}x{input_shape[2]}: there is no "
                         "place in the image to show; use larger images")
-    conv = max(convs, key=lambda x: x.done)
+    ordered = sorted(t.layers, key=lambda x: x.done)
+    convs.sort(key=lambda x: x.done)
+    for conv in reversed(convs):
+        run = _same_resolution_after(conv, ordered)
+        kept = [x for x in run if not isinstance(x.module, PRE_ACTIVATION)]
+        if kept:
+            return _outermost(run, kept[-1])
+    run = _same_resolution_after(convs[-1], ordered)
+    return _outermost(run, run[-1])
+
+
+def _same_resolution_after(conv: TracedLayer, ordered: list[TracedLayer]) -> list[TracedLayer]:
+    """``conv`` and the layers that end after it, in that order, until the resolution changes or another
+    convolution starts. Channels-last outputs at the same resolution (ConvNeXt's blocks permute to H x W x C
+    for their LayerNorm and linear layers) are passed over, not ends."""
+    _, h, w = conv.output_shape
     run = []
-    for x in sorted((x for x in t.layers if x.done >= conv.done), key=lambda x: x.done):
-        if not x.output_shape or len(x.output_shape) != 3 or x.output_shape[1:] != conv.output_shape[1:]:
+    for x in ordered:
+        if x.done < conv.done:
+            continue
+        if x is not conv and isinstance(x.module, nn.Conv2d):
             break
-        run.append(x)
-    last = run[-1]
-    same = [x for x in run if x.info is last.info]  # the same tensor (a block, its last ReLU, the stage)
+        shape = x.output_shape
+        if shape and len(shape) == 3 and shape[1:] == [h, w]:
+            run.append(x)
+        elif not (shape and len(shape) == 3 and shape[:2] == [h, w]):
+            break
+    return run
+
+
+def _outermost(run: list[TracedLayer], last: TracedLayer) -> str:
+    """Of the layers in ``run`` that return ``last``'s tensor (a block, its last ReLU, the stage), the outermost."""
+    same = [x for x in run if x.info is last.info]
     return min(same, key=lambda x: (x.depth, x.done)).name
 
 

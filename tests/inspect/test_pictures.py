@@ -81,6 +81,19 @@ def test_default_cam_layer_skips_maps_of_one_position():
         last_conv_layer(model, (3, 1, 1))
 
 
+def test_default_cam_layer_is_a_stage_output_not_a_raw_convolution_or_norm_inside_a_block():
+    """ConvNeXt's last convolution is its last block's depthwise one, whose block permutes to H x W x C: the
+    default was that raw convolution, not the stage after it. A ResNet-50 at 32x32 (layer4 1x1 but its first
+    1x1 convolution still 2x2, then the Bottleneck's one shared ReLU) got layer4.0.bn1, a BatchNorm's output
+    before any activation, where the module doc promises layer3."""
+    for name, size, expected in [("convnext_tiny", None, "features"), ("resnet50", 32, "layer3"),
+                                 ("resnext50_32x4d", 32, "layer3"), ("resnet50", None, "layer4"),
+                                 ("densenet121", 32, "features.transition3.relu"),
+                                 ("mobilenet_v2", 32, "features.14.conv.0")]:
+        target = load_model(name, size, meta=True)
+        assert last_conv_layer(target.model, target.input_shape) == expected, (name, size)
+
+
 def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
     target = load_model(trained_run)
     x, shown = prepare_image(target, shape_image)
