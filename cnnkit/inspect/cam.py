@@ -191,7 +191,8 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     find_layer(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:
-            known = f"; classes are {', '.join(target.classes)}" if target.classes else ""
+            known = (f"; classes are {', '.join(target.classes)}" if target.classes else
+                     f": {target.label} has no class names (a model name, not a trained run); pass --class as an index")
             raise UserError(f"unknown class '{target_class}'{known}")
         target_class = target.classes.index(target_class)
     x, shown = prepare_image(target, image)

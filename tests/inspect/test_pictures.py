@@ -131,6 +131,8 @@ def test_cam_errors(trained_run, shape_image, tmp_path):
         cnnkit.class_activation_map(trained_run, shape_image, 10, out=out)
     with pytest.raises(UserError, match="unknown class 'hexagon'; classes are circle"):
         cnnkit.class_activation_map(trained_run, shape_image, "hexagon", out=out)
+    with pytest.raises(UserError, match="unknown class 'cat': simple_cnn has no class names .*--class as an index"):
+        cnnkit.class_activation_map("simple_cnn", shape_image, "cat", out=out)
     with pytest.raises(UserError, match="not a C x H x W map"):
         cnnkit.class_activation_map(trained_run, shape_image, layer="classifier.1", out=out)
     with pytest.raises(UserError, match="--method must be one of"):
