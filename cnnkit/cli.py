@@ -1071,7 +1071,10 @@ def cmd_filters(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(f)
     else:
-        print(f"{f.layer}: {'x'.join(map(str, f.weight_shape))} kernels, {f.filters_shown} shown ({f.mode}) "
+        inputs = ""
+        if f.inputs_shown < f.weight_shape[1]:
+            inputs = f", input channels 1-{f.inputs_shown} of {f.weight_shape[1]}"
+        print(f"{f.layer}: {'x'.join(map(str, f.weight_shape))} kernels, {f.filters_shown} shown ({f.mode}{inputs}) "
               f"-> {f.path} ({f.width}x{f.height} px)")
     return 0
 

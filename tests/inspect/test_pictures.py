@@ -14,6 +14,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect.cam import cam_heatmaps, last_conv_layer
 from cnnkit.inspect.loading import load_model, prepare_image
 
+from tests.conftest import run_cli
 from tests.inspect.conftest import assert_picture
 
 
@@ -56,6 +57,16 @@ def test_deeper_filters_per_input_channel_or_averaged(trained_run, tmp_path, mod
     f = cnnkit.filters(trained_run, "features.3", str(tmp_path / f"{mode}.png"), mode=mode)
     assert f.weight_shape == [64, 32, 3, 3] and f.mode == mode
     assert_picture(f.path, body=body)
+
+
+def test_channels_mode_says_it_shows_only_the_first_16_input_channels(trained_run, tmp_path):
+    """--mode channels draws at most 16 input channels of each filter; of features.3's 32 it said nothing (the
+    picture's title and the command's line named only the filters left out)."""
+    f = cnnkit.filters(trained_run, "features.3", str(tmp_path / "c.png"), mode="channels")
+    assert (f.filters_shown, f.inputs_shown) == (16, 16)
+    assert cnnkit.filters(trained_run, "features.3", str(tmp_path / "m.png"), mode="mean").inputs_shown == 32
+    proc = run_cli("filters", trained_run, "--layer", "features.3", "--mode", "channels", "--out", tmp_path / "c.png")
+    assert proc.returncode == 0 and "16 shown (channels, input channels 1-16 of 32)" in proc.stdout, proc.stdout
 
 
 def test_filter_errors(trained_run, tmp_path):
