@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cnnkit
@@ -43,6 +44,16 @@ def test_feature_map_errors(trained_run, shape_image, tmp_path):
         cnnkit.feature_maps(trained_run, ["features.0"], str(tmp_path / "nope.png"), str(tmp_path))
     with pytest.raises(UserError, match="at least one --layer"):
         cnnkit.feature_maps(trained_run, [], shape_image, str(tmp_path))
+
+
+def test_feature_maps_of_a_layer_the_forward_pass_skips_write_no_picture(shape_image, tmp_path):
+    """Asked for a used layer and then an unused one (Inception's auxiliary head in eval mode), feature_maps
+    wrote the first picture before it refused the second: a failed command left part of its output."""
+    model = cnnkit.create_model("simple_cnn")
+    model.unused = torch.nn.Conv2d(3, 4, 3)
+    with pytest.raises(UserError, match="layer 'unused' was not used by the forward pass"):
+        cnnkit.feature_maps(model, ["features.0", "unused"], shape_image, str(tmp_path / "maps"))
+    assert not (tmp_path / "maps").exists() or os.listdir(tmp_path / "maps") == []
 
 
 def test_first_layer_filters_as_colour_patches(trained_run, tmp_path):
