@@ -644,7 +644,7 @@ def _rf_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--effective", metavar="PNG",
                    help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
     p.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
-    p.add_argument("--images", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--images", type=_positive_int, metavar="N",
                    help="--effective: how many generated shapes images to average over (default: 16)")
     p.add_argument("--json", action="store_true")
 
@@ -1012,6 +1012,10 @@ def cmd_rf(args: argparse.Namespace) -> int:
         effective_receptive_field, format_receptive_field, receptive_field, verify_receptive_field,
     )
 
+    for option, value in (("--layer", args.layer), ("--images", args.images)):
+        if value is not None and not args.effective:  # else ignored: the table is of every layer anyway
+            raise UserError(f"{option} applies to the effective field; add --effective PNG (the table and "
+                            "--verify-layer cover every layer)")
     options = _model_options(args.model_opt, _BUILD_FLAGS)
     r = receptive_field(args.model, args.input_size, args.num_classes, **options)
     effective = None
@@ -1020,7 +1024,7 @@ def cmd_rf(args: argparse.Namespace) -> int:
         if args.verify or args.verify_layer:
             r.checks = verify_receptive_field(target, args.verify_layer or None)
         if args.effective:
-            effective = effective_receptive_field(target, args.layer, count=args.images, out=args.effective)
+            effective = effective_receptive_field(target, args.layer, count=args.images or 16, out=args.effective)
     if args.json:
         out = dataclasses.asdict(r)
         if effective:

@@ -116,3 +116,10 @@ def test_an_image_that_is_a_folder_and_a_features_out_that_is_a_file_are_one_lin
                    "--out", tmp_path / "taken" / "maps")
     assert_one_line_error(proc, 2, "cannot create the folder", "maps")
     assert (tmp_path / "taken").read_text() == ""
+
+
+@pytest.mark.parametrize("option", [["--layer", "features.3"], ["--images", "4"]])
+def test_rf_options_of_the_effective_field_without_it_are_refused(option):
+    """`rf simple_cnn --layer features.3` printed the whole table as if --layer were not there."""
+    assert_one_line_error(run_cli("rf", "simple_cnn", *option), 2, f"{option[0]} applies to the effective field",
+                          "add --effective PNG")
