@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,8 +202,10 @@ def read_payload(path: str) -> dict[str, Any]:
     if refused:
         raise refused
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
         damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)})")
         raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:

@@ -644,7 +644,7 @@ def _rf_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--effective", metavar="PNG",
                    help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
     p.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
-    p.add_argument("--images", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--images", type=_positive_int, metavar="N",
                    help="--effective: how many generated shapes images to average over (default: 16)")
     p.add_argument("--json", action="store_true")
 
@@ -676,7 +676,9 @@ def _cam_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
     p.add_argument("--layer", metavar="NAME", help="a layer with a C x H x W output (default: the last layer before "
                    "the resolution changes after the last Conv2d, e.g. its ReLU)")
-    p.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam")
+    p.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam",
+                   help="default: gradcam; scorecam runs one forward pass per channel of the layer (2,048 for "
+                   "resnet50's layer4: minutes on a CPU)")
     p.add_argument("--out", metavar="PNG", required=True)
     p.add_argument("--json", action="store_true")
 
@@ -1012,6 +1014,10 @@ def cmd_rf(args: argparse.Namespace) -> int:
         effective_receptive_field, format_receptive_field, receptive_field, verify_receptive_field,
     )
 
+    for option, value in (("--layer", args.layer), ("--images", args.images)):
+        if value is not None and not args.effective:  # else ignored: the table is of every layer anyway
+            raise UserError(f"{option} applies to the effective field; add --effective PNG (the table and "
+                            "--verify-layer cover every layer)")
     options = _model_options(args.model_opt, _BUILD_FLAGS)
     r = receptive_field(args.model, args.input_size, args.num_classes, **options)
     effective = None
@@ -1020,7 +1026,7 @@ def cmd_rf(args: argparse.Namespace) -> int:
         if args.verify or args.verify_layer:
             r.checks = verify_receptive_field(target, args.verify_layer or None)
         if args.effective:
-            effective = effective_receptive_field(target, args.layer, count=args.images, out=args.effective)
+            effective = effective_receptive_field(target, args.layer, count=args.images or 16, out=args.effective)
     if args.json:
         out = dataclasses.asdict(r)
         if effective:
@@ -1071,7 +1077,10 @@ def cmd_filters(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(f)
     else:
-        print(f"{f.layer}: {'x'.join(map(str, f.weight_shape))} kernels, {f.filters_shown} shown ({f.mode}) "
+        inputs = ""
+        if f.inputs_shown < f.weight_shape[1]:
+            inputs = f", input channels 1-{f.inputs_shown} of {f.weight_shape[1]}"
+        print(f"{f.layer}: {'x'.join(map(str, f.weight_shape))} kernels, {f.filters_shown} shown ({f.mode}{inputs}) "
               f"-> {f.path} ({f.width}x{f.height} px)")
     return 0
 

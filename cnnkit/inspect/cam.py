@@ -10,7 +10,8 @@
 The last convolutional layer is used by default: the feature maps of the last ``Conv2d`` the forward pass
 runs, taken after what follows it at the same resolution (BatchNorm, the activation, a residual addition),
 since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
-part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features.7`` for ``simple_cnn``. Only
+part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features`` for ConvNeXt (not its last
+block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
 convolutions whose maps keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
 channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there. The map is
 upsampled to the input size (bilinear) and scaled to 0..1. A ResNet whose head also reads earlier stages
@@ -31,7 +32,8 @@ from cnnkit.errors import UserError
 from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
-from cnnkit.inspect.trace import trace
+from cnnkit.inspect.trace import TracedLayer, trace
+from cnnkit.progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
@@ -50,9 +52,16 @@ class CamResult:
     height: int
 
 
+# Outputs before the activation: a map of them is mostly negative, and Grad-CAM keeps only the positive part.
+PRE_ACTIVATION = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     """The default layer (see the module doc): of the layers that end after the last ``Conv2d`` and before
-    the resolution changes, the last; where several return that same tensor, the outermost."""
+    the resolution changes (or the next convolution starts), the last that is no convolution or normalisation;
+    where several return that same tensor, the outermost. When a shared activation module (a ResNet
+    Bottleneck's one ``relu``, called three times) leaves only the convolution and its BatchNorm at that
+    resolution, the convolution before is taken instead."""
     with inspecting(model):
         t = trace(model, input_shape)
     convs = [x for x in t.layers if isinstance(x.module, nn.Conv2d) and x.output_shape and len(x.output_shape) == 3]
@@ -62,14 +71,39 @@ def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     if not convs:
         raise UserError(f"every convolution's output is 1x1 at {input_shape[1]}x{input_shape[2]}: there is no "
                         "place in the image to show; use larger images")
-    conv = max(convs, key=lambda x: x.done)
+    ordered = sorted(t.layers, key=lambda x: x.done)
+    convs.sort(key=lambda x: x.done)
+    for conv in reversed(convs):
+        run = _same_resolution_after(conv, ordered)
+        kept = [x for x in run if not isinstance(x.module, PRE_ACTIVATION)]
+        if kept:
+            return _outermost(run, kept[-1])
+    run = _same_resolution_after(convs[-1], ordered)
+    return _outermost(run, run[-1])
+
+
+def _same_resolution_after(conv: TracedLayer, ordered: list[TracedLayer]) -> list[TracedLayer]:
+    """``conv`` and the layers that end after it, in that order, until the resolution changes or another
+    convolution starts. Channels-last outputs at the same resolution (ConvNeXt's blocks permute to H x W x C
+    for their LayerNorm and linear layers) are passed over, not ends."""
+    _, h, w = conv.output_shape
     run = []
-    for x in sorted((x for x in t.layers if x.done >= conv.done), key=lambda x: x.done):
-        if not x.output_shape or len(x.output_shape) != 3 or x.output_shape[1:] != conv.output_shape[1:]:
+    for x in ordered:
+        if x.done < conv.done:
+            continue
+        if x is not conv and isinstance(x.module, nn.Conv2d):
             break
-        run.append(x)
-    last = run[-1]
-    same = [x for x in run if x.info is last.info]  # the same tensor (a block, its last ReLU, the stage)
+        shape = x.output_shape
+        if shape and len(shape) == 3 and shape[1:] == [h, w]:
+            run.append(x)
+        elif not (shape and len(shape) == 3 and shape[:2] == [h, w]):
+            break
+    return run
+
+
+def _outermost(run: list[TracedLayer], last: TracedLayer) -> str:
+    """Of the layers in ``run`` that return ``last``'s tensor (a block, its last ReLU, the stage), the outermost."""
+    same = [x for x in run if x.info is last.info]
     return min(same, key=lambda x: (x.depth, x.done)).name
 
 
@@ -90,23 +124,30 @@ def grad_cam_plus_plus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return _weighted(acts, (alpha * F.relu(grads)).sum(dim=(2, 3)))
 
 
-def score_cam(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, target: int, batch: int = 32) -> torch.Tensor:
-    """Score-CAM (h x w): forward passes of the image masked by each channel, weighted by the class probability."""
+def score_cam(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, target: int, batch: int = 32,
+              progress: bool = False) -> torch.Tensor:
+    """Score-CAM (h x w): forward passes of the image masked by each channel, weighted by the class probability.
+    One pass per channel (2,048 for a ResNet-50's ``layer4``: minutes on a CPU), so ``progress`` shows a bar
+    (plain lines now and then when stderr is no terminal)."""
     masks = drawing.normalise(F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=False))[0]
     scores = []
+    bar = progress_bar(len(masks), desc="Score-CAM", unit="channel", enabled=progress)
     with torch.no_grad():
         for i in range(0, len(masks), batch):
             masked = x * masks[i:i + batch].unsqueeze(1).to(x.device, x.dtype)
             scores.append(model(masked).float().softmax(dim=1)[:, target].cpu())
+            bar.update(len(scores[-1]))
+    bar.close()
     weights = torch.cat(scores).softmax(dim=0).to(acts.dtype)
     return _weighted(acts.cpu(), weights.unsqueeze(0))
 
 
 def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | None = None,
-                 methods: tuple[str, ...] = ("gradcam",)) -> tuple[dict[str, torch.Tensor], int, float, int]:
+                 methods: tuple[str, ...] = ("gradcam",), progress: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], int, float, int]:
     """Heat maps (input size, 0..1) of ``methods`` for class ``target`` (default: the predicted one) at
     ``layer``; returns them with the class, its probability and the predicted class. Leaves the model as it was
-    and its parameters' ``.grad`` untouched."""
+    and its parameters' ``.grad`` untouched. ``progress``: a bar for Score-CAM's forward passes."""
     with inspecting(model, grad=True), capture(model, [layer], detach=False) as captured:
         logits = model(x.requires_grad_(True))
         if layer not in captured:
@@ -128,7 +169,7 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
             elif method == "gradcam++":
                 small = grad_cam_plus_plus(acts.detach(), grads)
             else:
-                small = score_cam(model, x.detach(), acts.detach(), k)
+                small = score_cam(model, x.detach(), acts.detach(), k, progress=progress)
             big = F.interpolate(small[None, None].float().cpu(), size=x.shape[-2:], mode="bilinear",
                                 align_corners=False)[0, 0]
             maps[method] = drawing.normalise(big)
@@ -137,10 +178,11 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
 
 def class_activation_map(model_or_run: str | nn.Module, image: str, target_class: int | str | None = None,
                          layer: str | None = None, method: str = "gradcam", out: str = "cam.png",
-                         input_size: Any = None) -> CamResult:
+                         input_size: Any = None, progress: bool = True) -> CamResult:
     """Write ``out``: the image, then each method's map overlaid on it. ``method``: gradcam, gradcam++,
     scorecam or all; ``target_class``: an index or a class name (default: the predicted class); ``layer``:
-    default the last convolutional layer (see the module doc)."""
+    default the last convolutional layer (see the module doc). ``progress``: a bar on stderr while Score-CAM
+    runs its forward pass per channel of the layer."""
     methods = METHODS if method == "all" else (method,)
     if any(m not in METHODS for m in methods):
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
@@ -149,12 +191,14 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     find_layer(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:
-            known = f"; classes are {', '.join(target.classes)}" if target.classes else ""
+            known = (f"; classes are {', '.join(target.classes)}" if target.classes else
+                     f": {target.label} has no class names (a model name, not a trained run); pass --class as an index")
             raise UserError(f"unknown class '{target_class}'{known}")
         target_class = target.classes.index(target_class)
     x, shown = prepare_image(target, image)
     maps, k, prob, predicted = cam_heatmaps(target.model, x, name,
-                                            None if target_class is None else int(target_class), methods)
+                                            None if target_class is None else int(target_class), methods,
+                                            progress)
     factor = drawing.tile_factor(shown.shape[0], 224)
     panels = [shown] + [drawing.overlay(shown, maps[m].numpy()) for m in methods]
     class_name = target.classes[k] if target.classes and k < len(target.classes) else None

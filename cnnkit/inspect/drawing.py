@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from cnnkit.atomic import atomic_path
 from cnnkit.errors import UserError
 
 GAP = 2  # pixels between tiles
@@ -103,7 +104,8 @@ def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
         draw.text((4, 3 + i * TITLE_HEIGHT), line, fill=(0, 0, 0), font=font)
     canvas.paste(Image.fromarray(image), (0, band))
     try:
-        canvas.save(path, format=fmt)
+        with atomic_path(path) as tmp:  # a failed or interrupted write leaves the picture that was there
+            canvas.save(tmp, format=fmt)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
     return canvas.size

@@ -59,13 +59,20 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
     for name in layers:
         find_layer(target.model, name)
     x, _ = prepare_image(target, image)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; features writes one PNG per layer into a folder: pass a "
+                        "folder's name")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder --out {out_dir}: {e.strerror}") from None
     with inspecting(target.model), capture(target.model, layers) as acts:
         target.model(x)
+    unused = [name for name in layers if name not in acts]  # before any picture is written: all or none
+    if unused:
+        raise UserError(f"layer '{unused[0]}' was not used by the forward pass, so it has no output to show")
     results = []
     for name in layers:
-        if name not in acts:
-            raise UserError(f"layer '{name}' was not used by the forward pass, so it has no output to show")
         act = acts[name][0]
         tiles, shown = _tiles(act, max_channels)
         shape = list(act.shape)

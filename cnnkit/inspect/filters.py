@@ -33,6 +33,7 @@ class FilterImage:
     path: str
     width: int
     height: int
+    inputs_shown: int = 0  # input channels drawn for each filter (channels mode: at most 16); all of them else
 
 
 def first_conv(model: nn.Module) -> str:
@@ -87,9 +88,12 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
     tiles = [drawing.upscale(t, factor) for t in tiles]
     shape = list(weight.shape)
     title = f"{name}  {'x'.join(map(str, shape))}  {mode}"
-    if len(w) < shape[0]:
-        title += f" (filters 1-{len(w)} of {shape[0]})"
+    shown = [f"filters 1-{len(w)} of {shape[0]}"] if len(w) < shape[0] else []
+    if columns is not None and columns < shape[1]:
+        shown.append(f"input channels 1-{columns} of {shape[1]}")
+    if shown:
+        title += f" ({', '.join(shown)})"
     if not os.path.basename(out):
         raise UserError(f"--out wants a file name ending in .png, got '{out}'")
     width, height = drawing.save_png(drawing.grid(tiles, columns), title, out)
-    return FilterImage(name, shape, mode, len(w), out, width, height)
+    return FilterImage(name, shape, mode, len(w), out, width, height, shape[1] if columns is None else columns)

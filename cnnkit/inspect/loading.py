@@ -167,6 +167,8 @@ def prepare_image(target: InspectedModel, path: str) -> tuple[torch.Tensor, np.n
     c, h, w = target.input_shape
     if h != w:
         raise UserError(f"images are resized to a square; use --input-size {c} {h} {h}")
+    if os.path.isdir(path):
+        raise UserError(f"image {path} is a folder; pass one image file in it (png, jpg, ...)")
     if not os.path.isfile(path):
         raise UserError(f"image {path} does not exist; pass an image file (png, jpg, ...)")
     pixels = load_image(path, c, h)

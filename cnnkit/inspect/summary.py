@@ -17,6 +17,7 @@ import torch.nn as nn
 from cnnkit.inspect.hooks import inspecting
 from cnnkit.inspect.loading import load_model
 from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, TensorInfo, trace
+from cnnkit.models.registry import default_weights
 from cnnkit.transfer import plan_stages, set_trainable, stage_at
 
 
@@ -51,6 +52,8 @@ class Summary:
     output_shape: list[int]
     unknown_ops: list[str] = field(default_factory=list)  # ops without a receptive-field rule (largest field kept)
     trained: str | None = None  # a run that trained part of the model: what its last stage trained
+    # a torchvision model name whose count differs from the one its default weights list, and why
+    published: str | None = None
 
     def table(self, depth: int | None = None) -> str:
         """The summary as text: a row per layer (down to ``depth``), then the totals."""
@@ -92,8 +95,27 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
     unused = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
                  if id(p) not in called and id(p) not in own)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    published = None
+    if isinstance(model_or_run, str) and target.classes is None and num_classes in (None, 1000) \
+            and target.input_shape[0] == 3:
+        published = _published_count(model_or_run, total, options)
     return Summary(target.label, list(target.input_shape), rows, total, trainable, total - trainable, unused,
-                   t.macs, t.activation_bytes, param_bytes, t.output_shape, t.unknown_ops, trained)
+                   t.macs, t.activation_bytes, param_bytes, t.output_shape, t.unknown_ops, trained, published)
+
+
+def _published_count(name: str, total: int, options: dict[str, Any]) -> str | None:
+    """For a torchvision model built as its weights were (1000 classes, RGB) whose parameter count is not the
+    one the weights list, what they list and how cnnkit builds it: inception_v3's weights count the auxiliary
+    classifier, which cnnkit leaves out unless told ``aux_logits=true``. None where the counts agree."""
+    weights = default_weights(name)
+    listed = weights.meta.get("num_params") if weights is not None else None
+    if listed is None or listed == total:
+        return None
+    from cnnkit.models.torchvision import default_options
+
+    built = ", ".join(f"{k}={v}" for k, v in default_options(name).items() if k not in options)
+    how = f"; cnnkit builds {name} with {built} (--model-opt changes that)" if built else ""
+    return f"torchvision's {name} weights ({weights.name}) list {listed:,} parameters{how}"
 
 
 def _as_trained(model: nn.Module, config: dict[str, Any], epoch: int | None) -> str | None:
@@ -137,6 +159,8 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     out.append(f"Parameters: {s.total_params:,} (trainable {s.trainable_params:,}, frozen {s.frozen_params:,}{trained})")
     if s.unused_params:
         out.append(f"  of which {s.unused_params:,} are in layers this forward pass does not use")
+    if s.published:
+        out.append(f"  {s.published}")
     out.append(f"MACs: {human(s.total_macs)} multiply-accumulates for one {size} image (FLOPs ~ 2 x MACs)")
     out.append(f"Activation memory: {human(s.activation_bytes, 'B')} for one image; "
                f"parameter memory: {human(s.param_bytes, 'B')}")

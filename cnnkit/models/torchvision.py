@@ -29,6 +29,11 @@ _DEFAULT_OPTIONS = {
 }
 
 
+def default_options(name: str) -> dict[str, Any]:
+    """The options cnnkit builds torchvision model ``name`` with unless ``--model-opt`` says otherwise."""
+    return dict(_DEFAULT_OPTIONS.get(name, {}))
+
+
 def adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     """Replace the first ``Conv2d`` so that it takes ``in_channels`` channels.
 

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 from tests.conftest import run_cli, write_image_folder
 from tests.inspect.conftest import assert_picture
@@ -100,3 +101,25 @@ def test_cam_and_embed_of_a_model_name_note_its_random_weights(trained_run, shap
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
     assert_one_line_error(run_cli(*args, cwd=tmp_path), 2, *words)
+
+
+def test_an_image_that_is_a_folder_and_a_features_out_that_is_a_file_are_one_line(trained_run, tmp_path):
+    (tmp_path / "photos").mkdir()
+    proc = run_cli("cam", trained_run, "--image", tmp_path / "photos", "--out", tmp_path / "c.png")
+    assert_one_line_error(proc, 2, "photos is a folder", "pass one image file")
+    (tmp_path / "taken").write_text("")
+    image = tmp_path / "star.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    proc = run_cli("features", trained_run, "--layer", "features.0", "--image", image, "--out", tmp_path / "taken")
+    assert_one_line_error(proc, 2, "--out", "taken is a file", "folder")
+    proc = run_cli("features", trained_run, "--layer", "features.0", "--image", image,
+                   "--out", tmp_path / "taken" / "maps")
+    assert_one_line_error(proc, 2, "cannot create the folder", "maps")
+    assert (tmp_path / "taken").read_text() == ""
+
+
+@pytest.mark.parametrize("option", [["--layer", "features.3"], ["--images", "4"]])
+def test_rf_options_of_the_effective_field_without_it_are_refused(option):
+    """`rf simple_cnn --layer features.3` printed the whole table as if --layer were not there."""
+    assert_one_line_error(run_cli("rf", "simple_cnn", *option), 2, f"{option[0]} applies to the effective field",
+                          "add --effective PNG")

@@ -1,14 +1,21 @@
 """Feature maps, filters and class activation maps: real PNG files of the expected size, not blank."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cnnkit
+import cnnkit.progress
 from cnnkit.errors import UserError
 from cnnkit.inspect.cam import cam_heatmaps, last_conv_layer
 from cnnkit.inspect.loading import load_model, prepare_image
 
+from tests.conftest import run_cli
 from tests.inspect.conftest import assert_picture
 
 
@@ -39,6 +46,16 @@ def test_feature_map_errors(trained_run, shape_image, tmp_path):
         cnnkit.feature_maps(trained_run, [], shape_image, str(tmp_path))
 
 
+def test_feature_maps_of_a_layer_the_forward_pass_skips_write_no_picture(shape_image, tmp_path):
+    """Asked for a used layer and then an unused one (Inception's auxiliary head in eval mode), feature_maps
+    wrote the first picture before it refused the second: a failed command left part of its output."""
+    model = cnnkit.create_model("simple_cnn")
+    model.unused = torch.nn.Conv2d(3, 4, 3)
+    with pytest.raises(UserError, match="layer 'unused' was not used by the forward pass"):
+        cnnkit.feature_maps(model, ["features.0", "unused"], shape_image, str(tmp_path / "maps"))
+    assert not (tmp_path / "maps").exists() or os.listdir(tmp_path / "maps") == []
+
+
 def test_first_layer_filters_as_colour_patches(trained_run, tmp_path):
     f = cnnkit.filters(trained_run, out=str(tmp_path / "f.png"))
     assert (f.layer, f.weight_shape, f.mode, f.filters_shown) == ("features.0", [32, 3, 3, 3], "rgb", 32)
@@ -51,6 +68,16 @@ def test_deeper_filters_per_input_channel_or_averaged(trained_run, tmp_path, mod
     f = cnnkit.filters(trained_run, "features.3", str(tmp_path / f"{mode}.png"), mode=mode)
     assert f.weight_shape == [64, 32, 3, 3] and f.mode == mode
     assert_picture(f.path, body=body)
+
+
+def test_channels_mode_says_it_shows_only_the_first_16_input_channels(trained_run, tmp_path):
+    """--mode channels draws at most 16 input channels of each filter; of features.3's 32 it said nothing (the
+    picture's title and the command's line named only the filters left out)."""
+    f = cnnkit.filters(trained_run, "features.3", str(tmp_path / "c.png"), mode="channels")
+    assert (f.filters_shown, f.inputs_shown) == (16, 16)
+    assert cnnkit.filters(trained_run, "features.3", str(tmp_path / "m.png"), mode="mean").inputs_shown == 32
+    proc = run_cli("filters", trained_run, "--layer", "features.3", "--mode", "channels", "--out", tmp_path / "c.png")
+    assert proc.returncode == 0 and "16 shown (channels, input channels 1-16 of 32)" in proc.stdout, proc.stdout
 
 
 def test_filter_errors(trained_run, tmp_path):
@@ -74,6 +101,19 @@ def test_default_cam_layer_skips_maps_of_one_position():
     assert last_conv_layer(model, (3, 64, 64)) == "layer4"  # 2x2
     with pytest.raises(UserError, match="every convolution's output is 1x1 at 1x1"):
         last_conv_layer(model, (3, 1, 1))
+
+
+def test_default_cam_layer_is_a_stage_output_not_a_raw_convolution_or_norm_inside_a_block():
+    """ConvNeXt's last convolution is its last block's depthwise one, whose block permutes to H x W x C: the
+    default was that raw convolution, not the stage after it. A ResNet-50 at 32x32 (layer4 1x1 but its first
+    1x1 convolution still 2x2, then the Bottleneck's one shared ReLU) got layer4.0.bn1, a BatchNorm's output
+    before any activation, where the module doc promises layer3."""
+    for name, size, expected in [("convnext_tiny", None, "features"), ("resnet50", 32, "layer3"),
+                                 ("resnext50_32x4d", 32, "layer3"), ("resnet50", None, "layer4"),
+                                 ("densenet121", 32, "features.transition3.relu"),
+                                 ("mobilenet_v2", 32, "features.14.conv.0")]:
+        target = load_model(name, size, meta=True)
+        assert last_conv_layer(target.model, target.input_shape) == expected, (name, size)
 
 
 def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
@@ -113,6 +153,8 @@ def test_cam_errors(trained_run, shape_image, tmp_path):
         cnnkit.class_activation_map(trained_run, shape_image, 10, out=out)
     with pytest.raises(UserError, match="unknown class 'hexagon'; classes are circle"):
         cnnkit.class_activation_map(trained_run, shape_image, "hexagon", out=out)
+    with pytest.raises(UserError, match="unknown class 'cat': simple_cnn has no class names .*--class as an index"):
+        cnnkit.class_activation_map("simple_cnn", shape_image, "cat", out=out)
     with pytest.raises(UserError, match="not a C x H x W map"):
         cnnkit.class_activation_map(trained_run, shape_image, layer="classifier.1", out=out)
     with pytest.raises(UserError, match="--method must be one of"):
@@ -135,3 +177,40 @@ def test_pictures_are_written_in_the_format_their_suffix_names(trained_run, shap
                                             r"end it in \.png"):
             cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / name))
         assert not (tmp_path / name).exists()
+
+
+def test_a_picture_written_only_in_part_leaves_the_one_there_before(tmp_path):
+    """A write stopped midway (the file-size limit standing in for a full disk) keeps the picture that was there
+    whole and leaves no partial or temporary file: Pillow wrote over it in place, leaving half a PNG."""
+    path = tmp_path / "cam.png"
+    script = ("import resource, sys\n"
+              "import numpy as np\n"
+              "from cnnkit.errors import UserError\n"
+              "from cnnkit.inspect.drawing import save_png\n"
+              "noise = np.random.default_rng(int(sys.argv[2])).integers(0, 256, (256, 256, 3), dtype=np.uint8)\n"
+              "if sys.argv[2] == '1':\n"
+              "    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    save_png(noise, 'title', sys.argv[1])\n"
+              "except UserError as e:\n"
+              "    print(e)\n")
+    first = subprocess.run([sys.executable, "-c", script, str(path), "0"], capture_output=True, text=True)
+    assert first.returncode == 0 and first.stdout == "", first.stderr
+    before = path.read_bytes()
+    assert len(before) > 100_000  # noise does not compress: far over the limit below
+    second = subprocess.run([sys.executable, "-c", script, str(path), "1"], capture_output=True, text=True)
+    assert second.returncode == 0 and second.stdout.startswith(f"cannot write {path}"), (second.stdout, second.stderr)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["cam.png"]
+
+
+def test_score_cam_shows_its_progress(trained_run, shape_image, tmp_path, monkeypatch, capsys):
+    """Score-CAM runs a forward pass per channel (2,048 for resnet50's layer4: ten minutes on a 2-core CPU), and
+    ran them without a word; stderr, no terminal here, gets plain progress lines (every 0 s for the test)."""
+    monkeypatch.setattr(cnnkit.progress, "PLAIN_EVERY_S", 0.0)
+    cnnkit.class_activation_map(trained_run, shape_image, method="scorecam", out=str(tmp_path / "cam.png"))
+    err = capsys.readouterr().err
+    assert "Score-CAM  32/128 channel" in err and "Score-CAM  96/128 channel" in err, err
+    cnnkit.class_activation_map(trained_run, shape_image, method="scorecam", out=str(tmp_path / "cam.png"),
+                                progress=False)
+    assert "Score-CAM" not in capsys.readouterr().err

@@ -174,3 +174,16 @@ def test_summary_takes_a_dropout_written_as_python_writes_it(capsys):
 
     assert main(["summary", "convnet", "--model-opt", "dropout=.5", "--json"]) == 0
     assert '"Dropout"' in capsys.readouterr().out
+
+
+def test_a_count_unlike_the_one_torchvision_lists_says_why():
+    """inception_v3 is built without its auxiliary classifier: 23,834,568 parameters where torchvision's weights
+    list 27,161,264, and the summary gave no hint why its count was not the published one."""
+    s = cnnkit.summary("inception_v3")
+    assert s.total_params == 23_834_568
+    assert s.published == ("torchvision's inception_v3 weights (IMAGENET1K_V1) list 27,161,264 parameters; cnnkit "
+                           "builds inception_v3 with aux_logits=False, init_weights=True (--model-opt changes that)")
+    assert f"\n  {s.published}\n" in s.table(depth=1)
+    assert cnnkit.summary("inception_v3", aux_logits=True).published is None  # 27,161,264
+    assert cnnkit.summary("resnet18").published is None
+    assert cnnkit.summary("inception_v3", num_classes=10).published is None  # not built as the weights were

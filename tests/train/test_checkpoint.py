@@ -147,3 +147,18 @@ def test_the_refusal_names_eval_as_the_readme_says(tmp_path):
     torch.save({"cnnkit_checkpoint": 1, "model": _CallsEval()}, tmp_path / "eval.pt")
     with pytest.raises(CheckpointError, match="eval.pt refers to eval, which is not a tensor or plain data"):
         cnnkit.load_checkpoint(str(tmp_path / "eval.pt"))
+
+
+@pytest.mark.parametrize("content, kind", [(b"hi\n", "is text, not a checkpoint"),
+                                           (b"uanaagm", "is text, not a checkpoint"),
+                                           (b"\x80\x60abc", "is damaged or truncated"),
+                                           (b"j\x01\x02", "is damaged or truncated")])
+def test_bytes_the_unpickler_chokes_on_are_a_one_line_error(tmp_path, content, kind):
+    """torch's weights-only unpickler fails on such files with KeyError, IndexError or struct.error (an internal
+    error, after torch's two-line warning about the pickle protocol the first bytes seem to name)."""
+    from tests.conftest import run_cli
+    from tests.test_cli import assert_one_line_error
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    assert_one_line_error(run_cli("summary", path), 2 if "text" in kind else 1, f"checkpoint {path} {kind}")
