@@ -61,6 +61,12 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def move_into_place(src: str, dst: str) -> None:
+    """Replace ``dst`` with ``src``, a finished file in the same folder (written through ``atomic_path``, then
+    checked): one rename, so a reader sees the old file or the new one."""
+    os.replace(src, dst)
+
+
 def check_writable(path: str) -> None:
     """Raise OSError unless ``atomic_path(path)`` can write there: its folder is made if missing, and a temporary
     file is created in it and removed. For a command to fail before its work rather than after it."""

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from cnnkit.atomic import atomic_path
+from cnnkit.atomic import atomic_path, move_into_place
 from cnnkit.choices import FORMATS, is_format
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
@@ -221,7 +221,7 @@ def export(
     worst = max((c.max_abs_diff for c in checks), default=None)
     verified = None if worst is None else all(c.max_abs_diff < c.allowed(tolerance) for c in checks)
     if verified:
-        os.replace(path, out)
+        move_into_place(path, out)
         path = out
     return ExportResult(
         path=path, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],
