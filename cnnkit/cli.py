@@ -350,7 +350,8 @@ def _optimizer_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "(default: %(default)s)")
     p.add_argument("--momentum", type=_nonnegative_float, default=d.momentum,
                    help="sgd's momentum (default: %(default)s)")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
+                   help="sgd: Nesterov momentum (default: off)")
     p.add_argument("--weight-decay", type=_nonnegative_float, default=d.weight_decay,
                    help="weight decay of conv and linear weights; biases and BatchNorm are not decayed "
                         "(default: %(default)s)")
@@ -369,7 +370,9 @@ def _pipeline_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 on CPUs with bf16 matrix instructions and on recent GPUs, else fp32/fp16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="keep images and activations in channels-last memory order, which the convolution kernels "
+                        "run faster on (default: on)")
     p.add_argument("--decode", choices=DECODE_CHOICES, default=d.decode,
                    help="sets too large for memory: decode in CPU workers, or each batch of JPEGs on the device with "
                         "random resized crops for training (auto: device on CUDA when every file is a JPEG)")
@@ -537,7 +540,8 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder (its best.pt) or a checkpoint "
+                                                                       "file (.pt, .safetensors)")
     # Not _data_options: what eval scores differs from what training holds out (a folder is scored whole).
     p.add_argument("--data", help=f"a folder with one sub-folder of images per class, scored whole unless "
                                   f"--val-split or --val-data is given; or {', '.join(BUILTIN)} (its validation "
@@ -549,11 +553,12 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="score only the part training holds out with this fraction of each class of --data "
                         "(default: all of --data); without --data, of the run's training data, at most the "
                         "fraction the run held out")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: the run's evaluation "
+                                                           "batch size)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _threads_option(p)
     _tta_options(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _predict_options(p: argparse.ArgumentParser) -> None:
@@ -564,14 +569,16 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     _threads_option(p)
     _tta_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (an .onnx file runs on the CPU)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _features_of_data_options(p: argparse.ArgumentParser) -> None:
     """What embed and probe share: a backbone (a model name or a run), the data it reads, and where it runs."""
-    p.add_argument("model", metavar="MODEL_OR_RUN")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="the backbone: a model name, a run folder or a checkpoint file")
+    p.add_argument("data", metavar="DATA", help=f"a folder with one sub-folder per class, or {', '.join(BUILTIN)}")
+    p.add_argument("--pretrained", action="store_true",
+                   help="a model name with torchvision's pretrained weights (downloaded, needs internet)")
     p.add_argument("--input-size", type=_positive_int, metavar="PIXELS",
                    help="square size to read the images at (default: a run's own; for a model name, the data's, "
                         "which the model is built for)")
@@ -593,12 +600,13 @@ def _probe_options(p: argparse.ArgumentParser) -> None:
                         "0.1; a warning says when that part includes images a run's backbone trained on)")
     p.add_argument("--val-data", metavar="DIR", help="measure the probe on this folder instead (sub-folders named "
                                                      "after DATA's classes, all or some of them)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder (its best.pt) or a checkpoint file")
+    p.add_argument("--format", required=True, choices=FORMATS, help="the file format to write")
     p.add_argument("--out", required=True, metavar="PATH",
                    help=f"the file to write, ending in {', '.join(e for ends in FORMATS.values() for e in ends)}")
     p.add_argument("--verify", action="store_true",
@@ -606,7 +614,7 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                         "from PyTorch (fails above 1e-4)")
     p.add_argument("--verify-images", nargs="+", metavar="PATH",
                    help="also compare on these image files or folders (the first 64 images; implies --verify)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _models_options(p: argparse.ArgumentParser) -> None:
@@ -629,7 +637,7 @@ def _summary_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
     _build_options(p)
     p.add_argument("--depth", type=_positive_int, help="show layers down to this nesting depth")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _rf_options(p: argparse.ArgumentParser) -> None:
@@ -646,54 +654,57 @@ def _rf_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
     p.add_argument("--images", type=_positive_int, metavar="N",
                    help="--effective: how many generated shapes images to average over (default: 16)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _features_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
     p.add_argument("--layer", action="append", default=[], metavar="NAME", help="a layer name (repeatable)")
-    p.add_argument("--image", metavar="IMG")
+    p.add_argument("--image", metavar="IMG", help="the image to run through the model (required unless --list-layers)")
     p.add_argument("--out", metavar="DIR", help="folder for the PNG files (created if missing)")
-    p.add_argument("--max-channels", type=_positive_int, default=64)
+    p.add_argument("--max-channels", type=_positive_int, default=64, metavar="N",
+                   help="draw at most the first N channels of each layer, one tile each (default: 64)")
     p.add_argument("--list-layers", action="store_true", help="list the layer names, types and output shapes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _filters_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
     p.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
-    p.add_argument("--out", metavar="PNG", required=True)
+    p.add_argument("--out", metavar="PNG", required=True, help="the picture to write")
     p.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
                    help="rgb: colour patches (3-channel kernels); channels: one patch per input channel; "
                         "mean: averaged over input channels (default auto: rgb where possible, else mean)")
-    p.add_argument("--max-filters", type=_positive_int, default=64)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-filters", type=_positive_int, default=64, metavar="N",
+                   help="draw at most the first N filters (default: 64)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _cam_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
-    p.add_argument("--image", metavar="IMG", required=True)
+    p.add_argument("--image", metavar="IMG", required=True, help="the image to explain")
     p.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
     p.add_argument("--layer", metavar="NAME", help="a layer with a C x H x W output (default: the last layer before "
                    "the resolution changes after the last Conv2d, e.g. its ReLU)")
     p.add_argument("--method", choices=("gradcam", "gradcam++", "scorecam", "all"), default="gradcam",
                    help="default: gradcam; scorecam runs one forward pass per channel of the layer (2,048 for "
                    "resnet50's layer4: minutes on a CPU)")
-    p.add_argument("--out", metavar="PNG", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", metavar="PNG", required=True,
+                   help="the picture to write: the image beside each method's map over it")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (default: the newest under ./runs)")
     p.add_argument("--out", metavar="HTML", help="where to write it (default: RUN_DIR/report.html)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda: where the report's predictions are computed")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _runs_options(p: argparse.ArgumentParser) -> None:
     # None: the default folder, whose absence only means no run has started here yet (a DIR given must exist)
     p.add_argument("root", nargs="?", default=None, metavar="DIR", help="the folder holding the runs (default: runs)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _check_data_options(p: argparse.ArgumentParser) -> None:
@@ -711,7 +722,7 @@ def _check_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", action="store_true", help="against torchvision's pretrained weights for --model")
     p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
                    help=f"near-duplicates: perceptual hashes differing in at most BITS of 64 (default: {DEFAULT_THRESHOLD})")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def _audit_options(p: argparse.ArgumentParser) -> None:
@@ -721,7 +732,7 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
     p.add_argument("--plain-train", action="store_true",
                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -16,6 +16,15 @@ def test_every_command_has_help_with_examples(capsys):
     assert version.startswith("cnnkit ") and "torch" in version and "Python" in version
 
 
+def test_every_argument_of_every_command_says_what_it_is():
+    # features' --image and --max-channels, export's --format, eval's --batch-size, many a --json had no help
+    commands = build_parser()._subparsers._group_actions[0].choices
+    bare = [f"{name} {action.option_strings[0] if action.option_strings else action.metavar}"
+            for name, command in commands.items() for action in command._actions
+            if not action.help and action.dest != "help"]
+    assert not bare, bare
+
+
 @pytest.mark.parametrize("command, option, words", [
     ("train", "--optimizer", ["sgd", "(default: sgd)"]),
     ("train", "--momentum", ["(default: 0.9)"]),
