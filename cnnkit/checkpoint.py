@@ -148,7 +148,8 @@ def _read_safetensors(path: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
             state_dict = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)})") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)}); export it again from the "
+                              "checkpoint it came from") from None
     return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
 
 
@@ -206,11 +207,23 @@ def read_payload(path: str) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
-        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)})")
+        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)}); {_instead_of(path)}")
         raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
-        raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it)")
+        raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it); pass a run folder "
+                              "or a checkpoint cnnkit train wrote (best.pt, last.pt); a plain state dict starts a run "
+                              "with train --weights")
     return payload
+
+
+def _instead_of(damaged: str) -> str:
+    """What to do about the damaged checkpoint ``damaged``: its run's other checkpoint where there is one."""
+    folder, name = os.path.split(os.path.abspath(damaged))
+    other = next((os.path.join(os.path.dirname(damaged), n) for n in ("best.pt", "last.pt")
+                  if n != name and os.path.isfile(os.path.join(folder, n))), None)
+    if other:
+        return f"use {other} beside it, or restore it from a copy"
+    return "restore it from a copy, or train again"
 
 
 # What a file is, from its first bytes, where that cannot be a file torch.save wrote.

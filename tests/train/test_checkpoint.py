@@ -70,12 +70,13 @@ def test_bad_checkpoints_are_refused_with_their_path(tmp_path, run):
     with pytest.raises(CheckpointError, match="truncated.pt") as e:
         cnnkit.load_checkpoint(str(truncated))
     # torch's text is cut at its first sentence, not mid-way through its advice to PyTorch's developers
-    assert str(e.value).endswith("failed finding central directory)"), str(e.value)
+    assert "failed finding central directory); restore it from a copy, or train again" in str(e.value), str(e.value)
     with pytest.raises(UserError, match="does not exist"):
         cnnkit.load_checkpoint(str(tmp_path / "missing.pt"))
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(2)}, plain)
-    with pytest.raises(CheckpointError, match="not a cnnkit checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a cnnkit checkpoint \(no model description in it\); pass a run "
+                                              r"folder .* a plain state dict starts a run with train --weights"):
         cnnkit.load_checkpoint(str(plain))
 
 
@@ -162,3 +163,12 @@ def test_bytes_the_unpickler_chokes_on_are_a_one_line_error(tmp_path, content, k
     path = tmp_path / "model.pt"
     path.write_bytes(content)
     assert_one_line_error(run_cli("summary", path), 2 if "text" in kind else 1, f"checkpoint {path} {kind}")
+
+
+def test_a_damaged_checkpoint_names_the_runs_other_one(tmp_path):
+    # "checkpoint runs/x/best.pt is damaged or truncated (...)" named no way out; the run's last.pt usually is one
+    (tmp_path / "best.pt").write_bytes(b"PK\x03\x04 cut short")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"best.pt is damaged or truncated \(.*\); use .*last.pt beside it, "
+                                              r"or restore it from a copy"):
+        cnnkit.load_checkpoint(str(tmp_path / "best.pt"))
