@@ -31,7 +31,6 @@ import torch.nn as nn
 from cnnkit import compiled
 from cnnkit.atomic import atomic_path, atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import fingerprint
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest
@@ -161,7 +160,6 @@ class Training:
     # (loss, rate) of the epoch's steps not yet in steps.csv
     step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
     governor: ThreadGovernor | None = None  # the CPU thread count, where cnnkit chooses it
-    data_fingerprint: dict[str, Any] = field(default_factory=dict)  # the splits' images, for a resume to compare
 
     @property
     def model(self) -> nn.Module:
@@ -262,8 +260,7 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         # only long runs, where a better kernel could repay it, ask for it. Not bit-reproducible either way.
         torch.backends.cudnn.benchmark = True
     step_model = _step_model(pieces.model, cfg, machine.device, pieces.train_loader, plan.total_epochs)
-    t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search,
-                 data_fingerprint={"train": fingerprint(pieces.train_set), "val": fingerprint(pieces.val_set)})
+    t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search)
     if machine.device.type == "cpu" and ctx.world == 1 and default_threads(cfg.threads) and machine.threads > 1:
         # Other processes may compute on the same cores, and then fewer threads can be many times faster: with
         # the default count, training chooses it from the time its batches take (cnnkit/threads.py).
@@ -604,7 +601,7 @@ def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[s
             "resume": {"stage": t.stage.index, "optimizer": t.stage.optimizer.state_dict(),
                        "scheduler": t.stage.scheduler.state_dict(), "scaler": t.pieces.scaler.state_dict(),
                        "rng": rng_state(), "run": dataclasses.asdict(t.state), "epoch_state": epoch_state.plain(),
-                       "ema": t.ema.state_dict() if t.ema is not None else None, "data": t.data_fingerprint}}
+                       "ema": t.ema.state_dict() if t.ema is not None else None, "data": t.pieces.data_fingerprint}}
 
 
 def _save(t: Training, payload: dict[str, Any], name: str, checked: bool = False) -> str:

@@ -62,12 +62,14 @@ class RunPieces:
     loss_weights: list[float] | None  # --class-weights auto
     criterion: nn.Module
     scaler: torch.amp.GradScaler
+    data_fingerprint: dict[str, Any]  # the splits' images (sources.fingerprint), which a resume compares
 
 
-def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageSet) -> None:
+def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageSet, now: dict[str, Any]) -> None:
     """Refuse to resume a run (its last.pt: ``saved``) on data other than it started with: other classes, or other
     images in either split (a folder changed since draws another validation split, which may hold images the run
-    trained on). Checkpoints from before the splits were recorded are checked on their classes alone."""
+    trained on); ``now``: the splits' fingerprints. Checkpoints from before the splits were recorded are checked on
+    their classes alone."""
     fix = "resume with the data the run was started on, or start a new run on this data"
     classes, before = train_set.classes, list(saved["classes"])
     if classes != before:
@@ -77,7 +79,7 @@ def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageS
                          if x) or "the same names in another order"
         raise CheckpointError(f"the data's classes differ from the checkpoint's ({what}); {fix}")
     recorded = (saved.get("resume") or {}).get("data")
-    if recorded and (recorded["train"] != fingerprint(train_set) or recorded["val"] != fingerprint(val_set)):
+    if recorded and recorded != now:
         then, now = (recorded["train"]["images"], recorded["val"]["images"]), (len(train_set), len(val_set))
         counts = (f"{then[0]:,} training and {then[1]:,} validation images then, {now[0]:,} and {now[1]:,} now"
                   if then != now else f"as many images as then ({now[0]:,} and {now[1]:,}), but other files or labels")
@@ -139,8 +141,9 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         dropped = f", the {left} images left over in each shuffled epoch unused" if steps and left else ""
         print(f"cnnkit: note: {len(train_set):,} training images in batches of {cfg.batch_size}: "
               f"{max(steps, 1)} batch(es) an epoch{dropped}; a smaller --batch-size gives more steps", file=log)
+    data_fingerprint = {"train": fingerprint(train_set), "val": fingerprint(val_set)}
     if saved:
-        _check_same_data(saved, train_set, val_set)
+        _check_same_data(saved, train_set, val_set, data_fingerprint)
 
     # Model and the weights it starts from; the input normalisation follows the weights. --weights replaces every
     # weight --pretrained would load (all but a fresh head, which starts at zero either way), so it alone is read:
@@ -218,7 +221,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=machine.amp_dtype == torch.float16)
     return RunPieces(train_set, val_set, classes, model, start_payload, mean, std, train_loader, val_loader, mix,
-                     loss_weights, criterion, scaler)
+                     loss_weights, criterion, scaler, data_fingerprint)
 
 
 def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set: ImageSet, device: torch.device,
