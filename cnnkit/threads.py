@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import statistics
 import time
@@ -30,14 +31,18 @@ from typing import Any, Callable, Iterator, TypeVar
 from cnnkit.errors import UserError
 
 
+def _allowed_cpus() -> list[int]:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a container's CPU set)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity masks
+        return list(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
     """Physical cores among the CPUs this process may run on, at most the cgroup's CPU quota (at least 1)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows: no affinity masks
-        cpus = list(range(os.cpu_count() or 1))
     cores = set()
-    for cpu in cpus:  # hyper-threaded siblings share a (package, core) pair
+    for cpu in _allowed_cpus():  # hyper-threaded siblings share a (package, core) pair
         topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
         try:
             with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
@@ -80,14 +85,8 @@ def oversubscribed(threads: int | None) -> str | None:
     and every operation waits for the last of them. None when it fits, or when cnnkit chooses the count."""
     if threads is None:
         return None
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows: no affinity masks
-        cpus = os.cpu_count() or 1
     quota = _cgroup_cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, -(-quota // 1)))
-    cpus = int(cpus)
+    cpus = len(_allowed_cpus()) if quota is None else min(len(_allowed_cpus()), max(1, math.ceil(quota)))
     if threads <= cpus:
         return None
     return (f"--threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} this process may run on: "
