@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import types
@@ -312,33 +313,28 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-_YAML_LOADER = None
-
-
+@functools.cache
 def _unique_key_loader() -> type:
     """PyYAML's safe loader, refusing a mapping that gives a key twice (keys merged in with ``<<`` may be
-    overridden: that is what a merge is for)."""
-    global _YAML_LOADER
-    if _YAML_LOADER is None:
-        import yaml
+    overridden: that is what a merge is for). Made once, on first use: yaml is imported only for YAML files."""
+    import yaml
 
-        class UniqueKeyLoader(yaml.SafeLoader):
-            def construct_mapping(self, node: Any, deep: bool = False) -> dict:
-                seen = set()
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        if key in seen:
-                            raise _DuplicateKey(key, key_node.start_mark.line + 1)
-                        seen.add(key)
-                    except TypeError:  # an unhashable key: the safe loader refuses it in its own words
-                        pass
-                return super().construct_mapping(node, deep)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the safe loader refuses it in its own words
+                    pass
+            return super().construct_mapping(node, deep)
 
-        _YAML_LOADER = UniqueKeyLoader
-    return _YAML_LOADER
+    return UniqueKeyLoader
 
 
 def _load_yaml(text: str, path: str) -> Any:
