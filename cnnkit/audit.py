@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from cnnkit.choices import is_model_file
 from cnnkit.errors import UserError
 from cnnkit.modes import preserve_modes
-from cnnkit.transfer import Stage, freeze_batchnorm_stats, plan_stages, set_trainable
+from cnnkit.transfer import Stage, check_stage_options, freeze_batchnorm_stats, plan_stages, set_trainable
 
 
 @dataclass
@@ -141,6 +141,7 @@ def audit(model_or_run: str | nn.Module, freeze: str | None = None, unfreeze: st
     module doc). ``freeze``, ``unfreeze``, ``stages`` are ``cnnkit train``'s options; for a run they replace the
     run's own plan. Nothing about the model is changed."""
     plan_given = any(x is not None for x in (freeze, unfreeze, stages))
+    check_stage_options(stages, freeze, unfreeze)  # the options given; a run's own are planned as it trained
     if isinstance(model_or_run, nn.Module):
         label = getattr(model_or_run, "cnnkit_config", {}).get("name", type(model_or_run).__name__)
         if not plan_given and not plain_train:

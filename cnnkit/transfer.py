@@ -240,14 +240,21 @@ def parse_stages(text: str) -> list[Stage]:
     return stages
 
 
-def plan_stages(stages: str | None, freeze: str | None, unfreeze: str | None, epochs: int, lr: float) -> list[Stage]:
-    """The run's stages: ``--stages`` as written, or one stage from ``--freeze``/``--unfreeze`` and ``--epochs``."""
-    if stages and (freeze or unfreeze):  # else they would be dropped unseen
+def check_stage_options(stages: str | None, freeze: str | None, unfreeze: str | None) -> None:
+    """Refuse options of which ``plan_stages`` would drop one unseen: ``--stages`` beside ``--freeze`` or
+    ``--unfreeze``, or those two together. For options a user gives now; a run's recorded configuration from
+    before this check is planned as it trained (``--stages`` first, then ``--unfreeze``)."""
+    if stages and (freeze or unfreeze):
         raise UserError(f"--stages sets what trains in each stage, so {'--freeze' if freeze else '--unfreeze'} "
                         "would be ignored; drop it, or make it a stage of --stages")
     if freeze and unfreeze:
         raise UserError(f"--freeze backbone trains only the head and --unfreeze {unfreeze} only those modules: pass "
                         "one of the two (--unfreeze NAMES,head trains those modules and the head)")
+
+
+def plan_stages(stages: str | None, freeze: str | None, unfreeze: str | None, epochs: int, lr: float) -> list[Stage]:
+    """The run's stages: ``--stages`` as written, or one stage from ``--freeze``/``--unfreeze`` and ``--epochs``
+    (``check_stage_options`` refuses the combinations of which one would be dropped)."""
     if stages:
         return parse_stages(stages)
     if freeze not in (None, "backbone"):

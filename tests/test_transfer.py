@@ -11,7 +11,7 @@ import cnnkit
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head
 from cnnkit.train.optim import make_optimizer
-from cnnkit.transfer import load_weights, parse_stages, plan_stages, set_trainable
+from cnnkit.transfer import check_stage_options, load_weights, parse_stages, plan_stages, set_trainable
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 
@@ -404,8 +404,18 @@ def test_a_new_head_left_frozen_is_refused_before_a_run_that_could_not_learn(tmp
 def test_options_that_would_override_each_other_unseen_are_refused(options, words):
     # --stages won over --freeze/--unfreeze, and --unfreeze over --freeze, without a word.
     with pytest.raises(UserError) as e:
-        plan_stages(options.get("stages"), options.get("freeze"), options.get("unfreeze"), 1, 0.01)
+        check_stage_options(options.get("stages"), options.get("freeze"), options.get("unfreeze"))
     assert all(w in str(e.value) for w in words), str(e.value)
+    for refused in (lambda: cnnkit.train(**TINY, model="cnn_bn", epochs=1, **options),  # train, lr-find, audit
+                    lambda: cnnkit.lr_find(**TINY, model="cnn_bn", **options),
+                    lambda: cnnkit.audit("resnet18", **options)):
+        with pytest.raises(UserError) as e:
+            refused()
+        assert all(w in str(e.value) for w in words), str(e.value)
+    # A run recorded before the refusal is planned as it trained (summary and audit of it read its plan): --stages
+    # first, then --unfreeze
+    planned = plan_stages(options.get("stages"), options.get("freeze"), options.get("unfreeze"), 1, 0.01)
+    assert planned[0].modules == (["fc"] if options.get("stages") else ["layer4"])
 
 
 def test_weights_beside_pretrained_keep_their_own_normalisation_and_need_no_torchvision_file(tmp_path, torch_home):

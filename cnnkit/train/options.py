@@ -14,7 +14,7 @@ from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTI
 from cnnkit.errors import UserError
 from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
-from cnnkit.transfer import plan_stages
+from cnnkit.transfer import check_stage_options, plan_stages
 
 NAN_POLICIES = ("stop", "skip")
 # The options training hands the model's factory itself, and what sets each.
@@ -139,7 +139,8 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
     if cfg.mix_off_epochs and not cfg.stages and cfg.mix_off_epochs >= cfg.epochs:
         raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
                         "make it smaller than --epochs")
-    plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read, and --freeze beside it
+    check_stage_options(cfg.stages, cfg.freeze, cfg.unfreeze)
+    plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read and checked
     if cfg.lr_backbone is not None and cfg.freeze == "backbone":  # the rate of layers that never train
         raise UserError(f"--lr-backbone {cfg.lr_backbone:g} sets the rate of the layers below the head, which "
                         "--freeze backbone keeps frozen: drop one of the two (--unfreeze NAMES,head trains some)")
