@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.atomic import atomic_torch_save
-from cnnkit.choices import is_format
+from cnnkit.choices import NO_FLIP_DATA, is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
@@ -47,7 +47,17 @@ class Checkpoint:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    flip: bool | None = None  # an export's record of whether training mirrored the images (a run's: its config)
+    flip: bool | None = None  # whether training mirrored the images (a run's config says, or an export's record);
+    # None: not recorded (a checkpoint saved outside a run)
+
+
+def trained_with_flips(config: dict) -> bool | None:
+    """Whether the run configured by ``config`` mirrored its training images: its ``flip`` option, else whether
+    its data is any but digits; None when ``config`` says neither (a checkpoint saved outside a run)."""
+    flips = config.get("flip")
+    if flips is None and config.get("data") is not None:
+        return config["data"] not in NO_FLIP_DATA
+    return flips
 
 
 def make_payload(
@@ -313,7 +323,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = F
         model=model, classes=payload["classes"], input_size=payload["input_size"], channels=payload["channels"],
         mean=payload["mean"], std=payload["std"], path=resolve_checkpoint_path(path),
         epoch=payload.get("epoch", 0), metrics=payload.get("metrics", {}), config=payload.get("config", {}),
-        flip=payload.get("flip"),
+        flip=trained_with_flips(payload["config"]) if payload.get("config") else payload.get("flip"),
     )
 
 

@@ -21,6 +21,7 @@ TORCHVISION_DATASETS = {  # cnnkit/data/sources.py
     "fashion_mnist": ("FashionMNIST", 1, 28, "FashionMNIST/raw"),
 }
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
+NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols: no random flips (flip=None) and no mirrored TTA view
 # The generated data (cnnkit/data/sources.py); the demo (`cnnkit train`) trains on SHAPES_TRAIN images, see
 # cnnkit/train/config.py DATA_DEFAULTS.
 SHAPES_TRAIN, SHAPES_VAL = 8000, 2000

@@ -113,7 +113,7 @@ def evaluate(
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
     loader = BatchLoader(eval_set, batch_size or cfg.get("eval_batch_size", 500), ckpt.mean, ckpt.std, dev,
                          channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS, decode=cfg.get("decode", "auto"))
-    model = with_tta(ckpt.model, ckpt.mean, ckpt.std, cfg or {"flip": ckpt.flip}, tta, tta_shift, ckpt.input_size)
+    model = with_tta(ckpt.model, ckpt.mean, ckpt.std, ckpt.flip, tta, tta_shift, ckpt.input_size)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
     broken = len(eval_set.skipped) + loader.skipped  # found when the folder was read, or when a batch decoded it
     if broken:  # not scored: the figures are over fewer images than the folder holds

@@ -30,7 +30,6 @@ from cnnkit.choices import FORMATS, is_format
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
 from cnnkit.modes import eval_mode
-from cnnkit.tta import trained_with_flips
 from cnnkit.metadata import payload_metadata
 from cnnkit.runtime import OnnxModel
 from cnnkit.checkpoint import Checkpoint, load_checkpoint, make_payload
@@ -202,7 +201,7 @@ def export(
     inputs = _verify_inputs(ckpt, images) if verify else []
     model = ckpt.model
     metadata = payload_metadata(make_payload(model, ckpt.classes, ckpt.input_size, ckpt.channels, ckpt.mean, ckpt.std,
-                                             flip=trained_with_flips(ckpt.config or {"flip": ckpt.flip})))
+                                             flip=ckpt.flip))
     example = torch.randn(EXAMPLE_BATCH, ckpt.channels, ckpt.input_size, ckpt.input_size,
                           device=next(model.parameters()).device)
     # A verified export is written beside --out first and replaces it only once it has passed: one that fails

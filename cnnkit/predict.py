@@ -71,7 +71,7 @@ def predict(
 
     with torch_threads(threads):  # torch's count, one for the whole process, is the caller's again afterwards
         if isinstance(checkpoint, OnnxModel):  # test-time augmentation: the views are made by torch
-            forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, {"flip": checkpoint.flip}, tta, tta_shift,
+            forward = with_tta(checkpoint, checkpoint.mean, checkpoint.std, checkpoint.flip, tta, tta_shift,
                                checkpoint.input_size)
             return _classify(checkpoint, lambda x: forward(torch.from_numpy(x)).float().softmax(1).numpy(), paths,
                              topk, batch_size)
@@ -79,7 +79,7 @@ def predict(
         model = ckpt.model if device is None else ckpt.model.to(resolve_device(device) if isinstance(device, str)
                                                                 else device)
         device = next(model.parameters()).device
-        forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.config or {"flip": ckpt.flip}, tta, tta_shift,
+        forward = with_tta(model, ckpt.mean, ckpt.std, ckpt.flip, tta, tta_shift,
                            ckpt.input_size)
 
         def probabilities(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.errors import UserError
-from cnnkit.train.config import NO_FLIP_DATA
 
 
 class TTAModel(nn.Module):
@@ -58,21 +57,12 @@ def _shifted(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Ten
     return out
 
 
-def trained_with_flips(config: dict) -> bool | None:
-    """Whether the run configured by ``config`` mirrored its training images: its ``flip`` option, else whether
-    its data is any but digits; None when ``config`` says neither (a checkpoint saved outside a run)."""
-    flips = config.get("flip")
-    if flips is None and config.get("data") is not None:
-        return config["data"] not in NO_FLIP_DATA
-    return flips
-
-
-def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta: bool, shift: int,
+def with_tta(model: Any, mean: list[float], std: list[float], flips: bool | None, tta: bool, shift: int,
              input_size: int | None = None) -> Any:
     """``model`` wrapped for test-time augmentation as asked (``tta``: add the mirror image; ``shift``: add four
-    shifted views), or ``model`` itself when neither is asked. ``config``: the run's training configuration,
-    which says whether it trained with flips (for an export, ``{"flip": ...}`` from its metadata); ``input_size``:
-    its input's side in pixels, which a shift must stay below."""
+    shifted views), or ``model`` itself when neither is asked. ``flips``: whether training mirrored the images
+    (``Checkpoint.flip``, an ONNX export's ``flip``; None: not recorded); ``input_size``: its input's side in
+    pixels, which a shift must stay below."""
     if shift < 0:
         raise UserError(f"--tta-shift takes a number of pixels, 0 or more, got {shift}")
     if input_size is not None and shift >= input_size:  # each shifted view would be black from edge to edge
@@ -80,7 +70,7 @@ def with_tta(model: Any, mean: list[float], std: list[float], config: dict, tta:
                         "shift by a few pixels, as training's random crops did")
     if not tta and not shift:
         return model
-    if tta and trained_with_flips(config) is False:
+    if tta and flips is False:
         raise UserError("this model trained without horizontal flips (mirrored digits are other symbols), so a "
                         "mirrored view is an image it never learned; use --tta-shift N alone")
     return TTAModel(model, mean, std, flip=tta, shift=shift)

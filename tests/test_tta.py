@@ -8,6 +8,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
+from cnnkit.checkpoint import trained_with_flips
 from cnnkit.tta import TTAModel, _shifted, with_tta
 from tests.conftest import run_cli
 
@@ -77,8 +78,8 @@ def test_eval_and_predict_with_tta(run, image_folder):
 @pytest.mark.parametrize("config", [{"flip": False}, {"data": "mnist", "flip": None}])
 def test_tta_flip_is_refused_for_a_model_trained_without_flips(config):
     with pytest.raises(UserError, match="without horizontal flips"):
-        with_tta(random_model(), MEAN, STD, config, tta=True, shift=0)
-    assert with_tta(random_model(), MEAN, STD, config, tta=False, shift=1).num_views == 5  # shifts alone are fine
+        with_tta(random_model(), MEAN, STD, trained_with_flips(config), tta=True, shift=0)
+    assert with_tta(random_model(), MEAN, STD, trained_with_flips(config), tta=False, shift=1).num_views == 5  # shifts alone are fine
 
 
 @pytest.mark.parametrize("format, ending", [("onnx", ".onnx"), ("safetensors", ".safetensors")])
@@ -105,8 +106,8 @@ def test_an_export_of_a_model_trained_without_flips_refuses_the_mirror_as_its_ru
 def test_a_shift_as_large_as_the_input_is_refused():
     # --tta-shift 100 on a 32-pixel model averaged in four all-black views without a word.
     with pytest.raises(UserError, match="--tta-shift 32 moves the model's 32x32 input out of view"):
-        with_tta(random_model(), MEAN, STD, {}, tta=False, shift=32, input_size=32)
-    assert with_tta(random_model(), MEAN, STD, {}, tta=False, shift=31, input_size=32).num_views == 5
+        with_tta(random_model(), MEAN, STD, None, tta=False, shift=32, input_size=32)
+    assert with_tta(random_model(), MEAN, STD, None, tta=False, shift=31, input_size=32).num_views == 5
 
 
 def test_predict_and_eval_refuse_a_shift_beyond_the_input(run, image_folder):

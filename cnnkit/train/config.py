@@ -159,7 +159,6 @@ MAX_CONFIG_TEXT = 4096
 # (tried, not kept) still sat on the plateau, and 24-pixel images (0.56x the FLOPs) reached 0.935.
 GENERAL_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64}
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"epochs": 4, "batch_size": 32, "crop_pad": 0}}
-NO_FLIP_DATA = ("mnist",)  # mirrored digits are other symbols: no random flips (flip=None) and no mirrored TTA view
 
 
 def with_data_defaults(config: TrainConfig) -> TrainConfig:

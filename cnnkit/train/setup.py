@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit import compiled
+from cnnkit.choices import NO_FLIP_DATA
 from cnnkit.data.checks import check_splits, class_weights, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
@@ -25,7 +26,7 @@ from cnnkit.models.registry import check_model_name, create_model
 from cnnkit.modes import eval_mode
 from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
-from cnnkit.train.config import NO_FLIP_DATA, TrainConfig
+from cnnkit.train.config import TrainConfig
 from cnnkit.train.mix import Mix
 from cnnkit.train.precision import resolve_device, resolve_precision
 from cnnkit.transfer import is_within, load_weights, plan_stages, trainable_modules
