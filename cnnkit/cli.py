@@ -796,7 +796,7 @@ def _check_before_launch(config: str | None, given: dict) -> None:
     if cfg.data not in BUILTIN:
         scan_folder(cfg.data)
     if cfg.val_data is not None:
-        scan_folder(cfg.val_data, "--val-data")
+        scan_folder(cfg.val_data, "--val-data", scored=True)
 
 
 class _NotGiven:

@@ -109,7 +109,8 @@ def load_splits(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
         train = _folder(name, spec)
         val = None
     if spec.val_data is not None:
-        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels), "--val-data")
+        val = _folder(spec.val_data, replace(spec, input_size=train.size, channels=train.channels), "--val-data",
+                      scored=True)
         val = by_class_name(val, train.classes, f"--val-data {spec.val_data}", f"the training data {name}")
     elif val is None:
         train, val = split(train, spec.val_split if spec.val_split is not None else DEFAULT_FOLDER_SPLIT)
@@ -267,7 +268,7 @@ def scan_folder(root: str, option: str | None = None,
     order, and with it every split, is the same on every machine. ``option``: the flag that named ``root``
     where it is not ``--data`` (``--val-data``), so that an error says which of the two paths is wrong.
     ``scored``: the folder is only scored, never trained on, so an empty class folder is a class without images
-    (left out of the classes, as for ``--val-data``), not an error.
+    (left out of the classes: a validation folder, ``--val-data`` or what eval scores), not an error.
     """
     named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
@@ -307,7 +308,7 @@ def scan_folder(root: str, option: str | None = None,
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
-    if empty and (option == "--val-data" or scored):
+    if empty and scored:
         # Its classes are matched to the training classes by name (by_class_name): an empty folder is a class
         # without validation images, as a missing folder is, and the data check warns about those.
         kept = [c for c in classes if c not in empty]
