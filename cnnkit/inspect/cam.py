@@ -73,13 +73,14 @@ def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
                         "place in the image to show; use larger images")
     ordered = sorted(t.layers, key=lambda x: x.done)
     convs.sort(key=lambda x: x.done)
+    last = None  # the last convolution's run: the fallback when every run ends in a pre-activation layer
     for conv in reversed(convs):
         run = _same_resolution_after(conv, ordered)
+        last = last or run
         kept = [x for x in run if not isinstance(x.module, PRE_ACTIVATION)]
         if kept:
             return _outermost(run, kept[-1])
-    run = _same_resolution_after(convs[-1], ordered)
-    return _outermost(run, run[-1])
+    return _outermost(last, last[-1])
 
 
 def _same_resolution_after(conv: TracedLayer, ordered: list[TracedLayer]) -> list[TracedLayer]:

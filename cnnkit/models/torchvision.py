@@ -162,7 +162,7 @@ def _factory(tv_name: str):
             parse_stages_option(head_from)
             if not tv_name.startswith(("resnet", "resnext", "wide_resnet")):
                 raise UserError(_HEAD_FROM_NEEDS_RESNET.format(tv_name))
-        kwargs = {**_DEFAULT_OPTIONS.get(tv_name, {}), **options}
+        kwargs = {**default_options(tv_name), **options}
         if tv_name.startswith(("vit_",)):
             kwargs.setdefault("image_size", input_size)
         try:
