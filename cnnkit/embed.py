@@ -16,8 +16,8 @@ import torch.nn as nn
 from cnnkit.atomic import atomic_write, check_writable
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set,
-                                 load_splits)
+from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
+                                 load_eval_set, load_splits)
 from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
@@ -140,14 +140,6 @@ def _check_writable(files: list[str]) -> None:
     except OSError as e:
         raise UserError(f"cannot write --out {files[0]} ({e.strerror}: {e.filename}); "
                         "choose a path in a writable folder") from None
-
-
-def left_out_warning(skipped: list[str], data: str) -> list[str]:
-    """The warning, if any, that the broken images ``skipped`` (one message each) of ``data`` have no row."""
-    if not skipped:
-        return []
-    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-    return [f"left out {len(skipped)} broken image(s) of {data}: {skipped[0]}{more}; fix or remove them"]
 
 
 def rows_csv(images: ImageSet) -> str:

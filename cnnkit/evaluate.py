@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set, load_splits
+from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
+                                 load_eval_set, load_splits)
 from cnnkit.errors import UserError
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
@@ -115,11 +116,9 @@ def evaluate(
                          channels_last=cfg.get("channels_last", True), workers=LOADER_WORKERS, decode=cfg.get("decode", "auto"))
     model = with_tta(ckpt.model, ckpt.mean, ckpt.std, ckpt.flip, tta, tta_shift, ckpt.input_size)
     stats = evaluate_model(model, loader, len(ckpt.classes), dev, amp_dtype)
-    broken = len(eval_set.skipped) + loader.skipped  # found when the folder was read, or when a batch decoded it
-    if broken:  # not scored: the figures are over fewer images than the folder holds
-        first = f": {eval_set.skipped[0]}" + (f" (and {broken - 1} more)" if broken > 1 else "") if eval_set.skipped else ""
-        warnings.append(f"left out {broken} broken image(s) of {source}, which these figures do not count{first}; "
-                        "fix or remove them")
+    # Not scored, found when the folder was read or when a batch decoded them: the figures count fewer images
+    warnings += left_out_warning(eval_set.skipped, source, len(eval_set.skipped) + loader.skipped,
+                                 ", which these figures do not count")
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)
