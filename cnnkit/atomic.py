@@ -15,6 +15,7 @@ from typing import IO, Any, Callable, Iterator
 import torch
 
 from cnnkit import strict_json
+from cnnkit.errors import UserError
 
 
 def new_file_mode() -> int:
@@ -65,6 +66,13 @@ def move_into_place(src: str, dst: str) -> None:
     """Replace ``dst`` with ``src``, a finished file in the same folder (written through ``atomic_path``, then
     checked): one rename, so a reader sees the old file or the new one."""
     os.replace(src, dst)
+
+
+def out_not_writable(out: str, error: OSError) -> UserError:
+    """The error of a command whose ``--out`` cannot be written (``error``: what ``atomic_path`` or
+    ``check_writable`` raised)."""
+    return UserError(f"cannot write --out {out} ({error.strerror}: {error.filename}); choose a path in a writable "
+                     "folder")
 
 
 def check_writable(path: str) -> None:

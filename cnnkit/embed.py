@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cnnkit.atomic import atomic_write, check_writable
+from cnnkit.atomic import atomic_write, check_writable, out_not_writable
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
@@ -138,8 +138,7 @@ def _check_writable(files: list[str]) -> None:
     try:
         check_writable(files[0])
     except OSError as e:
-        raise UserError(f"cannot write --out {files[0]} ({e.strerror}: {e.filename}); "
-                        "choose a path in a writable folder") from None
+        raise out_not_writable(files[0], e) from None
 
 
 def rows_csv(images: ImageSet) -> str:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from cnnkit.atomic import atomic_path, move_into_place
+from cnnkit.atomic import atomic_path, move_into_place, out_not_writable
 from cnnkit.choices import FORMATS, is_format
 from cnnkit.data.images import image_paths, load_batch
 from cnnkit.errors import DataError, UserError
@@ -131,8 +131,7 @@ def _output_file(out: str) -> Iterator[str]:
         try:
             tmp = stack.enter_context(atomic_path(out))
         except OSError as e:
-            raise UserError(f"cannot write --out {out} ({e.strerror}: {e.filename}); "
-                            "choose a path in a writable folder") from None
+            raise out_not_writable(out, e) from None
         yield tmp
 
 
