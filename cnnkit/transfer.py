@@ -177,14 +177,14 @@ def check_head_trains(model: nn.Module, stage: Stage, option: str) -> None:
                     "to the modules (or 'head')")
 
 
+def first_epochs(stages: list[Stage]) -> list[int]:
+    """Each stage's first epoch (1-based)."""
+    return [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
+
+
 def stage_at(stages: list[Stage], epoch: int) -> int:
     """The index of the stage that trains ``epoch`` (1-based; the last stage for any epoch past the plan)."""
-    last = 0
-    for index, stage in enumerate(stages):
-        last += stage.epochs
-        if epoch <= last:
-            return index
-    return len(stages) - 1
+    return max((i for i, first in enumerate(first_epochs(stages)) if first <= epoch), default=0)
 
 
 def set_trainable(model: nn.Module, names: list[str] | None) -> list[str]:

@@ -55,7 +55,8 @@ from cnnkit.train.setup import (
     start_machine,
 )
 from cnnkit.transfer import (
-    Stage, check_head_trains, freeze_batchnorm_stats, plan_stages, set_trainable, stage_at, trainable_modules,
+    Stage, check_head_trains, first_epochs, freeze_batchnorm_stats, plan_stages, set_trainable, stage_at,
+    trainable_modules,
 )
 
 MEMORISED_ACC = 0.99  # --overfit-batches: eval-mode accuracy on its own training images that counts as memorised
@@ -279,8 +280,7 @@ def _plan(cfg: TrainConfig, batches_per_epoch: int) -> Plan:
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
     if cfg.smoke:
         stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
-    first_epochs = [1 + sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
-    return Plan(lr, stages, first_epochs, sum(stage.epochs for stage in stages),
+    return Plan(lr, stages, first_epochs(stages), sum(stage.epochs for stage in stages),
                 -(-batches_per_epoch // cfg.accum_steps))
 
 
