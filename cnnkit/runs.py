@@ -32,7 +32,6 @@ class RunInfo:
     # result.json or metrics.csv there but unreadable: `cnnkit report` says what is wrong with it)
 
 
-
 # What to do about a damaged file of a run, by name: config.json holds the settings nothing else records in full;
 # the others can go (a run without result.json is reported as stopped, one without metrics.csv without its curves).
 _DAMAGE_FIX = {
