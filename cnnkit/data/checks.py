@@ -195,7 +195,7 @@ def check_splits(
             warnings.append(f"{len(conflicts)} image(s) appear under two or more classes with identical pixels, e.g. "
                             f"{a} ({ca}) = {b} ({cb}): training is told both labels, at most one of them right; "
                             "keep each image in the folder of its class")
-        duplicates = find_duplicates(train, val, threshold, prints)
+        duplicates = find_duplicates(train, val, prints, threshold)
         if duplicates:
             exact = sum(d.exact for d in duplicates)
             first = duplicates[0]
@@ -313,12 +313,12 @@ def _name(data: ImageSet, index: int, split: str) -> str:
     return data.paths[index] if data.paths is not None else f"{data.source} {split} #{index}"
 
 
-def find_duplicates(train: ImageSet, val: ImageSet, threshold: int = DEFAULT_THRESHOLD,
-                    prints: tuple[tuple[np.ndarray, list[bytes]], ...] | None = None) -> list[Duplicate]:
+def find_duplicates(train: ImageSet, val: ImageSet, prints: tuple[tuple[np.ndarray, list[bytes]], ...],
+                    threshold: int = DEFAULT_THRESHOLD) -> list[Duplicate]:
     """Every validation image with a training image within ``threshold`` bits (or identical pixels), closest
     first: an exact match if there is one, else the nearest by Hamming distance. ``prints``: both sets'
-    ``_fingerprints``, where the caller has them."""
-    (train_hash, train_digest), (val_hash, val_digest) = prints or (_fingerprints(train), _fingerprints(val))
+    ``_fingerprints`` (made once for this search and the label-conflict one)."""
+    (train_hash, train_digest), (val_hash, val_digest) = prints
     same_pixels = {d: i for i, d in enumerate(train_digest)}
     found = []
     for start in range(0, len(val_hash), _COMPARE_ROWS):
