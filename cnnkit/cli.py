@@ -89,8 +89,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2) instead of the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = _positional_as_option(self, getattr(self, "words", []), message) or message
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.words = list(sys.argv[1:] if args is None else args)  # what this parser was given, for error()
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         # argparse's own parse_args reports a command's unknown options from the top parser, which points at
@@ -105,6 +110,23 @@ class _Parser(argparse.ArgumentParser):
                              f"cnnkit {top[0]} {parsed.command} ...")
             parser.error(_unrecognised(parser, extras))
         return parsed
+
+
+def _positional_as_option(parser: argparse.ArgumentParser, words: list[str], message: str) -> str | None:
+    """The error for a missing positional argument that ``words`` gave as an option of its name, which
+    ``parser`` does not have (``cnnkit summary --model resnet18``, as ``cnnkit train`` takes it); None otherwise."""
+    if not message.startswith("the following arguments are required: "):
+        return None
+    for action in parser._actions:
+        flag = "--" + action.dest.replace("_", "-")
+        if action.option_strings or flag in parser._option_string_actions:
+            continue
+        for i, word in enumerate(words):
+            if word.split("=", 1)[0] == flag:
+                value = word.split("=", 1)[1] if "=" in word else " ".join(words[i + 1:i + 2]) or action.metavar
+                return (f"{action.metavar or action.dest} is given by position, without {flag}: "
+                        f"{parser.prog} {value} ...")
+    return None
 
 
 def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:

@@ -170,6 +170,26 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
         assert w in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("args, line", [
+    (["summary", "--model", "resnet18", "--input-size", "64"],
+     "cnnkit summary: error: MODEL_OR_RUN is given by position, without --model: cnnkit summary resnet18 ... "
+     "(see cnnkit summary --help)"),
+    (["check-data", "--data=photos/"],
+     "cnnkit check-data: error: DATA is given by position, without --data: cnnkit check-data photos/ ... "
+     "(see cnnkit check-data --help)"),
+    (["summary"], "cnnkit summary: error: the following arguments are required: MODEL_OR_RUN "
+                  "(see cnnkit summary --help)"),
+])
+def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
+    # `cnnkit train` takes --model and --data; the inspection commands take them by position.
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == line
+
+
 def _fake_run_folder(root):
     """A run folder's layout, with a picture in a sub-folder as `cnnkit report` leaves one (plots/curves.png):
     read as images, plots/ would pass for a class."""
