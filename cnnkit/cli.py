@@ -89,7 +89,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2) instead of the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        message = _positional_as_option(self, getattr(self, "words", []), message) or message
+        if message.startswith("the following arguments are required: "):
+            message = _positional_as_option(self, getattr(self, "words", [])) or message
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
@@ -108,25 +109,39 @@ class _Parser(argparse.ArgumentParser):
             if top:  # `cnnkit runs RUN --debug`: cnnkit's own options go before the command
                 parser.error(f"{top[0]} is cnnkit's own option, given before the command: "
                              f"cnnkit {top[0]} {parsed.command} ...")
+            # `cnnkit embed resnet18 --data photos/`: argparse took photos/ as DATA and left --data over
+            flags = _positional_flags(parser)
+            if all(word.split("=", 1)[0] in flags for word in extras if word.startswith("-")):
+                parser.error(_positional_as_option(parser, parser.words) or _unrecognised(parser, extras))
             parser.error(_unrecognised(parser, extras))
         return parsed
 
 
-def _positional_as_option(parser: argparse.ArgumentParser, words: list[str], message: str) -> str | None:
-    """The error for a missing positional argument that ``words`` gave as an option of its name, which
-    ``parser`` does not have (``cnnkit summary --model resnet18``, as ``cnnkit train`` takes it); None otherwise."""
-    if not message.startswith("the following arguments are required: "):
-        return None
-    for action in parser._actions:
-        flag = "--" + action.dest.replace("_", "-")
-        if action.option_strings or flag in parser._option_string_actions:
+def _positional_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """``parser``'s positional arguments by the option a user may type for them (``--model`` for MODEL_OR_RUN,
+    as ``cnnkit train`` takes it), where ``parser`` has no option of that name."""
+    flags = {"--" + a.dest.replace("_", "-"): a for a in parser._actions if not a.option_strings}
+    return {flag: a for flag, a in flags.items() if flag not in parser._option_string_actions}
+
+
+def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """The error for positional arguments that ``words`` gave as options of their names (``_positional_flags``),
+    with the command line that gives them by position; None where ``words`` has none."""
+    words, given, first = list(words), [], None
+    for flag, action in _positional_flags(parser).items():
+        i = next((i for i, w in enumerate(words) if w.split("=", 1)[0] == flag), None)
+        if i is None:
             continue
-        for i, word in enumerate(words):
-            if word.split("=", 1)[0] == flag:
-                value = word.split("=", 1)[1] if "=" in word else " ".join(words[i + 1:i + 2]) or action.metavar
-                return (f"{action.metavar or action.dest} is given by position, without {flag}: "
-                        f"{parser.prog} {value} ...")
-    return None
+        value = words[i].split("=", 1)[1] if "=" in words[i] else " ".join(words[i + 1:i + 2]) or action.metavar
+        del words[i:i + (1 if "=" in words[i] or i + 1 == len(words) else 2)]
+        first = i if first is None else min(first, i)
+        given.append((action.metavar or action.dest, flag, value))
+    if not given:
+        return None
+    names, flags = " and ".join(g[0] for g in given), " and ".join(g[1] for g in given)
+    words[first:first] = [g[2] for g in given]
+    verb = "is" if len(given) == 1 else "are"
+    return f"{names} {verb} given by position, without {flags}: {parser.prog} {' '.join(words)}"
 
 
 def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:

@@ -172,11 +172,17 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
 
 @pytest.mark.parametrize("args, line", [
     (["summary", "--model", "resnet18", "--input-size", "64"],
-     "cnnkit summary: error: MODEL_OR_RUN is given by position, without --model: cnnkit summary resnet18 ... "
-     "(see cnnkit summary --help)"),
+     "cnnkit summary: error: MODEL_OR_RUN is given by position, without --model: cnnkit summary resnet18 "
+     "--input-size 64 (see cnnkit summary --help)"),
     (["check-data", "--data=photos/"],
-     "cnnkit check-data: error: DATA is given by position, without --data: cnnkit check-data photos/ ... "
+     "cnnkit check-data: error: DATA is given by position, without --data: cnnkit check-data photos/ "
      "(see cnnkit check-data --help)"),
+    (["embed", "--out", "e.npy", "--data", "photos/", "--model", "resnet18"],
+     "cnnkit embed: error: MODEL_OR_RUN and DATA are given by position, without --model and --data: "
+     "cnnkit embed --out e.npy resnet18 photos/ (see cnnkit embed --help)"),
+    (["embed", "resnet18", "--data", "photos/", "--out", "e.npy"],
+     "cnnkit embed: error: DATA is given by position, without --data: cnnkit embed resnet18 photos/ --out e.npy "
+     "(see cnnkit embed --help)"),
     (["summary"], "cnnkit summary: error: the following arguments are required: MODEL_OR_RUN "
                   "(see cnnkit summary --help)"),
 ])
