@@ -24,7 +24,7 @@ from typing import IO, Any, Iterable
 import torch
 from PIL import Image
 
-from cnnkit.atomic import atomic_write
+from cnnkit.atomic import atomic_write, check_writable, out_not_writable
 from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
@@ -303,8 +303,10 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     if has_best and gone is None:
         check_recorded_paths(config, run_dir, "cnnkit report")
     out = out or os.path.join(run_dir, "report.html")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"cannot write {out}: its folder does not exist")
+    try:  # before the work, as export and embed do: a missing folder is made, an unwritable one refused
+        check_writable(out)
+    except OSError as e:
+        raise out_not_writable(out, e) from None
 
     result = plots.read_json(run_dir, "result.json")
     history = plots.read_metrics(run_dir)

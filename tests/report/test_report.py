@@ -167,9 +167,12 @@ def test_report_command_and_its_errors(run, tmp_path):
     (empty / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no best.pt"):
         write_report(str(empty))
-    with pytest.raises(UserError, match="folder does not exist"):
-        write_report(folder, out=str(tmp_path / "no" / "report.html"))
     assert os.listdir(empty) == ["config.json"]  # nothing half-written
+    # --out in a folder that does not exist yet: made, as export and embed make theirs
+    assert write_report(folder, out=str(tmp_path / "new" / "report.html")).path == str(tmp_path / "new" / "report.html")
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_error(run_cli("report", folder, "--out", tmp_path / "a_file" / "report.html"), 2,
+                          f"cannot write --out {tmp_path / 'a_file' / 'report.html'}", "choose a path in a writable folder")
 
 
 def test_runs_lists_the_run(run):
