@@ -88,3 +88,20 @@ def test_a_model_asserting_its_size_is_a_one_line_error_not_an_internal_one():
         check_input_size(_WidthChecked(), (3, 16, 20), (3, 16, 16), "run r")
     with pytest.raises(UserError, match=r"cannot take a 3x16x20 input \(Wrong image width"):
         cnnkit.summary(_WidthChecked(), input_size=(3, 16, 20))
+
+
+def test_training_a_model_its_images_shrink_to_nothing_in_is_one_line_before_the_run_folder(folders, tmp_path):
+    # squeezenet1_1's pools leave nothing of a 16x16 image; PyTorch said so in the first step, as cnnkit's
+    # "internal error", after the run folder was made
+    data, _ = folders
+    proc = run_cli("train", "--model", "squeezenet1_1", "--data", data, "--epochs", "1", "--out", tmp_path / "run")
+    assert_one_line_error(proc, 2, "squeezenet1_1 cannot take 3x16x16 images", "use a larger --input-size")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_input_size_too_large_for_the_memory_says_use_a_smaller_one(folders, tmp_path):
+    # simple_cnn sizes its head with one image of zeros: 3 x 100,000 x 100,000 floats are 120 GB
+    data, _ = folders
+    proc = run_cli("train", "--data", data, "--input-size", "100000", "--epochs", "1", "--out", tmp_path / "run")
+    assert_one_line_error(proc, 2, "input size 100000: one image does not fit in memory", "use a smaller --input-size")
+    assert "too small" not in proc.stderr and not (tmp_path / "run").exists()

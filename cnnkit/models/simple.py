@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from cnnkit.errors import UserError
 from cnnkit.models.registry import register_model
+from cnnkit.models.sizes import size_error
 
 
 def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> int:
@@ -23,10 +24,9 @@ def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> in
         try:
             out = features(torch.zeros(1, in_channels, input_size, input_size))
         except RuntimeError as e:
-            raise UserError(
-                f"input size {input_size} is too small for this network ({str(e).splitlines()[0]}); "
-                "use a larger --input-size or fewer downsampling stages"
-            ) from None
+            error = size_error(e, f"input size {input_size} is too small for this network", input_size)
+            raise UserError(f"{error} or fewer downsampling stages" if "larger" in str(error) else str(error)) \
+                from None
         finally:
             features.train(was_training)
     return out[0].numel()

@@ -37,3 +37,29 @@ def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[i
         size = f"{h}" if h == w else f"{c} {h} {w}"
         raise UserError(f"{label} takes {c}x{h}x{w} images and cannot run on {'x'.join(map(str, shape))} "
                         f"({reason}); leave out --input-size, or pass --input-size {size}") from None
+
+
+def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:
+    """Raise a UserError unless ``model``, a fresh ``name`` built for ``shape`` (C, H, W: the training images),
+    runs on one image of that shape. vgg16's five pools leave nothing of a 16x16 image, and PyTorch says so only in
+    the first training step, after the run folder exists. One forward pass of zeros, in eval mode, without
+    gradients, on the model's device; the model is left as it was."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *shape, dtype=param.dtype if param is not None and param.is_floating_point() else None,
+                    device=param.device if param is not None else None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except SIZE_ERRORS as e:
+        raise size_error(e, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1]) from None
+
+
+def size_error(e: Exception, what: str, size: int) -> UserError:
+    """The UserError for ``e``, which a model's forward pass raised on images of ``size`` pixels a side: too
+    large for the memory (PyTorch's allocator refused) or too small for the network (``what`` says which model
+    and size)."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    if isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e) or "tried to allocate" in str(e):
+        return UserError(f"input size {size}: one image does not fit in memory ({reason}); use a smaller "
+                         "--input-size")
+    return UserError(f"{what} ({reason}); use a larger --input-size")

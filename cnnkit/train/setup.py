@@ -23,6 +23,7 @@ from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
 from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.models.sizes import check_trains_on
 from cnnkit.modes import eval_mode
 from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
@@ -176,6 +177,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
                             "normalises its own share of the batch")
         model = sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    check_trains_on(model, cfg.model, (train_set.channels, train_set.size, train_set.size))
     _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
     if cfg.check_data and ctx.main and not saved:
