@@ -128,6 +128,10 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     ctx = ctx or distributed.Dist()
     device = machine.device
     train_set, val_set = _load_data(cfg, machine)
+    if cfg.crop_pad is not None and cfg.crop_pad >= train_set.size and not cfg.overfit_batches:
+        raise UserError(f"--crop-pad {cfg.crop_pad} on {train_set.size}-pixel images: a crop could hold no image at "
+                        f"all; use less than {train_set.size} (the default is an eighth of the size, "
+                        f"{train_set.size // 8})")
     classes = train_set.classes
     if cfg.overfit_batches and ctx.main and not saved and len(train_set) < cfg.overfit_batches * cfg.batch_size:
         batches = -(-len(train_set) // cfg.batch_size)

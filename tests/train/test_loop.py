@@ -113,7 +113,8 @@ def test_schedules_reach_peak_and_end_low():
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(lr=-1.0),
                                  dict(label_smoothing=1.0), dict(nonsense=1), dict(random_erasing=2.0),
-                                 dict(augment_policy="autoaugment"), dict(cutout=-1), dict(recipe="slow")])
+                                 dict(augment_policy="autoaugment"), dict(cutout=-1), dict(recipe="slow"),
+                                 dict(crop_pad=-3), dict(crop_pad=32), dict(crop_pad=2.5)])
 def test_bad_options_are_refused_before_a_run_folder_exists(tmp_path, bad):
     with pytest.raises(UserError):
         cnnkit.train(**{**TINY, **bad}, out=str(tmp_path / "run"))
