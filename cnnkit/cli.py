@@ -779,6 +779,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config and args.resume:
         raise UserError("--resume continues a run with its own settings; drop --config")
     given = _given_train_options(args)
+    if args.resume:  # a folder that is no run is the error to see first, before the flags beside it
+        from cnnkit.train.loop import refuse_not_a_run
+
+        refuse_not_a_run(args.resume)
     ignored = sorted(set(given) - {"progress"}) if args.resume else []
     if ignored:  # a resumed run takes every setting from its checkpoint: a flag beside it would be dropped unseen
         flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)

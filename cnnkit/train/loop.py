@@ -400,10 +400,15 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
     set_rng_state(state["rng"])
     if t.ema is not None:
         t.ema.load_state_dict(state["ema"])
+    further = (f"; to train it further, start a new run from its weights: cnnkit train --config "
+               f"{os.path.join(run_dir, 'config.json')} --weights {os.path.join(run_dir, 'last.pt')} --epochs N "
+               "--out NEW_DIR")
     if run.stop_reason:
-        raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume")
+        raise UserError(f"{run_dir} ended by early stopping ({run.stop_reason}); there is nothing to resume{further}")
     if run.epoch > t.plan.total_epochs:
-        raise UserError(f"{run_dir} finished all {t.plan.total_epochs} epochs already; there is nothing to resume")
+        epochs = f"all {t.plan.total_epochs} epochs" if t.plan.total_epochs > 1 else "its 1 epoch"
+        raise UserError(f"{run_dir} finished {epochs} already; there is nothing to resume"
+                        f"{further}")
     if run.best_score is None and run.best_epoch and t.cfg.monitor == "val_acc":  # a run saved before --monitor
         run.best_score = run.stop_best = run.best_acc
     if t.ctx.main:
@@ -1062,7 +1067,7 @@ def _as_run(config: dict[str, Any], input_size: int) -> dict[str, Any]:
 
 
 def _resume_payload(run_dir: str) -> dict[str, Any]:
-    _refuse_not_a_run(run_dir)
+    refuse_not_a_run(run_dir)
     path = os.path.join(run_dir, "last.pt")
     if not os.path.exists(path):
         # A run killed during its first checkpoint write leaves a temporary file and nothing else to resume from.
@@ -1080,7 +1085,7 @@ def _resume_payload(run_dir: str) -> dict[str, Any]:
     return payload
 
 
-def _refuse_not_a_run(path: str) -> None:
+def refuse_not_a_run(path: str) -> None:
     """Raise a UserError saying what ``path`` is when it is not a run folder (one with config.json): missing, a
     file of a run (its folder is named), the folder holding runs (a few are named) or any other folder. A folder
     with last.pt alone is taken as one: the checkpoint holds the run's configuration."""

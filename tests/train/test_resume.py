@@ -13,6 +13,8 @@ import torch
 from cnnkit.errors import UserError
 from cnnkit.runs import list_runs
 from cnnkit.checkpoint import read_payload
+from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
 
 # A fixed thread count: bit-for-bit equality holds for one count, and the default one changes when the machine is
 # busy (cnnkit/threads.py), as it is while these tests poll the run's checkpoint, when this file runs alone, without
@@ -163,6 +165,15 @@ def test_resuming_a_finished_run_says_so(reference):
     proc = start("--resume", reference)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "nothing to resume" in err
+    # and how to train it further, which --resume cannot
+    assert (f"start a new run from its weights: cnnkit train --config {os.path.join(reference, 'config.json')} "
+            f"--weights {os.path.join(reference, 'last.pt')} --epochs N --out NEW_DIR") in err
+
+
+def test_resuming_a_folder_that_is_no_run_says_so_before_the_flags_beside_it(tmp_path):
+    # it said "drop --epochs (... cnnkit train --config nope/config.json ...)", a file that is not there
+    proc = run_cli("train", "--resume", tmp_path / "nope", "--epochs", "1")
+    assert_one_line_error(proc, 2, f"--resume {tmp_path / 'nope'}: no such folder")
 
 
 class _StopsOnce(torch.nn.Module):

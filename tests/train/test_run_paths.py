@@ -38,7 +38,7 @@ def test_a_run_records_absolute_paths_and_works_from_another_folder(trained):
     assert torch.load(run / "best.pt", weights_only=True)["config"]["data"] == str(work / "data")
     assert evaluate(str(run), precision="fp32").count == 32  # all of val/
     assert os.path.isfile(write_report(str(run), cam_images=0).path)
-    with pytest.raises(UserError, match="finished all 1 epochs already"):  # past loading the data
+    with pytest.raises(UserError, match="finished its 1 epoch already"):  # past loading the data
         cnnkit.train(resume=str(run))
 
 
@@ -73,7 +73,7 @@ def test_a_run_that_recorded_relative_paths_says_where_they_came_from(trained, m
     assert evaluate(str(run), val_data=str(work / "val"), precision="fp32").count == 32
     monkeypatch.chdir(work)  # where the paths hold
     assert evaluate(str(run), precision="fp32").count == 32
-    with pytest.raises(UserError, match="finished all 1 epochs already"):
+    with pytest.raises(UserError, match="finished its 1 epoch already"):
         cnnkit.train(resume=str(run))
 
 
