@@ -25,7 +25,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import InspectedModel, load_model
 from cnnkit.inspect.shapes import Field
-from cnnkit.inspect.summary import field_numbers
+from cnnkit.inspect.summary import called, field_numbers
 from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, Trace, TracedLayer, trace
 
 
@@ -38,6 +38,7 @@ class LayerField:
     jump: int | float | None  # input pixels between neighbouring units
     start: int | float | None  # centre of the first unit's field (0 = centre of the top-left pixel)
     whole: bool = False  # also sees every input pixel through a global operation
+    calls: int = 1  # a module the forward pass calls more than once is listed at its first call, with its output
 
 
 @dataclass
@@ -108,8 +109,9 @@ def receptive_field(model_or_run: str | nn.Module, input_size: Any = None, num_c
         t = trace(target.model, target.input_shape)
     layers = []
     for layer in t.layers:
-        rf, jump, start, whole = field_numbers(layer.info)
-        layers.append(LayerField(layer.name, type(layer.module).__name__, layer.output_shape, rf, jump, start, whole))
+        rf, jump, start, whole = field_numbers(layer.first_info)
+        layers.append(LayerField(layer.name, type(layer.module).__name__, layer.first_shape, rf, jump, start, whole,
+                                 layer.calls))
     final = final_feature_layer(t)
     centre, corners = _covers(final, target.input_shape) if final else (False, False)
     return ReceptiveField(target.label, list(target.input_shape), layers, final.name if final else None,
@@ -350,7 +352,7 @@ def _mass_square(heat: torch.Tensor, centre: tuple, share: float) -> int:
 
 def format_receptive_field(r: ReceptiveField) -> str:
     header = ("Layer", "Type", "Output", "RF", "Jump", "Start")
-    rows = [(x.name, x.type, "x".join(map(str, x.output_shape)) if x.output_shape else "-",
+    rows = [(x.name, called(x.type, x.calls), "x".join(map(str, x.output_shape)) if x.output_shape else "-",
              "-" if x.rf is None else f"{x.rf}{'*' if x.whole else ''}",
              "-" if x.jump is None else f"{x.jump:g}", "-" if x.start is None else f"{x.start:g}") for x in r.layers]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]

@@ -60,6 +60,13 @@ class Summary:
         return format_summary(self, depth)
 
 
+def called(type_name: str, calls: int) -> str:
+    """A layer table's Type for a module the forward pass calls ``calls`` times: "ReLU x2" where that is more than
+    once. Its row stands at its first call and shows that call's output; the later calls' outputs are not in
+    the table (a BasicBlock's second ReLU call gives the block's own output, on the block's row)."""
+    return f"{type_name} x{calls}" if calls > 1 else type_name
+
+
 def field_numbers(info: TensorInfo | None) -> tuple[int | None, Any, Any, bool]:
     """(rf, jump, start, whole) of the larger axis of a traced tensor, or Nones for one without a field."""
     if info is None:
@@ -86,8 +93,8 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
     rows = []
     for layer in t.layers:
         params, trainable = _count(list(layer.module.parameters()))
-        rf, jump, start, whole = field_numbers(layer.info)
-        rows.append(LayerInfo(layer.name, type(layer.module).__name__, layer.depth, layer.output_shape, params,
+        rf, jump, start, whole = field_numbers(layer.first_info)
+        rows.append(LayerInfo(layer.name, type(layer.module).__name__, layer.depth, layer.first_shape, params,
                               trainable, layer.macs, rf, jump, start, whole, layer.calls))
     total, trainable = _count(list(model.parameters()))
     called = {id(p) for layer in t.layers for p in layer.module.parameters()}
@@ -147,7 +154,7 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     for r in rows:
         shape = "x".join(map(str, r.output_shape)) if r.output_shape else "-"
         rf = "-" if r.rf is None else f"{r.rf}{'*' if r.whole else ''}"
-        lines.append(("  " * (r.depth - 1) + r.name, r.type, shape, f"{r.params:,}", f"{r.trainable_params:,}",
+        lines.append(("  " * (r.depth - 1) + r.name, called(r.type, r.calls), shape, f"{r.params:,}", f"{r.trainable_params:,}",
                       human(r.macs) if r.macs else "-", rf, "-" if r.jump is None else f"{r.jump:g}"))
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))

@@ -72,7 +72,9 @@ class TensorInfo:
 
 @dataclass
 class TracedLayer:
-    """One module of the model, as the forward pass used it (the last call's output; MACs of all calls)."""
+    """One module of the model, as the forward pass used it (the last call's output; MACs of all calls). A module
+    called more than once (torchvision's BasicBlock calls its one ``relu`` before and after the residual sum) also
+    keeps its first call's output, which is what a table that lists it at its first call shows."""
 
     name: str
     module: nn.Module
@@ -84,6 +86,8 @@ class TracedLayer:
     bytes: int = 0
     output_shape: list[int] | None = None  # without the batch dimension
     info: TensorInfo | None = None
+    first_shape: list[int] | None = None  # the first call's output_shape and info
+    first_info: TensorInfo | None = None
 
 
 @dataclass
@@ -490,6 +494,8 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
         if t is not None:
             layer.output_shape = list(t.shape[1:])
             layer.info = tracer.info_of(t)
+            if layer.calls == 1:
+                layer.first_shape, layer.first_info = layer.output_shape, layer.info
 
     handles = []
     try:

@@ -235,9 +235,9 @@ def _png_figure(pixels: Any, alt: str, caption: str) -> str:
 
 
 def _summary_section(summary: Any, field_result: Any) -> str:
-    from cnnkit.inspect.summary import human
+    from cnnkit.inspect.summary import called, human
 
-    rows = [(("\u00a0\u00a0" * (r.depth - 1)) + r.name, r.type,
+    rows = [(("\u00a0\u00a0" * (r.depth - 1)) + r.name, called(r.type, r.calls),
              "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}",
              human(r.macs) if r.macs else "-") for r in summary.layers if r.depth <= 2]
     table = _table(("layer", "type", "output", "params", "MACs"), rows, text_columns=3)

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 import cnnkit
 from cnnkit.errors import UserError
+from cnnkit.inspect.receptive_field import format_receptive_field
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,19 @@ def test_container_rows_hold_what_is_inside_them(resnet18):
                                                                          "layer2.0.downsample.1"])
     assert row(resnet18, "layer1.0.relu").calls == 2  # a BasicBlock uses its ReLU twice
     assert sum(r.macs for r in resnet18.layers if r.depth == 1) == resnet18.total_macs
+
+
+def test_a_module_called_twice_shows_its_first_call_where_it_is_listed(resnet18):
+    # BasicBlock's one relu runs after bn1 and again after the residual sum; its row stands after bn1, and showed
+    # the second call's field (27 px), a growth no pointwise layer makes
+    relu, bn1 = row(resnet18, "layer1.0.relu"), row(resnet18, "layer1.0.bn1")
+    assert (relu.rf, relu.jump, relu.output_shape) == (bn1.rf, bn1.jump, bn1.output_shape) == (19, 4, [64, 56, 56])
+    assert row(resnet18, "layer1.0").rf == 27  # the second call's output is the block's
+    assert "ReLU x2" in resnet18.table() and "BasicBlock x" not in resnet18.table()
+    field = cnnkit.receptive_field("resnet18")
+    relu = next(x for x in field.layers if x.name == "layer1.0.relu")
+    assert (relu.rf, relu.calls) == (19, 2) and field.final_rf == 435
+    assert "ReLU x2" in format_receptive_field(field)
 
 
 def test_simple_cnn_rows_and_table():
