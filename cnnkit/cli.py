@@ -876,8 +876,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if args.json:
         print(strict_json.dumps(r.summary()))
     else:
-        print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}; the smoothed loss is lowest at "
-              f"{r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}); {r.steps} steps"
+        # a flat curve has a lowest point, somewhere in its noise, but no valley to report
+        valley = ("" if r.method.startswith("default") else
+                  f"; the smoothed loss is lowest at {r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}")
+        print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}{valley}); {r.steps} steps"
               f"{', stopped when the loss blew up' if r.diverged else ''}; curve in {r.plot}")
         print(f"train with it: cnnkit train --lr {r.suggestion:.3g} ...  (or --lr auto)")
     return 0

@@ -229,3 +229,14 @@ def test_train_lr_usage_errors(tmp_path, args, words):
 def test_library_rejects_a_learning_rate_that_is_neither_a_number_nor_auto():
     with pytest.raises(UserError, match="positive or 'auto'"):
         cnnkit.train(lr="fast", **TINY)
+
+
+def test_a_flat_curves_suggestion_line_names_no_valley(tmp_path):
+    # "the loss neither fell ..." beside "the smoothed loss is lowest at 2e-08, its valley ends at 2e-08": a flat
+    # curve's lowest point is noise, and it has no valley
+    proc = run_cli("lr-find", "--model", "cnn_bn", "--num-samples", 128, "--batch-size", 32, "--steps", 20,
+                   "--start-lr", "1e-8", "--end-lr", "1e-6", "--out", tmp_path / "lrf")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate"))
+    assert line.startswith("suggested learning rate: 0.05 (default: flat curve); 20 steps; curve in "), line
+    assert "valley" not in line
