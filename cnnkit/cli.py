@@ -817,8 +817,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"best {result.monitor} {result.best_score:.4g} at epoch {result.best_epoch}, val acc "
                 f"{result.best_val_acc:.4f} there")
         print(f"done: val acc {result.val_acc:.4f} ({best}){tta}, "
-              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training, {result.wall_time_s:.1f} s "
-              f"in all; run folder {result.run_dir}")
+              f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training"
+              f"{' over its sessions' if args.resume else ''}, {result.wall_time_s:.1f} s in all"
+              f"{' this time' if args.resume else ''}; run folder {result.run_dir}")
         if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):
             print(f"see it: cnnkit report {result.run_dir}")
     return 0

@@ -105,6 +105,9 @@ class RunState:
     stop_best: float | None = None  # early stopping: the monitored metric at its last real improvement
     bad_epochs: int = 0  # early stopping: epochs since then
     stop_reason: str = ""  # set when early stopping ends the run
+    # the training loop's wall time (validation and saves included) up to the last checkpoint, over every session
+    # of a resumed run: a resumed run's TrainResult.train_time_s goes on from it, as its images/s from train_seconds
+    train_time_s: float = 0.0
 
 
 @dataclass
@@ -161,6 +164,12 @@ class Training:
     # (loss, rate) of the epoch's steps not yet in steps.csv
     step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
     governor: ThreadGovernor | None = None  # the CPU thread count, where cnnkit chooses it
+    clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at this session's training start, state.train_time_s then)
+
+    def train_time_s(self) -> float:
+        """The run's training time so far: the sessions before this one and this one."""
+        start, before = self.clock
+        return before + time.perf_counter() - start
 
     @property
     def model(self) -> nn.Module:
@@ -219,6 +228,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         _open_run_folder(t, saved, resume, callbacks)
         callbacks.on_start(t)
         start = time.perf_counter()
+        t.clock = (start, t.state.train_time_s)
         with _divergence(t, start, wall_start):
             for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
                 t.epoch = epoch
@@ -561,13 +571,13 @@ def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) 
     if cfg.overfit_batches:
         print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), _overfit_batches(t), t.epoch,
                               t.plan.total_epochs, cfg.overfit_batches), file=t.log)
-    result = _result(t, start, wall_start, t.state.stop_reason or "completed", **measured)
+    result = _result(t, wall_start, t.state.stop_reason or "completed", **measured)
     _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
     distributed.cleanup(t.ctx)
     return result
 
 
-def _result(t: Training, start: float, wall_start: float, stop_reason: str, **measured: Any) -> TrainResult:
+def _result(t: Training, wall_start: float, stop_reason: str, **measured: Any) -> TrainResult:
     """The run's TrainResult: the figures of its last finished epoch, from its metrics.csv row, which a resumed
     run holds too (None where no epoch finished, as in a run that diverged in its first)."""
     cfg, p, run = t.cfg, t.pieces, t.state
@@ -580,7 +590,7 @@ def _result(t: Training, start: float, wall_start: float, stop_reason: str, **me
         val_acc=figure("val_acc"), val_loss=figure("val_loss"),
         best_val_acc=run.best_acc if run.best_epoch else None, best_epoch=run.best_epoch,
         epochs=t.plan.total_epochs, train_acc=figure("train_acc"), train_loss=figure("train_loss"),
-        train_time_s=time.perf_counter() - start,
+        train_time_s=t.train_time_s(),
         images_per_s=run.images_seen / max(run.train_seconds, 1e-9) if run.history else None,
         run_dir=t.run_dir, model=cfg.model, data=cfg.data, precision=precision_name(t.machine.amp_dtype),
         num_train=len(p.train_set), num_val=len(p.val_set), params=sum(w.numel() for w in t.model.parameters()),
@@ -602,6 +612,7 @@ def _weights(t: Training, net: nn.Module, epoch: int) -> dict[str, Any]:
 def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[str, Any]:
     """The resumable state, as it stands after the last finished step."""
     t.state.epoch = next_epoch
+    t.state.train_time_s = t.train_time_s()
     return {**_weights(t, t.model, next_epoch - 1),
             "resume": {"stage": t.stage.index, "optimizer": t.stage.optimizer.state_dict(),
                        "scheduler": t.stage.scheduler.state_dict(), "scaler": t.pieces.scaler.state_dict(),
@@ -888,7 +899,7 @@ def _divergence(t: Training, start: float, wall_start: float) -> Iterator[None]:
         else:  # a guessed lower rate may diverge again
             message += "; --lr auto picks a rate with a range test (cnnkit lr-find draws its curve)"
         _write_json(run_dir, "stop.json", {"status": "diverged", "epoch": epoch, "message": message})
-        result = _result(t, start, wall_start, f"diverged: {message}")
+        result = _result(t, wall_start, f"diverged: {message}")
         _write_json(run_dir, "result.json", dataclasses.asdict(result))
         error = NonFiniteLoss(message)
         error.result = result  # what result.json holds, for the caller's report and --json

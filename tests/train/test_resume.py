@@ -1,6 +1,7 @@
 """Killed, stopped and resumed runs end with exactly the weights of an uninterrupted run (CPU, fp32)."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,12 @@ def test_sigkill_during_an_epoch_then_resume(tmp_path, reference):
     assert_same_weights(weights(reference), weights(out))
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + one row per epoch, no duplicates
     assert logs(out) == logs(reference)  # every step's loss once, and the epoch's lr from its first step
+    # the training time goes on from the killed session's, as images/s does from its epochs: it was this session's
+    # alone, shorter than the epochs it reported images/s over
+    result = json.loads((out / "result.json").read_text())
+    with open(out / "metrics.csv") as f:
+        epoch_seconds = sum(float(row["epoch_time_s"]) for row in csv.DictReader(f))
+    assert result["train_time_s"] >= epoch_seconds
 
 
 def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
