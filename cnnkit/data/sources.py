@@ -316,6 +316,13 @@ def scan_folder(root: str, option: str | None = None,
             empty.append(name)
         files += found
         labels += [c] * len(found)
+    loose = [e for e in entries if is_image_file(e)]
+    if len(loose) > len(files):  # a class's own folder, say, with a sub-folder of a few images in it
+        parent = os.path.dirname(os.path.abspath(root))
+        raise UserError(f"{named} holds {len(loose)} images of its own, which cnnkit does not read, and "
+                        f"{len(files)} in its sub-folder(s) ({', '.join(classes[:3])}), which it would take for "
+                        f"the classes; pass the folder whose sub-folders are the classes (perhaps {parent}), or "
+                        f"move the images into {root}/<class name>/")
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
                         f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")

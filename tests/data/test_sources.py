@@ -1,5 +1,7 @@
 import gzip  # noqa: F401  (the idx files torchvision reads are written uncompressed below)
 import os
+import re
+import shutil
 import struct
 
 import numpy as np
@@ -74,6 +76,23 @@ def test_bad_folders_are_user_errors(tmp_path, make, message):
     make(root)
     with pytest.raises(UserError, match=message):
         load_splits(DataSpec(root))
+
+
+def test_a_class_folder_given_as_the_data_is_named_not_taken_for_one_class(image_folder):
+    # a class's folder with a sub-folder of one image: the 8 loose images were left out without a word, and the
+    # error was about the one "class" having too few images
+    cat = os.path.join(image_folder, "circle")
+    os.makedirs(os.path.join(cat, "nested"))
+    os.replace(os.path.join(cat, sorted(os.listdir(cat))[0]), os.path.join(cat, "nested", "a.png"))
+    with pytest.raises(UserError, match=rf"^{re.escape(cat)} holds \d+ images of its own, which cnnkit does not read, "
+                                        rf"and 1 in its sub-folder\(s\) \(nested\).*perhaps {re.escape(image_folder)}\)"):
+        load_splits(DataSpec(cat))
+    # a stray image beside real class folders stays ignored, as torchvision's ImageFolder ignores it
+    shutil.copy(os.path.join(cat, "nested", "a.png"), os.path.join(image_folder, "stray.png"))
+    os.replace(os.path.join(cat, "nested", "a.png"), os.path.join(cat, "a.png"))
+    os.rmdir(os.path.join(cat, "nested"))
+    train, val = load_splits(DataSpec(image_folder))
+    assert len(train) + len(val) == 32
 
 
 def test_empty_class_folder_is_an_error(image_folder):
