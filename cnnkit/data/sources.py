@@ -283,10 +283,12 @@ def scan_folder(root: str, option: str | None = None,
     """
     named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
+        # a config file's relative path is read from where the command runs, not from the file's folder
+        where = "" if os.path.isabs(root) else f" (a relative path, read from the current folder {os.getcwd()})"
         if option is None:
-            raise UserError(f"data path {root} does not exist; pass a folder with one sub-folder per class, "
+            raise UserError(f"data path {root} does not exist{where}; pass a folder with one sub-folder per class, "
                             f"or one of: {', '.join(BUILTIN)}")
-        raise UserError(f"{named} does not exist; pass a folder with one sub-folder of images per class")
+        raise UserError(f"{named} does not exist{where}; pass a folder with one sub-folder of images per class")
     mistaken = _run_or_checkpoint(root)
     if mistaken:
         raise UserError(mistaken if option is None else f"{option} {mistaken}")

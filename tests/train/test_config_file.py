@@ -76,6 +76,17 @@ def test_config_errors_on_the_command_line_exit_2_with_one_line(tmp_path):
         read_config_file(str(tmp_path / "missing.yaml"))
 
 
+def test_a_relative_data_path_that_is_missing_says_where_it_was_read_from(tmp_path):
+    # a config file's `data: ../photos` is read from the folder the command runs in, not the file's: say so
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.json").write_text('{"data": "../photos", "epochs": 1}')
+    proc = run_cli("train", "--config", tmp_path / "configs" / "run.json", "--out", tmp_path / "run",
+                   cwd=tmp_path / "configs")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (f"data path ../photos does not exist (a relative path, read from the current folder "
+            f"{tmp_path / 'configs'})") in proc.stderr
+
+
 def _alias_bomb(levels=9, width=9):
     """YAML whose value is a list of ``width`` aliases of a list of ``width`` aliases ... ``levels`` deep: a file of
     a few hundred bytes that stands for width**levels values (387 million for 9 of 9)."""
