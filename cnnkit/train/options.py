@@ -11,7 +11,7 @@ import os
 from typing import Any, Mapping, NoReturn
 
 from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTIMIZERS, PRECISIONS, SCHEDULES
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, did_you_mean
 from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
 from cnnkit.transfer import check_stage_options, plan_stages
@@ -37,7 +37,8 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+        raise UserError(f"unknown training option(s): {', '.join(map(str, unknown))}"
+                        + did_you_mean(str(unknown[0]), sorted(names)))
     sources: dict[str, str] = {}  # the options whose value comes from the config file: its errors name the file
     if isinstance(config, TrainConfig):
         base = config

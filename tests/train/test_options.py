@@ -79,6 +79,9 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
         make_config(str(path), given("train", "--config", str(path)))
     with pytest.raises(UserError, match="unknown training option"):
         make_config(None, {"batch": 8})
+    # from Python as from a config file: the nearest option's name
+    with pytest.raises(UserError, match=r"^unknown training option\(s\): epoch; did you mean epochs\?$"):
+        make_config(None, {"epoch": 2})
 
 
 def test_resume_refuses_the_settings_it_would_drop(tmp_path):
