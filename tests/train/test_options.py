@@ -87,6 +87,8 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
 def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     from tests.conftest import run_cli
 
+    (tmp_path / "run").mkdir()  # a run folder (a missing one is that error first)
+    (tmp_path / "run" / "config.json").write_text("{}")
     r = run_cli("train", "--resume", tmp_path / "run", "--epochs", "7", "--lr", "0.5")
     assert r.returncode == 2
     assert "--resume continues a run with its own settings; drop --epochs, --lr" in r.stderr
