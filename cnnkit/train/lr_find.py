@@ -67,6 +67,7 @@ records the rate, so replaying the run with ``--config`` uses it again; ``lr_fin
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -155,7 +156,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     device, amp_dtype = machine.device, machine.amp_dtype
     # Data, model, loader and loss as `train` builds them, so the test measures the run it advises.
     try:
-        run = build_run(range_test_config(cfg), machine, log)
+        # train --lr auto: the run's own set-up prints the same notes and warnings right after the test
+        run = build_run(range_test_config(cfg), machine, io.StringIO() if for_train else log)
     except ModelOptionsError as e:
         raise model_options_error(e, config, overrides) from None
     model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads

@@ -240,3 +240,11 @@ def test_a_flat_curves_suggestion_line_names_no_valley(tmp_path):
     line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate"))
     assert line.startswith("suggested learning rate: 0.05 (default: flat curve); 20 steps; curve in "), line
     assert "valley" not in line
+
+
+def test_train_lr_auto_prints_the_set_up_notes_once(tmp_path):
+    # the range test builds the run as train does, and printed its notes too: each came twice
+    log = io.StringIO()
+    cnnkit.train(model="linear", data="shapes", num_samples=160, val_split=0.2, batch_size=64, epochs=1, lr="auto",
+                 log=log, progress=False, out=str(tmp_path / "run"))
+    assert log.getvalue().count("batch(es) an epoch") == 1, log.getvalue()
