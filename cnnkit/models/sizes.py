@@ -22,28 +22,29 @@ SIZE_ERRORS = (RuntimeError, AssertionError, ValueError)
 def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[int, int, int], label: str) -> None:
     """Raise a UserError unless ``model`` runs on one image of ``shape`` (C, H, W pixels). ``own`` is the shape it
     was built or trained for (not tried again: it runs on that); ``label`` names the model (a checkpoint's path)
-    in the message. One forward pass of zeros, in eval mode, without gradients; the model is left as it was."""
+    in the message. The model is left as it was."""
     if tuple(shape) == tuple(own):
         return
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, *shape, dtype=param.dtype if param is not None and param.is_floating_point() else None,
-                    device=param.device if param is not None else None)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    except SIZE_ERRORS as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    error = _forward_error(model, shape)
+    if error is not None:
         c, h, w = own
         size = f"{h}" if h == w else f"{c} {h} {w}"
         raise UserError(f"{label} takes {c}x{h}x{w} images and cannot run on {'x'.join(map(str, shape))} "
-                        f"({reason}); leave out --input-size, or pass --input-size {size}") from None
+                        f"({_reason(error)}); leave out --input-size, or pass --input-size {size}")
 
 
 def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:
     """Raise a UserError unless ``model``, a fresh ``name`` built for ``shape`` (C, H, W: the training images),
     runs on one image of that shape. vgg16's five pools leave nothing of a 16x16 image, and PyTorch says so only in
-    the first training step, after the run folder exists. One forward pass of zeros, in eval mode, without
-    gradients, on the model's device; the model is left as it was."""
+    the first training step, after the run folder exists. The model is left as it was."""
+    error = _forward_error(model, shape)
+    if error is not None:
+        raise size_error(error, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1])
+
+
+def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception | None:
+    """What ``model`` raises (one of SIZE_ERRORS) on one image of zeros of ``shape``, None where it runs: one
+    forward pass in eval mode, without gradients, on the model's device and in its dtype."""
     param = next(model.parameters(), None)
     x = torch.zeros(1, *shape, dtype=param.dtype if param is not None and param.is_floating_point() else None,
                     device=param.device if param is not None else None)
@@ -51,15 +52,19 @@ def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
         with torch.no_grad(), eval_mode(model):
             model(x)
     except SIZE_ERRORS as e:
-        raise size_error(e, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1]) from None
+        return e
+    return None
+
+
+def _reason(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
 def size_error(e: Exception, what: str, size: int) -> UserError:
     """The UserError for ``e``, which a model's forward pass raised on images of ``size`` pixels a side: too
     large for the memory (PyTorch's allocator refused) or too small for the network (``what`` says which model
     and size)."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
     if isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e) or "tried to allocate" in str(e):
-        return UserError(f"input size {size}: one image does not fit in memory ({reason}); use a smaller "
+        return UserError(f"input size {size}: one image does not fit in memory ({_reason(e)}); use a smaller "
                          "--input-size")
-    return UserError(f"{what} ({reason}); use a larger --input-size")
+    return UserError(f"{what} ({_reason(e)}); use a larger --input-size")
