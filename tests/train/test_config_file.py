@@ -162,6 +162,8 @@ def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
     ("lr: .inf\n", "lr must be a finite number, got inf"),
     ("momentum: .nan\n", "momentum must be a finite number, got nan"),
     ("epochs: 0\n", "run.yaml: epochs must be a positive whole number, got 0"),
+    ("threads: 0\n", "--config {path}: threads must be a whole number, 1 or more, got 0"),
+    ("crop_pad: -5\n", "--config {path}: crop_pad must be 0 (no translation) or a number of pixels, got -5"),
     ("model: convnet\nmodel_options: {widths: [x, y]}\nnum_samples: 64\n",
      "option widths must be a list of whole numbers, got ('x', 'y')"),
     # the model's own check of its options, named as the file's key as the checks above are
