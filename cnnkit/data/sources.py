@@ -229,7 +229,8 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
         if spec.download and not (present and not isinstance(e, OSError) and "download" not in str(e).lower()):
             raise DataError(
                 f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
-                f"check the network, or copy the dataset files to {where} and pass --data-dir {root}"
+                f"check the network, or copy the dataset files to {where}"
+                + (f" and pass --data-dir {root}" if spec.data_dir else "")  # the default folder needs no option
             ) from None
         if present:
             raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "

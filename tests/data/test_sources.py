@@ -151,6 +151,26 @@ def test_missing_torchvision_dataset_says_where_it_looked(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py") in text and "--download" in text and "--data-dir" in text
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_a_failed_download_names_the_folder_and_the_option_only_where_it_was_given(tmp_path, monkeypatch, given):
+    # with the default folder (CNNKIT_DATA here), "pass --data-dir" named the folder cnnkit reads anyway
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setenv("CNNKIT_DATA", str(tmp_path / "default"))
+    root = str(tmp_path / ("given" if given else "default"))
+    with pytest.raises(DataError) as e:
+        load_splits(DataSpec("cifar10", data_dir=root if given else None, download=True))
+    text = str(e.value)
+    assert f"copy the dataset files to {os.path.join(root, 'cifar-10-batches-py')}" in text
+    assert text.endswith(f" and pass --data-dir {root}") == given, text
+
+
 def test_cache_entry_of_another_layout_is_rebuilt(image_folder):
     from cnnkit.data import cache
 
