@@ -128,7 +128,7 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
     if result:  # a run that diverged in its first epoch has no images_per_s
         cards += [_card(f"{result['images_per_s']:,.0f}" if result.get("images_per_s") is not None else "-",
                         "training images per second"),
-                  _card(f"{result['train_time_s']:.0f} s", "training time"),
+                  _card(f"{result['train_time_s']:.1f} s", "training time"),  # as the console's done line
                   _card(f"{result['params']:,}", "parameters")]
     columns = ("train_loss", "train_acc", "val_loss", "val_acc") + (("val_top5",) if top5 else ())
     rows = [(int(r["epoch"]), f"{r['lr']:.3g}" if r.get("lr") is not None else "-",

@@ -82,6 +82,9 @@ def test_report_is_one_self_contained_file(run):
         assert f'id="{section}"' in page
     for text in ("Grad-CAM", "receptive field", "precision", "macro average", "simple_cnn", "star"):
         assert text in page
+    # the training time as the console's done line gives it, to a tenth of a second (it said "2 s" for 2.4)
+    result = json.load(open(os.path.join(folder, "result.json")))
+    assert re.search(rf">{result['train_time_s']:.1f} s<.*training time", page, re.S)
 
 
 def need_chromium():
