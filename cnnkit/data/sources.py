@@ -164,14 +164,16 @@ def _names(names: list[str], most: int = 20) -> str:
 
 
 def split(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
-    """A stratified split: ``fraction`` of each class (at least one image of classes with two or more) to validation."""
+    """A stratified split: ``fraction`` of each class to validation, at least one image and all but one of each
+    class with two or more (a class without training images cannot be learnt: --val-split 0.99 held out every
+    image, and training failed on an empty set)."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
     train_idx, val_idx = [], []
     for c in range(len(data.classes)):
         idx = (data.labels == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         k = int(round(len(idx) * fraction))
-        k = max(k, 1) if len(idx) >= 2 else 0
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
         val_idx.append(idx[:k])
         train_idx.append(idx[k:])
     tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values

@@ -95,6 +95,13 @@ def test_a_class_folder_given_as_the_data_is_named_not_taken_for_one_class(image
     assert len(train) + len(val) == 32
 
 
+def test_a_val_split_near_1_leaves_each_class_a_training_image(image_folder):
+    # --val-split 0.99 held out every image of classes under 50, and training failed on the empty set
+    train, val = load_splits(DataSpec(image_folder, val_split=0.99))
+    assert sorted(set(train.labels.tolist())) == list(range(len(train.classes)))
+    assert len(train) == len(train.classes) and len(train) + len(val) == 32
+
+
 def test_empty_class_folder_is_an_error(image_folder):
     os.makedirs(os.path.join(image_folder, "zebra"))
     with pytest.raises(UserError, match="zebra"):
