@@ -23,6 +23,14 @@ MODEL_OPTIONS_SET_BY = {"num_classes": "the data (one class per class folder)", 
 MONITORS = {"val_acc": 1, "val_loss": -1}  # the metrics that pick best.pt and stop early: +1 higher is better
 
 
+# `cnnkit train` options that are no training option, and what does their work from Python (cnnkit.train)
+COMMAND_LINE_ONLY = {
+    "quiet": "from Python pass progress=False, and log=open(os.devnull, 'w') for no output at all",
+    "json": "from Python the TrainResult returned holds the figures (dataclasses.asdict(result) for a dict)",
+    "nproc": "from Python run `torchrun --nproc-per-node N -m cnnkit train ...` instead",
+}
+
+
 def make_config(config: TrainConfig | str | os.PathLike | None = None,
                 overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """The checked configuration of a run: ``overrides`` (TrainConfig fields) over ``config``.
@@ -37,8 +45,10 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(map(str, unknown))}"
-                        + did_you_mean(str(unknown[0]), sorted(names)))
+        first = str(unknown[0])
+        hint = (f"; --{first} is the command line's: {COMMAND_LINE_ONLY[first]}" if first in COMMAND_LINE_ONLY
+                else did_you_mean(first, sorted(names)))
+        raise UserError(f"unknown training option(s): {', '.join(map(str, unknown))}{hint}")
     sources: dict[str, str] = {}  # the options whose value comes from the config file: its errors name the file
     if isinstance(config, TrainConfig):
         base = config

@@ -82,6 +82,10 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
     # from Python as from a config file: the nearest option's name
     with pytest.raises(UserError, match=r"^unknown training option\(s\): epoch; did you mean epochs\?$"):
         make_config(None, {"epoch": 2})
+    # a command-line flag that is no training option says what does its work from Python
+    with pytest.raises(UserError, match=r"^unknown training option\(s\): quiet; --quiet is the command line's: "
+                                        r"from Python pass progress=False"):
+        make_config(None, {"quiet": True})
 
 
 def test_resume_refuses_the_settings_it_would_drop(tmp_path):
