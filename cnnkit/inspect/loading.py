@@ -25,7 +25,7 @@ from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
 from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
-from cnnkit.models.sizes import SIZE_ERRORS, check_input_size
+from cnnkit.models.sizes import SIZE_ERRORS, check_input_size, first_line
 from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import load_checkpoint
 
@@ -149,7 +149,7 @@ def _check_non_square(model: nn.Module, name: str, shape: tuple[int, int, int]) 
     except NotImplementedError:  # an operation the meta device lacks: the trace runs it for real
         return
     except SIZE_ERRORS as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         try:
             runs((c, 2 * h, 2 * h))
         except (*SIZE_ERRORS, NotImplementedError):

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field
-from cnnkit.models.sizes import SIZE_ERRORS
+from cnnkit.models.sizes import SIZE_ERRORS, first_line, size_error
 
 # The footnote of a receptive field marked "*": which layers make a unit see every pixel, simple_cnn's
 # flattened-map linear layer as much as a global pool.
@@ -508,11 +508,10 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
             tracer.info[x] = input_info(input_shape)
             out = model(x)
     except SIZE_ERRORS as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if meta and "meta" in message.lower():
+        if meta and "meta" in first_line(e).lower():
             return trace(model, input_shape, meta=False)
-        raise UserError(f"the model cannot take a {'x'.join(map(str, input_shape))} input ({message[:200]}); "
-                        "use a larger --input-size") from None
+        raise size_error(e, f"the model cannot take a {'x'.join(map(str, input_shape))} input",
+                         max(input_shape[1:])) from None
     except NotImplementedError:
         if meta:
             return trace(model, input_shape, meta=False)

@@ -24,9 +24,8 @@ def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> in
         try:
             out = features(torch.zeros(1, in_channels, input_size, input_size))
         except RuntimeError as e:
-            error = size_error(e, f"input size {input_size} is too small for this network", input_size)
-            raise UserError(f"{error} or fewer downsampling stages" if "larger" in str(error) else str(error)) \
-                from None
+            raise size_error(e, f"input size {input_size} is too small for this network", input_size,
+                             "use a larger --input-size or fewer downsampling stages") from None
         finally:
             features.train(was_training)
     return out[0].numel()

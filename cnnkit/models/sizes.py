@@ -19,6 +19,7 @@ from cnnkit.modes import eval_mode
 # ValueError with which some models check the size themselves (torchvision's ViT: "Wrong image width!").
 SIZE_ERRORS = (RuntimeError, AssertionError, ValueError)
 
+
 def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[int, int, int], label: str) -> None:
     """Raise a UserError unless ``model`` runs on one image of ``shape`` (C, H, W pixels). ``own`` is the shape it
     was built or trained for (not tried again: it runs on that); ``label`` names the model (a checkpoint's path)
@@ -30,7 +31,7 @@ def check_input_size(model: nn.Module, shape: tuple[int, int, int], own: tuple[i
         c, h, w = own
         size = f"{h}" if h == w else f"{c} {h} {w}"
         raise UserError(f"{label} takes {c}x{h}x{w} images and cannot run on {'x'.join(map(str, shape))} "
-                        f"({_reason(error)}); leave out --input-size, or pass --input-size {size}")
+                        f"({first_line(error)}); leave out --input-size, or pass --input-size {size}")
 
 
 def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:
@@ -56,15 +57,16 @@ def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception |
     return None
 
 
-def _reason(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """``e``'s message as an error line quotes it: its first line, shortened (its type where it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
-def size_error(e: Exception, what: str, size: int) -> UserError:
+def size_error(e: Exception, what: str, size: int, fix: str = "use a larger --input-size") -> UserError:
     """The UserError for ``e``, which a model's forward pass raised on images of ``size`` pixels a side: too
-    large for the memory (PyTorch's allocator refused) or too small for the network (``what`` says which model
-    and size)."""
+    large for the memory (PyTorch's allocator refused), or else too small for the network (``what`` says which
+    model and size, ``fix`` what to do)."""
     if isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e) or "tried to allocate" in str(e):
-        return UserError(f"input size {size}: one image does not fit in memory ({_reason(e)}); use a smaller "
+        return UserError(f"input size {size}: one image does not fit in memory ({first_line(e)}); use a smaller "
                          "--input-size")
-    return UserError(f"{what} ({_reason(e)}); use a larger --input-size")
+    return UserError(f"{what} ({first_line(e)}); {fix}")
