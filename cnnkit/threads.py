@@ -69,12 +69,19 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
+def bad_threads(threads: object) -> str | None:
+    """What is wrong with a requested thread count (said after the option's name), None where it is a count."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        return f"must be a whole number, 1 or more, got {threads!r}"
+    return None
+
+
 def resolve_threads(threads: int | None, workers: int = 0) -> int:
     """``threads`` checked, or the default: ``OMP_NUM_THREADS`` where set, else the usable physical cores less
     ``workers`` (DataLoader processes decoding images beside the computation), at least 1."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UserError(f"--threads must be a whole number, 1 or more, got {threads!r}")
+        if bad_threads(threads):
+            raise UserError(f"--threads {bad_threads(threads)}")
         return threads
     return _omp_threads() or max(1, usable_cores() - workers)
 

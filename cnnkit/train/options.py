@@ -12,6 +12,7 @@ from typing import Any, Mapping, NoReturn
 
 from cnnkit.choices import AUGMENT_POLICIES, COMPILE_MODES, DECODE_CHOICES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from cnnkit.errors import UserError, did_you_mean
+from cnnkit.threads import bad_threads
 from cnnkit.train.config import TrainConfig, check_recorded_paths, read_config_file, with_data_defaults
 from cnnkit.train.recipes import recipe_options
 from cnnkit.transfer import check_stage_options, plan_stages
@@ -129,9 +130,8 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         refuse("augment_policy", f"must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
     if not 0 <= cfg.random_erasing <= 1:
         refuse("random_erasing", f"is a probability in [0, 1], got {cfg.random_erasing}")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool)
-                                    or cfg.threads < 1):  # (threads.py checks it too, for the other commands)
-        refuse("threads", f"must be a whole number, 1 or more, got {cfg.threads!r}")
+    if cfg.threads is not None and bad_threads(cfg.threads):  # here, to name a config file's key
+        refuse("threads", bad_threads(cfg.threads))
     if cfg.crop_pad is not None and (not isinstance(cfg.crop_pad, int) or isinstance(cfg.crop_pad, bool)
                                      or cfg.crop_pad < 0):
         refuse("crop_pad", f"must be 0 (no translation) or a number of pixels, got {cfg.crop_pad}")
