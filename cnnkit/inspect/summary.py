@@ -97,10 +97,10 @@ def summary(model_or_run: str | nn.Module, input_size: Any = None, num_classes: 
         rows.append(LayerInfo(layer.name, type(layer.module).__name__, layer.depth, layer.first_shape, params,
                               trainable, layer.macs, rf, jump, start, whole, layer.calls))
     total, trainable = _count(list(model.parameters()))
-    called = {id(p) for layer in t.layers for p in layer.module.parameters()}
+    used = {id(p) for layer in t.layers for p in layer.module.parameters()}
     own = {id(p) for p in model.parameters(recurse=False)}  # the root's own, like ViT's class token
     unused = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
-                 if id(p) not in called and id(p) not in own)
+                 if id(p) not in used and id(p) not in own)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     published = None
     if isinstance(model_or_run, str) and target.classes is None and num_classes in (None, 1000) \
@@ -154,8 +154,9 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     for r in rows:
         shape = "x".join(map(str, r.output_shape)) if r.output_shape else "-"
         rf = "-" if r.rf is None else f"{r.rf}{'*' if r.whole else ''}"
-        lines.append(("  " * (r.depth - 1) + r.name, called(r.type, r.calls), shape, f"{r.params:,}", f"{r.trainable_params:,}",
-                      human(r.macs) if r.macs else "-", rf, "-" if r.jump is None else f"{r.jump:g}"))
+        lines.append(("  " * (r.depth - 1) + r.name, called(r.type, r.calls), shape, f"{r.params:,}",
+                      f"{r.trainable_params:,}", human(r.macs) if r.macs else "-", rf,
+                      "-" if r.jump is None else f"{r.jump:g}"))
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]

@@ -108,7 +108,8 @@ class TrainResult:
     epochs: int
     train_acc: float | None
     train_loss: float | None
-    train_time_s: float  # the training loop's wall time, validation and saves included; a resumed run's over all its sessions
+    # the training loop's wall time, validation and saves included; a resumed run's over all its sessions
+    train_time_s: float
     images_per_s: float | None  # of the epochs' training time (metrics.csv's epoch_time_s), over all sessions too
     run_dir: str
     model: str
