@@ -171,7 +171,8 @@ def check_splits(
                       "DIR with images of every class in place of the split")
         else:
             advice = "add images of them to the validation data"
-        warnings.append(f"no validation images of {', '.join(empty[:5])}: their recall cannot be measured; {advice}")
+        named = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        warnings.append(f"no validation images of {named}: their recall cannot be measured; {advice}")
     if 0 < len(val) < SMALL_VAL and not same_images:
         more = (f"add images to --val-data {val.source}" if val_data else
                 "hold out more with a larger --val-split, or pass --val-data DIR with more images")

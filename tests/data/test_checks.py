@@ -113,6 +113,18 @@ def test_a_class_of_one_image_gets_no_validation_image_from_any_split(tmp_path):
     assert "circle" in warning and "only image" in warning and "larger --val-split" not in warning
 
 
+def test_every_class_without_validation_images_is_counted_in_the_warning():
+    # 7 of 10 classes have no validation image: the warning names 5 and says how many more, so that no reader
+    # takes the 2 left unnamed for classes that have some
+    classes = [f"c{i}" for i in range(10)]
+    train = ImageSet(torch.arange(10).repeat(3), classes, torch.zeros(30, 3, 8, 8, dtype=torch.uint8), size=8,
+                     source="train")
+    val = ImageSet(torch.tensor([0, 1, 2]), classes, torch.full((3, 3, 8, 8), 255, dtype=torch.uint8), size=8,
+                   source="val")
+    (warning,) = [w for w in check_splits(train, val).warnings if "no validation images" in w]
+    assert warning.startswith("no validation images of c3, c4, c5, c6, c7 and 2 more: their recall cannot be measured")
+
+
 def test_imbalance_warning_suggests_class_weights(tmp_path):
     folder = write_image_folder(str(tmp_path / "imbalanced"), n_per_class=12, size=16)
     for name in sorted(os.listdir(os.path.join(folder, "circle")))[:9]:
