@@ -165,6 +165,7 @@ def _factory(tv_name: str):
         kwargs = {**default_options(tv_name), **options}
         if tv_name.startswith(("vit_",)):
             kwargs.setdefault("image_size", input_size)
+            _check_patches(tv_name, kwargs["image_size"], "image_size" in options)
         try:
             if pretrained:
                 # Built with the weights' own head, loaded strictly, then given the new head.
@@ -200,6 +201,19 @@ def _factory(tv_name: str):
     build.__name__ = tv_name
     build.__doc__ = f"torchvision.models.{tv_name}, head sized to num_classes."
     return build
+
+
+def _check_patches(tv_name: str, image_size: Any, given: bool) -> None:
+    """A ViT cuts its image into square patches, and torchvision's constructor only asserts that the size is a
+    multiple of the patch size (an AssertionError with no fix in it): say so, with the sizes that work. ``given``:
+    the size came from ``--model-opt image_size``, not from the input size."""
+    patch = int(tv_name.rsplit("_", 1)[1])  # vit_b_16: 16x16 patches, vit_h_14: 14x14
+    if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0 and image_size % patch:
+        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
+        sizes = f"{below} or {above}" if below else f"{above}"
+        where = "--model-opt image_size" if given else "--input-size"
+        raise UserError(f"{tv_name} cuts its input into {patch}x{patch} patches, so its input size must be a multiple "
+                        f"of {patch}, and {image_size} is not; use {sizes} pixels ({where})")
 
 
 def _unfit_pretrained(tv_name: str, state: dict, options: dict) -> UserError:

@@ -109,6 +109,23 @@ def test_unknown_model_and_option_are_user_errors():
         cnnkit.create_model("simple_cnn", input_size=4)
 
 
+@pytest.mark.parametrize("name, size, words", [
+    ("vit_b_16", 28, "vit_b_16 cuts its input into 16x16 patches, so its input size must be a multiple of 16, "
+                     "and 28 is not; use 16 or 32 pixels (--input-size)"),
+    ("vit_h_14", 8, "multiple of 14, and 8 is not; use 14 pixels (--input-size)"),
+])
+def test_a_vit_at_a_size_its_patches_do_not_divide_is_a_user_error_naming_the_sizes_that_work(name, size, words):
+    # torchvision's constructor only asserts it ("Input shape indivisible by patch size!"): an internal error, and
+    # MNIST's 28x28 images meet it with vit_b_16
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model(name, input_size=size)
+    assert str(e.value).endswith(words)
+    from tests.conftest import run_cli
+
+    proc = run_cli("summary", name, "--input-size", 3, size, size)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
 def test_an_unknown_model_option_names_a_close_one_and_the_models_options():
     with pytest.raises(UserError) as e:
         cnnkit.create_model("convnet", width=(8, 16))
