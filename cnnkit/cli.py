@@ -948,7 +948,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       tta_shift=args.tta_shift, threads=args.threads, device=args.device)
     failed = [r for r in results if "error" in r]
     for r in failed:
-        print(f"cnnkit: error: {r['error']}", file=sys.stderr)
+        print(f"cnnkit predict: error: {r['error']}", file=sys.stderr)
     if args.json:
         print(strict_json.dumps(results))
     else:
