@@ -445,10 +445,10 @@ def achieved(p: dict, peak: dict) -> tuple[float, float, float | None] | None:
 def table(r: dict) -> str:
     some = next((p for p in r["parts"].values() if "num_train" in p), {})
     lines = [f"# Training speed on {r['machine']}", "",
-             f"{r['epochs']} epochs of CIFAR-10 JPEG ({some.get('num_train', '?')} training images, 10% held out), "
-             f"{r['rounds']} rounds of the speed runs, one after another within each round. A run's images/s is "
-             "the median over its epochs; the table gives each round's and their median. x seed is the median "
-             "of the ratios within each round.", ""]
+             f"{r['epochs']} epoch{'s' if r['epochs'] > 1 else ''} of CIFAR-10 JPEG ({some.get('num_train', '?')} "
+             f"training images, 10% held out), {r['rounds']} round{'s' if r['rounds'] > 1 else ''} of the speed "
+             "runs, one after another within each round. A run's images/s is the median over its epochs; the table "
+             "gives each round's and their median. x seed is the median of the ratios within each round.", ""]
     peak = r["parts"].get("peak")
     if peak:
         lines += [peak_line(peak), ""]

@@ -113,3 +113,13 @@ def test_the_share_of_the_product_alone_is_given_beside_the_peaks():
     assert product_share(part, peak) == "; 80% of the 2048x2048 product's 50.0 alone"
     assert product_share(part, peak, cpu=True) == "; 50% of the 2048x2048 product's 40.0 alone"
     assert product_share(part, {"fp32_gflops": 100.0}) == ""
+
+
+def test_the_tables_heading_counts_one_epoch_and_one_round_in_the_singular():
+    # A quick run (--epochs 1 --rounds 1) read "1 epochs of CIFAR-10 JPEG ..., 1 rounds of the speed runs".
+    from benchmarks.train_speed import table
+
+    one = table({"machine": "a CPU", "epochs": 1, "rounds": 1, "parts": {}})
+    assert "1 epoch of CIFAR-10 JPEG" in one and "1 round of the speed runs" in one
+    three = table({"machine": "a CPU", "epochs": 3, "rounds": 2, "parts": {}})
+    assert "3 epochs of CIFAR-10 JPEG" in three and "2 rounds of the speed runs" in three
