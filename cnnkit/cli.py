@@ -445,7 +445,8 @@ def _augment_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, d: Tr
 
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    p.add_argument("--quiet", action="store_true", help="only the result: no progress bar and no per-epoch lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no per-epoch lines: the warnings and the result only")
 
 
 # The options of train alone.
@@ -795,7 +796,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.resume:  # once here, rather than from every process, each line under torchrun's report
             _check_before_launch(args.config, given)
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
-    log = open(os.devnull, "w", errors="ignore") if args.quiet else sys.stderr if args.json else sys.stdout
+    log = _WarningsOnly() if args.quiet else sys.stderr if args.json else sys.stdout
     diverged = None
     try:
         result = train(args.config, log=log, resume=args.resume, **given)
@@ -823,6 +824,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):
             print(f"see it: cnnkit report {result.run_dir}")
     return 0
+
+
+class _WarningsOnly:
+    """--quiet's log: of what a run writes there, its warnings still reach stderr (a data problem is worth a line
+    however quiet the run), and nothing else does."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith("cnnkit: warning: "):
+                _error_line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def _check_before_launch(config: str | None, given: dict) -> None:
@@ -871,7 +891,7 @@ def _given_train_options(args: argparse.Namespace) -> dict:
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from cnnkit.training import lr_find
 
-    log = open(os.devnull, "w", errors="ignore") if args.quiet else sys.stderr if args.json else sys.stdout
+    log = _WarningsOnly() if args.quiet else sys.stderr if args.json else sys.stdout
     r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out, log=log,
                 **_given_train_options(args))
     if args.json:

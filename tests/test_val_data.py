@@ -214,3 +214,17 @@ def test_a_run_from_before_the_refusal_still_evaluates_and_resumes(folders, run,
     proc = run_cli("train", "--resume", old)
     assert proc.returncode == 0, proc.stderr
     assert json.load(open(old / "result.json"))["epochs_run"] == 2
+
+
+def test_quiet_training_still_warns_of_classes_without_validation_images(folders, tmp_path):
+    # --quiet dropped everything the run wrote but the result, this warning too: a run whose recall of a class
+    # cannot be measured finished without a word about it.
+    proc = run_cli("train", "--data", folders["data"], "--val-data", folders["some"], "--epochs", "1",
+                   "--batch-size", "8", "--precision", "fp32", "--quiet", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    warned = proc.stderr.splitlines()
+    assert all(line.startswith("cnnkit: warning: ") for line in warned), proc.stderr  # the warnings, one line each
+    assert any("no validation images of square" in line for line in warned), proc.stderr
+    assert any("only 6 validation image(s)" in line for line in warned), proc.stderr
+    out = proc.stdout.splitlines()
+    assert len(out) == 1 and out[0].startswith("done: val acc "), proc.stdout  # and nothing else
