@@ -948,7 +948,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(strict_json.dumps(dataclasses.asdict(r)))
         return 0
     views = f" (test-time augmentation: {r.tta_views} views)" if r.tta_views > 1 else ""
-    top5 = f"top-5 {r.top5:.4f}  " if len(r.classes) > 5 else ""  # with 5 classes or fewer it is 1 by definition
+    top5 = f"top-5 {r.top5:.4f}  " if r.top5 is not None else ""  # None with 5 classes or fewer: 1 by definition
     print(f"{r.checkpoint} on {r.count:,} {r.scored}{views}: acc {r.acc:.4f}  {top5}"
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix

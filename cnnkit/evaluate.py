@@ -24,7 +24,7 @@ LOADER_WORKERS = 2  # processes decoding the images per batch, for sets too larg
 @dataclass
 class EvalResult:
     acc: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer, where every image is in the top 5 by definition
     loss: float
     count: int
     per_class: list[dict]  # {class, precision, recall, f1, support}; recall and f1 None for a class without images

@@ -20,11 +20,12 @@ from cnnkit.train.precision import autocast
 
 @dataclass
 class EvalStats:
-    """Loss, top-1 and top-5 accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    """Loss, top-1 and top-5 accuracy and the confusion matrix (rows: true class, columns: predicted). ``top5``
+    is None with 5 classes or fewer, where every image is in the top 5 by definition."""
 
     loss: float
     acc: float
-    top5: float
+    top5: float | None
     confusion: torch.Tensor
     count: int
 
@@ -62,4 +63,4 @@ def evaluate_model(
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = int(confusion.sum())
     return EvalStats(loss=loss_sum.item() / max(n, 1), acc=confusion.diag().sum().item() / max(n, 1),
-                     top5=top5.item() / max(n, 1), confusion=confusion, count=n)
+                     top5=top5.item() / max(n, 1) if num_classes > 5 else None, confusion=confusion, count=n)

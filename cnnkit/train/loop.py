@@ -508,7 +508,7 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
     per_class = per_class_metrics(val.confusion, p.classes)
     macro = macro_averages(val.confusion, per_class)
     row = {"epoch": t.epoch, "lr": es.lr, "train_loss": train_loss, "train_acc": train_acc,
-           "val_loss": val.loss, "val_acc": val.acc, "val_top5": val.top5,
+           "val_loss": val.loss, "val_acc": val.acc, "val_top5": "" if val.top5 is None else val.top5,
            "epoch_time_s": es.seconds, "images_per_s": es.seen / es.seconds,
            "grad_norm": es.grad_norm_sum / es.clipped_steps if es.clipped_steps else "",
            "skipped_batches": es.skipped,
