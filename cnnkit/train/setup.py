@@ -6,6 +6,7 @@ the data splits, the model and the weights it starts from, the input normalisati
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import IO, Any
@@ -18,6 +19,7 @@ from cnnkit import compiled
 from cnnkit.choices import NO_FLIP_DATA
 from cnnkit.data.checks import check_splits, class_weights, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
+from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.fast import sync_batchnorm
@@ -280,9 +282,13 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
 def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     """The training and validation sets, decoded once into uint8 tensors (augmentation happens per batch on the
     device), or streamed from their files when too large for memory."""
-    num_samples = cfg.num_samples
+    num_samples = smoke_train = cfg.num_samples
     if cfg.smoke:  # a few batches' worth of training images
-        num_samples = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
+        num_samples = smoke_train = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
+        if cfg.data == "shapes" and cfg.val_split is not None:
+            # shapes generates num_samples images and --val-split holds its share of those out: generate that
+            # share on top (and a few for the rounding of each class's), so the training part fills the batches
+            num_samples = math.ceil(smoke_train / (1 - cfg.val_split)) + len(SHAPE_CLASSES)
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
@@ -290,6 +296,7 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     if single:  # else it trains to accuracy 1.0 without a word: every image is the one class
         raise UserError(single)
     if cfg.smoke:
+        train_set = sample_images(train_set, smoke_train, cfg.seed)
         val_set = sample_images(val_set, SMOKE_VAL_IMAGES, cfg.seed)
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
         train_set = sample_images(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)

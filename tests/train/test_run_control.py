@@ -149,6 +149,15 @@ def test_smoke_run_is_short_and_says_so(tmp_path):
     assert len(steps) - 1 <= 2 * 5
 
 
+def test_smoke_run_with_val_split_on_shapes_trains_its_five_batches(tmp_path):
+    # shapes splits the images it generates: a smoke run generated 5 batches' worth and trained on 4
+    r = cnnkit.train(smoke=True, val_split=0.1, batch_size=32, model="cnn_bn", precision="fp32", progress=False,
+                     out=str(tmp_path / "run"), log=io.StringIO())
+    assert r.num_train == 5 * 32 and r.num_val > 0
+    steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
+    assert len(steps) - 1 == 2 * 5
+
+
 @pytest.mark.parametrize("bad, words", [
     (dict(mixup=-1), "--mixup"), (dict(accum_steps=0), "--accum-steps"), (dict(ema=1.0), "--ema"),
     (dict(early_stop=0), "--early-stop"), (dict(monitor="val_f1"), "--monitor"), (dict(keep_best=-1), "--keep-best"),
