@@ -23,7 +23,9 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not fit. Exit code 1."""
+    """A checkpoint that cannot be read, or does not fit its own description or the run it resumes. Exit code 1.
+    Weights that read fine but do not fit the model a command line builds (``--weights``) are a UserError: the
+    fix is another option."""
 
     exit_code = 1
 

@@ -103,12 +103,21 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     size_fix = (f"; {path} was trained on {trained}x{trained} images and this model is built for {built}x{built}: "
                 f"pass --input-size {trained}" if mismatched and trained and built and trained != built else "")
     # A cnnkit run or export names its model: another one here is the likelier mistake than a damaged file.
-    file_model = ((payload or {}).get("model") or {}).get("name")
-    built_model = (getattr(model, "cnnkit_config", None) or {}).get("name")
+    built_config = getattr(model, "cnnkit_config", None) or {}
+    file_model, built_model = ((payload or {}).get("model") or {}).get("name"), built_config.get("name")
     if (missing or unexpected or mismatched) and file_model and built_model and file_model != built_model:
         size_fix += f"; {path} holds a {file_model} and this model is a {built_model}: pass --model {file_model}"
+    file_channels, built_channels = (payload or {}).get("channels"), built_config.get("in_channels")
+    if mismatched and file_channels and built_channels and file_channels != built_channels:
+        size_fix += (f"; {path} was trained on {file_channels}-channel images and this model takes {built_channels}: "
+                     f"pass --channels {file_channels}")
+    if not size_fix:
+        size_fix = (f"; pass weights saved from {'a ' + built_model if built_model else 'this model'} at these "
+                    "options, or leave out --weights")
     if missing or unexpected or mismatched:
-        raise CheckpointError(
+        # A usage error (exit code 2), not a damaged file: the file reads fine, and the command line pairs it with
+        # a model of another shape; the fix is another option.
+        raise UserError(
             f"weights in {path} do not fit the model: "
             + "; ".join(part for part in (
                 f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",

@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import cnnkit
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.errors import UserError
 from cnnkit.models.heads import find_head, replace_head
 from cnnkit.train.optim import make_optimizer
 from cnnkit.transfer import check_stage_options, load_weights, parse_stages, plan_stages, set_trainable
@@ -221,16 +221,32 @@ def test_a_head_built_differently_or_missing_is_dropped_and_the_backbone_loads(t
 
 
 def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
+    # Usage errors (exit code 2): the files read fine, the command line pairs them with a model of another shape.
     torch.save(cnnkit.create_model("resnet34").state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(CheckpointError, match="unexpected layer"):
+    with pytest.raises(UserError, match="unexpected layer.*; pass weights saved from a resnet18 at these options, "
+                                        "or leave out --weights$") as caught:
         load_weights(cnnkit.create_model("resnet18"), str(tmp_path / "r34.pth"))
+    assert caught.value.exit_code == 2
     torch.save(cnnkit.create_model("simple_cnn", input_size=64).state_dict(), tmp_path / "s64.pth")
-    with pytest.raises(CheckpointError, match=r"classifier.1.weight: file \(256, 8192\) vs model \(256, 2048\)"):
+    with pytest.raises(UserError, match=r"classifier.1.weight: file \(256, 8192\) vs model \(256, 2048\)") as caught:
         load_weights(cnnkit.create_model("simple_cnn"), str(tmp_path / "s64.pth"))
+    assert caught.value.exit_code == 2
     run = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "bn"))  # a run of another model
-    with pytest.raises(CheckpointError, match=f"{run.run_dir} holds a cnn_bn and this model is a simple_cnn: pass "
-                                              "--model cnn_bn"):
+    with pytest.raises(UserError, match=f"{run.run_dir} holds a cnn_bn and this model is a simple_cnn: pass "
+                                        "--model cnn_bn") as caught:
         load_weights(cnnkit.create_model("simple_cnn"), run.run_dir)
+    assert caught.value.exit_code == 2
+    with pytest.raises(UserError, match=f"{run.run_dir} was trained on 3-channel images and this model takes 1: "
+                                        "pass --channels 3$"):
+        load_weights(cnnkit.create_model("cnn_bn", in_channels=1), run.run_dir)
+
+
+def test_weights_of_another_size_are_a_usage_error_on_the_command_line(tmp_path):
+    run = cnnkit.train(**TINY, model="simple_cnn", epochs=1, out=str(tmp_path / "s32"))
+    proc = run_cli("train", "--model", "simple_cnn", "--data", "shapes", "--num-samples", "64", "--input-size", "48",
+                   "--epochs", "1", "--weights", run.run_dir, "--out", tmp_path / "s48")
+    assert_one_line_error(proc, 2, f"{run.run_dir} was trained on 32x32 images and this model is built for 48x48: "
+                                "pass --input-size 32")
 
 
 def test_bad_transfer_options():
