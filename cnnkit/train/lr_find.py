@@ -265,8 +265,10 @@ def _flat_message(lrs: list[float], smoothed: list[float], diverge: float, beyon
     start = smoothed[settled]
     above = [v > (1 + FLAT_DROP) * start for v in smoothed]
     if not above[-1]:  # (a rise that does not last to the end is noise: a short sweep's smoothed loss wanders)
+        # the figures too: "neither fell nor blew up" alone read as unmoved where the loss ended a few % higher
         return (f"cnnkit: the loss neither fell nor blew up by lr {lrs[-1]:.3g}, where the range test ended: the "
-                f"rates that move it may lie beyond ({beyond}); {kept}")
+                f"smoothed loss went from {start:.3g} to {smoothed[-1]:.3g} ({smoothed[-1] / start - 1:+.1%}), within "
+                f"the {FLAT_DROP:.0%} the test reads as flat; the rates that move it may lie beyond ({beyond}); {kept}")
     rise = next(i for i in range(len(above), 0, -1) if not above[i - 1])  # from here on, above to the end
     peak = max(range(rise, len(smoothed)), key=smoothed.__getitem__)
     return (f"cnnkit: the loss did not fall at any rate of the range test: the smoothed loss stayed near {start:.3g} "

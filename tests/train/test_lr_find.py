@@ -122,8 +122,20 @@ def test_a_flat_curve_that_rose_without_blowing_up_does_not_send_the_user_past_t
                     "keeping the sgd default 0.05")
     flat = [1.1 + 0.002 * (i % 3) for i in range(50)]  # never moved: the rates that move it may lie beyond
     assert _flat_message(lrs, flat, 4.0, _beyond(10, False), "keeping the sgd default 0.05") == (
-        "cnnkit: the loss neither fell nor blew up by lr 10, where the range test ended: the rates that move it may "
-        "lie beyond (raise --end-lr); keeping the sgd default 0.05")
+        "cnnkit: the loss neither fell nor blew up by lr 10, where the range test ended: the smoothed loss went from "
+        "1.1 to 1.1 (-0.2%), within the 5% the test reads as flat; the rates that move it may lie beyond "
+        "(raise --end-lr); keeping the sgd default 0.05")
+
+
+def test_a_flat_curve_that_ended_a_few_percent_higher_says_by_how_much():
+    # simple_cnn on shapes: the smoothed loss ended 4% above its start, short of the 5% that counts as a rise, and
+    # the message said only that it "neither fell nor blew up", which read as a loss that never moved
+    lrs = [10 ** (-6 + i / 7) for i in range(50)]
+    smoothed = [2.3] * 40 + [2.3 + 0.0092 * i for i in range(1, 11)]  # 2.3 -> 2.392, +4.0%
+    assert suggest(lrs, smoothed, "onecycle", 0.05)[:2] == (0.05, FLAT_METHOD)
+    text = _flat_message(lrs, smoothed, 4.0, _beyond(10, False), "keeping the sgd default 0.05")
+    assert "the loss neither fell nor blew up by lr 10" in text
+    assert "the smoothed loss went from 2.3 to 2.39 (+4.0%), within the 5% the test reads as flat" in text, text
 
 
 def test_a_curve_still_in_its_valley_says_how_to_sweep_further_in_lr_find_and_in_train():
