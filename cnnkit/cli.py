@@ -500,7 +500,8 @@ def _regularisation_options(p: argparse._ArgumentGroup, d: TrainConfig) -> None:
                    help="sanity check: train and validate on the same N batches, without augmentation; stops "
                         "once every image is right")
     p.add_argument("--smoke", action="store_true",
-                   help="a quick sanity run of this command line: at most 2 epochs of 5 batches, small validation")
+                   help="a quick sanity run of this command line: at most 2 epochs (with --stages, one per stage) "
+                        "of 5 batches, small validation")
 
 
 def _show_options(p: argparse._ArgumentGroup) -> None:
