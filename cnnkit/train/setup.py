@@ -282,13 +282,15 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
 def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     """The training and validation sets, decoded once into uint8 tensors (augmentation happens per batch on the
     device), or streamed from their files when too large for memory."""
-    num_samples = smoke_train = cfg.num_samples
+    num_samples, smoke_train = cfg.num_samples, SMOKE_BATCHES * cfg.batch_size
     if cfg.smoke:  # a few batches' worth of training images
-        num_samples = smoke_train = min(num_samples or SMOKE_BATCHES * cfg.batch_size, SMOKE_BATCHES * cfg.batch_size)
+        num_samples = min(num_samples or smoke_train, smoke_train)
         if cfg.data == "shapes" and cfg.val_split is not None:
             # shapes generates num_samples images and --val-split holds its share of those out: generate that
-            # share on top (and a few for the rounding of each class's), so the training part fills the batches
+            # share on top (and one per class for the rounding), so the training part fills the batches; never
+            # more than --num-samples, which the run itself splits so
             num_samples = math.ceil(smoke_train / (1 - cfg.val_split)) + len(SHAPE_CLASSES)
+            num_samples = min(num_samples, cfg.num_samples) if cfg.num_samples else num_samples
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cnnkit
+from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
 
 # 68 training images, no augmentation: the network memorises them (train acc 1.0 by epoch 8) while the validation
@@ -156,6 +157,10 @@ def test_smoke_run_with_val_split_on_shapes_trains_its_five_batches(tmp_path):
     assert r.num_train == 5 * 32 and r.num_val > 0
     steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert len(steps) - 1 == 2 * 5
+    # with --num-samples, shapes generates no more than that, as the run itself does: the same training images
+    r = cnnkit.train(smoke=True, val_split=0.5, num_samples=64, batch_size=32, model="cnn_bn", precision="fp32",
+                     progress=False, out=str(tmp_path / "run64"), log=io.StringIO())
+    assert r.num_train == len(load_splits(DataSpec("shapes", val_split=0.5, num_samples=64))[0])
 
 
 @pytest.mark.parametrize("bad, words", [
