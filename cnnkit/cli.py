@@ -220,7 +220,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 # A number as Python writes it but JSON does not: .5, 5., -.5, 1.e-3 (JSON wants 0.5); not nan or inf.
 _PY_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?")
 
-# The options that summary and rf pass to the model's factory themselves, and the flag that sets each.
+# The options that the inspection commands pass to the model's factory themselves, and the flag that sets each.
 _BUILD_FLAGS = {"num_classes": "--num-classes", "input_size": "--input-size", "in_channels": "--input-size C H W"}
 
 
@@ -344,7 +344,7 @@ def _model_or_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _build_options(p: argparse.ArgumentParser) -> None:
-    """summary and rf: how to build a model given by name."""
+    """The inspection commands (summary, rf, features, filters, cam): how to build a model given by name."""
     p.add_argument("--num-classes", type=_positive_int,
                    help="head size for a model name (default: 1000 for torchvision models, else 10)")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -698,6 +698,7 @@ def _rf_options(p: argparse.ArgumentParser) -> None:
 
 def _features_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
+    _build_options(p)
     p.add_argument("--layer", action="append", default=[], metavar="NAME", help="a layer name (repeatable)")
     p.add_argument("--image", metavar="IMG", help="the image to run through the model (required unless --list-layers)")
     p.add_argument("--out", metavar="DIR", help="folder for the PNG files (created if missing)")
@@ -709,6 +710,7 @@ def _features_options(p: argparse.ArgumentParser) -> None:
 
 def _filters_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
+    _build_options(p)
     p.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
     p.add_argument("--out", metavar="PNG", required=True, help="the picture to write")
     p.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
@@ -721,6 +723,7 @@ def _filters_options(p: argparse.ArgumentParser) -> None:
 
 def _cam_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
+    _build_options(p)
     p.add_argument("--image", metavar="IMG", required=True, help="the image to explain")
     p.add_argument("--class", dest="target_class", metavar="K", help="class index or name (default: the predicted)")
     p.add_argument("--layer", metavar="NAME", help="a layer with a C x H x W output (default: the last layer before "
@@ -1122,9 +1125,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     from cnnkit.inspect.feature_maps import feature_maps
     from cnnkit.inspect.summary import summary
 
+    options = _model_options(args.model_opt, _BUILD_FLAGS)
     if args.list_layers:
         rows = [{"name": x.name, "type": x.type, "output_shape": x.output_shape}
-                for x in summary(args.model, args.input_size).layers]
+                for x in summary(args.model, args.input_size, args.num_classes, **options).layers]
         if args.json:
             _print_json(rows)
         for x in rows if not args.json else []:
@@ -1133,7 +1137,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     for option, value in (("--image IMG", args.image), ("--out DIR", args.out)):
         if not value:
             raise UserError(f"features needs {option} (or --list-layers to see the layer names)")
-    maps = feature_maps(args.model, args.layer, args.image, args.out, args.input_size, args.max_channels)
+    maps = feature_maps(args.model, args.layer, args.image, args.out, args.input_size, args.max_channels,
+                        args.num_classes, **options)
     _note_random_weights(args.model, False, "the maps show an untrained network's response, nothing learned",
                          "pass a run folder or checkpoint")
     if args.json:
@@ -1147,7 +1152,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_filters(args: argparse.Namespace) -> int:
     from cnnkit.inspect.filters import filters
 
-    f = filters(args.model, args.layer, args.out, args.mode, args.max_filters, args.input_size)
+    f = filters(args.model, args.layer, args.out, args.mode, args.max_filters, args.input_size, args.num_classes,
+                **_model_options(args.model_opt, _BUILD_FLAGS))
     _note_random_weights(args.model, False, "its kernels are the random initial values, nothing learned",
                          "pass a run folder or checkpoint")
     if args.json:
@@ -1165,7 +1171,8 @@ def cmd_cam(args: argparse.Namespace) -> int:
     from cnnkit.inspect.cam import class_activation_map
 
     c = class_activation_map(args.model, args.image, args.target_class, args.layer, args.method, args.out,
-                             args.input_size)
+                             args.input_size, num_classes=args.num_classes,
+                             **_model_options(args.model_opt, _BUILD_FLAGS))
     if args.json:
         _print_json(c)
     else:

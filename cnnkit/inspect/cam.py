@@ -179,15 +179,17 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
 
 def class_activation_map(model_or_run: str | nn.Module, image: str, target_class: int | str | None = None,
                          layer: str | None = None, method: str = "gradcam", out: str = "cam.png",
-                         input_size: Any = None, progress: bool = True) -> CamResult:
+                         input_size: Any = None, progress: bool = True, num_classes: int | None = None,
+                         **options: Any) -> CamResult:
     """Write ``out``: the image, then each method's map overlaid on it. ``method``: gradcam, gradcam++,
     scorecam or all; ``target_class``: an index or a class name (default: the predicted class); ``layer``:
     default the last convolutional layer (see the module doc). ``progress``: a bar on stderr while Score-CAM
-    runs its forward pass per channel of the layer."""
+    runs its forward pass per channel of the layer. A model name's ``num_classes`` and ``options`` go to its
+    factory, as in ``summary``."""
     methods = METHODS if method == "all" else (method,)
     if any(m not in METHODS for m in methods):
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
-    target = load_model(model_or_run, input_size)
+    target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or last_conv_layer(target.model, target.input_shape)
     find_layer(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():

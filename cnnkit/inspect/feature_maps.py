@@ -48,14 +48,16 @@ def _tiles(act: torch.Tensor, max_channels: int) -> tuple[list, int]:
 
 
 def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: str, out_dir: str,
-                 input_size: Any = None, max_channels: int = 64) -> list[FeatureMapImage]:
+                 input_size: Any = None, max_channels: int = 64, num_classes: int | None = None,
+                 **options: Any) -> list[FeatureMapImage]:
     """Run ``image`` through the model, capture ``layers`` with forward hooks and write ``<out_dir>/<layer>.png``
-    for each. A model name gets random weights, so its maps show the architecture, not learned features."""
+    for each. A model name gets random weights, so its maps show the architecture, not learned features;
+    ``num_classes`` and ``options`` go to its factory, as in ``summary``."""
     if not layers:
         raise UserError("name at least one --layer (--list-layers shows them)")
     if max_channels < 1:
         raise UserError(f"--max-channels must be at least 1, got {max_channels}")
-    target = load_model(model_or_run, input_size)
+    target = load_model(model_or_run, input_size, num_classes, **options)
     for name in layers:
         find_layer(target.model, name)
     x, _ = prepare_image(target, image)

@@ -51,14 +51,16 @@ def _diverging(kernels: torch.Tensor) -> list:
 
 
 def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = "filters.png", mode: str = "auto",
-            max_filters: int = 64, input_size: Any = None) -> FilterImage:
+            max_filters: int = 64, input_size: Any = None, num_classes: int | None = None,
+            **options: Any) -> FilterImage:
     """Draw the kernels of Conv2d ``layer`` (default: the first one) to the PNG ``out``; ``mode`` is one of
-    ``rgb``, ``channels``, ``mean`` or ``auto`` (rgb for 3 input channels, else mean)."""
+    ``rgb``, ``channels``, ``mean`` or ``auto`` (rgb for 3 input channels, else mean). A model name's
+    ``num_classes`` and ``options`` go to its factory, as in ``summary``."""
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
     if max_filters < 1:
         raise UserError(f"--max-filters must be at least 1, got {max_filters}")
-    target = load_model(model_or_run, input_size)
+    target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or first_conv(target.model)
     module = find_layer(target.model, name)
     if not isinstance(module, nn.Conv2d):

@@ -123,3 +123,38 @@ def test_rf_options_of_the_effective_field_without_it_are_refused(option):
     """`rf simple_cnn --layer features.3` printed the whole table as if --layer were not there."""
     assert_one_line_error(run_cli("rf", "simple_cnn", *option), 2, f"{option[0]} applies to the effective field",
                           "add --effective PNG")
+
+
+def test_features_filters_and_cam_build_a_model_name_with_its_options(capsys, shape_image, tmp_path):
+    """A model trained with --model-opt could be summarised by name with those options but not looked at:
+    features, filters and cam refused --model-opt and --num-classes as unrecognised arguments."""
+    from cnnkit.cli import main
+
+    build = ["--model-opt", "widths=[8,16]", "--num-classes", "3"]
+    assert main(["features", "convnet", *build, "--list-layers", "--json"]) == 0
+    rows = {x["name"]: x["output_shape"] for x in json.loads(capsys.readouterr().out)}
+    assert rows["features.1.0"] == [16, 16, 16] and rows["classifier.2"] == [3]
+    assert main(["features", "convnet", *build, "--layer", "features.1", "--image", shape_image,
+                 "--out", str(tmp_path / "maps"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["shape"] == [16, 8, 8]
+    assert main(["filters", "convnet", *build, "--out", str(tmp_path / "f.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weight_shape"] == [8, 3, 3, 3]
+    assert main(["cam", "convnet", *build, "--image", shape_image, "--class", "2", "--out", str(tmp_path / "c.png"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layer"] == "features.1.2"
+    for command in (["features", "--list-layers"], ["filters", "--out", str(tmp_path / "g.png")],
+                    ["cam", "--image", shape_image, "--out", str(tmp_path / "d.png")]):
+        assert main([command[0], "convnet", "--model-opt", "num_classes=3", *command[1:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith("--model-opt num_classes: this option is set by --num-classes; use that instead")
+
+
+def test_the_python_api_builds_a_model_name_with_its_options(shape_image, tmp_path):
+    import cnnkit
+
+    assert cnnkit.filters("convnet", out=str(tmp_path / "f.png"), widths=(8, 16)).weight_shape == [8, 3, 3, 3]
+    maps = cnnkit.feature_maps("convnet", ["features.1"], shape_image, str(tmp_path / "m"), widths=(8, 16))
+    assert maps[0].shape == [16, 8, 8]
+    cam = cnnkit.class_activation_map("convnet", shape_image, 4, out=str(tmp_path / "c.png"), num_classes=5,
+                                      widths=(8, 16))
+    assert cam.class_index == 4 and cam.layer == "features.1.2"
