@@ -1052,7 +1052,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        raise UserError(f"no model name matches '{args.pattern}'; `cnnkit models` lists them all")
+        # A pattern matches whole names, and the names are lower case: `cnnkit models resnet` or 'ResNet*' found
+        # nothing where seven names hold "resnet"; the pattern that finds them is suggested.
+        wider = args.pattern.lower() if any(c in args.pattern for c in "*?[") else f"*{args.pattern.lower()}*"
+        found = list_models(wider) if wider != args.pattern else []
+        hint = (f"try '{wider}' ({len(found)} name{'s' if len(found) > 1 else ''}: {', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''})"
+                if found else "`cnnkit models` lists them all")
+        raise UserError(f"no model name matches '{args.pattern}'; {hint}")
     for name in names:
         print(name)
     return 0

@@ -295,3 +295,18 @@ def test_an_out_folder_with_other_files_is_not_called_a_run(tmp_path):
     proc = run_cli("train", "--smoke", "--out", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("already holds files; pass a new --out folder (it is not a run folder)")
+
+
+@pytest.mark.parametrize("pattern, hint", [
+    ("resnet", "try '*resnet*' (7 names: resnet101, resnet152, resnet18, ...)"),
+    ("ResNet*", "try 'resnet*' (5 names: resnet101, resnet152, resnet18, ...)"),
+    ("VGG16", "try '*vgg16*' (2 names: vgg16, vgg16_bn)"),
+    ("ResNet18", "try '*resnet18*' (1 name: resnet18)"),
+])
+def test_a_models_pattern_that_misses_by_case_or_wildcards_suggests_the_one_that_matches(capsys, pattern, hint):
+    """`cnnkit models resnet` matched nothing (a pattern matches whole names, and they are lower case) and said
+    only that, where seven names hold "resnet"."""
+    from cnnkit.cli import main
+
+    assert main(["models", pattern]) == 2
+    assert capsys.readouterr().err.strip() == f"cnnkit models: error: no model name matches '{pattern}'; {hint}"
