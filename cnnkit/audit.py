@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -136,10 +136,14 @@ def training_views(model: nn.Module, stages: list[Stage], plain_train: bool = Fa
 
 
 def audit(model_or_run: str | nn.Module, freeze: str | None = None, unfreeze: str | None = None,
-          stages: str | None = None, plain_train: bool = False) -> Audit:
+          stages: str | None = None, plain_train: bool = False, **options: Any) -> Audit:
     """Audit a module as it is, or a run folder, checkpoint or model name as training would set it up (see the
     module doc). ``freeze``, ``unfreeze``, ``stages`` are ``cnnkit train``'s options; for a run they replace the
-    run's own plan. Nothing about the model is changed."""
+    run's own plan. ``options`` go to a model name's factory, as ``cnnkit train --model-opt`` does. Nothing about
+    the model is changed."""
+    if options and (not isinstance(model_or_run, str) or os.path.exists(model_or_run)):
+        raise UserError("model options apply to model names, not to a module, run folder or checkpoint, which "
+                        "hold their model already")
     plan_given = any(x is not None for x in (freeze, unfreeze, stages))
     check_stage_options(stages, freeze, unfreeze)  # the options given; a run's own are planned as it trained
     if isinstance(model_or_run, nn.Module):
@@ -162,7 +166,7 @@ def audit(model_or_run: str | nn.Module, freeze: str | None = None, unfreeze: st
     else:
         from cnnkit.models.registry import create_model
 
-        model, label, epochs = create_model(model_or_run), model_or_run, None
+        model, label, epochs = create_model(model_or_run, **options), model_or_run, None
     plan = plan_stages(stages, freeze, unfreeze, epochs or 1, 1.0)
     return _result(label, training_views(model, plan, plain_train, show_epochs=epochs is not None))
 

@@ -774,6 +774,9 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
     p.add_argument("--plain-train", action="store_true",
                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of a model name's factory, as in train, e.g. --model-opt head_from=layer3,layer4 "
+                        "(repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
@@ -1206,7 +1209,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from cnnkit.audit import audit, format_audit
 
-    a = audit(args.model, freeze=args.freeze, unfreeze=args.unfreeze, stages=args.stages, plain_train=args.plain_train)
+    a = audit(args.model, freeze=args.freeze, unfreeze=args.unfreeze, stages=args.stages, plain_train=args.plain_train,
+              **_model_options(args.model_opt))
     if args.json:
         _print_json(a)
     else:

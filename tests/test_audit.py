@@ -1,10 +1,12 @@
 import json
 
+import pytest
 import torch
 
 import cnnkit
 from cnnkit.audit import audit, format_audit
 from cnnkit.checkpoint import make_payload, save_checkpoint
+from cnnkit.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -74,3 +76,21 @@ def test_the_readmes_python_call_of_audit_works():
         target = getattr(target, name)
     a = target(frozen_backbone_in_train_mode())
     assert a.warnings and "frozen BatchNorm" in a.warnings[0]
+
+
+def test_a_model_name_is_audited_as_built_with_its_model_options(capsys, tmp_path):
+    """A model trained with --model-opt head_from=layer3,layer4 has another head (and so another frozen backbone)
+    than the plain one, but `cnnkit audit` refused --model-opt: the model audited was not the one trained."""
+    from cnnkit.cli import main
+
+    plain = audit("resnet18", freeze="backbone").views[0]
+    head2toe = audit("resnet18", freeze="backbone", head_from=("layer3", "layer4")).views[0]
+    assert plain.trainable_params == 512 * 10 + 10 and head2toe.trainable_params > plain.trainable_params
+    assert main(["audit", "resnet18", "--freeze", "backbone", "--model-opt", "head_from=layer3,layer4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["views"][0]["trainable_params"] == head2toe.trainable_params
+    model = cnnkit.create_model("cnn_bn")
+    path = tmp_path / "run.pt"
+    save_checkpoint(make_payload(model, [str(i) for i in range(10)], 32, 3, [0.5] * 3, [0.25] * 3), str(path))
+    for target in (str(path), model):
+        with pytest.raises(UserError, match="model options apply to model names"):
+            audit(target, head_from=("layer3",))
