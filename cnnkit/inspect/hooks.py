@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cnnkit.errors import UserError, did_you_mean
 from cnnkit.modes import eval_mode
@@ -40,7 +40,10 @@ def capture(model: nn.Module, layers: Sequence[str] | str, detach: bool = True) 
     Yields a dict that fills in as the model runs: layer name -> output (the first tensor of a tuple output;
     a layer called several times keeps its last call). ``detach=True`` stores copies cut from the graph, so a
     later in-place ReLU does not change what was captured; ``detach=False`` keeps the live tensors for
-    gradients (Grad-CAM). The hooks are removed when the block ends, also when it raises.
+    gradients (Grad-CAM), and the forward pass goes on with a copy of them, for the same reason: a later
+    ``ReLU(inplace=True)`` or a ResNet block's ``out += identity`` would turn the captured tensor into that
+    later layer's output, and its gradient into that layer's (the values are the same, the graph one step
+    longer). The hooks are removed when the block ends, also when it raises.
     """
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: find_layer(model, name) for name in names}
@@ -48,9 +51,15 @@ def capture(model: nn.Module, layers: Sequence[str] | str, detach: bool = True) 
 
     def hook_for(name: str):
         def hook(module, inputs, output):
-            t = next((o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)), None)
-            if t is not None:
-                captured[name] = t.detach().clone() if detach else t
+            flat, spec = tree_flatten(output)
+            i = next((i for i, o in enumerate(flat) if isinstance(o, torch.Tensor)), None)
+            if i is None:
+                return None
+            if detach:
+                captured[name] = flat[i].detach().clone()
+                return None
+            captured[name], flat[i] = flat[i], flat[i].clone()
+            return tree_unflatten(flat, spec)
         return hook
 
     handles = []

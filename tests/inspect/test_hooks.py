@@ -36,6 +36,40 @@ def test_captured_copies_are_not_changed_by_a_later_inplace_relu():
     assert live["features.0"].requires_grad
 
 
+def test_live_captures_are_not_changed_by_a_later_inplace_operation_either():
+    """With detach=False the captured tensor was the one the forward pass went on with, so a later in-place ReLU
+    or a ResNet block's `out += identity` changed it: Grad-CAM of resnet18's layer4.1.bn2 was the map of
+    layer4 (the block's output after the addition and ReLU), with no word that it was not the layer asked for."""
+    from cnnkit.inspect.cam import cam_heatmaps, grad_cam
+    from cnnkit.inspect.drawing import normalise
+
+    torch.manual_seed(0)
+    model = cnnkit.create_model("simple_cnn").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with cnnkit.capture(model, ["features.0"], detach=False) as live:
+        y = model(x)
+    assert (live["features.0"] < 0).any() and live["features.0"].requires_grad
+    assert torch.equal(y, model(x))  # the forward pass computes what it computed without the hooks
+    assert hook_count(model) == 0
+
+    model = cnnkit.create_model("resnet18", num_classes=10, input_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    bn2 = cam_heatmaps(model, x, "layer4.1.bn2", 0)[0]["gradcam"]
+    assert not torch.allclose(bn2, cam_heatmaps(model, x, "layer4", 0)[0]["gradcam"])
+    # Grad-CAM of layer4.1.bn2 by hand: its output as a leaf, then the rest of the block and the head
+    m = model
+    with torch.no_grad():
+        h = m.layer4[0](m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        block = m.layer4[1]
+        out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h))))).clone()
+    out.requires_grad_(True)
+    logit = m.fc(torch.flatten(m.avgpool(torch.relu(out + h)), 1))[0, 0]
+    (grads,) = torch.autograd.grad(logit, out)
+    by_hand = torch.nn.functional.interpolate(grad_cam(out.detach(), grads)[None, None], size=(64, 64),
+                                              mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(bn2, normalise(by_hand), atol=1e-5)
+
+
 def test_unknown_layer_names_suggest_the_close_ones():
     model = cnnkit.create_model("resnet18")
     with pytest.raises(UserError, match=r"no layer 'layer5'.*did you mean layer.*--list-layers"):
