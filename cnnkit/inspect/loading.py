@@ -106,6 +106,9 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     ``input_size``: C H W, one number (a square), or None for the model's own size.
     """
     if isinstance(model_or_run, nn.Module):
+        if num_classes is not None or options:  # else silently a model other than the one asked for
+            raise UserError("num_classes and model options apply to model names, not to a module, which is built "
+                            "already")
         cfg = getattr(model_or_run, "cnnkit_config", None) or {}
         default = (cfg.get("in_channels", 3), cfg.get("input_size", 224), cfg.get("input_size", 224))
         return InspectedModel(model_or_run, cfg.get("name", type(model_or_run).__name__),

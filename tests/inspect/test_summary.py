@@ -201,3 +201,25 @@ def test_a_count_unlike_the_one_torchvision_lists_says_why():
     assert cnnkit.summary("inception_v3", aux_logits=True).published is None  # 27,161,264
     assert cnnkit.summary("resnet18").published is None
     assert cnnkit.summary("inception_v3", num_classes=10).published is None  # not built as the weights were
+
+
+def test_a_module_for_grey_images_or_one_input_size_is_told_the_fix_that_fits():
+    """cnnkit.summary(module) of a network built for 1x28x28 images said "use a larger --input-size", for 3x224x224
+    (the default) as for 1x32x32: the fix is its channel count, or the size its linear layer was built for."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 13 * 13, 10))
+    with pytest.raises(UserError, match="its first convolution takes 1-channel images: use --input-size 1 224 224$"):
+        cnnkit.summary(net)
+    with pytest.raises(UserError, match="a linear layer is sized for another input size .*built for$"):
+        cnnkit.summary(net, input_size=(1, 32, 32))
+    assert cnnkit.summary(net, input_size=(1, 28, 28)).total_params == 13_610
+    with pytest.raises(UserError, match="use a larger --input-size$"):
+        cnnkit.summary("vgg16", input_size=16)
+
+
+@pytest.mark.parametrize("extra", [{"num_classes": 3}, {"widths": (8, 16)}])
+def test_build_options_for_a_module_are_an_error_not_ignored(extra):
+    """summary(module, num_classes=3) summarised the module's own 10-class head as if asked for it."""
+    net = cnnkit.create_model("convnet")
+    for inspect in (cnnkit.summary, cnnkit.receptive_field):
+        with pytest.raises(UserError, match="apply to model names, not to a module"):
+            inspect(net, None, **extra)
