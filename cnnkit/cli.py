@@ -1133,16 +1133,21 @@ def cmd_rf(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from cnnkit.inspect.feature_maps import feature_maps
-    from cnnkit.inspect.summary import summary
+    from cnnkit.inspect.summary import called, summary
 
     options = _model_options(args.model_opt, _BUILD_FLAGS)
     if args.list_layers:
-        rows = [{"name": x.name, "type": x.type, "output_shape": x.output_shape}
+        rows = [{"name": x.name, "type": x.type, "output_shape": x.output_shape, "calls": x.calls}
                 for x in summary(args.model, args.input_size, args.num_classes, **options).layers]
         if args.json:
             _print_json(rows)
-        for x in rows if not args.json else []:
-            print(f"{x['name']:<40} {x['type']:<24} {'x'.join(map(str, x['output_shape'] or [])) or '-'}")
+            return 0
+        for x in rows:
+            print(f"{x['name']:<40} {called(x['type'], x['calls']):<24} "
+                  f"{'x'.join(map(str, x['output_shape'] or [])) or '-'}")
+        if any(x["calls"] > 1 for x in rows):  # a Bottleneck's one ReLU: 512 channels first, the block's 2048 last
+            print("xN: the layer runs N times in one forward pass; the shape is its first call's output, and "
+                  "--layer draws its last call's")
         return 0
     for option, value in (("--image IMG", args.image), ("--out DIR", args.out)):
         if not value:

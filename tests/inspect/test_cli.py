@@ -158,3 +158,22 @@ def test_the_python_api_builds_a_model_name_with_its_options(shape_image, tmp_pa
     cam = cnnkit.class_activation_map("convnet", shape_image, 4, out=str(tmp_path / "c.png"), num_classes=5,
                                       widths=(8, 16))
     assert cam.class_index == 4 and cam.layer == "features.1.2"
+
+
+def test_list_layers_says_which_layers_run_more_than_once_and_which_call_is_drawn(capsys, shape_image, tmp_path):
+    """resnet50's layer4.2.relu was listed as a 512-channel ReLU, and `--layer layer4.2.relu` drew 2048 channels
+    (the block's output, its third call) with nothing to say why."""
+    from cnnkit.cli import main
+
+    assert main(["features", "resnet50", "--input-size", "64", "--list-layers"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert next(x for x in out if x.startswith("layer4.2.relu ")).split()[1:] == ["ReLU", "x3", "512x2x2"]
+    assert out[-1].startswith("xN: the layer runs N times in one forward pass; the shape is its first call's")
+    assert main(["features", "resnet50", "--input-size", "64", "--list-layers", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert next(x for x in rows if x["name"] == "layer4.2.relu")["calls"] == 3
+    assert main(["features", "resnet50", "--input-size", "64", "--layer", "layer4.2.relu", "--image", shape_image,
+                 "--out", str(tmp_path / "maps"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["shape"] == [2048, 2, 2]
+    assert main(["features", "simple_cnn", "--list-layers"]) == 0
+    assert "xN:" not in capsys.readouterr().out
