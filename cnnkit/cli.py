@@ -1194,6 +1194,8 @@ def cmd_cam(args: argparse.Namespace) -> int:
         name = f" '{c.class_name}'" if c.class_name else ""
         print(f"{', '.join(c.methods)} on {c.layer} for class {c.class_index}{name} (p={c.probability:.3f}; "
               f"predicted {c.predicted}) -> {c.path} ({c.width}x{c.height} px)")
+    for w in c.warnings:
+        print(f"cnnkit: warning: {w}", file=sys.stderr)
     _note_random_weights(args.model, False, "the map shows no learned evidence", "pass a run folder or checkpoint")
     return 0
 

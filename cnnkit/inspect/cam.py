@@ -14,14 +14,15 @@ part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features`` f
 block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
 convolutions whose maps keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
 channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there. The map is
-upsampled to the input size (bilinear) and scaled to 0..1. A ResNet whose head also reads earlier stages
-(``head_from``) takes part of its evidence from them, which a map of one layer does not show: ``--layer layer3``
-maps that stage's share.
+upsampled to the input size (bilinear) and scaled to 0..1. A vision transformer's (ViT's, Swin's) only
+convolution is its patch embedding, before every layer that decides the class: that default comes with a
+warning. A ResNet whose head also reads earlier stages (``head_from``) takes part of its evidence from them,
+which a map of one layer does not show: ``--layer layer3`` maps that stage's share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ class CamResult:
     path: str
     width: int
     height: int
+    warnings: list[str] = field(default_factory=list)  # why the map may not show what the user expects
 
 
 # Outputs before the activation: a map of them is mostly negative, and Grad-CAM keeps only the positive part.
@@ -192,6 +194,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or last_conv_layer(target.model, target.input_shape)
     find_layer(target.model, name)
+    warnings = [] if layer else _patch_embedding_warning(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:
             known = (f"; classes are {', '.join(target.classes)}" if target.classes else
@@ -210,4 +213,17 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     labels = ["image"] + [NAMES[m] for m in methods]
     tiles = [drawing.labelled(drawing.upscale(p, factor), text) for p, text in zip(panels, labels)]
     width, height = drawing.save_png(drawing.grid(tiles, len(tiles)), title, out)
-    return CamResult(list(methods), name, k, class_name, prob, predicted, out, width, height)
+    return CamResult(list(methods), name, k, class_name, prob, predicted, out, width, height, warnings)
+
+
+def _patch_embedding_warning(model: nn.Module, layer: str) -> list[str]:
+    """The default layer of a vision transformer (ViT, Swin) is its only convolution, the patch embedding: its map
+    is taken before every layer that decides the class, and shows the input more than the evidence."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1 or convs[0].stride[0] < 2 or tuple(convs[0].kernel_size) != tuple(convs[0].stride):
+        return []
+    conv = convs[0]
+    k = conv.kernel_size[0]
+    return [f"{layer} is this model's only convolution, a patch embedding ({k}x{k} with stride {k}): its map comes "
+            "before every layer that decides the class and shows little of their evidence; the later layers are "
+            "tokens, with no C x H x W map to take one of"]

@@ -177,3 +177,20 @@ def test_list_layers_says_which_layers_run_more_than_once_and_which_call_is_draw
     assert json.loads(capsys.readouterr().out)[0]["shape"] == [2048, 2, 2]
     assert main(["features", "simple_cnn", "--list-layers"]) == 0
     assert "xN:" not in capsys.readouterr().out
+
+
+def test_cam_of_a_vision_transformer_warns_that_its_default_layer_is_the_patch_embedding(shape_image, tmp_path):
+    """`cnnkit cam vit_b_16` mapped conv_proj, the patch embedding before all of the attention, with no word that
+    such a map shows little of what decided the class."""
+    import cnnkit
+
+    c = cnnkit.class_activation_map("vit_b_16", shape_image, out=str(tmp_path / "vit.png"), input_size=32)
+    assert c.layer == "conv_proj" and len(c.warnings) == 1
+    assert c.warnings[0].startswith("conv_proj is this model's only convolution, a patch embedding (16x16 with "
+                                    "stride 16)")
+    asked = cnnkit.class_activation_map("vit_b_16", shape_image, layer="conv_proj", out=str(tmp_path / "v2.png"),
+                                        input_size=32)
+    assert asked.warnings == []  # chosen on purpose
+    assert cnnkit.class_activation_map("simple_cnn", shape_image, out=str(tmp_path / "s.png")).warnings == []
+    proc = run_cli("cam", "vit_b_16", "--input-size", 32, "--image", shape_image, "--out", tmp_path / "v3.png")
+    assert proc.returncode == 0 and "cnnkit: warning: conv_proj is this model's only convolution" in proc.stderr
