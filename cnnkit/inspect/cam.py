@@ -34,6 +34,7 @@ from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
 from cnnkit.inspect.trace import TracedLayer, trace
+from cnnkit.models.sizes import run_or_size_error
 from cnnkit.progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -152,7 +153,7 @@ def cam_heatmaps(model: nn.Module, x: torch.Tensor, layer: str, target: int | No
     ``layer``; returns them with the class, its probability and the predicted class. Leaves the model as it was
     and its parameters' ``.grad`` untouched. ``progress``: a bar for Score-CAM's forward passes."""
     with inspecting(model, grad=True), capture(model, [layer], detach=False) as captured:
-        logits = model(x.requires_grad_(True))
+        logits = run_or_size_error(model, x.requires_grad_(True))
         if layer not in captured:
             raise UserError(f"layer '{layer}' was not used by the forward pass; pick another --layer")
         acts = captured[layer]

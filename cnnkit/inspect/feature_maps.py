@@ -19,6 +19,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
+from cnnkit.models.sizes import run_or_size_error
 
 
 @dataclass
@@ -69,7 +70,7 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
     except OSError as e:
         raise UserError(f"cannot create the folder --out {out_dir}: {e.strerror}") from None
     with inspecting(target.model), capture(target.model, layers) as acts:
-        target.model(x)
+        run_or_size_error(target.model, x)
     unused = [name for name in layers if name not in acts]  # before any picture is written: all or none
     if unused:
         raise UserError(f"layer '{unused[0]}' was not used by the forward pass, so it has no output to show")

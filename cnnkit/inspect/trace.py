@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field
-from cnnkit.models.sizes import SIZE_ERRORS, first_line, size_error
+from cnnkit.models.sizes import SIZE_ERRORS, first_line, size_error, size_fix
 
 # The footnote of a receptive field marked "*": which layers make a unit see every pixel, simple_cnn's
 # flattened-map linear layer as much as a global pool.
@@ -511,7 +511,7 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
         if meta and "meta" in first_line(e).lower():
             return trace(model, input_shape, meta=False)
         raise size_error(e, f"the model cannot take a {'x'.join(map(str, input_shape))} input",
-                         max(input_shape[1:]), _size_fix(model, input_shape, e)) from None
+                         max(input_shape[1:]), size_fix(model, input_shape, e)) from None
     except NotImplementedError:
         if meta:
             return trace(model, input_shape, meta=False)
@@ -523,21 +523,6 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
     y = first_tensor(out)
     return Trace(ordered, tracer.macs, tracer.bytes, tuple(input_shape), tracer.info_of(y),
                  list(y.shape[1:]) if y is not None else [], sorted(tracer.unknown))
-
-
-def _size_fix(model: nn.Module, input_shape: tuple[int, int, int], e: Exception) -> str:
-    """What to do about an input ``model`` failed on with ``e``. "A larger --input-size" is the fix for a network
-    that pools a small image away, and the wrong one for a module built for 1-channel images (asked about 3, as
-    ``summary(module)`` does by default) or with a linear layer sized for one input size (a flatten head)."""
-    c, h, w = input_shape
-    message = str(e)
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if "channel" in message.lower() and first is not None and first.in_channels != c:
-        return (f"its first convolution takes {first.in_channels}-channel images: use --input-size "
-                f"{first.in_channels} {h} {w}")
-    if "mat1 and mat2" in message or "same reduction dim" in message:
-        return "a linear layer is sized for another input size (a flatten head): use the size the model was built for"
-    return "use a larger --input-size"
 
 
 def parse_input_shape(value: int | tuple | list | None, default: tuple[int, int, int]) -> tuple[int, int, int]:

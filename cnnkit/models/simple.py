@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from cnnkit.errors import UserError
 from cnnkit.models.registry import register_model
-from cnnkit.models.sizes import size_error
+from cnnkit.models.sizes import larger_size_fix, size_error
 
 
 def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> int:
@@ -25,7 +25,8 @@ def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> in
             out = features(torch.zeros(1, in_channels, input_size, input_size))
         except RuntimeError as e:
             raise size_error(e, f"input size {input_size} is too small for this network", input_size,
-                             "use a larger --input-size or fewer downsampling stages") from None
+                             larger_size_fix(features, (in_channels, input_size, input_size),
+                                             " or fewer downsampling stages")) from None
         finally:
             features.train(was_training)
     return out[0].numel()

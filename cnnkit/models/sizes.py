@@ -40,7 +40,8 @@ def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
     the first training step, after the run folder exists. The model is left as it was."""
     error = _forward_error(model, shape)
     if error is not None:
-        raise size_error(error, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1])
+        raise size_error(error, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1],
+                         size_fix(model, shape, error))
 
 
 def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception | None:
@@ -57,6 +58,68 @@ def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception |
     return None
 
 
+# The largest side tried in looking for the smallest one a model takes: every torchvision classifier takes 75
+# or less (inception_v3's minimum; vgg16's is 32), and one forward pass at this size stays quick on a CPU.
+LARGEST_TRIED = 256
+
+
+def smallest_size(model: nn.Module, shape: tuple[int, int, int]) -> int | None:
+    """The smallest square side above ``shape``'s height (C, H, W; one the model cannot take) that ``model`` runs
+    on, or None where no side up to LARGEST_TRIED does, ``shape`` is not square or a pass fails otherwise. One forward pass of zeros per
+    side tried: doubling, then halving the gap (an output size never shrinks as its input grows)."""
+    c, h, w = shape
+    low, high = h, 2 * h
+    if h != w or high > LARGEST_TRIED:
+        return None
+    try:
+        while _forward_error(model, (c, high, high)) is not None:
+            if high >= LARGEST_TRIED:
+                return None
+            low, high = high, min(2 * high, LARGEST_TRIED)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if _forward_error(model, (c, middle, middle)) is None:
+                high = middle
+            else:
+                low = middle
+    except Exception:  # an operation the meta device lacks, memory: the plain advice then
+        return None
+    return high
+
+
+def larger_size_fix(model: nn.Module, shape: tuple[int, int, int], also: str = "") -> str:
+    """The fix for an input too small for ``model``, with the smallest size it takes where one is found."""
+    side = smallest_size(model, shape)
+    return f"use a larger --input-size{also}" + (f" (the smallest it takes: {side})" if side is not None else "")
+
+
+def size_fix(model: nn.Module, input_shape: tuple[int, int, int], e: Exception) -> str:
+    """What to do about an input ``model`` failed on with ``e``. "A larger --input-size" is the fix for a network
+    that pools a small image away, and the wrong one for a module built for 1-channel images (asked about 3, as
+    ``summary(module)`` does by default) or with a linear layer sized for one input size (a flatten head)."""
+    c, h, w = input_shape
+    message = str(e)
+    if _out_of_memory(e):
+        return "use a smaller --input-size"  # size_error says so; no larger sizes to try
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if "channel" in message.lower() and first is not None and first.in_channels != c:
+        return (f"its first convolution takes {first.in_channels}-channel images: use --input-size "
+                f"{first.in_channels} {h} {w}")
+    if "mat1 and mat2" in message or "same reduction dim" in message:
+        return "a linear layer is sized for another input size (a flatten head): use the size the model was built for"
+    return larger_size_fix(model, input_shape)
+
+
+def run_or_size_error(model: nn.Module, x: torch.Tensor):
+    """``model(x)``, where an input the model cannot take is a UserError with the fix (``size_fix``)."""
+    try:
+        return model(x)
+    except SIZE_ERRORS as e:
+        shape = tuple(x.shape[1:])
+        raise size_error(e, f"the model cannot take a {'x'.join(map(str, shape))} input", max(shape[1:]),
+                         size_fix(model, shape, e)) from None
+
+
 def first_line(e: Exception) -> str:
     """``e``'s message as an error line quotes it: its first line, shortened (its type where it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
@@ -66,7 +129,11 @@ def size_error(e: Exception, what: str, size: int, fix: str = "use a larger --in
     """The UserError for ``e``, which a model's forward pass raised on images of ``size`` pixels a side: too
     large for the memory (PyTorch's allocator refused), or else too small for the network (``what`` says which
     model and size, ``fix`` what to do)."""
-    if isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e) or "tried to allocate" in str(e):
+    if _out_of_memory(e):
         return UserError(f"input size {size}: one image does not fit in memory ({first_line(e)}); use a smaller "
                          "--input-size")
     return UserError(f"{what} ({first_line(e)}); {fix}")
+
+
+def _out_of_memory(e: Exception) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e) or "tried to allocate" in str(e)

@@ -194,3 +194,30 @@ def test_cam_of_a_vision_transformer_warns_that_its_default_layer_is_the_patch_e
     assert cnnkit.class_activation_map("simple_cnn", shape_image, out=str(tmp_path / "s.png")).warnings == []
     proc = run_cli("cam", "vit_b_16", "--input-size", 32, "--image", shape_image, "--out", tmp_path / "v3.png")
     assert proc.returncode == 0 and "cnnkit: warning: conv_proj is this model's only convolution" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["features", "vgg16", "--input-size", "16", "--layer", "features.0", "--out", "maps"],
+    ["cam", "vgg16", "--input-size", "16", "--layer", "features.0", "--out", "cam.png"],
+])
+def test_an_input_too_small_for_features_or_a_chosen_cam_layer_is_one_line_with_the_smallest_size(
+        capsys, shape_image, tmp_path, command):
+    """`cnnkit features vgg16 --input-size 16` ran the forward pass unchecked: an internal error, RuntimeError."""
+    from cnnkit.cli import main
+
+    command = [str(tmp_path / x) if x in ("maps", "cam.png") else x for x in command]
+    assert main([*command, "--image", shape_image]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err, err
+    assert err.endswith("cannot take a 3x16x16 input (Given input size: (512x1x1). Calculated output size: "
+                        "(512x0x0). Output size is too small); use a larger --input-size (the smallest it takes: 32)")
+
+
+@pytest.mark.parametrize("name, size, smallest", [("vgg16", 16, 32), ("alexnet", 32, 63), ("inception_v3", 64, 75)])
+def test_an_input_too_small_names_the_smallest_size_the_model_takes(name, size, smallest):
+    import cnnkit
+    from cnnkit.errors import UserError
+
+    with pytest.raises(UserError, match=rf"use a larger --input-size \(the smallest it takes: {smallest}\)$"):
+        cnnkit.summary(name, input_size=size)
+    cnnkit.summary(name, input_size=smallest)  # it does take that one

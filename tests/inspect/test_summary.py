@@ -212,7 +212,7 @@ def test_a_module_for_grey_images_or_one_input_size_is_told_the_fix_that_fits():
     with pytest.raises(UserError, match="a linear layer is sized for another input size .*built for$"):
         cnnkit.summary(net, input_size=(1, 32, 32))
     assert cnnkit.summary(net, input_size=(1, 28, 28)).total_params == 13_610
-    with pytest.raises(UserError, match="use a larger --input-size$"):
+    with pytest.raises(UserError, match=r"use a larger --input-size \(the smallest it takes: 32\)$"):
         cnnkit.summary("vgg16", input_size=16)
 
 
