@@ -65,8 +65,9 @@ LARGEST_TRIED = 256
 
 def smallest_size(model: nn.Module, shape: tuple[int, int, int]) -> int | None:
     """The smallest square side above ``shape``'s height (C, H, W; one the model cannot take) that ``model`` runs
-    on, or None where no side up to LARGEST_TRIED does, ``shape`` is not square or a pass fails otherwise. One forward pass of zeros per
-    side tried: doubling, then halving the gap (an output size never shrinks as its input grows)."""
+    on, or None where no side up to LARGEST_TRIED does, ``shape`` is not square or a pass fails otherwise. One
+    forward pass of zeros per side tried: doubling, then halving the gap (an output size never shrinks as its input
+    grows)."""
     c, h, w = shape
     low, high = h, 2 * h
     if h != w or high > LARGEST_TRIED:
