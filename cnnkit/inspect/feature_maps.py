@@ -65,15 +65,15 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; features writes one PNG per layer into a folder: pass a "
                         "folder's name")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder --out {out_dir}: {e.strerror}") from None
     with inspecting(target.model), capture(target.model, layers) as acts:
         run_or_size_error(target.model, x)
     unused = [name for name in layers if name not in acts]  # before any picture is written: all or none
     if unused:
         raise UserError(f"layer '{unused[0]}' was not used by the forward pass, so it has no output to show")
+    try:  # only now: a run that fails leaves no empty folder behind
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder --out {out_dir}: {e.strerror}") from None
     results = []
     for name in layers:
         act = acts[name][0]

@@ -211,6 +211,7 @@ def test_an_input_too_small_for_features_or_a_chosen_cam_layer_is_one_line_with_
     assert len(err.splitlines()) == 1 and "internal error" not in err, err
     assert err.endswith("cannot take a 3x16x16 input (Given input size: (512x1x1). Calculated output size: "
                         "(512x0x0). Output size is too small); use a larger --input-size (the smallest it takes: 32)")
+    assert not os.path.exists(command[command.index("--out") + 1])  # features made no empty --out folder
 
 
 @pytest.mark.parametrize("name, size, smallest", [("vgg16", 16, 32), ("alexnet", 32, 63), ("inception_v3", 64, 75)])
