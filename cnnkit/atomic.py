@@ -71,8 +71,17 @@ def move_into_place(src: str, dst: str) -> None:
 def out_not_writable(out: str, error: OSError) -> UserError:
     """The error of a command whose ``--out`` cannot be written (``error``: what ``atomic_path`` or
     ``check_writable`` raised)."""
-    return UserError(f"cannot write --out {out} ({error.strerror}: {error.filename}); choose a path in a writable "
-                     "folder")
+    return UserError(f"cannot write --out {out} ({why_not_written(error)}); choose a path in a writable folder")
+
+
+def why_not_written(error: OSError) -> str:
+    """``error``'s reason and the file or folder it names, for a line that already names the file meant: where
+    that is a temporary file of ``atomic_path``'s (a name the user never chose), its folder."""
+    reason = error.strerror or str(error)
+    where = error.filename if isinstance(error.filename, str) else ""
+    if os.path.basename(where).startswith(".") and where.endswith(".tmp"):
+        where = os.path.dirname(where) or "."
+    return f"{reason}: {where}" if where else reason
 
 
 def check_writable(path: str) -> None:

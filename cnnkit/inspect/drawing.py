@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cnnkit.atomic import atomic_path
+from cnnkit.atomic import atomic_path, why_not_written
 from cnnkit.errors import UserError
 
 GAP = 2  # pixels between tiles
@@ -75,7 +75,10 @@ def labelled(tile: np.ndarray, label: str) -> np.ndarray:
 
 def image_format(path: str) -> str:
     """The format PIL writes for ``path``'s suffix ("PNG" for .png, "JPEG" for .jpg): a picture named cam.jpg
-    holds JPEG bytes. A suffix that names no format PIL can write is a UserError."""
+    holds JPEG bytes. A suffix that names no format PIL can write is a UserError, and so is a folder."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder; name the picture to write, such as "
+                        f"{os.path.join(path, 'picture.png')}")
     suffix = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(suffix)
     if fmt is None or fmt not in Image.SAVE:
@@ -107,7 +110,7 @@ def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
         with atomic_path(path) as tmp:  # a failed or interrupted write leaves the picture that was there
             canvas.save(tmp, format=fmt)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
+        raise UserError(f"cannot write {path} ({why_not_written(e)}); choose a path in a writable folder") from None
     return canvas.size
 
 

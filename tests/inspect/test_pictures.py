@@ -177,6 +177,23 @@ def test_pictures_are_written_in_the_format_their_suffix_names(trained_run, shap
                                             r"end it in \.png"):
             cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / name))
         assert not (tmp_path / name).exists()
+    # a folder (a name without a suffix, too) was told it named no image format; it is told it is a folder
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'maps'}: it is a folder; name the picture to "
+                                        f"write, such as {tmp_path / 'maps' / 'picture.png'}$"):
+        cnnkit.class_activation_map(trained_run, shape_image, out=str(tmp_path / "maps"))
+
+
+def test_a_picture_that_cannot_be_written_names_the_file_meant_not_a_temporary_one():
+    # "cannot write f.png: [Errno 13] Permission denied: '/data/.f.png.k2j3.tmp'" named a file the user never chose
+    from cnnkit.atomic import out_not_writable, why_not_written
+
+    temp = PermissionError(13, "Permission denied", "/data/.f.png.k2j3.tmp")
+    assert why_not_written(temp) == "Permission denied: /data"
+    assert str(out_not_writable("/data/f.png", temp)) == ("cannot write --out /data/f.png (Permission denied: /data); "
+                                                          "choose a path in a writable folder")
+    assert why_not_written(PermissionError(13, "Permission denied", "/data/sub")) == "Permission denied: /data/sub"
+    assert why_not_written(OSError("disk on fire")) == "disk on fire"
 
 
 def test_a_picture_written_only_in_part_leaves_the_one_there_before(tmp_path):
