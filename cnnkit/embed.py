@@ -22,7 +22,7 @@ from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import check_model_name, create_model
-from cnnkit.models.sizes import check_input_size
+from cnnkit.models.sizes import check_input_size, check_trains_on
 from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.train.precision import resolve_device
@@ -82,6 +82,8 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
     flatten head) is a UserError naming the size it takes."""
     if backbone.model is None:
         backbone.model, backbone.input_size = backbone.build(data.size), data.size
+        # an image too small for the network: the one-line size error (with the smallest size it takes), as train's
+        check_trains_on(backbone.model, backbone.label, (data.channels, data.size, data.size))
     elif backbone.input_size is not None:
         own = (backbone.channels, backbone.input_size, backbone.input_size)
         check_input_size(backbone.model, (data.channels, data.size, data.size), own, backbone.label)

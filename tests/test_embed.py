@@ -151,3 +151,15 @@ def test_pretrained_beside_a_checkpoint_is_refused(tmp_path, image_folder):
         proc = run_cli(*command, "--pretrained")
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "--pretrained loads torchvision's weights into a model name" in proc.stderr
+
+
+def test_images_too_small_for_a_model_name_are_the_one_line_size_error(tmp_path, image_folder):
+    # embed and probe of vgg16 at 16x16 ran the forward pass unchecked: "internal error: RuntimeError: ... Output
+    # size is too small", where train names the smallest size the model takes.
+    out = tmp_path / "f.npy"
+    for command in (["embed", "vgg16", image_folder, "--input-size", 16, "--out", out],
+                    ["probe", "vgg16", image_folder, "--input-size", 16]):
+        proc = run_cli(*command)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.strip().endswith("use a larger --input-size (the smallest it takes: 32)"), proc.stderr
+    assert not out.exists()
