@@ -353,7 +353,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
     if skipped_images and t.ctx.main:
         with open(os.path.join(t.run_dir, "bad_images.txt"), "w") as f:
             f.write("\n".join(skipped_images) + "\n")
-        print(f"cnnkit: skipped {len(skipped_images)} broken image(s), listed in "
+        print(f"cnnkit: warning: skipped {len(skipped_images)} broken image(s), listed in "
               f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
     params = sum(w.numel() for w in t.model.parameters())
     trainable = _trainable_count(t.model)  # the current stage's

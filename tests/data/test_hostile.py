@@ -85,9 +85,13 @@ def test_cli_trains_with_skip_and_names_the_first_with_error(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--data", root, "--input-size", "16", "--epochs", "1", "--out", out, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert f"skipped {len(expected)} broken image(s)" in proc.stdout
+    assert f"cnnkit: warning: skipped {len(expected)} broken image(s)" in proc.stdout
     listed = (out / "bad_images.txt").read_text().splitlines()
     assert len(listed) == len(expected) and all(any(name in line for line in listed) for name in expected)
+    # --quiet keeps the warnings: this line was not one, and quiet dropped it
+    proc = run_cli("train", "--data", root, "--input-size", "16", "--epochs", "1", "--quiet", "--out",
+                   tmp_path / "quiet", env=env)
+    assert proc.returncode == 0 and f"skipped {len(expected)} broken image(s)" in proc.stderr, proc.stderr
 
     proc = run_cli("train", "--data", root, "--input-size", "16", "--bad-images", "error", "--out", tmp_path / "r2",
                    env=env)
