@@ -192,6 +192,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     methods = METHODS if method == "all" else (method,)
     if any(m not in METHODS for m in methods):
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
+    drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or last_conv_layer(target.model, target.input_shape)
     find_layer(target.model, name)

@@ -88,14 +88,21 @@ def image_format(path: str) -> str:
     return fmt
 
 
-def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
-    """Write ``image`` (H x W x 3 uint8) under ``title`` (one band of TITLE_HEIGHT pixels per line) to
-    ``path``, in the format its suffix names (see ``image_format``; PNG for cnnkit's own names); returns
-    (width, height). The picture widens only if a title line is wider than the image."""
+def check_picture_path(path: str) -> str:
+    """The format to write ``path`` in (``image_format``); a UserError where its folder does not exist. For a
+    command to refuse a bad --out before its work (Score-CAM's thousands of forward passes) as well as at the end."""
     fmt = image_format(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    return fmt
+
+
+def save_png(image: np.ndarray, title: str, path: str) -> tuple[int, int]:
+    """Write ``image`` (H x W x 3 uint8) under ``title`` (one band of TITLE_HEIGHT pixels per line) to
+    ``path``, in the format its suffix names (see ``image_format``; PNG for cnnkit's own names); returns
+    (width, height). The picture widens only if a title line is wider than the image."""
+    fmt = check_picture_path(path)
     font = ImageFont.load_default()
     lines = title.split("\n")
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

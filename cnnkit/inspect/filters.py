@@ -60,6 +60,7 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
     if max_filters < 1:
         raise UserError(f"--max-filters must be at least 1, got {max_filters}")
+    drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or first_conv(target.model)
     module = find_layer(target.model, name)

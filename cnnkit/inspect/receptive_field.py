@@ -292,6 +292,10 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
     a heat map with the theoretical field outlined. The model is not changed."""
     from cnnkit.data.shapes import make_shapes
 
+    if out:  # a bad --out is refused before the passes, not after them
+        from cnnkit.inspect import drawing
+
+        drawing.check_picture_path(out)
     target = model_or_run if isinstance(model_or_run, InspectedModel) else load_model(model_or_run, input_size)
     model, shape = target.model, target.input_shape
     if layer:

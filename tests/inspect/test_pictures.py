@@ -231,3 +231,16 @@ def test_score_cam_shows_its_progress(trained_run, shape_image, tmp_path, monkey
     cnnkit.class_activation_map(trained_run, shape_image, method="scorecam", out=str(tmp_path / "cam.png"),
                                 progress=False)
     assert "Score-CAM" not in capsys.readouterr().err
+
+
+def test_a_picture_path_that_cannot_be_written_is_refused_before_the_model_is_even_built(tmp_path, shape_image):
+    # It was checked only when the picture was saved: after Score-CAM's forward pass per channel, for one.
+    from cnnkit.inspect.receptive_field import effective_receptive_field
+
+    for out, words in ((tmp_path / "cam.txt", "names no image format"), (tmp_path / "no" / "c.png", "does not exist"),
+                       (tmp_path, "it is a folder")):
+        for draw in (lambda: cnnkit.class_activation_map("no_such_model", shape_image, method="scorecam", out=str(out)),
+                     lambda: cnnkit.filters("no_such_model", out=str(out)),
+                     lambda: effective_receptive_field("no_such_model", out=str(out))):
+            with pytest.raises(UserError, match=words):  # not "unknown model"
+                draw()
