@@ -498,6 +498,7 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
                 layer.first_shape, layer.first_info = layer.output_shape, layer.info
 
     handles = []
+    failed: Exception | None = None  # handled once the hooks are gone, so a retry or size_fix's passes run without
     try:
         for module in names:
             handles.append(module.register_forward_pre_hook(pre))
@@ -508,17 +509,19 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
             tracer.info[x] = input_info(input_shape)
             out = model(x)
     except SIZE_ERRORS as e:
-        if meta and "meta" in first_line(e).lower():
-            return trace(model, input_shape, meta=False)
-        raise size_error(e, f"the model cannot take a {'x'.join(map(str, input_shape))} input",
-                         max(input_shape[1:]), size_fix(model, input_shape, e)) from None
-    except NotImplementedError:
-        if meta:
-            return trace(model, input_shape, meta=False)
-        raise
+        failed = e
+    except NotImplementedError as e:
+        if not meta:
+            raise
+        failed = e
     finally:
         for h in handles:
             h.remove()
+    if failed is not None:
+        if meta and (isinstance(failed, NotImplementedError) or "meta" in first_line(failed).lower()):
+            return trace(model, input_shape, meta=False)  # an operation the meta device lacks: run it for real
+        raise size_error(failed, f"the model cannot take a {'x'.join(map(str, input_shape))} input",
+                         max(input_shape[1:]), size_fix(model, input_shape, failed)) from None
     ordered = sorted(layers.values(), key=lambda layer: layer.first)
     y = first_tensor(out)
     return Trace(ordered, tracer.macs, tracer.bytes, tuple(input_shape), tracer.info_of(y),
