@@ -227,5 +227,5 @@ def _patch_embedding_warning(model: nn.Module, layer: str) -> list[str]:
     conv = convs[0]
     k = conv.kernel_size[0]
     return [f"{layer} is this model's only convolution, a patch embedding ({k}x{k} with stride {k}): its map comes "
-            "before every layer that decides the class and shows little of their evidence; the later layers are "
-            "tokens, with no C x H x W map to take one of"]
+            "before every layer that decides the class and shows little of their evidence; the later layers hold "
+            "tokens (a ViT's sequence, a Swin's H x W x C grid), not the C x H x W map Grad-CAM takes"]
