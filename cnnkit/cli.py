@@ -347,8 +347,13 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     """The inspection commands (summary, rf, features, filters, cam): how to build a model given by name."""
     p.add_argument("--num-classes", type=_positive_int,
                    help="head size for a model name (default: 1000 for torchvision models, else 10)")
+    _model_opt_option(p, "widths=[16,32]")
+
+
+def _model_opt_option(p: argparse.ArgumentParser, example: str) -> None:
+    """--model-opt, as train, the inspection commands and audit take it (parsed by ``_model_options``)."""
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the model's factory (repeatable)")
+                   help=f"an option of a model name's factory, e.g. --model-opt {example} (repeatable)")
 
 
 # The training options, in groups: train takes them all, lr-find those that shape the data, model and optimizer.
@@ -356,8 +361,7 @@ def _build_options(p: argparse.ArgumentParser) -> None:
 
 def _model_and_data_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--model", default=d.model, help=f"a name from `cnnkit models` (default: {d.model})")
-    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the model's factory, e.g. --model-opt head=flatten (repeatable)")
+    _model_opt_option(p, "head=flatten")
     _data_options(p, d.data)
 
 
@@ -774,9 +778,7 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", metavar="PLAN", help="audit each stage of a staged plan (as cnnkit train --stages)")
     p.add_argument("--plain-train", action="store_true",
                    help="show what a bare model.train() does (no frozen BatchNorm kept in eval), as hand-written loops do")
-    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of a model name's factory, as in train, e.g. --model-opt head_from=layer3,layer4 "
-                        "(repeatable)")
+    _model_opt_option(p, "head_from=layer3,layer4")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
