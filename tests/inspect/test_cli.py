@@ -222,3 +222,5 @@ def test_an_input_too_small_names_the_smallest_size_the_model_takes(name, size, 
     with pytest.raises(UserError, match=rf"use a larger --input-size \(the smallest it takes: {smallest}\)$"):
         cnnkit.summary(name, input_size=size)
     cnnkit.summary(name, input_size=smallest)  # it does take that one
+    with pytest.raises(UserError, match=rf"the smallest it takes: {smallest}\)$"):  # and not one pixel less
+        cnnkit.summary(name, input_size=smallest - 1)
