@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
 from cnnkit.data import cache
-from cnnkit.data.images import header_size, image_size, is_image_file, load_image
+from cnnkit.data.images import header_size, image_size, is_image_file, load_image, max_pixels
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
@@ -412,7 +412,10 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
-        key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels}
+        # the pixel limit decides which images are broken: an entry made under another CNNKIT_MAX_PIXELS would
+        # keep leaving out the images that the message told the user to allow by raising it
+        key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels,
+               "max_pixels": max_pixels()}
         fields = ("images", "ok", "errors")
         entry = cache.cached(key, lambda: dict(zip(fields, decode_files(files, channels, size))), fields)
         images, ok, errors = entry["images"], entry["ok"], entry["errors"]

@@ -245,3 +245,18 @@ def test_a_folder_of_train_and_val_splits_is_not_taken_as_two_classes(tmp_path):
     os.rename(tmp_path / "named" / "circle", tmp_path / "named" / "train")
     os.rename(tmp_path / "named" / "square", tmp_path / "named" / "test")
     assert scan_folder(str(tmp_path / "named"))[2] == ["test", "train"]
+
+
+def test_raising_the_pixel_limit_reads_the_image_it_left_out(tmp_path, monkeypatch):
+    # the message says "set CNNKIT_MAX_PIXELS to allow larger images", but the cache entry made under the lower
+    # limit (same files, same size and mtime) kept the image out: the limit is part of the entry's key
+    from PIL import Image
+
+    root = write_image_folder(str(tmp_path / "d"))
+    Image.new("RGB", (200, 200), (9, 9, 9)).save(os.path.join(root, "circle", "large.png"))
+    monkeypatch.setenv("CNNKIT_MAX_PIXELS", str(100 * 100))
+    train, val = load_splits(DataSpec(root, input_size=16))
+    assert len(train) + len(val) == 32 and "over the limit" in train.skipped[0]
+    monkeypatch.setenv("CNNKIT_MAX_PIXELS", str(200 * 200))
+    train, val = load_splits(DataSpec(root, input_size=16))
+    assert len(train) + len(val) == 33 and not train.skipped
