@@ -1,6 +1,6 @@
 """Decode once: decoded datasets as uint8 tensors, kept in memory and on disk, keyed by the data's content.
 
-The key of a folder of images is a hash over every file's relative path, size and modification time
+The key of a folder of images is a hash over every file's relative path, size, modification and change time
 (the way build tools detect changed inputs without reading every byte) plus the decode settings, so an
 edited, added or removed image makes a new entry. Entries are written to a temporary file in the cache
 folder and renamed into place, so an interrupted write never leaves a half entry behind.
@@ -33,7 +33,7 @@ def cache_dir() -> Path:
 
 
 def files_fingerprint(root: str, files: list[str]) -> str:
-    """A hash of the relative path, size and modification time of each file."""
+    """A hash of the relative path, size, modification and change time of each file."""
     h = hashlib.sha256()
     # The files come from a walk of ``root`` (os.path.join of it and normalised names below it), so each starts
     # with it: cutting the prefix gives relpath's answer without normalising both paths for every file.
@@ -41,7 +41,9 @@ def files_fingerprint(root: str, files: list[str]) -> str:
     for f in files:
         try:
             st = os.stat(f)
-            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+            # the change time too, which no tool sets back: a file replaced by one of the same size with its old
+            # modification time kept (tar, rsync -t, cp -p; every uncompressed BMP of one size has one length)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
         except OSError as e:  # a dangling link or a link loop: part of the key, reported when decoding
             stamp = f"error {e.errno}"
         relative = f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)

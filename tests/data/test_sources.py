@@ -260,3 +260,20 @@ def test_raising_the_pixel_limit_reads_the_image_it_left_out(tmp_path, monkeypat
     monkeypatch.setenv("CNNKIT_MAX_PIXELS", str(200 * 200))
     train, val = load_splits(DataSpec(root, input_size=16))
     assert len(train) + len(val) == 33 and not train.skipped
+
+
+def test_an_image_replaced_keeping_its_size_and_modification_time_is_decoded_again(tmp_path):
+    # an uncompressed BMP has one length for one size: restored over with cp -p / tar / rsync -t, the file kept the
+    # size and mtime its cache entry was keyed by, and training read the old pixels
+    from PIL import Image
+
+    root = write_image_folder(str(tmp_path / "d"))
+    path = os.path.join(root, "circle", "x.bmp")
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(path)
+    mtime = os.stat(path).st_mtime_ns
+    train, val = load_splits(DataSpec(root, input_size=16, val_split=0.25))
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(path)
+    os.utime(path, ns=(mtime, mtime))
+    train2, val2 = load_splits(DataSpec(root, input_size=16, val_split=0.25))
+    i = (train2.paths if path in train2.paths else val2.paths).index(path)
+    assert int((train2.images if path in train2.paths else val2.images)[i].min()) == 255
