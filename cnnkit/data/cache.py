@@ -75,9 +75,18 @@ def cached(key: dict[str, Any], build: Callable[[], dict[str, Any]], fields: tup
     return entry
 
 
+_UNWRITABLE: set[Path] = set()  # cache folders already reported: a run stores several entries, one note is enough
+
+
 def _store(path: Path, entry: dict[str, Any]) -> None:
     try:
         atomic_torch_save(entry, str(path), durable=False)  # a lost cache entry is only decoded again
     except OSError as e:  # a read-only or full cache disk costs speed on the next run, not this run
-        print(f"cnnkit: note: could not write the data cache at {path.parent} ({e.strerror or e}); "
-              "the next run decodes again", file=sys.stderr)
+        if path.parent in _UNWRITABLE:
+            return
+        _UNWRITABLE.add(path.parent)
+        # (makedirs on a path through a file says "File exists" or "Not a directory": name the file instead)
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or str(e)
+        print(f"cnnkit: note: could not write the data cache at {path.parent} ({why}); the next run decodes "
+              "again (set CNNKIT_CACHE to a writable folder)", file=sys.stderr)
