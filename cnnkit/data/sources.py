@@ -314,8 +314,14 @@ def scan_folder(root: str, option: str | None = None,
     empty = []
     for c, name in enumerate(classes):
         found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # through linked sub-folders too, as predict reads them (they were left out without a word), each once and
+        # never the data folder again: a link back up the tree would otherwise be walked forever, or read the
+        # other classes' images as this one's
+        visited = {os.path.realpath(root)}
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            visited.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and os.path.realpath(os.path.join(dirpath, d)) not in visited)
             found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
         if not found:
             empty.append(name)

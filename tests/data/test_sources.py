@@ -277,3 +277,15 @@ def test_an_image_replaced_keeping_its_size_and_modification_time_is_decoded_aga
     train2, val2 = load_splits(DataSpec(root, input_size=16, val_split=0.25))
     i = (train2.paths if path in train2.paths else val2.paths).index(path)
     assert int((train2.images if path in train2.paths else val2.images)[i].min()) == 255
+
+
+def test_a_linked_folder_inside_a_class_folder_is_read_once_and_a_link_up_is_not(tmp_path):
+    # training left the images of cat/more -> elsewhere out without a word, while predict read them
+    root = write_image_folder(str(tmp_path / "d"))
+    elsewhere = write_image_folder(str(tmp_path / "e"))
+    os.symlink(os.path.join(elsewhere, "circle"), os.path.join(root, "circle", "more"))
+    os.symlink("..", os.path.join(root, "circle", "up"))  # the data folder again: neither a loop nor other classes
+    files, labels, classes = scan_folder(root)
+    assert len(files) == 32 + 8
+    assert torch.bincount(labels).tolist() == [8 + 8, 8, 8, 8]
+    assert sum("/more/" in f for f in files) == 8 and not any("/up/" in f for f in files)
