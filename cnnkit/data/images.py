@@ -51,7 +51,7 @@ def image_paths(paths: list[str]) -> list[str]:
         elif os.path.exists(p):
             out.append(p)
         else:
-            raise UserError(f"image path {p} {_why_missing(p)}")
+            raise UserError(f"image path {p} {why_missing(p)}")
     seen: set[str] = set()
     unique = []
     for p in out:
@@ -62,7 +62,7 @@ def image_paths(paths: list[str]) -> list[str]:
     return unique
 
 
-def _why_missing(path: str) -> str:
+def why_missing(path: str) -> str:
     """Why ``os.path.exists(path)`` is False, in words: a symbolic link that loops or leads nowhere, a folder
     that cannot be entered, or no such path."""
     try:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
 from cnnkit.data import cache
-from cnnkit.data.images import header_size, image_size, is_image_file, load_image, max_pixels
+from cnnkit.data.images import header_size, image_size, is_image_file, load_image, max_pixels, why_missing
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
@@ -299,6 +299,13 @@ def scan_folder(root: str, option: str | None = None,
         raise UserError(f"{'data path ' + root if option is None else named} is not a folder; pass a folder with "
                         "one sub-folder per class")
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    # a class folder that is a broken link (an unmounted disk, a moved folder) is no folder: its class was left
+    # out without a word, and the model trained without it
+    broken = [e for e in entries if os.path.islink(os.path.join(root, e)) and not os.path.exists(os.path.join(root, e))]
+    if broken:
+        path = os.path.join(root, broken[0])
+        raise UserError(f"{'class folder ' + path if option is None else f'{option} {root}: class folder {path}'} "
+                        f"{why_missing(path)}; fix the link or remove it")
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if not classes:
         loose = [e for e in entries if is_image_file(e)]

@@ -289,3 +289,14 @@ def test_a_linked_folder_inside_a_class_folder_is_read_once_and_a_link_up_is_not
     assert len(files) == 32 + 8
     assert torch.bincount(labels).tolist() == [8 + 8, 8, 8, 8]
     assert sum("/more/" in f for f in files) == 8 and not any("/up/" in f for f in files)
+
+
+def test_a_class_folder_that_is_a_broken_link_is_an_error_not_a_class_left_out(tmp_path):
+    # frog -> an unmounted disk: the class was left out without a word, and the model trained on the others
+    root = write_image_folder(str(tmp_path / "d"))
+    os.symlink(str(tmp_path / "gone"), os.path.join(root, "frog"))
+    with pytest.raises(UserError, match=f"class folder {re.escape(os.path.join(root, 'frog'))} is a symbolic link to "
+                                        f"{re.escape(str(tmp_path / 'gone'))}, which does not exist; fix the link"):
+        load_splits(DataSpec(root))
+    with pytest.raises(UserError, match=f"^--val-data {re.escape(root)}: class folder"):
+        load_splits(DataSpec(write_image_folder(str(tmp_path / "t")), val_data=root))
