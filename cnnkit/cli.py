@@ -1292,7 +1292,9 @@ def _reports() -> bool:
 
 def _error_line(line: str) -> None:
     """``line`` and its newline on stderr in one write: under torchrun every process may fail at once into the same
-    pipe, and print's two writes (text, then newline) let their lines run together."""
+    pipe, and print's two writes (text, then newline) let their lines run together. A control character in it (a
+    file named with a newline) is shown escaped: the error stays one line."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

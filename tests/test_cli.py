@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_image_folder
 
 FAST = ["--num-samples", "128", "--epochs", "1", "--batch-size", "32"]
 
@@ -310,3 +310,11 @@ def test_a_models_pattern_that_misses_by_case_or_wildcards_suggests_the_one_that
 
     assert main(["models", pattern]) == 2
     assert capsys.readouterr().err.strip() == f"cnnkit models: error: no model name matches '{pattern}'; {hint}"
+
+
+def test_an_error_naming_a_file_with_a_newline_in_its_name_stays_one_line(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"))
+    (tmp_path / "d" / "circle" / "bad\nname.jpg").write_bytes(b"not an image")
+    proc = run_cli("train", "--data", root, "--bad-images", "error", "--epochs", "1", "--out", tmp_path / "run")
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1 and "bad\\nname.jpg" in proc.stderr, proc.stderr
