@@ -218,6 +218,13 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     cls_name, native_channels, native_size, folder = TORCHVISION_DATASETS[name]
     root = spec.data_dir or default_data_dir()
     where = os.path.join(root, folder)
+    if os.path.exists(root) and not os.path.isdir(root):  # else "check the network", for a path typed wrong
+        if spec.data_dir:
+            raise UserError(f"--data-dir {root} is a file, not a folder; pass the folder that holds (or is to hold) "
+                            f"{folder}")
+        how = "set CNNKIT_DATA to a folder" if os.environ.get("CNNKIT_DATA") else "move that file"
+        raise UserError(f"the data folder {root} is a file, not a folder; {how}, or pass --data-dir DIR where "
+                        f"DIR/{folder} holds (or is to hold) the {name} files")
     # Files there that torchvision refuses (a failed checksum, a truncated or altered file) are damaged, not
     # missing: the fix is to fetch them again, which torchvision skips while the folder passes its own check.
     damaged = (f"delete {where} and run with --download to fetch {name} again (needs internet), or copy intact "
@@ -230,7 +237,7 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
         # error that is no network error came from reading them
         if spec.download and not (present and not isinstance(e, OSError) and "download" not in str(e).lower()):
             raise DataError(
-                f"could not download {name} into {root} ({str(e).splitlines()[0] or type(e).__name__}); "
+                f"could not download {name} into {root} ({_reason(e)}); "
                 f"check the network, or copy the dataset files to {where}"
                 + (f" and pass --data-dir {root}" if spec.data_dir else "")  # the default folder needs no option
             ) from None
@@ -254,6 +261,15 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
                         f"but {len(labels):,} labels; {damaged}")
     images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
     return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)
+
+
+def _reason(e: Exception) -> str:
+    """``e`` in one line: torchvision's download error is several ("Error downloading X:", "Tried URL, got:", then
+    the cause), its first line alone said nothing of why."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
 def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:

@@ -300,3 +300,30 @@ def test_a_class_folder_that_is_a_broken_link_is_an_error_not_a_class_left_out(t
         load_splits(DataSpec(root))
     with pytest.raises(UserError, match=f"^--val-data {re.escape(root)}: class folder"):
         load_splits(DataSpec(write_image_folder(str(tmp_path / "t")), val_data=root))
+
+
+def test_a_data_dir_that_is_a_file_is_named_so_not_a_network_failure(tmp_path, monkeypatch):
+    # --download into it failed on makedirs, and the message said to check the network
+    path = tmp_path / "data"
+    path.write_text("")
+    for download in (False, True):
+        with pytest.raises(UserError, match=f"^--data-dir {re.escape(str(path))} is a file, not a folder") as e:
+            load_splits(DataSpec("mnist", data_dir=str(path), download=download))
+        assert not isinstance(e.value, DataError) and "network" not in str(e.value)
+    monkeypatch.setenv("CNNKIT_DATA", str(path))
+    with pytest.raises(UserError, match="is a file, not a folder; set CNNKIT_DATA to a folder, or pass --data-dir"):
+        load_splits(DataSpec("cifar10"))
+
+
+def test_a_failed_download_names_its_cause_not_only_the_file(tmp_path, monkeypatch):
+    # torchvision's MNIST error is three lines; the first alone ("Error downloading X:") said nothing of why
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://example/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DataError, match=r"\(Error downloading train-images-idx3-ubyte.gz: <urlopen error \[Errno -2\] "
+                                        r"Name or service not known>\); check the network"):
+        load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=True))
