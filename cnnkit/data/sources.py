@@ -308,7 +308,7 @@ def scan_folder(root: str, option: str | None = None,
             raise UserError(f"data path {root} does not exist{where}; pass a folder with one sub-folder per class, "
                             f"or one of: {', '.join(BUILTIN)}")
         raise UserError(f"{named} does not exist{where}; pass a folder with one sub-folder of images per class")
-    mistaken = _run_or_checkpoint(root)
+    mistaken = _run_or_checkpoint(root) or _torchvision_files(root)
     if mistaken:
         raise UserError(mistaken if option is None else f"{option} {mistaken}")
     if not os.path.isdir(root):
@@ -399,6 +399,22 @@ def _split_folders(root: str, classes: list[str]) -> str | None:
     # check-data takes the data as its argument, train and eval as --data
     return (f"{problem}; pass {train} as the data and {val} as --val-data (to train: cnnkit train --data {train} "
             f"--val-data {val}; to score a run on {val}: cnnkit eval RUN --val-data {val})")
+
+
+def _torchvision_files(root: str) -> str | None:
+    """The error for a folder of torchvision's files of a built-in dataset (``cifar-10-batches-py``, ``MNIST/raw``),
+    the folder above them or one between, given as a folder of images: found no images in "class folders" such as
+    ``MNIST``, and did not say which option reads them; None for anything else."""
+    path = os.path.abspath(root)
+    for name, (_, _, _, folder) in TORCHVISION_DATASETS.items():
+        parts = folder.split("/")
+        for depth in range(len(parts) + 1):  # root is the data dir (depth 0), or that many of folder's parts below it
+            data_dir = os.path.normpath(os.path.join(path, *[".."] * depth))
+            if os.path.join(data_dir, *parts[:depth]) == path and os.path.isdir(os.path.join(data_dir, folder)):
+                # check-data takes the data as its argument, train and eval as --data
+                return (f"{root} holds torchvision's {name} files, not class folders of images; pass {name} as the "
+                        f"data, with --data-dir {data_dir} (to train: cnnkit train --data {name} --data-dir {data_dir})")
+    return None
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv")  # beside config.json, what makes a folder a training run's

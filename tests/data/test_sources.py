@@ -327,3 +327,21 @@ def test_a_failed_download_names_its_cause_not_only_the_file(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"\(Error downloading train-images-idx3-ubyte.gz: <urlopen error \[Errno -2\] "
                                         r"Name or service not known>\); check the network"):
         load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=True))
+
+
+def test_a_folder_of_torchvision_files_given_as_images_names_the_dataset_and_data_dir(tmp_path):
+    # it said "no images found under its class folders (MNIST...)", and not which options read those files
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(str(raw), "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    _write_idx(str(raw), "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    fix = {"mnist": f"pass mnist as the data, with --data-dir {tmp_path} (to train: cnnkit train --data mnist "
+                    f"--data-dir {tmp_path})", "cifar10": f"--data cifar10 --data-dir {tmp_path})"}
+    for given, name in ((raw, "mnist"), (raw.parent, "mnist"), (tmp_path / "cifar-10-batches-py", "cifar10")):
+        with pytest.raises(UserError, match=f"^{re.escape(str(given))} holds torchvision's {name} files, not class "
+                                            f".*{re.escape(fix[name])}"):
+            load_splits(DataSpec(str(given)))
+    with pytest.raises(UserError, match=f"^--val-data {re.escape(str(raw))} holds torchvision's mnist files"):
+        load_splits(DataSpec(write_image_folder(str(tmp_path / "images")), val_data=str(raw)))
+    assert len(load_splits(DataSpec("mnist", data_dir=str(tmp_path)))[0]) == 20  # what the message says reads them
