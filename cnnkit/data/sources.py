@@ -244,8 +244,12 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
         if present:
             raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
                             f"{damaged}") from None
+        # another built-in dataset's files there: the wrong --data more likely than a missing dataset
+        others = [n for n, entry in TORCHVISION_DATASETS.items() if n != name and os.path.isdir(os.path.join(root, entry[3]))]
+        held = (f" ({root} holds the files of {' and '.join(others)}: pass {others[0]} as the data if that is the one "
+                f"meant)" if others else "")
         raise UserError(
-            f"{name} not found in {where}; run with --download to fetch it (needs internet), "
+            f"{name} not found in {where}{held}; run with --download to fetch it (needs internet), "
             f"or pass --data-dir DIR where DIR/{folder} holds torchvision's {cls_name} files"
         ) from None
     images = torch.as_tensor(ds.data)

@@ -345,3 +345,17 @@ def test_a_folder_of_torchvision_files_given_as_images_names_the_dataset_and_dat
     with pytest.raises(UserError, match=f"^--val-data {re.escape(str(raw))} holds torchvision's mnist files"):
         load_splits(DataSpec(write_image_folder(str(tmp_path / "images")), val_data=str(raw)))
     assert len(load_splits(DataSpec("mnist", data_dir=str(tmp_path)))[0]) == 20  # what the message says reads them
+
+
+def test_a_data_dir_holding_another_built_in_dataset_says_so(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = str(tmp_path / "MNIST" / "raw")
+    _write_idx(raw, "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    _write_idx(raw, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
+    with pytest.raises(UserError, match=f"^fashion_mnist not found in {re.escape(str(tmp_path))}/FashionMNIST/raw "
+                                        f"\\({re.escape(str(tmp_path))} holds the files of mnist: pass mnist as the "
+                                        "data if that is the one meant\\); run with --download"):
+        load_splits(DataSpec("fashion_mnist", data_dir=str(tmp_path)))
+    with pytest.raises(UserError) as e:  # nothing else there: no such words
+        load_splits(DataSpec("cifar10", data_dir=str(tmp_path / "MNIST")))
+    assert "holds the files" not in str(e.value)
