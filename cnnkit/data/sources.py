@@ -11,6 +11,7 @@ import concurrent.futures
 import hashlib
 import os
 import pickle
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -148,13 +149,16 @@ def by_class_name(data: ImageSet, classes: list[str], what: str, against: str) -
     user gave it; ``against``: whose classes ``classes`` are)."""
     if data.classes == classes:
         return data
-    unknown = [c for c in data.classes if c not in classes]
+    # by name as a person reads it: a folder named on macOS (decomposed, NFD: u + combining diaeresis) and one named
+    # elsewhere (NFC: one character) are the same class, though their bytes differ
+    index_of = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
+    unknown = [c for c in data.classes if unicodedata.normalize("NFC", c) not in index_of]
     if unknown:
         fix = ("rename or remove those class folders: classes are matched by name" if data.source not in BUILTIN
                else f"pass images of {against}'s classes: {data.source} is another dataset")
         raise UserError(f"{what} has class(es) {_names(unknown)} that {against} does not have (its classes: "
                         f"{_names(classes)}); {fix}")
-    index = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
+    index = torch.tensor([index_of[unicodedata.normalize("NFC", c)] for c in data.classes], dtype=torch.int64)
     return replace(data, labels=index[data.labels], classes=list(classes))
 
 

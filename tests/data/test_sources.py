@@ -359,3 +359,17 @@ def test_a_data_dir_holding_another_built_in_dataset_says_so(tmp_path):
     with pytest.raises(UserError) as e:  # nothing else there: no such words
         load_splits(DataSpec("cifar10", data_dir=str(tmp_path / "MNIST")))
     assert "holds the files" not in str(e.value)
+
+
+def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
+    # a validation folder named on macOS (NFD) against training folders named elsewhere (NFC): "has class(es)
+    # chat ü that the training data does not have (its classes: chat ü, ...)"
+    import unicodedata
+
+    train_root = write_image_folder(str(tmp_path / "train"), n_per_class=3, classes=2)
+    val_root = write_image_folder(str(tmp_path / "val"), n_per_class=2, classes=2, seed=1)
+    for root, form in ((train_root, "NFC"), (val_root, "NFD")):
+        os.rename(os.path.join(root, "circle"), os.path.join(root, unicodedata.normalize(form, "chat ü")))
+    train, val = load_splits(DataSpec(train_root, val_data=val_root))
+    assert val.classes == train.classes and unicodedata.normalize("NFC", "chat ü") in train.classes
+    assert torch.bincount(val.labels, minlength=2).tolist() == [2, 2]
