@@ -19,7 +19,7 @@ import torch
 
 from cnnkit.atomic import atomic_torch_save
 
-CACHE_VERSION = 2  # bump whenever the layout of an entry changes
+CACHE_VERSION = 3  # bump whenever the layout of an entry changes
 _MEMORY: dict[str, dict[str, Any]] = {}
 _MEMORY_ENTRIES = 4
 

@@ -469,9 +469,9 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
         # keep leaving out the images that the message told the user to allow by raising it
         key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels,
                "max_pixels": max_pixels()}
-        fields = ("images", "ok", "errors")
-        entry = cache.cached(key, lambda: dict(zip(fields, decode_files(files, channels, size))), fields)
-        images, ok, errors = entry["images"], entry["ok"], entry["errors"]
+        entry = cache.cached(key, lambda: _decode_entry(files, channels, size), ("images", "ok", "errors"))
+        images, ok = entry["images"], entry["ok"]
+        errors = [e.replace(FILE_MARK, files[i]) for i, e in zip((~ok).nonzero().flatten().tolist(), entry["errors"])]
     else:  # too large for memory: only check that every file opens; loader workers decode per batch
         images, ok, errors = None, *check_files(files)
     if errors:
@@ -483,6 +483,18 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
             raise DataError(f"every image of class {classes[missing[0]]} in {root} is broken; fix them or remove the folder")
     return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors),
                     paths=files, warnings=warnings)
+
+
+FILE_MARK = "\0file\0"  # in a cached message about a broken image, where its path goes
+
+
+def _decode_entry(files: list[str], channels: int, size: int) -> dict[str, Any]:
+    """The cache entry of decoded ``files``: the key holds their paths below the folder, not the folder's, so the
+    messages about broken images hold FILE_MARK for the file: a folder moved, or spelt another way, since the
+    entry was made named paths that no longer exist."""
+    images, ok, errors = decode_files(files, channels, size)
+    bad = (~ok).nonzero().flatten().tolist()  # errors come in the order of the files
+    return {"images": images, "ok": ok, "errors": [e.replace(files[i], FILE_MARK) for i, e in zip(bad, errors)]}
 
 
 def _default_size(files: list[str], root: str) -> tuple[int, list[str]]:

@@ -222,7 +222,7 @@ def test_the_folder_key_is_relpaths_for_every_spelling_of_the_root(tmp_path, mon
         reference = hashlib.sha256()
         for f in files:
             st = os.stat(f)
-            reference.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            reference.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
         assert files_fingerprint(root, files) == reference.hexdigest(), root
     assert len(keys) == 1
 

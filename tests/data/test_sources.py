@@ -373,3 +373,20 @@ def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
     train, val = load_splits(DataSpec(train_root, val_data=val_root))
     assert val.classes == train.classes and unicodedata.normalize("NFC", "chat ü") in train.classes
     assert torch.bincount(val.labels, minlength=2).tolist() == [2, 2]
+
+
+def test_a_moved_folder_names_its_broken_images_where_they_are_now(tmp_path, monkeypatch):
+    # a move keeps every file's size, mtime and ctime: the cache entry made before it named the old paths
+    from cnnkit.data import cache
+
+    monkeypatch.setenv("CNNKIT_CACHE", str(tmp_path / "cache"))
+    first = write_image_folder(str(tmp_path / "before"))
+    (tmp_path / "before" / "circle" / "bad.jpg").write_bytes(b"not an image")
+    train, _ = load_splits(DataSpec(first))
+    assert str(tmp_path / "before" / "circle" / "bad.jpg") in train.skipped[0]
+    entries = sorted(os.listdir(tmp_path / "cache"))
+    os.rename(first, tmp_path / "after")
+    cache._MEMORY.clear()  # from the disk, as a new process would
+    train, _ = load_splits(DataSpec(str(tmp_path / "after")))
+    assert str(tmp_path / "after" / "circle" / "bad.jpg") in train.skipped[0] and "before" not in train.skipped[0]
+    assert sorted(os.listdir(tmp_path / "cache")) == entries  # the same entry, not decoded again
