@@ -249,7 +249,8 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
             raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
                             f"{damaged}") from None
         # another built-in dataset's files there: the wrong --data more likely than a missing dataset
-        others = [n for n, entry in TORCHVISION_DATASETS.items() if n != name and os.path.isdir(os.path.join(root, entry[3]))]
+        others = [n for n, entry in TORCHVISION_DATASETS.items()
+                  if n != name and os.path.isdir(os.path.join(root, entry[3]))]
         held = (f" ({root} holds the files of {' and '.join(others)}: pass {others[0]} as the data if that is the one "
                 f"meant)" if others else "")
         raise UserError(
@@ -325,7 +326,8 @@ def scan_folder(root: str, option: str | None = None,
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
     # a class folder that is a broken link (an unmounted disk, a moved folder) is no folder: its class was left
     # out without a word, and the model trained without it
-    broken = [e for e in entries if os.path.islink(os.path.join(root, e)) and not os.path.exists(os.path.join(root, e))]
+    broken = [e for e in entries
+              if os.path.islink(os.path.join(root, e)) and not os.path.exists(os.path.join(root, e))]
     if broken:
         path = os.path.join(root, broken[0])
         raise UserError(f"{'class folder ' + path if option is None else f'{option} {root}: class folder {path}'} "
@@ -421,7 +423,8 @@ def _torchvision_files(root: str) -> str | None:
             if os.path.join(data_dir, *parts[:depth]) == path and os.path.isdir(os.path.join(data_dir, folder)):
                 # check-data takes the data as its argument, train and eval as --data
                 return (f"{root} holds torchvision's {name} files, not class folders of images; pass {name} as the "
-                        f"data, with --data-dir {data_dir} (to train: cnnkit train --data {name} --data-dir {data_dir})")
+                        f"data, with --data-dir {data_dir} (to train: cnnkit train --data {name} "
+                        f"--data-dir {data_dir})")
     return None
 
 
