@@ -217,6 +217,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+WARNING = "cnnkit: warning: "  # what starts a warning's line, the library's (in a run's log) and the commands' own
+
 # A number as Python writes it but JSON does not: .5, 5., -.5, 1.e-3 (JSON wants 0.5); not nan or inf.
 _PY_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -846,7 +848,7 @@ class _WarningsOnly:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            if line.startswith("cnnkit: warning: "):
+            if line.startswith(WARNING):
                 _error_line(line)
         return len(text)
 
@@ -951,8 +953,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = evaluate(load_checkpoint(args.checkpoint, ema=args.ema), args.data, data_dir=args.data_dir, val_split=args.val_split,
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
                  tta_shift=args.tta_shift, threads=args.threads)
-    for w in r.warnings:
-        print(f"cnnkit: warning: {w}", file=sys.stderr)
+    _warn(r.warnings)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
         return 0
@@ -1003,8 +1004,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Which classes the labels number: a run's own (so embeds of one run combine), or the data's.
     whose = {"run": " (the run's class indices)",
              "new": f" ({args.data}'s own classes: the run has none of them)"}.get(r["labelled_by"], "")
-    for w in r["warnings"]:
-        print(f"cnnkit: warning: {w}", file=sys.stderr)
+    _warn(r["warnings"])
     print(f"wrote {r['images']:,} x {r['dim']} features to {r['out']}, their labels{whose} to {r['labels']} and "
           f"each row's {rows} to {r['paths']}")
     _note_random_weights(args.model, args.pretrained, "its features are an untrained network's",
@@ -1017,8 +1017,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     r = probe(args.model, args.data, pretrained=args.pretrained, val_split=args.val_split, val_data=args.val_data,
               input_size=args.input_size, head_from=args.head_from, device=args.device)
-    for w in r.warnings:
-        print(f"cnnkit: warning: {w}", file=sys.stderr)
+    _warn(r.warnings)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
     else:
@@ -1196,8 +1195,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         name = f" '{c.class_name}'" if c.class_name else ""
         print(f"{', '.join(c.methods)} on {c.layer} for class {c.class_index}{name} (p={c.probability:.3f}; "
               f"predicted {c.predicted}) -> {c.path} ({c.width}x{c.height} px)")
-    for w in c.warnings:
-        print(f"cnnkit: warning: {w}", file=sys.stderr)
+    _warn(c.warnings)
     _note_random_weights(args.model, False, "the map shows no learned evidence", "pass a run folder or checkpoint")
     return 0
 
@@ -1288,6 +1286,12 @@ def _reports() -> bool:
     from cnnkit.train.distributed import reports
 
     return reports()
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    """A result's warnings on stderr, a line each, as a run's own reach it (``_WarningsOnly`` passes those on)."""
+    for w in warnings:
+        _error_line(WARNING + w)
 
 
 def _error_line(line: str) -> None:
