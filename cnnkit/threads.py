@@ -80,8 +80,8 @@ def resolve_threads(threads: int | None, workers: int = 0) -> int:
     """``threads`` checked, or the default: ``OMP_NUM_THREADS`` where set, else the usable physical cores less
     ``workers`` (DataLoader processes decoding images beside the computation), at least 1."""
     if threads is not None:
-        if bad_threads(threads):
-            raise UserError(f"--threads {bad_threads(threads)}")
+        if (wrong := bad_threads(threads)) is not None:
+            raise UserError(f"--threads {wrong}")
         return threads
     return _omp_threads() or max(1, usable_cores() - workers)
 

@@ -130,8 +130,8 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         refuse("augment_policy", f"must be one of {', '.join(AUGMENT_POLICIES)}, not '{cfg.augment_policy}'")
     if not 0 <= cfg.random_erasing <= 1:
         refuse("random_erasing", f"is a probability in [0, 1], got {cfg.random_erasing}")
-    if cfg.threads is not None and bad_threads(cfg.threads):  # here, to name a config file's key
-        refuse("threads", bad_threads(cfg.threads))
+    if cfg.threads is not None and (wrong := bad_threads(cfg.threads)) is not None:  # here, to name a config key
+        refuse("threads", wrong)
     if cfg.crop_pad is not None and (not isinstance(cfg.crop_pad, int) or isinstance(cfg.crop_pad, bool)
                                      or cfg.crop_pad < 0):
         refuse("crop_pad", f"must be 0 (no translation) or a number of pixels, got {cfg.crop_pad}")
