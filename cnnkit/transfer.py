@@ -21,7 +21,7 @@ from cnnkit.checkpoint import is_torchscript, read_payload, refused_torch_file
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
-from cnnkit.models.heads import find_head, replace_head, reset_head
+from cnnkit.models.heads import find_head, reset_head
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

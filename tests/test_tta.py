@@ -1,6 +1,5 @@
 """Test-time augmentation: the averaged views, a flip-invariant case, and eval/predict with --tta."""
 
-import json
 import os
 
 import pytest

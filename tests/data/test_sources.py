@@ -1,4 +1,3 @@
-import gzip  # noqa: F401  (the idx files torchvision reads are written uncompressed below)
 import os
 import re
 import shutil

@@ -16,7 +16,7 @@ TINY = dict(data="shapes", num_samples=256, epochs=2, batch_size=32, progress=Fa
 def test_same_seed_same_result_on_cpu(tmp_path):
     a = cnnkit.train(**TINY, model="cnn_bn", seed=3, device="cpu", out=str(tmp_path / "a"))
     b = cnnkit.train(**TINY, model="cnn_bn", seed=3, device="cpu", out=str(tmp_path / "b"))
-    c = cnnkit.train(**TINY, model="cnn_bn", seed=4, device="cpu", out=str(tmp_path / "c"))
+    cnnkit.train(**TINY, model="cnn_bn", seed=4, device="cpu", out=str(tmp_path / "c"))
     wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
     wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
     wc = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["state_dict"]

@@ -1,12 +1,10 @@
 import io
 import json
-import math
 
 import pytest
 import torch
 
 import cnnkit
-from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import UserError
 from cnnkit.train.lr_find import (EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, MAX_PASSES, MIN_STEPS, TENTH_METHOD,
                                   _beyond, _flat_message, _no_blowup_message, default_smoothing, default_steps, suggest)
