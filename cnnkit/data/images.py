@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera MPO files open through JPEG
+# Bump whenever a file decodes to other pixels: decoded folders are cached under it (cnnkit/data/sources.py), and
+# an entry of the old pixels must not be reused.
+DECODER_VERSION = 2
 
 
 def is_image_file(name: str) -> bool:
@@ -83,9 +86,13 @@ def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
         arr = np.clip(arr, 0.0, 1.0 if arr.max() <= 1.0 else 255.0)
         scale = 255.0 if arr.max() <= 1.0 else 1.0
         return Image.fromarray((arr * scale).round().astype(np.uint8), "L")
-    # 16-bit data (I;16 or a 16-bit PNG opened as mode I) spans 0..65535: scale, never clip to 255.
-    maximum = 65535 if arr.max() > 255 else 255
-    return Image.fromarray((arr.astype(np.float64) * (255.0 / maximum)).round().astype(np.uint8), "L")
+    # The range comes from the mode, never from the values: a dark 16-bit image (a 12-bit sensor's, every value
+    # at most 255) read as 8-bit came out up to 257x too bright. I;16* and the 16-bit PNG and PGM files Pillow opens
+    # as mode I span 0..65535: scaled, never clipped to 255. Mode I is Pillow's signed 32-bit mode too: values
+    # beyond 16 bits (a 32-bit TIFF's) span its range, and negative ones are black (they wrapped around).
+    maximum = 65535 if img.mode != "I" or arr.max() <= 65535 else 2**31 - 1
+    arr = np.clip(arr, 0, maximum).astype(np.float64)
+    return Image.fromarray((arr * (255.0 / maximum)).round().astype(np.uint8), "L")
 
 
 def convert_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
 from cnnkit.data import cache
-from cnnkit.data.images import header_size, image_size, is_image_file, load_image, max_pixels, why_missing
+from cnnkit.data.images import (DECODER_VERSION, header_size, image_size, is_image_file, load_image, max_pixels,
+                                why_missing)
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
 from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
@@ -469,9 +470,10 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
         # the pixel limit decides which images are broken: an entry made under another CNNKIT_MAX_PIXELS would
-        # keep leaving out the images that the message told the user to allow by raising it
+        # keep leaving out the images that the message told the user to allow by raising it; the decoder's version,
+        # what their pixels are (a dark 16-bit image was cached as the bright one an older version made of it)
         key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": size, "channels": channels,
-               "max_pixels": max_pixels()}
+               "max_pixels": max_pixels(), "decoder": DECODER_VERSION}
         entry = cache.cached(key, lambda: _decode_entry(files, channels, size), ("images", "ok", "errors"))
         images, ok = entry["images"], entry["ok"]
         errors = [e.replace(FILE_MARK, files[i]) for i, e in zip((~ok).nonzero().flatten().tolist(), entry["errors"])]

@@ -48,6 +48,27 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert load_image(path, 1, None).flatten().tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("mode, name", [("I;16", "dark.png"), ("I;16B", "dark.tiff"), ("I", "dark.pgm")])
+def test_a_dark_16_bit_image_stays_dark(tmp_path, mode, name):
+    # a 12-bit sensor's dark image (every value at most 255) was read as 8-bit: up to 257x too bright. The depth is
+    # the file's (16-bit PNG, TIFF and PGM open as these modes), not a guess from the values.
+    arr = np.array([[0, 100, 200, 255]], dtype=np.uint16)
+    img = Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(arr)
+    path = save(tmp_path, img, name)
+    assert Image.open(path).mode == mode
+    assert load_image(path, 1, None).flatten().tolist() == [0, 0, 1, 1]  # x 255 / 65535
+    # the same values in an 8-bit image are what they were
+    path = save(tmp_path, Image.fromarray(arr.astype(np.uint8)), "light.png")
+    assert load_image(path, 1, None).flatten().tolist() == [0, 100, 200, 255]
+
+
+def test_a_32_bit_image_is_scaled_not_wrapped_around(tmp_path):
+    # values beyond 16 bits were scaled as 16-bit and wrapped past 255 (100,000 came out as 133), negative ones too
+    arr = np.array([[-5, 0, 100_000, 2**30, 2**31 - 1]], dtype=np.int32)
+    path = save(tmp_path, Image.fromarray(arr, "I"), "wide.tiff")
+    assert load_image(path, 1, None).flatten().tolist() == [0, 0, 0, 128, 255]
+
+
 def test_cmyk_jpeg_colours(tmp_path):
     path = save(tmp_path, Image.new("RGB", (8, 8), (255, 0, 0)).convert("CMYK"), "c.jpg", quality=95)
     r, g, b = load_image(path, 3, None).float().mean(dim=(1, 2)).tolist()

@@ -261,6 +261,30 @@ def test_raising_the_pixel_limit_reads_the_image_it_left_out(tmp_path, monkeypat
     assert len(train) + len(val) == 33 and not train.skipped
 
 
+def test_a_cache_entry_of_an_older_decoder_is_not_reused(tmp_path):
+    # a dark 16-bit image decoded as 8-bit (too bright) was cached under its files, size and channels: once the
+    # decoder read it right, the same folder kept the bright pixels of the entry made before
+    from PIL import Image
+
+    from cnnkit.data import cache
+    from cnnkit.data.images import max_pixels
+
+    root = write_image_folder(str(tmp_path / "d"))
+    path = os.path.join(root, "circle", "dark.png")
+    Image.fromarray(np.full((16, 16), 200, dtype=np.uint16)).save(path)
+    spec = DataSpec(root, input_size=16, val_split=0.25)
+    files = scan_folder(root)[0]
+    old_key = {"source": "folder", "files": cache.files_fingerprint(root, files), "size": 16, "channels": 3,
+               "max_pixels": max_pixels()}
+    bright = {"images": torch.full((len(files), 3, 16, 16), 200, dtype=torch.uint8),
+              "ok": torch.ones(len(files), dtype=torch.bool), "errors": []}
+    cache.cached(old_key, lambda: bright)  # as the older version stored it
+    cache._MEMORY.clear()
+    train, val = load_splits(spec)
+    data = train if path in train.paths else val
+    assert int(data.images[data.paths.index(path)].max()) <= 1  # 200 of 65535
+
+
 def test_an_image_replaced_keeping_its_size_and_modification_time_is_decoded_again(tmp_path):
     # an uncompressed BMP has one length for one size: restored over with cp -p / tar / rsync -t, the file kept the
     # size and mtime its cache entry was keyed by, and training read the old pixels
