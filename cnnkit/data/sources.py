@@ -11,6 +11,7 @@ import concurrent.futures
 import hashlib
 import os
 import pickle
+import shutil
 import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -235,7 +236,7 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     damaged = (f"delete {where} and run with --download to fetch {name} again (needs internet), or copy intact "
                f"torchvision {cls_name} files there")
     try:
-        ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=spec.download)
+        ds = _open_dataset(getattr(torchvision.datasets, cls_name), root, folder, train, spec.download)
     except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as e:
         present = os.path.isdir(where) and any(not f.startswith(".") for f in os.listdir(where))
         # torchvision downloads only what is missing (MNIST) or fails its checksum (CIFAR): with files there, an
@@ -271,6 +272,47 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
                         f"but {len(labels):,} labels; {damaged}")
     images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
     return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)
+
+
+def _open_dataset(cls: Any, root: str, folder: str, train: bool, download: bool) -> Any:
+    """torchvision's dataset ``cls`` in ``root``; a download that fails removes what it made, and only that. It
+    left an empty ``MNIST/raw`` (and the data folder it made for it), which a later run took for another
+    dataset's files."""
+    if not download:
+        return cls(root, train=train, download=False)
+    made = _first_missing(root)
+    # what the folders the download writes into held before it: an archive lands in root, the files in folder
+    parts = folder.split("/")
+    folders = [os.path.join(root, *parts[:depth]) for depth in range(len(parts) + 1)]
+    before = {d: set(os.listdir(d)) if os.path.isdir(d) else set() for d in folders}
+    try:
+        return cls(root, train=train, download=True)
+    except BaseException:  # an interrupted download is half-written too
+        for d, held in before.items():
+            for entry in sorted(set(os.listdir(d)) - held) if os.path.isdir(d) else ():
+                path = os.path.join(d, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        # the folders made for root, if nothing else has been put in them since
+        path = os.path.abspath(root)
+        while made is not None and os.path.commonpath([path, made]) == made:
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+            path = os.path.dirname(path)
+        raise
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` (itself included) that does not exist, the one makedirs would create
+    first; None if ``path`` exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _reason(e: Exception) -> str:

@@ -352,6 +352,35 @@ def test_a_failed_download_names_its_cause_not_only_the_file(tmp_path, monkeypat
         load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=True))
 
 
+def test_a_failed_download_removes_what_it_made_and_only_that(tmp_path, monkeypatch):
+    # it left an empty MNIST/raw behind (and the data folder made for it), which the next run without --download
+    # took for the files of mnist
+    import torchvision
+
+    def offline(root, train, download):  # as torchvision's MNIST does: the folder, a partial file, then the error
+        raw = os.path.join(root, "MNIST", "raw")
+        os.makedirs(raw, exist_ok=True)
+        with open(os.path.join(raw, "train-images-idx3-ubyte.gz"), "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error [Errno -2]>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    made = tmp_path / "made"
+    with pytest.raises(DataError, match="could not download mnist"):
+        load_splits(DataSpec("mnist", data_dir=str(made / "datasets"), download=True))
+    assert os.listdir(tmp_path) == []
+    # a folder there before keeps what it held, empty folders included
+    kept = tmp_path / "kept"
+    (kept / "MNIST").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="could not download mnist"):
+        load_splits(DataSpec("mnist", data_dir=str(kept), download=True))
+    assert sorted(os.listdir(kept)) == ["MNIST", "notes.txt"] and os.listdir(kept / "MNIST") == []
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec("fashion_mnist", data_dir=str(kept)))
+    assert "holds the files of mnist" not in str(e.value)
+
+
 def test_a_folder_of_torchvision_files_given_as_images_names_the_dataset_and_data_dir(tmp_path):
     # it said "no images found under its class folders (MNIST...)", and not which options read those files
     rng = np.random.default_rng(0)
