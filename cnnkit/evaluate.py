@@ -109,6 +109,7 @@ def evaluate(
     named = (f"--val-data {val_data}" if val_data is not None else f"--data {data}" if data is not None
              else f"the run's validation data {cfg.get('val_data') or cfg.get('data')}")
     eval_set = by_class_name(eval_set, list(ckpt.classes), named, f"the checkpoint {ckpt.path}")
+    warnings += eval_set.warnings  # what reading a folder found: files beside its class folders, not scored
     if eval_set.images is None:  # decoded per batch by loader processes: leave them their cores
         threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)

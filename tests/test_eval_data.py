@@ -90,6 +90,20 @@ def test_eval_of_the_training_folder_warns(run):
     assert evaluate(out, other).warnings == []
 
 
+def test_eval_of_a_folder_names_the_files_beside_its_class_folders(run, tmp_path):
+    # they are scored no more than trained on: eval on such a folder said nothing of them
+    out, data, other = run
+    from PIL import Image
+
+    folder = shutil.copytree(other, tmp_path / "other")
+    for name in ("stray.png", ".DS_Store"):
+        Image.new("RGB", (16, 16)).save(folder / name, format="PNG")
+    for scored in (evaluate(out, str(folder)), evaluate(out, str(folder), val_split=0.5),
+                   evaluate(out, val_data=str(folder))):
+        warning, = scored.warnings
+        assert "1 file(s) at the top of" in warning and "(stray.png)" in warning, warning
+
+
 def test_eval_help_says_what_data_and_val_split_score():
     text = " ".join(run_cli("eval", "--help").stdout.split())
     assert "default for folders: 0.1" not in text

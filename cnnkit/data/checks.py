@@ -146,7 +146,9 @@ def check_splits(
     val_counts = torch.bincount(val.labels, minlength=k).tolist()
     imbalance = max(train_counts) / max(min(train_counts), 1)
     mean, std = stats or channel_stats(train)
-    warnings: list[str] = list(train.warnings)
+    # (a --val-data folder's own: a split's and a dataset's validation part have none, and --overfit-batches
+    # validates on the training set itself)
+    warnings: list[str] = list(train.warnings) + (list(val.warnings) if val.source != train.source else [])
     notes: list[str] = []
     single = one_class(train)
     if single:  # `cnnkit train` refuses such data; check-data shows its counts and says why

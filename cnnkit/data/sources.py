@@ -139,7 +139,9 @@ def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder.
     ``option``: the flag that named ``spec.data``, for the errors about that folder."""
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
-        return load_splits(spec)[1]
+        train, val = load_splits(spec)
+        # what reading the folder found (split() gives it to the training part) concerns the part scored too
+        return val if spec.val_data is not None else replace(val, warnings=train.warnings)
     return _folder(spec.data, spec, None if option == "--data" else option, scored=True)
 
 
@@ -508,6 +510,7 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
     files, labels, classes = scan_folder(root, option, scored)
     channels = spec.channels or 3
     size, warnings = (spec.input_size, []) if spec.input_size else _default_size(files, root)
+    warnings = _loose_files(root, root if option is None else f"{option} {root}") + warnings
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
@@ -530,6 +533,19 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
             raise DataError(f"every image of class {classes[missing[0]]} in {root} is broken; fix them or remove the folder")
     return ImageSet(labels, classes, images, None if in_memory else files, channels, size, root, list(errors),
                     paths=files, warnings=warnings)
+
+
+def _loose_files(root: str, named: str) -> list[str]:
+    """The warning, if any, that folder ``root`` (``named``, as the user gave it) holds files beside its class
+    folders: no class takes them, and images put there were left out without a word. Hidden files
+    (``.DS_Store``, ``._photo.jpg``) are no one's images and go unmentioned."""
+    loose = [e for e in os.listdir(root) if not e.startswith(".") and not os.path.isdir(os.path.join(root, e))]
+    if not loose:
+        return []
+    loose.sort(key=lambda e: (not is_image_file(e), e))  # images first: they are what was lost
+    shown = ", ".join(loose[:2]) + (f" and {len(loose) - 2} more" if len(loose) > 2 else "")
+    return [f"{len(loose)} file(s) at the top of {named}, beside its class folders, are not read ({shown}): only "
+            f"images inside a class folder are; move images into {os.path.join(root, '<class name>', '')}"]
 
 
 FILE_MARK = "\0file\0"  # in a cached message about a broken image, where its path goes

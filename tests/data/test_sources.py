@@ -38,6 +38,49 @@ def test_hidden_folders_and_files_are_ignored(image_folder):
     assert ".ipynb_checkpoints" not in classes and len(files) == 32
 
 
+def _put_files_at_the_top(root):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(os.path.join(root, "stray.jpg"))
+    for name in ("README.md", "cats.zip", ".DS_Store", "._photo.jpg"):
+        open(os.path.join(root, name), "w").close()
+
+
+def test_files_beside_the_class_folders_are_named_once(image_folder):
+    # a stray image (or a zip of them) at the top of the folder belongs to no class: it was left out without a word
+    train, val = load_splits(DataSpec(image_folder, val_split=0.25))
+    assert train.warnings == [] and val.warnings == []
+    _put_files_at_the_top(image_folder)
+    train, val = load_splits(DataSpec(image_folder, val_split=0.25))
+    assert len(train) + len(val) == 32
+    warning, = train.warnings
+    assert warning.startswith(f"3 file(s) at the top of {image_folder}, beside its class folders, are not read "
+                              "(stray.jpg, README.md and 1 more)") and "move images into" in warning, warning
+    assert val.warnings == []  # said once, with the training part
+    assert not any(w in warning for w in (".DS_Store", "._photo"))
+    _, val = load_splits(DataSpec(image_folder, val_data=image_folder + os.sep))
+    assert val.warnings[0].startswith(f"3 file(s) at the top of --val-data {image_folder}")
+
+
+def test_files_beside_the_class_folders_are_named_once_by_train_and_check_data(tmp_path):
+    import io
+
+    import cnnkit
+    from tests.conftest import run_cli
+
+    root = write_image_folder(str(tmp_path / "d"))
+    _put_files_at_the_top(root)
+    log = io.StringIO()
+    cnnkit.train(data=root, epochs=1, model="simple_cnn", out=str(tmp_path / "run"), progress=False, log=log)
+    lines = [line for line in log.getvalue().splitlines() if "at the top of" in line]
+    assert lines == [f"cnnkit: warning: 3 file(s) at the top of {root}, beside its class folders, are not read "
+                     f"(stray.jpg, README.md and 1 more): only images inside a class folder are; move images into "
+                     f"{os.path.join(root, '<class name>', '')}"], log.getvalue()
+    proc = run_cli("check-data", root)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if "at the top of" in line] == [lines[0][len("cnnkit: "):]]
+
+
 def test_input_size_and_channels_are_applied(image_folder):
     train, _ = load_splits(DataSpec(image_folder, input_size=20, channels=1))
     assert train.images.shape[1:] == (1, 20, 20)
