@@ -287,9 +287,11 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
         num_samples = min(num_samples or smoke_train, smoke_train)
         if cfg.data == "shapes" and cfg.val_split is not None:
             # shapes generates num_samples images and --val-split holds its share of those out: generate that
-            # share on top (and one per class for the rounding), so the training part fills the batches; never
-            # more than --num-samples, which the run itself splits so
-            num_samples = math.ceil(smoke_train / (1 - cfg.val_split)) + len(SHAPE_CLASSES)
+            # share on top (and one per class for the rounding), so the training part fills the batches; but
+            # never more than the smoke run validates on (--val-split 0.99 generated 16,010 images to validate
+            # on 256, 0.9999 1.6 million: fewer batches then), nor than --num-samples, which the run splits so
+            generated = min(smoke_train / (1 - cfg.val_split), SMOKE_VAL_IMAGES / cfg.val_split)
+            num_samples = math.ceil(generated) + len(SHAPE_CLASSES)
             num_samples = min(num_samples, cfg.num_samples) if cfg.num_samples else num_samples
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)

@@ -163,6 +163,19 @@ def test_smoke_run_with_val_split_on_shapes_trains_its_five_batches(tmp_path):
     assert r.num_train == len(load_splits(DataSpec("shapes", val_split=0.5, num_samples=64))[0])
 
 
+def test_smoke_run_with_a_val_split_near_1_generates_no_more_than_it_validates_on(tmp_path, monkeypatch):
+    # to train on 5 batches, --val-split 0.99 generated 16,010 shapes (0.9999: 1.6 million) to validate on 256
+    from cnnkit.train import setup
+
+    specs = []
+    monkeypatch.setattr(setup, "load_splits", lambda spec: specs.append(spec) or load_splits(spec))
+    r = cnnkit.train(smoke=True, val_split=0.99, batch_size=32, model="cnn_bn", precision="fp32", progress=False,
+                     out=str(tmp_path / "run"), log=io.StringIO())
+    spec, = specs
+    assert spec.num_samples <= 5 * 32 + 256 + 10 and r.num_val == 256 and 1 <= r.num_train <= 5 * 32
+    assert r.epochs_run == 2
+
+
 @pytest.mark.parametrize("bad, words", [
     (dict(mixup=-1), "--mixup"), (dict(accum_steps=0), "--accum-steps"), (dict(ema=1.0), "--ema"),
     (dict(early_stop=0), "--early-stop"), (dict(monitor="val_f1"), "--monitor"), (dict(keep_best=-1), "--keep-best"),
