@@ -139,8 +139,9 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         batches = -(-len(train_set) // cfg.batch_size)
         print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
               f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
-    if cfg.num_samples and not cfg.smoke and not cfg.overfit_batches and ctx.main and not saved \
-            and cfg.data != "shapes" and len(train_set) < cfg.num_samples:
+    # what --num-samples asked the data for; in a smoke run, no more than its own cap (its line names that one)
+    asked = min(cfg.num_samples or 0, SMOKE_BATCHES * cfg.batch_size) if cfg.smoke else cfg.num_samples or 0
+    if len(train_set) < asked and not cfg.overfit_batches and ctx.main and not saved and cfg.data != "shapes":
         print(f"cnnkit: note: --num-samples {cfg.num_samples:,}: the training data has only {len(train_set):,} "
               "images; it trains on all of them", file=log)
     steps, left = divmod(len(train_set), cfg.batch_size)  # a full last batch only: drop_last, below

@@ -247,6 +247,28 @@ def test_num_samples_beyond_the_data_says_it_trains_on_all(tmp_path):
         in log.getvalue().splitlines(), log.getvalue()
 
 
+def test_num_samples_beyond_the_data_of_a_smoke_run_says_it_trains_on_all(tmp_path):
+    # a smoke run said nothing: 100 asked, within its cap of 5 batches of 32, and 28 there
+    import cnnkit
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(str(tmp_path / "images"))  # 32 images: 28 training
+    for num_samples, said in ((100, True), (None, False)):
+        log = io.StringIO()
+        result = cnnkit.train(data=data, num_samples=num_samples, smoke=True, batch_size=32,
+                              out=str(tmp_path / f"run{num_samples}"), precision="fp32", progress=False, log=log)
+        assert result.num_train == 28
+        notes = [line for line in log.getvalue().splitlines() if "--num-samples" in line]
+        assert notes == (["cnnkit: note: --num-samples 100: the training data has only 28 images; it trains on all "
+                          "of them"] if said else []), log.getvalue()
+    # beyond the cap, the smoke run's own cap is what holds the number down: its line says so, no note
+    write_image_folder(str(tmp_path / "more"), n_per_class=60)
+    log = io.StringIO()
+    result = cnnkit.train(data=str(tmp_path / "more"), num_samples=1000, smoke=True, batch_size=32,
+                          out=str(tmp_path / "run2"), precision="fp32", progress=False, log=log)
+    assert result.num_train == 5 * 32 and "--num-samples" not in log.getvalue(), log.getvalue()
+
+
 def test_overfit_batches_refuses_val_data_before_any_work(tmp_path):
     from tests.conftest import run_cli
 
