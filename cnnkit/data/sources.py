@@ -290,6 +290,15 @@ def _open_dataset(cls: Any, root: str, folder: str, train: bool, download: bool)
     try:
         return cls(root, train=train, download=True)
     except BaseException:  # an interrupted download is half-written too
+        _remove_new(before, root, made)
+        raise
+
+
+def _remove_new(before: dict[str, set[str]], root: str, made: str | None) -> None:
+    """Remove what is in the folders of ``before`` and was not then, and the folders from ``root`` up to ``made``
+    (the outermost one made for it) while nothing else has been put in them. What cannot be removed stays: the
+    error the caller is about to raise is the one to show."""
+    try:
         for d, held in before.items():
             for entry in sorted(set(os.listdir(d)) - held) if os.path.isdir(d) else ():
                 path = os.path.join(d, entry)
@@ -297,15 +306,12 @@ def _open_dataset(cls: Any, root: str, folder: str, train: bool, download: bool)
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     os.remove(path)
-        # the folders made for root, if nothing else has been put in them since
         path = os.path.abspath(root)
         while made is not None and os.path.commonpath([path, made]) == made:
-            try:
-                os.rmdir(path)
-            except OSError:
-                break
+            os.rmdir(path)  # only an empty folder: OSError otherwise, and the ones above it stay too
             path = os.path.dirname(path)
-        raise
+    except OSError:
+        pass
 
 
 def _first_missing(path: str) -> str | None:
