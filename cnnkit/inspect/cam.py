@@ -195,7 +195,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or last_conv_layer(target.model, target.input_shape)
-    find_layer(target.model, name)
+    find_layer(target.model, name, target.source)
     warnings = [] if layer else _patch_embedding_warning(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:

@@ -63,7 +63,7 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or first_conv(target.model)
-    module = find_layer(target.model, name)
+    module = find_layer(target.model, name, target.source)
     if not isinstance(module, nn.Conv2d):
         convs = [n for n, m in target.model.named_modules() if isinstance(m, nn.Conv2d)][:4]
         raise UserError(f"layer '{name}' is a {type(module).__name__}, not a Conv2d; convolutional layers are "

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 from typing import Iterator, Sequence
 
 import torch
@@ -24,13 +25,17 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def find_layer(model: nn.Module, name: str) -> nn.Module:
-    """The sub-module called ``name``; a UserError with the closest names when there is none."""
+def find_layer(model: nn.Module, name: str, label: str | None = None) -> nn.Module:
+    """The sub-module called ``name``; a UserError with the closest names when there is none. ``label`` is what
+    the user called the model on the command line (a model name, a run folder or checkpoint), for the command
+    that lists the names; without it (a module from Python) the hint is ``cnnkit.inspect.layer_names``."""
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    raise UserError(f"the model has no layer '{name}'{did_you_mean(name, modules, most=3)} (`cnnkit features MODEL "
-                    f"--list-layers` shows the {len(modules) - 1} names)")
+    lister = (f"`cnnkit features {shlex.quote(label)} --list-layers`" if label else
+              "`cnnkit.inspect.layer_names(model)`, or `--list-layers` on the command line,")
+    raise UserError(f"the model has no layer '{name}'{did_you_mean(name, modules, most=3)} ({lister} shows the "
+                    f"{len(modules) - 1} names)")
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ class InspectedModel:
     classes: list[str] | None = None  # None for an untrained model built from its name
     config: dict[str, Any] | None = None  # the training configuration of a checkpoint
     epoch: int | None = None  # a checkpoint's: the epochs trained when it was saved
+    source: str | None = None  # the model name or path as given (what a command's MODEL_OR_RUN takes); None: a module
 
 
 def default_input_size(name: str) -> int:
@@ -123,7 +124,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
                             f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
         check_input_size(ckpt.model, shape, (ckpt.channels, ckpt.input_size, ckpt.input_size), ckpt.path)
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
-                              ckpt.config, ckpt.epoch)
+                              ckpt.config, ckpt.epoch, model_or_run)
     if os.sep in model_or_run or is_model_file(model_or_run):
         raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
     check_model_name(model_or_run)
@@ -132,7 +133,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     model = build_model(model_or_run, shape, num_classes, meta, **options)
     if shape[1] != shape[2]:
         _check_non_square(model, model_or_run, shape)
-    return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD)
+    return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD, source=model_or_run)
 
 
 def _check_non_square(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:

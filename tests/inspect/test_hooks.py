@@ -92,3 +92,30 @@ def test_inspecting_restores_modes_and_batchnorm_statistics_even_after_an_error(
             raise ValueError
     assert model.training and not model.features[1].training
     assert all(torch.equal(v, before[k]) for k, v in bn.named_buffers())
+
+
+@pytest.mark.parametrize("command", [
+    ["features", "simple_cnn", "--layer", "feature.7", "--image", "IMG", "--out", "OUT"],
+    ["filters", "simple_cnn", "--layer", "feature.7", "--out", "OUT.png"],
+    ["cam", "simple_cnn", "--layer", "feature.7", "--image", "IMG", "--out", "OUT.png"],
+    ["rf", "simple_cnn", "--verify-layer", "feature.7"],
+    ["rf", "simple_cnn", "--effective", "OUT.png", "--layer", "feature.7", "--images", "2"],
+])
+def test_an_unknown_layer_names_the_command_that_lists_this_models_layers(command, capsys, shape_image, tmp_path):
+    """The hint said `cnnkit features MODEL --list-layers`, with the literal word MODEL."""
+    from cnnkit.cli import main
+
+    args = [shape_image if a == "IMG" else str(tmp_path / a) if a.startswith("OUT") else a for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("the model has no layer 'feature.7'; did you mean features.7, features.8 or "
+                        "features.6? (`cnnkit features simple_cnn --list-layers` shows the 16 names)"), err
+
+
+def test_an_unknown_layer_of_a_module_points_to_layer_names():
+    model = cnnkit.create_model("resnet18")  # from Python: no name to put in a command line
+    names = len(cnnkit.inspect.layer_names(model))
+    with pytest.raises(UserError, match=r"no layer 'layer5'.* \(`cnnkit\.inspect\.layer_names\(model\)`, or "
+                       rf"`--list-layers` on the command line, shows the {names} names\)$"):
+        with cnnkit.capture(model, ["layer5"]):
+            pass
