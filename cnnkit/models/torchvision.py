@@ -166,6 +166,9 @@ def _factory(tv_name: str):
         if tv_name.startswith(("vit_",)):
             kwargs.setdefault("image_size", input_size)
             _check_patches(tv_name, kwargs["image_size"], "image_size" in options)
+        if tv_name.startswith("maxvit_"):
+            _check_windows(tv_name, input_size)
+            kwargs["input_size"] = (input_size, input_size)
         try:
             if pretrained:
                 # Built with the weights' own head, loaded strictly, then given the new head.
@@ -214,6 +217,42 @@ def _check_patches(tv_name: str, image_size: Any, given: bool) -> None:
         where = "--model-opt image_size" if given else "--input-size"
         raise UserError(f"{tv_name} cuts its input into {patch}x{patch} patches, so its input size must be a multiple "
                         f"of {patch}, and {image_size} is not; use {sizes} pixels ({where})")
+
+
+# MaxViT's window and grid attention cut each stage's feature map into 7x7 squares (``partition_size``); its stem
+# and each of its four stages halve the map with a 3x3 stride-2 convolution (padding 1: a side n becomes ceil(n/2)).
+MAXVIT_WINDOW, MAXVIT_STAGES = 7, 4
+
+
+def _maxvit_stage_sizes(size: int) -> list[int]:
+    """The side of each MaxViT stage's feature map for a ``size`` pixels input: ceil(size / 4) ... ceil(size / 32)."""
+    sides, side = [], -(-size // 2)  # the stem
+    for _ in range(MAXVIT_STAGES):
+        side = -(-side // 2)
+        sides.append(side)
+    return sides
+
+
+def _takes_windows(size: int) -> bool:
+    return all(side % MAXVIT_WINDOW == 0 for side in _maxvit_stage_sizes(size))
+
+
+def _check_windows(tv_name: str, size: int) -> None:
+    """torchvision builds a MaxViT for one input size (its attention windows are laid out for it), and refuses one
+    where a stage's map is no multiple of the window (a ValueError listing every stage): say so with the sizes that
+    work. They are the multiples of 224 (32 x 7: every stage then a multiple of 7) and the three sizes just below
+    each, which round up to the same maps; the smallest is 221."""
+    if not isinstance(size, int) or size < 1 or _takes_windows(size):
+        return
+    step = MAXVIT_WINDOW * 2 ** (MAXVIT_STAGES + 1)
+    below, above = size // step * step, (size // step + 1) * step
+    smallest = next(n for n in range(1, step + 1) if _takes_windows(n))
+    sides = ", ".join(map(str, _maxvit_stage_sizes(size)))
+    use = f"{below} or {above}" if below else f"{above}"
+    raise UserError(f"{tv_name} cuts the feature map of each of its {MAXVIT_STAGES} stages into {MAXVIT_WINDOW}x"
+                    f"{MAXVIT_WINDOW} windows, so each stage's side (the input's divided by 4, 8, 16 and 32, rounded "
+                    f"up) must be a multiple of {MAXVIT_WINDOW}: at {size} pixels they are {sides}; use {use} pixels "
+                    f"(--input-size; the smallest it takes: {smallest})")
 
 
 def _unfit_pretrained(tv_name: str, state: dict, options: dict) -> UserError:

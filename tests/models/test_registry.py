@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 import cnnkit
 from cnnkit.errors import UserError
@@ -124,6 +125,35 @@ def test_a_vit_at_a_size_its_patches_do_not_divide_is_a_user_error_naming_the_si
 
     proc = run_cli("summary", name, "--input-size", 3, size, size)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_maxvit_is_built_for_the_input_size_and_a_size_its_windows_do_not_divide_names_the_ones_that_work(
+        tmp_path, monkeypatch, capsys):
+    """maxvit_t was built for 224 whatever the input size, so it ran at 223 and 224 only, and the search for the
+    smallest size (64, 128, 256) never met them: "use a larger --input-size", with no size. torchvision builds
+    a MaxViT for one input size, whose four stages (1/4 to 1/32 of it, rounded up) must be multiples of 7."""
+    from cnnkit.cli import main
+
+    with pytest.raises(UserError) as e:
+        cnnkit.create_model("maxvit_t", input_size=64)
+    assert str(e.value).endswith("at 64 pixels they are 16, 8, 4, 2; use 224 pixels (--input-size; the smallest it "
+                                 "takes: 221)")
+    with pytest.raises(UserError, match=r"at 300 pixels they are 75, 38, 19, 10; use 224 or 448 pixels"):
+        cnnkit.create_model("maxvit_t", input_size=300)
+    assert main(["summary", "maxvit_t", "--input-size", "220"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    for size in (221, 448):  # the smallest, and a size the model built for 224 could not take
+        assert cnnkit.summary("maxvit_t", input_size=size).layers[-1].output_shape == [1000]
+    # torchvision's pretrained weights hold nothing sized by the input, so they load at 448 too
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    state = torchvision.models.maxvit_t().state_dict()
+    torch.save(state, folder / os.path.basename(torchvision.models.MaxVit_T_Weights.DEFAULT.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = cnnkit.create_model("maxvit_t", num_classes=1000, input_size=448, pretrained=True).eval()
+    assert torch.equal(model.state_dict()["stem.0.0.weight"], state["stem.0.0.weight"])
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 448, 448)).shape == (1, 1000)
 
 
 def test_an_unknown_model_option_names_a_close_one_and_the_models_options():
