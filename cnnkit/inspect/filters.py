@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from cnnkit.errors import UserError
 from cnnkit.inspect import drawing
-from cnnkit.inspect.hooks import find_layer
+from cnnkit.inspect.hooks import find_layer, inspecting
 from cnnkit.inspect.loading import load_model
+from cnnkit.models.sizes import SIZE_ERRORS
 
 MODES = ("auto", "rgb", "channels", "mean")
 
@@ -36,12 +39,65 @@ class FilterImage:
     inputs_shown: int = 0  # input channels drawn for each filter (channels mode: at most 16); all of them else
 
 
-def first_conv(model: nn.Module) -> str:
-    """The name of the first ``Conv2d`` in the model's definition order."""
+class _FirstConvolution(TorchFunctionMode):
+    """Stops the forward pass at its first 2-D convolution, holding the kernels it was given (``weight``)."""
+
+    weight: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            self.weight = args[1] if len(args) > 1 else kwargs["weight"]
+            raise _Stop
+        return func(*args, **kwargs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def first_conv(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> str:
+    """The kernels the forward pass convolves its input with first: a ``Conv2d``'s name, or the name of a fixed
+    filter bank that ``forward`` convolves with itself (fastnet's whitening filters, the buffer ``whiten_weight``:
+    not a Conv2d, and the most telling first-layer filters of that network). Found by running the forward pass on
+    one image of zeros of ``input_shape`` (C, H, W) up to that convolution; without a shape, or where the kernels
+    are not among the model's own tensors, the first ``Conv2d`` in definition order."""
+    if input_shape is not None:
+        tensors = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+        found = _FirstConvolution()
+        first = next(iter((*model.parameters(), *model.buffers())), None)
+        x = torch.zeros(1, *input_shape, dtype=first.dtype if first is not None and first.is_floating_point()
+                        else None, device=first.device if first is not None else None)
+        try:
+            with inspecting(model), found:
+                model(x)
+        except _Stop:
+            pass
+        except SIZE_ERRORS:  # an input the model cannot take before its first convolution: the fallback
+            pass
+        name = tensors.get(id(found.weight))
+        if name is not None:
+            owner, _, attribute = name.rpartition(".")
+            return owner if attribute == "weight" and isinstance(model.get_submodule(owner), nn.Conv2d) else name
     name = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     if name is None:
         raise UserError("the model has no Conv2d layer to show filters of")
     return name
+
+
+def _kernels(model: nn.Module, name: str, label: str | None) -> torch.Tensor:
+    """The out x in x kH x kW kernels of ``name``: a ``Conv2d`` layer, or a filter bank the model holds as a
+    4-D tensor of its own (``whiten_weight``), which the forward pass convolves with."""
+    tensors = dict((*model.named_parameters(), *model.named_buffers()))
+    if name not in dict(model.named_modules()) and name in tensors and tensors[name].dim() == 4:
+        return tensors[name]
+    module = find_layer(model, name, label)
+    if not isinstance(module, nn.Conv2d):
+        banks = [n for n, b in model.named_buffers() if b.dim() == 4 and b.is_floating_point()]
+        convs = (banks + [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)])[:4]
+        raise UserError(f"layer '{name}' is a {type(module).__name__}, not a Conv2d; convolutional layers are "
+                        f"{', '.join(convs)}, ...")
+    return module.weight
 
 
 def _diverging(kernels: torch.Tensor) -> list:
@@ -53,8 +109,9 @@ def _diverging(kernels: torch.Tensor) -> list:
 def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = "filters.png", mode: str = "auto",
             max_filters: int = 64, input_size: Any = None, num_classes: int | None = None,
             **options: Any) -> FilterImage:
-    """Draw the kernels of Conv2d ``layer`` (default: the first one) to the PNG ``out``; ``mode`` is one of
-    ``rgb``, ``channels``, ``mean`` or ``auto`` (rgb for 3 input channels, else mean). A model name's
+    """Draw the kernels of Conv2d ``layer`` (default: the first convolution the forward pass runs, ``first_conv``;
+    a fixed filter bank such as fastnet's ``whiten_weight`` is named by its own name) to the PNG ``out``; ``mode``
+    is one of ``rgb``, ``channels``, ``mean`` or ``auto`` (rgb for 3 input channels, else mean). A model name's
     ``num_classes`` and ``options`` go to its factory, as in ``summary``."""
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -62,13 +119,8 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
         raise UserError(f"--max-filters must be at least 1, got {max_filters}")
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
-    name = layer or first_conv(target.model)
-    module = find_layer(target.model, name, target.source)
-    if not isinstance(module, nn.Conv2d):
-        convs = [n for n, m in target.model.named_modules() if isinstance(m, nn.Conv2d)][:4]
-        raise UserError(f"layer '{name}' is a {type(module).__name__}, not a Conv2d; convolutional layers are "
-                        f"{', '.join(convs)}, ...")
-    weight = module.weight.detach().float().cpu()
+    name = layer or first_conv(target.model, target.input_shape)
+    weight = _kernels(target.model, name, target.source).detach().float().cpu()
     if mode == "auto":
         mode = "rgb" if weight.shape[1] == 3 else "mean"
     if mode == "rgb" and weight.shape[1] != 3:

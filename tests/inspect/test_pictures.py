@@ -87,6 +87,30 @@ def test_filter_errors(trained_run, tmp_path):
         cnnkit.filters(trained_run, "features.3", str(tmp_path / "f.png"), mode="rgb")
 
 
+def test_fastnets_first_filters_are_its_whitening_filters(tmp_path, capsys):
+    """fastnet's first convolution is a fixed 2x2 whitening, held as a buffer and applied in forward, not a Conv2d:
+    `cnnkit filters fastnet` showed the first ConvGroup's 3x3 kernels (averaged over 24 channels), and no --layer
+    reached the whitening filters, the most telling ones of that network."""
+    from cnnkit.cli import main
+
+    model = cnnkit.create_model("fastnet", num_classes=10, input_size=32)
+    torch.manual_seed(0)
+    model.init_from_data(torch.randn(64, 3, 32, 32).cumsum(dim=3))  # correlated neighbours, as in photos
+    f = cnnkit.filters(model, out=str(tmp_path / "w.png"))
+    assert (f.layer, f.weight_shape, f.mode, f.filters_shown) == ("whiten_weight", [24, 3, 2, 2], "rgb", 24)
+    assert_picture(f.path, body=(5 * 48 + 4 * 2, 5 * 48 + 4 * 2))  # 2x2 kernels enlarged 24 times
+    drawn = np.asarray(Image.open(f.path).convert("RGB"))[18:18 + 48, :48].astype(int)  # the first filter
+    w = model.whiten_weight[0]
+    expected = ((w - w.min()) / (w.max() - w.min()) * 255).round().permute(1, 2, 0).int().numpy()
+    assert (drawn[::24, ::24] == expected).all()  # its own values, not another layer's
+    assert main(["filters", "fastnet", "--layer", "whiten_weight", "--mode", "channels", "--out",
+                 str(tmp_path / "c.png")]) == 0
+    assert capsys.readouterr().out.startswith("whiten_weight: 24x3x2x2 kernels, 16 shown (channels")
+    with pytest.raises(UserError, match="a GELU, not a Conv2d; convolutional layers are whiten_weight, layers.1.conv1"):
+        cnnkit.filters("fastnet", "layers.0", str(tmp_path / "g.png"))
+    assert cnnkit.filters("resnet18", out=str(tmp_path / "r.png"), input_size=32).layer == "conv1"  # as before
+
+
 def test_default_cam_layer_is_the_last_convolution_after_its_activation():
     for name, expected in [("simple_cnn", "features.7"), ("resnet18", "layer4"), ("vgg16", "features.29"),
                            ("cnn_bn", "features.6"), ("densenet121", "features")]:
