@@ -159,6 +159,10 @@ def _positive_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
         for name, b in module.named_buffers(recurse=False):
             if name in ("running_mean", "running_var"):
                 values[prefix + name] = _filled(0.0 if name == "running_mean" else 1.0, b, dtype)
+            elif b.is_floating_point() and b.dim() == 4:  # fixed filters (fastnet's whitening): positive as well
+                values[prefix + name] = _filled(1.0 / max(1, math.prod(b.shape[1:])), b, dtype)
+            elif b.is_floating_point():  # a constant (fastnet BatchNorm's unit scale): its values, in the pass's dtype
+                values[prefix + name] = b.to(dtype)
     return values
 
 

@@ -203,6 +203,13 @@ def _window(info: TensorInfo, x: torch.Tensor, out: torch.Tensor, kernel, stride
     return TensorInfo(fields, _sizes_for(info.tags, out.shape, info.sizes), info.tags)
 
 
+# Adaptive pooling modules: their output's field is that of adaptive pooling from the input's size to the output's,
+# whatever operations their forward uses. fastnet's GlobalMaxPool is one, computed as a max-pool window of the
+# map's size (an operation every ONNX exporter knows), which alone would read as a window like any other: a
+# global pool then looked like one more feature layer, the last one before the head.
+ADAPTIVE_POOLS = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
 def _adaptive(info: TensorInfo, x: torch.Tensor, out: torch.Tensor) -> TensorInfo:
     fields = dict(info.fields)
     for d in range(2, x.dim()):
@@ -491,6 +498,9 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
         layer.macs += tracer.macs - macs
         layer.bytes += tracer.bytes - nbytes
         t = first_tensor(output)
+        x = first_tensor(inputs)
+        if isinstance(module, ADAPTIVE_POOLS) and tracer.info_of(x) is not None and t is not None:
+            tracer.info[t] = _adaptive(tracer.info_of(x), x, t)
         if t is not None:
             layer.output_shape = list(t.shape[1:])
             layer.info = tracer.info_of(t)

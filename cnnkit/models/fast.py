@@ -85,10 +85,15 @@ class ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
-class GlobalMaxPool(nn.Module):
+class GlobalMaxPool(nn.AdaptiveMaxPool2d):
     """The maximum over each channel's whole map, as one max-pool window of the map's size: the same values and
     gradients as ``nn.AdaptiveMaxPool2d(1)``, but an operation every ONNX exporter translates (torch 2.11's
-    exporter stops at adaptive_max_pool2d, which its onnxscript leaves unimplemented)."""
+    exporter stops at adaptive_max_pool2d, which its onnxscript leaves unimplemented). It is an
+    ``nn.AdaptiveMaxPool2d(1)`` by type, so that inspection (receptive fields, the final feature layer) knows it
+    for global pooling, whatever the size of the map; it has no parameters or buffers either way."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, kernel_size=x.shape[-2:])

@@ -158,3 +158,25 @@ def test_a_network_that_downsamples_to_1x1_ends_its_features_there():
     checks = cnnkit.verify_receptive_field(load_model("convnet", widths=(32, 64, 128, 256, 512), downsample="stride"))
     assert checks[-1].layer == "features" and checks[-1].measured == [[0, 31], [0, 31]]
     assert all(c.agrees for c in checks), checks
+
+
+def test_fastnets_final_feature_layer_is_its_last_conv_group_not_the_global_pool():
+    """fastnet's global max-pool is a max-pool window of the map's size (for ONNX), which read as one more window:
+    `cnnkit rf fastnet` named it, layers.4, the final feature layer. By hand (even sizes: the 2x2 whitening pads
+    right and bottom; each group: 3x3 conv, 2x2 pool, 3x3 conv): whitening rf 2 jump 1 start 0.5; layers.1
+    2 + 2 + 1 + 2*2 = 9, jump 2; layers.2 9 + 2*2 + 2 + 2*4 = 23, jump 4; layers.3 23 + 2*4 + 4 + 2*8 = 51, jump
+    8, start 4; the pool over its 4x4 map: 51 + 3*8 = 75, the whole input. Measured too (which crashed: the
+    whitening filters and BatchNorm's unit scale, buffers, stayed float32 in the float64 pass)."""
+    r = cnnkit.receptive_field("fastnet")
+    assert [(rf_of(r, n).rf, rf_of(r, n).jump, rf_of(r, n).start) for n in ("layers.0", "layers.1", "layers.2",
+                                                                            "layers.3")] == \
+        [(2, 1, 0.5), (9, 2, 1), (23, 4, 2), (51, 8, 4)]
+    pool = rf_of(r, "layers.4")
+    assert (pool.rf, pool.jump, pool.whole) == (75, 0, True)
+    assert (r.final_layer, r.final_rf, r.covers_input, r.every_unit_covers) == ("layers.3", 51, True, False)
+    unpadded = cnnkit.receptive_field("fastnet", even_sizes=False)  # airbench's 31, 15, 7, 3: the same fields
+    assert (unpadded.final_layer, unpadded.final_rf, rf_of(unpadded, "layers.3").output_shape) == \
+        ("layers.3", 51, [256, 3, 3])
+    checks = cnnkit.verify_receptive_field("fastnet")
+    assert checks[-1].layer == "layers.3" and checks[-1].measured == [[0, 31], [0, 31]]
+    assert all(c.agrees for c in checks), checks
