@@ -12,8 +12,10 @@ runs, taken after what follows it at the same resolution (BatchNorm, the activat
 since a convolution's raw output before BatchNorm is mostly negative and Grad-CAM keeps only the positive
 part. That is ``layer4`` for a ResNet, ``features.29`` for VGG16, ``features`` for ConvNeXt (not its last
 block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
-convolutions whose maps keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
-channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there. The map is
+maps that keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
+channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there, with a warning: the last map with
+more positions that the rest of the network is computed from (``Mixed_6e`` for Inception-v3 at 75 to 106 pixels,
+not one of ``Mixed_7a``'s branch convolutions). The map is
 upsampled to the input size (bilinear) and scaled to 0..1. A vision transformer's (ViT's, Swin's) only
 convolution is its patch embedding, before every layer that decides the class: that default comes with a
 warning. A ResNet whose head also reads earlier stages (``head_from``) takes part of its evidence from them,
@@ -33,7 +35,7 @@ from cnnkit.errors import UserError
 from cnnkit.inspect import drawing
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import load_model, prepare_image
-from cnnkit.inspect.trace import TracedLayer, trace
+from cnnkit.inspect.trace import Trace, TracedLayer, trace
 from cnnkit.models.sizes import run_or_size_error
 from cnnkit.progress import progress_bar
 
@@ -60,30 +62,89 @@ PRE_ACTIVATION = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.G
 
 
 def last_conv_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
-    """The default layer (see the module doc): of the layers that end after the last ``Conv2d`` and before
-    the resolution changes (or the next convolution starts), the last that is no convolution or normalisation;
-    where several return that same tensor, the outermost. When a shared activation module (a ResNet
-    Bottleneck's one ``relu``, called three times) leaves only the convolution and its BatchNorm at that
-    resolution, the convolution before is taken instead."""
+    """The default layer (see the module doc), as ``default_cam_layer`` picks it."""
+    return default_cam_layer(model, input_shape)[0]
+
+
+def default_cam_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[str, list[str]]:
+    """The default layer and why its map may not be what the user expects. Of the layers that end after the last
+    ``Conv2d`` and before the resolution changes (or the next convolution starts), the last that is no convolution
+    or normalisation; where several return that same tensor, the outermost. When a shared activation module (a
+    ResNet Bottleneck's one ``relu``, called three times) leaves only the convolution and its BatchNorm at that
+    resolution, the convolution before is taken instead. Where the last convolution's map is 1x1 (small images),
+    the last block whose output has more positions (``last_block_with_positions``), with a warning."""
     with inspecting(model):
         t = trace(model, input_shape)
     convs = [x for x in t.layers if isinstance(x.module, nn.Conv2d) and x.output_shape and len(x.output_shape) == 3]
     if not convs:
         raise UserError("the model has no Conv2d layer; name a layer with a C x H x W output with --layer")
-    convs = [x for x in convs if x.output_shape[1] * x.output_shape[2] > 1]  # a 1x1 map has nothing to show
-    if not convs:
+    if not any(_positions(x) > 1 for x in convs):
         raise UserError(f"every convolution's output is 1x1 at {input_shape[1]}x{input_shape[2]}: there is no "
                         "place in the image to show; use larger images")
     ordered = sorted(t.layers, key=lambda x: x.done)
     convs.sort(key=lambda x: x.done)
+    block = last_block_with_positions(t) if _positions(convs[-1]) == 1 else None
+    if block is not None:
+        _, h, w = block.output_shape
+        return block.name, [f"the last convolution's map is 1x1 at {input_shape[1]}x{input_shape[2]} (one value per "
+                            f"channel: one flat colour), so the map is of {block.name} ({h}x{w}), the last block "
+                            "whose output has more positions; larger images map the layers after it"]
     last = None  # the last convolution's run: the fallback when every run ends in a pre-activation layer
     for conv in reversed(convs):
         run = _same_resolution_after(conv, ordered)
         last = last or run
         kept = [x for x in run if not isinstance(x.module, PRE_ACTIVATION)]
         if kept:
-            return _outermost(run, kept[-1])
-    return _outermost(last, last[-1])
+            return _outermost(run, kept[-1]), []
+    return _outermost(last, last[-1]), []
+
+
+def _positions(layer: TracedLayer) -> int:
+    """Positions of a C x H x W output (H x W); 0 for any other output."""
+    shape = layer.output_shape
+    return shape[1] * shape[2] if shape and len(shape) == 3 else 0
+
+
+def last_block_with_positions(t: Trace) -> TracedLayer:
+    """For a network whose last maps are 1x1: the last map with more than one position that all the rest of the
+    network is computed from. Among the modules directly inside the model, the last whose output has more than one
+    position (one that is no convolution or normalisation, as above, where there is one); where the module after
+    it, whose output is 1x1, holds such maps inside and runs its parts one after another, each on the one before's
+    output (a stage, a block without a shortcut), the same again inside it. A block that runs parts side by side on the
+    same input (Inception's branches, a residual block's shortcut) is not entered: its parts' maps each hold one
+    branch of the evidence, and the block's input (``Mixed_6e``'s output, not ``Mixed_7a``'s branch convolutions)
+    is what the rest is computed from."""
+    traced = {x.name: x for x in t.layers}
+
+    def parent(name: str) -> str:  # the nearest traced ancestor ("" for the model; a ModuleList is never called)
+        while "." in name:
+            name = name.rpartition(".")[0]
+            if name in traced:
+                return name
+        return ""
+
+    inside: dict[str, list[TracedLayer]] = {}
+    for x in t.layers:
+        inside.setdefault(parent(x.name), []).append(x)
+
+    def in_sequence(block: TracedLayer) -> bool:  # each part runs on the output of the one before
+        parts = sorted(inside.get(block.name, []), key=lambda x: x.first)
+        return bool(parts) and all(part.input_info is (before.first_info if before else block.input_info)
+                                   for before, part in zip([None, *parts], parts))
+
+    best, holder = None, ""
+    while True:
+        children = sorted(inside.get(holder, []), key=lambda x: x.done)
+        several = [x for x in children if _positions(x) > 1]
+        activated = [x for x in several if not isinstance(x.module, PRE_ACTIVATION)]
+        if activated or (several and best is None):  # a norm's output inside does not displace the block's
+            best = (activated or several)[-1]
+        after = several[-1].done if several else -1
+        collapsing = next((x for x in children if x.done > after and any(
+            _positions(y) > 1 for y in t.layers if y.name.startswith(x.name + "."))), None)
+        if collapsing is None or not in_sequence(collapsing):
+            return best
+        holder = collapsing.name
 
 
 def _same_resolution_after(conv: TracedLayer, ordered: list[TracedLayer]) -> list[TracedLayer]:
@@ -194,9 +255,9 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
-    name = layer or last_conv_layer(target.model, target.input_shape)
+    name, warnings = (layer, []) if layer else default_cam_layer(target.model, target.input_shape)
     find_layer(target.model, name, target.source)
-    warnings = [] if layer else _patch_embedding_warning(target.model, name)
+    warnings += [] if layer else _patch_embedding_warning(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:
             known = (f"; classes are {', '.join(target.classes)}" if target.classes else

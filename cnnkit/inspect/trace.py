@@ -88,6 +88,8 @@ class TracedLayer:
     info: TensorInfo | None = None
     first_shape: list[int] | None = None  # the first call's output_shape and info
     first_info: TensorInfo | None = None
+    input_info: TensorInfo | None = None  # the first call's input's (the same object as the output info of the
+    # layer that made that tensor, so which layer feeds which can be told)
 
 
 @dataclass
@@ -488,6 +490,7 @@ def trace(model: nn.Module, input_shape: tuple[int, int, int], meta: bool = True
         layer = layers.get(module)
         if layer is None:
             layer = layers[module] = TracedLayer(names[module], module, names[module].count(".") + 1, clock[0])
+            layer.input_info = tracer.info_of(first_tensor(inputs))
         stack.append((layer, tracer.macs, tracer.bytes))
 
     def post(module, inputs, output):

@@ -140,6 +140,28 @@ def test_default_cam_layer_is_a_stage_output_not_a_raw_convolution_or_norm_insid
         assert last_conv_layer(target.model, target.input_shape) == expected, (name, size)
 
 
+def test_where_the_last_maps_are_1x1_the_default_cam_layer_is_what_the_rest_is_computed_from(shape_image, tmp_path):
+    """`cnnkit cam inception_v3` at 75 pixels (its smallest) mapped Mixed_7a.branch7x7x3_3: Mixed_7c is 1x1 there,
+    and the last convolution with more positions was one of Mixed_7a's branches, one share of the evidence. So
+    were RegNet's (a block's main path beside its shortcut) and ShuffleNet's at 32. The default is now the last
+    map with more positions that the rest of the network is computed from, and above 106 pixels Mixed_7c."""
+    for name, size, expected in [("inception_v3", 75, "Mixed_6e"), ("inception_v3", 106, "Mixed_6e"),
+                                 ("inception_v3", 107, "Mixed_7c"), ("inception_v3", None, "Mixed_7c"),
+                                 ("regnet_y_400mf", 32, "trunk_output.block3"),
+                                 ("shufflenet_v2_x0_5", 32, "stage3"), ("convnext_tiny", 32, "features.5"),
+                                 ("googlenet", 32, "inception4e"), ("efficientnet_b0", 32, "features.6.0.block.0"),
+                                 ("fastnet", None, "layers.3")]:
+        target = load_model(name, size, meta=True)
+        assert last_conv_layer(target.model, target.input_shape) == expected, (name, size)
+    c = cnnkit.class_activation_map("inception_v3", shape_image, out=str(tmp_path / "i.png"), input_size=75,
+                                    progress=False)
+    assert c.layer == "Mixed_6e" and c.warnings == [
+        "the last convolution's map is 1x1 at 75x75 (one value per channel: one flat colour), so the map is of "
+        "Mixed_6e (3x3), the last block whose output has more positions; larger images map the layers after it"]
+    assert cnnkit.class_activation_map("inception_v3", shape_image, out=str(tmp_path / "j.png"), input_size=107,
+                                       progress=False).warnings == []
+
+
 def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
     target = load_model(trained_run)
     x, shown = prepare_image(target, shape_image)
