@@ -717,7 +717,8 @@ def _features_options(p: argparse.ArgumentParser) -> None:
 def _filters_options(p: argparse.ArgumentParser) -> None:
     _model_or_run_options(p)
     _build_options(p)
-    p.add_argument("--layer", metavar="NAME", help="a Conv2d layer (default: the first)")
+    p.add_argument("--layer", metavar="NAME", help="a Conv2d layer, or a filter bank the model holds itself, such as "
+                   "fastnet's whiten_weight (default: the first convolution the forward pass runs)")
     p.add_argument("--out", metavar="PNG", required=True, help="the picture to write")
     p.add_argument("--mode", choices=("auto", "rgb", "channels", "mean"), default="auto",
                    help="rgb: colour patches (3-channel kernels); channels: one patch per input channel; "
