@@ -1264,8 +1264,11 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return command(args)
     except UserError as e:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback is --debug's point; the exit code stays the error's own (2 for usage)
+            import traceback
+
+            traceback.print_exc()
+            return e.exit_code
         if not isinstance(e, TrainingStopped) or _reports():  # every rank stopped alike: rank 0 says so
             _error_line(f"cnnkit {args.command}: {e.label}: {e}")
         return e.exit_code

@@ -105,6 +105,17 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+def test_debug_keeps_the_errors_own_exit_code(tmp_path):
+    # a script that checks for 2 (usage) or 1 (run time) must not read a different code when rerun with --debug
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for args, code, words in [(["eval", tmp_path / "nothing"], 2, "does not exist"),
+                              (["eval", tmp_path / "empty.pt"], 1, "is empty")]:
+        assert_one_line_error(run_cli(*args), code, words)
+        proc = run_cli("--debug", *args)
+        assert proc.returncode == code, proc.stderr
+        assert "Traceback" in proc.stderr and words in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_eval_of_missing_checkpoint(tmp_path):
     assert_one_line_error(run_cli("eval", tmp_path / "nothing"), 2, "does not exist")
 
