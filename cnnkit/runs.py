@@ -1,6 +1,6 @@
 """``cnnkit runs``: the run folders under a directory (``runs/`` by default), one line each — model, data,
 epochs, best validation accuracy, when it started and whether it finished — read from each folder's
-``config.json``, ``result.json`` and ``metrics.csv``.
+``config.json``, ``run.json``, ``result.json`` and ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ class RunInfo:
     epochs: int  # planned
     best_val_acc: float | None  # None before the first epoch ends
     best_epoch: int | None
-    started: str  # local time, YYYY-MM-DD HH:MM (config.json is written when the run starts)
+    started: str  # local time, YYYY-MM-DD HH:MM: run.json's "started", or config.json's file time (below)
     status: str  # "finished", "diverged" (stop.json: the loss or outputs became non-finite), "stopped"
     # (Ctrl-C, SIGTERM, a killed process; also while it is still running), or "damaged: FILE" (config.json,
     # result.json or metrics.csv there but unreadable: `cnnkit report` says what is wrong with it)
+    # False for a run folder without a readable run.json (written by cnnkit before it recorded the start): its
+    # start is config.json's file time then, which a copy of the folder (cp -r, rsync, unzip) resets to its own
+    started_recorded: bool = True
 
 
 # What to do about a damaged file of a run, by name: config.json holds the settings nothing else records in full;
@@ -40,6 +43,22 @@ _DAMAGE_FIX = {
     "metrics.csv": "delete it to report the run without its per-epoch figures, or restore it from a copy",
 }
 METRICS_NEEDED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what every run's metrics.csv holds
+
+
+def start_record() -> dict[str, str]:
+    """What a new run writes to its ``run.json``: when it started, as local time with its UTC offset (ISO 8601).
+    A file's time does not say it: copying or restoring the folder gives its files the copy's time."""
+    return {"started": datetime.datetime.now().astimezone().isoformat()}
+
+
+def started(run_dir: str) -> tuple[datetime.datetime, bool]:
+    """When the run in ``run_dir`` started, as a local time, and whether its run.json recorded it (else it is
+    config.json's file time: a folder from before run.json, or one whose run.json is unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+            return datetime.datetime.fromisoformat(json.load(f)["started"]).astimezone(), True
+    except (OSError, ValueError, TypeError, KeyError):
+        return datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json"))), False
 
 
 def damaged(path: str, what: str) -> UserError:
@@ -147,9 +166,9 @@ def run_info(run_dir: str) -> RunInfo | None:
     if broken:
         status = f"damaged: {', '.join(broken)}"
     planned = (result or {}).get("epochs") or config.get("epochs") or 0
-    started = datetime.datetime.fromtimestamp(os.path.getmtime(config_path))
+    start, recorded = started(run_dir)
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
-                   best[0], best[1], started.strftime("%Y-%m-%d %H:%M"), status)
+                   best[0], best[1], start.strftime("%Y-%m-%d %H:%M"), status, recorded)
 
 
 def divergence(run_dir: str) -> dict | None:
@@ -188,7 +207,8 @@ def lower_rate(run_dir: str) -> str:
 
 
 def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:
-    """The run folders directly under ``root`` (or ``root`` itself, if it is one), oldest first."""
+    """The run folders directly under ``root`` (or ``root`` itself, if it is one), oldest first (by ``started``,
+    to the microsecond)."""
     if not os.path.isdir(root):
         raise UserError(f"{root} is not a folder; pass the folder that holds your runs "
                         f"(`cnnkit train` writes them under ./{DEFAULT_ROOT}/)")
@@ -197,7 +217,7 @@ def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:
         return [single]
     runs = [info for name in sorted(os.listdir(root)) if not name.startswith(".")
             for info in [run_info(os.path.join(root, name))] if info is not None]
-    return sorted(runs, key=lambda r: (r.started, r.path))
+    return sorted(runs, key=lambda r: (started(r.path)[0].timestamp(), r.path))
 
 
 def latest_run(root: str = DEFAULT_ROOT) -> str:
@@ -211,16 +231,21 @@ def latest_run(root: str = DEFAULT_ROOT) -> str:
 
 
 def newest(runs: list[RunInfo]) -> str:
-    """The folder of the most recently started of ``runs`` (non-empty), by config.json's time to the second and
-    below: ``RunInfo.started`` keeps only the minute."""
-    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r.path, "config.json"))).path
+    """The folder of the most recently started of ``runs`` (non-empty), by ``started`` to the microsecond:
+    ``RunInfo.started`` keeps only the minute."""
+    return max(runs, key=lambda r: started(r.path)[0].timestamp()).path
 
 
 def format_runs(runs: list[RunInfo]) -> str:
-    """An aligned table, one run a line."""
+    """An aligned table, one run a line; a start time that no run.json recorded is marked and explained below."""
     header = ("RUN", "MODEL", "DATA", "EPOCHS", "BEST ACC", "STARTED", "STATUS")
     rows = [(r.path, r.model, r.data if len(r.data) <= 30 else "..." + r.data[-27:], f"{r.epochs_done}/{r.epochs}",
-             "-" if r.best_val_acc is None else f"{r.best_val_acc:.4f} (ep {r.best_epoch})", r.started, r.status)
+             "-" if r.best_val_acc is None else f"{r.best_val_acc:.4f} (ep {r.best_epoch})",
+             r.started + ("" if r.started_recorded else "*"), r.status)
             for r in runs]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    table = "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    if all(r.started_recorded for r in runs):
+        return table
+    return table + ("\n* config.json's file time (no run.json: a run from an older cnnkit); a copied folder shows "
+                    "the copy's time")

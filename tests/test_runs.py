@@ -26,3 +26,38 @@ def test_a_json_file_that_is_not_utf8_text_is_damaged(tmp_path):
         load_json(str(path))
     path.write_text("\ufeff" + json.dumps({"epochs": 3}), encoding="utf-8")  # a byte order mark is still JSON
     assert load_json(str(path)) == {"epochs": 3}
+
+
+def test_started_is_the_runs_own_record_not_its_files_time(tmp_path):
+    # `cp -r` (no -p), rsync, git checkout and unzip give the files the copy's time: STARTED showed that
+    import datetime
+    import io
+    import os
+    import shutil
+
+    import cnnkit
+    from cnnkit.runs import format_runs, latest_run, list_runs
+
+    root = tmp_path / "runs"
+    cnnkit.train(data="shapes", num_samples=64, epochs=1, batch_size=32, threads=1, progress=False,
+                 out=str(root / "first"), log=io.StringIO())
+    recorded = datetime.datetime.fromisoformat(json.loads((root / "first" / "run.json").read_text())["started"])
+    assert abs(recorded.timestamp() - (root / "first" / "config.json").stat().st_mtime) < 5
+    shutil.copytree(root / "first", root / "copy", copy_function=shutil.copy)  # as cp -r: the copy's file times
+    long_ago = datetime.datetime(2020, 1, 2, 3, 4).timestamp()
+    os.utime(root / "first" / "config.json", (long_ago, long_ago))  # as a restore with other file times
+    local = recorded.astimezone().strftime("%Y-%m-%d %H:%M")
+    (first, copy) = list_runs(str(root))
+    assert first.started == copy.started == local and first.started_recorded and copy.started_recorded
+    assert "*" not in format_runs([first, copy])
+
+    # a folder from before run.json: config.json's time, marked as such, and sorted by it
+    (root / "copy" / "run.json").unlink()
+    os.utime(root / "copy" / "config.json", (long_ago, long_ago))
+    (old, new) = list_runs(str(root))
+    assert old.path == str(root / "copy") and old.started == "2020-01-02 03:04" and not old.started_recorded
+    assert new.path == str(root / "first") and new.started == local and new.started_recorded
+    table = format_runs([old, new]).splitlines()
+    assert "2020-01-02 03:04*" in table[1] and f"{local} " in table[2] + " "
+    assert table[-1].startswith("* config.json's file time (no run.json")
+    assert latest_run(str(root)) == str(root / "first")

@@ -33,7 +33,7 @@ from cnnkit.atomic import atomic_path, atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
 from cnnkit.progress import progress_bar
-from cnnkit.runs import list_runs, newest
+from cnnkit.runs import list_runs, newest, start_record
 from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
@@ -340,6 +340,9 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         _restore(t, saved, resume)
     else:
         t.run_dir = distributed.broadcast_text(make_run_dir(cfg) if t.ctx.main else None, t.ctx)
+        # the start time in a file of its own: config.json stays a replayable --config file, and a file's time
+        # changes when the folder is copied. Written first, so that a run folder (config.json) always has it.
+        _write_json(t.run_dir, "run.json", start_record())
         # threads as asked (None: this machine's default), so that a replayed config fits the machine it runs on;
         # the count used is in the run's header and its result.
         _write_json(t.run_dir, "config.json", {**recorded(cfg), "out": t.run_dir, "lr": t.plan.lr})

@@ -55,7 +55,7 @@ def test_the_loop_calls_back_and_draws_nothing_itself(tmp_path):
     recorder = Recorder()
     # plots, report and tta are asked for, but only the callbacks could carry them out
     r = loop.train(**TINY, epochs=2, plots=True, report=True, tta=True, out=str(out), callbacks=recorder)
-    assert recorder.calls == [("start", ["config.json", "metrics.csv", "stages.json"]),
+    assert recorder.calls == [("start", ["config.json", "metrics.csv", "run.json", "stages.json"]),
                               ("epoch", 1, True), ("epoch", 2, True), ("end", 2)]
     assert r.tta_val_acc == 0.25 == json.loads((out / "result.json").read_text())["tta_val_acc"]
     assert not (out / "plots").exists() and not (out / "report.html").exists()
