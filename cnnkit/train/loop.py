@@ -210,20 +210,25 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     """
     wall_start = time.perf_counter()
     callbacks = callbacks or Callbacks()
-    saved = _resume_payload(resume) if resume else None
-    if saved:
-        cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"])))
-    else:
-        cfg = make_config(config, overrides)
-    callbacks.check(cfg)
-    try:
-        t = _set_up(cfg, log or sys.stdout, saved)
-    except ModelOptionsError as e:
-        raise model_options_error(e, None if saved else config, overrides) from None
+    # The signals are caught from the start: before, Ctrl-C during the start-up (reading and decoding the data,
+    # building the model, --lr auto's range test) ended in a bare KeyboardInterrupt, SIGTERM killed the process
+    # without a word, and a run started ignoring SIGINT (`cnnkit train ... &` in a script) ignored it until the
+    # loop's handler, then stopped on it.
     with StopSignals() as stop:
-        # Every process catches the signals before any of them writes the run folder: a signal that reached one
-        # still on its way ended it at once (the default handler), and the others failed in their next collective
-        # ("Connection reset by peer") instead of stopping with a save.
+        with stop.at_once(resume):  # nothing written yet that a stop must keep
+            saved = _resume_payload(resume) if resume else None
+            if saved:
+                cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"])))
+            else:
+                cfg = make_config(config, overrides)
+            callbacks.check(cfg)
+            try:
+                t = _set_up(cfg, log or sys.stdout, saved)
+            except ModelOptionsError as e:
+                raise model_options_error(e, None if saved else config, overrides) from None
+        # Every process waits for the others' start-up before any of them writes the run folder: a signal then
+        # reaches them all in the loop, where they stop after the same step ("Connection reset by peer" in the
+        # next collective, where one had ended at once and the others had not).
         distributed.barrier(t.ctx)
         _open_run_folder(t, saved, resume, callbacks)
         callbacks.on_start(t)
@@ -938,23 +943,51 @@ def _any_process_stopping(stop: "StopSignals") -> bool:
     return bool(flag.item())
 
 
+class _Signalled(KeyboardInterrupt):
+    """A signal within ``StopSignals.at_once``: a KeyboardInterrupt, which code that catches Exception lets pass."""
+
+
 class StopSignals:
     """Within the block, SIGINT and SIGTERM ask the loop to stop after the current step (a second SIGINT
-    stops at once). Outside the main thread, where handlers cannot be installed, it does nothing."""
+    stops at once); within ``at_once``, they stop at once. Outside the main thread, where handlers cannot be
+    installed, it does nothing. A signal that the process was started ignoring (SIG_IGN: the shell's SIGINT for
+    `cnnkit train ... &` in a script, for a job that Ctrl-C must not reach) stays ignored, as Python leaves it
+    too; SIGTERM stops such a run."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
+        self._at_once = False
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self._at_once:
+            raise _Signalled(signal.Signals(signum).name)
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
+    @contextlib.contextmanager
+    def at_once(self, resume: str | None) -> Iterator[None]:
+        """A block that a signal ends where it is (the run's start-up, which has no step to finish and nothing
+        to save), as a TrainingStopped with the loop's exit code; ``resume``: the run folder being resumed."""
+        self._at_once = True
+        try:
+            yield
+        except _Signalled as e:
+            name = str(e)
+            again = (f"{resume} is as it was (run the same command again to continue it)" if resume else
+                     "nothing was written (run the same command again to start it)")
+            stopped = TrainingStopped(f"{name} while the run was starting, before its first step; {again}")
+            stopped.exit_code = 128 + getattr(signal, name)
+            raise stopped from None
+        finally:
+            self._at_once = False
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) != signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
