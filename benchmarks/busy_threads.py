@@ -106,7 +106,7 @@ def main() -> None:
         for way, results in ways.items():
             speeds = [r["images_per_s"] for r in results]
             walls = ", ".join(f"{r['wall_s']:.1f}" for r in results)
-            changes = "; ".join(f"{c['before']}->{c['threads']} at batch {c['batch']}"
+            changes = "; ".join(f"{c['before']}->{c['threads']} at epoch {c['epoch']}, batch {c['batch']}"
                                 for c in results[0]["thread_changes"]) or "none"
             lines.append(f"| {condition} | {way} | {statistics.median(speeds):,.0f} "
                          f"({', '.join(f'{s:,.0f}' for s in speeds)}) | "

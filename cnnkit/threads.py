@@ -160,9 +160,11 @@ def keeps_torch_threads(fn: F) -> F:
 
 @dataclass
 class ThreadChange:
-    """A change of the thread count during training: after ``batch`` batches (counted from the start of this
-    process's training) from ``before`` threads to ``threads``, and the median seconds per batch with each."""
+    """A change of the thread count during training: after batch ``batch`` of epoch ``epoch`` (counted within
+    the epoch from 1, as steps.csv's "step" and a stop's "epoch E, batch B" count them, a resumed epoch's too), from
+    ``before`` threads to ``threads``, and the median seconds per batch with each."""
 
+    epoch: int
     batch: int
     before: int
     threads: int
@@ -220,7 +222,7 @@ class ThreadGovernor:
         self.wait_clock = wait_clock or run_queue_wait
         self.set_threads = set_threads or _set_torch_num_threads
         self.changes: list[ThreadChange] = []
-        self.batches = 0
+        self.epoch, self.batch = 1, 0  # where training is: the batches of the epoch done
         self._path = [threads]  # the counts gone down through, the current one last
         self._skip = self.WARMUP
         self._last: float | None = None  # the wall clock at the end of the last batch
@@ -231,7 +233,9 @@ class ThreadGovernor:
         self._wait = {"fewer": 0.0, "more": self.RECHECK_S["more"]}  # seconds after a decision before the next try
         self._next = {"fewer": 0.0, "more": 0.0}  # the clock time from which each kind of try may run
 
-    def start(self) -> None:
+    def start(self, epoch: int = 1, batch: int = 0) -> None:
+        """A stretch of batches begins: of epoch ``epoch``, after its first ``batch`` (a resumed epoch's)."""
+        self.epoch, self.batch = epoch, batch
         self._last = self.clock()
         self._times = []  # a window spans no pause
 
@@ -244,7 +248,7 @@ class ThreadGovernor:
     def step(self) -> None:
         now, last = self.clock(), self._last
         self._last = now
-        self.batches += 1
+        self.batch += 1
         if self.most < 2 or last is None:
             return
         seconds = now - last
@@ -287,7 +291,7 @@ class ThreadGovernor:
         median, full = statistics.median(self._times), len(self._times) == self.WINDOW
         self._times = []
         if full and median <= self.FASTER * self._base:
-            self.changes.append(ThreadChange(self.batches, self.count, count, self._base, median))
+            self.changes.append(ThreadChange(self.epoch, self.batch, self.count, count, self._base, median))
             self.count = count
             if kind == "fewer":
                 self._path.append(count)

@@ -295,3 +295,48 @@ def test_compiled_loops_keep_more_builds_than_torch_compiles_default(recwarn):
     for n in range(1, 11):
         assert torch.equal(compiled.run(double_relu, torch.arange(n) - 3.0, what="test loop"), (torch.arange(n) * 2 - 6.0).relu())
     assert compiled.available(), [str(w.message) for w in recwarn]
+
+
+def test_a_thread_change_names_the_epoch_and_its_batch_as_steps_csv_does(tmp_path):
+    """In a resumed epoch too: counted from the session's start, the batch read as the epoch's (or as steps.csv's
+    step) named another batch than the one after which the count changed."""
+    from cnnkit.train import loop
+
+    before = torch.get_num_threads()
+    seen = []  # (batch of the epoch, from 1; torch's thread count) at each forward pass
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+
+    class Batches:
+        def __len__(self):
+            return 40
+
+        def batches(self, start=0):
+            for _ in range(start, 40):
+                yield torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
+
+    clock = {"wall": 0.0, "wait": 0.0}
+
+    def tick():  # as above: 2 threads wait half the time for a core, one thread is far faster
+        n = torch.get_num_threads()
+        clock["wall"] += 0.9 if n == 2 else 0.03
+        clock["wait"] += 0.45 if n == 2 else 0.0
+        return clock["wall"]
+
+    governor = ThreadGovernor(2, clock=tick, wait_clock=lambda: clock["wait"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        torch.set_num_threads(2)
+        resumed = loop.EpochState(batch=10)  # epoch 3 resumed after its 10th batch
+        loop.train_one_epoch(model, Batches(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                             torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+                             torch.device("cpu"), None, resumed, progress=False, governor=governor, epoch=3)
+        (change,) = governor.changes
+        assert (change.epoch, change.before, change.threads) == (3, 2, 1)
+        # batches 11..40 ran: a warm-up and a window with 2 threads, then the try of 1 (settling, a window), kept
+        # after batch change.batch of the epoch
+        tried = change.batch - governor.SETTLE - governor.WINDOW
+        assert tried == 10 + governor.WARMUP + governor.WINDOW
+        assert seen == [2] * (tried - 10) + [1] * (40 - tried)
+    finally:
+        torch.set_num_threads(before)

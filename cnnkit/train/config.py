@@ -131,7 +131,9 @@ class TrainResult:
     ema_val_acc: float | None = None  # the weight EMA's validation accuracy after the last epoch
     threads: int = 0  # CPU threads torch computed with (config.json's threads: the request, None for the default)
     # where the default count changed during the run, because other processes were busy on the cores or no longer
-    # were (cnnkit/threads.py, ThreadGovernor): {batch, before, threads, s_before, s_after} each
+    # were (cnnkit/threads.py, ThreadGovernor): {epoch, batch, before, threads, s_before, s_after} each, the count
+    # changed after that batch of that epoch (numbered within the epoch, as steps.csv's step); in a resumed run,
+    # the changes of its last session
     thread_changes: list[dict[str, Any]] = field(default_factory=list)
 
 

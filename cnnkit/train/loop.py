@@ -458,7 +458,7 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
         desc=f"epoch {epoch}/{total}", progress=cfg.progress and t.ctx.main, stop=stop, save_every=cfg.save_every,
         save=functools.partial(_save_within_epoch, t, step_losses), step_losses=step_losses,
         mix=t.pieces.mix if epoch <= total - cfg.mix_off_epochs else None, accum_steps=cfg.accum_steps, ema=t.ema,
-        governor=t.governor,
+        governor=t.governor, epoch=epoch,
     )
     if t.governor:
         t.governor.finish()  # validation and what follows run at the count chosen, not at one being tried
@@ -729,6 +729,7 @@ def train_one_epoch(
     accum_steps: int = 1,
     ema: WeightEMA | None = None,
     governor: ThreadGovernor | None = None,
+    epoch: int = 1,
 ) -> EpochState:
     """One pass over ``loader`` (from ``state.batch`` on, for a resumed epoch); returns the epoch's sums.
 
@@ -736,7 +737,7 @@ def train_one_epoch(
     gradient of those batches; the schedule counts optimizer steps. ``mix`` (mixup/CutMix) blends each batch and
     trains on soft targets: train accuracy then counts a prediction as right when it names the class with the
     larger share of the blended image. ``ema`` follows the weights after every optimizer step. ``governor`` times
-    each batch and may change the CPU thread count between two.
+    each batch and may change the CPU thread count between two; ``epoch``: the epoch's number, for its record.
     Stops early, between two optimizer steps, when ``stop`` has caught a signal.
     """
     state = state or EpochState()
@@ -768,7 +769,7 @@ def train_one_epoch(
     window: list[tuple[torch.Tensor, float | None, int]] = []
     last_step_batch = state.batch
     if governor is not None:
-        governor.start()
+        governor.start(epoch, state.batch)
     for images, labels in loader.batches(state.batch):
         targets = labels
         if mix is not None:  # drawn from the batch's own seed, so a resumed run mixes it the same way
