@@ -29,7 +29,7 @@ def test_run_folder_contents_and_result(tmp_path):
     r = cnnkit.train(**TINY, out=str(tmp_path / "run"))
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["best.pt", "config.json", "confusion", "last.pt", "metrics.csv", "per_class.csv", "result.json",
-                     "stages.json", "steps.csv"]
+                     "run.json", "stages.json", "steps.csv"]
     steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert steps[0] == "epoch,step,loss,lr" and len(steps) == 1 + 2 * (256 // 32)  # one row per training step
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
