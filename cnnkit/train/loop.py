@@ -215,7 +215,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     # without a word, and a run started ignoring SIGINT (`cnnkit train ... &` in a script) ignored it until the
     # loop's handler, then stopped on it.
     with StopSignals() as stop:
-        with stop.at_once(resume):  # nothing written yet that a stop must keep
+        with stop.at_once(functools.partial(_stopped_starting, resume=resume)):  # nothing written that a stop keeps
             saved = _resume_payload(resume) if resume else None
             if saved:
                 cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"])))
@@ -246,7 +246,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                         print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at "
                               f"epoch {t.state.best_epoch}", file=t.log)
                     break
-    return _finish(t, callbacks, start, wall_start)
+        return _finish(t, callbacks, stop, wall_start)
 
 
 CUDNN_AUTOTUNE_MIN_BATCHES = 5000  # training batches from which a run lets cuDNN time its algorithms
@@ -572,10 +572,22 @@ def _save_epoch(t: Training, row: dict[str, Any]) -> None:
     t.epoch_state = next_epoch
 
 
-def _finish(t: Training, callbacks: Callbacks, start: float, wall_start: float) -> TrainResult:
-    """The caller's final measurements, the overfit verdict and result.json; the run's TrainResult."""
+def _finish(t: Training, callbacks: Callbacks, stop: "StopSignals", wall_start: float) -> TrainResult:
+    """The caller's final measurements, the overfit verdict and result.json; the run's TrainResult. A signal
+    after the last epoch's stop check ends the measurements (--tta's) or skips them, and result.json holds the
+    finished run without them: before, Ctrl-C during them left the trained run without a result.json, listed as
+    stopped, with nothing to resume, and one during the last validation was ignored."""
     cfg, p, last = t.cfg, t.pieces, t.last
-    measured = callbacks.on_end(t)
+    try:
+        with stop.at_once(lambda name: f"{name} after the last epoch; {os.path.join(t.run_dir, 'result.json')} "
+                                       "holds the finished run, without the final measurements"):
+            if stop.signal:  # it came during the last epoch's validation or save
+                raise _Signalled(stop.signal)
+            measured = callbacks.on_end(t)
+    except TrainingStopped:
+        result = _result(t, wall_start, t.state.stop_reason or "completed")
+        _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
+        raise
     if cfg.overfit_batches:
         print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), _overfit_batches(t), t.epoch,
                               t.plan.total_epochs, cfg.overfit_batches), file=t.log)
@@ -968,18 +980,15 @@ class StopSignals:
         self.signal = signal.Signals(signum).name
 
     @contextlib.contextmanager
-    def at_once(self, resume: str | None) -> Iterator[None]:
-        """A block that a signal ends where it is (the run's start-up, which has no step to finish and nothing
-        to save), as a TrainingStopped with the loop's exit code; ``resume``: the run folder being resumed."""
+    def at_once(self, message: Callable[[str], str]) -> Iterator[None]:
+        """A block that a signal ends where it is (work with no step to finish and nothing to save: the start-up,
+        the final measurements), as a TrainingStopped with the loop's exit code and ``message(signal's name)``."""
         self._at_once = True
         try:
             yield
         except _Signalled as e:
-            name = str(e)
-            again = (f"{resume} is as it was (run the same command again to continue it)" if resume else
-                     "nothing was written (run the same command again to start it)")
-            stopped = TrainingStopped(f"{name} while the run was starting, before its first step; {again}")
-            stopped.exit_code = 128 + getattr(signal, name)
+            stopped = TrainingStopped(message(str(e)))
+            stopped.exit_code = 128 + getattr(signal, str(e))
             raise stopped from None
         finally:
             self._at_once = False
@@ -994,6 +1003,13 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def _stopped_starting(name: str, resume: str | None) -> str:
+    """What a stop by signal ``name`` during the start-up says; ``resume``: the run folder being resumed."""
+    again = (f"{resume} is as it was (run the same command again to continue it)" if resume else
+             "nothing was written (run the same command again to start it)")
+    return f"{name} while the run was starting, before its first step; {again}"
 
 
 def _write_metrics(run_dir: str, history: list[dict]) -> None:

@@ -293,8 +293,8 @@ def test_a_batch_size_that_leaves_few_steps_an_epoch_is_noted(tmp_path):
 
 
 # `cnnkit train` with a model that signals its own process when built (the run's start-up: after the data are read,
-# before the run folder) or in each training step; SIGINT optionally ignored from the start, as a shell script's
-# `cnnkit train ... &` starts it.
+# before the run folder), in each training step or once in the validation; SIGINT optionally ignored from the
+# start, as a shell script's `cnnkit train ... &` starts it.
 SIGNALLING_TRAIN = """
 import os, signal, sys
 import torch
@@ -308,6 +308,8 @@ if sys.argv[3] == "ignored":
 
 
 class Signalling(torch.nn.Module):
+    trained = sent = False
+
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -315,6 +317,10 @@ class Signalling(torch.nn.Module):
     def forward(self, x):
         if self.training and when == "training":
             os.kill(os.getpid(), sig)
+        if not self.training and when == "validation" and Signalling.trained and not Signalling.sent:
+            Signalling.sent = True  # once: a second SIGINT stops at once
+            os.kill(os.getpid(), sig)
+        Signalling.trained |= self.training
         return self.net(x)
 
 
@@ -329,13 +335,13 @@ sys.exit(main(["train", "--model", "signalling", *sys.argv[4:]]))
 """
 
 
-def train_signalled(out, sig, when, sigint="default"):
+def train_signalled(out, sig, when, sigint="default", *args):
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-c", SIGNALLING_TRAIN, sig, when, sigint, "--num-samples", "64",
-                           "--epochs", "1", "--batch-size", "32", "--threads", "1", "--quiet", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                           "--epochs", "1", "--batch-size", "32", "--threads", "1", "--quiet", "--out", str(out),
+                           *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
@@ -357,3 +363,17 @@ def test_a_run_started_with_sigint_ignored_ignores_it_throughout_and_stops_on_si
         assert (tmp_path / when / "result.json").exists()
     proc = train_signalled(tmp_path / "terminated", "SIGTERM", "training", sigint="ignored")
     assert proc.returncode == 143 and "stopped: SIGTERM at epoch 1, batch 1; saved" in proc.stderr, proc.stderr
+
+
+def test_a_signal_in_the_last_validation_stops_before_the_final_measurements_with_result_json(tmp_path):
+    # Before, the signal was caught there but never looked at again (the run went on to --tta, exit 0), and one
+    # during --tta's measurement left the trained run without result.json: listed as stopped, nothing to resume.
+    from cnnkit.runs import list_runs
+
+    proc = train_signalled(tmp_path / "run", "SIGINT", "validation", "default", "--tta")
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == (f"cnnkit train: stopped: SIGINT after the last epoch; {tmp_path / 'run' / 'result.json'} "
+                           "holds the finished run, without the final measurements\n")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["stop_reason"] == "completed" and result["epochs_run"] == 1 and result["tta_val_acc"] is None
+    assert list_runs(str(tmp_path / "run"))[0].status == "finished"
