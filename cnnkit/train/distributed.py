@@ -121,9 +121,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         else:
             pending.append(signum)
 
-    # Handlers first: a signal while torchrun starts is forwarded once it runs, not lost with this process.
+    # Handlers first: a signal while torchrun starts is forwarded once it runs, not lost with this process. One that
+    # this process was started ignoring (SIGHUP under nohup, SIGINT for `cnnkit train ... &` in a script) stays
+    # ignored, as a single process's training leaves it (loop.StopSignals): forwarded, it stopped the run.
     forwarded = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
-    previous = {s: signal.signal(s, forward) for s in forwarded}
+    previous = {s: signal.signal(s, forward) for s in forwarded if signal.getsignal(s) != signal.SIG_IGN}
     try:
         running.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         while pending:

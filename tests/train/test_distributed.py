@@ -180,6 +180,37 @@ def test_a_signal_to_cnnkit_train_nproc_stops_every_process_and_saves(tmp_path, 
     assert not left, "processes left training after cnnkit train stopped"
 
 
+def test_cnnkit_train_nproc_started_under_nohup_trains_on_after_a_hangup(tmp_path):
+    # nohup starts it with SIGHUP ignored: forwarded as SIGTERM, as before, a closed terminal stopped the run
+    run = tmp_path / "run"
+    args = [*ARGS[:-6], "--epochs", "50", "--num-samples", "2500", "--precision", "fp32", "--seed", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *args, "--nproc", "2", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        t0 = time.time()
+        while not (run / "metrics.csv").exists():  # an epoch done: the workers are training
+            assert proc.poll() is None and time.time() - t0 < 200, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)  # what does stop it
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143 and "stopped: SIGTERM" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+        for pid in left:  # this test's own workers (their command lines name its folder)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, "processes left training after cnnkit train stopped"
+
+
 def test_nproc_refuses_bad_input_once_before_starting_processes(tmp_path):
     for args, expected in ((["--data", tmp_path / "nothere"], "does not exist"),
                            (["--epochs", "0"], "epochs"),
