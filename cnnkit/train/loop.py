@@ -226,9 +226,9 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                 t = _set_up(cfg, log or sys.stdout, saved)
             except ModelOptionsError as e:
                 raise model_options_error(e, None if saved else config, overrides) from None
-        # Every process waits for the others' start-up before any of them writes the run folder: a signal then
-        # reaches them all in the loop, where they stop after the same step ("Connection reset by peer" in the
-        # next collective, where one had ended at once and the others had not).
+        # Every process waits here for the others' start-up, which a signal ends at once, before any of them
+        # writes the run folder: from here on a signal stops them all after the same step (one that had ended at
+        # once while the others went on left them to fail in their next collective, "Connection reset by peer").
         distributed.barrier(t.ctx)
         _open_run_folder(t, saved, resume, callbacks)
         callbacks.on_start(t)
