@@ -964,10 +964,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"loss {r.loss:.4f}  macro-F1 {r.macro_f1:.4f}")
     name = max(len(c) for c in r.classes + ["class"]) + 1  # names in full, as in the confusion matrix
     print(f"{'class':<{name}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    # "-" where there is no figure (None): the precision of a class never predicted (0/0), the recall and F1 of a
+    # class without images here (a folder of some of the classes)
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     for c in r.per_class:
-        # a class without images here (a folder of some of the classes) has no recall or F1 to show: "-"
-        recall, f1 = (f"{c['recall']:.4f}", f"{c['f1']:.4f}") if c["support"] else ("-", "-")
-        print(f"{c['class']:<{name}}{c['precision']:>10.4f}{recall:>10}{f1:>10}{c['support']:>9}")
+        print(f"{c['class']:<{name}}{shown(c['precision']):>10}{shown(c['recall']):>10}{shown(c['f1']):>10}"
+              f"{c['support']:>9}")
+    print(f"{'macro avg':<{name}}{r.macro_precision:>10.4f}{r.macro_recall:>10.4f}{r.macro_f1:>10.4f}{r.count:>9}")
+    if any(c["precision"] is None for c in r.per_class):  # as scikit-learn's UndefinedMetricWarning says
+        print("precision -: no image was predicted as that class (0/0); the macro average counts it as 0, "
+              "as scikit-learn does by default (zero_division)")
     print(confusion_text(r))
     return 0
 

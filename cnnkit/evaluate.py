@@ -27,13 +27,18 @@ class EvalResult:
     top5: float | None  # None with 5 classes or fewer, where every image is in the top 5 by definition
     loss: float
     count: int
-    per_class: list[dict]  # {class, precision, recall, f1, support}; recall and f1 None for a class without images
+    # {class, precision, recall, f1, support}: precision None for a class never predicted (0/0), recall and f1 None
+    # for a class without images (cnnkit/train/metrics.py)
+    per_class: list[dict]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     classes: list[str]
     checkpoint: str
     data: str  # the folder (or built-in dataset) the scored images came from
     precision: str
-    macro_recall: float = 0.0  # unweighted means over the classes (every class counts the same)
+    # unweighted means over the classes in the images or the predictions (every class counts the same); a None
+    # above counts 0, as scikit-learn's default zero_division does
+    macro_precision: float = 0.0
+    macro_recall: float = 0.0
     macro_f1: float = 0.0
     tta_views: int = 1  # views averaged per image (test-time augmentation; 1: none)
     threads: int = 0  # CPU threads torch computed with

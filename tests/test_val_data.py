@@ -177,12 +177,16 @@ def test_a_run_validated_on_some_classes_measures_all_of_them(folders, run):
     assert json.loads(run_cli("eval", run, "--json").stdout)["per_class"][1]["recall"] is None
     rows = [row for row in csv.DictReader(open(os.path.join(run, "per_class.csv"))) if row["class"] == "square"]
     assert rows and all(row["recall"] == "" and row["f1"] == "" for row in rows), rows
-    # shown as a class without images: "-" for its recall and F1, in eval's table and in the report's
+    # shown as a class without images: "-" for its recall and F1, in eval's table and in the report's; "-" for its
+    # precision too where the model never predicts it (0/0)
+    predicted = sum(row[1] for row in r.confusion_matrix)
     proc = run_cli("eval", run)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^square\s+\d\.\d{4}\s+-\s+-\s+0$", proc.stdout, re.M), proc.stdout
+    precision = r"\d\.\d{4}" if predicted else "-"
+    assert re.search(r"^square\s+" + precision + r"\s+-\s+-\s+0$", proc.stdout, re.M), proc.stdout
     html = open(os.path.join(run, "report.html")).read()
-    assert re.search(r'<td class="text">square</td><td>\d\.\d{3}</td><td>-</td><td>-</td><td>0</td>', html)
+    precision = r"\d\.\d{3}" if predicted else "-"
+    assert re.search(r'<td class="text">square</td><td>' + precision + '</td><td>-</td><td>-</td><td>0</td>', html)
     # its macro average is over the classes in the images or the predictions, as eval's macro-F1 is
     macro = re.search(r'macro average</td>(?:<td>[^<]*</td>){2}<td>([^<]*)</td>', html).group(1)
     assert macro == f"{r.macro_f1:.3f}"

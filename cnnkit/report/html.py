@@ -29,6 +29,7 @@ from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
 from cnnkit.runs import divergence
+from cnnkit.train.metrics import macro_averages
 
 FEATURE_CHANNELS = 16  # tiles per feature-map grid
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -146,26 +147,30 @@ def _metrics_section(result: dict | None, history: list[dict], pred: Predictions
 
 def _per_class_section(pred: Predictions, confusion_png: str) -> str:
     metrics = pred.per_class()
-    # A class without validation images (--val-data of some of the classes) has no recall or F1: "-" in its row,
-    # and it is not among the hardest. The macro average is over the classes in the images or the predictions,
-    # as eval's and metrics.csv's are.
+    # "-" where there is no figure: the precision of a class never predicted (0/0), the recall and F1 of a class
+    # without validation images (--val-data of some of the classes), which is not among the hardest either. The
+    # macro average is eval's and metrics.csv's (cnnkit/train/metrics.py), where a "-" counts 0.
     measured = [m for m in metrics if m.support]
     worst = sorted(measured, key=lambda m: m.f1)[: max(1, len(measured) // 5)]
-    rows = [(m.name, f"{m.precision:.3f}", f"{m.recall:.3f}" if m.support else "-",
-             f"{m.f1:.3f}" if m.support else "-", m.support) for m in metrics]
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [(m.name, shown(m.precision), shown(m.recall), shown(m.f1), m.support) for m in metrics]
     css = ["" for _ in metrics]
     cm = pred.confusion()
-    present = [m for c, m in enumerate(metrics) if cm[c, :].sum() or cm[:, c].sum()]
-    n = max(len(present), 1)
-    rows.append(("macro average", f"{sum(m.precision for m in present) / n:.3f}",
-                 f"{sum(m.recall for m in present) / n:.3f}", f"{sum(m.f1 for m in present) / n:.3f}",
+    macro = macro_averages(cm, [vars(m) for m in metrics])
+    rows.append(("macro average", *(f"{macro[k]:.3f}" for k in ("macro_precision", "macro_recall", "macro_f1")),
                  sum(m.support for m in metrics)))
     css.append("total")
     table = _table(("class", "precision", "recall", "F1", "support"), rows, classes=css)
     hardest = ", ".join(f"{m.name} (F1 {m.f1:.2f})" for m in worst)
+    undefined = (" -: no figure, the precision of a class never predicted (0/0), the recall and F1 of a class "
+                 "without images; the macro average counts a - as 0, as scikit-learn does by default."
+                 if any(None in (m.precision, m.recall) for m in metrics) else "")
     return (f'<div class="columns"><div>{_img(confusion_png, "confusion matrix")}</div>'
             f"<div class=\"narrow\">{table}<p class=\"note\">Precision: of the images predicted as the class, the share that are it. "
-            f"Recall: of the images of the class, the share found. F1: their harmonic mean.<br>"
+            f"Recall: of the images of the class, the share found. F1: their harmonic mean.{undefined}<br>"
             f"Hardest: {_e(hardest)}.</p></div></div>")
 
 

@@ -19,15 +19,18 @@ from cnnkit.data.sources import ImageSet
 from cnnkit.evaluate import training_validation_set
 from cnnkit.checkpoint import Checkpoint
 from cnnkit.train.evaluation import eval_batches
+from cnnkit.train.metrics import per_class_metrics
 from cnnkit.train.precision import resolve_device, resolve_precision
 
 
 @dataclass
 class ClassMetrics:
+    """A class's row of ``cnnkit.train.metrics.per_class_metrics``, which says where a figure is None."""
+
     name: str
-    precision: float  # of the images predicted as this class, the share that are this class
-    recall: float  # of the images of this class, the share predicted as it
-    f1: float  # harmonic mean of precision and recall; 0 when both are 0
+    precision: float | None  # of the images predicted as this class, the share that are it; None: never predicted
+    recall: float | None  # of the images of this class, the share predicted as it; None: no images of it
+    f1: float | None  # harmonic mean of precision and recall (2 TP / (2 TP + FP + FN)); None: no images of it
     support: int  # validation images of this class
 
 
@@ -60,15 +63,8 @@ class Predictions:
         return torch.bincount(self.labels * k + self.predicted, minlength=k * k).view(k, k)
 
     def per_class(self) -> list[ClassMetrics]:
-        cm = self.confusion().double()
-        out = []
-        for c, name in enumerate(self.classes):
-            predicted, support = float(cm[:, c].sum()), float(cm[c, :].sum())
-            precision = float(cm[c, c]) / predicted if predicted else 0.0
-            recall = float(cm[c, c]) / support if support else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            out.append(ClassMetrics(name, precision, recall, f1, int(support)))
-        return out
+        return [ClassMetrics(r["class"], r["precision"], r["recall"], r["f1"], r["support"])
+                for r in per_class_metrics(self.confusion(), self.classes)]
 
     @property
     def has_images(self) -> bool:

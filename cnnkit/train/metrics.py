@@ -16,27 +16,29 @@ PER_CLASS_COLUMNS = ["epoch", "class", "precision", "recall", "f1", "support"]
 
 def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
     """For each class: precision (of the images predicted as it), recall (of its images), F1 and support
-    (its number of images). A class never predicted has precision 0; one without images has no recall or F1
-    (None: null in JSON, empty in per_class.csv, "-" in eval's table), which a mean over the rows must not take
-    for 0."""
+    (its number of images). None (null in JSON, empty in per_class.csv, "-" in eval's table) where there is no
+    figure, which a mean over the rows must not take for a measured 0: the precision of a class never predicted
+    (0/0), the recall and F1 of a class without images. F1 is 2 TP / (2 TP + FP + FN), as scikit-learn computes
+    it: 0 for a class with images that is never predicted."""
     rows = []
     for c, name in enumerate(classes):
         hits, predicted, support = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c, :].sum())
-        precision = hits / predicted if predicted else 0.0
+        precision = hits / predicted if predicted else None
         recall = hits / support if support else None
-        f1 = None if recall is None else 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1 = 2 * hits / (support + predicted) if support else None
         rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return rows
 
 
 def macro_averages(confusion: torch.Tensor, rows: list[dict]) -> dict[str, float]:
-    """Unweighted means of recall and F1 over the classes that occur in the data or the predictions (as
-    scikit-learn's ``average="macro"``): every class counts the same, however rare."""
+    """Unweighted means of precision, recall and F1 over the classes that occur in the data or the predictions
+    (as scikit-learn's ``average="macro"``): every class counts the same, however rare. An undefined value (None
+    in ``rows``) counts 0, as scikit-learn's default ``zero_division`` does: a class never predicted lowers the
+    macro precision, one predicted but without images the macro recall and F1."""
     present = [r for c, r in enumerate(rows) if confusion[c, :].sum() or confusion[:, c].sum()]
     n = max(len(present), 1)
-    # A class predicted but without images counts 0, as scikit-learn's zero_division=0 does.
-    return {"macro_recall": sum(r["recall"] or 0.0 for r in present) / n,
-            "macro_f1": sum(r["f1"] or 0.0 for r in present) / n}
+    return {key: sum(r[name] or 0.0 for r in present) / n
+            for key, name in (("macro_precision", "precision"), ("macro_recall", "recall"), ("macro_f1", "f1"))}
 
 
 def write_epoch_files(run_dir: str, epoch: int, confusion: torch.Tensor, classes: list[str], rows: list[dict]) -> None:
