@@ -217,7 +217,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-WARNING = "cnnkit: warning: "  # what starts a warning's line, the library's (in a run's log) and the commands' own
+from cnnkit.errors import WARNING  # noqa: E402 - what starts a warning's line, in a run's log and the commands' own
 
 # A number as Python writes it but JSON does not: .5, 5., -.5, 1.e-3 (JSON wants 0.5); not nan or inf.
 _PY_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?")
@@ -840,7 +840,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 class _WarningsOnly:
     """--quiet's log: of what a run writes there, its warnings still reach stderr (a data problem is worth a line
-    however quiet the run), and nothing else does."""
+    however quiet the run), and nothing else does. As the run writes them, not from TrainResult.warnings at its
+    end: a warning before minutes of training is worth seeing then, and a run stopped or failed returns none."""
 
     def __init__(self) -> None:
         self.pending = ""

@@ -6,7 +6,9 @@ and shows a traceback with ``--debug``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import IO, Callable, Iterable
+
+WARNING = "cnnkit: warning: "  # what starts a warning's line: in a run's log, and the commands' own on stderr
 
 
 class UserError(Exception):
@@ -73,3 +75,10 @@ def did_you_mean(word: str, known: Iterable[str], most: int = 1, cutoff: float =
         return ""
     found = [names[compared.index(c)] for c in close]
     return f"; did you mean {found[0] if len(found) == 1 else ', '.join(found[:-1]) + ' or ' + found[-1]}?"
+
+
+def warn(log: IO[str], warnings: list[str], text: str) -> None:
+    """``text`` as a warning's line in ``log``, and kept in ``warnings``: the result a Python caller gets back
+    (``TrainResult.warnings``) holds what the log showed."""
+    print(WARNING + text, file=log)
+    warnings.append(text)

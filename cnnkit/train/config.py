@@ -135,6 +135,9 @@ class TrainResult:
     # changed after that batch of that epoch (numbered within the epoch, as steps.csv's step); in a resumed run,
     # the changes of its last session
     thread_changes: list[dict[str, Any]] = field(default_factory=list)
+    # what the run warned about, each as its log's line shows it after "cnnkit: warning: " (a resumed run: this
+    # session's); they are in result.json and `train --json` too
+    warnings: list[str] = field(default_factory=list)
 
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from cnnkit import compiled
 from cnnkit.atomic import atomic_path, atomic_write, write_json
 from cnnkit.data.loader import BatchLoader
-from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError
+from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError, warn
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest, start_record
 from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
@@ -165,6 +165,7 @@ class Training:
     step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
     governor: ThreadGovernor | None = None  # the CPU thread count, where cnnkit chooses it
     clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at this session's training start, state.train_time_s then)
+    warnings: list[str] = field(default_factory=list)  # this session's, as its log shows them (TrainResult.warnings)
 
     def train_time_s(self) -> float:
         """The run's training time so far: the sessions before this one and this one."""
@@ -276,7 +277,7 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
         # only long runs, where a better kernel could repay it, ask for it. Not bit-reproducible either way.
         torch.backends.cudnn.benchmark = True
     step_model = _step_model(pieces.model, cfg, machine.device, pieces.train_loader, plan.total_epochs)
-    t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search)
+    t = Training(cfg, machine, ctx, log, pieces, plan, step_model, ema, lr_search, warnings=list(pieces.warnings))
     if machine.device.type == "cpu" and ctx.world == 1 and default_threads(cfg.threads) and machine.threads > 1:
         # Other processes may compute on the same cores, and then fewer threads can be many times faster: with
         # the default count, training chooses it from the time its batches take (cnnkit/threads.py).
@@ -361,8 +362,8 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
     if skipped_images and t.ctx.main:
         with open(os.path.join(t.run_dir, "bad_images.txt"), "w") as f:
             f.write("\n".join(skipped_images) + "\n")
-        print(f"cnnkit: warning: skipped {len(skipped_images)} broken image(s), listed in "
-              f"{os.path.join(t.run_dir, 'bad_images.txt')}", file=log)
+        warn(log, t.warnings, f"skipped {len(skipped_images)} broken image(s), listed in "
+             f"{os.path.join(t.run_dir, 'bad_images.txt')}")
     params = sum(w.numel() for w in t.model.parameters())
     trainable = _trainable_count(t.model)  # the current stage's
     threads = t.machine.threads
@@ -373,7 +374,7 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
           f"{t.machine.device.type}, {precision_name(t.machine.amp_dtype)}, {processes}{threads} CPU "
           f"thread{'s' if threads > 1 else ''}{_streaming(t)}; run folder {t.run_dir}", file=log)
     if t.machine.device.type == "cpu" and (too_many := oversubscribed(cfg.threads)):
-        print(f"cnnkit: warning: {too_many}", file=log)
+        warn(log, t.warnings, too_many)
     if cfg.smoke:
         print(f"cnnkit: smoke run: {t.plan.total_epochs} epoch(s) of at most {SMOKE_BATCHES} batches, validation on "
               f"at most {SMOKE_VAL_IMAGES} images; it checks that this command line runs, not how well the model "
@@ -618,7 +619,8 @@ def _result(t: Training, wall_start: float, stop_reason: str, **measured: Any) -
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
         stop_reason=stop_reason, monitor=cfg.monitor, best_score=run.best_score,
         ema_val_acc=figure("ema_val_acc"), threads=t.machine.threads,
-        thread_changes=[dataclasses.asdict(c) for c in t.governor.changes] if t.governor else [], **measured,
+        thread_changes=[dataclasses.asdict(c) for c in t.governor.changes] if t.governor else [],
+        warnings=list(t.warnings), **measured,
     )
 
 

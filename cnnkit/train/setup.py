@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from cnnkit.data.checks import check_splits, class_weights, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.errors import CheckpointError, UserError, warn
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
 from cnnkit.models.registry import check_model_name, create_model
@@ -67,6 +67,7 @@ class RunPieces:
     criterion: nn.Module
     scaler: torch.amp.GradScaler
     data_fingerprint: dict[str, Any]  # the splits' images (sources.fingerprint), which a resume compares
+    warnings: list[str] = field(default_factory=list)  # what the set-up warned about in the run's log
 
 
 def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageSet, now: dict[str, Any]) -> None:
@@ -187,6 +188,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     check_trains_on(model, cfg.model, (train_set.channels, train_set.size, train_set.size))
     _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
+    warnings: list[str] = []
     if cfg.check_data and ctx.main and not saved:
         data_check = check_splits(
             train_set, val_set, cfg.model, cfg.pretrained,
@@ -196,13 +198,12 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
             balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats,
             same_images=bool(cfg.overfit_batches))
         for warning in data_check.warnings:
-            print(f"cnnkit: warning: {warning}", file=log)
+            warn(log, warnings, warning)
     if (cfg.freeze or cfg.unfreeze) and not (cfg.pretrained or cfg.weights) and ctx.main and not saved:
         # Frozen layers keep the weights they start with: random ones learn nothing and pass noise on.
         option = "--freeze backbone" if cfg.freeze else f"--unfreeze {cfg.unfreeze}"
-        print(f"cnnkit: warning: {option} keeps the other layers at their random initial weights (neither "
-              "--pretrained nor --weights was given); add one of them to fine-tune, or drop it to train them all",
-              file=log)
+        warn(log, warnings, f"{option} keeps the other layers at their random initial weights (neither "
+             "--pretrained nor --weights was given); add one of them to fine-tune, or drop it to train them all")
 
     augment = None if cfg.overfit_batches else Augment(
         crop_pad=train_set.size // 8 if cfg.crop_pad is None else cfg.crop_pad,
@@ -231,7 +232,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=machine.amp_dtype == torch.float16)
     return RunPieces(train_set, val_set, classes, model, start_payload, mean, std, train_loader, val_loader, mix,
-                     loss_weights, criterion, scaler, data_fingerprint)
+                     loss_weights, criterion, scaler, data_fingerprint, warnings)
 
 
 def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set: ImageSet, device: torch.device,

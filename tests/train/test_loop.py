@@ -1,4 +1,7 @@
 import copy
+import io
+import json
+import os
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
 from cnnkit.train.loop import evaluate_model, train_one_epoch
 from cnnkit.train.optim import make_optimizer, make_scheduler
+from tests.conftest import run_cli
 
 TINY = dict(data="shapes", num_samples=256, epochs=2, batch_size=32, progress=False)
 
@@ -126,3 +130,24 @@ def test_unwritable_run_folder_is_reported_before_training(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot write the run folder"):
         cnnkit.train(**TINY, out=str(blocker / "run"))
+
+
+def test_the_result_holds_the_warnings_its_log_shows(tmp_path, image_folder):
+    """A Python caller gets a run's warnings as data, as the log's lines show them, and so do result.json and
+    `train --json`: the set-up's (--freeze backbone without weights, the data check's) and the loop's (--threads)."""
+    log = io.StringIO()
+    too_many = len(os.sched_getaffinity(0)) + 1
+    r = cnnkit.train(model="cnn_bn", data=image_folder, epochs=1, batch_size=8, freeze="backbone", threads=too_many,
+                     log=log, progress=False, out=str(tmp_path / "run"))
+    prefix = "cnnkit: warning: "
+    shown = [line[len(prefix):] for line in log.getvalue().splitlines() if line.startswith(prefix)]
+    assert r.warnings == shown, log.getvalue()
+    assert any(w.startswith("--freeze backbone keeps") for w in shown) and any(f"--threads {too_many}" in w for w in shown)
+    assert any("validation image(s)" in w for w in shown)  # the data check's: 4 of them
+    assert json.load(open(tmp_path / "run" / "result.json"))["warnings"] == r.warnings
+    proc = run_cli("train", "--model", "cnn_bn", "--data", image_folder, "--epochs", "1", "--batch-size", "8",
+                   "--freeze", "backbone", "--threads", too_many, "--quiet", "--json", "--out", tmp_path / "cli")
+    assert proc.returncode == 0, proc.stderr
+    # --quiet: the warnings alone reach stderr, each once; --json: the same list
+    assert json.loads(proc.stdout.splitlines()[-1])["warnings"] == [line[len(prefix):] for line in
+                                                                    proc.stderr.splitlines()] == shown
