@@ -109,6 +109,8 @@ class _Parser(argparse.ArgumentParser):
             if top:  # `cnnkit runs RUN --debug`: cnnkit's own options go before the command
                 parser.error(f"{top[0]} is cnnkit's own option, given before the command: "
                              f"cnnkit {top[0]} {parsed.command} ...")
+            if square := _square_input_size(parser):  # `cnnkit train --input-size 3 32 32`: 32 32 left over
+                parser.error(square)
             # `cnnkit embed resnet18 --data photos/`: argparse took photos/ as DATA and left --data over
             flags = _positional_flags(parser)
             if all(word.split("=", 1)[0] in flags for word in extras if word.startswith("-")):
@@ -156,6 +158,27 @@ def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     # 0.6 --lrate would get --layer, --out-dir --data-dir and --threads --threshold.
     options = [o for a in parser._actions for o in a.option_strings]
     return message + did_you_mean(word.split("=", 1)[0].lstrip("-"), options, cutoff=0.7, key=lambda o: o.lstrip("-"))
+
+
+def _square_input_size(parser: argparse.ArgumentParser) -> str | None:
+    """The error for ``--input-size C H W`` (or ``H W``), the inspection commands' form, given to a command whose
+    --input-size is one number (train, lr-find, check-data, embed, probe: the side of square images, read at that
+    size): argparse took the first number and left the others over."""
+    action = parser._option_string_actions.get("--input-size")
+    words = getattr(parser, "words", [])
+    if action is None or action.nargs is not None or "--input-size" not in words:
+        return None
+    numbers = []
+    for word in words[words.index("--input-size") + 1:]:
+        if not word.isdigit():
+            break
+        numbers.append(word)
+    if len(numbers) < 2:
+        return None
+    channels = " (and --channels 1 or 3 for the channels)" if "--channels" in parser._option_string_actions else ""
+    return (f"--input-size takes one number in {parser.prog}, the side of the square images in pixels, as in "
+            f"--input-size {numbers[-1]}{channels}; got {len(numbers)} numbers (C H W is the form of the inspection "
+            "commands: summary, rf, features, filters, cam)")
 
 
 def _positive_int(text: str) -> int:

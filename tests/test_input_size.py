@@ -110,3 +110,26 @@ def test_an_input_size_too_large_for_the_memory_says_use_a_smaller_one(folders, 
     proc = run_cli("train", "--data", data, "--input-size", "100000", "--epochs", "1", "--out", tmp_path / "run")
     assert_one_line_error(proc, 2, "input size 100000: one image does not fit in memory", "use a smaller --input-size")
     assert "too small" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "shapes", "--input-size", "3", "32", "32"],
+                                     ["lr-find", "--data", "shapes", "--input-size", "32", "32"],
+                                     ["check-data", "--input-size", "1", "28", "28", "shapes"],
+                                     ["probe", "simple_cnn", "shapes", "--input-size", "3", "32", "32"]])
+def test_c_h_w_given_to_a_command_of_one_size_is_one_line_naming_the_form_it_takes(command, tmp_path):
+    # argparse took the first number and left "32 32 ..." over, unrecognized, as if they were stray words
+    proc = run_cli(*command, cwd=tmp_path)
+    assert_one_line_error(proc, 2, f"--input-size takes one number in cnnkit {command[0]}", "side of the square",
+                          "C H W is the form of the inspection commands")
+    assert ("--channels 1 or 3" in proc.stderr) == (command[0] != "probe")  # probe reads the model's channels
+    assert os.listdir(tmp_path) == []  # refused before any run folder
+
+
+@pytest.mark.parametrize("size", [(3, 32, 32), [3, 32, 32]])
+def test_c_h_w_given_to_the_python_api_of_one_size_is_a_user_error_not_a_type_error(size, tmp_path):
+    for call in (lambda: cnnkit.check_data("shapes", input_size=size),
+                 lambda: cnnkit.train(data="shapes", input_size=size, progress=False, out=str(tmp_path / "run"))):
+        with pytest.raises(UserError, match="one positive whole number, the side of the square images") as e:
+            call()
+        assert "not C H W" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run")

@@ -138,6 +138,7 @@ def load_eval_set(spec: DataSpec, option: str = "--data") -> ImageSet:
     """The set ``cnnkit eval`` measures: the validation part under the same rules as training
     (the shapes validation set, a torchvision test split, a ``--val-split`` of a folder) or a whole folder.
     ``option``: the flag that named ``spec.data``, for the errors about that folder."""
+    _check_spec(spec)
     if spec.data in BUILTIN or spec.val_split is not None or spec.val_data is not None:
         train, val = load_splits(spec)
         # what reading the folder found (split() gives it to the training part) concerns the part scored too
@@ -200,8 +201,13 @@ def _check_spec(spec: DataSpec) -> None:
                         f"with --val-data {spec.val_data} the validation images are that folder: drop one of the two")
     if spec.val_split is not None and not 0 < spec.val_split < 1:
         raise UserError(f"--val-split must be between 0 and 1 (exclusive), got {spec.val_split}")
-    if spec.input_size is not None and spec.input_size < 1:
-        raise UserError(f"--input-size must be a positive number of pixels, got {spec.input_size}")
+    size = spec.input_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        # (3, 32, 32), the inspection commands' C H W, is no size here: the images are square, their channels apart
+        channels = ("; not C H W: the channels come from the data and the model (train and check-data: --channels "
+                    "1 or 3)" if isinstance(size, (list, tuple)) else "")
+        raise UserError(f"--input-size takes one positive whole number, the side of the square images in pixels, "
+                        f"got {size}{channels}")
     if spec.channels is not None and spec.channels not in (1, 3):
         raise UserError(f"--channels must be 1 (grayscale) or 3 (RGB), got {spec.channels}")
     if spec.bad_images not in BAD_IMAGE_POLICIES:
