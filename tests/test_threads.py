@@ -244,12 +244,13 @@ def test_finish_ends_a_try_at_the_chosen_count():
     assert m.threads == 2
 
 
-def test_training_changes_the_thread_count_between_batches(tmp_path):
-    """The loop times each batch through the governor; its count is torch's from the next batch on."""
+def _governed_epoch(state=None, epoch=1):
+    """One epoch of 40 tiny batches through train_one_epoch with a governor whose clock says that each batch takes
+    0.9 s with 2 threads (waiting half the time for a core) and 0.03 s with one; returns the governor and torch's
+    thread count at each forward pass."""
     from cnnkit.train import loop
 
-    before = torch.get_num_threads()
-    seen = []  # torch's thread count at each forward pass
+    seen = []
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
 
@@ -263,7 +264,7 @@ def test_training_changes_the_thread_count_between_batches(tmp_path):
 
     clock = {"wall": 0.0, "wait": 0.0}
 
-    def tick():  # each batch takes 0.9 s with 2 threads waiting half the time for a core, 0.03 s with one
+    def tick():
         n = torch.get_num_threads()
         clock["wall"] += 0.9 if n == 2 else 0.03
         clock["wait"] += 0.45 if n == 2 else 0.0
@@ -271,17 +272,24 @@ def test_training_changes_the_thread_count_between_batches(tmp_path):
 
     governor = ThreadGovernor(2, clock=tick, wait_clock=lambda: clock["wait"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         loop.train_one_epoch(model, Batches(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                              torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
-                             torch.device("cpu"), None, progress=False, governor=governor)
-        change = governor.changes[0]
-        assert (change.before, change.threads) == (2, 1) and torch.get_num_threads() == 1
-        tried = change.batch - governor.SETTLE - governor.WINDOW  # the try: settling, then a window
-        assert set(seen[:tried]) == {2} and set(seen[tried:]) == {1}
+                             torch.device("cpu"), None, state, progress=False, governor=governor, epoch=epoch)
+        return governor, seen, torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_changes_the_thread_count_between_batches():
+    """The loop times each batch through the governor; its count is torch's from the next batch on."""
+    governor, seen, after = _governed_epoch()
+    change = governor.changes[0]
+    assert (change.before, change.threads) == (2, 1) and after == 1
+    tried = change.batch - governor.SETTLE - governor.WINDOW  # the try: settling, then a window
+    assert set(seen[:tried]) == {2} and set(seen[tried:]) == {1}
 
 
 def test_compiled_loops_keep_more_builds_than_torch_compiles_default(recwarn):
@@ -297,46 +305,16 @@ def test_compiled_loops_keep_more_builds_than_torch_compiles_default(recwarn):
     assert compiled.available(), [str(w.message) for w in recwarn]
 
 
-def test_a_thread_change_names_the_epoch_and_its_batch_as_steps_csv_does(tmp_path):
+def test_a_thread_change_names_the_epoch_and_its_batch_as_steps_csv_does():
     """In a resumed epoch too: counted from the session's start, the batch read as the epoch's (or as steps.csv's
     step) named another batch than the one after which the count changed."""
     from cnnkit.train import loop
 
-    before = torch.get_num_threads()
-    seen = []  # (batch of the epoch, from 1; torch's thread count) at each forward pass
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
-
-    class Batches:
-        def __len__(self):
-            return 40
-
-        def batches(self, start=0):
-            for _ in range(start, 40):
-                yield torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
-
-    clock = {"wall": 0.0, "wait": 0.0}
-
-    def tick():  # as above: 2 threads wait half the time for a core, one thread is far faster
-        n = torch.get_num_threads()
-        clock["wall"] += 0.9 if n == 2 else 0.03
-        clock["wait"] += 0.45 if n == 2 else 0.0
-        return clock["wall"]
-
-    governor = ThreadGovernor(2, clock=tick, wait_clock=lambda: clock["wait"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    try:
-        torch.set_num_threads(2)
-        resumed = loop.EpochState(batch=10)  # epoch 3 resumed after its 10th batch
-        loop.train_one_epoch(model, Batches(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                             torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
-                             torch.device("cpu"), None, resumed, progress=False, governor=governor, epoch=3)
-        (change,) = governor.changes
-        assert (change.epoch, change.before, change.threads) == (3, 2, 1)
-        # batches 11..40 ran: a warm-up and a window with 2 threads, then the try of 1 (settling, a window), kept
-        # after batch change.batch of the epoch
-        tried = change.batch - governor.SETTLE - governor.WINDOW
-        assert tried == 10 + governor.WARMUP + governor.WINDOW
-        assert seen == [2] * (tried - 10) + [1] * (40 - tried)
-    finally:
-        torch.set_num_threads(before)
+    governor, seen, _ = _governed_epoch(loop.EpochState(batch=10), epoch=3)  # epoch 3 resumed after its 10th batch
+    (change,) = governor.changes
+    assert (change.epoch, change.before, change.threads) == (3, 2, 1)
+    # batches 11..40 ran: a warm-up and a window with 2 threads, then the try of 1 (settling, a window), kept
+    # after batch change.batch of the epoch
+    tried = change.batch - governor.SETTLE - governor.WINDOW
+    assert tried == 10 + governor.WARMUP + governor.WINDOW
+    assert seen == [2] * (tried - 10) + [1] * (40 - tried)
