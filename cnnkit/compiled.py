@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +25,8 @@ MIN_BATCHES_ALONE = 20000
 
 # Compiled on first use (static shapes: each caller runs one shape); None once compiling has failed.
 _compiled: dict[Callable, Callable] | None = {}
+# Why compiling failed, until the training run takes it to show as one of its warnings (``failure_warning``).
+_failure: str | None = None
 
 # ATEN_CPU_CAPABILITY (PyTorch's variable: =avx2 runs an older CPU's vector code) holds ATen below what the CPU
 # has, but torch.compile still builds its C++ with -march=native: ATen's vector headers then take their 512-bit
@@ -87,10 +88,20 @@ def available() -> bool:
     return _compiled is not None
 
 
+def failure_warning() -> str | None:
+    """The warning, once, that compiling failed in this process (it names the loop and the error), or None: the
+    training run shows it in its log and keeps it in ``TrainResult.warnings`` (``cnnkit.errors.warn``). Taken, it
+    is not given again: compiling is not tried again in the process."""
+    global _failure
+    text, _failure = _failure, None
+    return text
+
+
 def run(fn: Callable, *args, what: str):
-    """``fn(*args)`` through its compiled loop; the same function run eagerly where compiling fails, after a
-    warning (once per process) that names ``what``. One failure turns every compiled loop off for the process."""
-    global _compiled
+    """``fn(*args)`` through its compiled loop; the same function run eagerly where compiling fails, with a
+    warning (once per process, ``failure_warning``) that names ``what``. One failure turns every compiled loop off
+    for the process."""
+    global _compiled, _failure
     if _compiled is not None:
         try:
             if fn in _compiled:
@@ -105,7 +116,6 @@ def run(fn: Callable, *args, what: str):
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same result, computed eagerly
             _compiled = None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"cnnkit: could not compile the {what} ({type(e).__name__}: {first_line}); compiled "
-                          "loops are off in this process, and training goes on with PyTorch's operations, a little "
-                          "slower")
+            _failure = (f"could not compile the {what} ({type(e).__name__}: {first_line}); compiled loops are off "
+                        "in this process, and training goes on with PyTorch's operations, a little slower")
     return fn(*args)

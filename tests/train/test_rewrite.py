@@ -1,4 +1,6 @@
 import copy
+import io
+import warnings
 
 import pytest
 import torch
@@ -98,9 +100,15 @@ def test_pool_relu_falls_back_to_the_layers_with_a_warning_when_compiling_fails(
     monkeypatch.setattr(compiled, "_compiled", {})
     layer = PoolReLU(nn.MaxPool2d(2), nn.ReLU())
     x = torch.randn(8, 16, 64, 64).contiguous(memory_format=torch.channels_last)
-    with pytest.warns(UserWarning, match=r"could not compile the fused max-pool \+ ReLU \(RuntimeError: no C\+\+ compiler\)"):
+    monkeypatch.setattr(compiled, "_failure", None, raising=False)
+    with warnings.catch_warnings(record=True) as python_warnings:
+        warnings.simplefilter("always")
         got = _pool_relu_pair(x, layer)
+    assert not [w for w in python_warnings if "could not compile" in str(w.message)]  # the run shows it (below)
     assert compiled._compiled is None
+    assert compiled.failure_warning().startswith(
+        "could not compile the fused max-pool + ReLU (RuntimeError: no C++ compiler); compiled loops are off")
+    assert compiled.failure_warning() is None  # once
     want = _pool_relu_pair(x, nn.Sequential(nn.MaxPool2d(2), nn.ReLU()))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -143,6 +151,30 @@ def test_a_long_enough_run_trains_through_the_fused_layers_to_the_same_weights(t
     plain, other = (load_checkpoint(str(tmp_path / name / "last.pt")).model.state_dict() for name in ("plain", "fused"))
     for name, weight in plain.items():
         assert torch.equal(weight, other[name]), name
+
+
+def test_a_compile_failure_is_one_of_the_runs_warnings_and_training_goes_on(tmp_path, monkeypatch):
+    """A run long enough to compile on a machine without a C++ compiler reported the failure through Python's
+    warnings.warn: not a "cnnkit: warning:" line of the run's log, nor in TrainResult.warnings."""
+    import cnnkit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failure", None, raising=False)
+    monkeypatch.setattr(compiled, "MIN_BATCHES", 16)  # 2 epochs of 9 batches: long enough to compile
+    log = io.StringIO()
+    with warnings.catch_warnings(record=True) as python_warnings:
+        warnings.simplefilter("always")
+        r = cnnkit.train(model="simple_cnn", data="shapes", num_samples=160, epochs=2, batch_size=16, progress=False,
+                         seed=3, log=log, out=str(tmp_path / "run"))
+    assert not [w for w in python_warnings if "could not compile" in str(w.message)]
+    failed = [w for w in r.warnings if w.startswith("could not compile the ")]
+    assert len(failed) == 1 and "(RuntimeError: no C++ compiler)" in failed[0] and "training goes on" in failed[0]
+    assert log.getvalue().count("cnnkit: warning: could not compile the ") == 1, log.getvalue()
+    assert r.epochs_run == 2 and compiled._compiled is None  # trained both epochs with the plain layers
 
 
 def test_rand_dropout_keeps_each_value_with_probability_one_minus_p_and_scales_it():
