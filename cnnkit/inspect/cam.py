@@ -256,7 +256,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name, warnings = (layer, []) if layer else default_cam_layer(target.model, target.input_shape)
-    find_layer(target.model, name, target.source)
+    find_layer(target.model, name, target.source, target.build_args)
     warnings += [] if layer else _patch_embedding_warning(target.model, name)
     if isinstance(target_class, str) and not target_class.lstrip("-").isdigit():
         if not target.classes or target_class not in target.classes:

@@ -60,7 +60,7 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
         raise UserError(f"--max-channels must be at least 1, got {max_channels}")
     target = load_model(model_or_run, input_size, num_classes, **options)
     for name in layers:
-        find_layer(target.model, name, target.source)
+        find_layer(target.model, name, target.source, target.build_args)
     x, _ = prepare_image(target, image)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; features writes one PNG per layer into a folder: pass a "

@@ -85,13 +85,13 @@ def first_conv(model: nn.Module, input_shape: tuple[int, int, int] | None = None
     return name
 
 
-def _kernels(model: nn.Module, name: str, label: str | None) -> torch.Tensor:
+def _kernels(model: nn.Module, name: str, label: str | None, build_args: list[str]) -> torch.Tensor:
     """The out x in x kH x kW kernels of ``name``: a ``Conv2d`` layer, or a filter bank the model holds as a
     4-D tensor of its own (``whiten_weight``), which the forward pass convolves with."""
     tensors = dict((*model.named_parameters(), *model.named_buffers()))
     if name not in dict(model.named_modules()) and name in tensors and tensors[name].dim() == 4:
         return tensors[name]
-    module = find_layer(model, name, label)
+    module = find_layer(model, name, label, build_args)
     if not isinstance(module, nn.Conv2d):
         banks = [n for n, b in model.named_buffers() if b.dim() == 4 and b.is_floating_point()]
         convs = (banks + [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)])[:4]
@@ -120,7 +120,7 @@ def filters(model_or_run: str | nn.Module, layer: str | None = None, out: str = 
     drawing.check_picture_path(out)
     target = load_model(model_or_run, input_size, num_classes, **options)
     name = layer or first_conv(target.model, target.input_shape)
-    weight = _kernels(target.model, name, target.source).detach().float().cpu()
+    weight = _kernels(target.model, name, target.source, target.build_args).detach().float().cpu()
     if mode == "auto":
         mode = "rgb" if weight.shape[1] == 3 else "mean"
     if mode == "rgb" and weight.shape[1] != 3:

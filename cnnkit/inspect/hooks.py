@@ -25,14 +25,16 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def find_layer(model: nn.Module, name: str, label: str | None = None) -> nn.Module:
+def find_layer(model: nn.Module, name: str, label: str | None = None, build_args: Sequence[str] = ()) -> nn.Module:
     """The sub-module called ``name``; a UserError with the closest names when there is none. ``label`` is what
-    the user called the model on the command line (a model name, a run folder or checkpoint), for the command
-    that lists the names; without it (a module from Python) the hint is ``cnnkit.inspect.layer_names``."""
+    the user called the model on the command line (a model name, a run folder or checkpoint), and ``build_args``
+    the options that built it as the command line gives them (``--input-size``, ``--model-opt``: they can change
+    the names), for the command that lists the names; without a label (a module from Python) the hint is
+    ``cnnkit.inspect.layer_names``."""
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    lister = (f"`cnnkit features {shlex.quote(label)} --list-layers`" if label else
+    lister = (f"`cnnkit features {shlex.join([label, *build_args])} --list-layers`" if label else
               "`cnnkit.inspect.layer_names(model)`, or `--list-layers` on the command line,")
     raise UserError(f"the model has no layer '{name}'{did_you_mean(name, modules, most=3)} ({lister} shows the "
                     f"{len(modules) - 1} names)")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ class InspectedModel:
     config: dict[str, Any] | None = None  # the training configuration of a checkpoint
     epoch: int | None = None  # a checkpoint's: the epochs trained when it was saved
     source: str | None = None  # the model name or path as given (what a command's MODEL_OR_RUN takes); None: a module
+    build_args: list[str] = field(default_factory=list)  # the options that built it, as command-line words
 
 
 def default_input_size(name: str) -> int:
@@ -124,7 +126,7 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
                             f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
         check_input_size(ckpt.model, shape, (ckpt.channels, ckpt.input_size, ckpt.input_size), ckpt.path)
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
-                              ckpt.config, ckpt.epoch, model_or_run)
+                              ckpt.config, ckpt.epoch, model_or_run, build_args(input_size))
     if os.sep in model_or_run or is_model_file(model_or_run):
         raise UserError(f"{model_or_run} does not exist; pass a run folder, a checkpoint file or a model name")
     check_model_name(model_or_run)
@@ -133,7 +135,25 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     model = build_model(model_or_run, shape, num_classes, meta, **options)
     if shape[1] != shape[2]:
         _check_non_square(model, model_or_run, shape)
-    return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD, source=model_or_run)
+    return InspectedModel(model, model_or_run, shape, IMAGENET_MEAN, IMAGENET_STD, source=model_or_run,
+                          build_args=build_args(input_size, num_classes, options))
+
+
+def build_args(input_size: Any = None, num_classes: int | None = None, options: dict[str, Any] | None = None
+               ) -> list[str]:
+    """The command-line words (``--input-size``, ``--num-classes``, ``--model-opt KEY=VALUE``) that build the
+    model as ``load_model`` was asked to: they can change its layers and their names (a builder's options, the
+    size a builder adapts to), so a command suggested to the user repeats them."""
+    words = []
+    if input_size is not None:
+        sizes = input_size if isinstance(input_size, Sequence) and not isinstance(input_size, str) else [input_size]
+        words += ["--input-size", *map(str, sizes)]
+    if num_classes is not None:
+        words += ["--num-classes", str(num_classes)]
+    for key, value in (options or {}).items():
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+        words += ["--model-opt", f"{key}={text}"]
+    return words
 
 
 def _check_non_square(model: nn.Module, name: str, shape: tuple[int, int, int]) -> None:

@@ -203,7 +203,7 @@ def verify_receptive_field(model_or_run: str | nn.Module | InspectedModel, layer
     by_name = {layer.name: layer for layer in t.layers}
     names = list(layers) if layers else default_check_layers(t)
     for name in names:
-        find_layer(model, name, target.source)
+        find_layer(model, name, target.source, target.build_args)
         if name not in by_name or not _spatial(by_name[name]):
             raise UserError(f"layer '{name}' has no spatial output to measure a field on (it is not used by the "
                             "forward pass, or comes after pooling/flatten); pick a convolutional layer")
@@ -303,7 +303,7 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
     target = model_or_run if isinstance(model_or_run, InspectedModel) else load_model(model_or_run, input_size)
     model, shape = target.model, target.input_shape
     if layer:
-        find_layer(model, layer, target.source)
+        find_layer(model, layer, target.source, target.build_args)
     with inspecting(model):
         t = trace(model, shape)
     chosen = next((x for x in t.layers if x.name == layer), None) if layer else final_feature_layer(t)

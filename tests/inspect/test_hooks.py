@@ -1,3 +1,5 @@
+import shlex
+
 import pytest
 import torch
 
@@ -119,3 +121,21 @@ def test_an_unknown_layer_of_a_module_points_to_layer_names():
                        rf"`--list-layers` on the command line, shows the {names} names\)$"):
         with cnnkit.capture(model, ["layer5"]):
             pass
+
+
+def test_the_command_that_lists_the_layers_keeps_the_options_that_build_the_model(capsys):
+    """The hint for an unknown layer said `cnnkit features convnet --list-layers`, leaving out the --model-opt and
+    --input-size the user gave: options that change the layers and their names. The suggested command, run,
+    lists the names of the model the user asked about."""
+    from cnnkit.cli import main
+
+    build = ["--input-size", "1", "28", "28", "--num-classes", "5", "--model-opt", "widths=[16,32]",
+             "--model-opt", "downsample=stride"]
+    assert main(["rf", "convnet", *build, "--verify-layer", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    suggested = ("cnnkit features convnet --input-size 1 28 28 --num-classes 5 --model-opt 'widths=[16,32]' "
+                 "--model-opt downsample=stride --list-layers")
+    assert err.endswith(f"the model has no layer 'nope' (`{suggested}` shows the 13 names)"), err
+    assert main(shlex.split(suggested)[1:]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 13 and listed[0].split() == ["features", "Sequential", "32x7x7"], listed
