@@ -25,7 +25,7 @@ which a map of one layer does not show: ``--layer layer3`` maps that stage's sha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -105,15 +105,19 @@ def _positions(layer: TracedLayer) -> int:
     return shape[1] * shape[2] if shape and len(shape) == 3 else 0
 
 
-def last_block_with_positions(t: Trace) -> TracedLayer:
+def last_block_with_positions(t: Trace, has_positions: Callable[[TracedLayer], bool] | None = None
+                              ) -> TracedLayer | None:
     """For a network whose last maps are 1x1: the last map with more than one position that all the rest of the
-    network is computed from. Among the modules directly inside the model, the last whose output has more than one
-    position (one that is no convolution or normalisation, as above, where there is one); where the module after
-    it, whose output is 1x1, holds such maps inside and runs its parts one after another, each on the one before's
+    network is computed from (``has_positions`` says which maps count: by default those of more than one position;
+    ``receptive_field``'s final feature layer also counts a 1x1 map no global operation has reached). Among the
+    modules directly inside the model, the last whose output has more than one position (one that is no
+    convolution or normalisation, as above, where there is one); where the module after it, whose output is 1x1,
+    holds such maps inside and runs its parts one after another, each on the one before's
     output (a stage, a block without a shortcut), the same again inside it. A block that runs parts side by side on the
     same input (Inception's branches, a residual block's shortcut) is not entered: its parts' maps each hold one
     branch of the evidence, and the block's input (``Mixed_6e``'s output, not ``Mixed_7a``'s branch convolutions)
     is what the rest is computed from."""
+    has_positions = has_positions or (lambda x: _positions(x) > 1)
     traced = {x.name: x for x in t.layers}
 
     def parent(name: str) -> str:  # the nearest traced ancestor ("" for the model; a ModuleList is never called)
@@ -135,13 +139,13 @@ def last_block_with_positions(t: Trace) -> TracedLayer:
     best, holder = None, ""
     while True:
         children = sorted(inside.get(holder, []), key=lambda x: x.done)
-        several = [x for x in children if _positions(x) > 1]
+        several = [x for x in children if has_positions(x)]
         activated = [x for x in several if not isinstance(x.module, PRE_ACTIVATION)]
         if activated or (several and best is None):  # a norm's output inside does not displace the block's
             best = (activated or several)[-1]
         after = several[-1].done if several else -1
         collapsing = next((x for x in children if x.done > after and any(
-            _positions(y) > 1 for y in t.layers if y.name.startswith(x.name + "."))), None)
+            has_positions(y) for y in t.layers if y.name.startswith(x.name + "."))), None)
         if collapsing is None or not in_sequence(collapsing):
             return best
         holder = collapsing.name

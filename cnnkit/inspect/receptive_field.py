@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from cnnkit.errors import UserError
+from cnnkit.inspect.cam import last_block_with_positions
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import InspectedModel, load_model
 from cnnkit.inspect.shapes import Field
@@ -74,15 +75,21 @@ def _spatial(layer: TracedLayer) -> bool:
 
 
 def final_feature_layer(t: Trace) -> TracedLayer | None:
-    """The last layer whose output still has positions. Of the layers that end with that same output (a
-    ResNet's ``layer4``, its last block, that block's ReLU) the outermost, earliest one is named."""
-    spatial = [layer for layer in t.layers if _spatial(layer)]
-    if not spatial:
-        return None
-    last = max(spatial, key=lambda layer: layer.done)
-    same = [layer for layer in spatial if layer.output_shape == last.output_shape and layer.info.fields ==
-            last.info.fields]
-    return min(same, key=lambda layer: (layer.depth, layer.done))
+    """The last layer whose output still has positions that all the rest of the network is computed from: a
+    stage or block, not one branch of a block (a residual block's main path beside its shortcut, Inception's or
+    ShuffleNet's branches) nor a layer inside one that merely has the same size of output; chosen as ``cam``'s
+    default layer is where the last maps are 1x1 (``last_block_with_positions``). Where that layer is a pool that
+    keeps its input's size and field (VGG's ``avgpool`` to the same 7x7), the layer it pools; of the layers that
+    end with that same output (a ResNet's ``layer4``, its last block, that block's ReLU) the outermost."""
+    final = last_block_with_positions(t, _spatial)
+    while final is not None:  # (a layer that works in place, a ReLU, has its input as its output: not a source)
+        source = [x for x in t.layers if x.done < final.first and final.input_info is not None and
+                  (x.info is final.input_info or x.first_info is final.input_info)]
+        if not source or any(x.output_shape != final.output_shape or x.info.fields != final.info.fields
+                             for x in source):
+            return final
+        final = min(source, key=lambda layer: (layer.depth, layer.done))
+    return None
 
 
 def _sees(f: Field, index: int, size: int) -> bool:

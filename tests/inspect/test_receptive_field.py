@@ -13,6 +13,7 @@ import torch
 
 import cnnkit
 from cnnkit.errors import UserError
+from cnnkit.inspect.cam import last_conv_layer
 from cnnkit.inspect.loading import load_model
 
 from tests.inspect.conftest import assert_picture
@@ -180,3 +181,23 @@ def test_fastnets_final_feature_layer_is_its_last_conv_group_not_the_global_pool
     checks = cnnkit.verify_receptive_field("fastnet")
     assert checks[-1].layer == "layers.3" and checks[-1].measured == [[0, 31], [0, 31]]
     assert all(c.agrees for c in checks), checks
+
+
+def test_where_the_last_maps_are_1x1_the_final_feature_layer_is_what_the_rest_is_computed_from():
+    """`cnnkit rf MODEL --input-size 32` named a layer inside a block, as `cnnkit cam` once did: efficientnet_b0
+    features.5.2.block.1 (a depthwise convolution inside a residual block, whose gated 2x2 field equalled that of
+    the 2x2 map after it), regnet_y_400mf trunk_output.block4.block4-0.f.a (a block's main path beside its
+    shortcut), shufflenet_v2_x1_0 stage4.0.branch1 (one branch). Now the layer cam's default is chosen by. By hand
+    at 32: shufflenet conv1 3 (jump 2), maxpool 7 (4), stage2 15 + 3*2*8 = 63 (8), stage3 63 + 2*8 + 7*2*16 = 303
+    (16); regnet stem 3 (2), block1 7 (4), block2 15 + 2*2*8 = 47 (8), block3 63 + 5*2*16 = 223 (16)."""
+    for name, expected, rf in [("shufflenet_v2_x1_0", "stage3", 303), ("regnet_y_400mf", "trunk_output.block3", 223),
+                               ("efficientnet_b0", "features.6.0.block.0", 339),
+                               ("mobilenet_v3_small", "features.9.block.0", 319)]:
+        r = cnnkit.receptive_field(name, input_size=32)
+        assert (r.final_layer, r.final_rf) == (expected, rf), name
+        target = load_model(name, 32, meta=True)
+        assert last_conv_layer(target.model, target.input_shape) == expected, name
+    r = cnnkit.receptive_field("shufflenet_v2_x1_0", input_size=32)
+    assert [(rf_of(r, n).rf, rf_of(r, n).jump) for n in ("conv1", "maxpool", "stage2", "stage3")] == \
+        [(3, 2), (7, 4), (63, 8), (303, 16)]
+    assert r.covers_input and r.every_unit_covers
