@@ -24,7 +24,7 @@ from cnnkit.data import cache
 from cnnkit.data.images import (DECODER_VERSION, header_size, image_size, is_image_file, load_image, max_pixels,
                                 why_missing)
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
-from cnnkit.errors import DataError, UserError
+from cnnkit.errors import DataError, UserError, did_you_mean
 from cnnkit.runs import run_info
 
 DEFAULT_FOLDER_SPLIT = 0.1  # the fraction of a folder held out for validation when no --val-split is given
@@ -356,6 +356,18 @@ def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return images
 
 
+def _dataset_meant(root: str) -> str:
+    """``"; did you mean fashion_mnist?"`` for a ``--data`` that is no folder but reads as a built-in dataset's
+    name in another spelling (``fashion-mnist``, ``FashionMNIST``, ``CIFAR10``, ``cifar-10``), else ``""``."""
+    if os.sep in root or (os.altsep and os.altsep in root):
+        return ""
+    return did_you_mean(_plain(root), BUILTIN, key=_plain)
+
+
+def _plain(name: str) -> str:
+    return name.replace("-", "").replace("_", "").replace(" ", "").lower()
+
+
 def scan_folder(root: str, option: str | None = None,
                 scored: bool = False) -> tuple[list[str], torch.Tensor, list[str]]:
     """Image files, labels and class names of an ImageFolder-layout directory (one sub-folder per class).
@@ -371,8 +383,9 @@ def scan_folder(root: str, option: str | None = None,
         # a config file's relative path is read from where the command runs, not from the file's folder
         where = "" if os.path.isabs(root) else f" (a relative path, read from the current folder {os.getcwd()})"
         if option is None:
+            # the names are exact (a folder may be called Mnist); a near miss is only named as the likely intent
             raise UserError(f"data path {root} does not exist{where}; pass a folder with one sub-folder per class, "
-                            f"or one of: {', '.join(BUILTIN)}")
+                            f"or one of: {', '.join(BUILTIN)}{_dataset_meant(root)}")
         raise UserError(f"{named} does not exist{where}; pass a folder with one sub-folder of images per class")
     mistaken = _run_or_checkpoint(root) or _torchvision_files(root)
     if mistaken:

@@ -485,3 +485,22 @@ def test_a_moved_folder_names_its_broken_images_where_they_are_now(tmp_path, mon
     train, _ = load_splits(DataSpec(str(tmp_path / "after")))
     assert str(tmp_path / "after" / "circle" / "bad.jpg") in train.skipped[0] and "before" not in train.skipped[0]
     assert sorted(os.listdir(tmp_path / "cache")) == entries  # the same entry, not decoded again
+
+
+@pytest.mark.parametrize("data, meant", [
+    ("fashion-mnist", "fashion_mnist"), ("FashionMNIST", "fashion_mnist"), ("CIFAR10", "cifar10"),
+    ("cifar-10", "cifar10"), ("Mnist", "mnist"), ("cifar_100", "cifar100"),
+])
+def test_a_dataset_name_spelled_otherwise_is_named_in_the_error(tmp_path, monkeypatch, data, meant):
+    # the names stay exact (a folder may be called Mnist), but the one-line error names the dataset meant
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"^data path {data} does not exist .*; did you mean {meant}\\?$"):
+        load_splits(DataSpec(data))
+
+
+@pytest.mark.parametrize("data", ["photos", "/no/such/cifar-10"])
+def test_a_folder_path_is_not_taken_for_a_dataset_name(tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_splits(DataSpec(data))
+    assert "did you mean" not in str(e.value)
