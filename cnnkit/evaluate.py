@@ -14,6 +14,7 @@ from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
 from cnnkit.train.evaluation import evaluate_model
+from cnnkit.train.setup import samples_asked, validated_images
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
@@ -145,12 +146,16 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
     check_recorded_paths(cfg, _run_folder(ckpt), command, fix)
     # A run from before --val-split beside --val-data was refused took its validation images from val_data.
-    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"),
-                    cfg.get("val_split") if cfg.get("val_data") is None else None,
-                    ckpt.input_size, ckpt.channels, cfg.get("num_samples"))
+    run_split = cfg.get("val_split") if cfg.get("val_data") is None else None
+    # as training asked: a smoke run generates or keeps fewer images, and validates on a sample of them
+    smoke = bool(cfg.get("smoke")) and cfg.get("batch_size") is not None
+    num_samples = (samples_asked(cfg["data"], run_split, cfg.get("num_samples"), cfg["batch_size"], True) if smoke
+                   else cfg.get("num_samples"))
+    spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), run_split,
+                    ckpt.input_size, ckpt.channels, num_samples)
     if val_split is not None:
-        spec = replace(spec, val_data=None, val_split=val_split)
-    return load_splits(spec)[1]
+        return load_splits(replace(spec, val_data=None, val_split=val_split))[1]
+    return validated_images(load_splits(spec)[1], smoke, cfg.get("seed", 0))
 
 
 

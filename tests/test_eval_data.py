@@ -189,3 +189,19 @@ def test_the_library_refuses_an_ema_it_cannot_give_and_a_batch_size_below_one(ru
     for bad in (0, -1, 2.5):
         with pytest.raises(UserError, match="batch_size must be a whole number, 1 or more"):
             evaluate(run[0], batch_size=bad)
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["shapes", "folder"])
+def test_eval_of_a_smoke_run_scores_the_images_it_validated_on(tmp_path, folder):
+    # a smoke run generates fewer shapes and validates on a sample of its validation images: eval rebuilds those,
+    # not the validation set its recorded num_samples (none) would give, so its figures are the run's last epoch's
+    data = ["--data", write_image_folder(str(tmp_path / "data"), n_per_class=150, classes=3)] if folder else []
+    out = tmp_path / "run"
+    proc = run_cli("train", "--smoke", *data, "--val-split", "0.9", "--batch-size", "8", "--threads", "1",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "result.json") as f:
+        result = json.load(f)
+    r = evaluate(str(out / "last.pt"), threads=1)
+    assert r.count == result["num_val"] == 256
+    assert r.acc == result["val_acc"] and r.loss == pytest.approx(result["val_loss"], rel=1e-4)

@@ -284,17 +284,8 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
 def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     """The training and validation sets, decoded once into uint8 tensors (augmentation happens per batch on the
     device), or streamed from their files when too large for memory."""
-    num_samples, smoke_train = cfg.num_samples, SMOKE_BATCHES * cfg.batch_size
-    if cfg.smoke:  # a few batches' worth of training images
-        num_samples = min(num_samples or smoke_train, smoke_train)
-        if cfg.data == "shapes" and cfg.val_split is not None:
-            # shapes generates num_samples images and --val-split holds its share of those out: generate that
-            # share on top (and one per class for the rounding), so the training part fills the batches; but
-            # never more than the smoke run validates on (--val-split 0.99 generated 16,010 images to validate
-            # on 256, 0.9999 1.6 million: fewer batches then), nor than --num-samples, which the run splits so
-            generated = min(smoke_train / (1 - cfg.val_split), SMOKE_VAL_IMAGES / cfg.val_split)
-            num_samples = math.ceil(generated) + len(SHAPE_CLASSES)
-            num_samples = min(num_samples, cfg.num_samples) if cfg.num_samples else num_samples
+    smoke_train = SMOKE_BATCHES * cfg.batch_size
+    num_samples = samples_asked(cfg.data, cfg.val_split, cfg.num_samples, cfg.batch_size, cfg.smoke)
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
     train_set, val_set = load_splits(spec)
@@ -303,13 +294,37 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
         raise UserError(single)
     if cfg.smoke:
         train_set = sample_images(train_set, smoke_train, cfg.seed)
-        val_set = sample_images(val_set, SMOKE_VAL_IMAGES, cfg.seed)
+    val_set = validated_images(val_set, cfg.smoke, cfg.seed)
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
         train_set = sample_images(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
         val_set = dataclasses.replace(train_set, skipped=[])
     if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
         machine.threads = set_torch_threads(cfg.threads, workers=cfg.workers)
     return train_set, val_set
+
+
+def samples_asked(data: str, val_split: float | None, num_samples: int | None, batch_size: int,
+                  smoke: bool) -> int | None:
+    """The ``num_samples`` a run asks its data for: ``--num-samples``, or in a smoke run a few batches' worth.
+    ``cnnkit eval RUN`` asks the same (cnnkit/evaluate.py), so that it rebuilds the images the run validated on."""
+    if not smoke:
+        return num_samples
+    smoke_train = SMOKE_BATCHES * batch_size
+    asked = min(num_samples or smoke_train, smoke_train)
+    if data == "shapes" and val_split is not None:
+        # shapes generates num_samples images and --val-split holds its share of those out: generate that
+        # share on top (and one per class for the rounding), so the training part fills the batches; but
+        # never more than the smoke run validates on (--val-split 0.99 generated 16,010 images to validate
+        # on 256, 0.9999 1.6 million: fewer batches then), nor than --num-samples, which the run splits so
+        generated = min(smoke_train / (1 - val_split), SMOKE_VAL_IMAGES / val_split)
+        asked = math.ceil(generated) + len(SHAPE_CLASSES)
+        asked = min(asked, num_samples) if num_samples else asked
+    return asked
+
+
+def validated_images(val_set: ImageSet, smoke: bool, seed: int) -> ImageSet:
+    """The part of the validation set a run validates on: in a smoke run, at most SMOKE_VAL_IMAGES of it."""
+    return sample_images(val_set, SMOKE_VAL_IMAGES, seed) if smoke else val_set
 
 
 def sample_images(data: ImageSet, count: int, seed: int) -> ImageSet:
