@@ -828,6 +828,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from cnnkit.train import distributed
 
+        from cnnkit.train.config import is_pipe
+
+        if args.config and is_pipe(args.config):  # each process reads it: the first would take all, the rest wait
+            raise UserError(f"--config {args.config} is a pipe, which only one of the {args.nproc} processes of "
+                            "--nproc could read; save the options to a .yaml file and pass that")
         if not args.resume:  # once here, rather than from every process, each line under torchrun's report
             _check_before_launch(args.config, given)
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))

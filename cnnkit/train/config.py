@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -249,10 +250,12 @@ def read_config_file(path: str) -> dict[str, Any]:
     holding more than ``MAX_CONFIG_VALUES`` values, nesting deeper than ``MAX_CONFIG_DEPTH`` or holding text
     longer than ``MAX_CONFIG_TEXT`` characters, are refused."""
     kind = os.path.splitext(path)[1].lower()
-    if kind not in (".yaml", ".yml", ".json"):
+    # a pipe (bash's --config <(cat run.yaml), /dev/fd/63) has no extension: read as YAML, JSON's superset
+    piped = kind not in (".yaml", ".yml", ".json") and is_pipe(path)
+    if kind not in (".yaml", ".yml", ".json") and not piped:
         raise UserError(f"--config {path}: expected a .yaml, .yml or .json file")
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # read once: a pipe or FIFO gives its text to one read only
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
@@ -293,6 +296,14 @@ def read_config_file(path: str) -> dict[str, Any]:
     if "model_options" in checked:  # as --model-opt reads them: lists become tuples
         checked["model_options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in checked["model_options"].items()}
     return checked
+
+
+def is_pipe(path: str) -> bool:
+    """Whether ``path`` is a pipe or FIFO, whose text only its first reader gets."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class _DuplicateKey(Exception):

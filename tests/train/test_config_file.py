@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -215,3 +216,24 @@ def test_an_error_of_another_option_is_not_blamed_on_the_files_model_options(tmp
                    "--out", tmp_path / "run")
     assert proc.returncode == 2 and proc.stderr.startswith("cnnkit train: error: input size 3 is too small"), proc.stderr
     assert "model_options" not in proc.stderr
+
+
+def test_a_config_from_bash_process_substitution_is_read():
+    # --config <(cat run.yaml) passes /dev/fd/N, a pipe without an extension: read once, as YAML (JSON's superset)
+    read_end, write_end = os.pipe()
+    try:
+        with open(write_end, "w") as w:
+            w.write("epochs: 3\nmodel: resnet18\n")
+        assert read_config_file(f"/dev/fd/{read_end}") == {"epochs": 3, "model": "resnet18"}
+    finally:
+        os.close(read_end)
+
+
+def test_a_config_fifo_with_nproc_is_refused_not_waited_on(tmp_path):
+    # each of --nproc's processes reads --config: of a FIFO the first takes the text and the others waited forever
+    fifo = tmp_path / "run.yaml"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--config", str(fifo), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--config {fifo} is a pipe, which only one of the 2 processes" in proc.stderr
