@@ -118,6 +118,8 @@ class LrFindResult:
     smoothed: list[float] = field(default_factory=list)  # debiased exponential moving average of the losses
     plot: str | None = None  # the PNG, once written
     blowup_lr: float | None = None  # the rate at which the test stopped because the loss blew up, else None
+    # what the set-up warned about (errors.warn), each as its log line after "cnnkit: warning: " (TrainResult's)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """The figures without the curves (what a run's lr_find.json holds)."""
@@ -224,7 +226,8 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     suggestion, method, edge, low = suggest(lrs, smoothed, cfg.schedule, default, blowup_lr)
     result = LrFindResult(cfg.model, cfg.data, suggestion, method, lrs[edge], lrs[low],
                           _steepest(lrs, smoothed, max(1, len(lrs) // 10), low), diverged, len(lrs),
-                          time.perf_counter() - start, lrs, losses, smoothed, blowup_lr=blowup_lr)
+                          time.perf_counter() - start, lrs, losses, smoothed, blowup_lr=blowup_lr,
+                          warnings=list(run.warnings))
     if method.startswith(FLAT_METHOD):
         share = {3: "a third", 10: "a tenth"}.get(_margin(cfg.schedule), f"1/{_margin(cfg.schedule)}")
         kept = (f"keeping the {cfg.optimizer} default {default:g}" if method == FLAT_METHOD else

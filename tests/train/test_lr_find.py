@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit.errors import UserError
+from cnnkit.errors import WARNING, UserError
 from cnnkit.train.lr_find import (EDGE_METHOD, EDGE_SHARE, FLAT_METHOD, MAX_PASSES, MIN_STEPS, TENTH_METHOD,
                                   _beyond, _flat_message, _no_blowup_message, default_smoothing, default_steps, suggest)
 from cnnkit.training import lr_find
@@ -258,3 +258,12 @@ def test_train_lr_auto_prints_the_set_up_notes_once(tmp_path):
     cnnkit.train(model="linear", data="shapes", num_samples=160, val_split=0.2, batch_size=64, epochs=1, lr="auto",
                  log=log, progress=False, out=str(tmp_path / "run"))
     assert log.getvalue().count("batch(es) an epoch") == 1, log.getvalue()
+
+
+def test_lr_find_returns_the_warnings_its_log_showed():
+    # as TrainResult.warnings: a Python caller gets them as data, each as its log line after the prefix
+    log = io.StringIO()
+    r = cnnkit.lr_find(model="simple_cnn", freeze="backbone", num_samples=64, batch_size=16, steps=10, threads=1,
+                       log=log, progress=False)
+    shown = [line[len(WARNING):] for line in log.getvalue().splitlines() if line.startswith(WARNING)]
+    assert r.warnings == shown and len(shown) == 1 and shown[0].startswith("--freeze backbone keeps the other layers")
