@@ -827,7 +827,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "[changed flags] --out NEW_DIR)")
     if args.nproc > 1:
         from cnnkit.train import distributed
-
         from cnnkit.train.config import is_pipe
 
         if args.config and is_pipe(args.config):  # each process reads it: the first would take all, the rest wait
