@@ -16,7 +16,7 @@ from cnnkit.choices import (
     AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
     SCHEDULES, SHAPES_TRAIN,
 )
-from cnnkit.errors import TrainingStopped, UserError, did_you_mean
+from cnnkit.errors import WARNING, TrainingStopped, UserError, did_you_mean
 from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
@@ -239,8 +239,6 @@ def _without_option(argv: list[str], name: str) -> list[str]:
             out.append(a)
     return out
 
-
-from cnnkit.errors import WARNING  # noqa: E402 - what starts a warning's line, in a run's log and the commands' own
 
 # A number as Python writes it but JSON does not: .5, 5., -.5, 1.e-3 (JSON wants 0.5); not nan or inf.
 _PY_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?")

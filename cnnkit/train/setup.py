@@ -141,7 +141,8 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         print(f"cnnkit: note: --overfit-batches {cfg.overfit_batches}: the training data has only {batches} "
               f"batch(es) of {cfg.batch_size} ({len(train_set):,} images); it overfits all of them", file=log)
     # what --num-samples asked the data for; in a smoke run, no more than its own cap (its line names that one)
-    asked = min(cfg.num_samples or 0, SMOKE_BATCHES * cfg.batch_size) if cfg.smoke else cfg.num_samples or 0
+    asked = (samples_asked(cfg.data, cfg.val_split, cfg.num_samples, cfg.batch_size, cfg.smoke)
+             if cfg.num_samples else 0)
     if len(train_set) < asked and not cfg.overfit_batches and ctx.main and not saved and cfg.data != "shapes":
         print(f"cnnkit: note: --num-samples {cfg.num_samples:,}: the training data has only {len(train_set):,} "
               "images; it trains on all of them", file=log)
