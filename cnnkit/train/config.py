@@ -251,8 +251,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     longer than ``MAX_CONFIG_TEXT`` characters, are refused."""
     kind = os.path.splitext(path)[1].lower()
     # a pipe (bash's --config <(cat run.yaml), /dev/fd/63) has no extension: read as YAML, JSON's superset
-    piped = kind not in (".yaml", ".yml", ".json") and is_pipe(path)
-    if kind not in (".yaml", ".yml", ".json") and not piped:
+    if kind not in (".yaml", ".yml", ".json") and not is_pipe(path):
         raise UserError(f"--config {path}: expected a .yaml, .yml or .json file")
     try:
         with open(path, "rb") as f:  # read once: a pipe or FIFO gives its text to one read only
