@@ -451,6 +451,12 @@ def _class_balance_options(p: argparse.ArgumentParser | argparse._ArgumentGroup)
                    help="draw training batches with every class equally likely (with replacement)")
 
 
+def _check_data_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, d: TrainConfig) -> None:
+    p.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=d.check_data,
+                   help="check class balance, train/val duplicates and the data against the model before "
+                        "training; warnings only (default: on)")
+
+
 def _speed_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--recipe", choices=tuple(RECIPES),
                    help="a tuned set of options; 'fast': fastnet, Muon, 8 epochs, test-time augmentation, for "
@@ -561,9 +567,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="a NaN/inf loss stops the run (keeping the last good checkpoint) or skips the batch")
     cb = p.add_argument_group("class balance and data checks")
     _class_balance_options(cb)
-    cb.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=d.check_data,
-                    help="check class balance, train/val duplicates and the data against the model before "
-                         "training; warnings only (default: on)")
+    _check_data_option(cb, d)
     _run_folder_options(p, d)
     sp = p.add_argument_group("speed")
     _speed_options(sp)
@@ -593,6 +597,7 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
     _optimizer_options(p, d)
     _pipeline_options(p, d)
     _class_balance_options(p)
+    _check_data_option(p, d)
     _speed_options(p)
     _augment_options(p, d)
     _output_options(p)

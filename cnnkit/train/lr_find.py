@@ -122,9 +122,9 @@ class LrFindResult:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        """The figures without the curves (what a run's lr_find.json holds)."""
+        """The figures without the curves, and the warnings (what ``lr-find --json`` prints and lr_find.json holds)."""
         return {k: getattr(self, k) for k in ("suggestion", "method", "edge_lr", "min_loss_lr", "steepest_lr", "diverged",
-                                              "blowup_lr", "steps", "plot")}
+                                              "blowup_lr", "steps", "plot", "warnings")}
 
 
 def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, end_lr: float = 10.0,
@@ -159,7 +159,7 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     # Data, model, loader and loss as `train` builds them, so the test measures the run it advises.
     try:
         # train --lr auto: the run's own set-up prints the same notes and warnings right after the test
-        run = build_run(range_test_config(cfg), machine, io.StringIO() if for_train else log)
+        run = build_run(range_test_config(cfg, for_train), machine, io.StringIO() if for_train else log)
     except ModelOptionsError as e:
         raise model_options_error(e, config, overrides) from None
     model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads

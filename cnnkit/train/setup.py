@@ -111,11 +111,13 @@ def start_machine(cfg: TrainConfig) -> Machine:
     return Machine(device, amp_dtype, threads)
 
 
-def range_test_config(cfg: TrainConfig) -> TrainConfig:
+def range_test_config(cfg: TrainConfig, for_train: bool) -> TrainConfig:
     """``cfg`` as the range test builds its run from it: all the training images with their augmentation, one
-    process, no mixing, no data check (the run it advises does those)."""
+    process, no mixing (the run it advises does those). The data are checked as train checks them (unless
+    ``check_data`` is off), so that ``cnnkit lr-find`` warns about its data, as train would; ``for_train`` (the
+    test of ``train --lr auto``): not checked, since the run's own set-up checks them right after the test."""
     return dataclasses.replace(cfg, smoke=False, overfit_batches=0, mixup=0.0, cutmix=0.0, sync_bn=False,
-                               check_data=False)
+                               check_data=cfg.check_data and not for_train)
 
 
 class ModelOptionsError(UserError):

@@ -267,3 +267,24 @@ def test_lr_find_returns_the_warnings_its_log_showed():
                        log=log, progress=False)
     shown = [line[len(WARNING):] for line in log.getvalue().splitlines() if line.startswith(WARNING)]
     assert r.warnings == shown and len(shown) == 1 and shown[0].startswith("--freeze backbone keeps the other layers")
+
+
+def test_lr_find_json_and_lr_find_json_carry_the_data_warnings_as_train_does(tmp_path, image_folder):
+    # `train --json` and result.json carried the data's warnings (a file beside the class folders, a tiny
+    # validation split); `lr-find` neither showed them (its run skipped the data check) nor put them in its JSON
+    (tmp_path / "images" / "stray.png").write_bytes(b"")
+    out = tmp_path / "lrf"
+    proc = run_cli("lr-find", "--model", "linear", "--data", image_folder, "--batch-size", 8, "--steps", 12,
+                   "--threads", 1, "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert json.loads((out / "lr_find.json").read_text()) == result  # one record, on stdout and in the folder
+    trained = json.loads(run_cli("train", "--model", "linear", "--data", image_folder, "--batch-size", 8,
+                                 "--epochs", 1, "--threads", 1, "--out", tmp_path / "run", "--json").stdout)
+    assert result["warnings"] == trained["warnings"] and len(result["warnings"]) == 2, result["warnings"]
+    assert "stray.png" in result["warnings"][0] and "validation image(s)" in result["warnings"][1]
+    assert [line[len(WARNING):] for line in proc.stderr.splitlines() if line.startswith(WARNING)] == result["warnings"]
+    # as train's, --no-check-data skips them, the folder's own too (the check is what shows those)
+    proc = run_cli("lr-find", "--model", "linear", "--data", image_folder, "--batch-size", 8, "--steps", 12,
+                   "--threads", 1, "--out", out, "--json", "--no-check-data")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["warnings"] == [], proc.stderr
