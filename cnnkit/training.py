@@ -53,9 +53,18 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
 
 def lr_find(config: TrainConfig | str | None = None, **options: Any) -> LrFindResult:
     """The learning-rate range test (cnnkit/train/lr_find.py: its keyword options and the rules it suggests by),
-    with its curve drawn into ``out/lr_find.png`` when ``out`` is given.
+    with its curve drawn into ``out/lr_find.png`` when ``out`` is given. SIGINT or SIGTERM stops it at once, as
+    they stop a training run's start-up (TrainingStopped, exit code 130 or 143): the test has nothing to save.
     Example: ``cnnkit.lr_find(model="simple_cnn", data="shapes").suggestion``."""
-    return range_test.lr_find(config, draw=plot_lr_find, **options)
+    # Before, Ctrl-C ended in a bare "cnnkit: interrupted" and SIGTERM killed the process without a word.
+    with loop.StopSignals() as stop, stop.at_once(_stopped_range_test):
+        return range_test.lr_find(config, draw=plot_lr_find, **options)
+
+
+def _stopped_range_test(name: str) -> str:
+    """What a stop by signal ``name`` during ``lr_find`` says (its files are written atomically, at its end)."""
+    return (f"{name} during the learning-rate range test, which stopped at once without writing its result "
+            "(run the same command again)")
 
 
 class ShowRun(loop.Callbacks):
@@ -98,4 +107,15 @@ class ShowRun(loop.Callbacks):
             self.board.close()
         run = self.run
         if run.ctx.main and run.cfg.plots:  # --report sets plots too (train/options.py)
-            show_run(result.run_dir, report=run.cfg.report, device=run.cfg.device, log=run.log)
+            # Training's own signal handling has ended, but the run is saved: a signal stops the drawing alone and
+            # says so (before, Ctrl-C ended in a bare "cnnkit: interrupted" and SIGTERM killed it without a word).
+            with loop.StopSignals() as stop, stop.at_once(lambda name: _stopped_drawing(name, result, run.cfg.report)):
+                show_run(result.run_dir, report=run.cfg.report, device=run.cfg.device, log=run.log)
+
+
+def _stopped_drawing(name: str, result: TrainResult, report: bool) -> str:
+    """What a stop by signal ``name`` while a saved run's plots (and ``report``) are drawn says."""
+    what = "plots and report" if report else "plots"
+    ended = "diverged (its result.json says why)" if result.stop_reason.startswith("diverged") else "finished"
+    return (f"{name} while drawing the {what}; training {ended} and is saved in {result.run_dir}, result.json "
+            f"included; draw them with: cnnkit report {result.run_dir}")

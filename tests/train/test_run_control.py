@@ -377,3 +377,79 @@ def test_a_signal_in_the_last_validation_stops_before_the_final_measurements_wit
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["stop_reason"] == "completed" and result["epochs_run"] == 1 and result["tta_val_acc"] is None
     assert list_runs(str(tmp_path / "run"))[0].status == "finished"
+
+
+
+# `cnnkit COMMAND ...` with a signal sent to its own process while the saved run's plots and report are drawn
+# (``drawing``), or in each step of the learning-rate range test (``range-test``: a model that signals when it trains).
+SIGNALLING_ELSEWHERE = """
+import os, signal, sys
+import torch
+import cnnkit.training
+from cnnkit.cli import main
+from cnnkit.models.registry import register_model
+from cnnkit.models.simple import simple_cnn
+
+sig, when = getattr(signal, sys.argv[1]), sys.argv[2]
+if when == "drawing":
+    draw = cnnkit.training.show_run
+
+    def show_run(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        return draw(*args, **kwargs)
+
+    cnnkit.training.show_run = show_run
+
+
+class Signalling(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if self.training and when == "range-test":
+            os.kill(os.getpid(), sig)
+        return self.net(x)
+
+
+@register_model
+def signalling(num_classes=10, in_channels=3, input_size=32):
+    return Signalling(simple_cnn(num_classes, in_channels, input_size))
+
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def signalled_elsewhere(sig, when, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", SIGNALLING_ELSEWHERE, sig, when, *map(str, args), "--model",
+                           "signalling", "--num-samples", "64", "--batch-size", "32", "--threads", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_the_plots_are_drawn_says_the_run_finished_and_which_command_draws_them(tmp_path, sig, code):
+    # Before, Ctrl-C there ended in a bare "cnnkit: interrupted" and SIGTERM killed the process without a word,
+    # though the run was finished and saved.
+    from cnnkit.runs import list_runs
+
+    run = tmp_path / "run"
+    proc = signalled_elsewhere(sig, "drawing", "train", "--epochs", 1, "--report", "--out", run)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == (f"cnnkit train: stopped: {sig} while drawing the plots and report; training finished and "
+                           f"is saved in {run}, result.json included; draw them with: cnnkit report {run}\n")
+    assert json.loads((run / "result.json").read_text())["stop_reason"] == "completed"
+    assert list_runs(str(run))[0].status == "finished" and not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_the_range_test_stops_it_in_one_line_with_nothing_written(tmp_path, sig, code):
+    out = tmp_path / "lrf"
+    proc = signalled_elsewhere(sig, "range-test", "lr-find", "--steps", 20, "--out", out)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == (f"cnnkit lr-find: stopped: {sig} during the learning-rate range test, which stopped at "
+                           "once without writing its result (run the same command again)\n")
+    assert not list(out.iterdir())
