@@ -25,8 +25,10 @@ MIN_BATCHES_ALONE = 20000
 
 # Compiled on first use (static shapes: each caller runs one shape); None once compiling has failed.
 _compiled: dict[Callable, Callable] | None = {}
-# Why compiling failed, until the training run takes it to show as one of its warnings (``failure_warning``).
+# Why compiling failed in this process, and whether a loop has run without its compiled version since the training
+# run last took the warning that says so (``failure_warning``).
 _failure: str | None = None
+_unreported = False
 
 # ATEN_CPU_CAPABILITY (PyTorch's variable: =avx2 runs an older CPU's vector code) holds ATen below what the CPU
 # has, but torch.compile still builds its C++ with -march=native: ATen's vector headers then take their 512-bit
@@ -84,24 +86,30 @@ def allow_builds() -> None:
 
 
 def available() -> bool:
-    """Whether compiled loops can run: False once compiling has failed in this process (no C++ compiler)."""
+    """Whether compiled loops can run: False once compiling has failed in this process (no C++ compiler). Asked
+    by a caller about to run a loop, and only then: a False answer means the loop runs without its compiled
+    version, which ``failure_warning`` reports."""
+    global _unreported
+    if _compiled is None:
+        _unreported = True
     return _compiled is not None
 
 
 def failure_warning() -> str | None:
-    """The warning, once, that compiling failed in this process (it names the loop and the error), or None: the
-    training run shows it in its log and keeps it in ``TrainResult.warnings`` (``cnnkit.errors.warn``). Taken, it
-    is not given again: compiling is not tried again in the process."""
-    global _failure
-    text, _failure = _failure, None
-    return text
+    """The warning that compiling failed in this process (it names the loop and the error) where a loop has run
+    without its compiled version since the last call, else None: a training run shows it in its log and keeps it
+    in ``TrainResult.warnings`` (``cnnkit.errors.warn``), once. Every later run of the process that would use the
+    loops runs without them too, and gets it again: compiling is not tried again in the process."""
+    global _unreported
+    unreported, _unreported = _unreported, False
+    return _failure if unreported else None
 
 
 def run(fn: Callable, *args, what: str):
     """``fn(*args)`` through its compiled loop; the same function run eagerly where compiling fails, with a
     warning (once per process, ``failure_warning``) that names ``what``. One failure turns every compiled loop off
     for the process."""
-    global _compiled, _failure
+    global _compiled, _failure, _unreported
     if _compiled is not None:
         try:
             if fn in _compiled:
@@ -118,4 +126,5 @@ def run(fn: Callable, *args, what: str):
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _failure = (f"could not compile the {what} ({type(e).__name__}: {first_line}); compiled loops are off "
                         "in this process, and training goes on with PyTorch's operations, a little slower")
+    _unreported = True
     return fn(*args)

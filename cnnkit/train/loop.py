@@ -465,7 +465,8 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
         t.governor.finish()  # validation and what follows run at the count chosen, not at one being tried
     for change in t.governor.changes[changes:] if t.governor else []:  # here, not under the epoch's progress bar
         print(f"cnnkit: note: epoch {epoch}: {change.note()}", file=t.log)
-    if failed := compiled.failure_warning():  # the compiled loops' first epoch: also here, not under its bar
+    # here, not under the epoch's progress bar; once a run, in each run of the process that ran without the loops
+    if (failed := compiled.failure_warning()) and failed not in t.warnings:
         warn(t.log, t.warnings, failed)
     _write_step_losses(t.run_dir, epoch, t.epoch_state.batch, step_losses)
     # Decided by all processes together: a signal that reached one after the epoch's last step, and another not

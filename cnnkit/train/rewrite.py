@@ -92,9 +92,11 @@ class PoolReLU(nn.Module):
         self.shape: torch.Size | None = None  # the one input shape the compiled loops run on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and compiled.available() and x.device.type == "cpu" and x.dim() == 4 \
+        # (compiled.available() last: it is asked only where the loop would run)
+        if self.training and x.device.type == "cpu" and x.dim() == 4 \
                 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 \
-                and x.numel() >= FUSE_MIN_VALUES and x.is_contiguous(memory_format=torch.channels_last):
+                and x.numel() >= FUSE_MIN_VALUES and x.is_contiguous(memory_format=torch.channels_last) \
+                and compiled.available():
             self.shape = self.shape or x.shape
             if x.shape == self.shape:
                 return _PoolReLUFunction.apply(x)

@@ -177,6 +177,31 @@ def test_a_compile_failure_is_one_of_the_runs_warnings_and_training_goes_on(tmp_
     assert r.epochs_run == 2 and compiled._compiled is None  # trained both epochs with the plain layers
 
 
+def test_every_run_of_a_process_that_ran_without_the_compiled_loops_says_so_once(tmp_path, monkeypatch):
+    """A Python user calling cnnkit.train twice in one process, where compiling failed in the first, got the
+    warning in the first run only: the second ran without the loops too, and its TrainResult said nothing."""
+    import cnnkit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failure", None, raising=False)
+    monkeypatch.setattr(compiled, "_unreported", False, raising=False)
+    monkeypatch.setattr(compiled, "MIN_BATCHES", 16)  # 2 epochs of 9 batches: long enough to compile
+    common = dict(model="simple_cnn", data="shapes", num_samples=160, batch_size=16, progress=False, seed=3)
+    for name in ("first", "second"):
+        log = io.StringIO()
+        r = cnnkit.train(**common, epochs=2, log=log, out=str(tmp_path / name))
+        failed = [w for w in r.warnings if w.startswith("could not compile the ")]
+        assert len(failed) == 1 and "(RuntimeError: no C++ compiler)" in failed[0], (name, r.warnings)
+        assert log.getvalue().count("cnnkit: warning: could not compile the ") == 1, (name, log.getvalue())
+    # a run too short for the loops asks for none: it runs as it would have anyway, and says nothing
+    short = cnnkit.train(**common, epochs=1, log=io.StringIO(), out=str(tmp_path / "short"))
+    assert not [w for w in short.warnings if w.startswith("could not compile the ")]
+
+
 def test_rand_dropout_keeps_each_value_with_probability_one_minus_p_and_scales_it():
     from cnnkit.train.rewrite import RandDropout, rand_dropout
 
