@@ -378,6 +378,13 @@ def scan_folder(root: str, option: str | None = None,
     ``scored``: the folder is only scored, never trained on, so an empty class folder is a class without images
     (left out of the classes: a validation folder, ``--val-data`` or what eval scores), not an error.
     """
+    return _scan_folder(root, option, scored)[:3]
+
+
+def _scan_folder(root: str, option: str | None,
+                 scored: bool) -> tuple[list[str], torch.Tensor, list[str], list[str]]:
+    """``scan_folder``'s files, labels and classes, and the other entries it saw at the top of ``root``: the files
+    beside the class folders (sorted; hidden ones left out), which no class reads (``_loose_files`` warns)."""
     named = root if option is None else f"{option} {root}"
     if not os.path.exists(root):
         # a config file's relative path is read from where the command runs, not from the file's folder
@@ -403,6 +410,7 @@ def scan_folder(root: str, option: str | None = None,
         raise UserError(f"{'class folder ' + path if option is None else f'{option} {root}: class folder {path}'} "
                         f"{why_missing(path)}; fix the link or remove it")
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    others = sorted(set(entries) - set(classes))  # files beside the class folders
     if not classes:
         loose = [e for e in entries if is_image_file(e)]
         if loose:
@@ -449,7 +457,7 @@ def scan_folder(root: str, option: str | None = None,
     elif empty:
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (a class without images cannot be learnt)")
-    return files, torch.tensor(labels, dtype=torch.int64), classes
+    return files, torch.tensor(labels, dtype=torch.int64), classes, others
 
 
 # Folder names of a dataset's splits, each holding the class folders: taken for classes they would make a
@@ -532,10 +540,10 @@ def _run_or_checkpoint(root: str) -> str | None:
 def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool = False) -> ImageSet:
     """The images of folder ``root``; ``option``: the flag that named it, where not ``--data``, and ``scored``:
     see scan_folder."""
-    files, labels, classes = scan_folder(root, option, scored)
+    files, labels, classes, others = _scan_folder(root, option, scored)
     channels = spec.channels or 3
     size, warnings = (spec.input_size, []) if spec.input_size else _default_size(files, root)
-    warnings = _loose_files(root, root if option is None else f"{option} {root}") + warnings
+    warnings = _loose_files(root, root if option is None else f"{option} {root}", others) + warnings
     budget = int(os.environ.get("CNNKIT_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     in_memory = len(files) * channels * size * size <= budget
     if in_memory:
@@ -560,14 +568,13 @@ def _folder(root: str, spec: DataSpec, option: str | None = None, scored: bool =
                     paths=files, warnings=warnings)
 
 
-def _loose_files(root: str, named: str) -> list[str]:
-    """The warning, if any, that folder ``root`` (``named``, as the user gave it) holds files beside its class
-    folders: no class takes them, and images put there were left out without a word. Hidden files
-    (``.DS_Store``, ``._photo.jpg``) are no one's images and go unmentioned."""
-    loose = [e for e in os.listdir(root) if not e.startswith(".") and not os.path.isdir(os.path.join(root, e))]
+def _loose_files(root: str, named: str, loose: list[str]) -> list[str]:
+    """The warning, if any, that folder ``root`` (``named``, as the user gave it) holds the files ``loose`` beside
+    its class folders, as ``_scan_folder`` saw them: no class takes them, and images put there were left out
+    without a word. Hidden files (``.DS_Store``, ``._photo.jpg``) are no one's images and go unmentioned."""
     if not loose:
         return []
-    loose.sort(key=lambda e: (not is_image_file(e), e))  # images first: they are what was lost
+    loose = sorted(loose, key=lambda e: (not is_image_file(e), e))  # images first: they are what was lost
     shown = ", ".join(loose[:2]) + (f" and {len(loose) - 2} more" if len(loose) > 2 else "")
     return [f"{len(loose)} file(s) at the top of {named}, beside its class folders, are not read ({shown}): only "
             f"images inside a class folder are; move images into {os.path.join(root, '<class name>', '')}"]
