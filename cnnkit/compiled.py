@@ -107,8 +107,8 @@ def failure_warning() -> str | None:
 
 def run(fn: Callable, *args, what: str):
     """``fn(*args)`` through its compiled loop; the same function run eagerly where compiling fails, with a
-    warning (once per process, ``failure_warning``) that names ``what``. One failure turns every compiled loop off
-    for the process."""
+    warning (once a training run, ``failure_warning``) that names ``what``. One failure turns every compiled loop
+    off for the process."""
     global _compiled, _failure, _unreported
     if _compiled is not None:
         try:

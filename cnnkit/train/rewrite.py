@@ -83,7 +83,8 @@ class PoolReLU(nn.Module):
     The compiled loops run while training on a CPU, for float32 or bfloat16 channels-last inputs with even
     height and width and at least ``FUSE_MIN_VALUES`` values, of the first such shape this layer sees (the
     training batch): other shapes (the epoch's last, shorter batch) run the two layers, so nothing recompiles.
-    Where compiling fails (no C++ compiler, say) a warning says so once and every PoolReLU runs the two layers.
+    Where compiling fails (no C++ compiler, say) a warning says so (once a run) and every PoolReLU runs the two
+    layers.
     """
 
     def __init__(self, pool: nn.MaxPool2d, relu: nn.ReLU) -> None:
