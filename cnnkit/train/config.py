@@ -134,10 +134,10 @@ class TrainResult:
     # where the default count changed during the run, because other processes were busy on the cores or no longer
     # were (cnnkit/threads.py, ThreadGovernor): {epoch, batch, before, threads, s_before, s_after} each, the count
     # changed after that batch of that epoch (numbered within the epoch, as steps.csv's step); in a resumed run,
-    # the changes of its last session
+    # those of all its sessions, up to the checkpoint each later one resumed from
     thread_changes: list[dict[str, Any]] = field(default_factory=list)
-    # what the run warned about, each as its log's line shows it after "cnnkit: warning: " (a resumed run: this
-    # session's); they are in result.json and `train --json` too
+    # what the run warned about, each as its log's line shows it after "cnnkit: warning: " (a resumed run: each
+    # warning of all its sessions once, the earlier sessions' first); they are in result.json and `train --json` too
     warnings: list[str] = field(default_factory=list)
 
 

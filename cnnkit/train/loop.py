@@ -108,6 +108,12 @@ class RunState:
     # the training loop's wall time (validation and saves included) up to the last checkpoint, over every session
     # of a resumed run: a resumed run's TrainResult.train_time_s goes on from it, as its images/s from train_seconds
     train_time_s: float = 0.0
+    # The warnings and thread-count changes (ThreadChange's fields) of the sessions before this one, up to the
+    # checkpoint it resumed from: a resumed run's result.json holds them with this session's (``_run_warnings``).
+    # The data's warnings come in the first session alone (a resumed run's data are checked to be the same), and
+    # a result that lost them on resuming read as a run on clean data.
+    warnings: list[str] = field(default_factory=list)
+    thread_changes: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -165,7 +171,7 @@ class Training:
     step_losses: list[tuple[torch.Tensor, float]] = field(default_factory=list)
     governor: ThreadGovernor | None = None  # the CPU thread count, where cnnkit chooses it
     clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at this session's training start, state.train_time_s then)
-    warnings: list[str] = field(default_factory=list)  # this session's, as its log shows them (TrainResult.warnings)
+    warnings: list[str] = field(default_factory=list)  # this session's, as its log shows them (``_run_warnings``)
 
     def train_time_s(self) -> float:
         """The run's training time so far: the sessions before this one and this one."""
@@ -622,9 +628,18 @@ def _result(t: Training, wall_start: float, stop_reason: str, **measured: Any) -
         wall_time_s=time.perf_counter() - wall_start, epochs_run=len(run.history),
         stop_reason=stop_reason, monitor=cfg.monitor, best_score=run.best_score,
         ema_val_acc=figure("ema_val_acc"), threads=t.machine.threads,
-        thread_changes=[dataclasses.asdict(c) for c in t.governor.changes] if t.governor else [],
-        warnings=list(t.warnings), **measured,
+        thread_changes=_run_thread_changes(t), warnings=_run_warnings(t), **measured,
     )
+
+
+def _run_warnings(t: Training) -> list[str]:
+    """The run's warnings: its earlier sessions' (from last.pt), then this session's, each once."""
+    return list(dict.fromkeys(t.state.warnings + t.warnings))
+
+
+def _run_thread_changes(t: Training) -> list[dict]:
+    """The run's changes of the thread count: its earlier sessions' (from last.pt), then this session's."""
+    return t.state.thread_changes + ([dataclasses.asdict(c) for c in t.governor.changes] if t.governor else [])
 
 
 def _weights(t: Training, net: nn.Module, epoch: int) -> dict[str, Any]:
@@ -641,7 +656,9 @@ def _checkpoint(t: Training, epoch_state: EpochState, next_epoch: int) -> dict[s
     return {**_weights(t, t.model, next_epoch - 1),
             "resume": {"stage": t.stage.index, "optimizer": t.stage.optimizer.state_dict(),
                        "scheduler": t.stage.scheduler.state_dict(), "scaler": t.pieces.scaler.state_dict(),
-                       "rng": rng_state(), "run": dataclasses.asdict(t.state), "epoch_state": epoch_state.plain(),
+                       "rng": rng_state(), "epoch_state": epoch_state.plain(),
+                       "run": {**dataclasses.asdict(t.state), "warnings": _run_warnings(t),
+                               "thread_changes": _run_thread_changes(t)},
                        "ema": t.ema.state_dict() if t.ema is not None else None, "data": t.pieces.data_fingerprint}}
 
 

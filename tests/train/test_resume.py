@@ -279,3 +279,38 @@ def test_resume_of_a_run_from_before_the_lr_column_keeps_its_steps_csv_readable(
     assert lines[0] == "epoch,step,loss" and all(len(line.split(",")) == 3 for line in lines)
     assert [(e, s) for e, s, _ in read_steps(str(out))] == [(e, s) for e in (1, 2) for s in range(1, 7)]
     assert lines[8] != "2,2,2.5"  # the replayed step's row was dropped and written again
+
+
+def test_a_resumed_runs_result_keeps_the_warnings_and_thread_changes_of_its_earlier_sessions(tmp_path, image_folder):
+    # A resumed run's result.json held its last session's alone: the data's warnings, which only the first session
+    # checks, were gone, and with them what a user reading it after Ctrl-C and --resume needed to know.
+    import io
+
+    import cnnkit
+    from cnnkit.checkpoint import save_checkpoint
+    from cnnkit.errors import WARNING
+    from cnnkit.train import loop
+
+    class Killed(loop.Callbacks):
+        def on_epoch(self, run, row, val):
+            raise RuntimeError("killed")  # as a killed process: last.pt is the last --save-every save, mid-epoch
+
+    (tmp_path / "images" / "notes.txt").write_text("")
+    out = str(tmp_path / "run")
+    log = io.StringIO()
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.train(data=image_folder, model="linear", batch_size=4, epochs=2, threads=1, save_every=1,
+                   progress=False, out=out, log=log, callbacks=Killed())
+    first = [line[len(WARNING):] for line in log.getvalue().splitlines() if line.startswith(WARNING)]
+    assert len(first) == 2 and "notes.txt" in first[0] and "validation image(s)" in first[1], first
+    # a change of the thread count in the first session, as the governor records one on a busy machine
+    payload = read_payload(os.path.join(out, "last.pt"))
+    change = dict(epoch=1, batch=2, before=2, threads=1, s_before=0.05, s_after=0.02)
+    payload["resume"]["run"]["thread_changes"] = [change]
+    save_checkpoint(payload, os.path.join(out, "last.pt"))
+    log = io.StringIO()
+    result = cnnkit.train(resume=out, log=log)
+    assert "resuming" in log.getvalue() and WARNING not in log.getvalue()  # this session has nothing new to say
+    assert result.warnings == first and result.thread_changes == [change]
+    saved = json.loads(open(os.path.join(out, "result.json")).read())
+    assert saved["warnings"] == first and saved["thread_changes"] == [change]
