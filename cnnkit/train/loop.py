@@ -292,6 +292,8 @@ def _set_up(cfg: TrainConfig, log: IO[str], saved: dict[str, Any] | None) -> Tra
     first = stage_at(plan.stages, next_epoch)
     check_head_trains(pieces.model, plan.stages[first], f"stage {first + 1} of --stages" if cfg.stages else
                       "--freeze backbone" if cfg.freeze else f"--unfreeze {cfg.unfreeze}")
+    for index in range(first):  # a run resumed in a later stage: stages.json keeps the stages it trained before
+        t.stage_log.append(_stage_record(t, index, set_trainable(t.model, plan.stages[index].modules)))
     t.stage = _start_stage(t, first)
     return t
 
@@ -338,10 +340,15 @@ def _start_stage(t: Training, index: int) -> Stepper:
                                backbone_lr=cfg.lr_backbone, batch_size=cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg.schedule, stage.epochs * t.plan.steps_per_epoch,
                                int(cfg.warmup_epochs * t.plan.steps_per_epoch))
-    t.stage_log.append({"stage": index + 1, "first_epoch": t.plan.first_epochs[index],
-                        "modules": stage.modules or ["all"], "epochs": stage.epochs, "lr": stage.lr,
-                        "lr_backbone": cfg.lr_backbone, "trainable_params": trainable})
+    t.stage_log.append(_stage_record(t, index, trainable))
     return Stepper(index, net, optimizer, scheduler)
+
+
+def _stage_record(t: Training, index: int, trainable: list[str]) -> dict[str, Any]:
+    """Stage ``index`` as stages.json records it: its modules, epochs, rates and the parameters it trains."""
+    stage = t.plan.stages[index]
+    return {"stage": index + 1, "first_epoch": t.plan.first_epochs[index], "modules": stage.modules or ["all"],
+            "epochs": stage.epochs, "lr": stage.lr, "lr_backbone": t.cfg.lr_backbone, "trainable_params": trainable}
 
 
 def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | None, callbacks: Callbacks) -> None:

@@ -314,3 +314,33 @@ def test_a_resumed_runs_result_keeps_the_warnings_and_thread_changes_of_its_earl
     assert result.warnings == first and result.thread_changes == [change]
     saved = json.loads(open(os.path.join(out, "result.json")).read())
     assert saved["warnings"] == first and saved["thread_changes"] == [change]
+
+
+def test_a_run_resumed_in_a_later_stage_keeps_the_earlier_stages_in_stages_json(tmp_path):
+    # stages.json was rewritten with the resumed stage alone: stage 1 and what it trained were gone from the run's
+    # record, and the report's learning-rate plot, drawn from it, left the first stage's epochs empty
+    import cnnkit
+    from cnnkit.errors import TrainingStopped
+    from cnnkit.models.registry import _FACTORIES, register_model
+
+    @register_model
+    def stops_once(num_classes=10, in_channels=3, input_size=32):
+        return _StopsOnce(num_classes, in_channels, input_size)
+
+    options = dict(model="stops_once", data="shapes", num_samples=128, val_split=0.25, batch_size=16,
+                   precision="fp32", seed=3, stages="head:1@0.01,net.features.4+head:2@0.001", progress=False)
+    try:
+        _StopsOnce.armed_at = None
+        cnnkit.train(**options, out=str(tmp_path / "ref"))
+        _StopsOnce.calls, _StopsOnce.armed_at = 0, 9  # epoch 2 (6 batches an epoch), batch 3: inside stage 2
+        with pytest.raises(TrainingStopped):
+            cnnkit.train(**options, out=str(tmp_path / "run"))
+        assert read_payload(str(tmp_path / "run" / "last.pt"))["resume"]["stage"] == 1
+        cnnkit.train(resume=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("stops_once")
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [s["modules"] for s in stages] == [["head"], ["net.features.4", "head"]]
+    assert stages[0]["trainable_params"] == ["net.classifier.1.weight", "net.classifier.1.bias"]
+    assert stages == json.loads((tmp_path / "ref" / "stages.json").read_text())
+    assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
