@@ -38,6 +38,8 @@ def make_optimizer(
     if not groups:
         raise UserError("no parameter is left trainable; check --freeze/--unfreeze/--stages")
     if name == "muon":
+        if backbone_lr is not None:  # check_config refuses it for a run; here for Python callers
+            raise UserError("backbone_lr sets the rate below the head for sgd and adamw; muon sets its own rates")
         return _muon(model, lr, weight_decay, batch_size, head)
     # PyTorch's fused kernels update each tensor in one pass over its weights, gradients and state; the default
     # on a CPU is a loop of separate operations, each a pass over memory, and simple_cnn's 2 MB head weights and

@@ -117,6 +117,9 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
             refuse(name, f"must be a positive whole number, got {getattr(cfg, name)}", name.replace('_', ' '))
     if cfg.lr is not None and cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
         refuse("lr", f"must be positive or 'auto', got {cfg.lr}", "learning rate")
+    if cfg.lr_backbone is not None and not (isinstance(cfg.lr_backbone, (int, float)) and cfg.lr_backbone > 0):
+        # 0 would freeze the backbone unseen (--freeze backbone says it), a negative rate climb the loss
+        refuse("lr_backbone", f"must be positive, got {cfg.lr_backbone}")
     if not 0 <= cfg.label_smoothing < 1:
         refuse("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing}", "label smoothing")
     for name, label in (("weight_decay", "weight decay"), ("warmup_epochs", "warm-up"), ("save_every", "--save-every")):
@@ -161,6 +164,10 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
     if cfg.lr_backbone is not None and cfg.freeze == "backbone":  # the rate of layers that never train
         raise UserError(f"--lr-backbone {cfg.lr_backbone:g} sets the rate of the layers below the head, which "
                         "--freeze backbone keeps frozen: drop one of the two (--unfreeze NAMES,head trains some)")
+    if cfg.lr_backbone is not None and cfg.optimizer == "muon":  # Muon sets its own rate for each kind of parameter
+        raise UserError(f"--lr-backbone {cfg.lr_backbone:g} sets the rate of the layers below the head for sgd and "
+                        "adamw; muon gives its filters, biases and head rates of its own and would ignore it: pass "
+                        "--optimizer adamw (or sgd), or drop --lr-backbone")
     if cfg.ema is not None and not (isinstance(cfg.ema, (int, float)) and 0 < cfg.ema < 1):
         refuse("ema", f"takes the decay of the moving average, between 0 and 1 (e.g. 0.999), got {cfg.ema}")
     if cfg.early_stop is not None and (not isinstance(cfg.early_stop, int) or cfg.early_stop < 1):

@@ -113,6 +113,9 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     ("momentum: 1.5\n", "momentum must be in [0, 1), got 1.5"),
     ("momentum: -0.1\n", "momentum must be in [0, 1), got -0.1"),
     ("val_split: 1.0\n", "val_split must be between 0 and 1 (exclusive), got 1.0"),
+    # a negative backbone rate trained, climbing the loss below the head; 0 froze the backbone unseen
+    ("lr_backbone: -0.01\n", "lr_backbone must be positive, got -0.01"),
+    ("lr_backbone: 0\n", "lr_backbone must be positive, got 0.0"),
 ])
 def test_a_config_files_value_out_of_range_names_the_file_and_its_key(tmp_path, text, words):
     path = tmp_path / "run.yaml"
@@ -170,3 +173,13 @@ def test_a_backbone_rate_for_a_frozen_backbone_is_refused():
     with pytest.raises(UserError, match="--lr-backbone 0.0001 sets the rate .* --freeze backbone keeps frozen"):
         make_config(overrides=dict(model="resnet18", freeze="backbone", lr_backbone=1e-4))
     make_config(overrides=dict(model="resnet18", unfreeze="layer4,fc", lr_backbone=1e-4))
+
+
+def test_a_backbone_rate_that_muon_would_ignore_is_refused():
+    # --optimizer muon (or --recipe fast) --lr-backbone 1e-4 trained the backbone's filters at muon's own rate,
+    # the option dropped without a word
+    with pytest.raises(UserError, match="--lr-backbone 0.0001 sets the rate .* muon .* would ignore it"):
+        make_config(overrides=dict(model="resnet18", optimizer="muon", unfreeze="layer4,fc", lr_backbone=1e-4))
+    with pytest.raises(UserError, match="muon"):
+        make_config(None, given("train", "--recipe", "fast", "--lr-backbone", "1e-4"))
+    make_config(overrides=dict(model="resnet18", optimizer="adamw", unfreeze="layer4,fc", lr_backbone=1e-4))
