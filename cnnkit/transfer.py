@@ -9,6 +9,7 @@ cnnkit run), ``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -239,12 +240,15 @@ def parse_stages(text: str) -> list[Stage]:
         try:
             modules, rest = part.strip().split(":")
             epochs, lr = rest.split("@")
-            stage = Stage(modules=modules.split("+"), epochs=int(epochs), lr=float(lr))
+            stage = Stage(modules=[m.strip() for m in modules.split("+")], epochs=int(epochs), lr=float(lr))
         except ValueError:
             raise UserError(f"--stages: cannot read '{part}'; write MODULES:EPOCHS@LR, e.g. "
                             "'fc:3@1e-3,layer4+fc:5@1e-4'") from None
-        if stage.epochs < 1 or not stage.lr > 0:
-            raise UserError(f"--stages: '{part}' needs at least one epoch and a positive learning rate")
+        if "" in stage.modules:  # an empty name is the whole model to named_modules(): everything would train
+            raise UserError(f"--stages: '{part.strip()}' has an empty module name; name each module to train, "
+                            "joined by '+' (e.g. 'layer4+fc'), or 'all' for the whole model")
+        if stage.epochs < 1 or not 0 < stage.lr < math.inf:
+            raise UserError(f"--stages: '{part}' needs at least one epoch and a positive, finite learning rate")
         stages.append(stage)
     return stages
 

@@ -256,6 +256,20 @@ def test_bad_transfer_options():
         set_trainable(cnnkit.create_model("resnet18"), ["layer9"])
 
 
+@pytest.mark.parametrize("text", [":3@1e-3", "+fc:3@1e-3", "fc:1@1e-3,layer4+:2@1e-4"])
+def test_a_stage_with_an_empty_module_name_is_refused_not_read_as_the_whole_model(text):
+    # "" names the model itself in named_modules(): a slip of the keyboard trained all 11 M parameters of resnet18
+    with pytest.raises(UserError, match="has an empty module name"):
+        parse_stages(text)
+
+
+def test_stage_module_names_may_have_spaces_around_them_and_rates_must_be_finite():
+    # "layer4 + fc" was looked up as "layer4 " and " fc"; a rate of inf trained until the loss went non-finite
+    assert [s.modules for s in parse_stages("fc:1@1e-3, layer4 + fc:2@1e-4")] == [["fc"], ["layer4", "fc"]]
+    with pytest.raises(UserError, match="positive, finite learning rate"):
+        parse_stages("fc:1@inf")
+
+
 def test_embed_and_probe(tmp_path, image_folder):
     run = cnnkit.train(model="cnn_bn", data=image_folder, epochs=2, batch_size=8, progress=False,
                        out=str(tmp_path / "run"))
