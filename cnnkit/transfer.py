@@ -18,7 +18,7 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, read_payload, refused_torch_file
+from cnnkit.checkpoint import is_torchscript, read_payload, reason, refused_torch_file
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
@@ -56,8 +56,10 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         refused = refused_torch_file(path, f"weights file {path}", "weights", instead, e)
         if refused:
             raise refused from None
-        raise CheckpointError(f"cannot read weights {path} ({str(e).splitlines()[0][:160]}); it must be a "
-                              "state dict (.pt/.pth), a .safetensors file or a cnnkit run") from None
+        # Text and refused pickles are named above: what is left is a file torch cannot read, most often one cut
+        # short (a download or copy that stopped), whose error says only "[Errno 22] Invalid argument".
+        raise CheckpointError(f"weights file {path} is damaged, truncated or not a PyTorch file ({reason(e)}); "
+                              f"restore or download it again, or pass {instead}") from None
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
         return state["state_dict"], state
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import cnnkit
-from cnnkit.errors import UserError
+from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head
 from cnnkit.train.optim import make_optimizer
 from cnnkit.transfer import check_stage_options, load_weights, parse_stages, plan_stages, set_trainable
@@ -239,6 +239,20 @@ def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
     with pytest.raises(UserError, match=f"{run.run_dir} was trained on 3-channel images and this model takes 1: "
                                         "pass --channels 3$"):
         load_weights(cnnkit.create_model("cnn_bn", in_channels=1), run.run_dir)
+
+
+@pytest.mark.parametrize("keep", [50_000, 500_000])
+def test_a_weights_file_cut_short_is_named_as_damaged(tmp_path, keep):
+    # It said "cannot read weights r18.pth ([Errno 22] Invalid argument); it must be a state dict (.pt/.pth) ...",
+    # of a file that is one, cut short; or quoted PyTorch's miniz advice, cut mid-sentence.
+    path = tmp_path / "r18.pth"
+    torch.save(cnnkit.create_model("resnet18").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(CheckpointError) as caught:
+        load_weights(cnnkit.create_model("resnet18"), str(path))
+    message = str(caught.value)
+    assert message.startswith(f"weights file {path} is damaged, truncated or not a PyTorch file (")
+    assert "restore or download it again" in message and "If you are seeing" not in message
 
 
 def test_weights_of_another_size_are_a_usage_error_on_the_command_line(tmp_path):
