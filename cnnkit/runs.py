@@ -165,10 +165,21 @@ def run_info(run_dir: str) -> RunInfo | None:
     status = "diverged" if divergence(run_dir) else "finished" if result else "stopped"
     if broken:
         status = f"damaged: {', '.join(broken)}"
-    planned = (result or {}).get("epochs") or config.get("epochs") or 0
+    planned = (result or {}).get("epochs") or _planned_epochs(config)
     start, recorded = started(run_dir)
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
                    best[0], best[1], start.strftime("%Y-%m-%d %H:%M"), status, recorded)
+
+
+def _planned_epochs(config: dict[str, Any]) -> int:
+    """The epochs a run's config.json plans: its --stages' (``MODULES:EPOCHS@LR,...``, which set the epochs in place
+    of --epochs), else its epochs; 0 when it says neither. Read here without cnnkit.transfer, which loads torch."""
+    if config.get("stages"):
+        try:
+            return sum(int(part.split(":")[1].split("@")[0]) for part in str(config["stages"]).split(","))
+        except (IndexError, ValueError):  # a config.json edited by hand: train refuses it, its --epochs says nothing
+            return 0
+    return config.get("epochs") or 0
 
 
 def divergence(run_dir: str) -> dict | None:

@@ -61,3 +61,22 @@ def test_started_is_the_runs_own_record_not_its_files_time(tmp_path):
     assert "2020-01-02 03:04*" in table[1] and f"{local} " in table[2] + " "
     assert table[-1].startswith("* config.json's file time (no run.json")
     assert latest_run(str(root)) == str(root / "first")
+
+
+def test_a_stopped_staged_run_is_listed_with_the_epochs_its_stages_plan(tmp_path):
+    # --stages sets the epochs, stage by stage, and --epochs is not used: a staged run of 1 + 2 epochs, stopped
+    # (no result.json yet), was listed with the unused --epochs its config.json also records (1/10 from the command
+    # line)
+    import io
+
+    import cnnkit
+    from cnnkit.runs import list_runs
+
+    run = tmp_path / "staged"
+    cnnkit.train(model="cnn_bn", data="shapes", num_samples=64, batch_size=32, threads=1, progress=False,
+                 stages="head:1@0.01,all:2@0.001", out=str(run), log=io.StringIO())
+    assert json.loads((run / "config.json").read_text())["epochs"] != 3
+    assert list_runs(str(run))[0].epochs == 3  # finished: result.json's
+    (run / "result.json").unlink()  # as a killed run leaves its folder
+    info = list_runs(str(run))[0]
+    assert (info.status, info.epochs) == ("stopped", 3)
