@@ -24,7 +24,7 @@ from typing import IO, Any, Iterable
 import torch
 from PIL import Image
 
-from cnnkit.atomic import atomic_write, check_writable, out_not_writable
+from cnnkit.atomic import atomic_write, check_writable, out_not_writable, why_not_written
 from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
@@ -307,6 +307,14 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
     gone = moved_data(config) if has_best else None
     if has_best and gone is None:
         check_recorded_paths(config, run_dir, "cnnkit report")
+    # the plots go into the run folder whatever --out says: a read-only run folder (or a file called plots in it)
+    # is refused before the work, in one line saying what to do, not after it with an OSError
+    plots_dir = os.path.join(run_dir, "plots")
+    try:
+        check_writable(os.path.join(plots_dir, "curves.png"))
+    except OSError as e:
+        raise UserError(f"cannot write the plots into {plots_dir} ({why_not_written(e)}), where the report draws "
+                        "them whatever --out says; copy the run folder somewhere writable and report the copy") from None
     out = out or os.path.join(run_dir, "report.html")
     try:  # before the work, as export and embed do: a missing folder is made, an unwritable one refused
         check_writable(out)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,3 +410,18 @@ def test_a_steps_file_being_appended_is_read_up_to_its_last_whole_line(tmp_path)
     (tmp_path / "steps.csv").write_text("epoch,step,loss,lr\n1,1,2.3,0.1\n1,x,2.2,0.1\n")
     with pytest.raises(UserError, match="steps.csv is damaged: line 3 is not epoch,step,loss"):
         read_steps(str(tmp_path))
+
+
+def test_a_run_folder_that_cannot_take_the_plots_is_one_line_before_the_work(run, tmp_path):
+    # the plots go into RUN/plots whatever --out says: a run folder that cannot take them (read-only, or here a
+    # file called plots in the way, which fails the same for root) was an internal error after the predictions
+    folder, _ = run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "result.json", "metrics.csv", "steps.csv", "best.pt"):
+        (copy / name).write_bytes((Path(folder) / name).read_bytes())
+    (copy / "plots").write_text("")
+    out = tmp_path / "page.html"
+    assert_one_line_error(run_cli("report", copy, "--out", out), 2, f"cannot write the plots into {copy / 'plots'}",
+                          "copy the run folder somewhere writable")
+    assert not out.exists()
