@@ -1004,9 +1004,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{c['class']:<{name}}{shown(c['precision']):>10}{shown(c['recall']):>10}{shown(c['f1']):>10}"
               f"{c['support']:>9}")
     print(f"{'macro avg':<{name}}{r.macro_precision:>10.4f}{r.macro_recall:>10.4f}{r.macro_f1:>10.4f}{r.count:>9}")
-    if any(c["precision"] is None for c in r.per_class):  # as scikit-learn's UndefinedMetricWarning says
+    # A class never predicted counts 0 in the macro precision only where it has images here: with none, it is in
+    # neither the images nor the predictions, and every macro average leaves it out (as scikit-learn's does)
+    if any(c["precision"] is None and c["support"] for c in r.per_class):  # as its UndefinedMetricWarning says
         print("precision -: no image was predicted as that class (0/0); the macro average counts it as 0, "
               "as scikit-learn does by default (zero_division)")
+    if any(c["precision"] is None and not c["support"] for c in r.per_class):
+        print("a row of -: no image of that class here and none predicted as it; the macro averages leave it out, "
+              "as scikit-learn does")
     print(confusion_text(r))
     return 0
 

@@ -2,7 +2,9 @@
 classification_report computes them (its default zero_division: an undefined value is 0 in the average)."""
 
 import json
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -63,3 +65,26 @@ def test_eval_shows_a_dash_and_a_note_for_a_class_never_predicted(tmp_path):
     r = json.loads(run_cli("eval", path, "--val-data", folder, "--threads", "1", "--json").stdout)
     assert [c["precision"] for c in r["per_class"]] == [pytest.approx(1 / 3), None, None]
     assert (r["macro_precision"], r["macro_recall"], r["macro_f1"]) == pytest.approx((1 / 9, 1 / 3, 1 / 6))
+
+
+def test_eval_does_not_say_an_absent_class_counts_zero_in_the_macro_average(tmp_path):
+    """The same checkpoint on a folder of circles only: the other two classes are in neither the images nor the
+    predictions, so the macro averages leave them out (1.0, as scikit-learn's) and the note must not say they count
+    as 0, which the old line did under a macro precision of 1.0000."""
+    classes = list(SHAPE_CLASSES[:3])
+    folder = write_image_folder(str(tmp_path / "images"), n_per_class=4, classes=3)
+    for name in classes[1:]:
+        shutil.rmtree(os.path.join(folder, name))
+    model = cnnkit.create_model("linear", num_classes=3, input_size=16)
+    with torch.no_grad():
+        last = model.classifier[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    path = str(tmp_path / "circle.pt")
+    save_checkpoint(make_payload(model, classes, 16, 3, [0.5] * 3, [0.25] * 3), path)
+    proc = run_cli("eval", path, "--val-data", folder, "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^square\s+-\s+-\s+-\s+0$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^macro avg\s+1\.0000\s+1\.0000\s+1\.0000\s+4$", proc.stdout, re.M), proc.stdout
+    assert "counts it as 0" not in proc.stdout
+    assert "no image of that class here and none predicted as it; the macro averages leave it out" in proc.stdout
