@@ -415,7 +415,7 @@ def _optimizer_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--momentum", type=_nonnegative_float, default=d.momentum,
                    help="sgd's momentum (default: %(default)s)")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
-                   help="sgd: Nesterov momentum (default: off)")
+                   help="sgd: Nesterov momentum (default: on)")
     p.add_argument("--weight-decay", type=_nonnegative_float, default=d.weight_decay,
                    help="weight decay of conv and linear weights; biases and BatchNorm are not decayed "
                         "(default: %(default)s)")
@@ -640,7 +640,8 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     _threads_option(p)
     _tta_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (an .onnx file runs on the CPU)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON list on the last line, an "
+                                                       "object per image")
 
 
 def _features_of_data_options(p: argparse.ArgumentParser) -> None:
@@ -779,7 +780,8 @@ def _report_options(p: argparse.ArgumentParser) -> None:
 def _runs_options(p: argparse.ArgumentParser) -> None:
     # None: the default folder, whose absence only means no run has started here yet (a DIR given must exist)
     p.add_argument("root", nargs="?", default=None, metavar="DIR", help="the folder holding the runs (default: runs)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="print the runs as one JSON list on the last line, an "
+                                                       "object per run")
 
 
 def _check_data_options(p: argparse.ArgumentParser) -> None:

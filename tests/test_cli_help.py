@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 
 from cnnkit.cli import build_parser
@@ -33,6 +35,8 @@ def test_every_argument_of_every_command_says_what_it_is():
     ("train", "--label-smoothing", ["(default: 0.0)"]),
     ("train", "--seed", ["(default: 0)"]),
     ("predict", "--topk", ["classes", "(default: 5)"]),
+    ("predict", "--json", ["one JSON list", "an object per image"]),  # said "one JSON object", printed a list
+    ("runs", "--json", ["one JSON list", "an object per run"]),
 ])
 def test_options_say_what_they_do_and_their_default(command, option, words):
     parser = build_parser()._subparsers._group_actions[0].choices[command]
@@ -56,3 +60,15 @@ def test_lr_find_takes_trains_options_for_data_model_and_optimizer_and_its_own()
         a, b = lr_find[dest], train[dest]
         assert (a.option_strings, a.default, a.type, a.choices, a.help, a.metavar) == \
                (b.option_strings, b.default, b.type, b.choices, b.help, b.metavar), dest
+
+
+def test_an_on_off_flag_states_the_default_it_has():
+    # train's and lr-find's --nesterov said "(default: off)" while TrainConfig's default, and every run, had it on
+    commands = build_parser()._subparsers._group_actions[0].choices
+    stated = {}
+    for name, command in commands.items():
+        for a in command._actions:
+            if isinstance(a, argparse.BooleanOptionalAction) and a.default is not None and "(default: o" in a.help:
+                stated[f"{name} {a.option_strings[0]}"] = ("(default: on)" in a.help, a.default)
+    assert stated and all(says == default for says, default in stated.values()), stated
+    assert stated["train --nesterov"] == (True, True)
