@@ -34,6 +34,7 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 SIZE_SAMPLE = 64  # images whose sizes choose a folder's input size (read from their headers: cheap)
 MAX_DEFAULT_SIZE = 224  # a folder of larger images is read at ImageNet's size unless --input-size says otherwise
 MIXED_SIZES = 2  # largest / smallest (capped) shorter side in that sample from which the choice is warned about
+_READ_TYPES = "cnnkit reads " + ", ".join(e.lstrip(".") for e in (".jpg", ".png", ".bmp", ".webp", ".tif"))
 
 
 @dataclass
@@ -416,6 +417,10 @@ def _scan_folder(root: str, option: str | None,
         if loose:
             raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
+        if entries:  # files, none an image: "is empty" sent the user looking at a folder that was not
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{named} holds no class sub-folders, only {len(entries)} file(s) that are not images "
+                            f"({shown}): expected one sub-folder per class with images in it ({_READ_TYPES})")
         raise UserError(f"{named} is empty: expected one sub-folder per class with images in it")
     splits = _split_folders(root, classes)
     if splits:
@@ -447,7 +452,7 @@ def _scan_folder(root: str, option: str | None,
                         f"move the images into {root}/<class name>/")
     if not files:
         raise UserError(f"no images found under {named}'s class folders ({', '.join(classes[:5])}...); "
-                        f"cnnkit reads {', '.join(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.webp', '.tif'))}")
+                        f"{_READ_TYPES}")
     if empty and scored:
         # Its classes are matched to the training classes by name (by_class_name): an empty folder is a class
         # without validation images, as a missing folder is, and the data check warns about those.

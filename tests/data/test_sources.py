@@ -110,6 +110,9 @@ def test_too_large_for_memory_streams_from_files(image_folder, monkeypatch):
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "does not exist"),
     (lambda root: os.makedirs(root), "is empty"),
+    # files but no image and no sub-folder: it said "is empty" of a folder that was not
+    (lambda root: (os.makedirs(root), open(os.path.join(root, "notes.txt"), "w").close()),
+     r"^\S+ holds no class sub-folders, only 1 file\(s\) that are not images \(notes.txt\)"),
     (lambda root: (os.makedirs(root), open(os.path.join(root, "a.png"), "wb").close()), "no class sub-folders"),
     (lambda root: (os.makedirs(os.path.join(root, "cat")), os.makedirs(os.path.join(root, "dog"))), "no images"),
 ])
