@@ -85,13 +85,27 @@ def why_not_written(error: OSError) -> str:
 
 
 def check_writable(path: str) -> None:
-    """Raise OSError unless ``atomic_path(path)`` can write there: its folder is made if missing, and a temporary
-    file is created in it and removed. For a command to fail before its work rather than after it."""
+    """Raise OSError unless ``atomic_path(path)`` can write there: a temporary file is created in its folder and
+    removed. For a command to fail before its work rather than after it. The folders made for the test are removed
+    again (``atomic_path`` makes them when the file is written): a command that fails in between, or is
+    interrupted, leaves no empty folder behind."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
+    made = []
+    parent = folder
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    finally:
+        for made_folder in made:  # deepest first
+            try:
+                os.rmdir(made_folder)
+            except OSError:
+                pass
 
 
 def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:

@@ -77,7 +77,7 @@ from typing import IO, Callable
 
 import torch.nn as nn
 
-from cnnkit.atomic import write_json
+from cnnkit.atomic import check_writable, write_json
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import UserError
 from cnnkit.progress import progress_bar
@@ -151,7 +151,7 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
     if cfg.stages:
         raise UserError("the range test finds one learning rate; with --stages give each stage its rate")
     if out:
-        _make_folder(out)
+        _check_folder(out)
     log = log or sys.stdout
     progress = cfg.progress if progress is None else progress
     machine = start_machine(cfg)
@@ -323,17 +323,18 @@ def _passes_text(steps: int, batches: int, images: int, given: bool) -> str:
             f"mostly measure how well the model memorises them{floor}; --steps N to choose)")
 
 
-def _make_folder(out: str) -> None:
-    """Make the folder ``out`` for lr_find.png and lr_find.json, before the test's minutes of work."""
+def _check_folder(out: str) -> None:
+    """Check that the folder ``out`` can take lr_find.png and lr_find.json, before the test's minutes of work.
+    It is made when they are written: a test that fails or is interrupted leaves no empty folder."""
     if out.lower().endswith((".png", ".json")):
         raise UserError(f"--out {out}: --out names a folder (as in `cnnkit train`), which receives lr_find.png and "
                         f"lr_find.json; pass --out {os.path.splitext(out)[0] or '.'}")
     try:
-        os.makedirs(out, exist_ok=True)
+        check_writable(os.path.join(out, "lr_find.json"))
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"--out {out}: a file of that name is in the way; pass a folder") from None
     except OSError as e:
-        raise UserError(f"cannot make the folder {out} ({e.strerror}); pass a writable --out") from None
+        raise UserError(f"cannot write into the folder {out} ({e.strerror}); pass a writable --out") from None
 
 
 def _endless(loader: BatchLoader):

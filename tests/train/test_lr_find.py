@@ -216,6 +216,16 @@ def test_lr_find_out_names_a_folder_not_a_file(tmp_path):
     assert_one_line_error(run_cli("lr-find", "--out", tmp_path / "taken"), 2, "in the way")
 
 
+def test_a_failed_lr_find_leaves_no_empty_out_folder(tmp_path):
+    # the folder was made before the data and the model: an unknown model, a data folder without images or a
+    # Ctrl-C in the start-up left an empty --out behind
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    assert_one_line_error(run_cli("lr-find", "--model", "nope", "--out", tmp_path / "lrf" / "a"), 2, "unknown model")
+    assert_one_line_error(run_cli("lr-find", "--data", empty, "--out", tmp_path / "lrf" / "b"), 2, "is empty")
+    assert not (tmp_path / "lrf").exists()
+
+
 @pytest.mark.parametrize("options, words", [
     (dict(steps=3), "at least 10 steps"),
     (dict(start_lr=1.0, end_lr=0.1), "start lr < end lr"),
