@@ -314,9 +314,11 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
         check_writable(os.path.join(plots_dir, "curves.png"))
     except OSError as e:
         raise UserError(f"cannot write the plots into {plots_dir} ({why_not_written(e)}), where the report draws "
-                        "them whatever --out says; copy the run folder somewhere writable and report the copy") from None
+                        "them whatever --out says; copy the run folder somewhere writable and report the copy"
+                        ) from None
     out = out or os.path.join(run_dir, "report.html")
-    try:  # before the work, as export and embed do: a missing folder is made, an unwritable one refused
+    # before the work, as export and embed do: an unwritable folder is refused, a missing one made with the page
+    try:
         check_writable(out)
     except OSError as e:
         raise out_not_writable(out, e) from None
