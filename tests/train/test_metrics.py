@@ -44,10 +44,8 @@ def test_macro_averages_count_an_undefined_value_as_zero_over_the_classes_presen
     assert macro["macro_f1"] == pytest.approx((6 / 11 + 4 / 7 + 0 + 0) / 4)  # 0.2792
 
 
-def test_eval_shows_a_dash_and_a_note_for_a_class_never_predicted(tmp_path):
-    """A checkpoint that predicts `circle` for every image: the other classes' precision is undefined."""
-    classes = list(SHAPE_CLASSES[:3])
-    folder = write_image_folder(str(tmp_path / "images"), n_per_class=4, classes=3)
+def _always_circle(tmp_path, classes: list[str]) -> str:
+    """A checkpoint of a linear model over ``classes`` that predicts the first, `circle`, for every image."""
     model = cnnkit.create_model("linear", num_classes=3, input_size=16)
     with torch.no_grad():
         last = model.classifier[-1]
@@ -55,6 +53,14 @@ def test_eval_shows_a_dash_and_a_note_for_a_class_never_predicted(tmp_path):
         last.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
     path = str(tmp_path / "circle.pt")
     save_checkpoint(make_payload(model, classes, 16, 3, [0.5] * 3, [0.25] * 3), path)
+    return path
+
+
+def test_eval_shows_a_dash_and_a_note_for_a_class_never_predicted(tmp_path):
+    """A checkpoint that predicts `circle` for every image: the other classes' precision is undefined."""
+    classes = list(SHAPE_CLASSES[:3])
+    folder = write_image_folder(str(tmp_path / "images"), n_per_class=4, classes=3)
+    path = _always_circle(tmp_path, classes)
     proc = run_cli("eval", path, "--val-data", folder, "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^circle\s+0\.3333\s+1\.0000\s+0\.5000\s+4$", proc.stdout, re.M), proc.stdout
@@ -75,13 +81,7 @@ def test_eval_does_not_say_an_absent_class_counts_zero_in_the_macro_average(tmp_
     folder = write_image_folder(str(tmp_path / "images"), n_per_class=4, classes=3)
     for name in classes[1:]:
         shutil.rmtree(os.path.join(folder, name))
-    model = cnnkit.create_model("linear", num_classes=3, input_size=16)
-    with torch.no_grad():
-        last = model.classifier[-1]
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
-    path = str(tmp_path / "circle.pt")
-    save_checkpoint(make_payload(model, classes, 16, 3, [0.5] * 3, [0.25] * 3), path)
+    path = _always_circle(tmp_path, classes)
     proc = run_cli("eval", path, "--val-data", folder, "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^square\s+-\s+-\s+-\s+0$", proc.stdout, re.M), proc.stdout
