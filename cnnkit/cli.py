@@ -89,6 +89,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2) instead of the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if getattr(self, "probing", False):  # _given_positionals parses a trial command line: no exit, no output
+            raise _Probed(message)
         if message.startswith("the following arguments are required: "):
             message = _positional_as_option(self, getattr(self, "words", [])) or message
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -119,6 +121,24 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+class _Probed(Exception):
+    """A usage error met while _given_positionals parses a trial command line."""
+
+
+def _given_positionals(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """What ``parser`` takes from ``words`` before any usage error: the positional arguments given by position
+    have their values, the others their defaults."""
+    namespace, saved = argparse.Namespace(), getattr(parser, "words", [])
+    parser.probing = True
+    try:
+        parser.parse_known_args(words, namespace)  # fills ``namespace`` as it goes, up to an error
+    except _Probed:
+        pass
+    finally:
+        parser.probing, parser.words = False, saved
+    return namespace
+
+
 def _positional_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """``parser``'s positional arguments by the option a user may type for them (``--model`` for MODEL_OR_RUN,
     as ``cnnkit train`` takes it), where ``parser`` has no option of that name."""
@@ -140,6 +160,14 @@ def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> 
         given.append((action.metavar or action.dest, flag, value))
     if not given:
         return None
+    # `cnnkit eval RUN --checkpoint last`: moving `last` into the slot RUN fills would not parse; say so instead.
+    taken = _given_positionals(parser, words)
+    for flag, action in _positional_flags(parser).items():
+        value = getattr(taken, action.dest, None)
+        if flag in (g[1] for g in given) and value not in (None, action.default, []):
+            name, value = action.metavar or action.dest, " ".join(value) if isinstance(value, list) else value
+            return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
+                    f"give one {name}, {action.help}")
     names, flags = " and ".join(g[0] for g in given), " and ".join(g[1] for g in given)
     words[first:first] = [g[2] for g in given]
     verb = "is" if len(given) == 1 else "are"

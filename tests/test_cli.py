@@ -209,6 +209,30 @@ def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, ar
     assert capsys.readouterr().err.strip() == line
 
 
+@pytest.mark.parametrize("args, line", [
+    (["eval", "RUN", "--checkpoint", "last"],
+     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
+     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
+     "(.pt, .safetensors) (see cnnkit eval --help)"),
+    (["eval", "--checkpoint=last", "RUN"],
+     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
+     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
+     "(.pt, .safetensors) (see cnnkit eval --help)"),
+    (["predict", "RUN", "cat.jpg", "--checkpoint", "last"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit predict has no "
+     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder, a .pt, .safetensors or .onnx file "
+     "(see cnnkit predict --help)"),
+])
+def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_place(capsys, args, line):
+    # Moving `last` into RUN's place (`cnnkit eval RUN last`) would suggest a command that fails in turn.
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == line
+
+
 def _fake_run_folder(root):
     """A run folder's layout, with a picture in a sub-folder as `cnnkit report` leaves one (plots/curves.png):
     read as images, plots/ would pass for a class."""
