@@ -73,6 +73,12 @@ def labelled(tile: np.ndarray, label: str) -> np.ndarray:
     return np.concatenate([np.asarray(band), tile])
 
 
+def names_a_picture(path: str) -> bool:
+    """Whether ``path`` ends in a picture's suffix (.png, .jpg, ... any PIL knows): a name for a file, not for a
+    folder of them."""
+    return os.path.splitext(path)[1].lower() in Image.registered_extensions()
+
+
 def image_format(path: str) -> str:
     """The format PIL writes for ``path``'s suffix ("PNG" for .png, "JPEG" for .jpg): a picture named cam.jpg
     holds JPEG bytes. A suffix that names no format PIL can write is a UserError, and so is a folder."""

@@ -58,6 +58,10 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
         raise UserError("name at least one --layer (--list-layers shows them)")
     if max_channels < 1:
         raise UserError(f"--max-channels must be at least 1, got {max_channels}")
+    if drawing.names_a_picture(out_dir) and not os.path.isdir(out_dir):  # it would be made a folder of that name
+        folder = os.path.dirname(os.path.normpath(out_dir)) or "."
+        raise UserError(f"--out {out_dir} names a picture, but features writes one PNG per layer into a folder: "
+                        f"pass a folder, such as {folder} (for {os.path.join(folder, layers[0] + '.png')})")
     target = load_model(model_or_run, input_size, num_classes, **options)
     for name in layers:
         find_layer(target.model, name, target.source, target.build_args)

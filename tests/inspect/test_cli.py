@@ -224,3 +224,12 @@ def test_an_input_too_small_names_the_smallest_size_the_model_takes(name, size, 
     cnnkit.summary(name, input_size=smallest)  # it does take that one
     with pytest.raises(UserError, match=rf"the smallest it takes: {smallest}\)$"):  # and not one pixel less
         cnnkit.summary(name, input_size=smallest - 1)
+
+
+def test_features_out_naming_a_picture_is_refused_not_made_a_folder(shape_image, tmp_path):
+    # --out is features' folder for one PNG per layer: maps/y.png became a folder holding features.0.png.
+    out = tmp_path / "maps" / "y.png"
+    proc = run_cli("features", "simple_cnn", "--layer", "features.0", "--image", shape_image, "--out", out)
+    assert_one_line_error(proc, 2, f"--out {out} names a picture", "one PNG per layer into a folder",
+                          f"pass a folder, such as {tmp_path / 'maps'} (for {tmp_path / 'maps' / 'features.0.png'})")
+    assert not (tmp_path / "maps").exists()
