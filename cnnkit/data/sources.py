@@ -415,6 +415,12 @@ def _scan_folder(root: str, option: str | None,
     if not classes:
         loose = [e for e in entries if is_image_file(e)]
         if loose:
+            parent = _parent_of_class_folder(root)
+            if parent:  # `--data photos/cat`: one class's folder of a data folder that is right as it is
+                folder, siblings = parent
+                shown = ", ".join(siblings[:3]) + (", ..." if len(siblings) > 3 else "")
+                raise UserError(f"{named} holds images but no class sub-folders: it looks like one class's folder; "
+                                f"pass the folder above it, {folder}, whose sub-folders ({shown}) are the classes")
             raise UserError(f"{named} holds images but no class sub-folders; put each class's images in "
                             f"{root}/<class name>/")
         if entries:  # files, none an image: "is empty" sent the user looking at a folder that was not
@@ -463,6 +469,28 @@ def _scan_folder(root: str, option: str | None,
         raise UserError(f"class folder(s) without images in {named}: {', '.join(empty)}; "
                         "add images or remove the folder (a class without images cannot be learnt)")
     return files, torch.tensor(labels, dtype=torch.int64), classes, others
+
+
+def _parent_of_class_folder(root: str) -> tuple[str, list[str]] | None:
+    """The folder above ``root`` (as the user would type it) and its sub-folders, where it is a data folder as
+    cnnkit reads one: two or more sub-folders, ``root`` among them, each with images in it (at any depth); else
+    None."""
+    path = os.path.normpath(root)
+    above = os.path.dirname(os.path.abspath(root))
+    if above == os.path.abspath(root):  # the root of the file system
+        return None
+    folder = above if os.path.basename(path) in (".", "..") else (os.path.dirname(path) or ".")
+    try:
+        classes = sorted(e for e in os.listdir(above) if not e.startswith(".") and os.path.isdir(os.path.join(above, e)))
+    except OSError:
+        return None
+
+    def has_images(d: str) -> bool:
+        return any(is_image_file(f) for _, _, names in os.walk(d, followlinks=True) for f in names)
+
+    if len(classes) < 2 or not all(has_images(os.path.join(above, c)) for c in classes):
+        return None
+    return folder, classes
 
 
 # Folder names of a dataset's splits, each holding the class folders: taken for classes they would make a

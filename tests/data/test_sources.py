@@ -123,6 +123,20 @@ def test_bad_folders_are_user_errors(tmp_path, make, message):
         load_splits(DataSpec(root))
 
 
+def test_a_class_folder_of_a_good_data_folder_points_at_the_data_folder(image_folder):
+    # `--data photos/cat`: the error said to put cat's images in photos/cat/<class name>/, though photos/ was right
+    cat = os.path.join(image_folder, "circle")
+    classes = ", ".join(sorted(os.listdir(image_folder))[:3])
+    with pytest.raises(UserError, match=rf"^{re.escape(cat)} holds images but no class sub-folders: it looks like one "
+                                        rf"class's folder; pass the folder above it, {re.escape(image_folder)}, "
+                                        rf"whose sub-folders \({re.escape(classes)}(, \.\.\.)?\) are the classes$"):
+        load_splits(DataSpec(cat))
+    os.makedirs(os.path.join(image_folder, "notes"))  # a sub-folder without images: the folder above is no data
+    with pytest.raises(UserError, match=rf"^{re.escape(cat)} holds images but no class sub-folders; put each class's "
+                                        rf"images in {re.escape(cat)}/<class name>/$"):
+        load_splits(DataSpec(cat))
+
+
 def test_a_class_folder_given_as_the_data_is_named_not_taken_for_one_class(image_folder):
     # a class's folder with a sub-folder of one image: the 8 loose images were left out without a word, and the
     # error was about the one "class" having too few images
