@@ -96,6 +96,15 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        # `cnnkit trian`: argparse lists the choices; a mistyped one also gets the near match, as options do
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            if not isinstance(value, str) or action.choices is None:
+                raise
+            raise argparse.ArgumentError(action, e.message + did_you_mean(value, map(str, action.choices))) from None
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         self.words = list(sys.argv[1:] if args is None else args)  # what this parser was given, for error()
         return super().parse_known_args(args, namespace)

@@ -355,3 +355,21 @@ def test_an_error_naming_a_file_with_a_newline_in_its_name_stays_one_line(tmp_pa
     proc = run_cli("train", "--data", root, "--bad-images", "error", "--epochs", "1", "--out", tmp_path / "run")
     assert proc.returncode == 1
     assert len(proc.stderr.splitlines()) == 1 and "bad\\nname.jpg" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, typed, meant", [
+    (["trian"], "trian", "train"),
+    (["export", "run", "--format", "onxx", "--out", "m.onnx"], "onxx", "onnx"),
+])
+def test_a_mistyped_command_or_choice_names_the_near_match(capsys, args, typed, meant):
+    # Mistyped options got "did you mean"; a mistyped command or choice got only argparse's list of them.
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(line.splitlines()) == 1 and f"invalid choice: '{typed}'" in line, line
+    assert f"; did you mean {meant}? (see cnnkit" in line, line
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["xyz"])
+    assert "did you mean" not in capsys.readouterr().err
