@@ -16,7 +16,7 @@ from cnnkit.choices import (
     AUGMENT_POLICIES, BUILTIN, COMPILE_MODES, DECODE_CHOICES, DEFAULT_THRESHOLD, FORMATS, OPTIMIZERS, PRECISIONS,
     SCHEDULES, SHAPES_TRAIN,
 )
-from cnnkit.errors import WARNING, TrainingStopped, UserError, did_you_mean
+from cnnkit.errors import WARNING, TrainingStopped, UserError, did_you_mean, plural
 from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
@@ -1105,8 +1105,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
     else:
-        print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} images), "
-              f"val acc {r.val_acc:.4f} ({r.num_val:,} images)")
+        print(f"linear probe on {r.feature_dim}-d features: train acc {r.train_acc:.4f} ({r.num_train:,} "
+              f"{plural('image', r.num_train)}), val acc {r.val_acc:.4f} ({r.num_val:,} {plural('image', r.num_val)})")
     _note_random_weights(args.model, args.pretrained, "the probe measured an untrained network's features",
                          "add --pretrained or pass a run folder or checkpoint")
     return 0
@@ -1212,7 +1212,8 @@ def cmd_rf(args: argparse.Namespace) -> int:
     print(format_receptive_field(r))
     if effective:
         print(f"effective field of {effective.layer}: 95% of the gradient within {effective.erf} px "
-              f"(theoretical rf {effective.rf} px, {effective.images} images); heat map in {effective.path}")
+              f"(theoretical rf {effective.rf} px, {effective.images} {plural('image', effective.images)}); "
+              f"heat map in {effective.path}")
     return 0 if all(c.agrees for c in r.checks) else 1
 
 

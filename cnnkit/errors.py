@@ -58,6 +58,12 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plural(noun: str, n: int | None) -> str:
+    """``noun`` (singular) for ``n`` of them, in a message after the number: "image" for 1, "images" for any other
+    count (None: a count not known yet)."""
+    return noun if n == 1 else noun + "s"
+
+
 def did_you_mean(word: str, known: Iterable[str], most: int = 1, cutoff: float = 0.6,
                  key: Callable[[str], str] | None = None) -> str:
     """The end of an error message about an unknown ``word``: ``"; did you mean X?"`` naming the entries of

@@ -9,7 +9,7 @@ from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
                                  load_eval_set, load_splits)
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, plural
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
@@ -133,7 +133,7 @@ def evaluate(
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=source, precision=precision_name(amp_dtype), **macro,
                       tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings,
-                      val_split=part, scored=describe_scored(cfg, source, part))
+                      val_split=part, scored=describe_scored(cfg, source, part, stats.count))
 
 
 def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, command: str = "the command",
@@ -182,17 +182,19 @@ def scored_images(cfg: dict, data: str | None, val_data: str | None, val_split: 
     return cfg["data"], held_out_fraction(cfg)
 
 
-def describe_scored(cfg: dict, data: str, val_split: float | None) -> str:
+def describe_scored(cfg: dict, data: str, val_split: float | None, count: int | None = None) -> str:
     """The images ``scored_images`` names, for a line after their count: "images of val/", "held-out images of
     photos/ (0.1 of each class)" (what the run configured by ``cfg`` held out of its training data, or part of
-    it), "images of photos/ (its --val-split 0.3 part)", "images of the cifar10 test split"."""
+    it), "images of photos/ (its --val-split 0.3 part)", "images of the cifar10 test split"; "image" where
+    ``count`` is 1."""
+    images = plural("image", count)
     if val_split is None:
         if data == "shapes":
-            return "images of the shapes validation set"
-        return f"images of the {data} test split" if data in BUILTIN else f"images of {data}"
+            return f"{images} of the shapes validation set"
+        return f"{images} of the {data} test split" if data in BUILTIN else f"{images} of {data}"
     if cfg.get("data") and _same_data(data, cfg["data"]) and not scores_training_images(cfg, data, val_split):
-        return f"held-out images of {data} ({val_split:g} of each class)"
-    return f"images of {data} (its --val-split {val_split:g} part)"
+        return f"held-out {images} of {data} ({val_split:g} of each class)"
+    return f"{images} of {data} (its --val-split {val_split:g} part)"
 
 
 def held_out_fraction(cfg: dict) -> float | None:

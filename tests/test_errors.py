@@ -37,3 +37,10 @@ def test_an_unknown_model_without_a_close_name_still_names_the_fix():
     assert "did you mean" not in message and "`cnnkit models` lists" in message and "\n" not in message
     with pytest.raises(UserError, match=r"unknown model 'resnet81'; did you mean resnet18.*\(`cnnkit models` lists"):
         cnnkit.create_model("resnet81")
+
+
+def test_plural_is_singular_only_for_one():
+    from cnnkit.errors import plural
+
+    assert [f"{n} {plural('image', n)}" for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert plural("image", None) == "images"  # a count not known yet

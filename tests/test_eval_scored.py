@@ -1,6 +1,8 @@
 """`cnnkit eval` names the images it scored: the folder they came from, and which part of it."""
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -72,3 +74,17 @@ def test_built_in_datasets_name_their_test_or_validation_set():
     assert describe_scored(cfg, "shapes", 0.2) == "held-out images of shapes (0.2 of each class)"
     # A run from before --val-split beside --val-data was refused was validated on its val_data.
     assert scored_images({"data": "D", "val_data": "V", "val_split": 0.2}, None, None, None) == ("V", None)
+
+
+def test_one_image_scored_is_one_image_not_one_images(runs, tmp_path):
+    data, val, split, _ = runs
+    # one class's folder of V, holding one image: the line said "on 1 images of ..."
+    one, name = tmp_path / "one", sorted(os.listdir(val))[0]
+    (one / name).mkdir(parents=True)
+    first = sorted(os.listdir(os.path.join(val, name)))[0]
+    shutil.copy(os.path.join(val, name, first), one / name / first)
+    proc = run_cli("eval", split, "--val-data", one)
+    assert proc.returncode == 0, proc.stderr
+    assert f" on 1 image of {one}: acc " in proc.stdout.splitlines()[0], proc.stdout
+    r = evaluate(split, val_data=str(one))
+    assert (r.count, r.scored) == (1, f"image of {one}")
