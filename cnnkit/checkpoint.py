@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import pickletools
 import random
 import re
 import warnings
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from cnnkit.atomic import atomic_torch_save
 from cnnkit.choices import NO_FLIP_DATA, is_format
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
 from cnnkit.runs import divergence, lower_rate
@@ -163,17 +164,6 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     return {**payload_from_metadata(metadata, path), "state_dict": state_dict}
 
 
-def reason(error: BaseException, most: int = 160) -> str:
-    """``error``'s text for the brackets of a one-line message: its first sentence (PyTorch's loader goes on with
-    advice for its own developers, "If you are seeing this error, there is a high ..."), cut at a word and marked
-    with "..." where it is longer than ``most`` characters."""
-    lines = str(error).strip().splitlines()
-    text = re.split(r"(?<=[^.\s]{2})\.\s", lines[0] if lines else "", maxsplit=1)[0].rstrip(".") or type(error).__name__
-    if len(text) > most:
-        text = text[:most].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
-    return text
-
-
 def unpickling_refused(what: str, error: pickle.UnpicklingError) -> CheckpointError:
     """The error for a file that ``torch.load(weights_only=True)`` refused, naming the object it refused (such
     as ``eval``) rather than quoting PyTorch's advice, which suggests the unsafe way of loading it."""
@@ -217,7 +207,8 @@ def read_payload(path: str) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
-        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(e)}); {_instead_of(path)}")
+        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(load_failure(path, e))}); "
+                                  f"{_instead_of(path)}")
         raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it); pass a run folder "
@@ -283,9 +274,27 @@ def refused_torch_file(path: str, name: str, not_what: str, instead: str, error:
     kind = not_a_torch_file(path) if error is None else looks_like_text(path)
     if kind:
         return UserError(f"{name} is {kind}, not {not_what}; pass {instead}")
-    if isinstance(error, pickle.UnpicklingError):
+    if isinstance(error, pickle.UnpicklingError) and load_failure(path, error) is error:
         return unpickling_refused(name, error)
     return None
+
+
+def load_failure(path: str, error: Exception) -> BaseException:
+    """What to quote of torch.load's ``error`` on ``path``. On bytes that are no pickle at all (random or damaged
+    bytes, another format) its weights-only unpickler says what it says of a pickle holding other objects
+    ("Unsupported operand", a refusal) or fails inside (a KeyError quoting a number): those get pickletools' error
+    from reading the file's opcodes, which runs none of them. A zip archive (torch.save's format, complete or cut
+    short: its pickle is inside) or a file whose pickle reads through keeps ``error``."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            return error
+        f.seek(0)
+        try:
+            for _ in pickletools.genops(f):
+                pass
+        except Exception as e:  # ValueError for an unknown opcode or a file that ends mid-pickle, and the like
+            return ValueError(f"neither a zip archive nor a pickle: {e}")
+    return error
 
 
 def is_torchscript(path: str) -> bool:

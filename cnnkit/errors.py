@@ -6,6 +6,7 @@ and shows a traceback with ``--debug``.
 
 from __future__ import annotations
 
+import re
 from typing import IO, Callable, Iterable
 
 WARNING = "cnnkit: warning: "  # what starts a warning's line: in a run's log, and the commands' own on stderr
@@ -62,6 +63,17 @@ def plural(noun: str, n: int | None) -> str:
     """``noun`` (singular) for ``n`` of them, in a message after the number: "image" for 1, "images" for any other
     count (None: a count not known yet)."""
     return noun if n == 1 else noun + "s"
+
+
+def reason(error: BaseException, most: int = 160) -> str:
+    """``error``'s text for the brackets of a one-line message: its first sentence (PyTorch's loader goes on with
+    advice for its own developers, "If you are seeing this error, there is a high ..."), cut at a word and marked
+    with "..." where it is longer than ``most`` characters."""
+    lines = str(error).strip().splitlines()
+    text = re.split(r"(?<=[^.\s]{2})\.\s", lines[0] if lines else "", maxsplit=1)[0].rstrip(".") or type(error).__name__
+    if len(text) > most:
+        text = text[:most].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return text
 
 
 def did_you_mean(word: str, known: Iterable[str], most: int = 1, cutoff: float = 0.6,

@@ -18,9 +18,9 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, read_payload, reason, refused_torch_file
+from cnnkit.checkpoint import is_torchscript, load_failure, read_payload, refused_torch_file
 from cnnkit.choices import is_format
-from cnnkit.errors import CheckpointError, UserError
+from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.heads import find_head, reset_head
 
@@ -58,7 +58,8 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             raise refused from None
         # Text and refused pickles are named above: what is left is a file torch cannot read, most often one cut
         # short (a download or copy that stopped), whose error says only "[Errno 22] Invalid argument".
-        raise CheckpointError(f"weights file {path} is damaged, truncated or not a PyTorch file ({reason(e)}); "
+        raise CheckpointError(f"weights file {path} is damaged, truncated or not a PyTorch file "
+                              f"({reason(load_failure(path, e))}); "
                               f"restore or download it again, or pass {instead}") from None
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
         return state["state_dict"], state

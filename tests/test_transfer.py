@@ -1,3 +1,5 @@
+import collections
+import datetime
 import json
 import math
 import os
@@ -78,6 +80,23 @@ def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), cached_weights_path("mobilenet_v3_small"))
     with pytest.raises(UserError, match=r"for its default architecture, which these options change \(width_mult=0.5"):
         cnnkit.create_model("mobilenet_v3_small", pretrained=True, width_mult=0.5)
+
+
+def test_a_cut_short_cached_pretrained_file_is_named_damaged_with_a_short_reason(tmp_path, monkeypatch):
+    # It quoted PyTorch's error cut mid-sentence: "(... This is an internal miniz error. If you are seeing this
+    # error, there is a high)".
+    checkpoints = tmp_path / "home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = checkpoints / "resnet18-f37072fd.pth"
+    torch.save(cnnkit.create_model("resnet18", num_classes=1000).state_dict(), cached)
+    cached.write_bytes(cached.read_bytes()[:100_000])
+    with pytest.raises(UserError) as caught:
+        cnnkit.create_model("resnet18", pretrained=True)
+    message = str(caught.value)
+    assert f"({cached}) cannot be read (the file is damaged or cut short: PytorchStreamReader failed reading zip " \
+           "archive: failed finding central directory); delete it so that it is downloaded again" in message, message
+    assert "If you are seeing" not in message and "miniz" not in message and "\n" not in message
 
 
 def test_no_pretrained_weights_for_own_models():
@@ -253,6 +272,24 @@ def test_a_weights_file_cut_short_is_named_as_damaged(tmp_path, keep):
     message = str(caught.value)
     assert message.startswith(f"weights file {path} is damaged, truncated or not a PyTorch file (")
     assert "restore or download it again" in message and "If you are seeing" not in message
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_weights_file_of_random_bytes_is_named_as_damaged_not_as_a_refused_pickle(tmp_path, seed):
+    # It said "holds objects other than tensors and plain data () and was not loaded, since unpickling it could run
+    # code": the weights-only unpickler's "Unsupported operand" read as a refusal, of bytes that are no pickle.
+    path = tmp_path / "rand.pth"
+    path.write_bytes(bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(seed)).tolist()))
+    with pytest.raises(CheckpointError) as caught:
+        load_weights(cnnkit.create_model("simple_cnn"), str(path))
+    message = str(caught.value)
+    assert message.startswith(f"weights file {path} is damaged, truncated or not a PyTorch file (neither a zip "
+                              "archive nor a pickle: "), message
+    assert "could run code" not in message and "()" not in message
+    # A real pickle holding other objects keeps its message.
+    torch.save({"head": collections.OrderedDict(), "when": datetime.date(2026, 1, 1)}, path)
+    with pytest.raises(CheckpointError, match="refers to datetime.date, which is not a tensor or plain data"):
+        load_weights(cnnkit.create_model("simple_cnn"), str(path))
 
 
 def test_weights_of_another_size_are_a_usage_error_on_the_command_line(tmp_path):

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, reason
 from cnnkit.models.registry import default_weights
 
 
@@ -41,13 +41,12 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
         return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
                                                   map_location="cpu", weights_only=True)
     except Exception as e:  # offline, refused, or a bad download: say where the file has to go
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         if os.path.exists(cached):  # there, but torch could not read it: a cut-off download or another file
-            raise UserError(f"the cached pretrained weights for {name} ({cached}) cannot be read ({reason}); delete "
-                            f"the file and run once with internet access, or download {weights.url} to that path "
-                            "again") from None
+            raise UserError(f"the cached pretrained weights for {name} ({cached}) cannot be read (the file is "
+                            f"damaged or cut short: {reason(e)}); delete it so that it is downloaded again (run once "
+                            f"with internet access), or download {weights.url} to that path again") from None
         raise UserError(
-            f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason}); "
+            f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason(e)}); "
             f"run once with internet access, or download {weights.url} and put it at that path"
         ) from None
 

@@ -165,6 +165,17 @@ def test_bytes_the_unpickler_chokes_on_are_a_one_line_error(tmp_path, content, k
     assert_one_line_error(run_cli("summary", path), 2 if "text" in kind else 1, f"checkpoint {path} {kind}")
 
 
+def test_random_bytes_are_a_damaged_checkpoint_not_a_refused_pickle(tmp_path):
+    # 300 random bytes were said to hold "objects other than tensors and plain data ()", refused as unsafe.
+    path = tmp_path / "best.pt"
+    path.write_bytes(bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(CheckpointError) as caught:
+        cnnkit.load_checkpoint(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {path} is damaged or truncated (neither a zip archive nor a pickle: ")
+    assert "could run code" not in message
+
+
 def test_a_damaged_checkpoint_names_the_runs_other_one(tmp_path):
     # "checkpoint runs/x/best.pt is damaged or truncated (...)" named no way out; the run's last.pt usually is one
     (tmp_path / "best.pt").write_bytes(b"PK\x03\x04 cut short")
