@@ -396,6 +396,8 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
     if t.ema is not None and steps * (1 - cfg.ema) < 1:
         print(f"cnnkit: note: --ema {cfg.ema} averages over about {1 / (1 - cfg.ema):,.0f} steps but the run has "
               f"{steps}; the average stays close to the first weights (try a lower decay)", file=log)
+    if saved and len(t.plan.stages) > 1:  # as the run said where it entered this stage, said before the epoch
+        _announce_stage(t)
     _write_metrics(t.run_dir, t.state.history)
     _write_json(t.run_dir, "stages.json", t.stage_log)  # which parameters train in which stage
 
@@ -456,11 +458,7 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
     if t.stage.index + 1 < len(t.plan.stages) and epoch == t.plan.first_epochs[t.stage.index + 1]:
         t.stage = _start_stage(t, t.stage.index + 1)
         _write_json(t.run_dir, "stages.json", t.stage_log)
-        stage = t.plan.stages[t.stage.index]
-        trainable = _trainable_count(t.model)
-        print(f"cnnkit: stage {t.stage.index + 1} of {len(t.plan.stages)} from epoch {epoch}: training "
-              f"{', '.join(stage.modules or ['all'])} ({trainable:,} parameters) at lr {stage.lr:g} for "
-              f"{stage.epochs} epoch(s)", file=t.log)
+        _announce_stage(t)
     t.pieces.train_loader.set_epoch(epoch)
     if t.epoch_state.lr is None:
         t.epoch_state.lr = t.stage.optimizer.param_groups[0]["lr"]
@@ -490,6 +488,15 @@ def _train_epoch(t: Training, stop: "StopSignals") -> None:
                                   f"{last_path}. Continue with: {_resume_command(t)}")
         stopped.exit_code = 128 + getattr(signal, stop.signal)  # 130 for Ctrl-C, 143 for SIGTERM
         raise stopped
+
+
+def _announce_stage(t: Training) -> None:
+    """The line that says which stage trains now: where a staged run enters a stage, and where one resumes."""
+    index = t.stage.index
+    stage = t.plan.stages[index]
+    print(f"cnnkit: stage {index + 1} of {len(t.plan.stages)} from epoch {t.plan.first_epochs[index]}: training "
+          f"{', '.join(stage.modules or ['all'])} ({_trainable_count(t.model):,} parameters) at lr {stage.lr:g} for "
+          f"{stage.epochs} epoch(s)", file=t.log)
 
 
 def _trainable_count(model: nn.Module) -> int:

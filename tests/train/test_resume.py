@@ -344,3 +344,41 @@ def test_a_run_resumed_in_a_later_stage_keeps_the_earlier_stages_in_stages_json(
     assert stages[0]["trainable_params"] == ["net.classifier.1.weight", "net.classifier.1.bias"]
     assert stages == json.loads((tmp_path / "ref" / "stages.json").read_text())
     assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
+
+
+class _CrashesOnce(_StopsOnce):
+    """_StopsOnce that fails (as a killed process would stop) at its ``armed_at`` training call, signalling nothing:
+    the run keeps the last.pt of its last finished epoch."""
+
+    def forward(self, x):
+        if self.training and _StopsOnce.calls + 1 == _StopsOnce.armed_at:
+            _StopsOnce.calls += 1
+            raise RuntimeError("killed")
+        return super().forward(x)
+
+
+def test_a_run_resumed_at_a_stage_boundary_says_the_stage_it_starts_in(tmp_path, capsys):
+    # An uninterrupted run prints "stage 2 of 2 from epoch 2: ..." as it enters stage 2; one resumed from the
+    # last.pt of stage 1's last epoch started stage 2 without a word of it.
+    import cnnkit
+    from cnnkit.models.registry import _FACTORIES, register_model
+
+    @register_model
+    def crashes_once(num_classes=10, in_channels=3, input_size=32):
+        return _CrashesOnce(num_classes, in_channels, input_size)
+
+    options = dict(model="crashes_once", data="shapes", num_samples=128, val_split=0.25, batch_size=16,
+                   precision="fp32", seed=3, stages="head:1@0.01,net.features.4+head:2@0.001", progress=False)
+    try:
+        _StopsOnce.calls, _StopsOnce.armed_at = 0, 7  # epoch 2's first batch (6 batches an epoch)
+        with pytest.raises(RuntimeError, match="killed"):
+            cnnkit.train(**options, out=str(tmp_path / "run"))
+        saved = read_payload(str(tmp_path / "run" / "last.pt"))["resume"]
+        assert (saved["stage"], saved["run"]["epoch"], saved["epoch_state"]["batch"]) == (0, 2, 0)
+        capsys.readouterr()
+        cnnkit.train(resume=str(tmp_path / "run"))
+    finally:
+        _FACTORIES.pop("crashes_once")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cnnkit: stage ")]
+    assert lines == ["cnnkit: stage 2 of 2 from epoch 2: training net.features.4, head (59,402 parameters) at lr "
+                     "0.001 for 2 epoch(s)"]
