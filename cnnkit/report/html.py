@@ -267,8 +267,28 @@ def _summary_section(summary: Any, field_result: Any) -> str:
             f'global operation.</p></div></div>')
 
 
-def _config_section(config: dict) -> str:
-    """config.json as three tables side by side (it has some fifty options)."""
+def _stage_plan(config: dict, stages: list[dict] | None) -> list[tuple[int, float]] | None:
+    """(epochs, lr) of each stage of a run with --stages, which set them in place of its epochs and lr (config.json
+    records those as given, so that it replays the run): stages.json's, which holds a smoke run's cut epochs, where
+    it lists every stage (a run stopped early lists those it began), else the plan as written; None without
+    --stages."""
+    if not config.get("stages"):
+        return None
+    from cnnkit.transfer import parse_stages
+
+    planned = [(s.epochs, s.lr) for s in parse_stages(str(config["stages"]))]
+    if isinstance(stages, list) and len(stages) == len(planned):
+        planned = [(int(s["epochs"]), float(s["lr"])) for s in stages]
+    return planned
+
+
+def _config_section(config: dict, plan: list[tuple[int, float]] | None = None) -> str:
+    """config.json as three tables side by side (it has some fifty options); a staged run's epochs and lr as its
+    stages (``plan``) set them."""
+    config = dict(config)
+    if plan:
+        config["epochs"] = f"{sum(e for e, _ in plan)} (--stages: {' + '.join(str(e) for e, _ in plan)})"
+        config["lr"] = f"{', '.join(f'{lr:g}' for _, lr in plan)} (--stages)"
     rows = [(k, "-" if v is None else v) for k, v in config.items()]
     third = -(-len(rows) // 3)
     tables = "".join(f"<div>{_table(('option', 'value'), rows[i:i + third], text_columns=2)}</div>"
@@ -367,10 +387,12 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
             sections.append(("model", "Model", _summary_section(model_summary, receptive_field(model_pt))))
         else:
             notes.append("the model's layers: no checkpoint was written before the run diverged")
-        sections.append(("config", "Configuration", _config_section(config)))
+        plan = _stage_plan(config, plots.read_json(run_dir, "stages.json"))
+        sections.append(("config", "Configuration", _config_section(config, plan)))
 
+        planned = sum(e for e, _ in plan) if plan else config.get("epochs")
         status = (f"diverged in epoch {stop.get('epoch')}" if diverged else "finished"
-                  if result else f"not finished ({len(history)} of {config.get('epochs')} epochs)")
+                  if result else f"not finished ({len(history)} of {planned} epochs)")
         title = f"{config.get('model')} on {config.get('data')}"
         created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         nav = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)

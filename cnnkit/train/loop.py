@@ -233,6 +233,11 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                 t = _set_up(cfg, log or sys.stdout, saved)
             except ModelOptionsError as e:
                 raise model_options_error(e, None if saved else config, overrides) from None
+            set_by_stages = [n for n in ("epochs", "lr") if cfg.stages and not saved and overrides.get(n) is not None]
+            if set_by_stages:  # not an error: a run's config.json, replayed with --config, records both beside them
+                print(f"cnnkit: note: --stages sets each stage's epochs and learning rate; "
+                      f"{' and '.join('--' + n for n in set_by_stages)} {'are' if len(set_by_stages) > 1 else 'is'} "
+                      "not used", file=t.log)
         # Every process waits here for the others' start-up, which a signal ends at once, before any of them
         # writes the run folder: from here on a signal stops them all after the same step (one that had ended at
         # once while the others went on left them to fail in their next collective, "Connection reset by peer").

@@ -424,3 +424,17 @@ def test_a_run_folder_that_cannot_take_the_plots_is_one_line_before_the_work(run
     assert_one_line_error(run_cli("report", copy, "--out", out), 2, f"cannot write the plots into {copy / 'plots'}",
                           "copy the run folder somewhere writable")
     assert not out.exists()
+
+
+def test_a_staged_runs_configuration_shows_the_epochs_and_rates_its_stages_used(tmp_path):
+    # The Configuration table showed "epochs 5" and "lr 0.1", given beside --stages and never used, and a staged
+    # run without them showed the defaults; the stages trained 1 + 1 epochs at 1e-3 then 1e-4.
+    options = dict(data="shapes", num_samples=64, batch_size=32, progress=False, model="cnn_bn", precision="fp32",
+                   stages="head:1@1e-3,all:1@1e-4")
+    for name, given in (("given", dict(epochs=5, lr=0.1)), ("defaults", {})):
+        cnnkit.train(**options, **given, out=str(tmp_path / name), log=io.StringIO())
+        write_report(str(tmp_path / name), cam_images=1)
+        page = (tmp_path / name / "report.html").read_text(encoding="utf-8")
+        config = page[page.index('id="config"'):]
+        cells = dict(re.findall(r"<td[^>]*>([a-z_]+)</td>\s*<td[^>]*>(.*?)</td>", config))
+        assert cells["epochs"] == "2 (--stages: 1 + 1)" and cells["lr"] == "0.001, 0.0001 (--stages)", cells

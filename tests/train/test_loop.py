@@ -151,3 +151,24 @@ def test_the_result_holds_the_warnings_its_log_shows(tmp_path, image_folder):
     # --quiet: the warnings alone reach stderr, each once; --json: the same list
     assert json.loads(proc.stdout.splitlines()[-1])["warnings"] == [line[len(prefix):] for line in
                                                                     proc.stderr.splitlines()] == shown
+
+
+def test_epochs_and_lr_beside_stages_get_a_note_and_a_replayed_run_none(tmp_path):
+    # --stages set the epochs and rates while --epochs 5 --lr 0.1 beside them were dropped without a word. Not an
+    # error: config.json records both beside the stages, and replaying it with --config must train the same run.
+    options = dict(data="shapes", num_samples=64, batch_size=32, progress=False, model="cnn_bn", precision="fp32",
+                   stages="head:1@1e-3,all:1@1e-4")
+    log = io.StringIO()
+    cnnkit.train(**options, epochs=5, lr=0.1, out=str(tmp_path / "run"), log=log)
+    notes = [line for line in log.getvalue().splitlines() if "--stages sets" in line]
+    assert notes == ["cnnkit: note: --stages sets each stage's epochs and learning rate; --epochs and --lr are not "
+                     "used"]
+    log = io.StringIO()
+    cnnkit.train(**options, lr=0.1, out=str(tmp_path / "lr"), log=log)
+    assert "; --lr is not used" in log.getvalue()
+    log = io.StringIO()
+    cnnkit.train(str(tmp_path / "run" / "config.json"), out=str(tmp_path / "replay"), log=log)
+    assert "--stages sets" not in log.getvalue()
+    ran, replayed = (torch.load(tmp_path / name / "last.pt", weights_only=True)["state_dict"] for name in ("run", "replay"))
+    assert all(torch.equal(ran[k], replayed[k]) for k in ran)
+    assert json.loads((tmp_path / "replay" / "result.json").read_text())["epochs"] == 2
