@@ -62,13 +62,19 @@ def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path / "empty" / "hub" / "checkpoints")  # nothing half-downloaded left behind
 
 
-def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path, monkeypatch):
+def _cut_short_cached_resnet18(tmp_path, monkeypatch):
+    """resnet18's weights in a fresh $TORCH_HOME's cache, cut short as by a download that stopped; their path."""
     checkpoints = tmp_path / "home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     cached = checkpoints / "resnet18-f37072fd.pth"
     torch.save(cnnkit.create_model("resnet18", num_classes=1000).state_dict(), cached)
-    cached.write_bytes(cached.read_bytes()[:100_000])  # a download cut short
+    cached.write_bytes(cached.read_bytes()[:100_000])
+    return cached
+
+
+def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path, monkeypatch):
+    cached = _cut_short_cached_resnet18(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=f"pretrained weights for resnet18 \\({cached}\\) cannot be read .*delete"):
         cnnkit.create_model("resnet18", pretrained=True)
     torch.save(torchvision.models.resnet34().state_dict(), cached)  # another model's weights under that name
@@ -85,12 +91,7 @@ def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path
 def test_a_cut_short_cached_pretrained_file_is_named_damaged_with_a_short_reason(tmp_path, monkeypatch):
     # It quoted PyTorch's error cut mid-sentence: "(... This is an internal miniz error. If you are seeing this
     # error, there is a high)".
-    checkpoints = tmp_path / "home" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    cached = checkpoints / "resnet18-f37072fd.pth"
-    torch.save(cnnkit.create_model("resnet18", num_classes=1000).state_dict(), cached)
-    cached.write_bytes(cached.read_bytes()[:100_000])
+    cached = _cut_short_cached_resnet18(tmp_path, monkeypatch)
     with pytest.raises(UserError) as caught:
         cnnkit.create_model("resnet18", pretrained=True)
     message = str(caught.value)
