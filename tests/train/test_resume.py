@@ -316,6 +316,11 @@ def test_a_resumed_runs_result_keeps_the_warnings_and_thread_changes_of_its_earl
     assert saved["warnings"] == first and saved["thread_changes"] == [change]
 
 
+# A staged run of 6 batches an epoch: the head for epoch 1, then the last conv block with it for epochs 2-3.
+_TWO_STAGES = dict(data="shapes", num_samples=128, val_split=0.25, batch_size=16, precision="fp32", seed=3,
+                   stages="head:1@0.01,net.features.4+head:2@0.001", progress=False)
+
+
 def test_a_run_resumed_in_a_later_stage_keeps_the_earlier_stages_in_stages_json(tmp_path):
     # stages.json was rewritten with the resumed stage alone: stage 1 and what it trained were gone from the run's
     # record, and the report's learning-rate plot, drawn from it, left the first stage's epochs empty
@@ -327,8 +332,7 @@ def test_a_run_resumed_in_a_later_stage_keeps_the_earlier_stages_in_stages_json(
     def stops_once(num_classes=10, in_channels=3, input_size=32):
         return _StopsOnce(num_classes, in_channels, input_size)
 
-    options = dict(model="stops_once", data="shapes", num_samples=128, val_split=0.25, batch_size=16,
-                   precision="fp32", seed=3, stages="head:1@0.01,net.features.4+head:2@0.001", progress=False)
+    options = dict(model="stops_once", **_TWO_STAGES)
     try:
         _StopsOnce.armed_at = None
         cnnkit.train(**options, out=str(tmp_path / "ref"))
@@ -367,8 +371,7 @@ def test_a_run_resumed_at_a_stage_boundary_says_the_stage_it_starts_in(tmp_path,
     def crashes_once(num_classes=10, in_channels=3, input_size=32):
         return _CrashesOnce(num_classes, in_channels, input_size)
 
-    options = dict(model="crashes_once", data="shapes", num_samples=128, val_split=0.25, batch_size=16,
-                   precision="fp32", seed=3, stages="head:1@0.01,net.features.4+head:2@0.001", progress=False)
+    options = dict(model="crashes_once", **_TWO_STAGES)
     try:
         _StopsOnce.calls, _StopsOnce.armed_at = 0, 7  # epoch 2's first batch (6 batches an epoch)
         with pytest.raises(RuntimeError, match="killed"):
