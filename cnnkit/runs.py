@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnkit.errors import UserError
+from cnnkit.stages import parse_stages
 
 DEFAULT_ROOT = "runs"
 
@@ -172,12 +173,12 @@ def run_info(run_dir: str) -> RunInfo | None:
 
 
 def _planned_epochs(config: dict[str, Any]) -> int:
-    """The epochs a run's config.json plans: its --stages' (``MODULES:EPOCHS@LR,...``, which set the epochs in place
-    of --epochs), else its epochs; 0 when it says neither. Read here without cnnkit.transfer, which loads torch."""
+    """The epochs a run's config.json plans: its --stages' (which set the epochs in place of --epochs), else its
+    epochs; 0 when it says neither."""
     if config.get("stages"):
         try:
-            return sum(int(part.split(":")[1].split("@")[0]) for part in str(config["stages"]).split(","))
-        except (IndexError, ValueError):  # a config.json edited by hand: train refuses it, its --epochs says nothing
+            return sum(stage.epochs for stage in parse_stages(str(config["stages"])))
+        except UserError:  # a config.json edited by hand: train refuses it, its --epochs says nothing
             return 0
     return config.get("epochs") or 0
 

@@ -4,15 +4,13 @@ Most people with their own images should not train from scratch: they start from
 train its new head, then unfreeze the last stage at a lower learning rate. The pieces:
 torchvision's weights and the preprocessing they expect (``cnnkit.models.pretrained``, below the data and
 training code that use them), ``load_weights`` (a state dict, a torchvision file, a .safetensors file or a
-cnnkit run), ``set_trainable`` / ``freeze_batchnorm_stats`` and ``parse_stages``.
+cnnkit run), ``set_trainable`` / ``freeze_batchnorm_stats`` and ``plan_stages`` (the stages as written: ``cnnkit.stages``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
@@ -22,6 +20,7 @@ from cnnkit.checkpoint import is_torchscript, load_failure, read_payload, refuse
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
+from cnnkit.stages import Stage, parse_stages
 from cnnkit.models.heads import find_head, reset_head
 
 
@@ -224,36 +223,6 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
             params = [p for p in (m.weight, m.bias) if p is not None]
             if params and not any(p.requires_grad for p in params):
                 m.eval()
-
-
-@dataclass
-class Stage:
-    """One phase of a staged schedule: which modules train, for how many epochs, at which peak learning rate."""
-
-    modules: list[str] | None  # None: everything
-    epochs: int
-    lr: float
-
-
-def parse_stages(text: str) -> list[Stage]:
-    """``"fc:3@1e-3,layer4+fc:5@1e-4"``: stages separated by commas, each ``MODULES:EPOCHS@LR`` with
-    module names joined by ``+`` (``head`` and ``all`` allowed)."""
-    stages = []
-    for part in text.split(","):
-        try:
-            modules, rest = part.strip().split(":")
-            epochs, lr = rest.split("@")
-            stage = Stage(modules=[m.strip() for m in modules.split("+")], epochs=int(epochs), lr=float(lr))
-        except ValueError:
-            raise UserError(f"--stages: cannot read '{part}'; write MODULES:EPOCHS@LR, e.g. "
-                            "'fc:3@1e-3,layer4+fc:5@1e-4'") from None
-        if "" in stage.modules:  # an empty name is the whole model to named_modules(): everything would train
-            raise UserError(f"--stages: '{part.strip()}' has an empty module name; name each module to train, "
-                            "joined by '+' (e.g. 'layer4+fc'), or 'all' for the whole model")
-        if stage.epochs < 1 or not 0 < stage.lr < math.inf:
-            raise UserError(f"--stages: '{part}' needs at least one epoch and a positive, finite learning rate")
-        stages.append(stage)
-    return stages
 
 
 def check_stage_options(stages: str | None, freeze: str | None, unfreeze: str | None) -> None:

@@ -29,6 +29,7 @@ from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
 from cnnkit.runs import divergence
+from cnnkit.stages import parse_stages
 from cnnkit.train.metrics import macro_averages
 
 FEATURE_CHANNELS = 16  # tiles per feature-map grid
@@ -274,8 +275,6 @@ def _stage_plan(config: dict, stages: list[dict] | None) -> list[tuple[int, floa
     --stages."""
     if not config.get("stages"):
         return None
-    from cnnkit.transfer import parse_stages
-
     planned = [(s.epochs, s.lr) for s in parse_stages(str(config["stages"]))]
     if isinstance(stages, list) and len(stages) == len(planned):
         planned = [(int(s["epochs"]), float(s["lr"])) for s in stages]
