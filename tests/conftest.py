@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 
 # `make test` runs the tests in two processes (pytest-xdist, `-n 2` in the Makefile). Each computes with one
 # thread, and so do the commands the tests start (OMP_NUM_THREADS is cnnkit's default --threads where set): two
@@ -15,6 +13,7 @@ import torch  # noqa: E402
 from PIL import Image
 
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
+from tests import preloaded
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -44,10 +43,12 @@ def image_folder(tmp_path):
     return write_image_folder(str(tmp_path / "images"))
 
 
+_PRELOADED = preloaded.Server()
+
+
 def run_cli(*args, cwd=None, env=None):
-    """The real `cnnkit` command in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "cnnkit", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+    """The real `cnnkit` command in its own process (forked from one that has imported torch: tests/preloaded.py)."""
+    return _PRELOADED.run(list(map(str, args)), cwd=cwd, env=env)
 
 
 class _CreatesFileWhenUnpickled:
