@@ -107,6 +107,12 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         self.words = list(sys.argv[1:] if args is None else args)  # what this parser was given, for error()
+        if not getattr(self, "probing", False) and self._subparsers is None:
+            # `cnnkit features --model resnet18 cat.jpg`: argparse would take --model for --model-opt, which it
+            # abbreviates, and fail on its value; a positional argument's name as an option is said as such first.
+            flags = _positional_flags(self)
+            if any(word.split("=", 1)[0] in flags for word in self.words):
+                self.error(_positional_as_option(self, self.words))
         return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
@@ -158,29 +164,75 @@ def _positional_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Act
 def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
     """The error for positional arguments that ``words`` gave as options of their names (``_positional_flags``),
     with the command line that gives them by position; None where ``words`` has none."""
-    words, given, first = list(words), [], None
+    words, given, removed = list(words), {}, set()
     for flag, action in _positional_flags(parser).items():
-        i = next((i for i, w in enumerate(words) if w.split("=", 1)[0] == flag), None)
+        i = next((i for i, w in enumerate(words) if i not in removed and w.split("=", 1)[0] == flag), None)
         if i is None:
             continue
-        value = words[i].split("=", 1)[1] if "=" in words[i] else " ".join(words[i + 1:i + 2]) or action.metavar
-        del words[i:i + (1 if "=" in words[i] or i + 1 == len(words) else 2)]
-        first = i if first is None else min(first, i)
-        given.append((action.metavar or action.dest, flag, value))
+        if "=" in words[i]:
+            value, taken = words[i].split("=", 1)[1], [i]
+        elif i + 1 < len(words) and i + 1 not in removed and not words[i + 1].startswith("-"):
+            value, taken = words[i + 1], [i, i + 1]
+        else:
+            value, taken = action.metavar, [i]
+        given[action.dest] = (action, flag, value)
+        removed.update(taken)
     if not given:
         return None
-    # `cnnkit eval RUN --checkpoint last`: moving `last` into the slot RUN fills would not parse; say so instead.
-    taken = _given_positionals(parser, words)
-    for flag, action in _positional_flags(parser).items():
-        value = getattr(taken, action.dest, None)
-        if flag in (g[1] for g in given) and value not in (None, action.default, []):
-            name, value = action.metavar or action.dest, " ".join(value) if isinstance(value, list) else value
-            return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
-                    f"give one {name}, {action.help}")
-    names, flags = " and ".join(g[0] for g in given), " and ".join(g[1] for g in given)
-    words[first:first] = [g[2] for g in given]
+    rest = [w for i, w in enumerate(words) if i not in removed]
+    # What the words left over give by position. Where they fill every positional argument already, the option is
+    # one too many: `cnnkit eval RUN --checkpoint last` (moving `last` into the slot RUN fills would not parse).
+    taken = _given_positionals(parser, rest)
+    positionals = [a for a in parser._actions if not a.option_strings]
+    by_position = {a.dest: getattr(taken, a.dest, None) for a in positionals}
+    by_position = {d: v for d, v in by_position.items() if v not in (None, [])
+                   and v != next(a.default for a in positionals if a.dest == d)}
+    if all(a.dest in by_position or a.nargs in ("?", "*") for a in positionals):
+        for dest, (action, flag, _) in given.items():
+            if dest in by_position:
+                name, value = action.metavar or action.dest, by_position[dest]
+                value = " ".join(value) if isinstance(value, list) else value
+                return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
+                        f"give one {name}, {action.help}")
+    # The words given by position go, in their order, to the positional arguments not given as options: `cnnkit
+    # embed --data photos/ resnet18` took resnet18 for MODEL_OR_RUN, the first, and that is what it is.
+    pool = [w for a in positionals if a.dest in by_position
+            for w in (by_position[a.dest] if isinstance(by_position[a.dest], list) else [by_position[a.dest]])]
+    line, cursor = [], 0
+    for word in pool:  # out of ``words``: positional words are met in order, and are no option's value
+        at = [i for i in range(cursor, len(words)) if i not in removed and words[i] == word]
+        at = [i for i in at if not _takes_a_value(parser, words[i - 1] if i else "")] or at
+        if at:
+            cursor = at[0]
+            removed.add(cursor)
+    for action in positionals:
+        if action.dest in given:
+            line.append(given[action.dest][2])
+        elif action.nargs in ("+", "*"):
+            line.extend(pool or ([action.metavar or action.dest] if action.nargs == "+" else []))
+            pool = []
+        elif pool:
+            line.append(pool.pop(0))
+        elif action.nargs not in ("?", "*"):
+            line.append(action.metavar or action.dest)
+    # First, as the usage shows them: after an option of several values (--input-size 64) they would be its values.
+    words = line + [w for i, w in enumerate(words) if i not in removed]
+    # A required option missing too (embed's --out): the line says where it goes, so that it is the one that runs.
+    for action in parser._actions:
+        if action.required and action.option_strings and not any(w.split("=", 1)[0] in action.option_strings
+                                                                  for w in words):
+            words += [action.option_strings[0], action.metavar or
+                      ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())]
+    names = " and ".join(g[0].metavar or g[0].dest for g in given.values())
+    flags = " and ".join(g[1] for g in given.values())
     verb = "is" if len(given) == 1 else "are"
     return f"{names} {verb} given by position, without {flags}: {parser.prog} {' '.join(words)}"
+
+
+def _takes_a_value(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether ``word`` is an option of ``parser`` whose value is the next word."""
+    action = parser._option_string_actions.get(word)
+    return action is not None and action.nargs != 0
 
 
 def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:

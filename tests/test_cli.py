@@ -192,12 +192,23 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
      "(see cnnkit check-data --help)"),
     (["embed", "--out", "e.npy", "--data", "photos/", "--model", "resnet18"],
      "cnnkit embed: error: MODEL_OR_RUN and DATA are given by position, without --model and --data: "
-     "cnnkit embed --out e.npy resnet18 photos/ (see cnnkit embed --help)"),
+     "cnnkit embed resnet18 photos/ --out e.npy (see cnnkit embed --help)"),
     (["embed", "resnet18", "--data", "photos/", "--out", "e.npy"],
      "cnnkit embed: error: DATA is given by position, without --data: cnnkit embed resnet18 photos/ --out e.npy "
      "(see cnnkit embed --help)"),
     (["summary"], "cnnkit summary: error: the following arguments are required: MODEL_OR_RUN "
                   "(see cnnkit summary --help)"),
+    # the words left by position fill the other positional arguments, in their order; a required option missing
+    # beside them is on the line too, so that the line is one that runs
+    (["embed", "--data", "photos/", "resnet18"],
+     "cnnkit embed: error: DATA is given by position, without --data: cnnkit embed resnet18 photos/ --out FILE.npy "
+     "(see cnnkit embed --help)"),
+    (["predict", "--checkpoint", "RUN", "cat.jpg"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "cat.jpg (see cnnkit predict --help)"),
+    (["predict", "cat.jpg", "--checkpoint", "RUN"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "cat.jpg (see cnnkit predict --help)"),
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
@@ -231,6 +242,37 @@ def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_
         build_parser().parse_args(args)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("args, want", [
+    (["embed", "--data", "photos/", "resnet18"], {"model": "resnet18", "data": "photos/", "out": "FILE.npy"}),
+    (["probe", "--data", "photos/", "RUN"], {"model": "RUN", "data": "photos/"}),
+    (["predict", "--checkpoint", "RUN", "a.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg"]}),
+    (["eval", "--checkpoint", "RUN", "--json"], {"checkpoint": "RUN", "json": True}),
+    (["export", "--format", "onnx", "--checkpoint", "RUN", "--out", "m.onnx"], {"checkpoint": "RUN", "out": "m.onnx"}),
+    (["summary", "--input-size", "64", "--model", "resnet18"], {"model": "resnet18", "input_size": [64]}),
+])
+def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_given(capsys, args, want):
+    # `cnnkit embed --data photos/ resnet18` was told `cnnkit embed photos/ resnet18`, which reads photos/ as the model
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args)
+    line = capsys.readouterr().err.strip()
+    suggested = line.rsplit(": cnnkit ", 1)[1].removesuffix(f" (see cnnkit {args[0]} --help)")
+    parsed = vars(build_parser().parse_args(suggested.split()))
+    assert {k: parsed[k] for k in want} == want, line
+
+
+def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abbreviates(capsys):
+    # argparse took --model for --model-opt, and the command failed later on "--model-opt wants key=value"
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["features", "resnet18", "--model", "x"])
+    assert e.value.code == 2
+    assert "MODEL_OR_RUN is already given by position (resnet18), and cnnkit features has no --model option" in \
+        capsys.readouterr().err
 
 
 def _fake_run_folder(root):
