@@ -118,6 +118,9 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         # argparse's own parse_args reports a command's unknown options from the top parser, which points at
         # `cnnkit --help`; the command's parser knows its options, so it reports them and names a close match.
+        if self._subparsers is not None and (before := _option_before_command(self, list(
+                sys.argv[1:] if args is None else args))):
+            self.error(before)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             commands = self._subparsers._group_actions[0].choices if self._subparsers else {}
@@ -134,6 +137,42 @@ class _Parser(argparse.ArgumentParser):
                 parser.error(_positional_as_option(parser, parser.words) or _unrecognised(parser, extras))
             parser.error(_unrecognised(parser, extras))
         return parsed
+
+
+def _option_before_command(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """The error for a command's option given before the command, or with none (`cnnkit --epochs 3`, where argparse
+    took 3 for the command), with the line that gives it after the command; None where ``words`` has none."""
+    commands = parser._subparsers._group_actions[0].choices
+    for i, word in enumerate(words):
+        if word in commands or not word.startswith("-") or word == "--":
+            return None
+        flag = word.split("=", 1)[0]
+        if flag in parser._option_string_actions:  # cnnkit's own: --debug, --version, --help
+            continue
+        # the commands with the option in full, else those where it abbreviates one (a prefix none other has)
+        owners = [name for name, command in commands.items() if flag in command._option_string_actions] or \
+            [name for name, command in commands.items()
+             if len({a for o, a in command._option_string_actions.items() if o.startswith(flag)}) == 1]
+        later = next((j for j in range(i + 1, len(words)) if words[j] in commands), None)
+        if not owners:  # no command's option either
+            if later is not None:
+                return None  # the command's parser names it, and an option of its own close to it
+            options = {o for command in commands.values() for o in command._option_string_actions}
+            return f"unrecognized arguments: {' '.join(words[i:])}" + did_you_mean(
+                flag.lstrip("-"), sorted(options), cutoff=0.7, key=lambda o: o.lstrip("-"))
+        own = [w for w in words[:i] if w.split("=", 1)[0] in parser._option_string_actions]
+        named = ", ".join(owners) if len(owners) <= 4 else f"{', '.join(owners[:3])} and {len(owners) - 3} more"
+        if later is None:
+            command = "train" if "train" in owners else owners[0]
+            line = ["cnnkit", *own, command, *words[i:]]
+            return (f"{flag} belongs to a command{f' ({named})' if len(owners) > 1 else ''}, and none is given: "
+                    f"{' '.join(line)}")
+        command = words[later]
+        if command not in owners:
+            return f"{flag} is an option of {named}, not of cnnkit or of {command}"
+        line = ["cnnkit", *own, command, *words[i:later], *words[later + 1:]]
+        return f"{flag} is an option of {command}, given before the command: {' '.join(line)}"
+    return None
 
 
 class _Probed(Exception):

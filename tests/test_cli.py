@@ -275,6 +275,32 @@ def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abb
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--epochs", "3"],
+     "cnnkit: error: --epochs belongs to a command, and none is given: cnnkit train --epochs 3 (see cnnkit --help)"),
+    (["--data=photos/"], "cnnkit: error: --data belongs to a command (train, lr-find, eval), and none is given: "
+                         "cnnkit train --data=photos/ (see cnnkit --help)"),
+    (["--debug", "--threads", "1", "train", "--epochs", "1"],
+     "cnnkit: error: --threads is an option of train, given before the command: cnnkit --debug train --threads 1 "
+     "--epochs 1 (see cnnkit --help)"),
+    (["--epochs", "3", "eval", "RUN"],
+     "cnnkit: error: --epochs is an option of train, not of cnnkit or of eval (see cnnkit --help)"),
+    (["--bogus", "3"], "cnnkit: error: unrecognized arguments: --bogus 3 (see cnnkit --help)"),
+])
+def test_a_commands_option_before_the_command_says_where_it_goes(capsys, args, line):
+    # argparse took the option's value for the command: "argument COMMAND: invalid choice: '3'"
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == line
+    if ": cnnkit " in line:  # the line it suggests parses, with the option's value
+        parsed = build_parser().parse_args(line.rsplit(": cnnkit ", 1)[1].removesuffix(" (see cnnkit --help)").split())
+        assert parsed.command == "train" and (parsed.epochs, parsed.threads, parsed.data) in \
+            ((3, None, "shapes"), (None, None, "photos/"), (1, 1, "shapes")) and parsed.debug == ("--debug" in args)
+
+
 def _fake_run_folder(root):
     """A run folder's layout, with a picture in a sub-folder as `cnnkit report` leaves one (plots/curves.png):
     read as images, plots/ would pass for a class."""
