@@ -17,7 +17,7 @@ from cnnkit.choices import (
     SCHEDULES, SHAPES_TRAIN,
 )
 from cnnkit.errors import WARNING, TrainingStopped, UserError, did_you_mean, plural
-from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
+from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, SESSION_OPTIONS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
 EXAMPLES = {
@@ -952,8 +952,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cnnkit.train.loop import refuse_not_a_run
 
         refuse_not_a_run(args.resume)
-    ignored = sorted(set(given) - {"progress"}) if args.resume else []
-    if ignored:  # a resumed run takes every setting from its checkpoint: a flag beside it would be dropped unseen
+    ignored = sorted(set(given) - set(SESSION_OPTIONS)) if args.resume else []
+    if ignored:  # a resumed run takes its settings from its checkpoint, but for this session's SESSION_OPTIONS
         flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)
         raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "

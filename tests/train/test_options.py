@@ -99,6 +99,31 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_resume_takes_the_thread_count_of_this_session(tmp_path, capsys):
+    # `cnnkit train --resume RUN --threads 1` was refused ("drop --threads"), though the thread count is the
+    # machine's, not the run's; in process: the error after the flags' check is the missing last.pt
+    from cnnkit.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --threads" not in err and "no last.pt in it" in err, err
+    # the run goes on with its own settings and this session's thread count; from Python, another option was
+    # dropped unseen
+    import dataclasses
+
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.loop import resumed_config
+
+    saved = {"config": dataclasses.asdict(TrainConfig(threads=2, epochs=4)), "input_size": 32}
+    cfg = resumed_config(saved, {"threads": 1, "progress": False})
+    assert (cfg.threads, cfg.progress, cfg.epochs) == (1, False, 4)
+    assert resumed_config(saved, {}).threads == 2
+    with pytest.raises(UserError, match=r"continues with its own settings; drop epochs \(only threads and progress"):
+        resumed_config(saved, {"epochs": 8, "threads": 1})
+
+
 @pytest.mark.parametrize("text, words", [
     ("epochs: 0\n", "epochs must be a positive whole number, got 0"),
     ("batch_size: 0\n", "batch_size must be a positive whole number, got 0"),
