@@ -1437,6 +1437,7 @@ def _main(argv: Sequence[str] | None) -> int:
                "cam": cmd_cam, "check-data": cmd_check_data, "audit": cmd_audit, "lr-find": cmd_lr_find,
                "report": cmd_report, "runs": cmd_runs}[args.command]
     try:
+        _check_dataset_name(args)
         return command(args)
     except UserError as e:
         if args.debug:  # the traceback is --debug's point; the exit code stays the error's own (2 for usage)
@@ -1459,6 +1460,27 @@ def _main(argv: Sequence[str] | None) -> int:
                     f"{str(e).splitlines()[0] if str(e) else ''} (rerun as cnnkit --debug {args.command} ... "
                     "for the traceback, and please report it)")
         return 1
+
+
+def _check_dataset_name(args: argparse.Namespace) -> None:
+    """A UserError for a --data (or DATA) that is no folder but a built-in dataset's name in another spelling
+    (`--data Mnist`), with the command line that names it as it is spelt. The name is not taken as the dataset's:
+    a folder may be called Mnist (cnnkit/choices.py, builtin_meant)."""
+    import shlex
+
+    from cnnkit.choices import builtin_meant
+
+    data = getattr(args, "data", None)
+    if not isinstance(data, str) or data in BUILTIN or os.path.exists(data) or not (meant := builtin_meant(data)):
+        return
+    line = list(args.argv)
+    for i, word in enumerate(line):
+        if word in (data, f"--data={data}"):
+            line[i] = word[:-len(data)] + meant
+            break
+    else:
+        return  # not given on the command line (a config file's): the data's own error names the likely intent
+    raise UserError(f"data path {data} does not exist; for the built-in dataset {meant}: cnnkit {shlex.join(line)}")
 
 
 def _reports() -> bool:

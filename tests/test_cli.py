@@ -301,6 +301,24 @@ def test_a_commands_option_before_the_command_says_where_it_goes(capsys, args, l
             ((3, None, "shapes"), (None, None, "photos/"), (1, 1, "shapes")) and parsed.debug == ("--debug" in args)
 
 
+@pytest.mark.parametrize("argv, data, line", [
+    (["train", "--data", "Mnist", "--epochs", "1"], "Mnist", "cnnkit train --data mnist --epochs 1"),
+    (["--debug", "lr-find", "--data=cifar-10"], "cifar-10", "cnnkit --debug lr-find --data=cifar10"),
+    (["embed", "resnet18", "FashionMNIST", "--out", "e.npy"], "FashionMNIST",
+     "cnnkit embed resnet18 fashion_mnist --out e.npy"),
+    (["eval", "RUN", "--data", "CIFAR10"], "CIFAR10", "cnnkit eval RUN --data cifar10"),
+])
+def test_a_builtin_datasets_name_spelt_otherwise_gets_the_line_that_names_it(tmp_path, monkeypatch, capsys, argv,
+                                                                             data, line):
+    # the error said "did you mean mnist?" only; the command line with the name as it is spelt is the fix to copy
+    from cnnkit.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # --debug: the traceback's last line
+    assert f"data path {data} does not exist; for the built-in dataset " in err and err.endswith(f": {line}"), err
+
+
 def _fake_run_folder(root):
     """A run folder's layout, with a picture in a sub-folder as `cnnkit report` leaves one (plots/curves.png):
     read as images, plots/ would pass for a class."""
