@@ -111,7 +111,7 @@ class _Parser(argparse.ArgumentParser):
             # `cnnkit features --model resnet18 cat.jpg`: argparse would take --model for --model-opt, which it
             # abbreviates, and fail on its value; a positional argument's name as an option is said as such first.
             flags = _positional_flags(self)
-            if any(word.split("=", 1)[0] in flags for word in self.words):
+            if any(word.split("=", 1)[0] in flags for word in self.words) and not {"-h", "--help"} & set(self.words):
                 self.error(_positional_as_option(self, self.words))
         return super().parse_known_args(args, namespace)
 
