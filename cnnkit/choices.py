@@ -46,3 +46,21 @@ def is_model_file(path: str) -> bool:
 def is_format(path: str, format: str) -> bool:
     """Whether ``path`` ends as an export of ``format`` (a FORMATS key) does, in any case (model.ONNX is one)."""
     return path.lower().endswith(FORMATS[format])
+
+
+def builtin_meant(name: str) -> str | None:
+    """The built-in dataset that ``name``, a --data that is no folder, reads as in another spelling (``fashion-mnist``,
+    ``FashionMNIST``, ``CIFAR10``, ``cifar-10``), or None. The names themselves stay exact: a folder may be called
+    Mnist, so this only names the likely intent in an error."""
+    import difflib
+    import os
+
+    if os.sep in name or (os.altsep and os.altsep in name):
+        return None
+    plain = [_plain(b) for b in BUILTIN]
+    close = difflib.get_close_matches(_plain(name), plain, n=1, cutoff=0.6)
+    return BUILTIN[plain.index(close[0])] if close else None
+
+
+def _plain(name: str) -> str:
+    return name.replace("-", "").replace("_", "").replace(" ", "").lower()

@@ -17,7 +17,7 @@ from cnnkit.choices import (
     SCHEDULES, SHAPES_TRAIN,
 )
 from cnnkit.errors import WARNING, TrainingStopped, UserError, did_you_mean, plural
-from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, TrainConfig
+from cnnkit.train.config import DATA_DEFAULTS, GENERAL_DEFAULTS, SESSION_OPTIONS, TrainConfig
 from cnnkit.train.recipes import RECIPES
 
 EXAMPLES = {
@@ -107,11 +107,20 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         self.words = list(sys.argv[1:] if args is None else args)  # what this parser was given, for error()
+        if not getattr(self, "probing", False) and self._subparsers is None:
+            # `cnnkit features --model resnet18 cat.jpg`: argparse would take --model for --model-opt, which it
+            # abbreviates, and fail on its value; a positional argument's name as an option is said as such first.
+            flags = _positional_flags(self)
+            if any(word.split("=", 1)[0] in flags for word in self.words) and not {"-h", "--help"} & set(self.words):
+                self.error(_positional_as_option(self, self.words))
         return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         # argparse's own parse_args reports a command's unknown options from the top parser, which points at
         # `cnnkit --help`; the command's parser knows its options, so it reports them and names a close match.
+        if self._subparsers is not None and (before := _option_before_command(self, list(
+                sys.argv[1:] if args is None else args))):
+            self.error(before)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             commands = self._subparsers._group_actions[0].choices if self._subparsers else {}
@@ -128,6 +137,42 @@ class _Parser(argparse.ArgumentParser):
                 parser.error(_positional_as_option(parser, parser.words) or _unrecognised(parser, extras))
             parser.error(_unrecognised(parser, extras))
         return parsed
+
+
+def _option_before_command(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """The error for a command's option given before the command, or with none (`cnnkit --epochs 3`, where argparse
+    took 3 for the command), with the line that gives it after the command; None where ``words`` has none."""
+    commands = parser._subparsers._group_actions[0].choices
+    for i, word in enumerate(words):
+        if word in commands or not word.startswith("-") or word == "--":
+            return None
+        flag = word.split("=", 1)[0]
+        if flag in parser._option_string_actions:  # cnnkit's own: --debug, --version, --help
+            continue
+        # the commands with the option in full, else those where it abbreviates one (a prefix none other has)
+        owners = [name for name, command in commands.items() if flag in command._option_string_actions] or \
+            [name for name, command in commands.items()
+             if len({a for o, a in command._option_string_actions.items() if o.startswith(flag)}) == 1]
+        later = next((j for j in range(i + 1, len(words)) if words[j] in commands), None)
+        if not owners:  # no command's option either
+            if later is not None:
+                return None  # the command's parser names it, and an option of its own close to it
+            options = {o for command in commands.values() for o in command._option_string_actions}
+            return f"unrecognized arguments: {' '.join(words[i:])}" + did_you_mean(
+                flag.lstrip("-"), sorted(options), cutoff=0.7, key=lambda o: o.lstrip("-"))
+        own = [w for w in words[:i] if w.split("=", 1)[0] in parser._option_string_actions]
+        named = ", ".join(owners) if len(owners) <= 4 else f"{', '.join(owners[:3])} and {len(owners) - 3} more"
+        if later is None:
+            command = "train" if "train" in owners else owners[0]
+            line = ["cnnkit", *own, command, *words[i:]]
+            return (f"{flag} belongs to a command{f' ({named})' if len(owners) > 1 else ''}, and none is given: "
+                    f"{' '.join(line)}")
+        command = words[later]
+        if command not in owners:
+            return f"{flag} is an option of {named}, not of cnnkit or of {command}"
+        line = ["cnnkit", *own, command, *words[i:later], *words[later + 1:]]
+        return f"{flag} is an option of {command}, given before the command: {' '.join(line)}"
+    return None
 
 
 class _Probed(Exception):
@@ -158,29 +203,75 @@ def _positional_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Act
 def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
     """The error for positional arguments that ``words`` gave as options of their names (``_positional_flags``),
     with the command line that gives them by position; None where ``words`` has none."""
-    words, given, first = list(words), [], None
+    words, given, removed = list(words), {}, set()
     for flag, action in _positional_flags(parser).items():
-        i = next((i for i, w in enumerate(words) if w.split("=", 1)[0] == flag), None)
+        i = next((i for i, w in enumerate(words) if i not in removed and w.split("=", 1)[0] == flag), None)
         if i is None:
             continue
-        value = words[i].split("=", 1)[1] if "=" in words[i] else " ".join(words[i + 1:i + 2]) or action.metavar
-        del words[i:i + (1 if "=" in words[i] or i + 1 == len(words) else 2)]
-        first = i if first is None else min(first, i)
-        given.append((action.metavar or action.dest, flag, value))
+        if "=" in words[i]:
+            value, taken = words[i].split("=", 1)[1], [i]
+        elif i + 1 < len(words) and i + 1 not in removed and not words[i + 1].startswith("-"):
+            value, taken = words[i + 1], [i, i + 1]
+        else:
+            value, taken = action.metavar, [i]
+        given[action.dest] = (action, flag, value)
+        removed.update(taken)
     if not given:
         return None
-    # `cnnkit eval RUN --checkpoint last`: moving `last` into the slot RUN fills would not parse; say so instead.
-    taken = _given_positionals(parser, words)
-    for flag, action in _positional_flags(parser).items():
-        value = getattr(taken, action.dest, None)
-        if flag in (g[1] for g in given) and value not in (None, action.default, []):
-            name, value = action.metavar or action.dest, " ".join(value) if isinstance(value, list) else value
-            return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
-                    f"give one {name}, {action.help}")
-    names, flags = " and ".join(g[0] for g in given), " and ".join(g[1] for g in given)
-    words[first:first] = [g[2] for g in given]
+    rest = [w for i, w in enumerate(words) if i not in removed]
+    # What the words left over give by position. Where they fill every positional argument already, the option is
+    # one too many: `cnnkit eval RUN --checkpoint last` (moving `last` into the slot RUN fills would not parse).
+    taken = _given_positionals(parser, rest)
+    positionals = [a for a in parser._actions if not a.option_strings]
+    by_position = {a.dest: getattr(taken, a.dest, None) for a in positionals}
+    by_position = {d: v for d, v in by_position.items() if v not in (None, [])
+                   and v != next(a.default for a in positionals if a.dest == d)}
+    if all(a.dest in by_position or a.nargs in ("?", "*") for a in positionals):
+        for dest, (action, flag, _) in given.items():
+            if dest in by_position:
+                name, value = action.metavar or action.dest, by_position[dest]
+                value = " ".join(value) if isinstance(value, list) else value
+                return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
+                        f"give one {name}, {action.help}")
+    # The words given by position go, in their order, to the positional arguments not given as options: `cnnkit
+    # embed --data photos/ resnet18` took resnet18 for MODEL_OR_RUN, the first, and that is what it is.
+    pool = [w for a in positionals if a.dest in by_position
+            for w in (by_position[a.dest] if isinstance(by_position[a.dest], list) else [by_position[a.dest]])]
+    line, cursor = [], 0
+    for word in pool:  # out of ``words``: positional words are met in order, and are no option's value
+        at = [i for i in range(cursor, len(words)) if i not in removed and words[i] == word]
+        at = [i for i in at if not _takes_a_value(parser, words[i - 1] if i else "")] or at
+        if at:
+            cursor = at[0]
+            removed.add(cursor)
+    for action in positionals:
+        if action.dest in given:
+            line.append(given[action.dest][2])
+        elif action.nargs in ("+", "*"):
+            line.extend(pool or ([action.metavar or action.dest] if action.nargs == "+" else []))
+            pool = []
+        elif pool:
+            line.append(pool.pop(0))
+        elif action.nargs not in ("?", "*"):
+            line.append(action.metavar or action.dest)
+    # First, as the usage shows them: after an option of several values (--input-size 64) they would be its values.
+    words = line + [w for i, w in enumerate(words) if i not in removed]
+    # A required option missing too (embed's --out): the line says where it goes, so that it is the one that runs.
+    for action in parser._actions:
+        if action.required and action.option_strings and not any(w.split("=", 1)[0] in action.option_strings
+                                                                  for w in words):
+            words += [action.option_strings[0], action.metavar or
+                      ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())]
+    names = " and ".join(g[0].metavar or g[0].dest for g in given.values())
+    flags = " and ".join(g[1] for g in given.values())
     verb = "is" if len(given) == 1 else "are"
     return f"{names} {verb} given by position, without {flags}: {parser.prog} {' '.join(words)}"
+
+
+def _takes_a_value(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether ``word`` is an option of ``parser`` whose value is the next word."""
+    action = parser._option_string_actions.get(word)
+    return action is not None and action.nargs != 0
 
 
 def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
@@ -861,8 +952,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cnnkit.train.loop import refuse_not_a_run
 
         refuse_not_a_run(args.resume)
-    ignored = sorted(set(given) - {"progress"}) if args.resume else []
-    if ignored:  # a resumed run takes every setting from its checkpoint: a flag beside it would be dropped unseen
+    ignored = sorted(set(given) - set(SESSION_OPTIONS)) if args.resume else []
+    if ignored:  # a resumed run takes its settings from its checkpoint, but for this session's SESSION_OPTIONS
         flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)
         raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
                         f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
@@ -1346,6 +1437,7 @@ def _main(argv: Sequence[str] | None) -> int:
                "cam": cmd_cam, "check-data": cmd_check_data, "audit": cmd_audit, "lr-find": cmd_lr_find,
                "report": cmd_report, "runs": cmd_runs}[args.command]
     try:
+        _check_dataset_name(args)
         return command(args)
     except UserError as e:
         if args.debug:  # the traceback is --debug's point; the exit code stays the error's own (2 for usage)
@@ -1368,6 +1460,27 @@ def _main(argv: Sequence[str] | None) -> int:
                     f"{str(e).splitlines()[0] if str(e) else ''} (rerun as cnnkit --debug {args.command} ... "
                     "for the traceback, and please report it)")
         return 1
+
+
+def _check_dataset_name(args: argparse.Namespace) -> None:
+    """A UserError for a --data (or DATA) that is no folder but a built-in dataset's name in another spelling
+    (`--data Mnist`), with the command line that names it as it is spelt. The name is not taken as the dataset's:
+    a folder may be called Mnist (cnnkit/choices.py, builtin_meant)."""
+    import shlex
+
+    from cnnkit.choices import builtin_meant
+
+    data = getattr(args, "data", None)
+    if not isinstance(data, str) or data in BUILTIN or os.path.exists(data) or not (meant := builtin_meant(data)):
+        return
+    line = list(args.argv)
+    for i, word in enumerate(line):
+        if word in (data, f"--data={data}"):
+            line[i] = word[:-len(data)] + meant
+            break
+    else:
+        return  # not given on the command line (a config file's): the data's own error names the likely intent
+    raise UserError(f"data path {data} does not exist; for the built-in dataset {meant}: cnnkit {shlex.join(line)}")
 
 
 def _reports() -> bool:

@@ -192,12 +192,23 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
      "(see cnnkit check-data --help)"),
     (["embed", "--out", "e.npy", "--data", "photos/", "--model", "resnet18"],
      "cnnkit embed: error: MODEL_OR_RUN and DATA are given by position, without --model and --data: "
-     "cnnkit embed --out e.npy resnet18 photos/ (see cnnkit embed --help)"),
+     "cnnkit embed resnet18 photos/ --out e.npy (see cnnkit embed --help)"),
     (["embed", "resnet18", "--data", "photos/", "--out", "e.npy"],
      "cnnkit embed: error: DATA is given by position, without --data: cnnkit embed resnet18 photos/ --out e.npy "
      "(see cnnkit embed --help)"),
     (["summary"], "cnnkit summary: error: the following arguments are required: MODEL_OR_RUN "
                   "(see cnnkit summary --help)"),
+    # the words left by position fill the other positional arguments, in their order; a required option missing
+    # beside them is on the line too, so that the line is one that runs
+    (["embed", "--data", "photos/", "resnet18"],
+     "cnnkit embed: error: DATA is given by position, without --data: cnnkit embed resnet18 photos/ --out FILE.npy "
+     "(see cnnkit embed --help)"),
+    (["predict", "--checkpoint", "RUN", "cat.jpg"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "cat.jpg (see cnnkit predict --help)"),
+    (["predict", "cat.jpg", "--checkpoint", "RUN"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "cat.jpg (see cnnkit predict --help)"),
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
@@ -231,6 +242,81 @@ def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_
         build_parser().parse_args(args)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("args, want", [
+    (["embed", "--data", "photos/", "resnet18"], {"model": "resnet18", "data": "photos/", "out": "FILE.npy"}),
+    (["probe", "--data", "photos/", "RUN"], {"model": "RUN", "data": "photos/"}),
+    (["predict", "--checkpoint", "RUN", "a.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg"]}),
+    (["eval", "--checkpoint", "RUN", "--json"], {"checkpoint": "RUN", "json": True}),
+    (["export", "--format", "onnx", "--checkpoint", "RUN", "--out", "m.onnx"], {"checkpoint": "RUN", "out": "m.onnx"}),
+    (["summary", "--input-size", "64", "--model", "resnet18"], {"model": "resnet18", "input_size": [64]}),
+])
+def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_given(capsys, args, want):
+    # `cnnkit embed --data photos/ resnet18` was told `cnnkit embed photos/ resnet18`, which reads photos/ as the model
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args)
+    line = capsys.readouterr().err.strip()
+    suggested = line.rsplit(": cnnkit ", 1)[1].removesuffix(f" (see cnnkit {args[0]} --help)")
+    parsed = vars(build_parser().parse_args(suggested.split()))
+    assert {k: parsed[k] for k in want} == want, line
+
+
+def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abbreviates(capsys):
+    # argparse took --model for --model-opt, and the command failed later on "--model-opt wants key=value"
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["features", "resnet18", "--model", "x"])
+    assert e.value.code == 2
+    assert "MODEL_OR_RUN is already given by position (resnet18), and cnnkit features has no --model option" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--epochs", "3"],
+     "cnnkit: error: --epochs belongs to a command, and none is given: cnnkit train --epochs 3 (see cnnkit --help)"),
+    (["--data=photos/"], "cnnkit: error: --data belongs to a command (train, lr-find, eval), and none is given: "
+                         "cnnkit train --data=photos/ (see cnnkit --help)"),
+    (["--debug", "--threads", "1", "train", "--epochs", "1"],
+     "cnnkit: error: --threads is an option of train, given before the command: cnnkit --debug train --threads 1 "
+     "--epochs 1 (see cnnkit --help)"),
+    (["--epochs", "3", "eval", "RUN"],
+     "cnnkit: error: --epochs is an option of train, not of cnnkit or of eval (see cnnkit --help)"),
+    (["--bogus", "3"], "cnnkit: error: unrecognized arguments: --bogus 3 (see cnnkit --help)"),
+])
+def test_a_commands_option_before_the_command_says_where_it_goes(capsys, args, line):
+    # argparse took the option's value for the command: "argument COMMAND: invalid choice: '3'"
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == line
+    if ": cnnkit " in line:  # the line it suggests parses, with the option's value
+        parsed = build_parser().parse_args(line.rsplit(": cnnkit ", 1)[1].removesuffix(" (see cnnkit --help)").split())
+        assert parsed.command == "train" and (parsed.epochs, parsed.threads, parsed.data) in \
+            ((3, None, "shapes"), (None, None, "photos/"), (1, 1, "shapes")) and parsed.debug == ("--debug" in args)
+
+
+@pytest.mark.parametrize("argv, data, line", [
+    (["train", "--data", "Mnist", "--epochs", "1"], "Mnist", "cnnkit train --data mnist --epochs 1"),
+    (["--debug", "lr-find", "--data=cifar-10"], "cifar-10", "cnnkit --debug lr-find --data=cifar10"),
+    (["embed", "resnet18", "FashionMNIST", "--out", "e.npy"], "FashionMNIST",
+     "cnnkit embed resnet18 fashion_mnist --out e.npy"),
+    (["eval", "RUN", "--data", "CIFAR10"], "CIFAR10", "cnnkit eval RUN --data cifar10"),
+])
+def test_a_builtin_datasets_name_spelt_otherwise_gets_the_line_that_names_it(tmp_path, monkeypatch, capsys, argv,
+                                                                             data, line):
+    # the error said "did you mean mnist?" only; the command line with the name as it is spelt is the fix to copy
+    from cnnkit.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # --debug: the traceback's last line
+    assert f"data path {data} does not exist; for the built-in dataset " in err and err.endswith(f": {line}"), err
 
 
 def _fake_run_folder(root):

@@ -206,3 +206,6 @@ def test_eval_of_a_smoke_run_scores_the_images_it_validated_on(tmp_path, folder)
     r = evaluate(str(out / "last.pt"), threads=1)
     assert r.count == result["num_val"] == 256
     assert r.acc == result["val_acc"] and r.loss == pytest.approx(result["val_loss"], rel=1e-4)
+    # and it says that they are a smoke run's: eval printed them as any run's score
+    assert r.warnings == [f"{out / 'last.pt'} is from a smoke run (--smoke: at most 2 epochs of 5 batches), which "
+                          "checks that a command line runs: these figures are not how well the model learns"]

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, is_model_file
+from cnnkit.choices import BUILTIN, SHAPES_TRAIN, SHAPES_VAL, TORCHVISION_DATASETS, builtin_meant, is_model_file
 from cnnkit.data import cache
 from cnnkit.data.images import (DECODER_VERSION, header_size, image_size, is_image_file, load_image, max_pixels,
                                 why_missing)
 from cnnkit.data.shapes import SHAPE_CLASSES, make_shapes
-from cnnkit.errors import DataError, UserError, did_you_mean
+from cnnkit.errors import DataError, UserError
 from cnnkit.runs import run_info
 
 DEFAULT_FOLDER_SPLIT = 0.1  # the fraction of a folder held out for validation when no --val-split is given
@@ -360,13 +360,8 @@ def _convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 def _dataset_meant(root: str) -> str:
     """``"; did you mean fashion_mnist?"`` for a ``--data`` that is no folder but reads as a built-in dataset's
     name in another spelling (``fashion-mnist``, ``FashionMNIST``, ``CIFAR10``, ``cifar-10``), else ``""``."""
-    if os.sep in root or (os.altsep and os.altsep in root):
-        return ""
-    return did_you_mean(_plain(root), BUILTIN, key=_plain)
-
-
-def _plain(name: str) -> str:
-    return name.replace("-", "").replace("_", "").replace(" ", "").lower()
+    meant = builtin_meant(root)
+    return f"; did you mean {meant}?" if meant else ""
 
 
 def scan_folder(root: str, option: str | None = None,

@@ -174,6 +174,12 @@ def with_data_defaults(config: TrainConfig) -> TrainConfig:
     return replace(config, **{name: value for name, value in defaults.items() if getattr(config, name) is None})
 
 
+# The options a resumed run takes from the command that resumes it: how this session computes and shows it, not
+# what the run trains. The thread count is the machine's (a run with the default count changes it as it goes,
+# cnnkit/threads.py); a resumed run's checkpoints record the one it used last.
+SESSION_OPTIONS = ("threads", "progress")
+
+
 # The options that name a file or folder. A run records them absolute (``recorded``), so that eval, report and
 # --resume work from any folder; "data" may be a built-in dataset's name instead, recorded as it is.
 PATH_OPTIONS = ("data", "val_data", "data_dir", "weights")

@@ -40,7 +40,7 @@ from cnnkit.checkpoint import (
     make_payload, non_finite_tensors, read_payload, remove_stale_temp_files, rng_state, save_checkpoint,
     set_rng_state,
 )
-from cnnkit.train.config import TrainConfig, TrainResult, check_recorded_paths, recorded
+from cnnkit.train.config import SESSION_OPTIONS, TrainConfig, TrainResult, check_recorded_paths, recorded
 from cnnkit.train.ema import WeightEMA
 from cnnkit.train.evaluation import EvalStats, evaluate_model
 from cnnkit.train.lr_find import LrFindResult, lr_find_record, resolve_auto_lr
@@ -225,7 +225,7 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
         with stop.at_once(functools.partial(_stopped_starting, resume=resume)):  # nothing written that a stop keeps
             saved = _resume_payload(resume) if resume else None
             if saved:
-                cfg = make_config(TrainConfig(**_as_run(saved["config"], saved["input_size"])))
+                cfg = resumed_config(saved, overrides)
             else:
                 cfg = make_config(config, overrides)
             callbacks.check(cfg)
@@ -453,7 +453,10 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
     if t.ctx.main:
         _prune_best_files(run_dir, run.kept_best)  # a crash between two writes may have left one too many
         _drop_steps_after(run_dir, run.epoch, t.epoch_state.batch)
-    print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {t.epoch_state.batch}", file=t.log)
+    before = saved["config"].get("threads")
+    threads = (f" with --threads {t.cfg.threads} (before: {before or 'the default'})"
+               if t.cfg.threads != before else "")
+    print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {t.epoch_state.batch}{threads}", file=t.log)
 
 
 def _train_epoch(t: Training, stop: "StopSignals") -> None:
@@ -1161,6 +1164,16 @@ def _prune_best_files(run_dir: str, kept: list) -> None:
     for name in os.listdir(run_dir):
         if name.startswith("best-epoch") and name.endswith(".pt") and name not in keep:
             os.unlink(os.path.join(run_dir, name))
+
+
+def resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The configuration of the run whose last.pt is ``saved``, with this session's SESSION_OPTIONS from
+    ``overrides``; any other option is refused, since the run goes on with its own (it was dropped unseen)."""
+    others = sorted(set(overrides) - set(SESSION_OPTIONS))
+    if others:
+        raise UserError(f"a resumed run continues with its own settings; drop {', '.join(others)} (only "
+                        f"{' and '.join(SESSION_OPTIONS)} may change when resuming)")
+    return make_config(TrainConfig(**{**_as_run(saved["config"], saved["input_size"]), **overrides}))
 
 
 def _as_run(config: dict[str, Any], input_size: int) -> dict[str, Any]:

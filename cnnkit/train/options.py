@@ -160,7 +160,16 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
         raise UserError(f"--mix-off-epochs {cfg.mix_off_epochs} leaves no epoch of the {cfg.epochs} to mix in; "
                         "make it smaller than --epochs")
     check_stage_options(cfg.stages, cfg.freeze, cfg.unfreeze)
-    plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read and checked
+    stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read and checked
+    if cfg.warmup_epochs >= (shortest := min(stage.epochs for stage in stages)):
+        # The rate would still be rising when the run (or a stage, which warms up anew) ends: it never reaches its
+        # peak, nor decays. A usage error, not a warning in a log read after the run: timm lets such a run go
+        # unremarked, and fastai's warm-up is a fraction of the run (pct_start), so there it cannot happen.
+        span, fix = (f"a stage of --stages, {shortest} epoch(s) long (each stage warms up anew)", "lengthen the stage"
+                     ) if cfg.stages else (f"the run's {cfg.epochs} epoch(s)", "raise --epochs")
+        refuse("warmup_epochs", f"{cfg.warmup_epochs:g} is not shorter than {span}: the learning rate would still be "
+                                f"rising when it ends, never reaching its peak; give it less than {shortest} (a few "
+                                f"percent of the run is usual) or {fix}")
     if cfg.lr_backbone is not None and cfg.freeze == "backbone":  # the rate of layers that never train
         raise UserError(f"--lr-backbone {cfg.lr_backbone:g} sets the rate of the layers below the head, which "
                         "--freeze backbone keeps frozen: drop one of the two (--unfreeze NAMES,head trains some)")

@@ -88,6 +88,22 @@ def test_the_merge_checks_every_value_once_for_both(tmp_path):
         make_config(None, {"quiet": True})
 
 
+def test_a_warm_up_as_long_as_the_run_is_refused():
+    # `--epochs 2 --warmup-epochs 5` trained without a word at a rate still rising when the run ended
+    with pytest.raises(UserError, match=r"^--warmup-epochs 5 is not shorter than the run's 2 epoch\(s\): the learning "
+                                        r"rate would still be rising when it ends, never reaching its peak; give it "
+                                        r"less than 2 .* or raise --epochs$"):
+        make_config(None, {"epochs": 2, "warmup_epochs": 5})
+    with pytest.raises(UserError, match=r"^--warmup-epochs 2 is not shorter"):
+        make_config(None, {"epochs": 2, "warmup_epochs": 2})
+    assert make_config(None, {"epochs": 2, "warmup_epochs": 1.5}).warmup_epochs == 1.5
+    # each stage of --stages warms up anew: the shortest stage is the one to compare with, not --epochs
+    assert make_config(None, {"epochs": 2, "warmup_epochs": 3, "stages": "all:4@0.01"}).warmup_epochs == 3
+    with pytest.raises(UserError, match=r"^--warmup-epochs 1 is not shorter than a stage of --stages, 1 epoch\(s\) "
+                                        r"long .* or lengthen the stage$"):
+        make_config(None, {"epochs": 9, "warmup_epochs": 1, "stages": "fc:1@0.01,all:4@0.001"})
+
+
 def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     from tests.conftest import run_cli
 
@@ -97,6 +113,31 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     assert r.returncode == 2
     assert "--resume continues a run with its own settings; drop --epochs, --lr" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_takes_the_thread_count_of_this_session(tmp_path, capsys):
+    # `cnnkit train --resume RUN --threads 1` was refused ("drop --threads"), though the thread count is the
+    # machine's, not the run's; in process: the error after the flags' check is the missing last.pt
+    from cnnkit.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --threads" not in err and "no last.pt in it" in err, err
+    # the run goes on with its own settings and this session's thread count; from Python, another option was
+    # dropped unseen
+    import dataclasses
+
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.loop import resumed_config
+
+    saved = {"config": dataclasses.asdict(TrainConfig(threads=2, epochs=4)), "input_size": 32}
+    cfg = resumed_config(saved, {"threads": 1, "progress": False})
+    assert (cfg.threads, cfg.progress, cfg.epochs) == (1, False, 4)
+    assert resumed_config(saved, {}).threads == 2
+    with pytest.raises(UserError, match=r"continues with its own settings; drop epochs \(only threads and progress"):
+        resumed_config(saved, {"epochs": 8, "threads": 1})
 
 
 @pytest.mark.parametrize("text, words", [
