@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnkit.errors import DataError, UserError, shown
 
@@ -174,10 +174,25 @@ def header_size(path: str) -> tuple[int, int]:
         raise _undecodable(path, e) from None
 
 
+UNDECODABLE = "cannot decode image"  # how the message about a file that does not decode begins
+
+
 def _undecodable(path: str, e: Exception) -> DataError:
-    """The one-line error for image ``path`` that PIL failed on with ``e``."""
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DataError(f"cannot decode image {path}: {reason}")
+    """The one-line error for image ``path`` that PIL failed on with ``e``: what is wrong with the file, in words
+    (Pillow's "cannot identify image file '<path>'" named the file twice and said nothing of why)."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        reason = "the file is empty (0 bytes)"
+    elif isinstance(e, UnidentifiedImageError):
+        reason = "its contents are not an image cnnkit reads (JPEG, PNG, BMP, GIF, TIFF, WebP, PPM)"
+    else:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in reason.lower():  # "Truncated File Read", "image file is truncated (21 bytes not processed)"
+            reason = f"the file is cut short ({reason})"
+    return DataError(f"{UNDECODABLE} {path}: {reason}")
 
 
 def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:
