@@ -165,7 +165,9 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
         return load_splits(replace(spec, val_data=None, val_split=val_split))[1]
     train_set, val_set = load_splits(spec)
     if cfg.get("overfit_batches"):  # as Lightning's overfit_batches: the run validated on the batches it overfit
-        return trained_images(train_set, smoke, cfg["overfit_batches"], cfg["batch_size"], cfg.get("seed", 0))
+        # (its broken images were left out before the batches were drawn, as training's validation set says nothing)
+        overfit = trained_images(train_set, smoke, cfg["overfit_batches"], cfg["batch_size"], cfg.get("seed", 0))
+        return replace(overfit, skipped=[])
     return validated_images(val_set, smoke, cfg.get("seed", 0))
 
 
