@@ -14,7 +14,7 @@ from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
 from cnnkit.train.evaluation import evaluate_model
-from cnnkit.train.setup import SMOKE_BATCHES, SMOKE_EPOCHS, samples_asked, validated_images
+from cnnkit.train.setup import SMOKE_BATCHES, SMOKE_EPOCHS, samples_asked, trained_images, validated_images
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
@@ -96,6 +96,9 @@ def evaluate(
         raise UserError(f"{ckpt.path} does not record its training data, so it has no validation images of its own; "
                         "pass the images to score: --val-data DIR (all of it), or --data DIR")
     source, part = scored_images(cfg, data, val_data, val_split)  # where the scored images come from
+    # an --overfit-batches run's own validation images are the training images it overfit (training_validation_set)
+    overfit = data is None and val_data is None and val_split is None and bool((cfg or {}).get("overfit_batches"))
+    part = None if overfit else part
     if data is None and val_data is not None:
         if val_split is not None:
             raise UserError(f"--val-split splits --data, but --val-data {val_data} alone is scored whole; "
@@ -130,6 +133,11 @@ def evaluate(
     # Not scored, found when the folder was read or when a batch decoded them: the figures count fewer images
     warnings += left_out_warning(eval_set.skipped, source, len(eval_set.skipped) + loader.skipped,
                                  ", which these figures do not count")
+    if overfit:
+        scored = (f"{plural('image', stats.count)} of {source} the run overfit and validated on (--overfit-batches "
+                  f"{cfg['overfit_batches']}; {_held_out_option(cfg)} scores its held-out images)")
+    else:
+        scored = describe_scored(cfg, source, part, stats.count)
     cm = stats.confusion
     per_class = per_class_metrics(cm, ckpt.classes)
     macro = macro_averages(cm, per_class)
@@ -137,7 +145,7 @@ def evaluate(
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=source, precision=precision_name(amp_dtype), **macro,
                       tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings,
-                      val_split=part, scored=describe_scored(cfg, source, part, stats.count))
+                      val_split=part, scored=scored)
 
 
 def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, command: str = "the command",
@@ -159,7 +167,12 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
                     ckpt.input_size, ckpt.channels, num_samples)
     if val_split is not None:
         return load_splits(replace(spec, val_data=None, val_split=val_split))[1]
-    return validated_images(load_splits(spec)[1], smoke, cfg.get("seed", 0))
+    train_set, val_set = load_splits(spec)
+    if cfg.get("overfit_batches"):  # as Lightning's overfit_batches: the run validated on the batches it overfit
+        # (its broken images were left out before the batches were drawn, as training's validation set says nothing)
+        overfit = trained_images(train_set, smoke, cfg["overfit_batches"], cfg["batch_size"], cfg.get("seed", 0))
+        return replace(overfit, skipped=[])
+    return validated_images(val_set, smoke, cfg.get("seed", 0))
 
 
 
@@ -228,6 +241,15 @@ def scores_training_images(cfg: dict, data: str, val_split: float | None) -> boo
         return False
     held = held_out_fraction(cfg)
     return held is None or val_split is None or val_split > held
+
+
+def _held_out_option(cfg: dict) -> str:
+    """The options of ``cnnkit eval RUN`` that score the images the run configured by ``cfg`` held out from training
+    (which an --overfit-batches run did not validate on)."""
+    if cfg.get("val_data") is not None:
+        return f"--val-data {cfg['val_data']}"
+    held = held_out_fraction(cfg)
+    return f"--val-split {held:g}" if held is not None else f"--data {cfg['data']}"
 
 
 def _held_out_text(cfg: dict) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from cnnkit.choices import is_format
-from cnnkit.data.images import image_paths, load_batch_array
+from cnnkit.data.images import UNDECODABLE, image_paths, load_batch_array
 from cnnkit.errors import UserError
 from cnnkit.runtime import OnnxModel
 from cnnkit.threads import resolve_threads, torch_threads
@@ -108,7 +108,10 @@ def _classify(
     for i in range(0, len(files), batch_size):
         x, good, errors = load_batch_array(files[i : i + batch_size], prep.channels, prep.input_size, prep.mean,
                                            prep.std)
-        results += [{"path": f, "error": e} for f, e in errors.items()]
+        # as train's --bad-images skip: the file is named with what to do, and the other images are predicted
+        others = ", the other images are predicted" if len(files) > 1 else ""
+        results += [{"path": f, "error": f"{e}; fix or remove it{others}" if e.startswith(UNDECODABLE) else e}
+                    for f, e in errors.items()]
         if x is None:
             continue
         probs = probabilities(x)

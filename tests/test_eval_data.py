@@ -209,3 +209,20 @@ def test_eval_of_a_smoke_run_scores_the_images_it_validated_on(tmp_path, folder)
     # and it says that they are a smoke run's: eval printed them as any run's score
     assert r.warnings == [f"{out / 'last.pt'} is from a smoke run (--smoke: at most 2 epochs of 5 batches), which "
                           "checks that a command line runs: these figures are not how well the model learns"]
+
+
+def test_eval_of_an_overfit_batches_run_scores_the_batches_it_overfit_and_says_so(tmp_path, image_folder):
+    # the run validated on the batches it overfit (as Lightning's overfit_batches does), but `cnnkit eval RUN`
+    # scored the real held-out images under the run's name: figures unlike any the run reported
+    out = tmp_path / "run"
+    cnnkit.train(model="linear", data=image_folder, overfit_batches=1, batch_size=8, epochs=1, threads=1,
+                 progress=False, out=str(out))
+    with open(out / "result.json") as f:
+        result = json.load(f)
+    r = evaluate(str(out / "last.pt"), threads=1)
+    assert r.count == result["num_val"] == 8
+    assert r.acc == result["val_acc"] and r.loss == pytest.approx(result["val_loss"], rel=1e-4)
+    assert r.scored == (f"images of {image_folder} the run overfit and validated on (--overfit-batches 1; "
+                        "--val-split 0.1 scores its held-out images)") and r.val_split is None
+    held_out = evaluate(str(out / "last.pt"), val_split=0.1, threads=1)  # the way to the held-out images
+    assert held_out.count == 4 and held_out.scored.startswith("held-out images of")

@@ -4,8 +4,8 @@ The numpy functions need no torch: ``cnnkit predict model.onnx`` prepares images
 
 Every mode Pillow opens is brought to what the model takes: grayscale, palette (with or without
 transparency), RGBA and LA (composited on white, so transparent pixels do not turn into whatever colour
-happens to sit under the alpha), CMYK, 16- and 32-bit integer images (scaled, not clipped), and EXIF
-rotation is applied. Only an allow-list of formats is decoded.
+happens to sit under the alpha), CMYK, 16- and 32-bit integer images (scaled, not clipped), 32-bit float
+images (on the scale their values fit: 0..1, 0..255 or 0..65535), and EXIF rotation is applied. Only an allow-list of formats is decoded.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnkit.errors import DataError, UserError, shown
 
@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"}  # camera MPO files open through JPEG
 # Bump whenever a file decodes to other pixels: decoded folders are cached under it (cnnkit/data/sources.py), and
 # an entry of the old pixels must not be reused.
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 
 
 def is_image_file(name: str) -> bool:
@@ -80,12 +80,33 @@ def why_missing(path: str) -> str:
     return "does not exist"
 
 
+# The scales a float image (mode F: 32-bit float TIFFs) is stored in, smallest first: 0..1, 8-bit and 16-bit values.
+FLOAT_SCALES = (1.0, 255.0, 65535.0)
+FLOAT_HEADROOM = 0.1  # values this share of a scale beyond its ends (resampling overshoot, noise) are clipped to it
+
+
+def _float_to_8bit(arr: np.ndarray) -> np.ndarray:
+    """A float image as 0..255, on the smallest of FLOAT_SCALES that holds its values (with FLOAT_HEADROOM): the
+    file records no scale, so its values tell. 0..1 was once the only scale that was scaled: a 0..1 image with one
+    value a little over 1 came out black (read as 0..255), 12- and 16-bit values as floats white (clipped at
+    255). Values beyond 65535, or well below 0 (a -1..1 image), fit no scale: the image's own lowest to highest.
+    NaN is black, infinities the ends. torchvision's ToTensor leaves the values as they are (0..255 stays 0..255
+    where its uint8 images become 0..1), and Pillow's convert clips to 0..255 (a 0..1 image turns black)."""
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    top = next((s for s in FLOAT_SCALES if hi <= s * (1 + FLOAT_HEADROOM)), None)
+    if top is not None and lo >= -top * FLOAT_HEADROOM:
+        low = 0.0
+    else:
+        low, top = lo, (hi if hi > lo else lo + 1.0)
+    arr = np.clip(np.nan_to_num(arr.astype(np.float64), nan=low, posinf=top, neginf=low), low, top)
+    return ((arr - low) * (255.0 / (top - low))).round().astype(np.uint8)
+
+
 def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img)
     if arr.dtype.kind == "f":
-        arr = np.clip(arr, 0.0, 1.0 if arr.max() <= 1.0 else 255.0)
-        scale = 255.0 if arr.max() <= 1.0 else 1.0
-        return Image.fromarray((arr * scale).round().astype(np.uint8), "L")
+        return Image.fromarray(_float_to_8bit(arr), "L")
     # The range comes from the mode, never from the values: a dark 16-bit image (a 12-bit sensor's, every value
     # at most 255) read as 8-bit came out up to 257x too bright. I;16* and the 16-bit PNG and PGM files Pillow opens
     # as mode I span 0..65535: scaled, never clipped to 255. Mode I is Pillow's signed 32-bit mode too: values
@@ -174,10 +195,25 @@ def header_size(path: str) -> tuple[int, int]:
         raise _undecodable(path, e) from None
 
 
+UNDECODABLE = "cannot decode image"  # how the message about a file that does not decode begins
+
+
 def _undecodable(path: str, e: Exception) -> DataError:
-    """The one-line error for image ``path`` that PIL failed on with ``e``."""
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DataError(f"cannot decode image {path}: {reason}")
+    """The one-line error for image ``path`` that PIL failed on with ``e``: what is wrong with the file, in words
+    (Pillow's "cannot identify image file '<path>'" named the file twice and said nothing of why)."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        reason = "the file is empty (0 bytes)"
+    elif isinstance(e, UnidentifiedImageError):
+        reason = "its contents are not an image cnnkit reads (JPEG, PNG, BMP, GIF, TIFF, WebP, PPM)"
+    else:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in reason.lower():  # "Truncated File Read", "image file is truncated (21 bytes not processed)"
+            reason = f"the file is cut short ({reason})"
+    return DataError(f"{UNDECODABLE} {path}: {reason}")
 
 
 def load_image_array(path: str, channels: int, size: int | None) -> np.ndarray:

@@ -287,7 +287,6 @@ def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set:
 def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     """The training and validation sets, decoded once into uint8 tensors (augmentation happens per batch on the
     device), or streamed from their files when too large for memory."""
-    smoke_train = SMOKE_BATCHES * cfg.batch_size
     num_samples = samples_asked(cfg.data, cfg.val_split, cfg.num_samples, cfg.batch_size, cfg.smoke)
     spec = DataSpec(cfg.data, cfg.data_dir, cfg.download, cfg.val_data, cfg.val_split, cfg.input_size,
                     cfg.channels, num_samples, cfg.bad_images)
@@ -295,11 +294,9 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     single = one_class(train_set)
     if single:  # else it trains to accuracy 1.0 without a word: every image is the one class
         raise UserError(single)
-    if cfg.smoke:
-        train_set = sample_images(train_set, smoke_train, cfg.seed)
+    train_set = trained_images(train_set, cfg.smoke, cfg.overfit_batches, cfg.batch_size, cfg.seed)
     val_set = validated_images(val_set, cfg.smoke, cfg.seed)
     if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
-        train_set = sample_images(train_set, cfg.overfit_batches * cfg.batch_size, cfg.seed)
         val_set = dataclasses.replace(train_set, skipped=[])
     if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
         machine.threads = set_torch_threads(cfg.threads, workers=cfg.workers)
@@ -323,6 +320,17 @@ def samples_asked(data: str, val_split: float | None, num_samples: int | None, b
         asked = math.ceil(generated) + len(SHAPE_CLASSES)
         asked = min(asked, num_samples) if num_samples else asked
     return asked
+
+
+def trained_images(train_set: ImageSet, smoke: bool, overfit_batches: int, batch_size: int, seed: int) -> ImageSet:
+    """The part of the training set a run trains on: in a smoke run, at most SMOKE_BATCHES batches' worth; with
+    ``overfit_batches``, that many batches' worth of those, which the run validates on too. ``cnnkit eval RUN``
+    rebuilds them (cnnkit/evaluate.py) to score an --overfit-batches run on the images it was validated on."""
+    if smoke:
+        train_set = sample_images(train_set, SMOKE_BATCHES * batch_size, seed)
+    if overfit_batches:
+        train_set = sample_images(train_set, overfit_batches * batch_size, seed)
+    return train_set
 
 
 def validated_images(val_set: ImageSet, smoke: bool, seed: int) -> ImageSet:

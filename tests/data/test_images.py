@@ -69,6 +69,19 @@ def test_a_32_bit_image_is_scaled_not_wrapped_around(tmp_path):
     assert load_image(path, 1, None).flatten().tolist() == [0, 0, 0, 128, 255]
 
 
+@pytest.mark.parametrize("values, expected", [
+    ([0.0, 0.5, 1.0, 1.04], [0, 128, 255, 255]),  # 0..1 overshooting a little (resampled): was black, read as 0..255
+    ([0.0, 128.0, 255.0, 270.0], [0, 128, 255, 255]),  # 0..255
+    ([0.0, 0.1, 0.2, 0.2], [0, 26, 51, 51]),  # a dark 0..1 image stays dark
+    ([0.0, 32896.0, 65535.0, 65535.0], [0, 128, 255, 255]),  # 16-bit values as floats: were clipped, all white
+    ([-1.0, 0.0, 1.0, float("nan")], [0, 128, 255, 0]),  # no scale fits: its own range; NaN black
+])
+def test_a_float_image_is_read_on_the_scale_its_values_fit(tmp_path, values, expected):
+    path = save(tmp_path, Image.fromarray(np.array([values], dtype=np.float32), "F"), "float.tif")
+    assert Image.open(path).mode == "F"
+    assert load_image(path, 1, None).flatten().tolist() == expected
+
+
 def test_cmyk_jpeg_colours(tmp_path):
     path = save(tmp_path, Image.new("RGB", (8, 8), (255, 0, 0)).convert("CMYK"), "c.jpg", quality=95)
     r, g, b = load_image(path, 3, None).float().mean(dim=(1, 2)).tolist()

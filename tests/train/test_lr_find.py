@@ -298,3 +298,16 @@ def test_lr_find_json_and_lr_find_json_carry_the_data_warnings_as_train_does(tmp
     proc = run_cli("lr-find", "--model", "linear", "--data", image_folder, "--batch-size", 8, "--steps", 12,
                    "--threads", 1, "--out", out, "--json", "--no-check-data")
     assert proc.returncode == 0 and json.loads(proc.stdout)["warnings"] == [], proc.stderr
+
+
+def test_lr_find_warns_of_the_broken_images_it_skipped_as_train_does(tmp_path, image_folder):
+    # train warned "skipped N broken image(s)"; lr-find left them out of its curve without a word
+    (tmp_path / "images" / "circle" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "images" / "square" / "text.jpg").write_text("not an image\n")
+    log = io.StringIO()
+    r = cnnkit.lr_find(model="linear", data=image_folder, batch_size=8, steps=10, threads=1, check_data=False,
+                       log=log, progress=False)
+    shown = [line[len(WARNING):] for line in log.getvalue().splitlines() if line.startswith(WARNING)]
+    assert r.warnings == shown and len(shown) == 1, shown
+    assert shown[0].startswith("skipped 2 broken image(s): cannot decode image ") and "(and 1 more)" in shown[0]
+    assert f"cnnkit check-data {image_folder}" in shown[0]
