@@ -78,8 +78,9 @@ def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path
     with pytest.raises(UserError, match=f"pretrained weights for resnet18 \\({cached}\\) cannot be read .*delete"):
         cnnkit.create_model("resnet18", pretrained=True)
     torch.save(torchvision.models.resnet34().state_dict(), cached)  # another model's weights under that name
-    with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete"):
+    with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete") as e:
         cnnkit.create_model("resnet18", pretrained=True)
+    assert e.value.exit_code == 1  # the file in the cache is wrong, not the command line: it exited with 2
     # Right weights, but options that change the architecture: the options are named, not the file
     from cnnkit.models.pretrained import cached_weights_path
 
