@@ -10,11 +10,13 @@ same command with torchrun's rendezvous options, e.g. on each of two machines:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +81,21 @@ def broadcast_text(text: str | None, ctx: Dist) -> str:
 def barrier(ctx: Dist) -> None:
     if ctx.world > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(ctx: Dist) -> Iterator[None]:
+    """Run the block in rank 0 before the other processes, which wait for it at a barrier: a download into a shared
+    cache (torchvision's pretrained weights) then happens once, and the others read the file it left. Rank 0
+    reaches the barrier even when its block fails, so that the others never wait for it in vain: they then run the
+    block themselves and fail on their own."""
+    if not ctx.main:
+        barrier(ctx)
+    try:
+        yield
+    finally:
+        if ctx.main:
+            barrier(ctx)
 
 
 def cleanup(ctx: Dist) -> None:

@@ -231,3 +231,31 @@ def test_a_single_process_with_rank_in_its_environment_still_reports(tmp_path):
     proc = run_cli("train", "--data", "shapes", "--num-samples", "100", "--epochs", "1", "--precision", "fp32",
                    "--out", tmp_path / "run", env={"RANK": "3"})
     assert proc.returncode == 0 and "done: val acc" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_fetches_the_pretrained_weights_before_the_other_processes(tmp_path, monkeypatch, rank):
+    # Every process of `cnnkit train --nproc N --pretrained` downloaded the same weights into the same cache at once;
+    # the others now wait at a barrier for rank 0's, which it reaches even when its download fails.
+    import io
+
+    from cnnkit.errors import UserError
+    from cnnkit.train import distributed
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.setup import Machine, build_run
+
+    events = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *args, **kwargs: events.append("barrier"))
+
+    def download(url, *args, **kwargs):
+        events.append("download")
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = TrainConfig(model="resnet18", pretrained=True, data="shapes", num_samples=64, batch_size=16,
+                      input_size=32, progress=False)
+    with pytest.raises(UserError, match="could not be downloaded"):
+        build_run(cfg, Machine(torch.device("cpu"), None, torch.get_num_threads()), io.StringIO(),
+                  distributed.Dist(rank=rank, world=2))
+    assert events == (["download", "barrier"] if rank == 0 else ["barrier", "download"])
