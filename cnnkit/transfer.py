@@ -28,6 +28,12 @@ from cnnkit.models.heads import find_head, reset_head
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
+    # A folder (a run) or a missing path first, whatever its name: safetensors calls both "cannot read".
+    if os.path.isdir(path):
+        payload = read_payload(path)
+        return payload["state_dict"], payload
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} does not exist")
     if is_format(path, "safetensors"):
         from safetensors import safe_open
 
@@ -40,11 +46,6 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         # cnnkit's own export describes its model, classes and normalisation, as its checkpoint does
         cnnkit_export = "cnnkit_checkpoint" in metadata
         return state, {**payload_from_metadata(metadata, path), "state_dict": state} if cnnkit_export else None
-    if os.path.isdir(path):
-        payload = read_payload(path)
-        return payload["state_dict"], payload
-    if not os.path.isfile(path):
-        raise UserError(f"weights file {path} does not exist")
     instead = "a state dict (.pt/.pth), a .safetensors file or a cnnkit run"
     if is_torchscript(path):
         raise UserError(f"weights file {path} is a TorchScript export, not weights; pass {instead}")
