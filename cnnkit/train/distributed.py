@@ -160,14 +160,22 @@ def torchrun(args: list[str]) -> int:
 
     torchrun stops on a signal by passing it on to the workers, waiting for them, then raising its SignalException
     out of its main function, a traceback under the stop line that rank 0 prints (where the run was saved and how
-    to continue it). Caught here: the same shell code as ``launch`` gives, 128 + the signal's number."""
+    to continue it). Caught here: the same shell code as ``launch`` gives, 128 + the signal's number. So is its
+    ChildFailedError after workers that failed with a one-line error: their exit code, without a traceback."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main(args)
     except SignalException as e:
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        # Workers that exited with an error code printed their own line (a UserError's); torchrun's traceback and
+        # summary under it say nothing more. A worker killed by a signal (exit code < 0) keeps torchrun's report.
+        if all(failure.exitcode > 0 for failure in e.failures.values()):
+            return e.get_first_failure()[1].exitcode
+        raise
     return 0
 
 

@@ -259,3 +259,24 @@ def test_rank_0_fetches_the_pretrained_weights_before_the_other_processes(tmp_pa
         build_run(cfg, Machine(torch.device("cpu"), None, torch.get_num_threads()), io.StringIO(),
                   distributed.Dist(rank=rank, world=2))
     assert events == (["download", "barrier"] if rank == 0 else ["barrier", "download"])
+
+
+def test_a_worker_that_failed_with_one_line_ends_the_launcher_without_torchruns_traceback(monkeypatch, capsys):
+    # `cnnkit train --nproc 2 --pretrained` offline: each process printed its one-line error, then torchrun's launcher
+    # raised ChildFailedError, a 20-line traceback and summary under them, and the command exited with 1.
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from cnnkit.train import distributed
+
+    def failed(exitcode):
+        def main(args):
+            raise ChildFailedError("cnnkit", {0: ProcessFailure(0, 123, exitcode, "<N/A>")})
+        return main
+
+    monkeypatch.setattr(torch.distributed.run, "main", failed(2))
+    assert distributed.torchrun(["-m", "cnnkit", "train"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(torch.distributed.run, "main", failed(-9))  # killed by a signal: torchrun's report stays
+    with pytest.raises(ChildFailedError):
+        distributed.torchrun(["-m", "cnnkit", "train"])
