@@ -10,9 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import pickletools
 import random
-import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
 from cnnkit.runs import divergence, lower_rate
+from cnnkit.torch_files import NotATorchFile, load_failure, not_a_torch_file, refused_objects
 
 FORMAT_VERSION = 1
 # torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
@@ -167,17 +166,9 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 def unpickling_refused(what: str, error: pickle.UnpicklingError) -> CheckpointError:
     """The error for a file that ``torch.load(weights_only=True)`` refused, naming the object it refused (such
     as ``eval``) rather than quoting PyTorch's advice, which suggests the unsafe way of loading it."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # PyTorch colours part of its message
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        held = f"refers to {found.group(1)}, which is not a tensor or plain data,"
-    else:
-        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-        reason = (detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else "").strip()
-        held = f"holds objects other than tensors and plain data ({reason[:120]})"
-    return CheckpointError(f"{what} {held} and was not loaded, since unpickling it could run code; if you trust "
-                           "its author, re-save its weights as a state dict (torch.save(model.state_dict(), ...)) "
-                           "or .safetensors and load those")
+    return CheckpointError(f"{what} {refused_objects(error)} and was not loaded, since unpickling it could run code; "
+                           "if you trust its author, re-save its weights as a state dict "
+                           "(torch.save(model.state_dict(), ...)) or .safetensors and load those")
 
 
 def read_payload(path: str) -> dict[str, Any]:
@@ -207,9 +198,9 @@ def read_payload(path: str) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
-        damaged = CheckpointError(f"checkpoint {path} is damaged or truncated ({reason(load_failure(path, e))}); "
-                                  f"{_instead_of(path)}")
-        raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, e) or damaged from None
+        failure = load_failure(path, e)
+        raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, failure) or CheckpointError(
+            f"checkpoint {path} is damaged or truncated ({reason(failure)}); {_instead_of(path)}") from None
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it); pass a run folder "
                               "or a checkpoint cnnkit train wrote (best.pt, last.pt); a plain state dict starts a run "
@@ -227,74 +218,20 @@ def _instead_of(damaged: str) -> str:
     return "restore it from a copy, or train again"
 
 
-# What a file is, from its first bytes, where that cannot be a file torch.save wrote.
-_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
-          (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP image?)"), (b"II*\x00", "a TIFF image"),
-          (b"MM\x00*", "a TIFF image"), (b"\x93NUMPY", "a NumPy array file"))
-
-
-def not_a_torch_file(path: str) -> str | None:
-    """What ``path`` is ('a JPEG image', 'an ONNX export', 'empty', ...) where its name or first bytes show that it
-    is no file torch.save wrote; None where it may be one (``looks_like_text`` names a file torch then fails on)."""
-    if is_format(path, "onnx"):
-        return "an ONNX export"
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        return "empty (0 bytes)"
-    kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
-    if kind:
-        return kind
-    # safetensors: an 8-byte little-endian header length, then the header's JSON
-    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
-        return "a safetensors file without the .safetensors suffix (rename it so)"
-    return None
-
-
-def looks_like_text(path: str) -> str | None:
-    """'JSON' or 'text' for a file whose first bytes read as such (asked once torch has failed to load it: the
-    oldest pickle protocols are text too); None otherwise."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.lstrip()[:1] in (b"{", b"["):
-        return "JSON"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    # torch.save's zip (a damaged one included) names its members in plain letters after control bytes
-    return "text" if text and all(c.isprintable() or c in "\t\n\r" for c in text) else None
-
-
-def refused_torch_file(path: str, name: str, not_what: str, instead: str, error: Exception | None = None
+def refused_torch_file(path: str, name: str, not_what: str, instead: str, failure: BaseException | None = None
                        ) -> Exception | None:
-    """The one-line error for ``path`` (called ``name`` in it) given as ``not_what``: before torch.load (``error``
-    None) where its name or first bytes show what else it is; after torch.load failed with ``error``, where it reads
-    as text or JSON, or where the unpickler refused it. None where neither says more."""
-    kind = not_a_torch_file(path) if error is None else looks_like_text(path)
+    """The one-line error for ``path`` (called ``name`` in it) given as ``not_what``: before torch.load (``failure``
+    None) where its name or first bytes show what else it is; after torch.load failed, given what ``load_failure``
+    made of its error, where the file is another kind (text, a plain pickle, a zip of other files: a usage error)
+    or a pickle the unpickler refused. None where neither says more: the file is damaged."""
+    kind = not_a_torch_file(path) if failure is None else str(failure) if isinstance(failure, NotATorchFile) else None
+    if kind and kind.startswith("empty"):  # a file written incompletely: damaged, not a usage error
+        return CheckpointError(f"{name} is {kind}: it was not written completely; restore it, or pass {instead}")
     if kind:
         return UserError(f"{name} is {kind}, not {not_what}; pass {instead}")
-    if isinstance(error, pickle.UnpicklingError) and load_failure(path, error) is error:
-        return unpickling_refused(name, error)
+    if isinstance(failure, pickle.UnpicklingError):  # load_failure keeps the unpickler's error for a real pickle
+        return unpickling_refused(name, failure)
     return None
-
-
-def load_failure(path: str, error: Exception) -> BaseException:
-    """What to quote of torch.load's ``error`` on ``path``. On bytes that are no pickle at all (random or damaged
-    bytes, another format) its weights-only unpickler says what it says of a pickle holding other objects
-    ("Unsupported operand", a refusal) or fails inside (a KeyError quoting a number): those get pickletools' error
-    from reading the file's opcodes, which runs none of them. A zip archive (torch.save's format, complete or cut
-    short: its pickle is inside) or a file whose pickle reads through keeps ``error``."""
-    with open(path, "rb") as f:
-        if f.read(2) == b"PK":
-            return error
-        f.seek(0)
-        try:
-            for _ in pickletools.genops(f):
-                pass
-        except Exception as e:  # ValueError for an unknown opcode or a file that ends mid-pickle, and the like
-            return ValueError(f"neither a zip archive nor a pickle: {e}")
-    return error
 
 
 def is_torchscript(path: str) -> bool:

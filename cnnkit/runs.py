@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cnnkit.errors import UserError
+from cnnkit.errors import DataError, UserError
 from cnnkit.stages import parse_stages
 
 DEFAULT_ROOT = "runs"
@@ -62,10 +62,11 @@ def started(run_dir: str) -> tuple[datetime.datetime, bool]:
         return datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(run_dir, "config.json"))), False
 
 
-def damaged(path: str, what: str) -> UserError:
-    """The error for a run's file ``path`` that is there but unreadable (``what``: what is wrong with it)."""
+def damaged(path: str, what: str) -> DataError:
+    """The error for a run's file ``path`` that is there but unreadable (``what``: what is wrong with it): exit code
+    1, as for a damaged checkpoint; the command line that named the run is not at fault."""
     fix = _DAMAGE_FIX.get(os.path.basename(path), "restore it from a copy or delete it")
-    return UserError(f"{path} is damaged: {what}; {fix}")
+    return DataError(f"{path} is damaged: {what}; {fix}")
 
 
 def load_json(path: str, want_object: bool = True) -> Any:

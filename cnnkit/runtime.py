@@ -27,6 +27,9 @@ class OnnxModel:
         except ImportError:
             raise UserError("running an ONNX model needs onnxruntime, which is not installed: "
                             "pip install onnxruntime (or pip install 'cnnkit[export]')") from None
+        if os.path.isdir(path):  # it exists: "does not exist" would send the user looking for a typo
+            raise UserError(f"ONNX file {path} is a folder, not a file; pass the .onnx file that `cnnkit export` "
+                            "wrote")
         if not os.path.isfile(path):
             raise UserError(f"ONNX file {path} does not exist; "
                             f"make one with `cnnkit export RUN --format onnx --out {path}`")

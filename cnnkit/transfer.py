@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import IO, Any
 
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, load_failure, read_payload, refused_torch_file
+from cnnkit.checkpoint import is_torchscript, read_payload, refused_torch_file
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.stages import Stage, parse_stages
+from cnnkit.torch_files import load_failure
 from cnnkit.models.heads import find_head, reset_head
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
+    # A folder (a run) or a missing path first, whatever its name: safetensors calls both "cannot read".
+    if os.path.isdir(path):
+        payload = read_payload(path)
+        return payload["state_dict"], payload
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} does not exist")
     if is_format(path, "safetensors"):
         from safetensors import safe_open
 
@@ -38,11 +46,6 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         # cnnkit's own export describes its model, classes and normalisation, as its checkpoint does
         cnnkit_export = "cnnkit_checkpoint" in metadata
         return state, {**payload_from_metadata(metadata, path), "state_dict": state} if cnnkit_export else None
-    if os.path.isdir(path):
-        payload = read_payload(path)
-        return payload["state_dict"], payload
-    if not os.path.isfile(path):
-        raise UserError(f"weights file {path} does not exist")
     instead = "a state dict (.pt/.pth), a .safetensors file or a cnnkit run"
     if is_torchscript(path):
         raise UserError(f"weights file {path} is a TorchScript export, not weights; pass {instead}")
@@ -50,16 +53,16 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     if refused:
         raise refused
     try:  # one read, then decide what the file holds
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        refused = refused_torch_file(path, f"weights file {path}", "weights", instead, e)
-        if refused:
-            raise refused from None
-        # Text and refused pickles are named above: what is left is a file torch cannot read, most often one cut
-        # short (a download or copy that stopped), whose error says only "[Errno 22] Invalid argument".
-        raise CheckpointError(f"weights file {path} is damaged, truncated or not a PyTorch file "
-                              f"({reason(load_failure(path, e))}); "
-                              f"restore or download it again, or pass {instead}") from None
+        failure = load_failure(path, e)
+        # Other kinds of file and refused pickles are named there: what is left is a file torch cannot read, most
+        # often one cut short (a download or copy that stopped), whose error says only "[Errno 22] Invalid argument".
+        raise refused_torch_file(path, f"weights file {path}", "weights", instead, failure) or CheckpointError(
+            f"weights file {path} is damaged, truncated or not a PyTorch file ({reason(failure)}); restore or "
+            f"download it again, or pass {instead}") from None
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
         return state["state_dict"], state
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

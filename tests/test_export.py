@@ -248,6 +248,15 @@ def test_files_that_are_not_cnnkit_exports_are_refused(tmp_path):
         cnnkit.predict(str(plain), [str(tmp_path)])
     with pytest.raises(UserError, match="ONNX export"):
         cnnkit.load_checkpoint(str(plain))
+
+
+def test_a_folder_given_as_the_onnx_file_is_named_a_folder(tmp_path):
+    # It said "ONNX file model.onnx does not exist" of a folder that does.
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    with pytest.raises(UserError, match=f"ONNX file {folder} is a folder, not a file; pass the .onnx file") as caught:
+        cnnkit.OnnxModel(str(folder))
+    assert caught.value.exit_code == 2
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="damaged"):

@@ -32,7 +32,8 @@ PACKAGE = "cnnkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("cnnkit", "cnnkit.errors", "cnnkit.strict_json", "cnnkit.atomic", "cnnkit.progress",
                      "cnnkit.choices", "cnnkit.compiled", "cnnkit.lazy", "cnnkit.modes", "cnnkit.threads",
-                     "cnnkit.metadata", "cnnkit.runtime", "cnnkit.runs", "cnnkit.stages")),
+                     "cnnkit.metadata", "cnnkit.runtime", "cnnkit.runs", "cnnkit.stages",
+                     "cnnkit.torch_files")),
     ("models", ("cnnkit.models",)),
     # Saving and rebuilding a model needs only the registry; data checks, transfer, training, evaluation,
     # prediction, export, inspection and reports all read checkpoints.

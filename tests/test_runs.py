@@ -22,8 +22,9 @@ def test_a_json_file_cut_short_after_non_ascii_text_is_called_cut_short(tmp_path
 def test_a_json_file_that_is_not_utf8_text_is_damaged(tmp_path):
     path = tmp_path / "config.json"
     path.write_bytes(b'{"classes": ["caf\xe9"]}')  # Latin-1
-    with pytest.raises(UserError, match=r"config.json is damaged: not JSON text \(not UTF-8\)"):
+    with pytest.raises(UserError, match=r"config.json is damaged: not JSON text \(not UTF-8\)") as caught:
         load_json(str(path))
+    assert caught.value.exit_code == 1  # a damaged file, not a usage error: it exited with 2
     path.write_text("\ufeff" + json.dumps({"epochs": 3}), encoding="utf-8")  # a byte order mark is still JSON
     assert load_json(str(path)) == {"epochs": 3}
 

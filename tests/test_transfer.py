@@ -78,8 +78,9 @@ def test_damaged_or_wrong_cached_pretrained_weights_are_named_to_delete(tmp_path
     with pytest.raises(UserError, match=f"pretrained weights for resnet18 \\({cached}\\) cannot be read .*delete"):
         cnnkit.create_model("resnet18", pretrained=True)
     torch.save(torchvision.models.resnet34().state_dict(), cached)  # another model's weights under that name
-    with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete"):
+    with pytest.raises(UserError, match="do not fit torchvision's resnet18: they are another model's; delete") as e:
         cnnkit.create_model("resnet18", pretrained=True)
+    assert e.value.exit_code == 1  # the file in the cache is wrong, not the command line: it exited with 2
     # Right weights, but options that change the architecture: the options are named, not the file
     from cnnkit.models.pretrained import cached_weights_path
 
@@ -513,3 +514,17 @@ def test_weights_beside_pretrained_keep_their_own_normalisation_and_need_no_torc
     second = torch.load(os.path.join(again.run_dir, "last.pt"), weights_only=True)
     assert (second["mean"], second["std"]) == (first["mean"], first["std"])
     assert second["mean"] != pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_a_weights_path_named_safetensors_that_is_a_folder_or_missing_is_named_so(tmp_path):
+    # Both were "cannot read X as safetensors (No such device (os error 19))" / "(No such file or directory ...)",
+    # exit code 1, as if a file there were damaged.
+    folder = tmp_path / "w.safetensors"
+    folder.mkdir()
+    with pytest.raises(UserError, match=f"{folder} is a folder without best.pt or last.pt") as caught:
+        load_weights(cnnkit.create_model("simple_cnn"), str(folder))
+    assert caught.value.exit_code == 2
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(UserError, match=f"weights file {missing} does not exist") as caught:
+        load_weights(cnnkit.create_model("simple_cnn"), str(missing))
+    assert caught.value.exit_code == 2

@@ -242,6 +242,7 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
                         f"DIR/{folder} holds (or is to hold) the {name} files")
     # Files there that torchvision refuses (a failed checksum, a truncated or altered file) are damaged, not
     # missing: the fix is to fetch them again, which torchvision skips while the folder passes its own check.
+    # Damaged files are no usage error: exit code 1 (DataError), as for a damaged image or checkpoint.
     damaged = (f"delete {where} and run with --download to fetch {name} again (needs internet), or copy intact "
                f"torchvision {cls_name} files there")
     try:
@@ -257,7 +258,7 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
                 + (f" and pass --data-dir {root}" if spec.data_dir else "")  # the default folder needs no option
             ) from None
         if present:
-            raise UserError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
+            raise DataError(f"{name} not found or damaged in {where} (its files there failed torchvision's check); "
                             f"{damaged}") from None
         # another built-in dataset's files there: the wrong --data more likely than a missing dataset
         others = [n for n, entry in TORCHVISION_DATASETS.items()
@@ -273,11 +274,11 @@ def _torchvision(name: str, spec: DataSpec, train: bool) -> ImageSet:
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     bad = ((labels < 0) | (labels >= len(ds.classes))).nonzero().flatten()
     if len(bad):  # else a label indexes past the class names wherever they are looked up
-        raise UserError(f"{name} in {where} is damaged: its {'training' if train else 'test'} labels include "
+        raise DataError(f"{name} in {where} is damaged: its {'training' if train else 'test'} labels include "
                         f"{int(labels[bad[0]])}, outside its {len(ds.classes)} classes (0 to {len(ds.classes) - 1}); "
                         f"{damaged}")
     if len(labels) != len(images):
-        raise UserError(f"{name} in {where} is damaged: {len(images):,} {'training' if train else 'test'} images "
+        raise DataError(f"{name} in {where} is damaged: {len(images):,} {'training' if train else 'test'} images "
                         f"but {len(labels):,} labels; {damaged}")
     images = _convert(images.contiguous(), spec.channels or native_channels, spec.input_size or native_size)
     return ImageSet(labels, list(ds.classes), images, None, images.shape[1], images.shape[-1], name)

@@ -9,12 +9,15 @@ normalisation, so it sits here below all of them.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import warnings
 
 import torch
 
-from cnnkit.errors import UserError, reason
+from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.models.registry import default_weights
+from cnnkit.torch_files import NotATorchFile, load_failure, refused_objects
 
 
 def pretrained_weights(name: str):
@@ -38,17 +41,30 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
     weights = pretrained_weights(name)
     cached = cached_weights_path(name)
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
-                                                  map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
+                                                      map_location="cpu", weights_only=True)
     except Exception as e:  # offline, refused, or a bad download: say where the file has to go
         if os.path.exists(cached):  # there, but torch could not read it: a cut-off download or another file
-            raise UserError(f"the cached pretrained weights for {name} ({cached}) cannot be read (the file is "
-                            f"damaged or cut short: {reason(e)}); delete it so that it is downloaded again (run once "
-                            f"with internet access), or download {weights.url} to that path again") from None
+            # Not the command line's fault (exit code 1): the file in the cache is, and deleting it is the fix.
+            raise CheckpointError(f"the cached pretrained weights for {name} ({cached}) cannot be read "
+                                  f"({_unreadable(cached, e)}); delete it so that it is downloaded again (run once "
+                                  f"with internet access), or download {weights.url} to that path again") from None
         raise UserError(
             f"pretrained weights for {name} are not in {cached} and could not be downloaded ({reason(e)}); "
             f"run once with internet access, or download {weights.url} and put it at that path"
         ) from None
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """Why torch.load failed with ``error`` on the cached file ``path``: what the file is instead, or its damage."""
+    failure = load_failure(path, error)
+    if isinstance(failure, NotATorchFile):
+        return f"it is {failure}"
+    if isinstance(failure, pickle.UnpicklingError):  # a real pickle, refused for what it holds
+        return f"the file {refused_objects(failure)}"
+    return f"the file is damaged or cut short: {reason(failure)}"
 
 
 def normalization(name: str, channels: int = 3) -> tuple[list[float], list[float], int]:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cnnkit.errors import UserError
+from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
 from cnnkit.models.pretrained import cached_weights_path, pretrained_state
 from cnnkit.models.registry import _FACTORIES
@@ -261,9 +261,10 @@ def _unfit_pretrained(tv_name: str, state: dict, options: dict) -> UserError:
     try:
         torchvision.models.get_model(tv_name, weights=None).load_state_dict(state)
     except RuntimeError:
-        return UserError(f"the cached pretrained weights for {tv_name} ({cached_weights_path(tv_name)}) do not fit "
-                         f"torchvision's {tv_name}: they are another model's; delete the file and run once with "
-                         "internet access to download the right one")
+        # the file in the cache is wrong, not the command line: exit code 1, as for a damaged one
+        return CheckpointError(f"the cached pretrained weights for {tv_name} ({cached_weights_path(tv_name)}) do not "
+                               f"fit torchvision's {tv_name}: they are another model's; delete the file and run once "
+                               "with internet access to download the right one")
     changed = ", ".join(f"{k}={v}" for k, v in options.items() if k != "num_classes")
     size = "; image_size follows --input-size" if "image_size" in options else ""
     return UserError(f"torchvision's pretrained weights for {tv_name} are for its default architecture, which "

@@ -10,11 +10,13 @@ same command with torchrun's rendezvous options, e.g. on each of two machines:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,6 +83,21 @@ def barrier(ctx: Dist) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first(ctx: Dist) -> Iterator[None]:
+    """Run the block in rank 0 before the other processes, which wait for it at a barrier: a download into a shared
+    cache (torchvision's pretrained weights) then happens once, and the others read the file it left. Rank 0
+    reaches the barrier even when its block fails, so that the others never wait for it in vain: they then run the
+    block themselves and fail on their own."""
+    if not ctx.main:
+        barrier(ctx)
+    try:
+        yield
+    finally:
+        if ctx.main:
+            barrier(ctx)
+
+
 def cleanup(ctx: Dist) -> None:
     if ctx.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
@@ -143,14 +160,22 @@ def torchrun(args: list[str]) -> int:
 
     torchrun stops on a signal by passing it on to the workers, waiting for them, then raising its SignalException
     out of its main function, a traceback under the stop line that rank 0 prints (where the run was saved and how
-    to continue it). Caught here: the same shell code as ``launch`` gives, 128 + the signal's number."""
+    to continue it). Caught here: the same shell code as ``launch`` gives, 128 + the signal's number. So is its
+    ChildFailedError after workers that failed with a one-line error: their exit code, without a traceback."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main(args)
     except SignalException as e:
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        # Workers that exited with an error code printed their own line (a UserError's); torchrun's traceback and
+        # summary under it say nothing more. A worker killed by a signal (exit code < 0) keeps torchrun's report.
+        if all(failure.exitcode > 0 for failure in e.failures.values()):
+            return e.get_first_failure()[1].exitcode
+        raise
     return 0
 
 

@@ -5,6 +5,7 @@ the data splits, the model and the weights it starts from, the input normalisati
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -161,10 +162,12 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     # Model and the weights it starts from; the input normalisation follows the weights. --weights replaces every
     # weight --pretrained would load (all but a fresh head, which starts at zero either way), so it alone is read:
     # `--config RUN/config.json --weights RUN/last.pt` goes on from a pretrained run without torchvision's file.
+    pretrained = cfg.pretrained and not saved and not cfg.weights
     try:
-        model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                             input_size=train_set.size, pretrained=cfg.pretrained and not saved and not cfg.weights,
-                             **cfg.model_options)
+        # Under torchrun every process would download the same weights into the same cache at once: rank 0 first.
+        with distributed.main_first(ctx) if pretrained else contextlib.nullcontext():
+            model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
+                                 input_size=train_set.size, pretrained=pretrained, **cfg.model_options)
     except UserError as e:
         # the options' own errors ("convnet: head must be one of ..."), which name the model or the option; not
         # those of other settings (--input-size too small) or of the pretrained weights (their cache)

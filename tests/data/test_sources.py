@@ -259,6 +259,7 @@ def test_damaged_cifar_files_are_named_damaged_not_missing(tmp_path):
     text = str(e.value)
     assert "damaged" in text and "failed torchvision's check" in text and "not found in" not in text
     assert f"delete {folder}" in text and "--download" in text and "\n" not in text
+    assert e.value.exit_code == 1  # damaged files, not a usage error: it exited with 2
 
 
 def test_truncated_mnist_file_is_named_damaged(tmp_path):
@@ -273,6 +274,7 @@ def test_truncated_mnist_file_is_named_damaged(tmp_path):
             load_splits(DataSpec("mnist", data_dir=str(tmp_path), download=download))
         text = str(e.value)
         assert "damaged" in text and f"delete {raw}" in text and "--download" in text and "\n" not in text
+        assert e.value.exit_code == 1
 
 
 def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
@@ -286,6 +288,7 @@ def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
         load_splits(DataSpec("mnist", data_dir=raw.rsplit("/MNIST", 1)[0]))
     text = str(e.value)
     assert "labels include 12" in text and "10 classes" in text and f"delete {raw}" in text and "--download" in text
+    assert e.value.exit_code == 1  # a damaged file, not a usage error: it exited with 2
 
 
 def test_a_folder_of_train_and_val_splits_is_not_taken_as_two_classes(tmp_path):

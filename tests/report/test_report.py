@@ -375,7 +375,7 @@ def test_damaged_run_files_are_named_by_report_and_listed_by_runs(run, tmp_path)
     metrics.write_text("epoch,train_loss,train_acc,val_loss,val_acc\n1,2.3,0.1\n")
     with pytest.raises(UserError, match="metrics.csv is damaged: line 2 has 3 cells, its header 5"):
         write_report(str(root / "metrics_csv"))
-    assert_one_line_error(run_cli("report", root / "config_json"), 2, f"{root / 'config_json' / 'config.json'} "
+    assert_one_line_error(run_cli("report", root / "config_json"), 1, f"{root / 'config_json' / 'config.json'} "
                           "is damaged: not valid JSON")
     proc = run_cli("runs", root)
     assert proc.returncode == 0, proc.stderr

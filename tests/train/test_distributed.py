@@ -231,3 +231,52 @@ def test_a_single_process_with_rank_in_its_environment_still_reports(tmp_path):
     proc = run_cli("train", "--data", "shapes", "--num-samples", "100", "--epochs", "1", "--precision", "fp32",
                    "--out", tmp_path / "run", env={"RANK": "3"})
     assert proc.returncode == 0 and "done: val acc" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_fetches_the_pretrained_weights_before_the_other_processes(tmp_path, monkeypatch, rank):
+    # Every process of `cnnkit train --nproc N --pretrained` downloaded the same weights into the same cache at once;
+    # the others now wait at a barrier for rank 0's, which it reaches even when its download fails.
+    import io
+
+    from cnnkit.errors import UserError
+    from cnnkit.train import distributed
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.setup import Machine, build_run
+
+    events = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *args, **kwargs: events.append("barrier"))
+
+    def download(url, *args, **kwargs):
+        events.append("download")
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = TrainConfig(model="resnet18", pretrained=True, data="shapes", num_samples=64, batch_size=16,
+                      input_size=32, progress=False)
+    with pytest.raises(UserError, match="could not be downloaded"):
+        build_run(cfg, Machine(torch.device("cpu"), None, torch.get_num_threads()), io.StringIO(),
+                  distributed.Dist(rank=rank, world=2))
+    assert events == (["download", "barrier"] if rank == 0 else ["barrier", "download"])
+
+
+def test_a_worker_that_failed_with_one_line_ends_the_launcher_without_torchruns_traceback(monkeypatch, capsys):
+    # `cnnkit train --nproc 2 --pretrained` offline: each process printed its one-line error, then torchrun's launcher
+    # raised ChildFailedError, a 20-line traceback and summary under them, and the command exited with 1.
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from cnnkit.train import distributed
+
+    def failed(exitcode):
+        def main(args):
+            raise ChildFailedError("cnnkit", {0: ProcessFailure(0, 123, exitcode, "<N/A>")})
+        return main
+
+    monkeypatch.setattr(torch.distributed.run, "main", failed(2))
+    assert distributed.torchrun(["-m", "cnnkit", "train"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(torch.distributed.run, "main", failed(-9))  # killed by a signal: torchrun's report stays
+    with pytest.raises(ChildFailedError):
+        distributed.torchrun(["-m", "cnnkit", "train"])
