@@ -613,9 +613,9 @@ def _finish(t: Training, callbacks: Callbacks, stop: "StopSignals", wall_start: 
             if stop.signal:  # it came during the last epoch's validation or save
                 raise _Signalled(stop.signal)
             measured = callbacks.on_end(t)
-    except TrainingStopped:
-        result = _result(t, wall_start, t.state.stop_reason or "completed")
-        _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
+    except TrainingStopped as stopped:
+        stopped.result = _result(t, wall_start, t.state.stop_reason or "completed")
+        _write_json(t.run_dir, "result.json", dataclasses.asdict(stopped.result))
         raise
     if cfg.overfit_batches:
         print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), _overfit_batches(t), t.epoch,

@@ -370,11 +370,12 @@ def test_a_signal_in_the_last_validation_stops_before_the_final_measurements_wit
     # during --tta's measurement left the trained run without result.json: listed as stopped, nothing to resume.
     from cnnkit.runs import list_runs
 
-    proc = train_signalled(tmp_path / "run", "SIGINT", "validation", "default", "--tta")
+    proc = train_signalled(tmp_path / "run", "SIGINT", "validation", "default", "--tta", "--json")
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == (f"cnnkit train: stopped: SIGINT after the last epoch; {tmp_path / 'run' / 'result.json'} "
                            "holds the finished run, without the final measurements\n")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert json.loads(proc.stdout) == result  # --json prints it (before, nothing, though result.json was whole)
     assert result["stop_reason"] == "completed" and result["epochs_run"] == 1 and result["tta_val_acc"] is None
     assert list_runs(str(tmp_path / "run"))[0].status == "finished"
 
@@ -430,18 +431,20 @@ def signalled_elsewhere(sig, when, *args):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_while_the_plots_are_drawn_says_the_run_finished_and_which_command_draws_them(tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, printed", [("SIGINT", 130, ()), ("SIGTERM", 143, ("--json",))])
+def test_a_signal_while_the_plots_are_drawn_says_the_run_finished_and_which_command_draws_them(tmp_path, sig, code,
+                                                                                               printed):
     # Before, Ctrl-C there ended in a bare "cnnkit: interrupted" and SIGTERM killed the process without a word,
-    # though the run was finished and saved.
+    # though the run was finished and saved; then --json printed nothing, though result.json was whole.
     from cnnkit.runs import list_runs
 
     run = tmp_path / "run"
-    proc = signalled_elsewhere(sig, "drawing", "train", "--epochs", 1, "--report", "--out", run)
+    proc = signalled_elsewhere(sig, "drawing", "train", "--epochs", 1, "--report", *printed, "--out", run)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr == (f"cnnkit train: stopped: {sig} while drawing the plots and report; training finished and "
                            f"is saved in {run}, result.json included; draw them with: cnnkit report {run}\n")
     assert json.loads((run / "result.json").read_text())["stop_reason"] == "completed"
+    assert (json.loads(proc.stdout) == json.loads((run / "result.json").read_text())) if printed else proc.stdout == ""
     assert list_runs(str(run))[0].status == "finished" and not (run / "report.html").exists()
 
 
