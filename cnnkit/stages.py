@@ -6,10 +6,13 @@ parser that ``train`` uses; cnnkit/transfer.py plans and applies the stages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from cnnkit.errors import UserError
+
+SMOKE_EPOCHS = 2  # --smoke: the epochs of a run of one stage (a staged one trains each of its stages 1 epoch)
 
 
 @dataclass
@@ -40,3 +43,10 @@ def parse_stages(text: str) -> list[Stage]:
             raise UserError(f"--stages: '{part}' needs at least one epoch and a positive, finite learning rate")
         stages.append(stage)
     return stages
+
+
+def smoke_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages a --smoke run trains: ``stages`` cut short, to SMOKE_EPOCHS epochs alone, to 1 epoch each of
+    several (the run's records, and the report of one stopped before its later stages, count them so)."""
+    most = SMOKE_EPOCHS if len(stages) == 1 else 1
+    return [dataclasses.replace(s, epochs=min(s.epochs, most)) for s in stages]

@@ -34,6 +34,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError, warn
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest, start_record
+from cnnkit.stages import smoke_stages
 from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
@@ -51,7 +52,7 @@ from cnnkit.train.options import MONITORS, make_config, model_options_error
 from cnnkit.train.precision import autocast, precision_name
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.train.setup import (
-    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
+    SMOKE_BATCHES, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
     start_machine,
 )
 from cnnkit.transfer import (
@@ -309,7 +310,7 @@ def _plan(cfg: TrainConfig, batches_per_epoch: int) -> Plan:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
     if cfg.smoke:
-        stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
+        stages = smoke_stages(stages)
     return Plan(lr, stages, first_epochs(stages), sum(stage.epochs for stage in stages),
                 -(-batches_per_epoch // cfg.accum_steps))
 
