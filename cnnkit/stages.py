@@ -45,8 +45,13 @@ def parse_stages(text: str) -> list[Stage]:
     return stages
 
 
+def smoke_epochs(epochs: int, stages: int) -> int:
+    """The epochs a --smoke run trains of a stage planned for ``epochs``, in a run of ``stages`` stages: at most
+    SMOKE_EPOCHS alone, 1 each of several."""
+    return min(epochs, SMOKE_EPOCHS if stages == 1 else 1)
+
+
 def smoke_stages(stages: list[Stage]) -> list[Stage]:
-    """The stages a --smoke run trains: ``stages`` cut short, to SMOKE_EPOCHS epochs alone, to 1 epoch each of
-    several (the run's records, and the report of one stopped before its later stages, count them so)."""
-    most = SMOKE_EPOCHS if len(stages) == 1 else 1
-    return [dataclasses.replace(s, epochs=min(s.epochs, most)) for s in stages]
+    """The stages a --smoke run trains: ``stages`` cut short (``smoke_epochs``); the run's records, and the
+    report and `cnnkit runs` of one stopped before its end, count them so."""
+    return [dataclasses.replace(s, epochs=smoke_epochs(s.epochs, len(stages))) for s in stages]

@@ -28,7 +28,7 @@ from cnnkit.atomic import atomic_write, check_writable, out_not_writable, why_no
 from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
-from cnnkit.runs import divergence
+from cnnkit.runs import divergence, planned_epochs
 from cnnkit.stages import parse_stages, smoke_stages
 from cnnkit.train.metrics import macro_averages
 
@@ -411,7 +411,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
         plan = _stage_plan(config, plots.read_json(run_dir, "stages.json"))
         sections.append(("config", "Configuration", _config_section(config, plan)))
 
-        planned = sum(s.epochs for s in plan) if plan else config.get("epochs")
+        planned = sum(s.epochs for s in plan) if plan else planned_epochs(config)
         status = (f"diverged in epoch {stop.get('epoch')}" if diverged else "finished"
                   if result else f"not finished ({len(history)} of {planned} epochs)")
         title = f"{config.get('model')} on {config.get('data')}"
