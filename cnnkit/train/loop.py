@@ -239,11 +239,12 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                 print(f"cnnkit: note: --stages sets each stage's epochs and learning rate; "
                       f"{' and '.join('--' + n for n in set_by_stages)} {'are' if len(set_by_stages) > 1 else 'is'} "
                       "not used", file=t.log)
-        # Every process waits here for the others' start-up, which a signal ends at once, before any of them
-        # writes the run folder: from here on a signal stops them all after the same step (one that had ended at
-        # once while the others went on left them to fail in their next collective, "Connection reset by peer").
-        distributed.barrier(t.ctx)
         with _stopped_twice(t):
+            # Every process waits here for the others' start-up, which a signal ends at once, before any of them
+            # writes the run folder: from here on a signal stops them all after the same step (one that had ended
+            # at once while the others went on left them to fail in their next collective, "Connection reset by
+            # peer").
+            distributed.barrier(t.ctx)
             _open_run_folder(t, saved, resume, callbacks)
             callbacks.on_start(t)
             start = time.perf_counter()
