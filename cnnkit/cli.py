@@ -942,7 +942,7 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cnnkit.errors import NonFiniteLoss
+    from cnnkit.errors import NonFiniteLoss, TrainingStopped
     from cnnkit.training import train
 
     if args.config and args.resume:
@@ -969,18 +969,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             _check_before_launch(args.config, given)
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     log = _WarningsOnly() if args.quiet else sys.stderr if args.json else sys.stdout
-    diverged = None
+    ended = None
     try:
         result = train(args.config, log=log, resume=args.resume, **given)
-    except NonFiniteLoss as e:
-        # a diverged run wrote its result.json (unless it had no run folder yet): --json prints it as for any run,
+    except (NonFiniteLoss, TrainingStopped) as e:
+        # a diverged run wrote its result.json (unless it had no run folder yet), and so did one stopped after its
+        # training (in the final measurements, or while the plots were drawn): --json prints it as for any run,
         # then the error still goes to stderr
-        result, diverged = e.result, e
+        result, ended = e.result, e
     reports = _reports()  # under torchrun, rank 0 alone
     if args.json and reports and result is not None:
         print(strict_json.dumps(dataclasses.asdict(result)))
-    if diverged is not None:
-        raise diverged
+    if ended is not None:
+        raise ended
     if not reports:
         return 0
     if not args.json:

@@ -38,6 +38,7 @@ class TrainingStopped(UserError):
 
     exit_code = 130
     label = "stopped"
+    result = None  # a run stopped after its training (its final steps, the plots): TrainResult, as result.json holds it
 
 
 class NonFiniteLoss(UserError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnkit.errors import DataError, UserError
-from cnnkit.stages import parse_stages
+from cnnkit.stages import parse_stages, smoke_epochs
 
 DEFAULT_ROOT = "runs"
 
@@ -167,21 +167,23 @@ def run_info(run_dir: str) -> RunInfo | None:
     status = "diverged" if divergence(run_dir) else "finished" if result else "stopped"
     if broken:
         status = f"damaged: {', '.join(broken)}"
-    planned = (result or {}).get("epochs") or _planned_epochs(config)
+    planned = (result or {}).get("epochs") or planned_epochs(config)
     start, recorded = started(run_dir)
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
                    best[0], best[1], start.strftime("%Y-%m-%d %H:%M"), status, recorded)
 
 
-def _planned_epochs(config: dict[str, Any]) -> int:
+def planned_epochs(config: dict[str, Any]) -> int:
     """The epochs a run's config.json plans: its --stages' (which set the epochs in place of --epochs), else its
-    epochs; 0 when it says neither."""
+    epochs, as --smoke cuts them short (a stopped smoke run of --epochs 30 plans 2); 0 when it says neither."""
     if config.get("stages"):
         try:
-            return sum(stage.epochs for stage in parse_stages(str(config["stages"])))
+            epochs = [stage.epochs for stage in parse_stages(str(config["stages"]))]
         except UserError:  # a config.json edited by hand: train refuses it, its --epochs says nothing
             return 0
-    return config.get("epochs") or 0
+    else:
+        epochs = [config.get("epochs") or 0]
+    return sum(smoke_epochs(e, len(epochs)) for e in epochs) if config.get("smoke") else sum(epochs)
 
 
 def divergence(run_dir: str) -> dict | None:

@@ -6,10 +6,13 @@ parser that ``train`` uses; cnnkit/transfer.py plans and applies the stages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from cnnkit.errors import UserError
+
+SMOKE_EPOCHS = 2  # --smoke: the epochs of a run of one stage (a staged one trains each of its stages 1 epoch)
 
 
 @dataclass
@@ -40,3 +43,15 @@ def parse_stages(text: str) -> list[Stage]:
             raise UserError(f"--stages: '{part}' needs at least one epoch and a positive, finite learning rate")
         stages.append(stage)
     return stages
+
+
+def smoke_epochs(epochs: int, stages: int) -> int:
+    """The epochs a --smoke run trains of a stage planned for ``epochs``, in a run of ``stages`` stages: at most
+    SMOKE_EPOCHS alone, 1 each of several."""
+    return min(epochs, SMOKE_EPOCHS if stages == 1 else 1)
+
+
+def smoke_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages a --smoke run trains: ``stages`` cut short (``smoke_epochs``); the run's records, and the
+    report and `cnnkit runs` of one stopped before its end, count them so."""
+    return [dataclasses.replace(s, epochs=smoke_epochs(s.epochs, len(stages))) for s in stages]

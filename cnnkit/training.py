@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from cnnkit.errors import NonFiniteLoss
+from cnnkit.errors import NonFiniteLoss, TrainingStopped
 from cnnkit.report.html import show_run
 from cnnkit.report.plots import plot_lr_find
 from cnnkit.report.tensorboard import TensorBoardLog, open_tensorboard, require_tensorboard
@@ -37,6 +37,8 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
     A run that diverges raises NonFiniteLoss after writing its result.json; the exception's ``result`` holds
     that TrainResult (its ``stop_reason`` "diverged: ..."), or None when the run folder was never made. A diverged
     run is not resumed (UserError): it would replay the same steps into the same failure.
+    A run stopped by a signal raises TrainingStopped; its ``result`` holds the TrainResult where result.json was
+    written whole (a stop after the training: in the final measurements or while the plots are drawn), else None.
     """
     if resume:
         refuse_resuming_divergence(resume)
@@ -109,8 +111,13 @@ class ShowRun(loop.Callbacks):
         if run.ctx.main and run.cfg.plots:  # --report sets plots too (train/options.py)
             # Training's own signal handling has ended, but the run is saved: a signal stops the drawing alone and
             # says so (before, Ctrl-C ended in a bare "cnnkit: interrupted" and SIGTERM killed it without a word).
-            with loop.StopSignals() as stop, stop.at_once(lambda name: _stopped_drawing(name, result, run.cfg.report)):
-                show_run(result.run_dir, report=run.cfg.report, device=run.cfg.device, log=run.log)
+            try:
+                with loop.StopSignals() as stop, stop.at_once(lambda name: _stopped_drawing(name, result,
+                                                                                            run.cfg.report)):
+                    show_run(result.run_dir, report=run.cfg.report, device=run.cfg.device, log=run.log)
+            except TrainingStopped as stopped:
+                stopped.result = result  # result.json is whole: --json still prints it
+                raise
 
 
 def _stopped_drawing(name: str, result: TrainResult, report: bool) -> str:

@@ -81,3 +81,18 @@ def test_a_stopped_staged_run_is_listed_with_the_epochs_its_stages_plan(tmp_path
     (run / "result.json").unlink()  # as a killed run leaves its folder
     info = list_runs(str(run))[0]
     assert (info.status, info.epochs) == ("stopped", 3)
+
+
+def test_a_stopped_smoke_run_is_listed_with_the_epochs_smoke_cuts_it_to(tmp_path):
+    # A smoke run of --epochs 30 stopped in its first epoch was listed 0/30 (and its report said "1 of 30 epochs"),
+    # though it trains 2; a staged one (1 epoch a stage) 0/8 for --stages head:3@..,all:5@.., though it trains 2.
+    from cnnkit.runs import list_runs
+
+    for config, planned in [({"epochs": 30, "smoke": True}, 2), ({"epochs": 1, "smoke": True}, 1),
+                            ({"epochs": 30, "stages": "head:3@1e-3,all:5@1e-4", "smoke": True}, 2),
+                            ({"epochs": 30, "stages": "head:3@1e-3,all:5@1e-4"}, 8), ({"epochs": 30}, 30)]:
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"model": "cnn_bn", "data": "shapes", **config}))
+        info = list_runs(str(run))[0]
+        assert (info.status, info.epochs) == ("stopped", planned), config

@@ -15,7 +15,11 @@ block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
 maps that keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
 channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there, with a warning: the last map with
 more positions that the rest of the network is computed from (``Mixed_6e`` for Inception-v3 at 75 to 106 pixels,
-not one of ``Mixed_7a``'s branch convolutions). The map is
+not one of ``Mixed_7a``'s branch convolutions). A block without a shortcut is entered: MobileNetV3-Small's at 32
+pixels gives ``features.9.block.0``, the expansion layer of its first stride-32 block (the last 2x2 map, receptive
+field 319 px as ``features.8``'s), the layer the MobileNetV3 paper's SSDLite head (section 6.3; torchvision's
+ssdlite.py) takes its stride-16 features from; at 224 it is ``features``, the tensor of pytorch-grad-cam's usual
+``model.features[-1]`` (639 px). The map is
 upsampled to the input size (bilinear) and scaled to 0..1. A vision transformer's (ViT's, Swin's) only
 convolution is its patch embedding, before every layer that decides the class: that default comes with a
 warning. A ResNet whose head also reads earlier stages (``head_from``) takes part of its evidence from them,

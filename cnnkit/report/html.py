@@ -28,8 +28,8 @@ from cnnkit.atomic import atomic_write, check_writable, out_not_writable, why_no
 from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
-from cnnkit.runs import divergence
-from cnnkit.stages import parse_stages
+from cnnkit.runs import divergence, planned_epochs
+from cnnkit.stages import parse_stages, smoke_stages
 from cnnkit.train.metrics import macro_averages
 
 FEATURE_CHANNELS = 16  # tiles per feature-map grid
@@ -268,26 +268,48 @@ def _summary_section(summary: Any, field_result: Any) -> str:
             f'global operation.</p></div></div>')
 
 
-def _stage_plan(config: dict, stages: list[dict] | None) -> list[tuple[int, float]] | None:
-    """(epochs, lr) of each stage of a run with --stages, which set them in place of its epochs and lr (config.json
-    records those as given, so that it replays the run): stages.json's, which holds a smoke run's cut epochs, where
-    it lists every stage (a run stopped early lists those it began), else the plan as written; None without
-    --stages."""
+@dataclass
+class _StageShown:
+    """One stage of a staged run as the report shows it: what it trained, for how many epochs, at which rate."""
+
+    modules: str
+    epochs: int
+    lr: float
+    ran: bool  # the run began it (stages.json records it); else it is the plan's, never run
+
+
+def _stage_plan(config: dict, stages: list[dict] | None) -> list[_StageShown] | None:
+    """Each stage of a run with --stages, which set the epochs and lr in place of its own (config.json records those
+    as given, so that it replays the run): as stages.json records it for a stage the run began (a smoke run's cut
+    epochs included), else as the plan has it (a smoke run's cut), marked as not run; None without --stages."""
     if not config.get("stages"):
         return None
-    planned = [(s.epochs, s.lr) for s in parse_stages(str(config["stages"]))]
-    if isinstance(stages, list) and len(stages) == len(planned):
-        planned = [(int(s["epochs"]), float(s["lr"])) for s in stages]
-    return planned
+    planned = parse_stages(str(config["stages"]))
+    if config.get("smoke"):
+        planned = smoke_stages(planned)
+    try:
+        began = {int(s["stage"]): s for s in stages or []}
+        shown = [_StageShown("+".join(began[i]["modules"]), int(began[i]["epochs"]), float(began[i]["lr"]), True)
+                 if i in began else _StageShown("+".join(s.modules or ["all"]), s.epochs, s.lr, False)
+                 for i, s in enumerate(planned, 1)]
+    except (KeyError, TypeError, ValueError):  # a stages.json that is not the run's records: the plan alone
+        shown = [_StageShown("+".join(s.modules or ["all"]), s.epochs, s.lr, False) for s in planned]
+    return shown
 
 
-def _config_section(config: dict, plan: list[tuple[int, float]] | None = None) -> str:
-    """config.json as three tables side by side (it has some fifty options); a staged run's epochs and lr as its
-    stages (``plan``) set them."""
+def _config_section(config: dict, plan: list[_StageShown] | None = None) -> str:
+    """config.json as three tables side by side (it has some fifty options); a staged run's epochs, lr and stages
+    as its stages (``plan``) set them, a stage the run never began marked so."""
     config = dict(config)
     if plan:
-        config["epochs"] = f"{sum(e for e, _ in plan)} (--stages: {' + '.join(str(e) for e, _ in plan)})"
-        config["lr"] = f"{', '.join(f'{lr:g}' for _, lr in plan)} (--stages)"
+        not_run = [str(i) for i, s in enumerate(plan, 1) if not s.ran]
+        missing = f"; stage{'s' * (len(not_run) > 1)} {', '.join(not_run)} not run" if not_run else ""
+        parts = " + ".join(str(s.epochs) for s in plan)
+        config["epochs"] = f"{sum(s.epochs for s in plan)} (--stages: {parts}{missing})"
+        config["lr"] = f"{', '.join(f'{s.lr:g}' for s in plan)} (--stages{missing})"
+        config["stages"] = f"{config['stages']} (" + "; ".join(
+            f"{i}. {s.modules}: {s.epochs} epoch{'s' * (s.epochs > 1)} at lr {s.lr:g}{'' if s.ran else ', not run'}"
+            for i, s in enumerate(plan, 1)) + ")"
     rows = [(k, "-" if v is None else v) for k, v in config.items()]
     third = -(-len(rows) // 3)
     tables = "".join(f"<div>{_table(('option', 'value'), rows[i:i + third], text_columns=2)}</div>"
@@ -389,7 +411,7 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
         plan = _stage_plan(config, plots.read_json(run_dir, "stages.json"))
         sections.append(("config", "Configuration", _config_section(config, plan)))
 
-        planned = sum(e for e, _ in plan) if plan else config.get("epochs")
+        planned = sum(s.epochs for s in plan) if plan else planned_epochs(config)
         status = (f"diverged in epoch {stop.get('epoch')}" if diverged else "finished"
                   if result else f"not finished ({len(history)} of {planned} epochs)")
         title = f"{config.get('model')} on {config.get('data')}"

@@ -34,6 +34,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError, warn
 from cnnkit.progress import progress_bar
 from cnnkit.runs import list_runs, newest, start_record
+from cnnkit.stages import smoke_stages
 from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
 from cnnkit.train import distributed
 from cnnkit.checkpoint import (
@@ -51,7 +52,7 @@ from cnnkit.train.options import MONITORS, make_config, model_options_error
 from cnnkit.train.precision import autocast, precision_name
 from cnnkit.train.rewrite import PoolReLU, fuse_pool_relu, pool_before_relu, rand_dropout
 from cnnkit.train.setup import (
-    SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
+    SMOKE_BATCHES, SMOKE_VAL_IMAGES, Machine, ModelOptionsError, RunPieces, build_run,
     start_machine,
 )
 from cnnkit.transfer import (
@@ -238,26 +239,28 @@ def train(config: TrainConfig | str | None = None, log: IO[str] | None = None, r
                 print(f"cnnkit: note: --stages sets each stage's epochs and learning rate; "
                       f"{' and '.join('--' + n for n in set_by_stages)} {'are' if len(set_by_stages) > 1 else 'is'} "
                       "not used", file=t.log)
-        # Every process waits here for the others' start-up, which a signal ends at once, before any of them
-        # writes the run folder: from here on a signal stops them all after the same step (one that had ended at
-        # once while the others went on left them to fail in their next collective, "Connection reset by peer").
-        distributed.barrier(t.ctx)
-        _open_run_folder(t, saved, resume, callbacks)
-        callbacks.on_start(t)
-        start = time.perf_counter()
-        t.clock = (start, t.state.train_time_s)
-        with _divergence(t, start, wall_start):
-            for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
-                t.epoch = epoch
-                _train_epoch(t, stop)
-                _check_epoch_weights(t, "this epoch was neither validated nor saved")
-                row = _validate(t, callbacks)
-                _save_epoch(t, row)
-                if t.state.stop_reason:
-                    if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
-                        print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} at "
-                              f"epoch {t.state.best_epoch}", file=t.log)
-                    break
+        with _stopped_twice(t):
+            # Every process waits here for the others' start-up, which a signal ends at once, before any of them
+            # writes the run folder: from here on a signal stops them all after the same step (one that had ended
+            # at once while the others went on left them to fail in their next collective, "Connection reset by
+            # peer").
+            distributed.barrier(t.ctx)
+            _open_run_folder(t, saved, resume, callbacks)
+            callbacks.on_start(t)
+            start = time.perf_counter()
+            t.clock = (start, t.state.train_time_s)
+            with _divergence(t, start, wall_start):
+                for epoch in range(t.state.epoch, t.plan.total_epochs + 1):
+                    t.epoch = epoch
+                    _train_epoch(t, stop)
+                    _check_epoch_weights(t, "this epoch was neither validated nor saved")
+                    row = _validate(t, callbacks)
+                    _save_epoch(t, row)
+                    if t.state.stop_reason:
+                        if not _all_memorised(t):  # --overfit-batches' verdict says why, once the run is done
+                            print(f"cnnkit: {t.state.stop_reason}; best {t.cfg.monitor} {t.state.best_score:.4g} "
+                                  f"at epoch {t.state.best_epoch}", file=t.log)
+                        break
         return _finish(t, callbacks, stop, wall_start)
 
 
@@ -308,7 +311,7 @@ def _plan(cfg: TrainConfig, batches_per_epoch: int) -> Plan:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.01)
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, lr)
     if cfg.smoke:
-        stages = [dataclasses.replace(s, epochs=min(s.epochs, SMOKE_EPOCHS if len(stages) == 1 else 1)) for s in stages]
+        stages = smoke_stages(stages)
     return Plan(lr, stages, first_epochs(stages), sum(stage.epochs for stage in stages),
                 -(-batches_per_epoch // cfg.accum_steps))
 
@@ -616,9 +619,9 @@ def _finish(t: Training, callbacks: Callbacks, stop: "StopSignals", wall_start: 
             if stop.signal:  # it came during the last epoch's validation or save
                 raise _Signalled(stop.signal)
             measured = callbacks.on_end(t)
-    except TrainingStopped:
-        result = _result(t, wall_start, t.state.stop_reason or "completed")
-        _write_json(t.run_dir, "result.json", dataclasses.asdict(result))
+    except TrainingStopped as stopped:
+        stopped.result = _result(t, wall_start, t.state.stop_reason or "completed")
+        _write_json(t.run_dir, "result.json", dataclasses.asdict(stopped.result))
         raise
     if cfg.overfit_batches:
         print(overfit_verdict(last.val.acc, last.val.loss, len(p.val_set), _overfit_batches(t), t.epoch,
@@ -698,6 +701,12 @@ def _save(t: Training, payload: dict[str, Any], name: str, checked: bool = False
         save_checkpoint(payload, path)
     distributed.barrier(t.ctx)
     return path
+
+
+def _position(resume: dict[str, Any]) -> str:
+    """Where a last.pt's resume state (``resume``) continues the run, in words."""
+    epoch, batch = resume["run"]["epoch"], resume["epoch_state"]["batch"]
+    return f"epoch {epoch}, batch {batch}" if batch else f"the end of epoch {epoch - 1}"
 
 
 def _check_epoch_weights(t: Training, consequence: str) -> None:
@@ -977,8 +986,7 @@ def _kept_checkpoints(run_dir: str) -> str:
     if not os.path.exists(path):
         return "no checkpoint had been written yet, so the run folder holds none"
     state = read_payload(path)["resume"]
-    epoch, batch = state["run"]["epoch"], state["epoch_state"]["batch"]
-    at = f"epoch {epoch}, batch {batch}" if batch else f"the end of epoch {epoch - 1}"
+    at = _position(state)
     has_best = os.path.exists(os.path.join(run_dir, "best.pt"))
     best = f" and best.pt (epoch {state['run']['best_epoch']}), both" if has_best else ""
     return f"kept: last.pt (the state at {at}){best} from before the failure"
@@ -1004,6 +1012,41 @@ class _Signalled(KeyboardInterrupt):
     """A signal within ``StopSignals.at_once``: a KeyboardInterrupt, which code that catches Exception lets pass."""
 
 
+class _SignalledTwice(KeyboardInterrupt):
+    """A SIGINT after a first signal that the loop has not yet stopped on (its argument: the first one's name)."""
+
+
+@contextlib.contextmanager
+def _stopped_twice(t: Training) -> Iterator[None]:
+    """Within the block, a second SIGINT (``StopSignals``) ends the run where it is, as a TrainingStopped that
+    says what the run folder holds: its last.pt is whole (written atomically) and resumes the run from where it
+    was saved. Before, it ended in a bare "cnnkit: interrupted", without the resume line a single Ctrl-C gives."""
+    try:
+        yield
+    except _SignalledTwice as e:
+        # Read from the file, not remembered from the save: the signal may have come between its rename and
+        # anything that followed it.
+        last = os.path.join(t.run_dir, "last.pt")
+        saved_at = _position(read_payload(last)["resume"]) if t.run_dir and os.path.exists(last) else None
+        stopped = TrainingStopped(_stopped_twice_message(str(e), t.run_dir, saved_at, _resume_command(t)))
+        stopped.exit_code = 128 + signal.SIGINT
+        raise stopped from None
+
+
+def _stopped_twice_message(first: str, run_dir: str, saved_at: str | None, resume_command: str) -> str:
+    """What a stop at once by a SIGINT after the signal ``first`` says; ``saved_at``: where the run's last.pt
+    continues it (None: there is none yet)."""
+    how = "SIGINT twice" if first == "SIGINT" else f"{first}, then SIGINT"
+    if saved_at is None:
+        config = os.path.join(run_dir, "config.json")
+        again = ("run the same command again" if not run_dir else  # stopped before its folder was named
+                 f"start it again with: cnnkit train --config {config} --out NEW_DIR" if os.path.exists(config) else
+                 "run the same command again with a new --out")
+        return f"{how}, at once, before the run's first checkpoint: there is nothing to resume; {again}"
+    return (f"{how}, at once, without saving the steps since {os.path.join(run_dir, 'last.pt')} (the state at "
+            f"{saved_at}). Continue from there with: {resume_command}")
+
+
 class StopSignals:
     """Within the block, SIGINT and SIGTERM ask the loop to stop after the current step (a second SIGINT
     stops at once); within ``at_once``, they stop at once. Outside the main thread, where handlers cannot be
@@ -1020,7 +1063,7 @@ class StopSignals:
         if self._at_once:
             raise _Signalled(signal.Signals(signum).name)
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise _SignalledTwice(self.signal)
         self.signal = signal.Signals(signum).name
 
     @contextlib.contextmanager

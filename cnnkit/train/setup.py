@@ -38,7 +38,7 @@ from cnnkit.transfer import is_within, load_weights, plan_stages, trainable_modu
 # Fewer batches an epoch than this get a note: so few steps barely move the weights.
 FEW_STEPS = 10
 
-SMOKE_BATCHES, SMOKE_EPOCHS, SMOKE_VAL_IMAGES = 5, 2, 256
+SMOKE_BATCHES, SMOKE_VAL_IMAGES = 5, 256  # a smoke run's epochs: cnnkit/stages.py
 
 
 @dataclass

@@ -189,7 +189,9 @@ def test_where_the_last_maps_are_1x1_the_final_feature_layer_is_what_the_rest_is
     the 2x2 map after it), regnet_y_400mf trunk_output.block4.block4-0.f.a (a block's main path beside its
     shortcut), shufflenet_v2_x1_0 stage4.0.branch1 (one branch). Now the layer cam's default is chosen by. By hand
     at 32: shufflenet conv1 3 (jump 2), maxpool 7 (4), stage2 15 + 3*2*8 = 63 (8), stage3 63 + 2*8 + 7*2*16 = 303
-    (16); regnet stem 3 (2), block1 7 (4), block2 15 + 2*2*8 = 47 (8), block3 63 + 5*2*16 = 223 (16)."""
+    (16); regnet stem 3 (2), block1 7 (4), block2 15 + 2*2*8 = 47 (8), block3 63 + 5*2*16 = 223 (16);
+    mobilenet_v3_small stem 3 (2), features.1-3 (3x3 depthwise) 7 (4), 15 (8), 31 (8), features.4-8 (5x5) 63 (16),
+    127, 191, 255, 319, which features.9.block.0 (1x1, the expansion before the stride-2 depthwise) keeps."""
     for name, expected, rf in [("shufflenet_v2_x1_0", "stage3", 303), ("regnet_y_400mf", "trunk_output.block3", 223),
                                ("efficientnet_b0", "features.6.0.block.0", 339),
                                ("mobilenet_v3_small", "features.9.block.0", 319)]:

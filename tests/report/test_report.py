@@ -438,3 +438,23 @@ def test_a_staged_runs_configuration_shows_the_epochs_and_rates_its_stages_used(
         config = page[page.index('id="config"'):]
         cells = dict(re.findall(r"<td[^>]*>([a-z_]+)</td>\s*<td[^>]*>(.*?)</td>", config))
         assert cells["epochs"] == "2 (--stages: 1 + 1)" and cells["lr"] == "0.001, 0.0001 (--stages)", cells
+
+
+def test_a_staged_runs_configuration_marks_the_stages_it_did_not_run():
+    # A smoke run (1 epoch a stage) that stopped after its second stage showed "10 (--stages: 3 + 5 + 2)" and all
+    # three rates, from the --stages string, as if every stage had run as written. stages.json holds the stages a
+    # run began, as the training loop records them (_stage_record's fields).
+    from cnnkit.report.html import _config_section, _stage_plan
+
+    config = {"stages": "head:3@1e-3,all:5@1e-4,layer4+fc:2@1e-5", "smoke": True, "epochs": 30, "lr": 0.1}
+    began = [{"stage": 1, "first_epoch": 1, "modules": ["head"], "epochs": 1, "lr": 0.001},
+             {"stage": 2, "first_epoch": 2, "modules": ["all"], "epochs": 1, "lr": 0.0001}]
+    cells = dict(re.findall(r"<td[^>]*>([a-z_]+)</td>\s*<td[^>]*>(.*?)</td>",
+                            _config_section(config, _stage_plan(config, began))))
+    assert cells["epochs"] == "3 (--stages: 1 + 1 + 1; stage 3 not run)"
+    assert cells["lr"] == "0.001, 0.0001, 1e-05 (--stages; stage 3 not run)"
+    assert cells["stages"] == ("head:3@1e-3,all:5@1e-4,layer4+fc:2@1e-5 (1. head: 1 epoch at lr 0.001; 2. all: 1 epoch "
+                               "at lr 0.0001; 3. layer4+fc: 1 epoch at lr 1e-05, not run)")
+    cells = dict(re.findall(r"<td[^>]*>([a-z_]+)</td>\s*<td[^>]*>(.*?)</td>",  # not a smoke run: the plan as written
+                            _config_section({**config, "smoke": False}, _stage_plan({**config, "smoke": False}, []))))
+    assert cells["epochs"] == "10 (--stages: 3 + 5 + 2; stages 1, 2, 3 not run)"

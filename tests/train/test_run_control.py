@@ -293,8 +293,9 @@ def test_a_batch_size_that_leaves_few_steps_an_epoch_is_noted(tmp_path):
 
 
 # `cnnkit train` with a model that signals its own process when built (the run's start-up: after the data are read,
-# before the run folder), in each training step or once in the validation; SIGINT optionally ignored from the
-# start, as a shell script's `cnnkit train ... &` starts it.
+# before the run folder), in each training step, once in the validation, or twice in the first training step after
+# a validation (``twice``: a double Ctrl-C once the first epoch is saved); SIGINT optionally ignored from the start,
+# as a shell script's `cnnkit train ... &` starts it.
 SIGNALLING_TRAIN = """
 import os, signal, sys
 import torch
@@ -308,7 +309,7 @@ if sys.argv[3] == "ignored":
 
 
 class Signalling(torch.nn.Module):
-    trained = sent = False
+    trained = sent = validated = False
 
     def __init__(self, net):
         super().__init__()
@@ -317,6 +318,10 @@ class Signalling(torch.nn.Module):
     def forward(self, x):
         if self.training and when == "training":
             os.kill(os.getpid(), sig)
+        if self.training and when == "twice" and Signalling.validated:
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), signal.SIGINT)
+        Signalling.validated |= Signalling.trained and not self.training
         if not self.training and when == "validation" and Signalling.trained and not Signalling.sent:
             Signalling.sent = True  # once: a second SIGINT stops at once
             os.kill(os.getpid(), sig)
@@ -370,13 +375,42 @@ def test_a_signal_in_the_last_validation_stops_before_the_final_measurements_wit
     # during --tta's measurement left the trained run without result.json: listed as stopped, nothing to resume.
     from cnnkit.runs import list_runs
 
-    proc = train_signalled(tmp_path / "run", "SIGINT", "validation", "default", "--tta")
+    proc = train_signalled(tmp_path / "run", "SIGINT", "validation", "default", "--tta", "--json")
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == (f"cnnkit train: stopped: SIGINT after the last epoch; {tmp_path / 'run' / 'result.json'} "
                            "holds the finished run, without the final measurements\n")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert json.loads(proc.stdout) == result  # --json prints it (before, nothing, though result.json was whole)
     assert result["stop_reason"] == "completed" and result["epochs_run"] == 1 and result["tta_val_acc"] is None
     assert list_runs(str(tmp_path / "run"))[0].status == "finished"
+
+
+def test_a_second_sigint_stops_at_once_and_says_how_to_resume_from_the_last_checkpoint(tmp_path):
+    # Before, a double Ctrl-C ended in a bare "cnnkit: interrupted", without the resume line of a single one, though
+    # last.pt (the end of epoch 1 here) was whole and resumed the run.
+    from cnnkit.runs import list_runs
+    from cnnkit.train.loop import _resume_payload
+
+    run = tmp_path / "run"
+    proc = train_signalled(run, "SIGINT", "twice", "default", "--epochs", "2")
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == (f"cnnkit train: stopped: SIGINT twice, at once, without saving the steps since "
+                           f"{run / 'last.pt'} (the state at the end of epoch 1). Continue from there with: "
+                           f"cnnkit train --resume {run}\n")
+    state = _resume_payload(str(run))["resume"]
+    assert (state["run"]["epoch"], state["epoch_state"]["batch"]) == (2, 0)
+    assert list_runs(str(run))[0].status == "stopped" and not (run / "result.json").exists()
+
+
+def test_a_second_sigint_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    from cnnkit.train.loop import _stopped_twice_message
+
+    (tmp_path / "config.json").write_text("{}")
+    assert _stopped_twice_message("SIGTERM", str(tmp_path), None, "unused") == (
+        "SIGTERM, then SIGINT, at once, before the run's first checkpoint: there is nothing to resume; start it again "
+        f"with: cnnkit train --config {tmp_path / 'config.json'} --out NEW_DIR")
+    assert _stopped_twice_message("SIGINT", "", None, "unused").endswith("nothing to resume; run the same command "
+                                                                         "again")
 
 
 
@@ -430,18 +464,20 @@ def signalled_elsewhere(sig, when, *args):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_while_the_plots_are_drawn_says_the_run_finished_and_which_command_draws_them(tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, printed", [("SIGINT", 130, ()), ("SIGTERM", 143, ("--json",))])
+def test_a_signal_while_the_plots_are_drawn_says_the_run_finished_and_which_command_draws_them(tmp_path, sig, code,
+                                                                                               printed):
     # Before, Ctrl-C there ended in a bare "cnnkit: interrupted" and SIGTERM killed the process without a word,
-    # though the run was finished and saved.
+    # though the run was finished and saved; then --json printed nothing, though result.json was whole.
     from cnnkit.runs import list_runs
 
     run = tmp_path / "run"
-    proc = signalled_elsewhere(sig, "drawing", "train", "--epochs", 1, "--report", "--out", run)
+    proc = signalled_elsewhere(sig, "drawing", "train", "--epochs", 1, "--report", *printed, "--out", run)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr == (f"cnnkit train: stopped: {sig} while drawing the plots and report; training finished and "
                            f"is saved in {run}, result.json included; draw them with: cnnkit report {run}\n")
     assert json.loads((run / "result.json").read_text())["stop_reason"] == "completed"
+    assert (json.loads(proc.stdout) == json.loads((run / "result.json").read_text())) if printed else proc.stdout == ""
     assert list_runs(str(run))[0].status == "finished" and not (run / "report.html").exists()
 
 
