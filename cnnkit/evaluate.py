@@ -14,7 +14,8 @@ from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
 from cnnkit.train.evaluation import evaluate_model
-from cnnkit.train.setup import SMOKE_BATCHES, SMOKE_EPOCHS, samples_asked, trained_images, validated_images
+from cnnkit.stages import SMOKE_EPOCHS
+from cnnkit.train.setup import SMOKE_BATCHES, samples_asked, trained_images, validated_images
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
@@ -89,9 +90,9 @@ def evaluate(
     cfg = ckpt.config
     warnings = []
     if (cfg or {}).get("smoke"):  # its figures read as a score, as any run's do, where it trained a few batches
-        warnings.append(f"{ckpt.path} is from a smoke run (--smoke: at most {SMOKE_EPOCHS} epochs of {SMOKE_BATCHES} "
-                        "batches), which checks that a command line runs: these figures are not how well the model "
-                        "learns")
+        warnings.append(f"{ckpt.path} is from a smoke run (--smoke: at most {SMOKE_EPOCHS} epochs a stage, each of "
+                        f"at most {SMOKE_BATCHES} batches), which checks that a command line runs: these figures are "
+                        "not how well the model learns")
     if data is None and val_data is None and not (cfg or {}).get("data"):  # an export, or a bare state's checkpoint
         raise UserError(f"{ckpt.path} does not record its training data, so it has no validation images of its own; "
                         "pass the images to score: --val-data DIR (all of it), or --data DIR")

@@ -207,8 +207,9 @@ def test_eval_of_a_smoke_run_scores_the_images_it_validated_on(tmp_path, folder)
     assert r.count == result["num_val"] == 256
     assert r.acc == result["val_acc"] and r.loss == pytest.approx(result["val_loss"], rel=1e-4)
     # and it says that they are a smoke run's: eval printed them as any run's score
-    assert r.warnings == [f"{out / 'last.pt'} is from a smoke run (--smoke: at most 2 epochs of 5 batches), which "
-                          "checks that a command line runs: these figures are not how well the model learns"]
+    assert r.warnings == [f"{out / 'last.pt'} is from a smoke run (--smoke: at most 2 epochs a stage, each of at "
+                          "most 5 batches), which checks that a command line runs: these figures are not how well "
+                          "the model learns"]
 
 
 def test_eval_of_an_overfit_batches_run_scores_the_batches_it_overfit_and_says_so(tmp_path, image_folder):
