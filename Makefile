@@ -26,8 +26,9 @@ chromium:
 	  else echo "note: no chromium and no root to install it: the browser test will be skipped"; fi; }
 
 # Two test processes (pytest-xdist), each test file's tests in one of them, each process computing with one thread
-# (tests/conftest.py): most tests start `cnnkit` commands, and a command's start (importing torch) uses one core.
-# On 2 cores this took the suite from 10 min 17 s to 6 min 3 s. `pytest` alone runs them in one process.
+# (tests/conftest.py): most tests start `cnnkit` commands, each forked from a process that has imported torch
+# (tests/preloaded.py). On 2 cores the two processes took the suite from 10 min 17 s to 6 min 3 s; the forks, with
+# 100 more tests, from 9 min to 5 min 30 s (docs/design.md, "The test suite"). `pytest` alone runs them in one process.
 test: install chromium
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
