@@ -1216,7 +1216,7 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainCon
     if others:
         raise UserError(f"a resumed run continues with its own settings; drop {', '.join(others)} (only "
                         f"{' and '.join(SESSION_OPTIONS)} may change when resuming)")
-    return make_config(TrainConfig(**{**_as_run(saved["config"], saved["input_size"]), **overrides}))
+    return make_config(TrainConfig(**{**_as_run(saved["config"], saved["input_size"]), **overrides}), resumed=True)
 
 
 def _as_run(config: dict[str, Any], input_size: int) -> dict[str, Any]:

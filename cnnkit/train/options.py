@@ -33,14 +33,15 @@ COMMAND_LINE_ONLY = {
 
 
 def make_config(config: TrainConfig | str | os.PathLike | None = None,
-                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+                overrides: Mapping[str, Any] | None = None, *, resumed: bool = False) -> TrainConfig:
     """The checked configuration of a run: ``overrides`` (TrainConfig fields) over ``config``.
 
     ``config``: None (TrainConfig's defaults under the recipe that ``overrides`` or the file names), a YAML or
     JSON file of TrainConfig fields (a run folder's ``config.json`` replays that run; its recipe, or the one in
     ``overrides``, lies under it), or a TrainConfig, whose every field is taken as set. ``model_options`` are
     merged key by key, so ``--model-opt`` adds to a file's. Options left to the data (None) get the data's
-    defaults; a value out of range is a UserError naming it.
+    defaults; a value out of range is a UserError naming it. ``resumed``: the configuration of a run that started
+    before, which rules added since (the warm-up's length) do not refuse: it goes on as it began.
     """
     overrides = dict(overrides or {})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -79,7 +80,7 @@ def make_config(config: TrainConfig | str | os.PathLike | None = None,
     cfg = with_data_defaults(dataclasses.replace(base, **overrides))  # config.json records what they became
     if cfg.report and not cfg.plots:  # the report embeds the plots, so they are written too: config.json says so
         cfg = dataclasses.replace(cfg, plots=True)
-    check_config(cfg, sources)
+    check_config(cfg, sources, resumed=resumed)
     return cfg
 
 
@@ -93,7 +94,7 @@ def model_options_error(error: UserError, config: TrainConfig | str | os.PathLik
     return UserError(f"--config {os.fspath(config)}: model_options: {error}")
 
 
-def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
+def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None, *, resumed: bool = False) -> None:
     """Raise a UserError naming the first option of ``cfg`` that is out of range. ``sources`` maps the options a
     config file set to its path: their error names the file and the key as written there ("--config run.yaml:
     epochs must be ..."), where the same value given as a flag or keyword is named as an option."""
@@ -161,7 +162,7 @@ def check_config(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> 
                         "make it smaller than --epochs")
     check_stage_options(cfg.stages, cfg.freeze, cfg.unfreeze)
     stages = plan_stages(cfg.stages, cfg.freeze, cfg.unfreeze, cfg.epochs, 1.0)  # --stages read and checked
-    if cfg.warmup_epochs >= (shortest := min(stage.epochs for stage in stages)):
+    if cfg.warmup_epochs >= (shortest := min(stage.epochs for stage in stages)) and not resumed:
         # The rate would still be rising when the run (or a stage, which warms up anew) ends: it never reaches its
         # peak, nor decays. A usage error, not a warning in a log read after the run: timm lets such a run go
         # unremarked, and fastai's warm-up is a fraction of the run (pct_start), so there it cannot happen.

@@ -130,6 +130,7 @@ def test_resume_takes_the_thread_count_of_this_session(tmp_path, capsys):
     import dataclasses
 
     from cnnkit.train.config import TrainConfig
+    from cnnkit.train.config import TrainConfig
     from cnnkit.train.loop import resumed_config
 
     saved = {"config": dataclasses.asdict(TrainConfig(threads=2, epochs=4)), "input_size": 32}
@@ -224,3 +225,18 @@ def test_a_backbone_rate_that_muon_would_ignore_is_refused():
     with pytest.raises(UserError, match="muon"):
         make_config(None, given("train", "--recipe", "fast", "--lr-backbone", "1e-4"))
     make_config(overrides=dict(model="resnet18", optimizer="adamw", unfreeze="layer4,fc", lr_backbone=1e-4))
+
+
+def test_a_run_begun_with_a_warm_up_as_long_as_it_still_resumes():
+    # the refusal above came after such runs were begun: --resume of one refused it as if it were new
+    import dataclasses
+
+    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.loop import resumed_config
+
+    begun = dataclasses.asdict(make_config(None, {"epochs": 2}))
+    saved = {"config": {**begun, "warmup_epochs": 5}, "input_size": 32}
+    cfg = resumed_config(saved, {"threads": 1})
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.threads) == (2, 5, 1)
+    with pytest.raises(UserError, match=r"^--warmup-epochs 5 is not shorter"):  # a new run from its settings is not
+        make_config(TrainConfig(**{**begun, "warmup_epochs": 5}))
