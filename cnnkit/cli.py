@@ -990,10 +990,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         best = (f"best {result.best_val_acc:.4f} at epoch {result.best_epoch}" if result.monitor == "val_acc" else
                 f"best {result.monitor} {result.best_score:.4g} at epoch {result.best_epoch}, val acc "
                 f"{result.best_val_acc:.4f} there")
+        from cnnkit.runs import run_info
+
+        info = run_info(result.run_dir)  # a resumed smoke run is one too: its config.json says so
+        smoke = " (a smoke run: it checks that the command line runs; its accuracy is no score)" if (
+            info is not None and info.smoke) else ""
         print(f"done: val acc {result.val_acc:.4f} ({best}){tta}, "
               f"{result.images_per_s:,.0f} images/s, {result.train_time_s:.1f} s training"
               f"{' over its sessions' if args.resume else ''}, {result.wall_time_s:.1f} s in all"
-              f"{' this time' if args.resume else ''}; run folder {result.run_dir}")
+              f"{' this time' if args.resume else ''}{smoke}; run folder {result.run_dir}")
         if not (args.quiet or os.path.exists(os.path.join(result.run_dir, "report.html"))):
             print(f"see it: cnnkit report {result.run_dir}")
     return 0

@@ -34,6 +34,7 @@ class RunInfo:
     # False for a run folder without a readable run.json (written by cnnkit before it recorded the start): its
     # start is config.json's file time then, which a copy of the folder (cp -r, rsync, unzip) resets to its own
     started_recorded: bool = True
+    smoke: bool = False  # a --smoke run: a check that a command line runs, whose accuracy is no score
 
 
 # What to do about a damaged file of a run, by name: config.json holds the settings nothing else records in full;
@@ -170,7 +171,7 @@ def run_info(run_dir: str) -> RunInfo | None:
     planned = (result or {}).get("epochs") or planned_epochs(config)
     start, recorded = started(run_dir)
     return RunInfo(run_dir, str(config.get("model", "?")), str(config.get("data", "?")), len(history), int(planned),
-                   best[0], best[1], start.strftime("%Y-%m-%d %H:%M"), status, recorded)
+                   best[0], best[1], start.strftime("%Y-%m-%d %H:%M"), status, recorded, bool(config.get("smoke")))
 
 
 def planned_epochs(config: dict[str, Any]) -> int:
@@ -256,7 +257,7 @@ def format_runs(runs: list[RunInfo]) -> str:
     header = ("RUN", "MODEL", "DATA", "EPOCHS", "BEST ACC", "STARTED", "STATUS")
     rows = [(r.path, r.model, r.data if len(r.data) <= 30 else "..." + r.data[-27:], f"{r.epochs_done}/{r.epochs}",
              "-" if r.best_val_acc is None else f"{r.best_val_acc:.4f} (ep {r.best_epoch})",
-             r.started + ("" if r.started_recorded else "*"), r.status)
+             r.started + ("" if r.started_recorded else "*"), r.status + (" (smoke run)" if r.smoke else ""))
             for r in runs]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     table = "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])

@@ -95,4 +95,4 @@ def test_a_stopped_smoke_run_is_listed_with_the_epochs_smoke_cuts_it_to(tmp_path
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"model": "cnn_bn", "data": "shapes", **config}))
         info = list_runs(str(run))[0]
-        assert (info.status, info.epochs) == ("stopped", planned), config
+        assert (info.status, info.epochs, info.smoke) == ("stopped", planned, bool(config.get("smoke"))), config

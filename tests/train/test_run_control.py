@@ -489,3 +489,17 @@ def test_a_signal_during_the_range_test_stops_it_in_one_line_with_nothing_writte
     assert proc.stderr == (f"cnnkit lr-find: stopped: {sig} during the learning-rate range test, which stopped at "
                            "once without writing its result (run the same command again)\n")
     assert not out.exists()  # not even its folder (check_writable removes what it made for the check)
+
+
+def test_a_smoke_runs_done_line_and_listing_say_it_is_one(tmp_path):
+    # its done line and `cnnkit runs` gave its accuracy as any finished run's, a score it is not
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "--smoke", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    done = proc.stdout.splitlines()[-2]
+    assert done.startswith("done: val acc ") and done.endswith(
+        f" in all (a smoke run: it checks that the command line runs; its accuracy is no score); run folder {out}")
+    listed = run_cli("runs", out).stdout.splitlines()[1]
+    assert listed.endswith("finished (smoke run)"), listed
