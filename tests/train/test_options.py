@@ -130,7 +130,6 @@ def test_resume_takes_the_thread_count_of_this_session(tmp_path, capsys):
     import dataclasses
 
     from cnnkit.train.config import TrainConfig
-    from cnnkit.train.config import TrainConfig
     from cnnkit.train.loop import resumed_config
 
     saved = {"config": dataclasses.asdict(TrainConfig(threads=2, epochs=4)), "input_size": 32}
