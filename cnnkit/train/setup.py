@@ -150,8 +150,9 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         print(f"cnnkit: note: --num-samples {cfg.num_samples:,}: the training data has only {len(train_set):,} "
               "images; it trains on all of them", file=log)
     steps, left = divmod(len(train_set), cfg.batch_size)  # a full last batch only: drop_last, below
-    if ctx.main and not saved and not cfg.overfit_batches and steps < FEW_STEPS:
-        # A recipe's batch size (--recipe fast: 1000) on a small folder leaves one or two updates an epoch.
+    if ctx.main and not saved and not cfg.overfit_batches and not cfg.smoke and steps < FEW_STEPS:
+        # A recipe's batch size (--recipe fast: 1000) on a small folder leaves one or two updates an epoch. A smoke
+        # run's few batches are its own cap (its line says so), which a smaller --batch-size would not lift.
         dropped = f", the {left} images left over in each shuffled epoch unused" if steps and left else ""
         print(f"cnnkit: note: {len(train_set):,} training images in batches of {cfg.batch_size}: "
               f"{max(steps, 1)} batch(es) an epoch{dropped}; a smaller --batch-size gives more steps", file=log)

@@ -152,9 +152,12 @@ def test_smoke_run_is_short_and_says_so(tmp_path):
 
 def test_smoke_run_with_val_split_on_shapes_trains_its_five_batches(tmp_path):
     # shapes splits the images it generates: a smoke run generated 5 batches' worth and trained on 4
+    log = io.StringIO()
     r = cnnkit.train(smoke=True, val_split=0.1, batch_size=32, model="cnn_bn", precision="fp32", progress=False,
-                     out=str(tmp_path / "run"), log=io.StringIO())
+                     out=str(tmp_path / "run"), log=log)
     assert r.num_train == 5 * 32 and r.num_val > 0
+    # its 5 batches are --smoke's cap, which the smaller --batch-size that this note advised would not lift
+    assert "a smaller --batch-size gives more steps" not in log.getvalue(), log.getvalue()
     steps = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert len(steps) - 1 == 2 * 5
     # with --num-samples, shapes generates no more than that, as the run itself does: the same training images
