@@ -280,12 +280,24 @@ def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     message = f"unrecognized arguments: {' '.join(extras)}"
     word = next((w for w in extras if w.startswith("-")), None)
     if word is None:
-        return message
+        return message + _repeat_hint(parser, extras[0])
     # Compared without their dashes, which every option shares and which would make unrelated names look close.
     # A stricter cutoff than elsewhere: option names are short and share their hyphenated parts, so at the usual
     # 0.6 --lrate would get --layer, --out-dir --data-dir and --threads --threshold.
     options = [o for a in parser._actions for o in a.option_strings]
     return message + did_you_mean(word.split("=", 1)[0].lstrip("-"), options, cutoff=0.7, key=lambda o: o.lstrip("-"))
+
+
+def _repeat_hint(parser: argparse.ArgumentParser, extra: str) -> str:
+    """Where ``extra`` came right after the value of a repeatable option (`features --layer a b`), the hint that
+    the option takes one value at a time; else ""."""
+    words = getattr(parser, "words", [])
+    for i in range(len(words) - 2):
+        action = parser._option_string_actions.get(words[i])
+        if isinstance(action, argparse._AppendAction) and words[i + 2] == extra:
+            return (f"; {words[i]} takes one {action.metavar or 'value'} at a time, so repeat it: "
+                    f"{words[i]} {words[i + 1]} {words[i]} {extra}")
+    return ""
 
 
 def _square_input_size(parser: argparse.ArgumentParser) -> str | None:

@@ -170,6 +170,10 @@ def test_non_finite_numbers_fail_the_python_api_before_training(tmp_path, option
     (["predict", "RUN", "x.png", "--top-k=3"], ["did you mean --topk?", "(see cnnkit predict --help)"]),
     (["eval", "RUN", "--bogus"], ["unrecognized arguments: --bogus (see cnnkit eval --help)"]),
     (["--bogus"], ["unrecognized arguments: --bogus (see cnnkit --help)"]),
+    # two names after a repeatable option: the second was only "unrecognized"
+    (["features", "RUN", "--layer", "features.1", "features.7"],
+     ["unrecognized arguments: features.7; --layer takes one NAME at a time, so repeat it: --layer features.1 "
+      "--layer features.7 (see cnnkit features --help)"]),
 ])
 def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, args, words):
     from cnnkit.cli import build_parser
