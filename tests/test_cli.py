@@ -17,6 +17,16 @@ def assert_one_line_error(proc, code, *words):
         assert w in lines[0], lines[0]
 
 
+def usage_error(capsys, args):
+    """What the parser prints to stderr for ``args`` (stripped), after checking that it exits with 2."""
+    from cnnkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
 def test_train_json_eval_predict_round_trip(tmp_path, image_folder):
     out = tmp_path / "run"
     train = run_cli("train", "--model", "cnn_bn", "--data", image_folder, "--val-split", "0.25", "--epochs", "2",
@@ -144,13 +154,8 @@ def test_version_and_help():
     ["lr-find", "--momentum", "nan"], ["lr-find", "--end-lr", "inf"],
 ])
 def test_non_finite_numbers_fail_the_argument_checks(capsys, args):
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and args[1] in err and "finite" in err, err
+    err = usage_error(capsys, args)
+    assert len(err.splitlines()) == 1 and args[1] in err and "finite" in err, err
 
 
 @pytest.mark.parametrize("option", ["lr", "momentum", "weight_decay", "warmup_epochs", "clip_grad"])
@@ -176,12 +181,7 @@ def test_non_finite_numbers_fail_the_python_api_before_training(tmp_path, option
       "--layer features.7 (see cnnkit features --help)"]),
 ])
 def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, args, words):
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = usage_error(capsys, args).splitlines()
     assert len(lines) == 1, lines
     for w in words:
         assert w in lines[0], lines[0]
@@ -216,12 +216,7 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == line
+    assert usage_error(capsys, args) == line
 
 
 @pytest.mark.parametrize("args, line", [
@@ -240,12 +235,7 @@ def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, ar
 ])
 def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_place(capsys, args, line):
     # Moving `last` into RUN's place (`cnnkit eval RUN last`) would suggest a command that fails in turn.
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == line
+    assert usage_error(capsys, args) == line
 
 
 @pytest.mark.parametrize("args, want", [
@@ -260,9 +250,7 @@ def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_g
     # `cnnkit embed --data photos/ resnet18` was told `cnnkit embed photos/ resnet18`, which reads photos/ as the model
     from cnnkit.cli import build_parser
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(args)
-    line = capsys.readouterr().err.strip()
+    line = usage_error(capsys, args)
     suggested = line.rsplit(": cnnkit ", 1)[1].removesuffix(f" (see cnnkit {args[0]} --help)")
     parsed = vars(build_parser().parse_args(suggested.split()))
     assert {k: parsed[k] for k in want} == want, line
@@ -270,13 +258,8 @@ def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_g
 
 def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abbreviates(capsys):
     # argparse took --model for --model-opt, and the command failed later on "--model-opt wants key=value"
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(["features", "resnet18", "--model", "x"])
-    assert e.value.code == 2
     assert "MODEL_OR_RUN is already given by position (resnet18), and cnnkit features has no --model option" in \
-        capsys.readouterr().err
+        usage_error(capsys, ["features", "resnet18", "--model", "x"])
 
 
 @pytest.mark.parametrize("args, line", [
@@ -295,10 +278,7 @@ def test_a_commands_option_before_the_command_says_where_it_goes(capsys, args, l
     # argparse took the option's value for the command: "argument COMMAND: invalid choice: '3'"
     from cnnkit.cli import build_parser
 
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == line
+    assert usage_error(capsys, args) == line
     if ": cnnkit " in line:  # the line it suggests parses, with the option's value
         parsed = build_parser().parse_args(line.rsplit(": cnnkit ", 1)[1].removesuffix(" (see cnnkit --help)").split())
         assert parsed.command == "train" and (parsed.epochs, parsed.threads, parsed.data) in \
@@ -453,13 +433,7 @@ def test_an_error_naming_a_file_with_a_newline_in_its_name_stays_one_line(tmp_pa
 ])
 def test_a_mistyped_command_or_choice_names_the_near_match(capsys, args, typed, meant):
     # Mistyped options got "did you mean"; a mistyped command or choice got only argparse's list of them.
-    from cnnkit.cli import build_parser
-
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args)
-    line = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(line.splitlines()) == 1 and f"invalid choice: '{typed}'" in line, line
+    line = usage_error(capsys, args)
+    assert len(line.splitlines()) == 1 and f"invalid choice: '{typed}'" in line, line
     assert f"; did you mean {meant}? (see cnnkit" in line, line
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["xyz"])
-    assert "did you mean" not in capsys.readouterr().err
+    assert "did you mean" not in usage_error(capsys, ["xyz"])
