@@ -11,10 +11,9 @@ import glob
 import os
 import pickle
 import random
-import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,7 +25,9 @@ from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.models.registry import create_model
 from cnnkit.runs import divergence, lower_rate
-from cnnkit.torch_files import NotATorchFile, load_failure, not_a_torch_file, refused_objects
+from cnnkit.torch_files import (
+    NotATorchFile, load_failure, not_a_torch_file, quiet_protocol_warning, refused_objects,
+)
 
 FORMAT_VERSION = 1
 # torch.load(weights_only=True) had known bypasses before 2.10; cnnkit relies on it to load untrusted files.
@@ -189,18 +190,9 @@ def read_payload(path: str) -> dict[str, Any]:
     if is_torchscript(path):
         raise UserError(f"{path} is a TorchScript export, for torch.jit.load in your own code; cnnkit reads the "
                               "checkpoint or run folder it was exported from, or an .onnx or .safetensors export")
-    instead = "a run folder, a checkpoint file (.pt) or a .safetensors export"
-    refused = refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead)
-    if refused:
-        raise refused
-    try:
-        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
-        failure = load_failure(path, e)
-        raise refused_torch_file(path, f"checkpoint {path}", "a checkpoint", instead, failure) or CheckpointError(
-            f"checkpoint {path} is damaged or truncated ({reason(failure)}); {_instead_of(path)}") from None
+    payload = load_torch_file(path, f"checkpoint {path}", "a checkpoint",
+                              "a run folder, a checkpoint file (.pt) or a .safetensors export",
+                              lambda why: f"checkpoint {path} is damaged or truncated ({why}); {_instead_of(path)}")
     if not isinstance(payload, dict) or "cnnkit_checkpoint" not in payload:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (no model description in it); pass a run folder "
                               "or a checkpoint cnnkit train wrote (best.pt, last.pt); a plain state dict starts a run "
@@ -216,6 +208,22 @@ def _instead_of(damaged: str) -> str:
     if other:
         return f"use {other} beside it, or restore it from a copy"
     return "restore it from a copy, or train again"
+
+
+def load_torch_file(path: str, name: str, not_what: str, instead: str, damaged: Callable[[str], str]) -> Any:
+    """``torch.load(path, weights_only=True)``, on the CPU, for ``path`` given as ``not_what``; its one-line errors
+    call it ``name`` and name ``instead`` as what to pass (``refused_torch_file``), and ``damaged(reason)`` is the
+    error for a file torch cannot read."""
+    refused = refused_torch_file(path, name, not_what, instead)
+    if refused:
+        raise refused
+    try:
+        with quiet_protocol_warning():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # on other bytes the unpickler also fails with KeyError, IndexError, struct.error...
+        failure = load_failure(path, e)
+        raise refused_torch_file(path, name, not_what, instead, failure) or CheckpointError(
+            damaged(reason(failure))) from None
 
 
 def refused_torch_file(path: str, name: str, not_what: str, instead: str, failure: BaseException | None = None

@@ -8,11 +8,14 @@ It sits below the models (torchvision's pretrained weights in their cache) and t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
+from typing import Iterator
 
 from cnnkit.choices import is_format
 
@@ -24,6 +27,15 @@ _MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF
 # The number torch.save's legacy format (before PyTorch 1.6, or _use_new_zipfile_serialization=False) pickles first:
 # torch.serialization.MAGIC_NUMBER, written here so that this module needs no torch.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+@contextlib.contextmanager
+def quiet_protocol_warning() -> Iterator[None]:
+    """Within the block, torch.load's "Detected pickle protocol" warning is silenced: a file of other bytes may
+    name any protocol, and the one-line error that follows its failure says what the file is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def not_a_torch_file(path: str) -> str | None:

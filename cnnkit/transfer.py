@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import IO, Any
 
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, read_payload, refused_torch_file
+from cnnkit.checkpoint import is_torchscript, load_torch_file, read_payload
 from cnnkit.choices import is_format
-from cnnkit.errors import CheckpointError, UserError, reason
+from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
 from cnnkit.stages import Stage, parse_stages
-from cnnkit.torch_files import load_failure
 from cnnkit.models.heads import find_head, reset_head
 
 
@@ -49,20 +47,12 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     instead = "a state dict (.pt/.pth), a .safetensors file or a cnnkit run"
     if is_torchscript(path):
         raise UserError(f"weights file {path} is a TorchScript export, not weights; pass {instead}")
-    refused = refused_torch_file(path, f"weights file {path}", "weights", instead)
-    if refused:
-        raise refused
-    try:  # one read, then decide what the file holds
-        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        failure = load_failure(path, e)
-        # Other kinds of file and refused pickles are named there: what is left is a file torch cannot read, most
-        # often one cut short (a download or copy that stopped), whose error says only "[Errno 22] Invalid argument".
-        raise refused_torch_file(path, f"weights file {path}", "weights", instead, failure) or CheckpointError(
-            f"weights file {path} is damaged, truncated or not a PyTorch file ({reason(failure)}); restore or "
-            f"download it again, or pass {instead}") from None
+    # One read, then decide what the file holds. Other kinds of file and refused pickles get their own line: what
+    # is left is a file torch cannot read, most often one cut short (a download or copy that stopped), whose error
+    # says only "[Errno 22] Invalid argument".
+    state = load_torch_file(path, f"weights file {path}", "weights", instead,
+                            lambda why: f"weights file {path} is damaged, truncated or not a PyTorch file ({why}); "
+                                        f"restore or download it again, or pass {instead}")
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
         return state["state_dict"], state
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

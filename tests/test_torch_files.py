@@ -89,7 +89,6 @@ def test_a_legacy_torch_pickle_the_unpickler_refuses_quotes_its_reason(tmp_path)
 def test_a_damaged_files_reason_is_read_once(tmp_path, monkeypatch):
     # load_failure read the whole file twice on the error path: once for the refusal, once for the message.
     import cnnkit.checkpoint
-    import cnnkit.transfer
 
     path = tmp_path / "best.pt"
     # random bytes, on which the weights-only unpickler fails as on a refused pickle ("Unsupported operand")
@@ -100,8 +99,7 @@ def test_a_damaged_files_reason_is_read_once(tmp_path, monkeypatch):
         calls.append(args)
         return load_failure(*args)
 
-    for module in (cnnkit.checkpoint, cnnkit.transfer):
-        monkeypatch.setattr(module, "load_failure", counted)
+    monkeypatch.setattr(cnnkit.checkpoint, "load_failure", counted)  # where both reads load (load_torch_file)
     for read in (cnnkit.load_checkpoint, lambda p: load_weights(cnnkit.create_model("simple_cnn"), p)):
         calls.clear()
         with pytest.raises(CheckpointError, match="damaged"):

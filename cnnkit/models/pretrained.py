@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import warnings
 
 import torch
 
 from cnnkit.errors import CheckpointError, UserError, reason
 from cnnkit.models.registry import default_weights
-from cnnkit.torch_files import NotATorchFile, load_failure, refused_objects
+from cnnkit.torch_files import NotATorchFile, load_failure, quiet_protocol_warning, refused_objects
 
 
 def pretrained_weights(name: str):
@@ -41,8 +40,7 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
     weights = pretrained_weights(name)
     cached = cached_weights_path(name)
     try:
-        with warnings.catch_warnings():  # a file of other bytes may name any pickle protocol: torch warns of it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        with quiet_protocol_warning():
             return torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
                                                       map_location="cpu", weights_only=True)
     except Exception as e:  # offline, refused, or a bad download: say where the file has to go
