@@ -79,6 +79,7 @@ import torch.nn as nn
 
 from cnnkit.atomic import check_writable, write_json
 from cnnkit.data.loader import BatchLoader
+from cnnkit.data.sources import left_out_warning
 from cnnkit.errors import UserError, warn
 from cnnkit.progress import progress_bar
 from cnnkit.train import distributed
@@ -162,12 +163,11 @@ def lr_find(config: TrainConfig | str | None = None, *, start_lr: float = 1e-6, 
         run = build_run(range_test_config(cfg, for_train), machine, io.StringIO() if for_train else log)
     except ModelOptionsError as e:
         raise model_options_error(e, config, overrides) from None
-    skipped = run.train_set.skipped + run.val_set.skipped
-    if skipped and not for_train:  # train --lr auto: the run's own set-up warns right after the test, as train does
-        # train's warning, without its run folder's bad_images.txt: the first is named, check-data lists them all
-        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-        warn(log, run.warnings, f"skipped {len(skipped)} broken image(s): {skipped[0]}{more}; fix or remove them "
-             f"(`cnnkit check-data {cfg.data}` lists them all)")
+    if not for_train:  # train --lr auto: the run's own set-up warns right after the test, as train does
+        # without a run folder's bad_images.txt: the first is named, check-data lists them all
+        for warning in left_out_warning(run.train_set.skipped + run.val_set.skipped, cfg.data,
+                                        why=f" (`cnnkit check-data {cfg.data}` lists them all)"):
+            warn(log, run.warnings, warning)
     model, criterion, scaler, threads = run.model, run.criterion, run.scaler, machine.threads
     stage = plan_stages(None, cfg.freeze, cfg.unfreeze, cfg.epochs, start_lr)[0]
     check_head_trains(model, stage, f"--unfreeze {cfg.unfreeze}")  # else a flat curve, every gradient zero

@@ -309,5 +309,5 @@ def test_lr_find_warns_of_the_broken_images_it_skipped_as_train_does(tmp_path, i
                        log=log, progress=False)
     shown = [line[len(WARNING):] for line in log.getvalue().splitlines() if line.startswith(WARNING)]
     assert r.warnings == shown and len(shown) == 1, shown
-    assert shown[0].startswith("skipped 2 broken image(s): cannot decode image ") and "(and 1 more)" in shown[0]
-    assert f"cnnkit check-data {image_folder}" in shown[0]
+    assert shown[0].startswith(f"left out 2 broken image(s) of {image_folder} (`cnnkit check-data {image_folder}` "
+                               "lists them all): cannot decode image ") and "(and 1 more)" in shown[0]
