@@ -15,7 +15,7 @@ from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
 from cnnkit.train.evaluation import evaluate_model
 from cnnkit.stages import SMOKE_EPOCHS
-from cnnkit.train.setup import SMOKE_BATCHES, samples_asked, trained_images, validated_images
+from cnnkit.train.setup import SMOKE_BATCHES, run_images, samples_asked
 from cnnkit.train.metrics import macro_averages, per_class_metrics
 from cnnkit.tta import with_tta
 from cnnkit.train.precision import precision_name, resolve_device, resolve_precision
@@ -168,12 +168,9 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
                     ckpt.input_size, ckpt.channels, num_samples)
     if val_split is not None:
         return load_splits(replace(spec, val_data=None, val_split=val_split))[1]
-    train_set, val_set = load_splits(spec)
-    if cfg.get("overfit_batches"):  # as Lightning's overfit_batches: the run validated on the batches it overfit
-        # (its broken images were left out before the batches were drawn, as training's validation set says nothing)
-        overfit = trained_images(train_set, smoke, cfg["overfit_batches"], cfg["batch_size"], cfg.get("seed", 0))
-        return replace(overfit, skipped=[])
-    return validated_images(val_set, smoke, cfg.get("seed", 0))
+    # an --overfit-batches run validated on the batches it overfit
+    return run_images(*load_splits(spec), smoke, cfg.get("overfit_batches", 0), cfg.get("batch_size"),
+                      cfg.get("seed", 0))[1]
 
 
 

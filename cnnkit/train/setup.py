@@ -298,10 +298,7 @@ def _load_data(cfg: TrainConfig, machine: Machine) -> tuple[ImageSet, ImageSet]:
     single = one_class(train_set)
     if single:  # else it trains to accuracy 1.0 without a word: every image is the one class
         raise UserError(single)
-    train_set = trained_images(train_set, cfg.smoke, cfg.overfit_batches, cfg.batch_size, cfg.seed)
-    val_set = validated_images(val_set, cfg.smoke, cfg.seed)
-    if cfg.overfit_batches:  # can the model memorise a few batches? It is validated on the very same images.
-        val_set = dataclasses.replace(train_set, skipped=[])
+    train_set, val_set = run_images(train_set, val_set, cfg.smoke, cfg.overfit_batches, cfg.batch_size, cfg.seed)
     if train_set.images is None and cfg.workers:  # decoded per batch by loader processes: leave them their cores
         machine.threads = set_torch_threads(cfg.threads, workers=cfg.workers)
     return train_set, val_set
@@ -326,20 +323,20 @@ def samples_asked(data: str, val_split: float | None, num_samples: int | None, b
     return asked
 
 
-def trained_images(train_set: ImageSet, smoke: bool, overfit_batches: int, batch_size: int, seed: int) -> ImageSet:
-    """The part of the training set a run trains on: in a smoke run, at most SMOKE_BATCHES batches' worth; with
-    ``overfit_batches``, that many batches' worth of those, which the run validates on too. ``cnnkit eval RUN``
-    rebuilds them (cnnkit/evaluate.py) to score an --overfit-batches run on the images it was validated on."""
+def run_images(train_set: ImageSet, val_set: ImageSet, smoke: bool, overfit_batches: int, batch_size: int | None,
+               seed: int) -> tuple[ImageSet, ImageSet]:
+    """The parts of its splits a run trains and validates on. A smoke run: at most SMOKE_BATCHES batches' worth of
+    the training images and SMOKE_VAL_IMAGES of the validation images. With ``overfit_batches`` (can the model
+    memorise a few batches?): that many batches' worth of the training images, which the run validates on too, as
+    Lightning's overfit_batches does (their broken images were left out before the batches were drawn: the
+    validation set names none). ``cnnkit eval RUN`` rebuilds them (cnnkit/evaluate.py), to score the images the run
+    was validated on."""
     if smoke:
         train_set = sample_images(train_set, SMOKE_BATCHES * batch_size, seed)
     if overfit_batches:
         train_set = sample_images(train_set, overfit_batches * batch_size, seed)
-    return train_set
-
-
-def validated_images(val_set: ImageSet, smoke: bool, seed: int) -> ImageSet:
-    """The part of the validation set a run validates on: in a smoke run, at most SMOKE_VAL_IMAGES of it."""
-    return sample_images(val_set, SMOKE_VAL_IMAGES, seed) if smoke else val_set
+        return train_set, dataclasses.replace(train_set, skipped=[])
+    return train_set, sample_images(val_set, SMOKE_VAL_IMAGES, seed) if smoke else val_set
 
 
 def sample_images(data: ImageSet, count: int, seed: int) -> ImageSet:
