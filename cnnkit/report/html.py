@@ -29,7 +29,7 @@ from cnnkit.errors import UserError
 from cnnkit.report import plots
 from cnnkit.report.predictions import Predictions, predict_validation
 from cnnkit.runs import divergence, planned_epochs
-from cnnkit.stages import parse_stages, smoke_stages
+from cnnkit.stages import Stage, parse_stages, smoke_stages
 from cnnkit.train.metrics import macro_averages
 
 FEATURE_CHANNELS = 16  # tiles per feature-map grid
@@ -287,14 +287,15 @@ def _stage_plan(config: dict, stages: list[dict] | None) -> list[_StageShown] | 
     planned = parse_stages(str(config["stages"]))
     if config.get("smoke"):
         planned = smoke_stages(planned)
+    def not_run(stage: Stage) -> _StageShown:
+        return _StageShown("+".join(stage.modules or ["all"]), stage.epochs, stage.lr, False)
+
     try:
         began = {int(s["stage"]): s for s in stages or []}
-        shown = [_StageShown("+".join(began[i]["modules"]), int(began[i]["epochs"]), float(began[i]["lr"]), True)
-                 if i in began else _StageShown("+".join(s.modules or ["all"]), s.epochs, s.lr, False)
-                 for i, s in enumerate(planned, 1)]
+        return [_StageShown("+".join(began[i]["modules"]), int(began[i]["epochs"]), float(began[i]["lr"]), True)
+                if i in began else not_run(s) for i, s in enumerate(planned, 1)]
     except (KeyError, TypeError, ValueError):  # a stages.json that is not the run's records: the plan alone
-        shown = [_StageShown("+".join(s.modules or ["all"]), s.epochs, s.lr, False) for s in planned]
-    return shown
+        return [not_run(s) for s in planned]
 
 
 def _config_section(config: dict, plan: list[_StageShown] | None = None) -> str:
