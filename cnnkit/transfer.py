@@ -16,7 +16,7 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from cnnkit.checkpoint import is_torchscript, load_torch_file, read_payload
+from cnnkit.checkpoint import is_torchscript, load_torch_file, read_payload, resolve_checkpoint_path
 from cnnkit.choices import is_format
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.metadata import payload_from_metadata
@@ -24,12 +24,15 @@ from cnnkit.stages import Stage, parse_stages
 from cnnkit.models.heads import find_head, reset_head
 
 
-def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands."""
+def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
+    """(state dict, cnnkit checkpoint payload or None) from any weights file cnnkit understands, or from a run
+    folder's checkpoint (``resolve_checkpoint_path``: best.pt, else last.pt), whose path comes back third: the
+    file read."""
     # A folder (a run) or a missing path first, whatever its name: safetensors calls both "cannot read".
     if os.path.isdir(path):
+        path = resolve_checkpoint_path(path)
         payload = read_payload(path)
-        return payload["state_dict"], payload
+        return payload["state_dict"], payload, path
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} does not exist")
     if is_format(path, "safetensors"):
@@ -43,7 +46,7 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
             raise CheckpointError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
         # cnnkit's own export describes its model, classes and normalisation, as its checkpoint does
         cnnkit_export = "cnnkit_checkpoint" in metadata
-        return state, {**payload_from_metadata(metadata, path), "state_dict": state} if cnnkit_export else None
+        return state, {**payload_from_metadata(metadata, path), "state_dict": state} if cnnkit_export else None, path
     instead = "a state dict (.pt/.pth), a .safetensors file or a cnnkit run"
     if is_torchscript(path):
         raise UserError(f"weights file {path} is a TorchScript export, not weights; pass {instead}")
@@ -54,12 +57,12 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
                             lambda why: f"weights file {path} is damaged, truncated or not a PyTorch file ({why}); "
                                         f"restore or download it again, or pass {instead}")
     if isinstance(state, dict) and "cnnkit_checkpoint" in state:
-        return state["state_dict"], state
+        return state["state_dict"], state, path
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a Lightning-style or training checkpoint wrapping the weights
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
-    return state, None
+    return state, None, path
 
 
 def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
@@ -69,8 +72,9 @@ def load_weights(model: nn.Module, path: str, log: IO[str] | None = None,
     differently (say, an MLP projector before the classifier) or missing (a backbone-only file), or when
     ``path`` is a cnnkit checkpoint whose class names differ from ``classes`` (the new data's): a head trained
     on airplane..deer says nothing about dog..truck, even with as many outputs. Prints what was loaded and
-    skipped; returns the cnnkit checkpoint payload when ``path`` was one (its normalisation then applies)."""
-    state, payload = _read_weights(path)
+    skipped, naming the file read (a run folder's best.pt or last.pt); returns the cnnkit checkpoint payload when
+    ``path`` was one (its normalisation then applies)."""
+    state, payload, path = _read_weights(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     head_name = find_head(model)[0]
     own = model.state_dict()

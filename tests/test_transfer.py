@@ -209,7 +209,10 @@ def test_a_head_trained_on_other_classes_starts_fresh_even_when_its_shape_fits(t
     same = cnnkit.create_model("simple_cnn", num_classes=10)
     load_weights(same, run.run_dir, classes=list(saved["classes"]))
     assert torch.equal(same.classifier[4].weight, saved["state_dict"]["classifier.4.weight"])
-    assert "starts fresh" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "starts fresh" not in out
+    # A run folder is read through one of its checkpoints, and the line names which ("from RUN" did not).
+    assert f"tensors from {os.path.join(run.run_dir, 'best.pt')}" in out, out
     other = cnnkit.create_model("simple_cnn", num_classes=10)
     load_weights(other, run.run_dir, classes=[f"class{i}" for i in range(10)])
     out = capsys.readouterr().out
@@ -253,11 +256,11 @@ def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path):
         load_weights(cnnkit.create_model("simple_cnn"), str(tmp_path / "s64.pth"))
     assert caught.value.exit_code == 2
     run = cnnkit.train(**TINY, model="cnn_bn", epochs=1, out=str(tmp_path / "bn"))  # a run of another model
-    with pytest.raises(UserError, match=f"{run.run_dir} holds a cnn_bn and this model is a simple_cnn: pass "
+    with pytest.raises(UserError, match=f"{run.run_dir}/best.pt holds a cnn_bn and this model is a simple_cnn: pass "
                                         "--model cnn_bn") as caught:
         load_weights(cnnkit.create_model("simple_cnn"), run.run_dir)
     assert caught.value.exit_code == 2
-    with pytest.raises(UserError, match=f"{run.run_dir} was trained on 3-channel images and this model takes 1: "
+    with pytest.raises(UserError, match=f"{run.run_dir}/best.pt was trained on 3-channel images and this model takes 1: "
                                         "pass --channels 3$"):
         load_weights(cnnkit.create_model("cnn_bn", in_channels=1), run.run_dir)
 
@@ -298,7 +301,7 @@ def test_weights_of_another_size_are_a_usage_error_on_the_command_line(tmp_path)
     run = cnnkit.train(**TINY, model="simple_cnn", epochs=1, out=str(tmp_path / "s32"))
     proc = run_cli("train", "--model", "simple_cnn", "--data", "shapes", "--num-samples", "64", "--input-size", "48",
                    "--epochs", "1", "--weights", run.run_dir, "--out", tmp_path / "s48")
-    assert_one_line_error(proc, 2, f"{run.run_dir} was trained on 32x32 images and this model is built for 48x48: "
+    assert_one_line_error(proc, 2, f"{run.run_dir}/best.pt was trained on 32x32 images and this model is built for 48x48: "
                                 "pass --input-size 32")
 
 
