@@ -967,8 +967,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     ignored = sorted(set(given) - set(SESSION_OPTIONS)) if args.resume else []
     if ignored:  # a resumed run takes its settings from its checkpoint, but for this session's SESSION_OPTIONS
         flags = ", ".join("--model-opt" if n == "model_options" else "--" + n.replace("_", "-") for n in ignored)
+        # The way on keeps what the run learned: a new run from its settings alone would start from scratch
+        # (or from the pretrained weights), not what `--epochs 30` beside --resume asks for.
         raise UserError(f"--resume continues a run with its own settings; drop {flags} (to change them, start a new "
-                        f"run from its settings: cnnkit train --config {os.path.join(args.resume, 'config.json')} "
+                        f"run from its settings and weights: cnnkit train --config "
+                        f"{os.path.join(args.resume, 'config.json')} --weights {os.path.join(args.resume, 'last.pt')} "
                         "[changed flags] --out NEW_DIR)")
     if args.nproc > 1:
         from cnnkit.train import distributed

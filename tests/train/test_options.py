@@ -112,6 +112,9 @@ def test_resume_refuses_the_settings_it_would_drop(tmp_path):
     r = run_cli("train", "--resume", tmp_path / "run", "--epochs", "7", "--lr", "0.5")
     assert r.returncode == 2
     assert "--resume continues a run with its own settings; drop --epochs, --lr" in r.stderr
+    # The command it gives goes on from the run's weights; without --weights it trained again from the start.
+    run = tmp_path / "run"
+    assert f"cnnkit train --config {run / 'config.json'} --weights {run / 'last.pt'} [changed flags]" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
