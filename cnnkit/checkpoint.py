@@ -262,6 +262,9 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = F
         spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
         input_size=spec["input_size"], **spec["options"],
     )
+    # Built without the pretrained weights the file's own replace, but a run that began from them still did: an
+    # export or a new checkpoint of this model says so ("pretrained": false in an exported fine-tuned resnet18).
+    model.cnnkit_config["pretrained"] = bool(spec.get("pretrained", False))
     try:
         result = model.load_state_dict(payload["state_dict"], strict=False)
     except RuntimeError as e:  # shape mismatches: name them

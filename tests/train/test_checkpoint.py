@@ -37,6 +37,21 @@ def test_checkpoint_alone_rebuilds_model_and_preprocessing(run):
     assert payload["model"]["num_classes"] == 10 and payload["config"]["epochs"] == 3
 
 
+def test_a_run_begun_from_pretrained_weights_is_still_called_so_once_reloaded(tmp_path):
+    # An export of a --pretrained run said "pretrained": false: the model rebuilt from the checkpoint (without
+    # downloading the weights its own replace) described itself, not the run.
+    from cnnkit.checkpoint import make_payload
+    from cnnkit.metadata import payload_metadata
+
+    model = cnnkit.create_model("simple_cnn", num_classes=2)
+    model.cnnkit_config["pretrained"] = True  # as create_model(..., pretrained=True) records it
+    torch.save(make_payload(model, ["a", "b"], 32, 3, [0.5] * 3, [0.25] * 3), tmp_path / "best.pt")
+    ckpt = cnnkit.load_checkpoint(str(tmp_path / "best.pt"))
+    assert ckpt.model.cnnkit_config["pretrained"] is True
+    exported = payload_metadata(make_payload(ckpt.model, ckpt.classes, 32, 3, ckpt.mean, ckpt.std))
+    assert '"pretrained": true' in exported["model"]
+
+
 def test_evaluate_result_fields(run):
     _, out = run
     r = cnnkit.evaluate(out, "shapes")
