@@ -15,7 +15,8 @@ block's depthwise convolution), ``features.7`` for ``simple_cnn``. Only
 maps that keep more than one position count: at 32x32 a ResNet's ``layer4`` is 1x1, one value per
 channel, and a map of it is one flat colour, so ``layer3`` (2x2) is used there, with a warning: the last map with
 more positions that the rest of the network is computed from (``Mixed_6e`` for Inception-v3 at 75 to 106 pixels,
-not one of ``Mixed_7a``'s branch convolutions). A block without a shortcut is entered: MobileNetV3-Small's at 32
+not one of ``Mixed_7a``'s branch convolutions). A default map of 2x2 or fewer positions (a ResNet's ``layer4`` at
+64 pixels) comes with a warning that names the finer layer to pass instead, found the same way. A block without a shortcut is entered: MobileNetV3-Small's at 32
 pixels gives ``features.9.block.0``, the expansion layer of its first stride-32 block (the last 2x2 map, receptive
 field 319 px as ``features.8``'s), the layer the MobileNetV3 paper's SSDLite head (section 6.3; torchvision's
 ssdlite.py) takes its stride-16 features from; at 224 it is ``features``, the tensor of pytorch-grad-cam's usual
@@ -94,13 +95,34 @@ def default_cam_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> tu
                             f"channel: one flat colour), so the map is of {block.name} ({h}x{w}), the last block "
                             "whose output has more positions; larger images map the layers after it"]
     last = None  # the last convolution's run: the fallback when every run ends in a pre-activation layer
+    name = None
     for conv in reversed(convs):
         run = _same_resolution_after(conv, ordered)
         last = last or run
         kept = [x for x in run if not isinstance(x.module, PRE_ACTIVATION)]
         if kept:
-            return _outermost(run, kept[-1]), []
-    return _outermost(last, last[-1]), []
+            name = _outermost(run, kept[-1])
+            break
+    name = name or _outermost(last, last[-1])
+    return name, _coarse_map_warning(t, name, input_shape)
+
+
+# A map of this many positions or fewer is a few flat blocks over the image (a ResNet's layer4 at 64 px is 2x2).
+COARSE_POSITIONS = 4
+
+
+def _coarse_map_warning(t: Trace, name: str, input_shape: tuple[int, int, int]) -> list[str]:
+    """Where the default layer's map has only a few positions, the warning that says so and names the finer
+    layer to pass instead: the last map with more positions that the rest is computed from."""
+    chosen = next(x for x in t.layers if x.name == name)
+    if _positions(chosen) > COARSE_POSITIONS:
+        return []
+    finer = last_block_with_positions(t, lambda x: _positions(x) > _positions(chosen))
+    if finer is None:
+        return []
+    (_, h, w), (_, fh, fw) = chosen.output_shape, finer.output_shape
+    return [f"the map of {name} is {h}x{w} at {input_shape[1]}x{input_shape[2]}, {h * w} blocks over the image; "
+            f"--layer {finer.name} ({fh}x{fw}) shows finer detail, from earlier in the network"]
 
 
 def _positions(layer: TracedLayer) -> int:

@@ -12,7 +12,7 @@ from PIL import Image
 import cnnkit
 import cnnkit.progress
 from cnnkit.errors import UserError
-from cnnkit.inspect.cam import cam_heatmaps, last_conv_layer
+from cnnkit.inspect.cam import cam_heatmaps, default_cam_layer, last_conv_layer
 from cnnkit.inspect.loading import load_model, prepare_image
 
 from tests.conftest import run_cli
@@ -122,7 +122,11 @@ def test_default_cam_layer_skips_maps_of_one_position():
     # At 32x32 a ResNet's layer4 (and the average pool after it) is 1x1: a map of it is one flat colour.
     model = cnnkit.create_model("resnet18", num_classes=3)
     assert last_conv_layer(model, (3, 32, 32)) == "layer3"
-    assert last_conv_layer(model, (3, 64, 64)) == "layer4"  # 2x2
+    assert last_conv_layer(model, (3, 64, 64)) == "layer4"  # 2x2, with a warning naming the finer layer3
+    assert default_cam_layer(model, (3, 64, 64))[1] == [
+        "the map of layer4 is 2x2 at 64x64, 4 blocks over the image; --layer layer3 (4x4) shows finer detail, "
+        "from earlier in the network"]
+    assert default_cam_layer(model, (3, 96, 96)) == ("layer4", [])  # 3x3
     with pytest.raises(UserError, match="every convolution's output is 1x1 at 1x1"):
         last_conv_layer(model, (3, 1, 1))
 
@@ -158,8 +162,11 @@ def test_where_the_last_maps_are_1x1_the_default_cam_layer_is_what_the_rest_is_c
     assert c.layer == "Mixed_6e" and c.warnings == [
         "the last convolution's map is 1x1 at 75x75 (one value per channel: one flat colour), so the map is of "
         "Mixed_6e (3x3), the last block whose output has more positions; larger images map the layers after it"]
+    # Mixed_7c is 2x2 at 107: mapped, with the finer layer to pass named (a 2x2 map came without a word).
     assert cnnkit.class_activation_map("inception_v3", shape_image, out=str(tmp_path / "j.png"), input_size=107,
-                                       progress=False).warnings == []
+                                       progress=False).warnings == [
+        "the map of Mixed_7c is 2x2 at 107x107, 4 blocks over the image; --layer Mixed_6e (5x5) shows finer "
+        "detail, from earlier in the network"]
 
 
 def test_cam_heat_maps_are_input_sized_and_not_constant(trained_run, shape_image):
