@@ -459,7 +459,10 @@ def _restore(t: Training, saved: dict[str, Any], run_dir: str) -> None:
     before = saved["config"].get("threads")
     threads = (f" with --threads {t.cfg.threads} (before: {before or 'the default'})"
                if t.cfg.threads != before else "")
-    print(f"cnnkit: resuming {run_dir} at epoch {run.epoch}, batch {t.epoch_state.batch}{threads}", file=t.log)
+    # The batches done, not the one to run next: "at epoch 2, batch 4" read as if batch 4 ran again.
+    done = t.epoch_state.batch
+    where = f"after batch {done} of epoch {run.epoch}" if done else f"at the start of epoch {run.epoch}"
+    print(f"cnnkit: resuming {run_dir} {where}{threads}", file=t.log)
 
 
 def _train_epoch(t: Training, stop: "StopSignals") -> None:

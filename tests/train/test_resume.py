@@ -85,7 +85,8 @@ def test_sigkill_during_an_epoch_then_resume(tmp_path, reference):
     state = read_payload(str(last))["resume"]
     assert state["run"]["epoch"] == 2 and 0 < state["epoch_state"]["batch"] < 24
     text = resume(str(out))
-    assert "resuming" in text
+    # It names the batches done, which are not run again ("at epoch 2, batch 4" read as if batch 4 were).
+    assert f"resuming {out} after batch {state['epoch_state']['batch']} of epoch 2" in text, text
     assert_same_weights(weights(reference), weights(out))
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + one row per epoch, no duplicates
     assert logs(out) == logs(reference)  # every step's loss once, and the epoch's lr from its first step
