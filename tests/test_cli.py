@@ -213,6 +213,21 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
     (["predict", "cat.jpg", "--checkpoint", "RUN"],
      "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
      "cat.jpg (see cnnkit predict --help)"),
+    # two images fill both positional arguments, RUN_DIR_OR_CHECKPOINT with a.jpg: the option given first was still
+    # said to be "already given by position (a.jpg)", the words of `predict RUN cat.jpg --checkpoint last`
+    (["predict", "--checkpoint=RUN", "a.jpg", "b.jpg"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "a.jpg b.jpg (see cnnkit predict --help)"),
+    # features and cam take the image as --image: the line gives it there (it named the conflict alone)
+    (["features", "--model", "resnet18", "cat.jpg"],
+     "cnnkit features: error: MODEL_OR_RUN is given by position, without --model, and the image with --image: "
+     "cnnkit features resnet18 --image cat.jpg (see cnnkit features --help)"),
+    (["cam", "--model=resnet18", "cat.jpg"],
+     "cnnkit cam: error: MODEL_OR_RUN is given by position, without --model, and the image with --image: "
+     "cnnkit cam resnet18 --image cat.jpg --out PNG (see cnnkit cam --help)"),
+    (["features", "resnet18", "cat.jpg", "--out", "maps"],
+     "cnnkit features: error: unrecognized arguments: cat.jpg; the image goes after --image: cnnkit features "
+     "resnet18 --image cat.jpg --out maps (see cnnkit features --help)"),
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
@@ -221,17 +236,23 @@ def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, ar
 
 @pytest.mark.parametrize("args, line", [
     (["eval", "RUN", "--checkpoint", "last"],
-     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
-     "(.pt, .safetensors) (see cnnkit eval --help)"),
+     "cnnkit eval: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT (by position), so "
+     "--checkpoint last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint "
+     "file (.pt, .safetensors): cnnkit eval RUN (see cnnkit eval --help)"),
     (["eval", "--checkpoint=last", "RUN"],
-     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
-     "(.pt, .safetensors) (see cnnkit eval --help)"),
+     "cnnkit eval: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT (by position), so "
+     "--checkpoint=last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint "
+     "file (.pt, .safetensors): cnnkit eval RUN (see cnnkit eval --help)"),
+    # what each word was taken as: the line alone ("already given by position (RUN)") read as that of
+    # `predict --checkpoint RUN a.jpg b.jpg`
     (["predict", "RUN", "cat.jpg", "--checkpoint", "last"],
-     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit predict has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder, a .pt, .safetensors or .onnx file "
-     "(see cnnkit predict --help)"),
+     "cnnkit predict: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT and cat.jpg as "
+     "PATH (by position), so --checkpoint last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder, a .pt, "
+     ".safetensors or .onnx file: cnnkit predict RUN cat.jpg (see cnnkit predict --help)"),
+    (["predict", "a.jpg", "b.jpg", "c.jpg", "--checkpoint", "RUN", "--topk", "1"],
+     "cnnkit predict: error: there is no --checkpoint option; a.jpg was taken as RUN_DIR_OR_CHECKPOINT and b.jpg "
+     "c.jpg as PATH (by position), so --checkpoint RUN is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder, "
+     "a .pt, .safetensors or .onnx file: cnnkit predict a.jpg b.jpg c.jpg --topk 1 (see cnnkit predict --help)"),
 ])
 def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_place(capsys, args, line):
     # Moving `last` into RUN's place (`cnnkit eval RUN last`) would suggest a command that fails in turn.
@@ -242,6 +263,10 @@ def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_
     (["embed", "--data", "photos/", "resnet18"], {"model": "resnet18", "data": "photos/", "out": "FILE.npy"}),
     (["probe", "--data", "photos/", "RUN"], {"model": "RUN", "data": "photos/"}),
     (["predict", "--checkpoint", "RUN", "a.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg"]}),
+    (["predict", "--checkpoint=RUN", "a.jpg", "b.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg", "b.jpg"]}),
+    (["features", "--model", "resnet18", "cat.jpg", "--out", "maps"],
+     {"model": "resnet18", "image": "cat.jpg", "out": "maps"}),
+    (["cam", "--model", "RUN", "cat.jpg"], {"model": "RUN", "image": "cat.jpg"}),
     (["eval", "--checkpoint", "RUN", "--json"], {"checkpoint": "RUN", "json": True}),
     (["export", "--format", "onnx", "--checkpoint", "RUN", "--out", "m.onnx"], {"checkpoint": "RUN", "out": "m.onnx"}),
     (["summary", "--input-size", "64", "--model", "resnet18"], {"model": "resnet18", "input_size": [64]}),
@@ -258,8 +283,8 @@ def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_g
 
 def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abbreviates(capsys):
     # argparse took --model for --model-opt, and the command failed later on "--model-opt wants key=value"
-    assert "MODEL_OR_RUN is already given by position (resnet18), and cnnkit features has no --model option" in \
-        usage_error(capsys, ["features", "resnet18", "--model", "x"])
+    assert "there is no --model option; resnet18 was taken as MODEL_OR_RUN (by position), so --model x is one too " \
+        "many" in usage_error(capsys, ["features", "resnet18", "--model", "x"])
 
 
 @pytest.mark.parametrize("args, line", [
