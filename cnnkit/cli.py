@@ -1149,17 +1149,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from cnnkit.runs import DEFAULT_ROOT, format_runs, list_runs
+    from cnnkit.runs import DEFAULT_ROOT, folders_with_runs, format_runs, list_runs
 
     root = DEFAULT_ROOT if args.root is None else args.root
     runs = [] if args.root is None and not os.path.exists(root) else list_runs(root)
     if args.json:
         print(strict_json.dumps([dataclasses.asdict(r) for r in runs]))
     elif not runs:
-        print(f"no runs in {root}/ yet; start one with: cnnkit train")
+        print(_no_runs(root, folders_with_runs() if args.root is None else []))
     else:
         print(format_runs(runs))
     return 0
+
+
+def _no_runs(root: str, elsewhere: list[tuple[str, list[str]]]) -> str:
+    """What `cnnkit runs` says when ``root`` holds no runs: where it looked, and the folders of this one that hold
+    runs (``elsewhere``, as ``folders_with_runs`` finds them: made with train --out), each with its command."""
+    import shlex
+
+    looked = f"no runs in {root}/ ({os.path.abspath(root)})"
+    if not elsewhere:
+        return f"{looked} yet; start one with: cnnkit train, or list another folder's with: cnnkit runs DIR"
+    found = []
+    for folder, names in elsewhere:
+        shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if folder == "." else ""
+        found.append(f"cnnkit runs {shlex.quote(folder)} lists {len(names)} {plural('run', len(names))}{shown}")
+    return f"{looked}; runs elsewhere in this folder: {'; '.join(found)}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -405,11 +405,33 @@ def test_runs_without_a_runs_folder_is_no_error_but_a_missing_dir_given_is(tmp_p
     from tests.conftest import run_cli
 
     proc = run_cli("runs", cwd=tmp_path)  # nothing trained here yet, as with an empty runs/
-    assert proc.returncode == 0 and proc.stdout == "no runs in runs/ yet; start one with: cnnkit train\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout == (f"no runs in runs/ ({tmp_path / 'runs'}) yet; start one with: "
+                                                    "cnnkit train, or list another folder's with: cnnkit runs DIR\n"), \
+        proc.stderr
     proc = run_cli("runs", "--json", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
     assert_one_line_error(run_cli("runs", "runs", cwd=tmp_path), 2, "runs is not a folder")
     assert_one_line_error(run_cli("runs", "experiments", cwd=tmp_path), 2, "experiments is not a folder")
+
+
+def test_runs_without_runs_in_runs_names_the_folders_here_that_hold_some(tmp_path):
+    # runs made with --out somewhere were listed only by `cnnkit runs somewhere`; `cnnkit runs` said "no runs in
+    # runs/ yet", as if nothing had been trained
+    from tests.conftest import run_cli
+
+    _fake_run_folder(tmp_path / "again")
+    (tmp_path / "exp").mkdir()
+    _fake_run_folder(tmp_path / "exp" / "a")
+    _fake_run_folder(tmp_path / "exp" / "b")
+    (tmp_path / "photos" / "cat").mkdir(parents=True)  # a data folder: no runs
+    (tmp_path / "runs").mkdir()  # empty
+    proc = run_cli("runs", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == (
+        f"no runs in runs/ ({tmp_path / 'runs'}); runs elsewhere in this folder: cnnkit runs . lists 1 run (again); "
+        "cnnkit runs exp lists 2 runs\n"), proc.stderr
+    assert run_cli("runs", "--json", cwd=tmp_path).stdout.strip() == "[]"  # the list is runs/'s, as before
+    listed = run_cli("runs", "exp", cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[0] for line in listed[1:3]] == [os.path.join("exp", "a"), os.path.join("exp", "b")]
 
 
 def test_a_models_pattern_that_matches_nothing_says_so(tmp_path):
