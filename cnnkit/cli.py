@@ -782,8 +782,8 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int,
                    help="steps of the test; it stops earlier when the loss blows up (default: 200, but at most 4 "
                         "passes over the training images and at least 50 steps)")
-    p.add_argument("--out", default=".", metavar="DIR",
-                   help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
+    p.add_argument("--out", metavar="DIR", help="the folder for lr_find.png and lr_find.json, made if missing "
+                                                "(default: a new runs/<timestamp>-lr_find)")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
@@ -1116,10 +1116,12 @@ def _given_train_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnkit.train.lr_find import default_out
     from cnnkit.training import lr_find
 
     log = _WarningsOnly() if args.quiet else sys.stderr if args.json else sys.stdout
-    r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out, log=log,
+    out = args.out or default_out()
+    r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=out, log=log,
                 **_given_train_options(args))
     if args.json:
         print(strict_json.dumps(r.summary()))
@@ -1128,9 +1130,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         valley = ("" if r.method.startswith("default") else
                   f"; the smoothed loss is lowest at {r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}")
         print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}{valley}); {r.steps} steps"
-              f"{', stopped when the loss blew up' if r.diverged else ''}; curve in {r.plot}")
+              f"{', stopped when the loss blew up' if r.diverged else ''}")
+        print(_lr_find_files(r.plot, os.path.join(out, "lr_find.json")))
         print(f"train with it: cnnkit train --lr {r.suggestion:.3g} ...  (or --lr auto)")
     return 0
+
+
+def _lr_find_files(plot: str | None, figures: str) -> str:
+    """The line naming the files `cnnkit lr-find` wrote: it named the curve alone ("curve in ./lr_find.png"), and
+    lr_find.json beside it went unmentioned."""
+    return f"wrote {plot} (the curve) and {figures} (the figures)" if plot else f"wrote {figures} (the figures)"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
