@@ -262,12 +262,7 @@ def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> 
         return _option_too_many(parser, words, given, by_position, as_options)
     # First, as the usage shows them: after an option of several values (--input-size 64) they would be its values.
     words = line + image + [w for i, w in enumerate(words) if i not in removed]
-    # A required option missing too (embed's --out): the line says where it goes, so that it is the one that runs.
-    for action in parser._actions:
-        if action.required and action.option_strings and not any(w.split("=", 1)[0] in action.option_strings
-                                                                  for w in words):
-            words += [action.option_strings[0], action.metavar or
-                      ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())]
+    words = _with_required_options(parser, words)
     names = " and ".join(g[0].metavar or g[0].dest for g in given.values())
     flags = " and ".join(g[1] for g in given.values())
     verb = "is" if len(given) == 1 else "are"
@@ -288,9 +283,21 @@ def _option_too_many(parser: argparse.ArgumentParser, words: list[str], given: d
     action, flag, _, at = next((g for dest, g in given.items() if dest in by_position), next(iter(given.values())))
     name = action.metavar or action.dest
     typed = " ".join(words[i] for i in at)
-    rest = [w for i, w in enumerate(words) if i not in as_options]
+    rest = _with_required_options(parser, [w for i, w in enumerate(words) if i not in as_options])
     return (f"there is no {flag} option; {' and '.join(taken_as)} (by position), so {typed} is one too many: "
             f"give one {name}, {action.help}: {parser.prog} {' '.join(rest)}")
+
+
+def _with_required_options(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    """``words`` and, at their end, each required option they lack (embed's --out) with its metavar: a suggested
+    line says where it goes, so that it is the one that runs."""
+    words = list(words)
+    for action in parser._actions:
+        if action.required and action.option_strings and not any(w.split("=", 1)[0] in action.option_strings
+                                                                  for w in words):
+            words += [action.option_strings[0], action.metavar or
+                      ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())]
+    return words
 
 
 def _takes_a_value(parser: argparse.ArgumentParser, word: str) -> bool:

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from cnnkit.choices import BUILTIN
 from tests.conftest import run_cli, write_image_folder
 
 FAST = ["--num-samples", "128", "--epochs", "1", "--batch-size", "32"]
@@ -253,6 +254,11 @@ def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, ar
      "cnnkit predict: error: there is no --checkpoint option; a.jpg was taken as RUN_DIR_OR_CHECKPOINT and b.jpg "
      "c.jpg as PATH (by position), so --checkpoint RUN is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder, "
      "a .pt, .safetensors or .onnx file: cnnkit predict a.jpg b.jpg c.jpg --topk 1 (see cnnkit predict --help)"),
+    # the line without the option is one that runs: embed's required --out is on it
+    (["embed", "resnet18", "photos/", "--data", "other/"],
+     "cnnkit embed: error: there is no --data option; resnet18 was taken as MODEL_OR_RUN and photos/ as DATA (by "
+     "position), so --data other/ is one too many: give one DATA, a folder with one sub-folder per class, or "
+     f"{', '.join(BUILTIN)}: cnnkit embed resnet18 photos/ --out FILE.npy (see cnnkit embed --help)"),
 ])
 def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_place(capsys, args, line):
     # Moving `last` into RUN's place (`cnnkit eval RUN last`) would suggest a command that fails in turn.
