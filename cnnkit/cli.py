@@ -214,58 +214,90 @@ def _positional_as_option(parser: argparse.ArgumentParser, words: list[str]) -> 
             value, taken = words[i + 1], [i, i + 1]
         else:
             value, taken = action.metavar, [i]
-        given[action.dest] = (action, flag, value)
+        given[action.dest] = (action, flag, value, taken)
         removed.update(taken)
     if not given:
         return None
+    as_options = set(removed)
     rest = [w for i, w in enumerate(words) if i not in removed]
-    # What the words left over give by position. Where they fill every positional argument already, the option is
-    # one too many: `cnnkit eval RUN --checkpoint last` (moving `last` into the slot RUN fills would not parse).
     taken = _given_positionals(parser, rest)
     positionals = [a for a in parser._actions if not a.option_strings]
     by_position = {a.dest: getattr(taken, a.dest, None) for a in positionals}
     by_position = {d: v for d, v in by_position.items() if v not in (None, [])
                    and v != next(a.default for a in positionals if a.dest == d)}
-    if all(a.dest in by_position or a.nargs in ("?", "*") for a in positionals):
-        for dest, (action, flag, _) in given.items():
-            if dest in by_position:
-                name, value = action.metavar or action.dest, by_position[dest]
-                value = " ".join(value) if isinstance(value, list) else value
-                return (f"{name} is already given by position ({value}), and {parser.prog} has no {flag} option: "
-                        f"give one {name}, {action.help}")
     # The words given by position go, in their order, to the positional arguments not given as options: `cnnkit
     # embed --data photos/ resnet18` took resnet18 for MODEL_OR_RUN, the first, and that is what it is.
     pool = [w for a in positionals if a.dest in by_position
             for w in (by_position[a.dest] if isinstance(by_position[a.dest], list) else [by_position[a.dest]])]
-    line, cursor = [], 0
+    cursor = 0
     for word in pool:  # out of ``words``: positional words are met in order, and are no option's value
         at = [i for i in range(cursor, len(words)) if i not in removed and words[i] == word]
         at = [i for i in at if not _takes_a_value(parser, words[i - 1] if i else "")] or at
         if at:
             cursor = at[0]
             removed.add(cursor)
+    by_position_at = sorted(removed - as_options)
+    line, left = [], list(pool)
     for action in positionals:
         if action.dest in given:
             line.append(given[action.dest][2])
         elif action.nargs in ("+", "*"):
-            line.extend(pool or ([action.metavar or action.dest] if action.nargs == "+" else []))
-            pool = []
-        elif pool:
-            line.append(pool.pop(0))
+            line.extend(left or ([action.metavar or action.dest] if action.nargs == "+" else []))
+            left = []
+        elif left:
+            line.append(left.pop(0))
         elif action.nargs not in ("?", "*"):
             line.append(action.metavar or action.dest)
+    # `cnnkit features --model resnet18 cat.jpg`: features and cam take their image as an option, not by position
+    image = []
+    if len(left) == 1 and "--image" in parser._option_string_actions and \
+            not any(w.split("=", 1)[0] == "--image" for w in words):
+        image, left = ["--image", left[0]], []
+    # Where the words given by position fill every positional argument already, and the option came after them (or
+    # its value in their place would leave one over), the option is one too many: `cnnkit eval RUN --checkpoint
+    # last` (moving `last` into RUN's place would give `cnnkit eval last RUN`, which does not parse). Given before
+    # them, its value is the positional argument it names: `cnnkit predict --checkpoint RUN a.jpg b.jpg`.
+    if all(a.dest in by_position or a.nargs in ("?", "*") for a in positionals) and (
+            left or (by_position_at and by_position_at[0] < min(as_options))):
+        return _option_too_many(parser, words, given, by_position, as_options)
     # First, as the usage shows them: after an option of several values (--input-size 64) they would be its values.
-    words = line + [w for i, w in enumerate(words) if i not in removed]
-    # A required option missing too (embed's --out): the line says where it goes, so that it is the one that runs.
+    words = line + image + [w for i, w in enumerate(words) if i not in removed]
+    words = _with_required_options(parser, words)
+    names = " and ".join(g[0].metavar or g[0].dest for g in given.values())
+    flags = " and ".join(g[1] for g in given.values())
+    verb = "is" if len(given) == 1 else "are"
+    also = ", and the image with --image" if image else ""
+    return f"{names} {verb} given by position, without {flags}{also}: {parser.prog} {' '.join(words)}"
+
+
+def _option_too_many(parser: argparse.ArgumentParser, words: list[str], given: dict, by_position: dict,
+                     as_options: set[int]) -> str:
+    """The error for an option named after a positional argument that the words given by position fill already:
+    what each of those words was taken as, and the command line without the option."""
+    positionals = [a for a in parser._actions if not a.option_strings]
+    taken_as = []  # `RUN was taken as RUN_DIR_OR_CHECKPOINT and cat.jpg as PATH`
+    for a in positionals:
+        if (value := by_position.get(a.dest)) is not None:
+            taken_as.append(f"{' '.join(value) if isinstance(value, list) else value} "
+                            f"{'as' if taken_as else 'was taken as'} {a.metavar or a.dest}")
+    action, flag, _, at = next((g for dest, g in given.items() if dest in by_position), next(iter(given.values())))
+    name = action.metavar or action.dest
+    typed = " ".join(words[i] for i in at)
+    rest = _with_required_options(parser, [w for i, w in enumerate(words) if i not in as_options])
+    return (f"there is no {flag} option; {' and '.join(taken_as)} (by position), so {typed} is one too many: "
+            f"give one {name}, {action.help}: {parser.prog} {' '.join(rest)}")
+
+
+def _with_required_options(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    """``words`` and, at their end, each required option they lack (embed's --out) with its metavar: a suggested
+    line says where it goes, so that it is the one that runs."""
+    words = list(words)
     for action in parser._actions:
         if action.required and action.option_strings and not any(w.split("=", 1)[0] in action.option_strings
                                                                   for w in words):
             words += [action.option_strings[0], action.metavar or
                       ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())]
-    names = " and ".join(g[0].metavar or g[0].dest for g in given.values())
-    flags = " and ".join(g[1] for g in given.values())
-    verb = "is" if len(given) == 1 else "are"
-    return f"{names} {verb} given by position, without {flags}: {parser.prog} {' '.join(words)}"
+    return words
 
 
 def _takes_a_value(parser: argparse.ArgumentParser, word: str) -> bool:
@@ -280,7 +312,7 @@ def _unrecognised(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     message = f"unrecognized arguments: {' '.join(extras)}"
     word = next((w for w in extras if w.startswith("-")), None)
     if word is None:
-        return message + _repeat_hint(parser, extras[0])
+        return message + (_repeat_hint(parser, extras[0]) or _image_hint(parser, extras))
     # Compared without their dashes, which every option shares and which would make unrelated names look close.
     # A stricter cutoff than elsewhere: option names are short and share their hyphenated parts, so at the usual
     # 0.6 --lrate would get --layer, --out-dir --data-dir and --threads --threshold.
@@ -298,6 +330,17 @@ def _repeat_hint(parser: argparse.ArgumentParser, extra: str) -> str:
             return (f"; {words[i]} takes one {action.metavar or 'value'} at a time, so repeat it: "
                     f"{words[i]} {words[i + 1]} {words[i]} {extra}")
     return ""
+
+
+def _image_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """Where ``extras`` is one word and ``parser`` takes the image as an option (features, cam: `cnnkit features
+    resnet18 cat.jpg`), the hint that gives it with --image; else ""."""
+    words = getattr(parser, "words", [])
+    if len(extras) != 1 or "--image" not in parser._option_string_actions or extras[0] not in words or \
+            any(w.split("=", 1)[0] == "--image" for w in words):
+        return ""
+    at = len(words) - 1 - words[::-1].index(extras[0])
+    return f"; the image goes after --image: {parser.prog} {' '.join(words[:at] + ['--image'] + words[at:])}"
 
 
 def _square_input_size(parser: argparse.ArgumentParser) -> str | None:
@@ -746,8 +789,8 @@ def _lr_find_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int,
                    help="steps of the test; it stops earlier when the loss blows up (default: 200, but at most 4 "
                         "passes over the training images and at least 50 steps)")
-    p.add_argument("--out", default=".", metavar="DIR",
-                   help="the folder for lr_find.png and lr_find.json, made if missing (default: the current folder)")
+    p.add_argument("--out", metavar="DIR", help="the folder for lr_find.png and lr_find.json, made if missing "
+                                                "(default: a new runs/<timestamp>-lr_find)")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
@@ -1083,10 +1126,12 @@ def _given_train_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnkit.train.lr_find import default_out
     from cnnkit.training import lr_find
 
     log = _WarningsOnly() if args.quiet else sys.stderr if args.json else sys.stdout
-    r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out, log=log,
+    out = args.out or default_out()
+    r = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=out, log=log,
                 **_given_train_options(args))
     if args.json:
         print(strict_json.dumps(r.summary()))
@@ -1095,9 +1140,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         valley = ("" if r.method.startswith("default") else
                   f"; the smoothed loss is lowest at {r.min_loss_lr:.3g}, its valley ends at {r.edge_lr:.3g}")
         print(f"suggested learning rate: {r.suggestion:.3g} ({r.method}{valley}); {r.steps} steps"
-              f"{', stopped when the loss blew up' if r.diverged else ''}; curve in {r.plot}")
+              f"{', stopped when the loss blew up' if r.diverged else ''}")
+        print(_lr_find_files(r.plot, os.path.join(out, "lr_find.json")))
         print(f"train with it: cnnkit train --lr {r.suggestion:.3g} ...  (or --lr auto)")
     return 0
+
+
+def _lr_find_files(plot: str | None, figures: str) -> str:
+    """The line naming the files `cnnkit lr-find` wrote: it named the curve alone ("curve in ./lr_find.png"), and
+    lr_find.json beside it went unmentioned."""
+    return f"wrote {plot} (the curve) and {figures} (the figures)" if plot else f"wrote {figures} (the figures)"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1116,17 +1168,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from cnnkit.runs import DEFAULT_ROOT, format_runs, list_runs
+    from cnnkit.runs import DEFAULT_ROOT, folders_with_runs, format_runs, list_runs
 
     root = DEFAULT_ROOT if args.root is None else args.root
     runs = [] if args.root is None and not os.path.exists(root) else list_runs(root)
     if args.json:
         print(strict_json.dumps([dataclasses.asdict(r) for r in runs]))
     elif not runs:
-        print(f"no runs in {root}/ yet; start one with: cnnkit train")
+        print(_no_runs(root, folders_with_runs() if args.root is None else []))
     else:
         print(format_runs(runs))
     return 0
+
+
+def _no_runs(root: str, elsewhere: list[tuple[str, list[str]]]) -> str:
+    """What `cnnkit runs` says when ``root`` holds no runs: where it looked, and the folders of this one that hold
+    runs (``elsewhere``, as ``folders_with_runs`` finds them: made with train --out), each with its command."""
+    import shlex
+
+    looked = f"no runs in {root}/ ({os.path.abspath(root)})"
+    if not elsewhere:
+        return f"{looked} yet; start one with: cnnkit train, or list another folder's with: cnnkit runs DIR"
+    found = []
+    for folder, names in elsewhere:
+        shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if folder == "." else ""
+        found.append(f"cnnkit runs {shlex.quote(folder)} lists {len(names)} {plural('run', len(names))}{shown}")
+    return f"{looked}; runs elsewhere in this folder: {'; '.join(found)}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

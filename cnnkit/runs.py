@@ -236,6 +236,35 @@ def list_runs(root: str = DEFAULT_ROOT) -> list[RunInfo]:
     return sorted(runs, key=lambda r: (started(r.path)[0].timestamp(), r.path))
 
 
+def folders_with_runs(where: str = ".") -> list[tuple[str, list[str]]]:
+    """Where `cnnkit runs FOLDER` finds runs, no deeper than one level below ``where``, DEFAULT_ROOT left out: each
+    folder with the names of the run folders it lists, ``where`` first when runs sit directly in it (`train --out
+    again`), then the folders under it that hold runs (`train --out experiments/a`). For `cnnkit runs` to point at
+    runs made with --out when runs/ holds none."""
+    def is_run(path: str) -> bool:  # as run_info and list_runs tell one
+        return os.path.isfile(os.path.join(path, "config.json"))
+
+    def sub_folders(path: str) -> list[str]:
+        try:
+            with os.scandir(path) as entries:  # is_dir from the listing: no stat of every image of a data folder
+                return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        except OSError:  # unreadable: nothing to point at
+            return []
+
+    if is_run(where):
+        return [(where, [os.path.basename(os.path.abspath(where))])]
+    found, here = [], []
+    for name in sub_folders(where):
+        path = os.path.join(where, name)
+        if os.path.normpath(path) == os.path.normpath(DEFAULT_ROOT):
+            continue
+        if is_run(path):
+            here.append(name)
+        elif held := [n for n in sub_folders(path) if is_run(os.path.join(path, n))]:
+            found.append((path if where != "." else name, held))
+    return ([(where, here)] if here else []) + found
+
+
 def latest_run(root: str = DEFAULT_ROOT) -> str:
     """The most recently started run folder under ``root``."""
     if not os.path.isdir(root):

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from cnnkit.choices import BUILTIN
 from tests.conftest import run_cli, write_image_folder
 
 FAST = ["--num-samples", "128", "--epochs", "1", "--batch-size", "32"]
@@ -213,6 +214,21 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
     (["predict", "cat.jpg", "--checkpoint", "RUN"],
      "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
      "cat.jpg (see cnnkit predict --help)"),
+    # two images fill both positional arguments, RUN_DIR_OR_CHECKPOINT with a.jpg: the option given first was still
+    # said to be "already given by position (a.jpg)", the words of `predict RUN cat.jpg --checkpoint last`
+    (["predict", "--checkpoint=RUN", "a.jpg", "b.jpg"],
+     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is given by position, without --checkpoint: cnnkit predict RUN "
+     "a.jpg b.jpg (see cnnkit predict --help)"),
+    # features and cam take the image as --image: the line gives it there (it named the conflict alone)
+    (["features", "--model", "resnet18", "cat.jpg"],
+     "cnnkit features: error: MODEL_OR_RUN is given by position, without --model, and the image with --image: "
+     "cnnkit features resnet18 --image cat.jpg (see cnnkit features --help)"),
+    (["cam", "--model=resnet18", "cat.jpg"],
+     "cnnkit cam: error: MODEL_OR_RUN is given by position, without --model, and the image with --image: "
+     "cnnkit cam resnet18 --image cat.jpg --out PNG (see cnnkit cam --help)"),
+    (["features", "resnet18", "cat.jpg", "--out", "maps"],
+     "cnnkit features: error: unrecognized arguments: cat.jpg; the image goes after --image: cnnkit features "
+     "resnet18 --image cat.jpg --out maps (see cnnkit features --help)"),
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
@@ -221,17 +237,28 @@ def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, ar
 
 @pytest.mark.parametrize("args, line", [
     (["eval", "RUN", "--checkpoint", "last"],
-     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
-     "(.pt, .safetensors) (see cnnkit eval --help)"),
+     "cnnkit eval: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT (by position), so "
+     "--checkpoint last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint "
+     "file (.pt, .safetensors): cnnkit eval RUN (see cnnkit eval --help)"),
     (["eval", "--checkpoint=last", "RUN"],
-     "cnnkit eval: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit eval has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint file "
-     "(.pt, .safetensors) (see cnnkit eval --help)"),
+     "cnnkit eval: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT (by position), so "
+     "--checkpoint=last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder (its best.pt) or a checkpoint "
+     "file (.pt, .safetensors): cnnkit eval RUN (see cnnkit eval --help)"),
+    # what each word was taken as: the line alone ("already given by position (RUN)") read as that of
+    # `predict --checkpoint RUN a.jpg b.jpg`
     (["predict", "RUN", "cat.jpg", "--checkpoint", "last"],
-     "cnnkit predict: error: RUN_DIR_OR_CHECKPOINT is already given by position (RUN), and cnnkit predict has no "
-     "--checkpoint option: give one RUN_DIR_OR_CHECKPOINT, a run folder, a .pt, .safetensors or .onnx file "
-     "(see cnnkit predict --help)"),
+     "cnnkit predict: error: there is no --checkpoint option; RUN was taken as RUN_DIR_OR_CHECKPOINT and cat.jpg as "
+     "PATH (by position), so --checkpoint last is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder, a .pt, "
+     ".safetensors or .onnx file: cnnkit predict RUN cat.jpg (see cnnkit predict --help)"),
+    (["predict", "a.jpg", "b.jpg", "c.jpg", "--checkpoint", "RUN", "--topk", "1"],
+     "cnnkit predict: error: there is no --checkpoint option; a.jpg was taken as RUN_DIR_OR_CHECKPOINT and b.jpg "
+     "c.jpg as PATH (by position), so --checkpoint RUN is one too many: give one RUN_DIR_OR_CHECKPOINT, a run folder, "
+     "a .pt, .safetensors or .onnx file: cnnkit predict a.jpg b.jpg c.jpg --topk 1 (see cnnkit predict --help)"),
+    # the line without the option is one that runs: embed's required --out is on it
+    (["embed", "resnet18", "photos/", "--data", "other/"],
+     "cnnkit embed: error: there is no --data option; resnet18 was taken as MODEL_OR_RUN and photos/ as DATA (by "
+     "position), so --data other/ is one too many: give one DATA, a folder with one sub-folder per class, or "
+     f"{', '.join(BUILTIN)}: cnnkit embed resnet18 photos/ --out FILE.npy (see cnnkit embed --help)"),
 ])
 def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_place(capsys, args, line):
     # Moving `last` into RUN's place (`cnnkit eval RUN last`) would suggest a command that fails in turn.
@@ -242,6 +269,10 @@ def test_an_option_named_after_a_positional_already_given_is_not_moved_into_its_
     (["embed", "--data", "photos/", "resnet18"], {"model": "resnet18", "data": "photos/", "out": "FILE.npy"}),
     (["probe", "--data", "photos/", "RUN"], {"model": "RUN", "data": "photos/"}),
     (["predict", "--checkpoint", "RUN", "a.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg"]}),
+    (["predict", "--checkpoint=RUN", "a.jpg", "b.jpg"], {"checkpoint": "RUN", "paths": ["a.jpg", "b.jpg"]}),
+    (["features", "--model", "resnet18", "cat.jpg", "--out", "maps"],
+     {"model": "resnet18", "image": "cat.jpg", "out": "maps"}),
+    (["cam", "--model", "RUN", "cat.jpg"], {"model": "RUN", "image": "cat.jpg"}),
     (["eval", "--checkpoint", "RUN", "--json"], {"checkpoint": "RUN", "json": True}),
     (["export", "--format", "onnx", "--checkpoint", "RUN", "--out", "m.onnx"], {"checkpoint": "RUN", "out": "m.onnx"}),
     (["summary", "--input-size", "64", "--model", "resnet18"], {"model": "resnet18", "input_size": [64]}),
@@ -258,8 +289,8 @@ def test_the_line_suggested_for_a_positional_given_as_an_option_means_what_was_g
 
 def test_a_positionals_name_as_an_option_is_not_read_as_the_longer_option_it_abbreviates(capsys):
     # argparse took --model for --model-opt, and the command failed later on "--model-opt wants key=value"
-    assert "MODEL_OR_RUN is already given by position (resnet18), and cnnkit features has no --model option" in \
-        usage_error(capsys, ["features", "resnet18", "--model", "x"])
+    assert "there is no --model option; resnet18 was taken as MODEL_OR_RUN (by position), so --model x is one too " \
+        "many" in usage_error(capsys, ["features", "resnet18", "--model", "x"])
 
 
 @pytest.mark.parametrize("args, line", [
@@ -380,11 +411,33 @@ def test_runs_without_a_runs_folder_is_no_error_but_a_missing_dir_given_is(tmp_p
     from tests.conftest import run_cli
 
     proc = run_cli("runs", cwd=tmp_path)  # nothing trained here yet, as with an empty runs/
-    assert proc.returncode == 0 and proc.stdout == "no runs in runs/ yet; start one with: cnnkit train\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout == (f"no runs in runs/ ({tmp_path / 'runs'}) yet; start one with: "
+                                                    "cnnkit train, or list another folder's with: cnnkit runs DIR\n"), \
+        proc.stderr
     proc = run_cli("runs", "--json", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
     assert_one_line_error(run_cli("runs", "runs", cwd=tmp_path), 2, "runs is not a folder")
     assert_one_line_error(run_cli("runs", "experiments", cwd=tmp_path), 2, "experiments is not a folder")
+
+
+def test_runs_without_runs_in_runs_names_the_folders_here_that_hold_some(tmp_path):
+    # runs made with --out somewhere were listed only by `cnnkit runs somewhere`; `cnnkit runs` said "no runs in
+    # runs/ yet", as if nothing had been trained
+    from tests.conftest import run_cli
+
+    _fake_run_folder(tmp_path / "again")
+    (tmp_path / "exp").mkdir()
+    _fake_run_folder(tmp_path / "exp" / "a")
+    _fake_run_folder(tmp_path / "exp" / "b")
+    (tmp_path / "photos" / "cat").mkdir(parents=True)  # a data folder: no runs
+    (tmp_path / "runs").mkdir()  # empty
+    proc = run_cli("runs", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == (
+        f"no runs in runs/ ({tmp_path / 'runs'}); runs elsewhere in this folder: cnnkit runs . lists 1 run (again); "
+        "cnnkit runs exp lists 2 runs\n"), proc.stderr
+    assert run_cli("runs", "--json", cwd=tmp_path).stdout.strip() == "[]"  # the list is runs/'s, as before
+    listed = run_cli("runs", "exp", cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[0] for line in listed[1:3]] == [os.path.join("exp", "a"), os.path.join("exp", "b")]
 
 
 def test_a_models_pattern_that_matches_nothing_says_so(tmp_path):

@@ -96,3 +96,28 @@ def test_a_stopped_smoke_run_is_listed_with_the_epochs_smoke_cuts_it_to(tmp_path
         (run / "config.json").write_text(json.dumps({"model": "cnn_bn", "data": "shapes", **config}))
         info = list_runs(str(run))[0]
         assert (info.status, info.epochs, info.smoke) == ("stopped", planned, bool(config.get("smoke"))), config
+
+
+def test_folders_with_runs_are_found_one_level_below_and_runs_itself_is_left_out(tmp_path, monkeypatch):
+    from cnnkit.runs import folders_with_runs
+
+    def run(path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    run(tmp_path / "b")
+    run(tmp_path / "a")
+    run(tmp_path / "exp" / "one")
+    run(tmp_path / "runs" / "r")  # what `cnnkit runs` lists itself
+    run(tmp_path / "deep" / "er" / "r")  # two levels down: not looked for
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "cat" / "1.jpg").write_bytes(b"")
+    (tmp_path / ".hidden" / "r").mkdir(parents=True)
+    (tmp_path / ".hidden" / "r" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert folders_with_runs() == [(".", ["a", "b"]), ("exp", ["one"])]
+    assert folders_with_runs(str(tmp_path / "exp")) == [(str(tmp_path / "exp"), ["one"])]
+    monkeypatch.chdir(tmp_path / "a")  # inside a run folder: `cnnkit runs .` lists it
+    assert folders_with_runs() == [(".", ["a"])]
+    monkeypatch.chdir(tmp_path / "photos")
+    assert folders_with_runs() == []

@@ -27,7 +27,7 @@ from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import InspectedModel, load_model
 from cnnkit.inspect.shapes import Field
 from cnnkit.inspect.summary import called, field_numbers
-from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, Trace, TracedLayer, trace
+from cnnkit.inspect.trace import Trace, TracedLayer, trace, whole_input_note
 
 
 @dataclass
@@ -382,7 +382,7 @@ def format_receptive_field(r: ReceptiveField) -> str:
                    "it does not see the whole input")
         out.append(f"final feature layer {r.final_layer}: rf {r.final_rf} px on a {size} input — {verdict}")
     if any(x.whole for x in r.layers):
-        out.append(WHOLE_INPUT_NOTE)
+        out.append(whole_input_note(r.input_size))
     for c in r.checks:
         out.append(f"verify {c.layer}: centre unit {tuple(c.unit)}, analytic rows {c.expected[0]} cols "
                    f"{c.expected[1]}, measured rows {c.measured[0]} cols {c.measured[1]}: "

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from cnnkit.inspect.hooks import inspecting
 from cnnkit.inspect.loading import load_model
-from cnnkit.inspect.trace import WHOLE_INPUT_NOTE, TensorInfo, trace
+from cnnkit.inspect.trace import TensorInfo, trace, whole_input_note
 from cnnkit.models.registry import default_weights
 from cnnkit.transfer import plan_stages, set_trainable, stage_at
 
@@ -173,5 +173,5 @@ def format_summary(s: Summary, depth: int | None = None) -> str:
     out.append(f"Activation memory: {human(s.activation_bytes, 'B')} for one image; "
                f"parameter memory: {human(s.param_bytes, 'B')}")
     if any(r.whole for r in rows):
-        out.append(WHOLE_INPUT_NOTE)
+        out.append(whole_input_note(s.input_size))
     return "\n".join(out)

@@ -26,7 +26,7 @@ field of windowed attention (Swin, MaxViT) is overstated as global.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,10 +39,17 @@ from cnnkit.errors import UserError
 from cnnkit.inspect.shapes import Field
 from cnnkit.models.sizes import SIZE_ERRORS, first_line, size_error, size_fix
 
-# The footnote of a receptive field marked "*": which layers make a unit see every pixel, simple_cnn's
-# flattened-map linear layer as much as a global pool.
-WHOLE_INPUT_NOTE = ("RF*: the layer also sees every input pixel, through a layer that mixes all positions (a linear "
-                    "layer on the flattened map, global pooling, a gate or attention)")
+
+def whole_input_note(input_size: Sequence[int]) -> str:
+    """The footnote of a receptive field marked "*", for an input of ``input_size`` (C, H, W): which layers make a
+    unit see every pixel (simple_cnn's flattened-map linear layer as much as a global pool), and why the number may
+    be larger than the image (simple_cnn's classifier: 46* on 32 px, ``Field.spanning``'s 22 + 3 x 8)."""
+    size = "x".join(map(str, input_size[-2:]))
+    return (f"RF*: the layer sees every pixel of the {size} input, as it or a layer before it mixes all positions (a "
+            "linear layer on the flattened map, global pooling, a gate or attention); the number counts the "
+            "convolution and pooling windows alone (all positions' together after a flatten or a global pool), the "
+            "padding beyond the image's edges included, so it can exceed the image")
+
 
 AXES = ("h", "w")
 NO_TAGS: frozenset[str] = frozenset()

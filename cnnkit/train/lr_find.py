@@ -329,6 +329,17 @@ def _passes_text(steps: int, batches: int, images: int, given: bool) -> str:
             f"mostly measure how well the model memorises them{floor}; --steps N to choose)")
 
 
+def default_out() -> str:
+    """Where ``cnnkit lr-find`` writes without --out: a new ``runs/<timestamp>-lr_find``, beside the training runs
+    it advises (``runs/<timestamp>-<model>``). The current folder, the default before, took two files of each test
+    among the user's own, and the next test wrote over them."""
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + "-lr_find")
+    path, i = base, 2
+    while os.path.exists(path):
+        path, i = f"{base}-{i}", i + 1
+    return path
+
+
 def _check_folder(out: str) -> None:
     """Check that the folder ``out`` can take lr_find.png and lr_find.json, before the test's minutes of work.
     It is made when they are written: a test that fails or is interrupted leaves no empty folder."""

@@ -72,6 +72,21 @@ def test_small_network_does_not_see_the_whole_input():
     assert rf_of(r, "classifier.1").whole and "a linear layer on the flattened map" in r.table().splitlines()[-1]
 
 
+def test_the_star_footnote_says_why_a_field_exceeds_the_image():
+    # "46*" on a 32 px input puzzled a beginner: the footnote said the layer "also sees every input pixel" and not
+    # why its number is larger than the image. By hand: features (3x3 convs, padding 1, 2x2 max pools) 22 px,
+    # jump 8, on a 4x4 map; the linear layer on it spans the 4 positions: 22 + 3 * 8 = 46, from pixel -7 to 38.
+    r = cnnkit.receptive_field("simple_cnn")
+    assert (rf_of(r, "features").rf, rf_of(r, "classifier.1").rf, rf_of(r, "classifier.1").jump) == (22, 46, 0)
+    assert "46*" in r.table()
+    note = r.table().splitlines()[-1]
+    assert note.startswith("RF*: the layer sees every pixel of the 32x32 input")
+    assert "padding beyond the image's edges included, so it can exceed the image" in note
+    assert cnnkit.summary("simple_cnn").table().splitlines()[-1] == note  # one footnote, in both tables
+    wide = cnnkit.receptive_field("resnet18", input_size=(3, 160, 200)).table().splitlines()[-1]
+    assert wide.startswith("RF*: the layer sees every pixel of the 160x200 input")
+
+
 def test_verify_simple_cnn_every_distinct_field():
     checks = cnnkit.verify_receptive_field("simple_cnn")
     assert [c.layer for c in checks] == ["features.0", "features.2", "features.3", "features.5", "features.6",

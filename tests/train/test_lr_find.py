@@ -258,8 +258,32 @@ def test_a_flat_curves_suggestion_line_names_no_valley(tmp_path):
                    "--start-lr", "1e-8", "--end-lr", "1e-6", "--out", tmp_path / "lrf")
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate"))
-    assert line.startswith("suggested learning rate: 0.05 (default: flat curve); 20 steps; curve in "), line
+    assert line == "suggested learning rate: 0.05 (default: flat curve); 20 steps", line
     assert "valley" not in line
+
+
+def test_lr_find_writes_into_a_new_folder_under_runs_and_names_both_files(tmp_path):
+    # By default it wrote lr_find.png and lr_find.json into the current folder, each test over the last one's, and
+    # named the curve alone ("curve in ./lr_find.png")
+    import os
+
+    args = ("lr-find", "--model", "linear", "--num-samples", 64, "--batch-size", 32, "--steps", 10, "--quiet")
+    first, second = run_cli(*args, cwd=tmp_path), run_cli(*args, cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert not (tmp_path / "lr_find.png").exists() and not (tmp_path / "lr_find.json").exists()
+    folders = sorted(os.listdir(tmp_path / "runs"))
+    assert len(folders) == 2 and all(f.endswith(("-lr_find", "-lr_find-2")) for f in folders), folders
+    for proc in (first, second):
+        wrote = [line for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+        assert len(wrote) == 1, proc.stdout
+        folder = wrote[0].split()[1].rsplit("/", 1)[0]
+        assert wrote[0] == f"wrote {folder}/lr_find.png (the curve) and {folder}/lr_find.json (the figures)"
+        assert (tmp_path / folder / "lr_find.png").is_file() and (tmp_path / folder / "lr_find.json").is_file()
+        assert folder.startswith("runs/") and os.path.basename(folder) in folders
+    # --out . as before: the files in the current folder, named so
+    proc = run_cli(*args, "--out", ".", cwd=tmp_path)
+    assert "wrote ./lr_find.png (the curve) and ./lr_find.json (the figures)" in proc.stdout.splitlines(), proc.stdout
+    assert (tmp_path / "lr_find.json").is_file()
 
 
 def test_train_lr_auto_prints_the_set_up_notes_once(tmp_path):
