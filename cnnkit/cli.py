@@ -1204,6 +1204,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  val_data=args.val_data, batch_size=args.batch_size, device=args.device, tta=args.tta,
                  tta_shift=args.tta_shift, threads=args.threads)
     _warn(r.warnings)
+    for note in r.notes:
+        _error_line(f"cnnkit: note: {note}")
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
         return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from cnnkit.choices import BUILTIN
+import torch
+
+from cnnkit.choices import BUILTIN, DEFAULT_THRESHOLD
+from cnnkit.data.checks import TRAINING_PRINTS, Duplicate, find_duplicates, fingerprints, hashed, load_prints
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
                                  load_eval_set, load_splits)
@@ -47,6 +50,11 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)  # e.g. that the images scored include training images
     val_split: float | None = None  # the share of each class of ``data`` scored; None: all of it (a dataset's test set)
     scored: str = ""  # the images, for a line after their count: "held-out images of photos/ (0.1 of each class)"
+    # The images scored (of --data or --val-data) that duplicate or nearly duplicate one the run trained on, as
+    # `cnnkit train` finds them among its validation images (training_duplicates); None: not compared (the run's
+    # own validation images, which train compared; or see ``notes``)
+    training_duplicates: list[Duplicate] | None = None
+    notes: list[str] = field(default_factory=list)  # for information: e.g. why the images were not compared
 
 
 @keeps_torch_threads  # torch's thread count is the caller's again afterwards
@@ -72,7 +80,8 @@ def evaluate(
     fraction the run held out: a larger one would score training images, and is refused). With ``data``: the
     same rules as training pick the part to measure (shapes' validation set, a torchvision test split, the
     ``val_data`` folder, the ``val_split`` part of a folder), or the whole folder when no split is asked for;
-    ``warnings`` then says when those images include ones the run trained on.
+    ``warnings`` then says when those images include ones the run trained on: by where they come from (its training
+    folder), or by their content (copies, also re-saved or brightened: ``training_duplicates``).
     ``ema``: a run folder's weight EMA. ``tta``/``tta_shift``: test-time augmentation (see cnnkit/tta.py).
     ``threads``: CPU threads torch computes with; None: the physical cores this process may use, less one per
     loader process when the images are decoded per batch (cnnkit/threads.py). torch's thread count, one setting
@@ -117,13 +126,21 @@ def evaluate(
         spec = DataSpec(data, data_dir, False, val_data, val_split, ckpt.input_size, ckpt.channels)
         eval_set = load_eval_set(spec)
     # Images the user pointed at (the run's own validation images are held out by construction) may be trained on.
-    if (data is not None or val_data is not None) and cfg and scores_training_images(cfg, source, part):
+    trained_on = (data is not None or val_data is not None) and bool(cfg) and scores_training_images(cfg, source, part)
+    if trained_on:
         warnings.append(_training_images_warning(cfg, source, part, "--val-data" if val_data is not None else "--data"))
     # A folder of some of the run's classes is scored with its labels matched to the checkpoint's by name.
     named = (f"--val-data {val_data}" if val_data is not None else f"--data {data}" if data is not None
              else f"the run's validation data {cfg.get('val_data') or cfg.get('data')}")
     eval_set = by_class_name(eval_set, list(ckpt.classes), named, f"the checkpoint {ckpt.path}")
     warnings += eval_set.warnings  # what reading a folder found: files beside its class folders, not scored
+    # ... or hold copies of training images under other names (a test folder put together by hand); the run's own
+    # validation images, named or not, were compared by train
+    compare = (data is not None or val_data is not None) and not _own_validation(cfg, source, part)
+    duplicates, note = training_duplicates(ckpt, eval_set) if compare else (None, None)
+    notes = [note] if note else []
+    if duplicates and not trained_on:  # (that warning says so of the whole folder already)
+        warnings.append(_duplicates_warning(duplicates, len(eval_set), named))
     if eval_set.images is None:  # decoded per batch by loader processes: leave them their cores
         threads_used = set_torch_threads(threads, workers=LOADER_WORKERS)
     amp_dtype = resolve_precision(precision or cfg.get("precision", "auto"), dev)
@@ -146,7 +163,7 @@ def evaluate(
                       confusion_matrix=cm.tolist(), classes=list(ckpt.classes), checkpoint=ckpt.path,
                       data=source, precision=precision_name(amp_dtype), **macro,
                       tta_views=getattr(model, "num_views", 1), threads=threads_used, warnings=warnings,
-                      val_split=part, scored=scored)
+                      val_split=part, scored=scored, training_duplicates=duplicates, notes=notes)
 
 
 def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, command: str = "the command",
@@ -154,6 +171,12 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
     """The validation set ``ckpt`` was trained with, rebuilt from the configuration it records; with
     ``val_split``, that fraction of its training data instead (split as training splits). ``command`` and ``fix``:
     for the message when the run's recorded data paths are relative and missing (``check_recorded_paths``)."""
+    return _run_splits(ckpt, val_split, command, fix)[1]
+
+
+def _run_splits(ckpt: Checkpoint, val_split: float | None = None, command: str = "the command",
+                fix: str | None = None) -> tuple[ImageSet, ImageSet]:
+    """The images ``ckpt``'s run trained and validated on (``training_validation_set``'s arguments)."""
     cfg = ckpt.config
     if not cfg:
         raise UserError(f"{ckpt.path} does not record its training data; pass --data")
@@ -167,10 +190,48 @@ def training_validation_set(ckpt: Checkpoint, val_split: float | None = None, co
     spec = DataSpec(cfg["data"], cfg.get("data_dir"), False, cfg.get("val_data"), run_split,
                     ckpt.input_size, ckpt.channels, num_samples)
     if val_split is not None:
-        return load_splits(replace(spec, val_data=None, val_split=val_split))[1]
+        return load_splits(replace(spec, val_data=None, val_split=val_split))
     # an --overfit-batches run validated on the batches it overfit
     return run_images(*load_splits(spec), smoke, cfg.get("overfit_batches", 0), cfg.get("batch_size"),
-                      cfg.get("seed", 0))[1]
+                      cfg.get("seed", 0))
+
+
+def training_duplicates(ckpt: Checkpoint, images: ImageSet) -> tuple[list[Duplicate] | None, str | None]:
+    """The images of ``images`` that duplicate or nearly duplicate an image ``ckpt``'s run trained on, found as
+    ``cnnkit train`` finds them among its validation images (cnnkit/data/checks.py), closest first. The training
+    images' fingerprints come from the run folder (``TRAINING_PRINTS``, written when the run checked its data), else
+    from its training images, rebuilt from its configuration. (None, why) when they cannot be compared: a set that
+    train does not check either (too large for memory), or training images neither recorded nor at hand; (None,
+    None) for the generated shapes data, which is never checked (its draws are independent)."""
+    cfg = ckpt.config or {}
+    if images.source == "shapes" or cfg.get("data") == "shapes":
+        return None, None
+    if not hashed(images):
+        return None, (f"{images.source} is too large to decode into memory, so its images were not compared with "
+                      "the run's training images (nor does train compare such sets): `cnnkit check-data "
+                      f"{cfg.get('data') or 'TRAIN_DIR'} --val-data {images.source}` compares them")
+    folder = _run_folder(ckpt)
+    prints = load_prints(os.path.join(folder, TRAINING_PRINTS)) if folder is not None else None
+    if prints is not None:  # the run's, in its folder: training images named by their place in its training set
+        train = ImageSet(torch.zeros(len(prints[0]), dtype=torch.long), list(ckpt.classes), source=cfg.get("data", ""))
+    else:
+        if not cfg.get("data"):
+            return None, (f"{ckpt.path} records no training data, so the images scored were not compared with the "
+                          "images it was trained on")
+        unrecorded = (f"the images scored were not compared with the images the run trained on: {cfg['data']} "
+                      f"{{}}, and their fingerprints, which a run folder keeps ({TRAINING_PRINTS}), are not beside "
+                      f"{ckpt.path}")
+        if cfg["data"] not in BUILTIN and not os.path.isdir(cfg["data"]):
+            return None, unrecorded.format("is not there (moved or deleted)")
+        try:
+            train = _run_splits(ckpt, command="cnnkit eval")[0]
+        except UserError as e:  # a torchvision dataset not downloaded, say
+            return None, unrecorded.format(f"could not be read ({e})")
+        if not hashed(train):
+            return None, (f"the run's training images ({cfg['data']}) are too large to decode into memory, so the "
+                          "images scored were not compared with them")
+        prints = fingerprints(train)
+    return find_duplicates(train, images, (prints, fingerprints(images)), DEFAULT_THRESHOLD), None
 
 
 
@@ -220,6 +281,15 @@ def held_out_fraction(cfg: dict) -> float | None:
     if cfg.get("val_split") is not None:
         return cfg["val_split"]
     return None if cfg["data"] in BUILTIN else DEFAULT_FOLDER_SPLIT
+
+
+def _own_validation(cfg: dict, data: str, val_split: float | None) -> bool:
+    """Whether ``data`` and ``val_split`` pick the images the run configured by ``cfg`` validated on (an
+    --overfit-batches run validated on its training images: none)."""
+    if not cfg or not cfg.get("data") or cfg.get("overfit_batches"):
+        return False
+    own_data, own_split = scored_images(cfg, None, None, None)
+    return _same_data(data, own_data) and val_split == own_split
 
 
 def _same_data(a: str, b: str) -> bool:
@@ -279,6 +349,14 @@ def training_images_warning(cfg: dict, data: str, val_split: float | None, alter
            if held is not None and held_out_options else "")
     return (f"{data} is the run's training data: {what} of it is scored, and {share} in the run's training split "
             f"({_held_out_text(cfg)}), so these figures overstate accuracy; {fix}{alternative}")
+
+
+def _duplicates_warning(duplicates: list[Duplicate], count: int, named: str) -> str:
+    exact = sum(d.exact for d in duplicates)
+    return (f"{len(duplicates):,} of the {count:,} images of {named} ({exact:,} exact) duplicate images the run "
+            f"trained on, e.g. {duplicates[0].val} (perceptual hashes within {DEFAULT_THRESHOLD} bits, as train's "
+            "check of its validation images finds them; --json lists them all): accuracy over them measures memory, "
+            "so these figures overstate it; evaluate on held-out images, without those")
 
 
 def confusion_text(result: EvalResult) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.atomic import atomic_torch_save
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.choices import DEFAULT_THRESHOLD, is_model_file
 from cnnkit.data import cache
@@ -45,6 +46,11 @@ LOW_FREQUENCIES = 8  # 8 x 8 DCT coefficients -> 64 bits
 NORMALISED_MEAN_LIMIT = 1.0  # |mean| of the normalised data per channel beyond which it is far from the weights'
 NORMALISED_STD_RANGE = (0.5, 2.0)
 _COMPARE_ROWS = 64  # validation hashes compared at once: 64 x 50,000 64-bit XORs are 25.6 MB
+# In a run folder: its training images' fingerprints, which `cnnkit eval` compares the images it scores with.
+TRAINING_PRINTS = "train_hashes.pt"
+_DIGEST_BYTES = 16
+
+Prints = tuple[np.ndarray, list[bytes]]  # each image's 64-bit perceptual hash, and a digest of its pixels
 
 
 @dataclass
@@ -132,13 +138,15 @@ def check_splits(
     hash_files: bool = True,
     stats: tuple[list[float], list[float]] | None = None,
     same_images: bool = False,
+    train_prints: Prints | None = None,
 ) -> DataCheck:
     """Check loaded splits. ``weights_norm``: the (mean, std) the starting weights expect, named ``weights_label``
     (a label without a normalisation means weights that record none); ``balanced``: training already compensates
     the class imbalance; ``hash_files=False`` skips the duplicate search for sets too large for memory (it decodes
     every file); ``stats``: the training set's channel (mean, std), where the caller has computed them already;
     ``same_images``: ``val`` is ``train`` on purpose (``--overfit-batches`` validates on the few batches it trains
-    on), so their duplicates, the balance of so few images and a class neither holds are no warnings."""
+    on), so their duplicates, the balance of so few images and a class neither holds are no warnings;
+    ``train_prints``: ``fingerprints(train)``, where the caller has made them already (to store them)."""
     if not 0 <= threshold <= 64:
         raise UserError(f"--threshold is a number of differing bits of 64, from 0 to 64; got {threshold}")
     k = len(train.classes)
@@ -182,7 +190,7 @@ def check_splits(
                         f"{1 / len(val):.4f}, too coarse to compare epochs or runs by; {more}")
 
     duplicates: list[Duplicate] = []
-    checked = (hash_files or (train.images is not None and val.images is not None)) and train.source != "shapes"
+    checked = (hash_files and train.source != "shapes") or (hashed(train) and val.images is not None)
     if same_images:
         checked = False
         notes.append("validation images are the training images on purpose: not checked for duplicates")
@@ -191,7 +199,7 @@ def check_splits(
         # often enough (2% of its validation set) that every demo run would warn about its own data.
         notes.append("the generated shapes data is not checked for duplicates (independent random draws)")
     elif checked:
-        prints = (_fingerprints(train), _fingerprints(val))  # the images hashed once, for both searches
+        prints = (fingerprints(train) if train_prints is None else train_prints, fingerprints(val))  # once
         conflicts = label_conflicts(train, val, prints[0][1], prints[1][1])
         if conflicts:
             (a, ca), (b, cb) = conflicts[0][:2]
@@ -262,10 +270,10 @@ def perceptual_hashes(images: torch.Tensor) -> np.ndarray:
 
 
 def _digests(images: torch.Tensor) -> list[bytes]:
-    return [hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in images]
+    return [hashlib.blake2b(img.numpy().tobytes(), digest_size=_DIGEST_BYTES).digest() for img in images]
 
 
-def _fingerprints(data: ImageSet) -> tuple[np.ndarray, list[bytes]]:
+def fingerprints(data: ImageSet) -> Prints:
     """Perceptual hashes and pixel digests of every image. Sets too large for memory are decoded in chunks at
     the hash size (their exact matches are then identical 32 x 32 thumbnails)."""
     if data.images is not None:
@@ -290,6 +298,40 @@ def _fingerprints(data: ImageSet) -> tuple[np.ndarray, list[bytes]]:
     return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), digests
 
 
+def hashed(data: ImageSet) -> bool:
+    """Whether ``cnnkit train`` looks for duplicates in ``data`` (and stores its fingerprints as a training set):
+    sets decoded into memory; not the generated shapes (see ``check_splits``), nor sets too large for memory, which
+    ``fingerprints`` would decode a second time."""
+    return data.images is not None and data.source != "shapes"
+
+
+def save_prints(prints: Prints, path: str) -> None:
+    """Write ``prints`` to ``path`` (24 bytes an image), atomically."""
+    hashes, digests = prints
+    atomic_torch_save({"hash_size": HASH_SIZE, "low": LOW_FREQUENCIES,
+                       "hashes": torch.from_numpy(hashes.view(np.int64).copy()),
+                       "digests": torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8)
+                       .view(-1, _DIGEST_BYTES)}, path, durable=False)
+
+
+def load_prints(path: str) -> Prints | None:
+    """The fingerprints ``save_prints`` wrote to ``path``; None when there is no such file or it cannot be used
+    (damaged, or hashed another way by another cnnkit version)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+        hashes, digests = entry["hashes"], entry["digests"]
+        if ((entry["hash_size"], entry["low"]) != (HASH_SIZE, LOW_FREQUENCIES) or hashes.dim() != 1
+                or tuple(digests.shape) != (len(hashes), _DIGEST_BYTES)):
+            return None
+    except Exception:  # a damaged file is no fingerprints, never trusted
+        return None
+    raw = digests.numpy().tobytes()
+    return (hashes.numpy().view(np.uint64),
+            [raw[i : i + _DIGEST_BYTES] for i in range(0, len(raw), _DIGEST_BYTES)])
+
+
 def _popcount(x: np.ndarray) -> np.ndarray:
     """Set bits of each uint64 (numpy 2's bitwise_count, or a byte table on older numpy)."""
     if hasattr(np, "bitwise_count"):
@@ -301,7 +343,7 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 def label_conflicts(train: ImageSet, val: ImageSet, train_digests: list[bytes],
                     val_digests: list[bytes]) -> list[list[tuple[str, str]]]:
     """Images held under two or more classes: for each set of identical images (the same pixels after decoding:
-    ``_fingerprints``' digests) whose labels differ, across both splits, its (image, class) pairs, one per class.
+    ``fingerprints``' digests) whose labels differ, across both splits, its (image, class) pairs, one per class.
     Sets in memory only (a streamed one's digests are of thumbnails, too coarse to call two labels a conflict)."""
     if train.images is None or val.images is None:
         return []
@@ -320,7 +362,7 @@ def find_duplicates(train: ImageSet, val: ImageSet, prints: tuple[tuple[np.ndarr
                     threshold: int = DEFAULT_THRESHOLD) -> list[Duplicate]:
     """Every validation image with a training image within ``threshold`` bits (or identical pixels), closest
     first: an exact match if there is one, else the nearest by Hamming distance. ``prints``: both sets'
-    ``_fingerprints`` (made once for this search and the label-conflict one)."""
+    ``fingerprints`` (made once for this search and the label-conflict one)."""
     (train_hash, train_digest), (val_hash, val_digest) = prints
     same_pixels = {d: i for i, d in enumerate(train_digest)}
     found = []

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from cnnkit import compiled
 from cnnkit.atomic import atomic_path, atomic_write, write_json
+from cnnkit.data.checks import TRAINING_PRINTS, save_prints
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError, warn
 from cnnkit.progress import progress_bar
@@ -375,6 +376,8 @@ def _open_run_folder(t: Training, saved: dict[str, Any] | None, resume: str | No
         _write_json(t.run_dir, "config.json", {**recorded(cfg), "out": t.run_dir, "lr": t.plan.lr})
         if t.lr_search:  # beside config.json, which stays a replayable --config file
             _write_json(t.run_dir, "lr_find.json", lr_find_record(t.lr_search, t.run_dir, callbacks.plot_lr_find))
+        if p.train_prints is not None:
+            save_prints(p.train_prints, os.path.join(t.run_dir, TRAINING_PRINTS))
         if p.loss_weights is not None:
             counts = torch.bincount(p.train_set.labels, minlength=len(p.classes)).tolist()
             _write_json(t.run_dir, "class_weights.json",

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from cnnkit import compiled
 from cnnkit.choices import NO_FLIP_DATA
-from cnnkit.data.checks import check_splits, class_weights, one_class
+from cnnkit.data.checks import Prints, check_splits, class_weights, fingerprints, hashed, one_class
 from cnnkit.data.loader import Augment, BatchLoader, channel_stats
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
@@ -69,6 +69,9 @@ class RunPieces:
     scaler: torch.amp.GradScaler
     data_fingerprint: dict[str, Any]  # the splits' images (sources.fingerprint), which a resume compares
     warnings: list[str] = field(default_factory=list)  # what the set-up warned about in the run's log
+    # the training images' perceptual hashes and pixel digests, made for the check of the data and kept in the run
+    # folder (checks.TRAINING_PRINTS) for `cnnkit eval` to find them among the images it scores; None: not checked
+    train_prints: Prints | None = None
 
 
 def _check_same_data(saved: dict[str, Any], train_set: ImageSet, val_set: ImageSet, now: dict[str, Any]) -> None:
@@ -196,14 +199,16 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
     warnings: list[str] = []
+    train_prints = None
     if cfg.check_data and ctx.main and not saved:
+        train_prints = fingerprints(train_set) if hashed(train_set) else None
         data_check = check_splits(
             train_set, val_set, cfg.model, cfg.pretrained,
             weights_norm=(mean, std) if cfg.pretrained or start_payload is not None else None,
             weights_label=f"torchvision's pretrained {cfg.model}" if cfg.pretrained and start_payload is None
             else cfg.weights,
             balanced=bool(cfg.class_weights or cfg.balanced_sampler), hash_files=False, stats=data_stats,
-            same_images=bool(cfg.overfit_batches))
+            same_images=bool(cfg.overfit_batches), train_prints=train_prints)
         for warning in data_check.warnings:
             warn(log, warnings, warning)
     if (cfg.freeze or cfg.unfreeze) and not (cfg.pretrained or cfg.weights) and ctx.main and not saved:
@@ -239,7 +244,7 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=machine.amp_dtype == torch.float16)
     return RunPieces(train_set, val_set, classes, model, start_payload, mean, std, train_loader, val_loader, mix,
-                     loss_weights, criterion, scaler, data_fingerprint, warnings)
+                     loss_weights, criterion, scaler, data_fingerprint, warnings, train_prints)
 
 
 def _check_single_image_batchnorm(model: nn.Module, cfg: TrainConfig, train_set: ImageSet, device: torch.device,
