@@ -66,12 +66,12 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
                   "ema_val_loss", "ema_val_acc"]
 NAN_CHECK_EVERY = 50  # batches between two reads of the running loss sum's finiteness with nan="stop"
 # A finite loss can show a run going wrong long before it overflows (``diverging``). The chance level is the
-# cross-entropy of a uniform guess, ln(C) nats for C classes, where a fresh network starts. Healthy runs stay within
-# about twice it: the spikes of cnn_bn at SGD's default rate on 2,400 CIFAR images reach 2.0-2.3x in the first
-# epoch and recover; an overfitting model's validation loss climbs slowly, a few percent an epoch. Runs that went
-# wrong (resnet18 and cnn_bn at rate 0.05 on 220 CIFAR images) showed 7-33x, or grew 4.7-9.6x from one epoch to
-# the next: docs/design.md has the figures. Ten times chance leaves room for an overconfident overfitted binary
-# classifier (6.9 nats a validation image on average: most of its answers confidently wrong, not a healthy run).
+# cross-entropy of a uniform guess, ln(C) nats for C classes, where a fresh network starts. Runs that recovered
+# stayed within 3.4x it and grew at most 2.1x from one epoch to the next (the spikes of cnn_bn at rates 0.01-0.05
+# on a few hundred or thousand CIFAR images); an overfitting model's validation loss climbs a few percent an epoch.
+# Runs that went wrong (resnet18 and cnn_bn at rate 0.05 on 220 CIFAR images, ending at chance accuracy) showed
+# 7-33x, or grew 4.7-9.6x: docs/design.md has the figures. Ten times chance also leaves room for an overconfident
+# overfitted binary classifier (6.9 nats a validation image on average: most of its answers confidently wrong).
 FAR_ABOVE_CHANCE = 10
 # Growth alone is no sign: a loss of 0.05 may well double. It counts from twice chance on: worse than guessing.
 GROWTH, GROWTH_FROM_CHANCE = 4, 2
