@@ -82,8 +82,8 @@ def small_image_note(model: nn.Module, name: str, shape: tuple[int, int, int], o
     (C, H, W pixels) where its last stage's maps are SMALL_MAPS a side or smaller: what that stage outputs, and the
     fix. ImageNet networks shrink their input about 32-fold (a stride-2 stem and a max-pool before the first stage,
     then a stride 2 per stage), so a 32x32 image reaches a ResNet's layer4 as 2x2 and leaves it as 1x1: its 3x3
-    filters see mostly padding and the head pools one position. None for larger maps, and for transformers (their
-    input is cut into patches, no stem; ``_check_patches`` speaks of a ViT's).
+    filters see mostly padding and the head pools one position. None for larger maps, and for transformers (they
+    cut their input into patches: there is no stem to change, and Swin's maps are channels-last).
 
     The fix differs with the starting weights (``own_weights``: "pretrained" or a --weights file, None for
     random ones). From scratch, ``stem=cifar`` for a ResNet-style model (He et al.'s CIFAR stem), else a larger
@@ -135,7 +135,8 @@ def _cifar_stem_maps(name: str, shape: tuple[int, int, int], options: dict[str, 
 def cifar_stem(model: nn.Module) -> nn.Module:
     """Give a ResNet-style model (``conv1`` + ``maxpool``) the CIFAR stem of He et al. (2016, section 4.2):
     a 3x3 stride-1 first convolution and no max-pool, so a 32x32 image reaches ``layer4`` at 4x4 instead of
-    1x1. About 16x the multiply-adds of torchvision's 7x7 stride-2 stem with max-pool at the same input size.
+    1x1. About 15x the multiply-adds of torchvision's 7x7 stride-2 stem with max-pool at the same input size
+    (resnet18 at 32x32: 555.4 M against 37.0 M, ``cnnkit summary``).
     ``conv1`` starts freshly initialised (a pretrained 7x7 filter bank does not fit a 3x3 one)."""
     if not takes_cifar_stem(model):
         raise UserError("stem=cifar needs a ResNet-style model (conv1 and maxpool: resnet*, resnext*, "
