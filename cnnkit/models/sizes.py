@@ -44,6 +44,42 @@ def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
                          size_fix(model, shape, error))
 
 
+ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def last_feature_maps(model: nn.Module, shape: tuple[int, int, int]) -> tuple[str, int, int] | None:
+    """(name, height, width) of the maps that ``model``'s last stage outputs for one image of ``shape`` (C, H, W
+    pixels): the last of its direct children, in the order its forward pass calls them, whose output is a batch of
+    maps (N, C, H, W), as a ResNet's ``layer4`` or VGG's ``features``. An adaptive pool is no stage (VGG's
+    ``avgpool`` makes 7x7 of a 1x1 map; SqueezeNet's head ends in one): a child whose output is an adaptive pool's
+    is passed over. None where no child outputs maps, or the pass fails. One forward pass of zeros in eval mode,
+    without gradients; the model is left as it was, its hooks removed."""
+    pooled: set[int] = set()  # ids of the adaptive pools' outputs, held alive in ``outputs`` until compared
+    outputs: list[tuple[str, torch.Tensor]] = []
+    children = {m: name for name, m in model.named_children()}
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(module, ADAPTIVE_POOLS):
+            pooled.add(id(output))
+            outputs.append(("", output))  # kept so that its id is not reused by a later tensor
+        if module in children and torch.is_tensor(output):
+            outputs.append((children[module], output))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if m in children or
+               isinstance(m, ADAPTIVE_POOLS)]
+    try:
+        if _forward_error(model, shape) is not None:
+            return None
+    finally:
+        for h in handles:
+            h.remove()
+    maps = [(name, out) for name, out in outputs if name and out.dim() == 4 and id(out) not in pooled]
+    if not maps:
+        return None
+    name, out = maps[-1]
+    return name, out.shape[2], out.shape[3]
+
+
 def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception | None:
     """What ``model`` raises (one of SIZE_ERRORS) on one image of zeros of ``shape``, None where it runs: one
     forward pass in eval mode, without gradients, on the model's device and in its dtype."""

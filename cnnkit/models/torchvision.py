@@ -18,7 +18,8 @@ import torchvision
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
 from cnnkit.models.pretrained import cached_weights_path, pretrained_state
-from cnnkit.models.registry import _FACTORIES
+from cnnkit.models.registry import _FACTORIES, default_weights
+from cnnkit.models.sizes import last_feature_maps
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
 # the auxiliary classifiers of Inception/GoogLeNet only exist for 299/224 inputs and training tricks we
@@ -65,14 +66,79 @@ def adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 STEMS = ("imagenet", "cifar")
+# A last stage whose maps are this small (pixels a side) after an ImageNet stem gets a note (``small_image_note``):
+# what the torchvision CNNs make of images of 64 pixels or less, which they shrink about 32-fold.
+SMALL_MAPS = 2
+
+
+def takes_cifar_stem(model: nn.Module) -> bool:
+    """Whether ``model`` is ResNet-style (``conv1`` and ``maxpool``), which ``stem=cifar`` (``cifar_stem``) needs."""
+    return isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")
+
+
+def small_image_note(model: nn.Module, name: str, shape: tuple[int, int, int], options: dict[str, Any],
+                     own_weights: str | None = None) -> str | None:
+    """A note for torchvision model ``name`` (built as ``model`` with ``options``) trained on images of ``shape``
+    (C, H, W pixels) where its last stage's maps are SMALL_MAPS a side or smaller: what that stage outputs, and the
+    fix. ImageNet networks shrink their input about 32-fold (a stride-2 stem and a max-pool before the first stage,
+    then a stride 2 per stage), so a 32x32 image reaches a ResNet's layer4 as 2x2 and leaves it as 1x1: its 3x3
+    filters see mostly padding and the head pools one position. None for larger maps, and for transformers (they
+    cut their input into patches: there is no stem to change, and Swin's maps are channels-last).
+
+    The fix differs with the starting weights (``own_weights``: "pretrained" or a --weights file, None for
+    random ones). From scratch, ``stem=cifar`` for a ResNet-style model (He et al.'s CIFAR stem), else a larger
+    --input-size or such a model. With pretrained weights only a larger --input-size: stem=cifar would replace
+    their first convolution with a random one, and the filters after it were learnt on the maps of the ImageNet
+    stem, at the scale of 224-pixel images."""
+    if options.get("stem") == "cifar" or isinstance(model, (torchvision.models.VisionTransformer,
+                                                             torchvision.models.SwinTransformer,
+                                                             torchvision.models.MaxVit)):
+        return None
+    found = last_feature_maps(model, shape)
+    if found is None or max(found[1:]) > SMALL_MAPS:
+        return None
+    stage, h, w = found
+    said = (f"{name}'s last stage ({stage}) outputs {h}x{w} maps from these {shape[1]}x{shape[2]} images: its "
+            "ImageNet stem and stages leave the last filters little layout to see")
+    if own_weights is not None:
+        trained = (f" (its pretrained weights were trained at {_crop_size(name)}x{_crop_size(name)})"
+                   if own_weights == "pretrained" and _crop_size(name) else "")
+        return said + f"; a larger --input-size keeps larger maps{trained}, at a higher cost"
+    if takes_cifar_stem(model):
+        kept = _cifar_stem_maps(name, shape, options)
+        keeps = f"keeps {kept[0]}x{kept[1]} maps there" if kept else "keeps larger maps there"
+        return said + (f"; --model-opt stem=cifar (a 3x3 stride-1 first convolution, no max-pool) {keeps}, at a "
+                       "higher cost")
+    return said + ("; a larger --input-size keeps larger maps, at a higher cost, or train a network for small images "
+                   "(resnet18 --model-opt stem=cifar, cnn_bn)")
+
+
+def _crop_size(name: str) -> int | None:
+    """The side of the images torchvision's default weights for ``name`` were trained at (their crop), or None."""
+    weights = default_weights(name)
+    return int(weights.transforms.keywords.get("crop_size", 224)) if weights is not None else None
+
+
+def _cifar_stem_maps(name: str, shape: tuple[int, int, int], options: dict[str, Any]) -> tuple[int, int] | None:
+    """The last stage's map size of ``name`` with ``stem=cifar`` for images of ``shape``: built and run on the meta
+    device (no memory, no arithmetic), None where that fails."""
+    try:
+        with torch.device("meta"):
+            model = _FACTORIES[name](num_classes=10, in_channels=shape[0], input_size=shape[1], stem="cifar",
+                                     **{k: v for k, v in options.items() if k != "stem"})
+        found = last_feature_maps(model, shape)
+    except Exception:  # an option or layer the meta device does not take: the note goes without the figure
+        return None
+    return found[1:] if found else None
 
 
 def cifar_stem(model: nn.Module) -> nn.Module:
     """Give a ResNet-style model (``conv1`` + ``maxpool``) the CIFAR stem of He et al. (2016, section 4.2):
     a 3x3 stride-1 first convolution and no max-pool, so a 32x32 image reaches ``layer4`` at 4x4 instead of
-    1x1. About 16x the multiply-adds of torchvision's 7x7 stride-2 stem with max-pool at the same input size.
+    1x1. About 15x the multiply-adds of torchvision's 7x7 stride-2 stem with max-pool at the same input size
+    (resnet18 at 32x32: 555.4 M against 37.0 M, ``cnnkit summary``).
     ``conv1`` starts freshly initialised (a pretrained 7x7 filter bank does not fit a 3x3 one)."""
-    if not isinstance(getattr(model, "conv1", None), nn.Conv2d) or not hasattr(model, "maxpool"):
+    if not takes_cifar_stem(model):
         raise UserError("stem=cifar needs a ResNet-style model (conv1 and maxpool: resnet*, resnext*, "
                         "wide_resnet*); leave the option out for this model")
     old = model.conv1

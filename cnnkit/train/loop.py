@@ -66,6 +66,16 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
                   "images_per_s", "grad_norm", "skipped_batches", "val_macro_recall", "val_macro_f1",
                   "ema_val_loss", "ema_val_acc"]
 NAN_CHECK_EVERY = 50  # batches between two reads of the running loss sum's finiteness with nan="stop"
+# A finite loss can show a run going wrong long before it overflows (``diverging``). The chance level is the
+# cross-entropy of a uniform guess, ln(C) nats for C classes, where a fresh network starts. Runs that recovered
+# stayed within 3.4x it and grew at most 2.1x from one epoch to the next (the spikes of cnn_bn at rates 0.01-0.05
+# on a few hundred or thousand CIFAR images); an overfitting model's validation loss climbs a few percent an epoch.
+# Runs that went wrong (resnet18 and cnn_bn at rate 0.05 on 220 CIFAR images, ending at chance accuracy) showed
+# 7-33x, or grew 4.7-9.6x: docs/design.md has the figures. Ten times chance also leaves room for an overconfident
+# overfitted binary classifier (6.9 nats a validation image on average: most of its answers confidently wrong).
+FAR_ABOVE_CHANCE = 10
+# Growth alone is no sign: a loss of 0.05 may well double. It counts from twice chance on: worse than guessing.
+GROWTH, GROWTH_FROM_CHANCE = 4, 2
 
 
 @dataclass
@@ -571,7 +581,52 @@ def _validate(t: Training, callbacks: Callbacks) -> dict[str, Any]:
     print(f"epoch {t.epoch}/{t.plan.total_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
           f"val loss {val.loss:.4f} acc {val.acc:.4f}" + (f"  ema acc {ema_val.acc:.4f}" if ema_val else "")
           + f"  {row['images_per_s']:,.0f} images/s", file=t.log)
+    _warn_diverging(t)
     return row
+
+
+def diverging(history: list[dict[str, Any]], num_classes: int) -> str | None:
+    """Why the last epoch of ``history`` (metrics.csv rows) shows training gone badly wrong, or None: its training
+    or validation loss more than FAR_ABOVE_CHANCE times the chance level ln(``num_classes``), or more than GROWTH
+    times the epoch before's and over GROWTH_FROM_CHANCE times chance. A loss that is no longer finite is the same
+    failure gone further: ``_validate`` and ``train_one_epoch`` stop the run on it (NonFiniteLoss); this warns of
+    finite ones, while the run goes on."""
+    chance = math.log(max(num_classes, 2))
+    last, before = history[-1], history[-2] if len(history) > 1 else {}
+    for key, what in (("val_loss", "validation loss"), ("train_loss", "training loss")):
+        loss, previous = last.get(key), before.get(key)
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            continue
+        said = f"{what} {loss:.4g} is {_times(loss / chance)} the chance level ln({num_classes}) = {chance:.2f}"
+        if loss > FAR_ABOVE_CHANCE * chance:
+            return said
+        if isinstance(previous, (int, float)) and 0 < previous and loss > GROWTH * previous and \
+                loss > GROWTH_FROM_CHANCE * chance:
+            return f"{said} and {_times(loss / previous)} epoch {before['epoch']}'s {previous:.4g}"
+    return None
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x" if ratio < 1000 else "over 1,000x"
+
+
+def _warn_diverging(t: Training) -> None:
+    """One warning, once a run (its sessions before a resume included), where its losses show it diverging
+    (``diverging``): the rate is the first suspect."""
+    if any(w.startswith("training is diverging") for w in _run_warnings(t)):
+        return
+    trouble = diverging(t.state.history, len(t.pieces.classes))
+    if trouble is None:
+        return
+    lr = t.plan.stages[t.stage.index].lr
+    if t.lr_search is not None:
+        fix = f"the learning rate {lr:.3g}, from --lr auto, is likely too high: pass a lower fixed --lr"
+    elif t.cfg.stages:
+        fix = f"stage {t.stage.index + 1}'s learning rate {lr:g} is likely too high: lower it in --stages"
+    else:
+        fix = (f"the learning rate {lr:g} is likely too high: lower --lr, e.g. to {lr / 10:g} (a tenth), or let "
+               "`cnnkit lr-find` suggest one (--lr auto)")
+    warn(t.log, t.warnings, f"training is diverging at epoch {t.epoch}: {trouble}; {fix}")
 
 
 def _save_epoch(t: Training, row: dict[str, Any]) -> None:

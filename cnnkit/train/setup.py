@@ -25,7 +25,7 @@ from cnnkit.data.sources import DataSpec, ImageSet, fingerprint, load_splits
 from cnnkit.errors import CheckpointError, UserError, warn
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
-from cnnkit.models.registry import check_model_name, create_model
+from cnnkit.models.registry import check_model_name, create_model, is_torchvision_model
 from cnnkit.models.sizes import check_trains_on
 from cnnkit.modes import eval_mode
 from cnnkit.threads import set_torch_threads
@@ -196,6 +196,15 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
         model = sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     check_trains_on(model, cfg.model, (train_set.channels, train_set.size, train_set.size))
+    if ctx.main and not saved and is_torchvision_model(cfg.model):
+        # imported here: the module imports torchvision, which a run of cnnkit's own models never needs
+        from cnnkit.models.torchvision import small_image_note
+
+        own = "pretrained" if pretrained else cfg.weights
+        note = small_image_note(model, cfg.model, (train_set.channels, train_set.size, train_set.size),
+                                cfg.model_options, own)
+        if note:
+            print(f"cnnkit: note: {note}", file=log)
     _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
     # Before minutes of training: class balance, train/val duplicates, data against the model. Warnings only.
     warnings: list[str] = []

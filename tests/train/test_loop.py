@@ -10,7 +10,7 @@ import cnnkit
 from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import DataSpec, load_splits
 from cnnkit.errors import UserError
-from cnnkit.train.loop import evaluate_model, train_one_epoch
+from cnnkit.train.loop import diverging, evaluate_model, train_one_epoch
 from cnnkit.train.optim import make_optimizer, make_scheduler
 from tests.conftest import run_cli
 
@@ -172,3 +172,52 @@ def test_epochs_and_lr_beside_stages_get_a_note_and_a_replayed_run_none(tmp_path
     ran, replayed = (torch.load(tmp_path / name / "last.pt", weights_only=True)["state_dict"] for name in ("run", "replay"))
     assert all(torch.equal(ran[k], replayed[k]) for k in ran)
     assert json.loads((tmp_path / "replay" / "result.json").read_text())["epochs"] == 2
+
+
+def _history(*losses):
+    """metrics.csv rows with these (train_loss, val_loss) pairs, epoch 1 first."""
+    return [{"epoch": i + 1, "train_loss": train, "val_loss": val} for i, (train, val) in enumerate(losses)]
+
+
+def test_healthy_histories_are_not_diverging():
+    # measured: the default run (simple_cnn on shapes); cnn_bn's first-epoch spike at SGD's default rate on 2,400
+    # CIFAR images, which recovers (benchmarks/results/cnn_bn_lr.md); a 10-class model overfitting slowly; a
+    # near-perfect binary model whose small validation loss triples
+    for history, classes in [
+        (_history((2.304, 2.297), (2.119, 1.723), (1.004, 0.339), (0.244, 0.092)), 10),
+        (_history((4.670, 2.158), (2.004, 1.863), (1.840, 1.804)), 10),
+        (_history((1.9, 2.0), (1.7, 2.05), (1.5, 2.2), (1.2, 2.4), (0.9, 2.7)), 10),
+        (_history((0.3, 0.1), (0.2, 0.3)), 2),
+    ]:
+        for epoch in range(1, len(history) + 1):
+            assert diverging(history[:epoch], classes) is None, history[:epoch]
+
+
+def test_a_loss_far_above_chance_is_diverging():
+    # resnet18 at SGD's default rate on 220 CIFAR images of 10 classes: validation loss 10.4, then 76.2
+    said = diverging(_history((2.83, 10.41), (4.77, 76.19)), 10)
+    assert said.startswith("validation loss 76.19 is 33x the chance level ln(10) = 2.30"), said
+    assert "training loss 90 is 65x the chance level ln(4) = 1.39" in diverging(_history((90.0, 1.3)), 4)
+
+
+def test_a_loss_that_grows_many_fold_above_chance_is_diverging():
+    # cnn_bn at SGD's default rate on 220 CIFAR images: training loss 3.51, then 16.6 (validation 16.5)
+    said = diverging(_history((3.51, 3.46), (16.62, 16.49)), 10)
+    assert said == "validation loss 16.49 is 7.2x the chance level ln(10) = 2.30 and 4.8x epoch 1's 3.46", said
+    # the same growth below twice chance is not enough
+    assert diverging(_history((0.5, 0.3), (0.5, 1.3)), 2) is None  # 2 ln 2 = 1.39
+
+
+def test_losses_that_are_not_numbers_are_left_to_the_finite_loss_check():
+    assert diverging(_history((float("nan"), float("inf"))), 10) is None
+    assert diverging([{"epoch": 1, "train_loss": 1.0, "val_loss": ""}], 10) is None
+
+
+def test_a_diverging_run_warns_once_in_its_log_and_its_result(tmp_path, image_folder):
+    log = io.StringIO()
+    r = cnnkit.train(model="cnn_bn", data=image_folder, epochs=2, batch_size=8, lr=1.0, progress=False, log=log,
+                     check_data=False, out=str(tmp_path / "run"))
+    lines = [line for line in log.getvalue().splitlines() if "training is diverging" in line]
+    assert len(lines) == 1 and lines[0].startswith("cnnkit: warning: training is diverging at epoch 1: "), lines
+    assert "lower --lr, e.g. to 0.1 (a tenth), or let `cnnkit lr-find` suggest one" in lines[0]
+    assert [w for w in r.warnings if "training is diverging" in w] == [lines[0][len("cnnkit: warning: "):]]
