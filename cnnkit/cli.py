@@ -825,7 +825,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="run the export on random inputs at batch sizes 1 and 7 and report its largest difference "
                         "from PyTorch (fails above 1e-4)")
     p.add_argument("--verify-images", nargs="+", metavar="PATH",
-                   help="also compare on these image files or folders (the first 64 images; implies --verify)")
+                   help="also compare on these image files or folders (the first 64 images that decode: a broken one "
+                        "in a folder is passed over with a warning; implies --verify)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
@@ -1225,6 +1226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnnkit.export import export
 
     r = export(args.checkpoint, args.format, args.out, verify=args.verify, images=args.verify_images)
+    _warn(r.warnings)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
     else:
