@@ -45,7 +45,8 @@ EXAMPLES = {
                "  cnnkit summary convnet --model-opt widths=[16,32] --input-size 1 28 28",
     "rf": "examples:\n  cnnkit rf resnet18 --depth 1\n  cnnkit rf vgg16 --json\n"
           "  cnnkit rf simple_cnn --verify\n  cnnkit rf resnet18 --input-size 448 --verify --verify-layer layer4\n"
-          "  cnnkit rf runs/20260101-120000-simple_cnn --effective erf.png",
+          "  cnnkit rf runs/20260101-120000-simple_cnn --effective erf.png\n"
+          "  cnnkit rf runs/20260101-120000-simple_cnn --effective erf.png --images-from photos/",
     "features": "examples:\n  cnnkit features resnet18 --list-layers\n"
                 "  cnnkit features runs/20260101-120000-simple_cnn --layer features.0 --layer features.3 "
                 "--image cat.png --out maps/",
@@ -868,7 +869,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="run the export on random inputs at batch sizes 1 and 7 and report its largest difference "
                         "from PyTorch (fails above 1e-4)")
     p.add_argument("--verify-images", nargs="+", metavar="PATH",
-                   help="also compare on these image files or folders (the first 64 images; implies --verify)")
+                   help="also compare on these image files or folders (the first 64 images that decode: a broken one "
+                        "in a folder is passed over with a warning; implies --verify)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
@@ -907,8 +909,13 @@ def _rf_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--effective", metavar="PNG",
                    help="draw the effective receptive field of a (trained) model: mean gradient magnitude")
     p.add_argument("--layer", metavar="NAME", help="--effective: the layer (default: the final feature layer)")
+    p.add_argument("--images-from", nargs="+", metavar="PATH",
+                   help="--effective: average over these image files or folders (your own images, as predict "
+                        "prepares them; a broken one in a folder is passed over with a warning) instead of "
+                        "generated shapes images")
     p.add_argument("--images", type=_positive_int, metavar="N",
-                   help="--effective: how many generated shapes images to average over (default: 16)")
+                   help="--effective: how many images to average over: generated shapes images, or N spread evenly "
+                        "over the files of --images-from (default: 16)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
@@ -1297,6 +1304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnnkit.export import export
 
     r = export(args.checkpoint, args.format, args.out, verify=args.verify, images=args.verify_images)
+    _warn(r.warnings)
     if args.json:
         print(strict_json.dumps(dataclasses.asdict(r)))
     else:
@@ -1369,7 +1377,7 @@ def cmd_rf(args: argparse.Namespace) -> int:
         effective_receptive_field, format_receptive_field, receptive_field, verify_receptive_field,
     )
 
-    for option, value in (("--layer", args.layer), ("--images", args.images)):
+    for option, value in (("--layer", args.layer), ("--images", args.images), ("--images-from", args.images_from)):
         if value is not None and not args.effective:  # else ignored: the table is of every layer anyway
             raise UserError(f"{option} applies to the effective field; add --effective PNG (the table and "
                             "--verify-layer cover every layer)")
@@ -1381,7 +1389,9 @@ def cmd_rf(args: argparse.Namespace) -> int:
         if args.verify or args.verify_layer:
             r.checks = verify_receptive_field(target, args.verify_layer or None)
         if args.effective:
-            effective = effective_receptive_field(target, args.layer, count=args.images or 16, out=args.effective)
+            effective = effective_receptive_field(target, args.layer, count=args.images or 16, out=args.effective,
+                                                  images_from=args.images_from)
+            _warn(effective.warnings)
     if args.json:
         out = dataclasses.asdict(r)
         if effective:
@@ -1393,7 +1403,7 @@ def cmd_rf(args: argparse.Namespace) -> int:
     print(format_receptive_field(r))
     if effective:
         print(f"effective field of {effective.layer}: 95% of the gradient within {effective.erf} px "
-              f"(theoretical rf {effective.rf} px, {effective.images} {plural('image', effective.images)}); "
+              f"(theoretical rf {effective.rf} px, {effective.described()}); "
               f"heat map in {effective.path}")
     return 0 if all(c.agrees for c in r.checks) else 1
 

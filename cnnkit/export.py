@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from cnnkit.atomic import atomic_path, move_into_place, out_not_writable
 from cnnkit.choices import FORMATS, is_format
-from cnnkit.data.images import image_paths, load_batch
-from cnnkit.errors import DataError, UserError
+from cnnkit.data.images import load_first_images
+from cnnkit.data.sources import left_out_warning
+from cnnkit.errors import UserError
 from cnnkit.modes import eval_mode
 from cnnkit.metadata import payload_metadata
 from cnnkit.runtime import OnnxModel
@@ -74,6 +75,7 @@ class ExportResult:
     max_abs_diff: float | None = None  # the largest over ``checks``
     tolerance: float = TOLERANCE  # per unit of the largest |logit| (VerifyCheck.allowed)
     verified: bool | None = None  # None when not verified, else whether every check is within what it allows
+    warnings: list[str] = field(default_factory=list)  # broken images of --verify-images passed over
 
 
 def _require(*packages: str, purpose: str) -> None:
@@ -146,20 +148,20 @@ def _check_out(out: str, format: str, source: str) -> None:
         raise UserError(f"--out {out} is the checkpoint being exported; choose another path")
 
 
-def _verify_inputs(ckpt: Checkpoint, images: list[str] | None) -> list[tuple[str, torch.Tensor]]:
-    """The batches verify compares on: random ones at ``VERIFY_BATCH_SIZES``, then the first 64 of ``images``.
-    Made before the export is written, so a missing or undecodable image fails the command without replacing
-    a file already at ``--out``."""
+def _verify_inputs(ckpt: Checkpoint, images: list[str] | None) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """The batches verify compares on: random ones at ``VERIFY_BATCH_SIZES``, then the first 64 of ``images`` that
+    decode; and the warning, if any, that broken images in their folders were passed over. Made before the export
+    is written, so a missing image, or none that decodes, fails the command without replacing a file already at
+    ``--out``."""
     generator = torch.Generator().manual_seed(0)
     size = (ckpt.channels, ckpt.input_size, ckpt.input_size)
     inputs = [("random", torch.randn(n, *size, generator=generator)) for n in VERIFY_BATCH_SIZES]
-    if images:
-        files = image_paths(images)[:VERIFY_MAX_IMAGES]
-        x, _, errors = load_batch(files, ckpt.channels, ckpt.input_size, ckpt.mean, ckpt.std)
-        if errors:
-            raise DataError(next(iter(errors.values())))
-        inputs.append(("images", x))
-    return inputs
+    if not images:
+        return inputs, []
+    x, _, skipped = load_first_images(images, VERIFY_MAX_IMAGES, ckpt.channels, ckpt.input_size, ckpt.mean,
+                                      ckpt.std, "--verify-images")
+    inputs.append(("images", x))
+    return inputs, left_out_warning(skipped, " ".join(map(os.fspath, images)), why=", which verify did not compare on")
 
 
 @torch.no_grad()
@@ -188,7 +190,9 @@ def export(
 
     ``verify`` reads the file back (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript, ``load_checkpoint``
     for safetensors) and compares its logits with the PyTorch model's in eval mode on random inputs at batch
-    sizes 1 and 7 and, when ``images`` (files or folders) are given, on the first 64 of them.
+    sizes 1 and 7 and, when ``images`` (files or folders) are given, on the first 64 of them that decode (a broken
+    image in a folder is passed over, with a warning in ``ExportResult.warnings``; a broken file named on its own is
+    a DataError).
     """
     if format not in FORMATS:
         raise UserError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
@@ -197,7 +201,7 @@ def export(
     verify = verify or bool(images)
     if format == "onnx":
         _require("onnx", "onnxscript", *(["onnxruntime"] if verify else []), purpose="ONNX export")
-    inputs = _verify_inputs(ckpt, images) if verify else []
+    inputs, passed_over = _verify_inputs(ckpt, images) if verify else ([], [])
     model = ckpt.model
     metadata = payload_metadata(make_payload(model, ckpt.classes, ckpt.input_size, ckpt.channels, ckpt.mean, ckpt.std,
                                              flip=ckpt.flip))
@@ -224,7 +228,7 @@ def export(
     return ExportResult(
         path=path, format=format, checkpoint=ckpt.path, model=model.cnnkit_config["name"],
         size_bytes=os.path.getsize(path), export_time_s=round(export_time, 3), checks=checks, max_abs_diff=worst,
-        tolerance=tolerance, verified=verified,
+        tolerance=tolerance, verified=verified, warnings=passed_over,
     )
 
 

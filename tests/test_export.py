@@ -318,3 +318,28 @@ def test_bad_verify_images_fail_before_an_existing_export_is_replaced(tmp_path, 
                       if bad == "missing" else str(images)])
     assert out.read_bytes() == b"the export a server is reading"
     assert sorted(os.listdir(tmp_path)) == ["images", "model.safetensors"]
+
+
+def test_verify_images_passes_over_a_broken_image_in_a_folder_and_warns(tmp_path, checkpoints):
+    # check-data, train and predict pass over a photo cut short; export --verify-images failed on it (exit 1,
+    # nothing written), though the other images of the folder could be compared on.
+    images = write_image_folder(tmp_path / "photos", n_per_class=2, classes=2)
+    broken = tmp_path / "photos" / "circle" / "000_cut.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "model.safetensors"
+    r = cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(out), images=[images])
+    assert r.verified and os.path.isfile(out)
+    assert [(c.inputs, c.batch_size) for c in r.checks][-1] == ("images", 4)
+    assert len(r.warnings) == 1 and str(broken) in r.warnings[0] and "left out 1 broken image(s)" in r.warnings[0]
+
+    proc = run_cli("export", checkpoints["cnn_bn"], "--format", "safetensors", "--out", tmp_path / "cli.safetensors",
+                   "--verify-images", images)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("cnnkit: warning: left out 1 broken image(s)") and str(broken) in proc.stderr
+
+    # named on its own, the file is the user's choice: still an error, saying what to do
+    with pytest.raises(DataError, match=r"cannot decode image .*000_cut.png: .*; fix it, or leave it out of "
+                                        r"--verify-images"):
+        cnnkit.export(checkpoints["cnn_bn"], "safetensors", str(tmp_path / "named.safetensors"),
+                      images=[str(broken), images])
+    assert not os.path.exists(tmp_path / "named.safetensors")

@@ -262,3 +262,40 @@ def load_batch(
 
     x, good, errors = load_batch_array(paths, channels, size, mean, std)
     return (None if x is None else torch.from_numpy(x)), good, errors
+
+
+def load_first_images(
+    paths: list[str], limit: int, channels: int, size: int, mean: list[float], std: list[float], option: str,
+    spread: bool = False,
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first ``limit`` images of ``paths`` (files and folders, as ``image_paths`` lists them) that decode, as
+    one normalised batch (``load_batch``); ``spread``: ``limit`` images spread evenly over the list instead (a
+    folder's are sorted by class: the first 16 of a folder of photos are all of its first class). A broken image
+    inside a folder is passed over, as training and predict pass over one (``--bad-images skip``), and the next
+    one taken; a broken file named on its own, or nothing left to take, is a DataError saying what to do about
+    ``option`` (the command line's name for ``paths``). Returns (the batch, the files in it, one message per
+    broken image passed over)."""
+    import torch
+
+    files = image_paths(paths)
+    if spread and len(files) > limit:
+        picked = {len(files) * i // limit for i in range(limit)}
+        files = [f for i, f in enumerate(files) if i in picked] + [f for i, f in enumerate(files) if i not in picked]
+    named = {os.path.realpath(p) for p in paths if not os.path.isdir(p)}
+    batches, used, skipped = [], [], []
+    start = 0
+    while len(used) < limit and start < len(files):
+        chunk = files[start : start + limit - len(used)]
+        start += len(chunk)
+        x, good, errors = load_batch(chunk, channels, size, mean, std)
+        for f, e in errors.items():
+            if os.path.realpath(f) in named:
+                raise DataError(f"{e}; fix it, or leave it out of {option} (broken images inside a folder given "
+                                "there are passed over)")
+        skipped += errors.values()
+        if x is not None:
+            batches.append(x)
+            used += good
+    if not used:
+        raise DataError(f"none of the {len(files)} image(s) of {option} decode ({skipped[0]}); pass images that do")
+    return torch.cat(batches), used, skipped

@@ -13,6 +13,7 @@ concentrated in a much smaller, roughly Gaussian, region than the theoretical fi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from cnnkit.errors import UserError
+from cnnkit.errors import UserError, plural
 from cnnkit.inspect.cam import last_block_with_positions
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
 from cnnkit.inspect.loading import InspectedModel, load_model
@@ -278,6 +279,15 @@ class EffectiveField:
     erf: int  # side of the smallest square around the unit that holds 95% of the gradient magnitude
     images: int
     path: str | None = None  # the heat map PNG, when one was asked for
+    images_from: str | None = None  # the files or folders the images were read from; None: generated shapes images
+    # (or a batch passed in as ``images``, then "a batch passed in")
+    warnings: list[str] = field(default_factory=list)  # broken images of ``images_from`` passed over
+
+    def described(self) -> str:
+        """Which images the field was averaged over, counted: "16 generated shapes images", "16 images from DIR"."""
+        if self.images_from is None:
+            return f"{self.images} generated shapes {plural('image', self.images)}"
+        return f"{self.images} {plural('image', self.images)} from {self.images_from}"
 
 def effective_field_map(model: nn.Module, layer: TracedLayer, images: torch.Tensor) -> torch.Tensor:
     """Mean |d unit / d input| (H x W, summed over input channels, scaled to a maximum of 1) of the centre
@@ -296,13 +306,21 @@ def effective_field_map(model: nn.Module, layer: TracedLayer, images: torch.Tens
 
 def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, layer: str | None = None,
                               images: torch.Tensor | None = None, input_size: Any = None,
-                              count: int = 16, seed: int = 0, out: str | None = None) -> EffectiveField:
+                              count: int = 16, seed: int = 0, out: str | None = None,
+                              images_from: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+                              ) -> EffectiveField:
     """The effective field of ``layer``'s centre unit (default layer: the final feature layer), measured over
-    ``images`` (a normalised N x C x H x W batch; default: ``count`` images of the generated shapes data,
-    which cnnkit's default runs are trained on) with ``effective_field_map``. With ``out``, also draws it as
-    a heat map with the theoretical field outlined. The model is not changed."""
+    ``images`` (a normalised N x C x H x W batch), or ``count`` images spread over ``images_from`` (image files
+    or folders: your own photos, prepared as predict prepares them; a broken image inside a folder is passed over
+    with a warning in ``EffectiveField.warnings``), or else ``count`` images of the generated shapes data, which
+    cnnkit's default runs are trained on, with ``effective_field_map``. With ``out``, also draws it as a heat map
+    with the theoretical field outlined. The model is not changed."""
+    from cnnkit.data.images import load_first_images
     from cnnkit.data.shapes import make_shapes
+    from cnnkit.data.sources import left_out_warning
 
+    if images is not None and images_from is not None:
+        raise UserError("pass images (a batch) or images_from (files or folders), not both")
     if out:  # a bad --out is refused before the passes, not after them
         from cnnkit.inspect import drawing
 
@@ -316,6 +334,16 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
     chosen = next((x for x in t.layers if x.name == layer), None) if layer else final_feature_layer(t)
     if chosen is None or not _spatial(chosen):
         raise UserError(f"layer '{layer}' has no spatial output; pick a convolutional layer")
+    source, warnings = None if images is None else "a batch passed in", []
+    if images_from is not None:
+        paths = [os.fspath(images_from)] if isinstance(images_from, (str, os.PathLike)) else \
+            [os.fspath(p) for p in images_from]
+        if shape[1] != shape[2]:
+            raise UserError(f"images are resized to a square; use --input-size {shape[0]} {shape[1]} {shape[1]}")
+        images, _, skipped = load_first_images(paths, count, shape[0], shape[1], target.mean, target.std,
+                                               "--images-from", spread=True)
+        source = " ".join(paths)
+        warnings = left_out_warning(skipped, source, why=", which the field was not averaged over")
     if images is None:
         raw, _ = make_shapes(count, shape[1], shape[0], seed)
         mean = torch.tensor(target.mean).view(1, -1, 1, 1) * 255
@@ -326,7 +354,7 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
     centre = fields["h"].start + unit[0] * fields["h"].jump, fields["w"].start + unit[1] * fields["w"].jump
     expected = [_expected(fields[a], i, n) for a, i, n in zip(("h", "w"), unit, shape[1:])]
     result = EffectiveField(chosen.name, unit, field_numbers(chosen.info)[0], expected,
-                            _mass_square(heat, centre, 0.95), len(images))
+                            _mass_square(heat, centre, 0.95), len(images), images_from=source, warnings=warnings)
     if out:
         result.path = draw_effective_field(result, heat, out)
     return result

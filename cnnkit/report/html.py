@@ -50,7 +50,7 @@ th, td { border-bottom: 1px solid #e3e7ee; padding: 3px 10px; text-align: right;
 th { background: #eef2f8; } td.text, th.text { text-align: left; } tr.total td { font-weight: 600; }
 td.bad { color: #b00000; font-weight: 600; } .note { color: #5a6475; font-size: 13px; }
 .columns { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-.narrow { max-width: 380px; }
+.narrow { max-width: 380px; } .warnings li { color: #8a4b00; }
 code { background: #eef2f8; padding: 0 4px; border-radius: 3px; }
 """
 
@@ -380,6 +380,12 @@ def write_report(run_dir: str, out: str | None = None, device: str = "auto", cam
                          f'<p>{_e(stop.get("message", "see its stop.json"))}</p><p class="note">Resuming it would '
                          f"replay the same steps into the same failure; start a new run from its settings with a "
                          f"lower <code>--lr</code> (<code>cnnkit train --resume</code> says how).</p>"))
+    # what the run warned of on its console (broken images left out, too few validation images): whoever reads
+    # the page did not see that console
+    warned = (result or {}).get("warnings")
+    if isinstance(warned, list) and warned:
+        sections.append(("warnings", "Warnings", '<ul class="warnings">'
+                         + "".join(f"<li>{_e(w)}</li>" for w in warned) + "</ul>"))
     sections += [
         ("metrics", "Results", _metrics_section(result, history, pred)),
         ("curves", "Training curves", _img(written["curves"], "loss and accuracy curves") +

@@ -148,3 +148,20 @@ def test_image_paths_follow_linked_folders_as_training_does_and_stop_at_loops(tm
     os.symlink(photos, photos / "cat_again")  # back up the tree
     os.symlink("..", real / "up")
     assert image_paths([str(photos)]) == [str(photos / "cat" / "1.png")]
+
+
+def test_load_first_images_takes_the_next_image_after_a_broken_one(tmp_path):
+    from cnnkit.data.images import load_first_images
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    files = [save(tmp_path, Image.new("RGB", (20, 16), (i * 90, 0, 0)), f"photos/cat/{i}.png") for i in range(3)]
+    with open(files[1], "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+    x, used, skipped = load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from")
+    assert x.shape == (2, 3, 16, 16) and used == [files[0], files[2]]
+    assert len(skipped) == 1 and files[1] in skipped[0]
+    for p in files:
+        with open(p, "wb") as f:
+            f.write(b"")
+    with pytest.raises(DataError, match=r"none of the 3 image\(s\) of --images-from decode .*; pass images that do"):
+        load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from")

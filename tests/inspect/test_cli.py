@@ -118,7 +118,7 @@ def test_an_image_that_is_a_folder_and_a_features_out_that_is_a_file_are_one_lin
     assert (tmp_path / "taken").read_text() == ""
 
 
-@pytest.mark.parametrize("option", [["--layer", "features.3"], ["--images", "4"]])
+@pytest.mark.parametrize("option", [["--layer", "features.3"], ["--images", "4"], ["--images-from", "photos"]])
 def test_rf_options_of_the_effective_field_without_it_are_refused(option):
     """`rf simple_cnn --layer features.3` printed the whole table as if --layer were not there."""
     assert_one_line_error(run_cli("rf", "simple_cnn", *option), 2, f"{option[0]} applies to the effective field",
@@ -233,3 +233,17 @@ def test_features_out_naming_a_picture_is_refused_not_made_a_folder(shape_image,
     assert_one_line_error(proc, 2, f"--out {out} names a picture", "one PNG per layer into a folder",
                           f"pass a folder, such as {tmp_path / 'maps'} (for {tmp_path / 'maps' / 'features.0.png'})")
     assert not (tmp_path / "maps").exists()
+
+
+def test_rf_effective_says_which_images_and_takes_your_own(tmp_path):
+    """`rf RUN --effective` averaged over generated shapes images, said only "16 images", and could not be given
+    the user's photos (the Python function took images=, the command line nothing)."""
+    photos = write_image_folder(tmp_path / "photos", n_per_class=2, classes=2)
+    broken = tmp_path / "photos" / "circle" / "000_cut.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+    proc = run_cli("rf", "simple_cnn", "--effective", tmp_path / "erf.png", "--images-from", photos, "--images", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert f"(theoretical rf 22 px, 3 images from {photos}); heat map in" in proc.stdout
+    assert proc.stderr.count("cnnkit: warning: left out 1 broken image(s) of") == 1 and str(broken) in proc.stderr
+    proc = run_cli("rf", "simple_cnn", "--effective", tmp_path / "erf.png", "--images", 2)
+    assert "(theoretical rf 22 px, 2 generated shapes images); heat map in" in proc.stdout

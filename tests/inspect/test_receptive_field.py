@@ -122,6 +122,29 @@ def test_effective_field_of_a_trained_network_is_smaller_than_the_theoretical(tr
     assert_picture(out, (320, 320 + 2 * 18))
 
 
+def test_effective_field_over_your_own_images_is_the_field_over_that_batch(tmp_path):
+    from PIL import Image
+
+    from cnnkit.data.images import load_batch
+
+    for i, (folder, name) in enumerate([("a", "0"), ("a", "1"), ("a", "2"), ("b", "0"), ("b", "1"), ("b", "2")]):
+        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
+        noise = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(noise.numpy()).save(tmp_path / "photos" / folder / f"{name}.png")
+    (tmp_path / "photos" / "b" / "1.png").write_bytes(b"")  # one of the three spread over the folder: passed over
+    target = load_model("cnn_bn", input_size=32)
+    e = cnnkit.effective_receptive_field(target, count=3, images_from=tmp_path / "photos")
+    photos = str(tmp_path / "photos")
+    assert e.images == 3 and e.images_from == photos and e.described() == f"3 images from {photos}"
+    assert len(e.warnings) == 1 and str(tmp_path / "photos" / "b" / "1.png") in e.warnings[0]
+    # spread over the folder (a/0, a/2, b/1), b/1 broken: the next file not yet taken, a/1, in its place
+    used = [str(tmp_path / "photos" / f) for f in ("a/0.png", "a/2.png", "a/1.png")]
+    batch = load_batch(used, 3, 32, target.mean, target.std)[0]
+    assert e.erf == cnnkit.effective_receptive_field(target, images=batch).erf
+    shapes = cnnkit.effective_receptive_field(target, count=2)
+    assert shapes.images_from is None and shapes.described() == "2 generated shapes images"
+
+
 def test_verify_takes_a_loaded_target_and_leaves_weights_alone():
     target = load_model("cnn_bn", input_size=32)
     before = {k: v.clone() for k, v in target.model.state_dict().items()}

@@ -217,6 +217,28 @@ def test_a_diverged_run_is_called_diverged_though_it_has_a_result(run, tmp_path)
     assert f"<p>{message}</p>" in page
 
 
+def test_the_runs_warnings_open_the_page_escaped(run, tmp_path):
+    # result.json's warnings (broken images left out, too few validation images) reached the console of the one who
+    # trained; the page someone else reads left them out. Marked here on a copy of the tiny run, which has none.
+    import shutil
+
+    with open(os.path.join(run[0], "result.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(run[0], "report.html"), encoding="utf-8") as f:
+        assert not result["warnings"] and 'id="warnings"' not in f.read()
+    folder = str(tmp_path / "warned")
+    shutil.copytree(run[0], folder, ignore=shutil.ignore_patterns("report.html", "plots", "tensorboard"))
+    warned = ["skipped 1 broken image(s), listed in /data/<b>&</b>/bad_images.txt", "only 19 validation image(s)"]
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump({**result, "warnings": warned}, f)
+    report = write_report(folder, cam_images=1)
+    page = open(report.path, encoding="utf-8").read()
+    assert report.sections[:2] == ["warnings", "metrics"]
+    assert ('<h2>Warnings</h2><ul class="warnings"><li>skipped 1 broken image(s), listed in '
+            '/data/&lt;b&gt;&amp;&lt;/b&gt;/bad_images.txt</li><li>only 19 validation image(s)</li></ul>') in page
+    assert "<b>" not in page and '<a href="#warnings">Warnings</a>' in page
+
+
 def test_a_run_that_diverged_in_its_first_epoch_is_reported_without_a_model(tmp_path):
     # No epoch finished and no checkpoint was written, yet the steps' losses and why the run stopped are there:
     # bare `cnnkit report` (the newest run) shows them, and leaves out, naming why, what needs best.pt.
