@@ -149,7 +149,6 @@ def _write_mnist(root, images, labels, prefix):
 
 
 def test_a_run_on_a_torchvision_dataset_keeps_its_fingerprints(tmp_path):
-    rng = np.random.default_rng(0)
     pictures = (torch.nn.functional.interpolate(torch.rand(70, 1, 5, 5, generator=torch.Generator().manual_seed(3)),
                                                 size=(28, 28), mode="bicubic").clamp(0, 1) * 255).round()
     pictures = pictures.to(torch.uint8)[:, 0].numpy()
