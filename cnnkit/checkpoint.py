@@ -256,15 +256,26 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = F
 
     ``ema``: a run folder's weight EMA (``best_ema.pt``) instead of its raw weights."""
     path = resolve_checkpoint_path(path, ema)
-    payload = read_payload(path)
+    return checkpoint_from_payload(read_payload(path), path, device)
+
+
+def payload_model(payload: dict[str, Any]) -> nn.Module:
+    """The model a checkpoint ``payload`` (``read_payload``) describes, with fresh weights; built on the meta
+    device (``check_before_building``), it shows the input sizes the checkpoint's model takes without the cost of
+    building the real one and loading its weights."""
     spec = payload["model"]
-    model = create_model(
-        spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-        input_size=spec["input_size"], **spec["options"],
-    )
+    model = create_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                         input_size=spec["input_size"], **spec["options"])
     # Built without the pretrained weights the file's own replace, but a run that began from them still did: an
     # export or a new checkpoint of this model says so ("pretrained": false in an exported fine-tuned resnet18).
     model.cnnkit_config["pretrained"] = bool(spec.get("pretrained", False))
+    return model
+
+
+def checkpoint_from_payload(payload: dict[str, Any], path: str, device: str | torch.device = "cpu") -> Checkpoint:
+    """``load_checkpoint`` of the ``payload`` read from the checkpoint file ``path``."""
+    spec = payload["model"]
+    model = payload_model(payload)
     try:
         result = model.load_state_dict(payload["state_dict"], strict=False)
     except RuntimeError as e:  # shape mismatches: name them

@@ -22,9 +22,9 @@ from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head
 from cnnkit.models.registry import check_model_name, create_model
-from cnnkit.models.sizes import check_input_size, check_trains_on
+from cnnkit.models.sizes import check_before_building, check_input_size, check_trains_on
 from cnnkit.modes import eval_mode
-from cnnkit.checkpoint import load_checkpoint
+from cnnkit.checkpoint import checkpoint_from_payload, payload_model, read_payload, resolve_checkpoint_path
 from cnnkit.train.precision import resolve_device
 from cnnkit.models.pretrained import normalization
 
@@ -38,35 +38,51 @@ class Backbone:
     channels: int
     config: dict = field(default_factory=dict)  # a run's training configuration; empty for a model name
     label: str = "the backbone"  # the run, checkpoint or model name, for messages
-    build: Callable[[int], nn.Module] | None = None  # a model name's: its model for square images of that size
+    build: Callable[..., nn.Module] | None = None  # a model name's: its model for square images of that size
     classes: list[str] | None = None  # a run's or checkpoint's classes, in its order; None for a model name
 
 
 def load_backbone(model_or_run: str, pretrained: bool = False, head_from: str | None = None,
-                  device: str = "cpu") -> Backbone:
+                  device: str = "cpu", input_size: int | None = None) -> Backbone:
     """A run or checkpoint (its own preprocessing), or a registered model name (torchvision's pretrained
     weights and ImageNet statistics with ``pretrained``; otherwise random weights, mean 0.5 / std 0.25).
     ``head_from`` (a ResNet's stages, e.g. ``layer2,layer3,layer4``): the features are those stages' pooled
     outputs side by side (see ``MultiStageResNet``) instead of the last stage's.
     A model name is built by ``features`` when it sees the images, for their size: a flatten head (simple_cnn)
-    built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read."""
+    built for 32 pixels cannot take 16-pixel images, and the images' size is known only once they are read.
+    ``input_size``: the size the images will be read at, where given; a run that cannot take it is the error now,
+    before its model is built."""
     if os.path.exists(model_or_run):
         if pretrained:  # else dropped unseen: the file's weights are the ones used
             raise UserError(f"--pretrained loads torchvision's weights into a model name, but {model_or_run} has "
                             "weights of its own; drop --pretrained, or pass the model's name instead")
-        ckpt = load_checkpoint(model_or_run)
-        if head_from is not None:
-            from cnnkit.models.torchvision import pool_stages
+        path = resolve_checkpoint_path(model_or_run)
+        payload = read_payload(path)
 
-            pool_stages(ckpt.model, head_from, num_classes=len(ckpt.classes))
+        def with_head(model: nn.Module) -> nn.Module:
+            if head_from is not None:
+                from cnnkit.models.torchvision import pool_stages
+
+                pool_stages(model, head_from, num_classes=len(payload["classes"]))
+            return model
+
+        own = (payload["channels"], payload["input_size"], payload["input_size"])
+        if input_size not in (None, own[1]):  # `features` checks the real model again, as it does without it
+            shape = (own[0], input_size, input_size)
+            check_before_building(lambda model: check_input_size(model, shape, own, model_or_run),
+                                  lambda: with_head(payload_model(payload)), shape)
+        ckpt = checkpoint_from_payload(payload, path)
+        with_head(ckpt.model)
         return Backbone(ckpt.model.to(resolve_device(device)), ckpt.mean, ckpt.std, ckpt.input_size, ckpt.channels,
                         ckpt.config or {}, model_or_run, classes=list(ckpt.classes))
     check_model_name(model_or_run)  # now, not after the images are read
     options = {"head_from": head_from} if head_from is not None else {}
 
-    def build(size: int) -> nn.Module:
-        model = create_model(model_or_run, input_size=size, pretrained=pretrained, **options)
-        return model.eval().to(resolve_device(device))
+    def build(size: int, shapes_only: bool = False) -> nn.Module:
+        """The model for square images of ``size``; ``shapes_only``: without pretrained weights and left where it
+        is built (``check_before_building`` builds it on the meta device)."""
+        model = create_model(model_or_run, input_size=size, pretrained=pretrained and not shapes_only, **options)
+        return model if shapes_only else model.eval().to(resolve_device(device))
 
     if pretrained:
         mean, std, _ = normalization(model_or_run)
@@ -81,9 +97,13 @@ def features(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> np.nd
     model name's model for the size of ``data``; a model built for another size that cannot take this one (a
     flatten head) is a UserError naming the size it takes."""
     if backbone.model is None:
+        shape = (data.channels, data.size, data.size)
+        # an image too small for the network: the one-line size error (with the smallest size it takes), as train's,
+        # found on the model built on the meta device before the real one is built (seconds, for vgg11)
+        check_before_building(lambda model: check_trains_on(model, backbone.label, shape),
+                              lambda: backbone.build(data.size, shapes_only=True), shape)
         backbone.model, backbone.input_size = backbone.build(data.size), data.size
-        # an image too small for the network: the one-line size error (with the smallest size it takes), as train's
-        check_trains_on(backbone.model, backbone.label, (data.channels, data.size, data.size))
+        check_trains_on(backbone.model, backbone.label, shape)
     elif backbone.input_size is not None:
         own = (backbone.channels, backbone.input_size, backbone.input_size)
         check_input_size(backbone.model, (data.channels, data.size, data.size), own, backbone.label)
@@ -117,7 +137,7 @@ def embed(model_or_run: str, data: str, out: str, pretrained: bool = False, inpu
         raise UserError(f"--out must end in .npy, got {out}")
     labels, paths = out[:-4] + ".labels.npy", out[:-4] + ".paths.csv"
     _check_writable([out, labels, paths])  # before the features are computed, and before any of the three is written
-    backbone = load_backbone(model_or_run, pretrained, head_from, device)
+    backbone = load_backbone(model_or_run, pretrained, head_from, device, input_size)
     images = load_eval_set(DataSpec(data, input_size=input_size or backbone.input_size, channels=backbone.channels))
     whose = "data" if backbone.classes is None else "run" if set(images.classes) & set(backbone.classes) else "new"
     if whose == "run":
@@ -171,7 +191,7 @@ def probe(model_or_run: str, data: str, pretrained: bool = False, val_split: flo
           head_from: str | None = None, device: str = "cpu") -> ProbeResult:
     """A linear classifier (multinomial logistic regression, L-BFGS) on frozen penultimate features.
     ``warnings`` says when the validation images include images a run's backbone trained on."""
-    backbone = load_backbone(model_or_run, pretrained, head_from, device)
+    backbone = load_backbone(model_or_run, pretrained, head_from, device, input_size)
     warnings = []
     # The probe's validation images: --val-data whole, else the split load_splits makes (0.1 of a folder by default).
     scored = (val_data, None) if val_data is not None else (

@@ -1,6 +1,7 @@
 """--input-size on commands that run a model on images: a model name is built for the size asked for (or the
 data's own), and a run's model that cannot take the size asked for is a one-line error naming the size it takes."""
 
+import functools
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import cnnkit
+from cnnkit.checkpoint import make_payload, save_checkpoint
 from cnnkit.embed import embed, probe
 from cnnkit.errors import UserError
 from cnnkit.inspect.feature_maps import feature_maps
@@ -133,3 +135,75 @@ def test_c_h_w_given_to_the_python_api_of_one_size_is_a_user_error_not_a_type_er
             call()
         assert "not C H W" in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.fixture
+def real_builds(monkeypatch):
+    """The models built for real (not on the meta device) while a test runs: alexnet's and simple_cnn's builds,
+    each a name in the list."""
+    from cnnkit.models import registry
+
+    registry.check_model_name("alexnet")  # torchvision's models registered
+    built = []
+    for name in ("alexnet", "simple_cnn"):
+        factory = registry._FACTORIES[name]
+
+        @functools.wraps(factory)
+        def counted(*args, _factory=factory, _name=name, **kwargs):
+            if not torch.empty(0).is_meta:
+                built.append(_name)
+            return _factory(*args, **kwargs)
+
+        monkeypatch.setitem(registry._FACTORIES, name, counted)
+    return built
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """A checkpoint of simple_cnn built for 160-pixel images: its flatten head's 13 M parameters take that size
+    only."""
+    model = cnnkit.create_model("simple_cnn", num_classes=4, input_size=160)
+    path = str(tmp_path_factory.mktemp("wide") / "wide.pt")
+    save_checkpoint(make_payload(model, ["a", "b", "c", "d"], 160, 3, [0.5] * 3, [0.25] * 3), path)
+    return path
+
+
+def test_training_at_a_size_the_model_cannot_take_is_refused_before_the_model_is_built(folders, tmp_path,
+                                                                                         real_builds):
+    # vgg11 at 28 pixels: the error came after 11 s, most of them making its 133 M random weights (alexnet's
+    # pools are as unforgiving and its weights fewer)
+    data, _ = folders
+    for command in (cnnkit.train, cnnkit.lr_find):
+        with pytest.raises(UserError, match=r"alexnet cannot take 3x16x16 images \(Given input size: \(192x1x1\)\. "
+                                            r"Calculated output size: \(192x0x0\)\. Output size is too small\); use "
+                                            r"a larger --input-size \(the smallest it takes: 63\)"):
+            command(model="alexnet", data=data, epochs=1, progress=False, out=str(tmp_path / "run"))
+    assert real_builds == [] and not (tmp_path / "run").exists()
+
+
+def test_inspecting_a_run_at_a_size_it_cannot_take_is_refused_before_its_model_is_built(folders, wide_run,
+                                                                                         tmp_path, real_builds):
+    data, _ = folders
+    words = (r"wide\.pt takes 3x160x160 images and cannot run on 3x32x32 \(mat1 and mat2 shapes cannot be multiplied "
+             r"\(1x2048 and 51200x256\)\); leave out --input-size, or pass --input-size 160")
+    for call in (lambda: cnnkit.summary(wide_run, input_size=32),
+                 lambda: feature_maps(wide_run, ["features.0"], f"{data}/circle/001.png", str(tmp_path / "maps"),
+                                      input_size=32),
+                 lambda: embed(wide_run, data, str(tmp_path / "f.npy"), input_size=32)):
+        with pytest.raises(UserError, match=words):
+            call()
+    assert real_builds == []
+    cnnkit.summary(wide_run)  # its own size: built, and fine
+    assert real_builds == ["simple_cnn"]
+
+
+def test_a_model_name_run_at_a_size_it_cannot_take_is_refused_before_it_is_built(folders, tmp_path, real_builds):
+    data, _ = folders
+    image = f"{data}/circle/001.png"
+    with pytest.raises(UserError, match=r"the model cannot take a 3x16x16 input \(Given input size: \(192x1x1\)"):
+        feature_maps("alexnet", ["features.0"], image, str(tmp_path / "maps"), input_size=16)
+    with pytest.raises(UserError, match=r"the model cannot take a 3x16x16 input .* \(the smallest it takes: 63\)"):
+        cnnkit.class_activation_map("alexnet", image, out=str(tmp_path / "cam.png"), input_size=16, progress=False)
+    with pytest.raises(UserError, match=r"alexnet cannot take 3x16x16 images .* \(the smallest it takes: 63\)"):
+        embed("alexnet", data, str(tmp_path / "f.npy"))  # the folder's own 16 pixels
+    assert real_builds == []

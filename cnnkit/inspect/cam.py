@@ -284,7 +284,7 @@ def class_activation_map(model_or_run: str | nn.Module, image: str, target_class
     if any(m not in METHODS for m in methods):
         raise UserError(f"--method must be one of {', '.join(METHODS)} or all, not '{method}'")
     drawing.check_picture_path(out)
-    target = load_model(model_or_run, input_size, num_classes, **options)
+    target = load_model(model_or_run, input_size, num_classes, runs=True, **options)
     name, warnings = (layer, []) if layer else default_cam_layer(target.model, target.input_shape)
     find_layer(target.model, name, target.source, target.build_args)
     warnings += [] if layer else _patch_embedding_warning(target.model, name)

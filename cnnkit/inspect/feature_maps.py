@@ -62,7 +62,7 @@ def feature_maps(model_or_run: str | nn.Module, layers: Sequence[str], image: st
         folder = os.path.dirname(os.path.normpath(out_dir)) or "."
         raise UserError(f"--out {out_dir} names a picture, but features writes one PNG per layer into a folder: "
                         f"pass a folder, such as {folder} (for {os.path.join(folder, layers[0] + '.png')})")
-    target = load_model(model_or_run, input_size, num_classes, **options)
+    target = load_model(model_or_run, input_size, num_classes, runs=True, **options)
     for name in layers:
         find_layer(target.model, name, target.source, target.build_args)
     x, _ = prepare_image(target, image)

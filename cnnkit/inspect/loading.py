@@ -11,11 +11,10 @@ receptive field needs: ``vit_h_14`` (632 M parameters) is then built in a second
 
 from __future__ import annotations
 
-import contextlib
 import os
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +25,9 @@ from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
 from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
-from cnnkit.models.sizes import SIZE_ERRORS, check_input_size, first_line
+from cnnkit.models.sizes import SIZE_ERRORS, check_before_building, check_input_size, check_runs_on, first_line, on_meta
 from cnnkit.modes import eval_mode
-from cnnkit.checkpoint import load_checkpoint
+from cnnkit.checkpoint import checkpoint_from_payload, payload_model, read_payload, resolve_checkpoint_path
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -59,28 +58,6 @@ def default_input_size(name: str) -> int:
         return 224
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Move each parameter and buffer to the meta device as it is registered (the idea of accelerate's
-    ``init_empty_weights``), for builders that compute with real tensors and so fail under
-    ``torch.device("meta")`` (RegNet works out its stage widths with torch ops)."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def on_meta_parameter(module, name, param):
-        register_parameter(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    def on_meta_buffer(module, name, tensor, persistent=True):
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-
-
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int | None = None, meta: bool = False,
                 **options: Any) -> nn.Module:
     """``create_model(name, ...)`` sized for ``input_shape``; on the meta device when ``meta``."""
@@ -92,21 +69,15 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int |
     def build() -> nn.Module:
         return create_model(name, num_classes=num_classes, in_channels=c, input_size=h, **options)
 
-    if not meta:
-        return build()
-    try:
-        with torch.device("meta"):
-            return build()
-    except NotImplementedError:
-        with _parameters_on_meta():
-            return build()
+    return on_meta(build) if meta else build()
 
 
 def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classes: int | None = None,
-               meta: bool = False, **options: Any) -> InspectedModel:
+               meta: bool = False, runs: bool = False, **options: Any) -> InspectedModel:
     """What to inspect: a module as given, a run folder or checkpoint, or a model name (see the module doc).
 
-    ``input_size``: C H W, one number (a square), or None for the model's own size.
+    ``input_size``: C H W, one number (a square), or None for the model's own size. ``runs``: the caller runs the
+    model at that size (features, cam), so a model name that cannot take it is the error now, before it is built.
     """
     if isinstance(model_or_run, nn.Module):
         if num_classes is not None or options:  # else silently a model other than the one asked for
@@ -119,12 +90,18 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     if os.path.exists(model_or_run):
         if num_classes is not None or options:
             raise UserError("--num-classes and model options apply to model names, not to a checkpoint")
-        ckpt = load_checkpoint(model_or_run)
-        shape = parse_input_shape(input_size, (ckpt.channels, ckpt.input_size, ckpt.input_size))
-        if shape[0] != ckpt.channels:
-            raise UserError(f"{model_or_run} takes {ckpt.channels}-channel images, not {shape[0]}; "
-                            f"use --input-size {ckpt.channels} {shape[1]} {shape[2]}")
-        check_input_size(ckpt.model, shape, (ckpt.channels, ckpt.input_size, ckpt.input_size), ckpt.path)
+        path = resolve_checkpoint_path(model_or_run)
+        payload = read_payload(path)
+        own = (payload["channels"], payload["input_size"], payload["input_size"])
+        shape = parse_input_shape(input_size, own)
+        if shape[0] != own[0]:
+            raise UserError(f"{model_or_run} takes {own[0]}-channel images, not {shape[0]}; "
+                            f"use --input-size {own[0]} {shape[1]} {shape[2]}")
+        if shape != own:
+            check_before_building(lambda model: check_input_size(model, shape, own, path),
+                                  lambda: payload_model(payload), shape)
+        ckpt = checkpoint_from_payload(payload, path)
+        check_input_size(ckpt.model, shape, own, ckpt.path)
         return InspectedModel(ckpt.model, ckpt.path, shape, list(ckpt.mean), list(ckpt.std), list(ckpt.classes),
                               ckpt.config, ckpt.epoch, model_or_run, build_args(input_size))
     if os.sep in model_or_run or is_model_file(model_or_run):
@@ -132,6 +109,15 @@ def load_model(model_or_run: str | nn.Module, input_size: Any = None, num_classe
     check_model_name(model_or_run)
     size = default_input_size(model_or_run)
     shape = parse_input_shape(input_size, (3, size, size))
+
+    def takes(model: nn.Module) -> None:
+        if shape[1] != shape[2]:
+            _check_non_square(model, model_or_run, shape)
+        else:
+            check_runs_on(model, shape)
+
+    if runs and not meta:
+        check_before_building(takes, lambda: build_model(model_or_run, shape, num_classes, **options), shape)
     model = build_model(model_or_run, shape, num_classes, meta, **options)
     if shape[1] != shape[2]:
         _check_non_square(model, model_or_run, shape)

@@ -4,13 +4,19 @@ A model built for one input size may not run on another: a flatten head (``simpl
 ``linear``, ``mlp``) has its first linear layer sized for the input size it was built for, so a trained run's
 model takes that size only, while a global-average-pool head (ResNet, fastnet) takes any size large enough.
 Commands that run a trained model at a user's ``--input-size`` check it here first, so a size the model cannot
-take is a one-line error, not a shape mismatch deep in the forward pass.
+take is a one-line error, not a shape mismatch deep in the forward pass. ``check_before_building`` runs such a
+check on the model built on the meta device (shapes without data: no memory, no initialisation), so the error
+comes before seconds of building the real one (vgg11's 133 M parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from cnnkit.errors import UserError
 from cnnkit.modes import eval_mode
@@ -42,6 +48,14 @@ def check_trains_on(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
     if error is not None:
         raise size_error(error, f"{name} cannot take {'x'.join(map(str, shape))} images", shape[1],
                          size_fix(model, shape, error))
+
+
+def check_runs_on(model: nn.Module, shape: tuple[int, int, int]) -> None:
+    """Raise ``run_or_size_error``'s UserError unless ``model`` runs on one image of ``shape`` (C, H, W pixels).
+    The model is left as it was."""
+    error = _forward_error(model, shape)
+    if error is not None:
+        raise _cannot_take(model, shape, error)
 
 
 ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -82,7 +96,8 @@ def last_feature_maps(model: nn.Module, shape: tuple[int, int, int]) -> tuple[st
 
 def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception | None:
     """What ``model`` raises (one of SIZE_ERRORS) on one image of zeros of ``shape``, None where it runs: one
-    forward pass in eval mode, without gradients, on the model's device and in its dtype."""
+    forward pass in eval mode, without gradients, on the model's device and in its dtype. On the meta device, an
+    operation it lacks is a NotImplementedError (no answer; ``check_before_building`` leaves it to the real model)."""
     param = next(model.parameters(), None)
     x = torch.zeros(1, *shape, dtype=param.dtype if param is not None and param.is_floating_point() else None,
                     device=param.device if param is not None else None)
@@ -90,8 +105,99 @@ def _forward_error(model: nn.Module, shape: tuple[int, int, int]) -> Exception |
         with torch.no_grad(), eval_mode(model):
             model(x)
     except SIZE_ERRORS as e:
+        if x.is_meta and "meta" in first_line(e).lower():  # "Tensor.item() cannot be called on meta tensors"
+            raise NotImplementedError(first_line(e)) from e
         return e
     return None
+
+
+# Fewer parameters than this, and a model is built for real (initialised) in less time than one pass on the meta
+# device takes (its shape functions are Python, about as slow per operation as a small layer's initialisation):
+# check_before_building leaves such a model to the check after the real build. vgg11 has 133 M, resnet18 11.7 M.
+CHECKED_BEFORE_BUILDING = 10_000_000
+
+
+def check_before_building(check: Callable[[nn.Module], None], build: Callable[[], nn.Module],
+                          shape: tuple[int, int, int]) -> None:
+    """Run ``check`` (``check_trains_on``, ``check_input_size``, ... on the model given, for images of ``shape``,
+    C x H x W pixels) on the model ``build()`` makes, built on the meta device: no memory, no initialisation, so a
+    size the model cannot take is its one-line error before seconds of building the real one. ``build``'s own
+    UserErrors (its options, an input too small for a flatten head) are the real build's, and come now too. A model
+    the meta device cannot build or run, or one quick to build (CHECKED_BEFORE_BUILDING), is left to the same check
+    on the real model, which the caller runs after building it either way."""
+    try:
+        model = on_meta(build)
+    except UserError as e:
+        if "meta" in str(e).lower():  # create_model's words for a builder that failed on the meta device
+            return
+        raise
+    except Exception:  # the builder computes with real tensors: the real build says what is wrong, if anything
+        return
+    if sum(p.numel() for p in model.parameters()) < CHECKED_BEFORE_BUILDING:
+        return
+    try:
+        check(model)
+    except NotImplementedError:
+        return
+    except UserError as e:
+        # The meta device words some shape errors its own way ("a and b must have same reduction dim" for "mat1
+        # and mat2 shapes cannot be multiplied"): PyTorch's usual words come from one pass of the model's real
+        # tensors, left uninitialised (memory reserved, not computed), which also has the last word on the size.
+        try:
+            meta_error, real_error = _forward_error(model, shape), _forward_error(model.to_empty(device="cpu"), shape)
+        except Exception:  # no memory for it, or values the pass cannot use: the real build says what is wrong
+            return
+        if meta_error is None or real_error is None:
+            return
+        raise UserError(str(e).replace(first_line(meta_error), first_line(real_error))) from None
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device: tensors with shapes but no data, so nothing is allocated or initialised
+    (``vit_h_14``'s 632 M parameters in a second). The random number generators are left as they were, so a real
+    build after it gets the weights it would have got without it."""
+    with torch.random.fork_rng(devices=[]), _NoValuesOnMeta():
+        try:
+            with torch.device("meta"):
+                return build()
+        except NotImplementedError:
+            with _parameters_on_meta():
+                return build()
+
+
+class _NoValuesOnMeta(TorchFunctionMode):
+    """Skip the initialisation of a meta tensor: it has no values to set, and PyTorch's Python path for
+    ``normal_`` and its kin on the meta device is slower than initialising real tensors of a small model."""
+
+    OPS = frozenset({"normal_", "uniform_", "fill_", "zero_", "erfinv_", "mul_", "add_", "clamp_", "copy_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.OPS and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move each parameter and buffer to the meta device as it is registered (the idea of accelerate's
+    ``init_empty_weights``), for builders that compute with real tensors and so fail under
+    ``torch.device("meta")`` (RegNet works out its stage widths with torch ops)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta_parameter(module, name, param):
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    def on_meta_buffer(module, name, tensor, persistent=True):
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
 # The largest side tried in looking for the smallest one a model takes: every torchvision classifier takes 75
@@ -152,9 +258,12 @@ def run_or_size_error(model: nn.Module, x: torch.Tensor):
     try:
         return model(x)
     except SIZE_ERRORS as e:
-        shape = tuple(x.shape[1:])
-        raise size_error(e, f"the model cannot take a {'x'.join(map(str, shape))} input", max(shape[1:]),
-                         size_fix(model, shape, e)) from None
+        raise _cannot_take(model, tuple(x.shape[1:]), e) from None
+
+
+def _cannot_take(model: nn.Module, shape: tuple[int, ...], e: Exception) -> UserError:
+    return size_error(e, f"the model cannot take a {'x'.join(map(str, shape))} input", max(shape[1:]),
+                      size_fix(model, shape, e))
 
 
 def first_line(e: Exception) -> str:

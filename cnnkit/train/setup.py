@@ -26,7 +26,7 @@ from cnnkit.errors import CheckpointError, UserError, warn
 from cnnkit.models.fast import sync_batchnorm
 from cnnkit.models.pretrained import normalization
 from cnnkit.models.registry import check_model_name, create_model, is_torchvision_model
-from cnnkit.models.sizes import check_trains_on
+from cnnkit.models.sizes import check_before_building, check_trains_on
 from cnnkit.modes import eval_mode
 from cnnkit.threads import set_torch_threads
 from cnnkit.train import distributed
@@ -167,18 +167,27 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
     # weight --pretrained would load (all but a fresh head, which starts at zero either way), so it alone is read:
     # `--config RUN/config.json --weights RUN/last.pt` goes on from a pretrained run without torchvision's file.
     pretrained = cfg.pretrained and not saved and not cfg.weights
-    try:
-        # Under torchrun every process would download the same weights into the same cache at once: rank 0 first.
-        with distributed.main_first(ctx) if pretrained else contextlib.nullcontext():
-            model = create_model(cfg.model, num_classes=len(classes), in_channels=train_set.channels,
-                                 input_size=train_set.size, pretrained=pretrained, **cfg.model_options)
-    except UserError as e:
-        # the options' own errors ("convnet: head must be one of ..."), which name the model or the option; not
-        # those of other settings (--input-size too small) or of the pretrained weights (their cache)
-        about_options = str(e).startswith(f"{cfg.model}:") or any(key in str(e) for key in cfg.model_options)
-        if cfg.model_options and about_options and not (cfg.pretrained and "pretrained" in str(e)):
-            raise ModelOptionsError(str(e)) from None
-        raise
+    shape = (train_set.channels, train_set.size, train_set.size)
+
+    def build(pretrained: bool) -> nn.Module:
+        try:
+            return create_model(cfg.model, num_classes=len(classes), in_channels=shape[0], input_size=shape[1],
+                                pretrained=pretrained, **cfg.model_options)
+        except UserError as e:
+            # the options' own errors ("convnet: head must be one of ..."), which name the model or the option; not
+            # those of other settings (--input-size too small) or of the pretrained weights (their cache)
+            about_options = str(e).startswith(f"{cfg.model}:") or any(key in str(e) for key in cfg.model_options)
+            if cfg.model_options and about_options and not (cfg.pretrained and "pretrained" in str(e)):
+                raise ModelOptionsError(str(e)) from None
+            raise
+
+    # An image too small for the network, found on the model built on the meta device: now, not after seconds of
+    # building the real one (and fetching its pretrained weights). check_trains_on below checks the real one too.
+    check_before_building(lambda model: check_trains_on(model, cfg.model, shape), lambda: build(pretrained=False),
+                          shape)
+    # Under torchrun every process would download the same weights into the same cache at once: rank 0 first.
+    with distributed.main_first(ctx) if pretrained else contextlib.nullcontext():
+        model = build(pretrained)
     start_payload = load_weights(model, cfg.weights, log, train_set.classes) if cfg.weights and not saved else None
     data_stats = None  # the training images' own (mean, std), when the normalisation is theirs
     if saved:
@@ -195,14 +204,13 @@ def build_run(cfg: TrainConfig, machine: Machine, log: IO[str], ctx: distributed
                             "normalises its own share of the batch")
         model = sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    check_trains_on(model, cfg.model, (train_set.channels, train_set.size, train_set.size))
+    check_trains_on(model, cfg.model, shape)
     if ctx.main and not saved and is_torchvision_model(cfg.model):
         # imported here: the module imports torchvision, which a run of cnnkit's own models never needs
         from cnnkit.models.torchvision import small_image_note
 
         own = "pretrained" if pretrained else cfg.weights
-        note = small_image_note(model, cfg.model, (train_set.channels, train_set.size, train_set.size),
-                                cfg.model_options, own)
+        note = small_image_note(model, cfg.model, shape, cfg.model_options, own)
         if note:
             print(f"cnnkit: note: {note}", file=log)
     _check_single_image_batchnorm(model, cfg, train_set, device, ctx.world)
