@@ -59,6 +59,18 @@ class _CreatesFileWhenUnpickled:
         return (open, (str(self.marker), "w"))
 
 
+def write_idx(folder, prefix, images, labels):
+    """MNIST's raw files (``prefix``-images/labels-idx*-ubyte) of 28x28 uint8 ``images`` and their ``labels`` in
+    ``folder``: what torchvision's MNIST reads, written here since the tests cannot download it."""
+    import struct
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
+    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
+
+
 def write_malicious_checkpoint(folder, name="evil.pt"):
     """A checkpoint whose unpickling would create the file ``folder/pwned``; returns (path, marker)."""
     marker = folder / "pwned"

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image, ImageEnhance
 import cnnkit
 from cnnkit.data.checks import TRAINING_PRINTS
 from cnnkit.evaluate import evaluate
-from tests.conftest import run_cli, write_image_folder
+from tests.conftest import run_cli, write_idx, write_image_folder
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -139,23 +138,14 @@ def test_a_shapes_run_is_not_compared(tmp_path):
     assert (r.training_duplicates, r.notes) == (None, [])
 
 
-def _write_mnist(root, images, labels, prefix):
-    raw = os.path.join(root, "MNIST", "raw")
-    os.makedirs(raw, exist_ok=True)
-    with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-        f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
-    with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
-
-
 def test_a_run_on_a_torchvision_dataset_keeps_its_fingerprints(tmp_path):
     pictures = (torch.nn.functional.interpolate(torch.rand(70, 1, 5, 5, generator=torch.Generator().manual_seed(3)),
                                                 size=(28, 28), mode="bicubic").clamp(0, 1) * 255).round()
     pictures = pictures.to(torch.uint8)[:, 0].numpy()
     labels = (np.arange(70) % 10).astype(np.uint8)
     data_dir = str(tmp_path / "datasets")
-    _write_mnist(data_dir, pictures[:50], labels[:50], "train")
-    _write_mnist(data_dir, pictures[50:], labels[50:], "t10k")
+    write_idx(os.path.join(data_dir, "MNIST", "raw"), "train", pictures[:50], labels[:50])
+    write_idx(os.path.join(data_dir, "MNIST", "raw"), "t10k", pictures[50:], labels[50:])
     out = str(tmp_path / "run")
     cnnkit.train(data="mnist", data_dir=data_dir, epochs=1, batch_size=16, progress=False, out=out,
                  log=io.StringIO())

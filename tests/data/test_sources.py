@@ -1,7 +1,6 @@
 import os
 import re
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from cnnkit.data.sources import DataSpec, load_eval_set, load_splits, scan_folder
 from cnnkit.errors import DataError, UserError
-from tests.conftest import write_image_folder
+from tests.conftest import write_idx, write_image_folder
 
 
 def test_folder_split_is_stratified_and_deterministic(image_folder):
@@ -189,19 +188,11 @@ def test_shapes_source_sizes():
     assert train.classes[0] == "circle"
 
 
-def _write_idx(folder, prefix, images, labels):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-        f.write(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
-    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
-
-
 def test_mnist_is_read_through_torchvision_from_data_dir(tmp_path):
     rng = np.random.default_rng(0)
     raw = str(tmp_path / "MNIST" / "raw")
-    _write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
-    _write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
+    write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
     train, val = load_splits(DataSpec("mnist", data_dir=str(tmp_path)))
     assert train.images.shape == (50, 1, 28, 28) and len(val) == 20  # val is the official test split
     assert train.classes[0].startswith("0")
@@ -265,8 +256,8 @@ def test_damaged_cifar_files_are_named_damaged_not_missing(tmp_path):
 def test_truncated_mnist_file_is_named_damaged(tmp_path):
     rng = np.random.default_rng(0)
     raw = tmp_path / "MNIST" / "raw"
-    _write_idx(str(raw), "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
-    _write_idx(str(raw), "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    write_idx(str(raw), "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8))
+    write_idx(str(raw), "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
     images = raw / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
     for download in (False, True):  # with --download too: torchvision downloads only the files that are missing
@@ -282,8 +273,8 @@ def test_mnist_label_beyond_its_classes_is_a_user_error(tmp_path):
     raw = str(tmp_path / "MNIST" / "raw")
     labels = (np.arange(50) % 10).astype(np.uint8)
     labels[7] = 12
-    _write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), labels)
-    _write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    write_idx(raw, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), labels)
+    write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
     with pytest.raises(UserError) as e:
         load_splits(DataSpec("mnist", data_dir=raw.rsplit("/MNIST", 1)[0]))
     text = str(e.value)
@@ -448,8 +439,8 @@ def test_a_folder_of_torchvision_files_given_as_images_names_the_dataset_and_dat
     # it said "no images found under its class folders (MNIST...)", and not which options read those files
     rng = np.random.default_rng(0)
     raw = tmp_path / "MNIST" / "raw"
-    _write_idx(str(raw), "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
-    _write_idx(str(raw), "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
+    write_idx(str(raw), "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    write_idx(str(raw), "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
     (tmp_path / "cifar-10-batches-py").mkdir()
     fix = {"mnist": f"pass mnist as the data, with --data-dir {tmp_path} (to train: cnnkit train --data mnist "
                     f"--data-dir {tmp_path})", "cifar10": f"--data cifar10 --data-dir {tmp_path})"}
@@ -465,8 +456,8 @@ def test_a_folder_of_torchvision_files_given_as_images_names_the_dataset_and_dat
 def test_a_data_dir_holding_another_built_in_dataset_says_so(tmp_path):
     rng = np.random.default_rng(0)
     raw = str(tmp_path / "MNIST" / "raw")
-    _write_idx(raw, "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
-    _write_idx(raw, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
+    write_idx(raw, "train", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), (np.arange(20) % 10).astype(np.uint8))
+    write_idx(raw, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8))
     with pytest.raises(UserError, match=f"^fashion_mnist not found in {re.escape(str(tmp_path))}/FashionMNIST/raw "
                                         f"\\({re.escape(str(tmp_path))} holds the files of mnist: pass mnist as the "
                                         "data if that is the one meant\\); run with --download"):
