@@ -93,7 +93,8 @@ class _Parser(argparse.ArgumentParser):
         if getattr(self, "probing", False):  # _given_positionals parses a trial command line: no exit, no output
             raise _Probed(message)
         if message.startswith("the following arguments are required: "):
-            message = _positional_as_option(self, getattr(self, "words", [])) or message
+            message = (_positional_as_option(self, getattr(self, "words", [])) or
+                       message + (_missing_image_hint(self) if "--image" in message.split(": ", 1)[1] else ""))
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
@@ -342,6 +343,20 @@ def _image_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
         return ""
     at = len(words) - 1 - words[::-1].index(extras[0])
     return f"; the image goes after --image: {parser.prog} {' '.join(words[:at] + ['--image'] + words[at:])}"
+
+
+def _missing_image_hint(parser: argparse.ArgumentParser) -> str:
+    """Where --image is missing and one word was left over (`cnnkit cam resnet18 cat.jpg --out c.png`: argparse
+    says only that --image is required), ``_image_hint`` for that word; else ""."""
+    saved = getattr(parser, "words", [])
+    parser.probing = True
+    try:
+        _, extras = parser.parse_known_args(saved + ["--image", "-"])
+    except _Probed:
+        return ""
+    finally:
+        parser.probing, parser.words = False, saved
+    return _image_hint(parser, extras)
 
 
 def _square_input_size(parser: argparse.ArgumentParser) -> str | None:

@@ -229,6 +229,12 @@ def test_an_unknown_option_names_the_commands_help_and_a_close_option(capsys, ar
     (["features", "resnet18", "cat.jpg", "--out", "maps"],
      "cnnkit features: error: unrecognized arguments: cat.jpg; the image goes after --image: cnnkit features "
      "resnet18 --image cat.jpg --out maps (see cnnkit features --help)"),
+    # cam requires --image: argparse said only that, with the image given by position beside it
+    (["cam", "resnet18", "cat.jpg", "--out", "c.png"],
+     "cnnkit cam: error: the following arguments are required: --image; the image goes after --image: cnnkit cam "
+     "resnet18 --image cat.jpg --out c.png (see cnnkit cam --help)"),
+    (["cam", "resnet18", "--out", "c.png"],
+     "cnnkit cam: error: the following arguments are required: --image (see cnnkit cam --help)"),
 ])
 def test_a_positional_argument_given_as_an_option_says_how_to_give_it(capsys, args, line):
     # `cnnkit train` takes --model and --data; the inspection commands take them by position.
