@@ -266,13 +266,18 @@ def folders_with_runs(where: str = ".") -> list[tuple[str, list[str]]]:
 
 
 def latest_run(root: str = DEFAULT_ROOT) -> str:
-    """The most recently started run folder under ``root``."""
+    """The most recently started run folder under ``root``; where there is none in the default root, the error
+    names a run made with --out nearby (``folders_with_runs``), as `cnnkit runs` does."""
+    runs = list_runs(root) if os.path.isdir(root) else []
+    if runs:
+        return newest(runs)
+    found = folders_with_runs() if root == DEFAULT_ROOT else []
+    named = [os.path.normpath(os.path.join(folder, names[0])) for folder, names in found[:3]]
+    more = ", ..." if len(found) > 3 or any(len(names) > 1 for _, names in found[:3]) else ""
+    elsewhere = f" (runs made with --out: {', '.join(named)}{more})" if found else ""
     if not os.path.isdir(root):
-        raise UserError(f"no {root}/ folder here, so there is no latest run; pass a run folder")
-    runs = list_runs(root)
-    if not runs:
-        raise UserError(f"no run folders in {root}/; pass a run folder")
-    return newest(runs)
+        raise UserError(f"no {root}/ folder here, so there is no latest run; pass a run folder{elsewhere}")
+    raise UserError(f"no run folders in {root}/; pass a run folder{elsewhere}")
 
 
 def newest(runs: list[RunInfo]) -> str:

@@ -64,6 +64,25 @@ def test_started_is_the_runs_own_record_not_its_files_time(tmp_path):
     assert latest_run(str(root)) == str(root / "first")
 
 
+def test_no_latest_run_in_runs_names_the_runs_made_with_out_nearby(tmp_path, monkeypatch):
+    # `cnnkit report` with no run: "no runs/ folder here" said nothing of the runs `train --out` had made beside it
+    import os
+
+    from cnnkit.runs import latest_run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^no runs/ folder here, so there is no latest run; pass a run folder$"):
+        latest_run()
+    for folder in ("again", os.path.join("exp", "a"), os.path.join("exp", "b")):
+        os.makedirs(folder)
+        open(os.path.join(folder, "config.json"), "w").write("{}")
+    with pytest.raises(UserError, match=r"; pass a run folder \(runs made with --out: again, exp/a, \.\.\.\)$"):
+        latest_run()
+    os.makedirs("runs")
+    with pytest.raises(UserError, match=r"^no run folders in runs/; pass a run folder \(runs made with --out: "):
+        latest_run()
+
+
 def test_a_stopped_staged_run_is_listed_with_the_epochs_its_stages_plan(tmp_path):
     # --stages sets the epochs, stage by stage, and --epochs is not used: a staged run of 1 + 2 epochs, stopped
     # (no result.json yet), was listed with the unused --epochs its config.json also records (1/10 from the command
