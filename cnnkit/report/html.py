@@ -242,6 +242,7 @@ def _png_figure(pixels: Any, alt: str, caption: str) -> str:
 
 def _summary_section(summary: Any, field_result: Any) -> str:
     from cnnkit.inspect.summary import called, human
+    from cnnkit.inspect.trace import whole_input_note
 
     rows = [(("\u00a0\u00a0" * (r.depth - 1)) + r.name, called(r.type, r.calls),
              "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}",
@@ -264,8 +265,8 @@ def _summary_section(summary: Any, field_result: Any) -> str:
                else "No layer keeps a spatial layout.")
     return (f'<div class="columns"><div><h3>Layers</h3>{table}<p class="note">{_e(totals)}</p></div>'
             f'<div><h3>Receptive fields</h3>{rf_table}<p class="note">{rf_note} Jump: input pixels between '
-            f'neighbouring units; start: centre of the first unit\'s field. *: also sees every pixel through a '
-            f'global operation.</p></div></div>')
+            f'neighbouring units; start: centre of the first unit\'s field. '
+            f'{_e(whole_input_note(field_result.input_size))}.</p></div></div>')
 
 
 @dataclass

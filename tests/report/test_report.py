@@ -83,6 +83,9 @@ def test_report_is_one_self_contained_file(run):
         assert f'id="{section}"' in page
     for text in ("Grad-CAM", "receptive field", "precision", "macro average", "simple_cnn", "star"):
         assert text in page
+    # the "*" of a receptive field is explained as summary and rf explain it (it said "also sees every pixel through
+    # a global operation", though simple_cnn's classifier reads a flattened map)
+    assert "RF*: the layer sees every pixel of the 32x32 input" in page
     # the training time as the console's done line gives it, to a tenth of a second (it said "2 s" for 2.4)
     result = json.load(open(os.path.join(folder, "result.json")))
     assert re.search(rf">{result['train_time_s']:.1f} s<.*training time", page, re.S)
