@@ -13,6 +13,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
                                  load_eval_set, load_splits)
 from cnnkit.errors import UserError, plural
+from cnnkit.runs import is_run
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.config import check_recorded_paths
@@ -239,7 +240,7 @@ def training_duplicates(ckpt: Checkpoint, images: ImageSet) -> tuple[list[Duplic
 def _run_folder(ckpt: Checkpoint) -> str | None:
     """The run folder ``ckpt`` was loaded from (its best.pt, last.pt, ...), or None for a file outside one."""
     folder = os.path.dirname(os.path.abspath(ckpt.path))
-    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+    return folder if is_run(folder) else None
 
 
 def scored_images(cfg: dict, data: str | None, val_data: str | None, val_split: float | None

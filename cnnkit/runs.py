@@ -136,12 +136,17 @@ def load_history(run_dir: str) -> list[dict[str, str]]:
     return rows
 
 
+def is_run(path: str) -> bool:
+    """Whether ``path`` is a run folder: one that holds the config.json `cnnkit train` writes first."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def run_info(run_dir: str) -> RunInfo | None:
     """What ``run_dir`` holds, or None when it is not a run folder (no config.json). A run whose config.json,
     result.json or metrics.csv is there but unreadable is listed with the status "damaged: FILE"."""
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
+    if not is_run(run_dir):
         return None
+    config_path = os.path.join(run_dir, "config.json")
     broken: list[str] = []
 
     def read(name: str, load, empty):
@@ -241,9 +246,6 @@ def folders_with_runs(where: str = ".") -> list[tuple[str, list[str]]]:
     folder with the names of the run folders it lists, ``where`` first when runs sit directly in it (`train --out
     again`), then the folders under it that hold runs (`train --out experiments/a`). For `cnnkit runs` to point at
     runs made with --out when runs/ holds none."""
-    def is_run(path: str) -> bool:  # as run_info and list_runs tell one
-        return os.path.isfile(os.path.join(path, "config.json"))
-
     def sub_folders(path: str) -> list[str]:
         try:
             with os.scandir(path) as entries:  # is_dir from the listing: no stat of every image of a data folder
