@@ -9,6 +9,7 @@ import csv
 import datetime
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,16 @@ def load_history(run_dir: str) -> list[dict[str, str]]:
     except (csv.Error, ValueError) as e:  # a NUL byte, text that is not UTF-8
         raise damaged(path, f"not CSV text ({e})") from None
     return rows
+
+
+def new_folder_name(kind: str) -> str:
+    """A path ``runs/<timestamp>-<kind>`` that does not exist yet (``-2``, ``-3``, ... after it where one started
+    in the same second): where `cnnkit train` (``kind``: the model) and `cnnkit lr-find` write by default."""
+    base = os.path.join(DEFAULT_ROOT, time.strftime("%Y%m%d-%H%M%S") + f"-{kind}")
+    path, i = base, 2
+    while os.path.exists(path):
+        path, i = f"{base}-{i}", i + 1
+    return path
 
 
 def is_run(path: str) -> bool:

@@ -34,7 +34,7 @@ from cnnkit.data.checks import TRAINING_PRINTS, save_prints
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CheckpointError, NonFiniteLoss, TrainingStopped, UserError, warn
 from cnnkit.progress import progress_bar
-from cnnkit.runs import list_runs, newest, start_record
+from cnnkit.runs import list_runs, new_folder_name, newest, start_record
 from cnnkit.stages import smoke_stages
 from cnnkit.threads import ThreadGovernor, default_threads, oversubscribed
 from cnnkit.train import distributed
@@ -1339,10 +1339,7 @@ def make_run_dir(cfg: TrainConfig) -> str:
             raise UserError(f"run folder {path} already holds files; pass a new --out folder"
                             + (" (or --resume it to continue that run)" if a_run else " (it is not a run folder)"))
     else:
-        base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model}")
-        path, i = base, 2
-        while os.path.exists(path):
-            path, i = f"{base}-{i}", i + 1
+        path = new_folder_name(cfg.model)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".write-test")

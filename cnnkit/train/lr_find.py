@@ -82,6 +82,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.data.sources import left_out_warning
 from cnnkit.errors import UserError, warn
 from cnnkit.progress import progress_bar
+from cnnkit.runs import new_folder_name
 from cnnkit.train import distributed
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.optim import DEFAULT_LR, make_optimizer
@@ -333,11 +334,7 @@ def default_out() -> str:
     """Where ``cnnkit lr-find`` writes without --out: a new ``runs/<timestamp>-lr_find``, beside the training runs
     it advises (``runs/<timestamp>-<model>``). The current folder, the default before, took two files of each test
     among the user's own, and the next test wrote over them."""
-    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + "-lr_find")
-    path, i = base, 2
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    return path
+    return new_folder_name("lr_find")
 
 
 def _check_folder(out: str) -> None:
