@@ -16,7 +16,7 @@ from cnnkit.errors import UserError, plural
 from cnnkit.runs import is_run
 from cnnkit.threads import keeps_torch_threads, set_torch_threads
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
-from cnnkit.train.config import check_recorded_paths
+from cnnkit.train.config import check_recorded_paths, moved_data
 from cnnkit.train.evaluation import evaluate_model
 from cnnkit.stages import SMOKE_EPOCHS
 from cnnkit.train.setup import SMOKE_BATCHES, run_images, samples_asked
@@ -222,8 +222,12 @@ def training_duplicates(ckpt: Checkpoint, images: ImageSet) -> tuple[list[Duplic
         unrecorded = (f"the images scored were not compared with the images the run trained on: {cfg['data']} "
                       f"{{}}, and their fingerprints, which a run folder keeps ({TRAINING_PRINTS}), are not beside "
                       f"{ckpt.path}")
-        if cfg["data"] not in BUILTIN and not os.path.isdir(cfg["data"]):
+        moved = moved_data(cfg)  # the training images are rebuilt with the run's splits, --val-data's too
+        if moved == "data":
             return None, unrecorded.format("is not there (moved or deleted)")
+        if moved == "val_data":
+            return None, unrecorded.format(f"could not be rebuilt without the run's --val-data {cfg['val_data']}, "
+                                           "which is not there (moved or deleted)")
         try:
             train = _run_splits(ckpt, command="cnnkit eval")[0]
         except UserError as e:  # a torchvision dataset not downloaded, say
