@@ -27,8 +27,7 @@ import torch.nn as nn
 
 from cnnkit.atomic import atomic_path, move_into_place, out_not_writable
 from cnnkit.choices import FORMATS, is_format
-from cnnkit.data.images import load_first_images
-from cnnkit.data.sources import left_out_warning
+from cnnkit.data.images import load_first_images, path_list
 from cnnkit.errors import UserError
 from cnnkit.modes import eval_mode
 from cnnkit.metadata import payload_metadata
@@ -158,10 +157,10 @@ def _verify_inputs(ckpt: Checkpoint, images: list[str] | None) -> tuple[list[tup
     inputs = [("random", torch.randn(n, *size, generator=generator)) for n in VERIFY_BATCH_SIZES]
     if not images:
         return inputs, []
-    x, _, skipped = load_first_images(images, VERIFY_MAX_IMAGES, ckpt.channels, ckpt.input_size, ckpt.mean,
-                                      ckpt.std, "--verify-images")
+    x, _, passed_over = load_first_images(path_list(images), VERIFY_MAX_IMAGES, ckpt.channels, ckpt.input_size,
+                                          ckpt.mean, ckpt.std, "--verify-images", ", which verify did not compare on")
     inputs.append(("images", x))
-    return inputs, left_out_warning(skipped, " ".join(map(os.fspath, images)), why=", which verify did not compare on")
+    return inputs, passed_over
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def _classify(
     """The one preprocessing and top-k path for every kind of model: ``probabilities`` maps a normalised float
     batch to class probabilities, ``prep`` says how to prepare images for it (channels, input size, mean, std,
     classes)."""
-    files = image_paths([os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths])
+    files = image_paths(paths)
     k = min(topk, len(prep.classes))
     results: list[dict] = []
     for i in range(0, len(files), batch_size):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,12 +34,18 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
 
 
-def image_paths(paths: list[str]) -> list[str]:
+def path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """One path, or several, as a list of strings: what the Python functions that take image files or folders
+    accept."""
+    return [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+
+
+def image_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Files as given, folders expanded to the image files below them (sorted, hidden ones skipped), through
     symbolic links to folders too (as training reads a class folder that is one), each folder once; a file
     reached twice (named and inside a folder given too, say) is listed once, where it is first reached."""
     out: list[str] = []
-    for p in paths:
+    for p in path_list(paths):
         if os.path.isdir(p):
             found = []
             visited = set()  # a link back up the tree would otherwise be walked forever
@@ -266,16 +272,19 @@ def load_batch(
 
 def load_first_images(
     paths: list[str], limit: int, channels: int, size: int, mean: list[float], std: list[float], option: str,
-    spread: bool = False,
+    why: str, spread: bool = False,
 ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The first ``limit`` images of ``paths`` (files and folders, as ``image_paths`` lists them) that decode, as
     one normalised batch (``load_batch``); ``spread``: ``limit`` images spread evenly over the list instead (a
     folder's are sorted by class: the first 16 of a folder of photos are all of its first class). A broken image
     inside a folder is passed over, as training and predict pass over one (``--bad-images skip``), and the next
     one taken; a broken file named on its own, or nothing left to take, is a DataError saying what to do about
-    ``option`` (the command line's name for ``paths``). Returns (the batch, the files in it, one message per
-    broken image passed over)."""
+    ``option`` (the command line's name for ``paths``). Returns (the batch, the files in it, the warning that
+    broken images were passed over, ``sources.left_out_warning``'s, with ``why``: what that means for the
+    command)."""
     import torch
+
+    from cnnkit.data.sources import left_out_warning  # imported here: sources imports this module
 
     files = image_paths(paths)
     if spread and len(files) > limit:
@@ -298,4 +307,4 @@ def load_first_images(
             used += good
     if not used:
         raise DataError(f"none of the {len(files)} image(s) of {option} decode ({skipped[0]}); pass images that do")
-    return torch.cat(batches), used, skipped
+    return torch.cat(batches), used, left_out_warning(skipped, " ".join(paths), why=why)

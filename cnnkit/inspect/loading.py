@@ -171,17 +171,24 @@ def _check_non_square(model: nn.Module, name: str, shape: tuple[int, int, int]) 
             from None
 
 
+def square_side(input_shape: tuple[int, int, int]) -> int:
+    """The side images are read at for a model of ``input_shape`` (C, H, W): image files are resized to a square,
+    so a non-square size is a UserError naming the square one."""
+    c, h, w = input_shape
+    if h != w:
+        raise UserError(f"images are resized to a square; use --input-size {c} {h} {h}")
+    return h
+
+
 def prepare_image(target: InspectedModel, path: str) -> tuple[torch.Tensor, np.ndarray]:
     """``path`` as the model's input (1 x C x H x W, normalised, on the model's device) and as the picture
     it shows (H x W x 3 uint8: resized and centre-cropped the way the model sees it)."""
-    c, h, w = target.input_shape
-    if h != w:
-        raise UserError(f"images are resized to a square; use --input-size {c} {h} {h}")
+    c, side = target.input_shape[0], square_side(target.input_shape)
     if os.path.isdir(path):
         raise UserError(f"image {path} is a folder; pass one image file in it (png, jpg, ...)")
     if not os.path.isfile(path):
         raise UserError(f"image {path} does not exist; pass an image file (png, jpg, ...)")
-    pixels = load_image(path, c, h)
+    pixels = load_image(path, c, side)
     mean = torch.tensor(target.mean).view(-1, 1, 1) * 255
     std = torch.tensor(target.std).view(-1, 1, 1) * 255
     x = ((pixels.float() - mean) / std).unsqueeze(0)

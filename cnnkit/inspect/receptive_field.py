@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from cnnkit.errors import UserError, plural
 from cnnkit.inspect.cam import last_block_with_positions
 from cnnkit.inspect.hooks import capture, find_layer, inspecting
-from cnnkit.inspect.loading import InspectedModel, load_model
+from cnnkit.inspect.loading import InspectedModel, load_model, square_side
 from cnnkit.inspect.shapes import Field
 from cnnkit.inspect.summary import called, field_numbers
 from cnnkit.inspect.trace import Trace, TracedLayer, trace, whole_input_note
@@ -315,9 +315,8 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
     with a warning in ``EffectiveField.warnings``), or else ``count`` images of the generated shapes data, which
     cnnkit's default runs are trained on, with ``effective_field_map``. With ``out``, also draws it as a heat map
     with the theoretical field outlined. The model is not changed."""
-    from cnnkit.data.images import load_first_images
+    from cnnkit.data.images import load_first_images, path_list
     from cnnkit.data.shapes import make_shapes
-    from cnnkit.data.sources import left_out_warning
 
     if images is not None and images_from is not None:
         raise UserError("pass images (a batch) or images_from (files or folders), not both")
@@ -336,14 +335,11 @@ def effective_receptive_field(model_or_run: str | nn.Module | InspectedModel, la
         raise UserError(f"layer '{layer}' has no spatial output; pick a convolutional layer")
     source, warnings = None if images is None else "a batch passed in", []
     if images_from is not None:
-        paths = [os.fspath(images_from)] if isinstance(images_from, (str, os.PathLike)) else \
-            [os.fspath(p) for p in images_from]
-        if shape[1] != shape[2]:
-            raise UserError(f"images are resized to a square; use --input-size {shape[0]} {shape[1]} {shape[1]}")
-        images, _, skipped = load_first_images(paths, count, shape[0], shape[1], target.mean, target.std,
-                                               "--images-from", spread=True)
+        paths = path_list(images_from)
+        images, _, warnings = load_first_images(paths, count, shape[0], square_side(shape), target.mean, target.std,
+                                                "--images-from", ", which the field was not averaged over",
+                                                spread=True)
         source = " ".join(paths)
-        warnings = left_out_warning(skipped, source, why=", which the field was not averaged over")
     if images is None:
         raw, _ = make_shapes(count, shape[1], shape[0], seed)
         mean = torch.tensor(target.mean).view(1, -1, 1, 1) * 255

@@ -157,11 +157,13 @@ def test_load_first_images_takes_the_next_image_after_a_broken_one(tmp_path):
     files = [save(tmp_path, Image.new("RGB", (20, 16), (i * 90, 0, 0)), f"photos/cat/{i}.png") for i in range(3)]
     with open(files[1], "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
-    x, used, skipped = load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from")
+    x, used, warnings = load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from",
+                                          ", which were not used")
     assert x.shape == (2, 3, 16, 16) and used == [files[0], files[2]]
-    assert len(skipped) == 1 and files[1] in skipped[0]
+    assert len(warnings) == 1 and files[1] in warnings[0]
+    assert warnings[0].startswith(f"left out 1 broken image(s) of {tmp_path / 'photos'}, which were not used: ")
     for p in files:
         with open(p, "wb") as f:
             f.write(b"")
     with pytest.raises(DataError, match=r"none of the 3 image\(s\) of --images-from decode .*; pass images that do"):
-        load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from")
+        load_first_images([str(tmp_path / "photos")], 2, 3, 16, [0.5] * 3, [0.25] * 3, "--images-from", "")
