@@ -251,10 +251,11 @@ def _summary_section(summary: Any, field_result: Any) -> str:
     totals = (f"{summary.total_params:,} parameters ({summary.trainable_params:,} trainable); "
               f"{human(summary.total_macs)} multiply-accumulates for one {'x'.join(map(str, summary.input_size))} "
               f"image; activations {human(summary.activation_bytes, 'B')} per image.")
+    shown = [x for x in field_result.layers if x.name.count(".") < 2]
     rf_rows = [(x.name, "x".join(map(str, x.output_shape)) if x.output_shape else "-",
                 "-" if x.rf is None else f"{x.rf}{'*' if x.whole else ''}",
                 "-" if x.jump is None else f"{x.jump:g}", "-" if x.start is None else f"{x.start:g}")
-               for x in field_result.layers if x.name.count(".") < 2]
+               for x in shown]
     rf_table = _table(("layer", "output", "receptive field (px)", "jump (px)", "start (px)"), rf_rows, text_columns=2)
     size = "x".join(map(str, field_result.input_size[1:]))
     verdict = ("every unit sees the whole input" if field_result.every_unit_covers else
@@ -263,10 +264,11 @@ def _summary_section(summary: Any, field_result: Any) -> str:
     rf_note = (f"Final feature layer <code>{_e(field_result.final_layer)}</code>: receptive field "
                f"{_e(field_result.final_rf)} px on a {size} input; {verdict}." if field_result.final_layer
                else "No layer keeps a spatial layout.")
+    # the "*" explained where the table shows one, as summary and rf do
+    starred = f" {_e(whole_input_note(field_result.input_size))}." if any(x.whole for x in shown) else ""
     return (f'<div class="columns"><div><h3>Layers</h3>{table}<p class="note">{_e(totals)}</p></div>'
             f'<div><h3>Receptive fields</h3>{rf_table}<p class="note">{rf_note} Jump: input pixels between '
-            f'neighbouring units; start: centre of the first unit\'s field. '
-            f'{_e(whole_input_note(field_result.input_size))}.</p></div></div>')
+            f'neighbouring units; start: centre of the first unit\'s field.{starred}</p></div></div>')
 
 
 @dataclass
