@@ -317,15 +317,13 @@ def save_prints(prints: Prints, path: str) -> None:
 def load_prints(path: str) -> Prints | None:
     """The fingerprints ``save_prints`` wrote to ``path``; None when there is no such file or it cannot be used
     (damaged, or hashed another way by another cnnkit version)."""
-    if not os.path.isfile(path):
-        return None
     try:
         entry = torch.load(path, weights_only=True)
         hashes, digests = entry["hashes"], entry["digests"]
         if ((entry["hash_size"], entry["low"]) != (HASH_SIZE, LOW_FREQUENCIES) or hashes.dim() != 1
                 or tuple(digests.shape) != (len(hashes), _DIGEST_BYTES)):
             return None
-    except Exception:  # a damaged file is no fingerprints, never trusted
+    except Exception:  # a missing or damaged file is no fingerprints, never trusted
         return None
     raw = digests.numpy().tobytes()
     return (hashes.numpy().view(np.uint64),
@@ -358,7 +356,7 @@ def _name(data: ImageSet, index: int, split: str) -> str:
     return data.paths[index] if data.paths is not None else f"{data.source} {split} #{index}"
 
 
-def find_duplicates(train: ImageSet, val: ImageSet, prints: tuple[tuple[np.ndarray, list[bytes]], ...],
+def find_duplicates(train: ImageSet, val: ImageSet, prints: tuple[Prints, Prints],
                     threshold: int = DEFAULT_THRESHOLD) -> list[Duplicate]:
     """Every validation image with a training image within ``threshold`` bits (or identical pixels), closest
     first: an exact match if there is one, else the nearest by Hamming distance. ``prints``: both sets'
