@@ -35,7 +35,7 @@ from cnnkit.data.loader import channel_stats
 from cnnkit.data.sources import DataSpec, ImageSet, decode_files, load_splits
 from cnnkit.errors import UserError
 from cnnkit.models.pretrained import normalization
-from cnnkit.models.registry import check_model_name, default_weights
+from cnnkit.models.registry import check_model_name, default_input_size, default_weights
 
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which the imbalance is worth acting on
 # Validation images below which accuracy is too coarse to compare by: one image moves it by more than 0.02, and
@@ -400,7 +400,7 @@ def _check_size(train: ImageSet, model: str | None, weights, pretrained: bool, w
     if train.size < min_size:
         warnings.append(f"{model} needs inputs of at least {min_size}x{min_size} pixels; these are "
                         f"{train.size}x{train.size}: pass --input-size {min_size} or more")
-    crop = int(weights.transforms.keywords.get("crop_size", 224))
+    crop = default_input_size(model)
     if pretrained and train.size * 2 <= crop:
         notes.append(f"{model}'s pretrained weights were trained at {crop}x{crop}; at {train.size}x{train.size} "
                      f"objects are {crop // train.size}x smaller than the filters learnt them (--input-size {crop} "

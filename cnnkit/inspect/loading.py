@@ -24,7 +24,7 @@ from cnnkit.choices import is_model_file
 from cnnkit.data.images import load_image
 from cnnkit.errors import UserError
 from cnnkit.inspect.trace import parse_input_shape
-from cnnkit.models.registry import check_model_name, create_model, default_weights, is_torchvision_model
+from cnnkit.models.registry import check_model_name, create_model, default_input_size, is_torchvision_model
 from cnnkit.models.sizes import SIZE_ERRORS, check_before_building, check_input_size, check_runs_on, first_line, on_meta
 from cnnkit.modes import eval_mode
 from cnnkit.checkpoint import checkpoint_from_payload, payload_model, read_payload, resolve_checkpoint_path
@@ -45,17 +45,6 @@ class InspectedModel:
     epoch: int | None = None  # a checkpoint's: the epochs trained when it was saved
     source: str | None = None  # the model name or path as given (what a command's MODEL_OR_RUN takes); None: a module
     build_args: list[str] = field(default_factory=list)  # the options that built it, as command-line words
-
-
-def default_input_size(name: str) -> int:
-    """Square input size for a model name: what torchvision's default weights were measured at, else 32."""
-    if not is_torchvision_model(name):
-        return 32
-    weights = default_weights(name)
-    try:
-        return int(weights.transforms.keywords.get("crop_size", 224))
-    except AttributeError:  # no weights, or transforms without keywords
-        return 224
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int | None = None, meta: bool = False,

@@ -51,6 +51,17 @@ def is_torchvision_model(name: str) -> bool:
     return getattr(_FACTORIES.get(name), "__module__", "") == "cnnkit.models.torchvision"
 
 
+def default_input_size(name: str) -> int:
+    """Square input size for a model name: what torchvision's default weights were measured at, else 32."""
+    if not is_torchvision_model(name):
+        return 32
+    weights = default_weights(name)
+    try:
+        return int(weights.transforms.keywords.get("crop_size", 224))
+    except AttributeError:  # no weights, or transforms without keywords
+        return 224
+
+
 def default_weights(name: str):
     """torchvision's default weights enum member for model ``name`` (its URL, transforms, metadata), or None:
     for cnnkit's own models (without importing torchvision), unknown names and torchvision models that have no

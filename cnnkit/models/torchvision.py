@@ -18,7 +18,7 @@ import torchvision
 from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
 from cnnkit.models.pretrained import cached_weights_path, pretrained_state
-from cnnkit.models.registry import _FACTORIES, default_weights
+from cnnkit.models.registry import _FACTORIES, default_input_size
 from cnnkit.models.sizes import last_feature_maps
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
@@ -101,8 +101,8 @@ def small_image_note(model: nn.Module, name: str, shape: tuple[int, int, int], o
     said = (f"{name}'s last stage ({stage}) outputs {h}x{w} maps from these {shape[1]}x{shape[2]} images: its "
             "ImageNet stem and stages leave the last filters little layout to see")
     if own_weights is not None:
-        trained = (f" (its pretrained weights were trained at {_crop_size(name)}x{_crop_size(name)})"
-                   if own_weights == "pretrained" and _crop_size(name) else "")
+        crop = default_input_size(name)
+        trained = f" (its pretrained weights were trained at {crop}x{crop})" if own_weights == "pretrained" else ""
         return said + f"; a larger --input-size keeps larger maps{trained}, at a higher cost"
     if takes_cifar_stem(model):
         kept = _cifar_stem_maps(name, shape, options)
@@ -111,12 +111,6 @@ def small_image_note(model: nn.Module, name: str, shape: tuple[int, int, int], o
                        "higher cost")
     return said + ("; a larger --input-size keeps larger maps, at a higher cost, or train a network for small images "
                    "(resnet18 --model-opt stem=cifar, cnn_bn)")
-
-
-def _crop_size(name: str) -> int | None:
-    """The side of the images torchvision's default weights for ``name`` were trained at (their crop), or None."""
-    weights = default_weights(name)
-    return int(weights.transforms.keywords.get("crop_size", 224)) if weights is not None else None
 
 
 def _cifar_stem_maps(name: str, shape: tuple[int, int, int], options: dict[str, Any]) -> tuple[int, int] | None:
