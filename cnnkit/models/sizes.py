@@ -68,14 +68,13 @@ def last_feature_maps(model: nn.Module, shape: tuple[int, int, int]) -> tuple[st
     ``avgpool`` makes 7x7 of a 1x1 map; SqueezeNet's head ends in one): a child whose output is an adaptive pool's
     is passed over. None where no child outputs maps, or the pass fails. One forward pass of zeros in eval mode,
     without gradients; the model is left as it was, its hooks removed."""
-    pooled: set[int] = set()  # ids of the adaptive pools' outputs, held alive in ``outputs`` until compared
+    pooled: list[torch.Tensor] = []  # the adaptive pools' outputs
     outputs: list[tuple[str, torch.Tensor]] = []
     children = {m: name for name, m in model.named_children()}
 
     def record(module: nn.Module, inputs: tuple, output: object) -> None:
         if isinstance(module, ADAPTIVE_POOLS):
-            pooled.add(id(output))
-            outputs.append(("", output))  # kept so that its id is not reused by a later tensor
+            pooled.append(output)
         if module in children and torch.is_tensor(output):
             outputs.append((children[module], output))
 
@@ -87,7 +86,7 @@ def last_feature_maps(model: nn.Module, shape: tuple[int, int, int]) -> tuple[st
     finally:
         for h in handles:
             h.remove()
-    maps = [(name, out) for name, out in outputs if name and out.dim() == 4 and id(out) not in pooled]
+    maps = [(name, out) for name, out in outputs if out.dim() == 4 and not any(out is p for p in pooled)]
     if not maps:
         return None
     name, out = maps[-1]

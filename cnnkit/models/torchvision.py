@@ -19,7 +19,7 @@ from cnnkit.errors import CheckpointError, UserError
 from cnnkit.models.heads import find_head, replace_head, reset_head
 from cnnkit.models.pretrained import cached_weights_path, pretrained_state
 from cnnkit.models.registry import _FACTORIES, default_input_size
-from cnnkit.models.sizes import last_feature_maps
+from cnnkit.models.sizes import last_feature_maps, on_meta
 
 # Options that torchvision requires for a model to be built without pretrained weights at any size:
 # the auxiliary classifiers of Inception/GoogLeNet only exist for 299/224 inputs and training tricks we
@@ -117,9 +117,8 @@ def _cifar_stem_maps(name: str, shape: tuple[int, int, int], options: dict[str, 
     """The last stage's map size of ``name`` with ``stem=cifar`` for images of ``shape``: built and run on the meta
     device (no memory, no arithmetic), None where that fails."""
     try:
-        with torch.device("meta"):
-            model = _FACTORIES[name](num_classes=10, in_channels=shape[0], input_size=shape[1], stem="cifar",
-                                     **{k: v for k, v in options.items() if k != "stem"})
+        model = on_meta(lambda: _FACTORIES[name](num_classes=10, in_channels=shape[0], input_size=shape[1],
+                                                 stem="cifar", **{k: v for k, v in options.items() if k != "stem"}))
         found = last_feature_maps(model, shape)
     except Exception:  # an option or layer the meta device does not take: the note goes without the figure
         return None
