@@ -16,8 +16,8 @@ import torch.nn as nn
 from cnnkit.atomic import atomic_write, check_writable, out_not_writable
 from cnnkit.choices import BUILTIN
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
-                                 load_eval_set, load_splits)
+from cnnkit.data.images import left_out_warning
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set, load_splits
 from cnnkit.errors import DataError, UserError
 from cnnkit.evaluate import scores_training_images, training_images_warning
 from cnnkit.models.heads import find_head

@@ -10,8 +10,8 @@ import torch
 from cnnkit.choices import BUILTIN, DEFAULT_THRESHOLD
 from cnnkit.data.checks import TRAINING_PRINTS, Duplicate, find_duplicates, fingerprints, hashed, load_prints
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import (DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, left_out_warning,
-                                 load_eval_set, load_splits)
+from cnnkit.data.images import left_out_warning
+from cnnkit.data.sources import DEFAULT_FOLDER_SPLIT, DataSpec, ImageSet, by_class_name, load_eval_set, load_splits
 from cnnkit.errors import UserError, plural
 from cnnkit.runs import is_run
 from cnnkit.threads import keeps_torch_threads, set_torch_threads

@@ -270,6 +270,17 @@ def load_batch(
     return (None if x is None else torch.from_numpy(x)), good, errors
 
 
+def left_out_warning(skipped: list[str], data: str, count: int | None = None, why: str = "") -> list[str]:
+    """The warning, if any, that broken images of ``data`` were left out: ``count`` of them (default: one per
+    message of ``skipped``, the ones found when the folder was read, the first of which it names); ``why``: what
+    that means for the command's output."""
+    count = len(skipped) if count is None else count
+    if not count:
+        return []
+    first = f": {skipped[0]}" + (f" (and {count - 1} more)" if count > 1 else "") if skipped else ""
+    return [f"left out {count} broken image(s) of {data}{why}{first}; fix or remove them"]
+
+
 def load_first_images(
     paths: list[str], limit: int, channels: int, size: int, mean: list[float], std: list[float], option: str,
     why: str, spread: bool = False,
@@ -280,11 +291,9 @@ def load_first_images(
     inside a folder is passed over, as training and predict pass over one (``--bad-images skip``), and the next
     one taken; a broken file named on its own, or nothing left to take, is a DataError saying what to do about
     ``option`` (the command line's name for ``paths``). Returns (the batch, the files in it, the warning that
-    broken images were passed over, ``sources.left_out_warning``'s, with ``why``: what that means for the
+    broken images were passed over, ``left_out_warning``'s, with ``why``: what that means for the
     command)."""
     import torch
-
-    from cnnkit.data.sources import left_out_warning  # imported here: sources imports this module
 
     files = image_paths(paths)
     if spread and len(files) > limit:

@@ -65,17 +65,6 @@ class ImageSet:
         )
 
 
-def left_out_warning(skipped: list[str], data: str, count: int | None = None, why: str = "") -> list[str]:
-    """The warning, if any, that broken images of ``data`` were left out: ``count`` of them (default: one per
-    message of ``skipped``, the ones found when the folder was read, the first of which it names); ``why``: what
-    that means for the command's output."""
-    count = len(skipped) if count is None else count
-    if not count:
-        return []
-    first = f": {skipped[0]}" + (f" (and {count - 1} more)" if count > 1 else "") if skipped else ""
-    return [f"left out {count} broken image(s) of {data}{why}{first}; fix or remove them"]
-
-
 def fingerprint(data: ImageSet) -> dict[str, Any]:
     """Which images ``data`` holds: their count and a hash of their files' paths below the folder and their labels
     (for a set without files, a built-in one generated or read the same each time, of the labels alone). A resumed

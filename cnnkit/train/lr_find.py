@@ -79,7 +79,7 @@ import torch.nn as nn
 
 from cnnkit.atomic import check_writable, write_json
 from cnnkit.data.loader import BatchLoader
-from cnnkit.data.sources import left_out_warning
+from cnnkit.data.images import left_out_warning
 from cnnkit.errors import UserError, warn
 from cnnkit.progress import progress_bar
 from cnnkit.runs import new_folder_name
